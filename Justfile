@@ -1,0 +1,33 @@
+# coact tasks. `just analyze 3` studies block 3 of the embedded default model.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env_var_or_default("PYTHON", "python")
+
+# Install coact with its development tools (the CPU build of torch first, never upgraded).
+install:
+    {{python}} -c "import torch" 2>/dev/null || {{python}} -m pip install -q torch==2.13.0
+    {{python}} -m pip install -q -e '.[dev]'
+
+# Run the main job on block LAYER; extra ARGS go to `coact analyze` (e.g. --model, --tokens).
+analyze LAYER="3" *ARGS:
+    {{python}} -m coact analyze --layer {{LAYER}} {{ARGS}}
+
+# The default test suite (includes one integration test on the real SmolLM2).
+test *ARGS:
+    {{python}} -m pytest -q {{ARGS}}
+
+# Lint, format check and type check.
+lint:
+    ruff check .
+    ruff format --check .
+    mypy
+
+# Benchmarks: collection throughput and storage, written to analyses/results/*.json.
+bench:
+    {{python}} analyses/bench_collect.py
+    {{python}} analyses/bench_store.py
+
+# Build the project's documentation into site/.
+docs:
+    mkdocs build --strict

@@ -1,0 +1,3 @@
+from coact.cli import main
+
+main()

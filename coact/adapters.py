@@ -1,0 +1,169 @@
+"""Architecture adapters: the only place that knows module paths.
+
+Each adapter says, for a site, which module to read and whether its input or its output
+holds the activation, and in which order sites run inside a forward pass (nnsight must
+read modules in execution order). Residual sites are read as the input of the norm that
+consumes them, because norms always receive the stream as their first positional argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from coact.errors import CoactError
+from coact.sites import SITE_KINDS, Site
+
+Port = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class ModulePoint:
+    """Where a site's activation lives: `port` of the module at `path`, element `index`."""
+
+    path: str
+    port: Port
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module paths of one architecture family."""
+
+    family: str
+    layers: str  # path of the ModuleList of blocks
+    attn: str
+    mlp: str
+    attn_norm: str  # norm in front of attention; its input is resid_pre
+    mlp_norm: str  # norm in front of the MLP; its input is what the MLP reads
+    final_norm: str
+    embed_out: str  # module whose output is resid_pre[0]
+    parallel: bool
+    n_layers: int
+    d_model: int
+
+    # Rank of each kind inside a block's forward pass.
+    _ORDER = {
+        "resid_pre": 0,
+        "attn_out": 1,
+        "resid_mid": 2,
+        "mlp_resid": 2,
+        "mlp_in": 3,
+        "mlp_out": 4,
+    }
+
+    def block(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def check(self, site: Site) -> None:
+        if site.kind == "resid_mid" and self.parallel:
+            raise CoactError(
+                f"{site} does not exist in {self.family} with parallel residual: attention and "
+                "MLP both read resid_pre; use resid_pre or mlp_resid"
+            )
+        top = self.n_layers if site.kind == "resid_pre" else self.n_layers - 1
+        if not 0 <= site.layer <= top:
+            raise CoactError(
+                f"layer {site.layer} is out of range for {site}: the model has "
+                f"{self.n_layers} layers (0..{self.n_layers - 1})"
+            )
+
+    def mlp_resid_kind(self) -> str:
+        """The residual stream the MLP reads: resid_pre if parallel, else resid_mid."""
+        return "resid_pre" if self.parallel else "resid_mid"
+
+    def point(self, site: Site) -> ModulePoint:
+        """The module, port and tuple index holding `site`."""
+        self.check(site)
+        kind = site.kind
+        if kind == "mlp_resid":
+            kind = self.mlp_resid_kind()  # type: ignore[assignment]
+        block = self.block(site.layer)
+        if kind == "resid_pre":
+            if site.layer == self.n_layers:
+                return ModulePoint(self.final_norm, "input")
+            return ModulePoint(f"{block}.{self.attn_norm}", "input")
+        if kind == "attn_out":
+            return ModulePoint(f"{block}.{self.attn}", "output", 0)
+        if kind == "resid_mid":
+            return ModulePoint(f"{block}.{self.mlp_norm}", "input")
+        if kind == "mlp_in":
+            return ModulePoint(f"{block}.{self.mlp}", "input")
+        return ModulePoint(f"{block}.{self.mlp}", "output")
+
+    def order_key(self, site: Site) -> tuple[int, int]:
+        """Sort key that puts sites in execution order."""
+        kind = self.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind
+        return (site.layer, self._ORDER[kind])
+
+    def last_block(self, sites: list[Site]) -> int:
+        """The last block a trace must run to read all `sites`."""
+        return max(s.layer for s in sites)
+
+
+def resolve(root: nn.Module, path: str) -> Any:
+    """Follow a dotted path (numbers index ModuleLists) from `root`, nnsight envoy or module."""
+    node: Any = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Pick the adapter from the model's config; unknown families are a clear error."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type is None:
+        raise CoactError("model has no Hugging Face config; cannot tell its architecture")
+    n_layers, d_model = config.num_hidden_layers, config.hidden_size
+    if model_type == "gpt_neox":
+        return Adapter(
+            "gpt_neox",
+            "gpt_neox.layers",
+            "attention",
+            "mlp",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "gpt_neox.final_layer_norm",
+            "gpt_neox.emb_dropout",
+            bool(getattr(config, "use_parallel_residual", True)),
+            n_layers,
+            d_model,
+        )
+    if model_type in {"llama", "mistral", "qwen2"}:
+        return Adapter(
+            model_type,
+            "model.layers",
+            "self_attn",
+            "mlp",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "model.norm",
+            "model.embed_tokens",
+            False,
+            n_layers,
+            d_model,
+        )
+    if model_type == "gpt2":
+        return Adapter(
+            "gpt2",
+            "transformer.h",
+            "attn",
+            "mlp",
+            "ln_1",
+            "ln_2",
+            "transformer.ln_f",
+            "transformer.drop",
+            False,
+            config.n_layer,
+            config.n_embd,
+        )
+    raise CoactError(
+        f"unsupported model family {model_type!r}; supported: gpt_neox (Pythia), llama "
+        "(SmolLM2, Mistral, Qwen2), gpt2"
+    )
+
+
+__all__ = ["SITE_KINDS", "Adapter", "ModulePoint", "adapter_for", "resolve"]

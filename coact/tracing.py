@@ -1,0 +1,104 @@
+"""Reading and rewriting site activations with nnsight, in execution order.
+
+`capture` runs a forward pass only up to the last block it needs (`tracer.stop()`), since
+the LM head of a small model costs more than half of its forward. `spliced_logits` runs a
+full pass with one site rewritten, for loss measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from nnsight import NNsight
+from torch import Tensor
+
+from coact.adapters import ModulePoint, resolve
+from coact.errors import CoactError
+from coact.models import LoadedModel
+from coact.sites import Site
+
+SpliceFn = Callable[[Tensor], Tensor]
+
+
+def wrap(lm: LoadedModel) -> NNsight:
+    """The nnsight view of the model, made once per LoadedModel."""
+    cached = getattr(lm, "_nnsight", None)
+    if cached is None:
+        cached = NNsight(lm.model)
+        lm._nnsight = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _read(envoy: Any, point: ModulePoint) -> Any:
+    value = envoy.output if point.port == "output" else envoy.input
+    return value[point.index] if point.index is not None else value
+
+
+@torch.no_grad()
+def capture(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site, Tensor]:
+    """Activations (batch, seq, d) at each site, stopping after the last needed module."""
+    model = wrap(lm)
+    ordered = sorted(set(sites), key=lm.adapter.order_key)
+    points = {site: lm.adapter.point(site) for site in ordered}
+    saved: dict[ModulePoint, Any] = {}
+    with model.trace(tokens.to(lm.device)) as tracer:
+        for point in dict.fromkeys(points.values()):
+            saved[point] = _read(resolve(model, point.path), point).save()
+        tracer.stop()
+    out = {site: _as_tensor(saved[point]) for site, point in points.items()}
+    for site, value in out.items():
+        if not torch.isfinite(value).all():
+            raise CoactError(f"non-finite (NaN or inf) activations at {site}; check the model")
+    return out
+
+
+def _as_tensor(value: Any) -> Tensor:
+    return value.value if hasattr(value, "value") else value
+
+
+@torch.no_grad()
+def spliced_logits(lm: LoadedModel, tokens: Tensor, site: Site | None, fn: SpliceFn | None) -> Tensor:
+    """Logits of a full forward pass with `site` replaced by fn(activation) (clean if None)."""
+    model = wrap(lm)
+    tokens = tokens.to(lm.device)
+    adapter = lm.adapter
+    with model.trace(tokens):
+        if site is not None and fn is not None:
+            adapter.check(site)
+            kind = adapter.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind
+            block = adapter.block(site.layer)
+            if kind == "mlp_out":
+                mlp = resolve(model, f"{block}.{adapter.mlp}")
+                mlp.output = fn(mlp.output)
+            elif kind == "mlp_in":
+                mlp = resolve(model, f"{block}.{adapter.mlp}")
+                mlp.input = fn(mlp.input)
+            elif kind == "attn_out":
+                attn = resolve(model, f"{block}.{adapter.attn}")
+                out = attn.output
+                attn.output = (fn(out[0]), *out[1:])
+            elif kind == "resid_mid":
+                # No module outputs resid_mid; rewrite attention's output so that the
+                # stream resid_pre + attn_out becomes fn(resid_mid).
+                resid_pre = resolve(model, f"{block}.{adapter.attn_norm}").input
+                attn = resolve(model, f"{block}.{adapter.attn}")
+                out = attn.output
+                attn.output = (fn(resid_pre + out[0]) - resid_pre, *out[1:])
+            elif site.layer == adapter.n_layers:  # resid_pre after the last block
+                norm = resolve(model, adapter.final_norm)
+                norm.input = fn(norm.input)
+            else:  # resid_pre: the output of the previous block (or the embedding)
+                source = adapter.embed_out if site.layer == 0 else adapter.block(site.layer - 1)
+                envoy = resolve(model, source)
+                envoy.output = fn(envoy.output)
+        logits = model.output.save()
+    result = _as_tensor(logits)
+    return result.logits if hasattr(result, "logits") else result[0]
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-position cross-entropy of predicting token t+1, shape (batch, seq-1), in nats."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1)

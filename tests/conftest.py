@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny models are cheap; the real SmolLM2 is loaded once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coact.models import LoadedModel, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The embedded real model (fetched and converted once per machine, then cached)."""
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt-neox", "tiny-gpt-neox-sequential", "tiny-gpt2"])
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    return load_model(request.param)
