@@ -1,0 +1,156 @@
+"""Training TopK SAEs on activations streamed from the model, with AuxK dead-latent revival.
+
+Activations are captured a buffer of contexts at a time, shuffled within the buffer and
+fed in batches, so memory stays bounded by the buffer. Inputs are divided by one scalar
+during training (so the learning rate does not depend on the site's norm) and the scalar
+is folded back into the weights at the end: the saved SAE reads raw activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from coact.errors import CoactError
+from coact.models import LoadedModel
+from coact.sae.base import Sae
+from coact.sites import Site
+from coact.tracing import capture
+
+
+@dataclass(frozen=True)
+class SaeTrainConfig:
+    """Defaults sized so two SAEs on SmolLM2 train in a few CPU minutes."""
+
+    expansion: int = 4  # width = expansion × d_model
+    k: int = 32
+    batch_tokens: int = 1024
+    buffer_contexts: int = 128
+    forward_batch: int = 16  # contexts per forward pass while filling the buffer
+    lr: float | None = None  # None: 2e-4 / sqrt(width / 2**14), as in sparsify
+    auxk_alpha: float = 1 / 32
+    dead_after_tokens: int = 100_000
+    skip_first_positions: int = 1  # the BOS position is an attention sink with a huge norm
+    seed: int = 0
+
+
+@dataclass
+class TrainLog:
+    """Per-step training curve of one SAE."""
+
+    fvu: list[float] = field(default_factory=list)
+    auxk: list[float] = field(default_factory=list)
+    dead_fraction: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+
+
+def train_saes(
+    lm: LoadedModel,
+    tokens: Tensor,
+    sites: Sequence[Site],
+    config: SaeTrainConfig = SaeTrainConfig(),
+) -> dict[Site, tuple[Sae, TrainLog]]:
+    """Train one TopK SAE per site on the contexts `tokens` (n_ctx, ctx_len), in one pass."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise CoactError("no training contexts: the corpus gave no tokens for SAE training")
+    generator = torch.Generator().manual_seed(config.seed)
+    device = lm.device
+    trainers: dict[Site, _Trainer] = {}
+    skip = config.skip_first_positions
+    total = tokens.shape[0] * (tokens.shape[1] - skip)
+    bar = tqdm(total=total, desc=f"training SAEs at {', '.join(map(str, sites))}", unit="tok")
+    for start in range(0, tokens.shape[0], config.buffer_contexts):
+        chunk = tokens[start : start + config.buffer_contexts]
+        buffers: dict[Site, list[Tensor]] = {site: [] for site in sites}
+        for j in range(0, chunk.shape[0], config.forward_batch):
+            acts = capture(lm, chunk[j : j + config.forward_batch], sites)
+            for site in sites:
+                buffers[site].append(acts[site][:, skip:].reshape(-1, acts[site].shape[-1]))
+        order = torch.randperm(chunk.shape[0] * (tokens.shape[1] - skip), generator=generator)
+        for site in sites:
+            data = torch.cat(buffers[site])[order.to(device)]
+            if site not in trainers:
+                trainers[site] = _Trainer(site, data, config, generator)
+            trainer = trainers[site]
+            for b in range(0, data.shape[0], config.batch_tokens):
+                trainer.step(data[b : b + config.batch_tokens])
+        bar.update(len(order))
+    bar.close()
+    return {site: (t.finish(), t.log) for site, t in trainers.items()}
+
+
+class _Trainer:
+    def __init__(
+        self, site: Site, first: Tensor, config: SaeTrainConfig, gen: torch.Generator
+    ) -> None:
+        d_in = first.shape[-1]
+        width = config.expansion * d_in
+        self.config = config
+        self.mean = first.mean(0)
+        self.scale = float((first - self.mean).pow(2).sum(-1).mean().sqrt()) / math.sqrt(d_in)
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise CoactError(f"activations at {site} are constant or non-finite; cannot train")
+        sae = Sae(d_in, width, activation="topk", k=config.k, site=str(site)).to(first.device)
+        with torch.no_grad():
+            direction = torch.randn(width, d_in, generator=gen).to(first.device)
+            sae.W_dec.copy_(direction / direction.norm(dim=-1, keepdim=True))
+            sae.W_enc.copy_(sae.W_dec.T)
+            sae.b_dec.copy_(self.mean / self.scale)
+        self.sae = sae
+        lr = config.lr or 2e-4 / math.sqrt(width / 2**14)
+        fused = first.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=fused)
+        self.last_fired = torch.zeros(width, dtype=torch.long, device=first.device)
+        self.log = TrainLog()
+        self.k_aux = d_in // 2
+
+    def step(self, batch: Tensor) -> None:
+        sae, config, log = self.sae, self.config, self.log
+        x = batch / self.scale
+        pre = sae.pre_activations(x)
+        codes = sae.activate(pre)
+        recon = sae.decode(codes)
+        error = x - recon
+        denom = (x - x.mean(0)).pow(2).sum()
+        fvu = error.pow(2).sum() / denom
+        log.tokens_seen += x.shape[0]
+        fired = (codes > 0).any(0)
+        self.last_fired[fired] = log.tokens_seen
+        dead = (log.tokens_seen - self.last_fired) > config.dead_after_tokens
+        auxk = torch.zeros((), device=x.device)
+        n_dead = int(dead.sum())
+        if n_dead > 0:
+            k_aux = min(self.k_aux, n_dead)
+            dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            aux_codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+            target = error.detach()
+            aux_recon = aux_codes @ sae.W_dec
+            auxk = (target - aux_recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+            auxk = torch.nan_to_num(auxk, nan=0.0)
+        loss = fvu + config.auxk_alpha * auxk
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        log.fvu.append(float(fvu.detach()))
+        log.auxk.append(float(auxk.detach()))
+        log.dead_fraction.append(n_dead / sae.width)
+
+    def finish(self) -> Sae:
+        """Fold the input scale into the weights so the SAE reads raw activations."""
+        sae, s = self.sae, self.scale
+        with torch.no_grad():
+            sae.W_enc.div_(s)
+            sae.b_dec.mul_(s)
+            sae.W_dec.mul_(s)
+        sae.metadata.update(
+            {"trained_by": "coact", "tokens": self.log.tokens_seen, "input_scale": s}
+        )
+        return sae.eval().requires_grad_(False)
