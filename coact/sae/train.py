@@ -60,7 +60,7 @@ def train_saes(
         raise CoactError("no training contexts: the corpus gave no tokens for SAE training")
     generator = torch.Generator().manual_seed(config.seed)
     device = lm.device
-    trainers: dict[Site, _Trainer] = {}
+    trainers: dict[Site, SaeTrainer] = {}
     skip = config.skip_first_positions
     total = tokens.shape[0] * (tokens.shape[1] - skip)
     bar = tqdm(total=total, desc=f"training SAEs at {', '.join(map(str, sites))}", unit="tok")
@@ -75,7 +75,7 @@ def train_saes(
         for site in sites:
             data = torch.cat(buffers[site])[order.to(device)]
             if site not in trainers:
-                trainers[site] = _Trainer(site, data, config, generator)
+                trainers[site] = SaeTrainer(data, config, generator, site=str(site))
             trainer = trainers[site]
             for b in range(0, data.shape[0], config.batch_tokens):
                 trainer.step(data[b : b + config.batch_tokens])
@@ -84,9 +84,16 @@ def train_saes(
     return {site: (t.finish(), t.log) for site, t in trainers.items()}
 
 
-class _Trainer:
+class SaeTrainer:
+    """One TopK SAE being trained; `first` (a batch of activations) sets its init and scale."""
+
     def __init__(
-        self, site: Site, first: Tensor, config: SaeTrainConfig, gen: torch.Generator
+        self,
+        first: Tensor,
+        config: SaeTrainConfig,
+        gen: torch.Generator,
+        *,
+        site: str | None = None,
     ) -> None:
         d_in = first.shape[-1]
         width = config.expansion * d_in
@@ -95,7 +102,7 @@ class _Trainer:
         self.scale = float((first - self.mean).pow(2).sum(-1).mean().sqrt()) / math.sqrt(d_in)
         if not math.isfinite(self.scale) or self.scale == 0:
             raise CoactError(f"activations at {site} are constant or non-finite; cannot train")
-        sae = Sae(d_in, width, activation="topk", k=config.k, site=str(site)).to(first.device)
+        sae = Sae(d_in, width, activation="topk", k=config.k, site=site).to(first.device)
         with torch.no_grad():
             direction = torch.randn(width, d_in, generator=gen).to(first.device)
             sae.W_dec.copy_(direction / direction.norm(dim=-1, keepdim=True))
