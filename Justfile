@@ -23,10 +23,9 @@ lint:
     ruff format --check .
     mypy
 
-# Benchmarks: collection throughput and storage, written to analyses/results/*.json.
+# Benchmarks: collection throughput and store size, written to analyses/results/*.json.
 bench:
     {{python}} analyses/bench_collect.py
-    {{python}} analyses/bench_store.py
 
 # Build the project's documentation into site/.
 docs:

@@ -19,6 +19,10 @@ from coact.sites import SITE_KINDS, Site
 Port = Literal["input", "output"]
 
 
+# Rank of each kind inside a block's forward pass.
+_ORDER = {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_in": 3, "mlp_out": 4}
+
+
 @dataclass(frozen=True)
 class ModulePoint:
     """Where a site's activation lives: `port` of the module at `path`, element `index`."""
@@ -43,16 +47,6 @@ class Adapter:
     parallel: bool
     n_layers: int
     d_model: int
-
-    # Rank of each kind inside a block's forward pass.
-    _ORDER = {
-        "resid_pre": 0,
-        "attn_out": 1,
-        "resid_mid": 2,
-        "mlp_resid": 2,
-        "mlp_in": 3,
-        "mlp_out": 4,
-    }
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -96,7 +90,7 @@ class Adapter:
     def order_key(self, site: Site) -> tuple[int, int]:
         """Sort key that puts sites in execution order."""
         kind = self.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind
-        return (site.layer, self._ORDER[kind])
+        return (site.layer, _ORDER[kind])
 
     def last_block(self, sites: list[Site]) -> int:
         """The last block a trace must run to read all `sites`."""

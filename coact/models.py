@@ -21,8 +21,13 @@ from typing import Any
 
 import platformdirs
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from coact.adapters import Adapter, adapter_for
 from coact.errors import CoactError
@@ -38,7 +43,7 @@ class LoadedModel:
     """A causal LM in eval mode, its tokenizer, its adapter and a name for manifests."""
 
     name: str
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     adapter: Adapter
 
@@ -87,13 +92,13 @@ def load_model(spec: str = EMBEDDED, *, device: str = "cpu", seed: int = 0) -> L
         name = spec
     adapter = adapter_for(model)
     try:
-        model = model.to(device)
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
     except (RuntimeError, AssertionError) as error:
         raise CoactError(f"cannot move the model to device {device!r}: {error}") from None
     return LoadedModel(name, model.eval(), tokenizer, adapter)
 
 
-def _load_pretrained(spec: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
@@ -130,7 +135,7 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def _forget_gguf_origin(model: nn.Module) -> None:
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
     """De-quantised GGUF weights are plain float32; drop the marker that blocks saving."""
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
@@ -173,7 +178,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     )
 
 
-def tiny_model(kind: str, *, seed: int = 0, n_layers: int = 3, d_model: int = 64) -> nn.Module:
+def tiny_model(
+    kind: str, *, seed: int = 0, n_layers: int = 3, d_model: int = 64
+) -> PreTrainedModel:
     """A randomly initialised model of the given family, small enough for unit tests."""
     from transformers import (
         GPT2Config,
@@ -187,7 +194,8 @@ def tiny_model(kind: str, *, seed: int = 0, n_layers: int = 3, d_model: int = 64
     torch.manual_seed(seed)
     vocab = 259
     common: dict[str, Any] = {"vocab_size": vocab, "bos_token_id": 2, "eos_token_id": 0}
-    model: nn.Module
+    model: PreTrainedModel
+    config: PretrainedConfig
     if kind == "tiny-llama":
         config = LlamaConfig(
             hidden_size=d_model,

@@ -55,7 +55,7 @@ class Site:
                 raise CoactError(
                     f"unknown site kind {kind!r} in {text!r}; known: {', '.join(SITE_KINDS)}"
                 )
-            return cls(kind, layer)  # type: ignore[arg-type]
+            return cls(kind, layer)
         tl = _TL_RE.match(text.strip())
         if tl:
             layer, hook = int(tl.group(1)), tl.group(2)

@@ -8,11 +8,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from coact.models import LoadedModel, load_model  # noqa: E402
+from coact.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,6 +24,8 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2-135m")
 
 
-@pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt-neox", "tiny-gpt-neox-sequential", "tiny-gpt2"])
+@pytest.fixture(
+    scope="session", params=["tiny-llama", "tiny-gpt-neox", "tiny-gpt-neox-sequential", "tiny-gpt2"]
+)
 def tiny(request: pytest.FixtureRequest) -> LoadedModel:
     return load_model(request.param)

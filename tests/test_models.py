@@ -45,7 +45,9 @@ def test_bad_model_specs(spec: str, message: str) -> None:
 
 def test_hub_id_without_network_is_one_clear_error() -> None:
     # conftest sets HF_HUB_OFFLINE=1: the hub is unreachable, as on a machine with no network.
-    with pytest.raises(CoactError, match="cannot load model 'EleutherAI/pythia-70m-deduped'") as info:
+    with pytest.raises(
+        CoactError, match="cannot load model 'EleutherAI/pythia-70m-deduped'"
+    ) as info:
         load_model("EleutherAI/pythia-70m-deduped")
     assert "\n" not in str(info.value) and "embedded default" in str(info.value)
 
@@ -53,8 +55,16 @@ def test_hub_id_without_network_is_one_clear_error() -> None:
 def test_unsupported_family(tmp_path: Path) -> None:
     from transformers import BertConfig, BertLMHeadModel
 
-    BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64, vocab_size=300, is_decoder=True)).save_pretrained(tmp_path)
+    BertLMHeadModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=300,
+            is_decoder=True,
+        )
+    ).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(CoactError, match="unsupported model family 'bert'"):
         load_model(str(tmp_path))

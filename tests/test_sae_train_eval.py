@@ -51,7 +51,9 @@ def test_scale_folding_keeps_codes_and_reconstruction() -> None:
     recon_scaled = sae.decode(codes_scaled).detach() * scale
     folded = trainer.finish()
     torch.testing.assert_close(folded.encode(data), codes_scaled, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(folded.decode(folded.encode(data)), recon_scaled, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        folded.decode(folded.encode(data)), recon_scaled, atol=1e-3, rtol=1e-4
+    )
 
 
 def _exact_sae(d: int, site: str) -> Sae:

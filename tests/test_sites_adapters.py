@@ -97,7 +97,9 @@ def test_next_token_loss_by_hand() -> None:
     logits = torch.tensor([[[0.0, 0.0], [0.0, 10.0], [0.0, 0.0]]])
     tokens = torch.tensor([[0, 1, 1]])
     loss = next_token_loss(logits, tokens)
-    expected = torch.tensor([[torch.log(torch.tensor(2.0)), torch.log1p(torch.exp(torch.tensor(-10.0)))]])
+    expected = torch.tensor(
+        [[torch.log(torch.tensor(2.0)), torch.log1p(torch.exp(torch.tensor(-10.0)))]]
+    )
     torch.testing.assert_close(loss, expected)
 
 

@@ -36,6 +36,8 @@ class Sae(nn.Module):
     W_enc is (d_in, width) and W_dec is (width, d_in), as in SAELens.
     """
 
+    threshold: Tensor  # JumpReLU thresholds (a buffer; zeros for other rules)
+
     def __init__(
         self,
         d_in: int,
