@@ -8,7 +8,16 @@ from typing import Any
 from coact.errors import CoactError
 
 __version__ = "0.1.0"
-_API = {"AnalyzeConfig", "CodeStore", "Site", "analyze", "collect", "load_model", "load_sae", "train_sae"}
+_API = {
+    "AnalyzeConfig",
+    "CodeStore",
+    "Site",
+    "analyze",
+    "collect",
+    "load_model",
+    "load_sae",
+    "train_sae",
+}
 __all__ = ["CoactError", *sorted(_API)]
 
 

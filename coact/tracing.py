@@ -59,7 +59,9 @@ def _as_tensor(value: Any) -> Tensor:
 
 
 @torch.no_grad()
-def spliced_logits(lm: LoadedModel, tokens: Tensor, site: Site | None, fn: SpliceFn | None) -> Tensor:
+def spliced_logits(
+    lm: LoadedModel, tokens: Tensor, site: Site | None, fn: SpliceFn | None
+) -> Tensor:
     """Logits of a full forward pass with `site` replaced by fn(activation) (clean if None)."""
     model = wrap(lm)
     tokens = tokens.to(lm.device)

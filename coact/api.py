@@ -1,0 +1,83 @@
+"""The Python API: one call per stage, with the embedded defaults of the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from coact.collect import CollectConfig, collect_codes
+from coact.corpus import CorpusConfig, build_contexts
+from coact.models import EMBEDDED, load_model
+from coact.pipeline import AnalyzeConfig, analyze
+from coact.sae.base import Sae
+from coact.sae.formats import load_sae, save_saelens
+from coact.sae.train import SaeTrainConfig, train_saes
+from coact.sites import Site
+from coact.store import CodeStore
+
+
+def train_sae(
+    site: str | Site,
+    *,
+    model: str = EMBEDDED,
+    corpus: str = "embedded",
+    tokens: int = 400_000,
+    expansion: int = 4,
+    k: int = 32,
+    ctx_len: int = 128,
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> Sae:
+    """Train a TopK SAE at `site`; saved in the SAELens format when `out` is given."""
+    where = site if isinstance(site, Site) else Site.parse(site)
+    lm = load_model(model, device=device, seed=seed)
+    lm.adapter.check(where)
+    contexts = build_contexts(
+        CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed), lm.tokenizer
+    )
+    config = SaeTrainConfig(expansion=expansion, k=k, seed=seed)
+    sae, _ = train_saes(lm, contexts.tokens, [where], config)[where]
+    if out is not None:
+        save_saelens(sae, out)
+    return sae
+
+
+def collect(
+    saes: Mapping[str | Site, str | Path | Sae],
+    *,
+    out: str | Path,
+    model: str = EMBEDDED,
+    corpus: str = "embedded",
+    tokens: int = 100_000,
+    ctx_len: int = 128,
+    device: str = "cpu",
+    seed: int = 0,
+    config: CollectConfig | None = None,
+) -> CodeStore:
+    """Encode `tokens` of `corpus` with SAEs given as {site: SAE or path}; resumable."""
+    lm = load_model(model, device=device, seed=seed)
+    resolved = {
+        (s if isinstance(s, Site) else Site.parse(s)): (
+            v if isinstance(v, Sae) else load_sae(v, device=device)
+        )
+        for s, v in saes.items()
+    }
+    for site in resolved:
+        lm.adapter.check(site)
+    contexts = build_contexts(
+        CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed), lm.tokenizer
+    )
+    return collect_codes(lm, contexts, resolved, out, config or CollectConfig())
+
+
+__all__ = [
+    "AnalyzeConfig",
+    "CodeStore",
+    "Site",
+    "analyze",
+    "collect",
+    "load_model",
+    "load_sae",
+    "train_sae",
+]

@@ -1,0 +1,139 @@
+"""Collection: run the model over contexts, encode each site with its SAE, store sparse codes.
+
+Contexts are grouped into shards of a fixed size; each shard is computed from the same
+batches whether or not the run was interrupted, so a resumed collection writes the same
+bytes as an uninterrupted one. The BOS position is not encoded (it is an attention sink
+whose activation no SAE is trained on); the token table says which positions are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from coact.corpus import Contexts
+from coact.errors import CoactError
+from coact.models import LoadedModel
+from coact.sae.base import Sae, SparseAutoencoder
+from coact.sae.evaluate import check_sae_fits
+from coact.sites import Site
+from coact.store import CodeStore
+from coact.tracing import capture
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    forward_batch: int = 16  # contexts per forward pass
+    shard_contexts: int = 128  # contexts per shard: the unit of resumption
+    values_dtype: str = "float32"
+    skip_first_positions: int = 1
+
+
+def sae_fingerprint(sae: SparseAutoencoder) -> str:
+    """sha256 of an SAE's shape, rule and weights."""
+    digest = hashlib.sha256()
+    if isinstance(sae, Sae):
+        digest.update(json.dumps(sae.describe(), sort_keys=True).encode())
+        for key, tensor in sae.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    else:
+        digest.update(repr((type(sae).__name__, sae.d_in, sae.width, sae.site)).encode())
+    return digest.hexdigest()
+
+
+def collection_fingerprint(
+    model_fingerprint: str,
+    contexts: Contexts,
+    saes: Mapping[Site, SparseAutoencoder],
+    config: CollectConfig,
+) -> str:
+    """Everything that determines the stored bytes: model, corpus, SAEs, layout and dtype."""
+    payload = {
+        "model": model_fingerprint,
+        "corpus": contexts.fingerprint,
+        "saes": {str(site): sae_fingerprint(sae) for site, sae in sorted(saes.items())},
+        "config": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def collect_codes(
+    lm: LoadedModel,
+    contexts: Contexts,
+    saes: Mapping[Site, SparseAutoencoder],
+    directory: str | Path,
+    config: CollectConfig = CollectConfig(),
+) -> CodeStore:
+    """Write (or finish writing) the code store for `saes` over `contexts` in `directory`."""
+    if not saes:
+        raise CoactError("no SAEs given: nothing to collect")
+    for site, sae in saes.items():
+        check_sae_fits(sae, site, lm.adapter.d_model)
+    sites = sorted(saes, key=lm.adapter.order_key)
+    fingerprint = collection_fingerprint(lm.fingerprint(), contexts, saes, config)
+    store = CodeStore.open_for_writing(
+        directory,
+        fingerprint=fingerprint,
+        sites={site.slug: saes[site].width for site in sites},
+        values_dtype=config.values_dtype,
+        meta={
+            "model": lm.name,
+            "corpus": contexts.source,
+            "corpus_fingerprint": contexts.fingerprint,
+            "ctx_len": int(contexts.tokens.shape[1]),
+            "skip_first_positions": config.skip_first_positions,
+            "sites": {site.slug: str(site) for site in sites},
+            "sae_fingerprints": {site.slug: sae_fingerprint(saes[site]) for site in sites},
+        },
+    )
+    n_ctx = contexts.tokens.shape[0]
+    n_shards = -(-n_ctx // config.shard_contexts)
+    done = store.completed_shards
+    skip = config.skip_first_positions
+    bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
+    for index in range(n_shards):
+        if index in done:
+            continue
+        lo, hi = index * config.shard_contexts, min(n_ctx, (index + 1) * config.shard_contexts)
+        codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
+        for start in range(lo, hi, config.forward_batch):
+            batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
+            acts = capture(lm, batch, sites)
+            for site in sites:
+                x = acts[site][:, skip:].reshape(-1, lm.adapter.d_model)
+                codes[site.slug].append(_to_csr(saes[site].encode(x)))
+        store.write_shard(
+            index,
+            _token_table(contexts, lo, hi, skip),
+            {slug: sp.vstack(parts, format="csr") for slug, parts in codes.items()},
+        )
+        bar.update(1)
+    bar.close()
+    return store
+
+
+def _to_csr(codes: Tensor) -> sp.csr_matrix:
+    dense = codes.detach().to("cpu", torch.float32).numpy()
+    return sp.csr_matrix(dense)
+
+
+def _token_table(contexts: Contexts, lo: int, hi: int, skip: int) -> dict[str, np.ndarray]:
+    tokens = contexts.tokens[lo:hi, skip:].numpy()
+    n, length = tokens.shape
+    return {
+        "context": np.repeat(np.arange(lo, hi, dtype=np.int32), length),
+        "position": np.tile(np.arange(skip, skip + length, dtype=np.int32), n),
+        "token_id": tokens.reshape(-1).astype(np.int32),
+        "doc": contexts.doc_ids[lo:hi, skip:].numpy().reshape(-1).astype(np.int32),
+    }

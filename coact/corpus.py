@@ -1,0 +1,243 @@
+"""The corpus stage: text → fixed-length token contexts, deterministic given a seed.
+
+Documents are shuffled within a bounded buffer (so streamed datasets stay streamed), joined
+with the end-of-text token and cut into contexts that each start with BOS. A document longer
+than a context continues into the next one: nothing is truncated to nothing.
+
+Sources: "embedded" (Python's own documentation, offline), a text file (one document), a
+`.jsonl` file (one document per line), a folder of `.txt`/`.md`/`.jsonl` files, a folder
+written by `datasets` `save_to_disk`, or a Hugging Face dataset id (`id` or `id:config`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from coact.errors import CoactError
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+_DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")  # save_to_disk
+_DOC_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    source: str = "embedded"
+    ctx_len: int = 128
+    n_tokens: int = 200_000  # tokens wanted, BOS excluded
+    seed: int = 0
+    text_column: str = "text"
+    split: str = "train"
+    prepend_bos: bool = True
+    shuffle_buffer: int = 1000  # documents held for shuffling: bounded so streams stay streams
+
+
+@dataclass
+class Contexts:
+    """Token contexts and, per token, the index of its document (−1 for BOS and EOS)."""
+
+    tokens: torch.Tensor  # (n_ctx, ctx_len) int64
+    doc_ids: torch.Tensor  # (n_ctx, ctx_len) int32
+    source: str
+    fingerprint: str
+    n_documents: int  # documents with tokens in these contexts
+    has_bos: bool = True  # whether column 0 is the BOS token
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens other than BOS (document tokens and EOS separators)."""
+        return self.tokens.numel() - (self.tokens.shape[0] if self.has_bos else 0)
+
+
+@functools.cache
+def _embedded() -> tuple[str, ...]:
+    """Python's own documentation: the pydoc topics, then one document per stdlib module made
+    of its module, class and function docstrings (module docstrings alone are too few tokens,
+    ~60k). Files are parsed, never imported: importing `antigravity` opens a browser. Cached:
+    parsing the stdlib takes about a second."""
+    from pydoc_data.topics import topics
+
+    documents = [topics[name] for name in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]  # never walk into site-packages
+        files += [Path(root, n) for n in names if n.endswith(".py")]
+    for path in sorted(files):
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, _DOC_NODES))]
+        parts = [doc for doc in map(ast.get_docstring, nodes) if doc and doc.strip()]
+        if parts:
+            documents.append("\n\n".join(parts))
+    return tuple(documents)
+
+
+def _file_documents(path: Path, text_column: str) -> Iterator[str]:
+    """A file is one document, except `.jsonl`: one JSON object per line (read lazily)."""
+    try:
+        if path.suffix != ".jsonl":
+            yield path.read_text(encoding="utf-8")
+            return
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)[text_column]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CoactError(
+                        f"{path}:{number} is not a JSON object with a {text_column!r} field"
+                    ) from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise CoactError(f"cannot read corpus file {path} as UTF-8 text: {error}") from None
+
+
+def _dataset_documents(dataset: Any, text_column: str, name: str) -> Iterator[str]:
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and text_column not in columns:
+        raise CoactError(f"dataset {name} has no column {text_column!r}; it has {columns}")
+    for row in dataset:
+        if text_column not in row:
+            raise CoactError(f"dataset {name} has no column {text_column!r}; it has {list(row)}")
+        yield row[text_column]
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids look like `owner/name`, so one `/` alone does not make a path."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or source.endswith(TEXT_SUFFIXES)
+    )
+
+
+def iter_documents(config: CorpusConfig) -> Iterator[str]:
+    """Documents of `config.source`, in a deterministic order."""
+    source = config.source
+    if source == "embedded":
+        yield from _embedded()
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        yield from _file_documents(path, config.text_column)
+        return
+    if path.is_dir():
+        if any((path / name).is_file() for name in _DATASET_MARKERS):
+            yield from _disk_documents(path, config)
+            return
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        for file in files:
+            yield from _file_documents(file, config.text_column)
+        return
+    if _looks_like_path(source):
+        raise CoactError(f"corpus path {source} does not exist")
+    yield from _hub_documents(config)
+
+
+def _disk_documents(path: Path, config: CorpusConfig) -> Iterator[str]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if config.split not in data:
+            raise CoactError(f"dataset {path} has no split {config.split!r}; it has {list(data)}")
+        data = data[config.split]
+    yield from _dataset_documents(data, config.text_column, str(path))
+
+
+def _hub_documents(config: CorpusConfig) -> Iterator[str]:
+    import datasets
+
+    name, _, subset = config.source.partition(":")
+    try:
+        data = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
+        yield from _dataset_documents(data, config.text_column, config.source)
+    except CoactError:
+        raise
+    except Exception as error:  # the hub raises many types for "unreachable" and "unknown"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CoactError(
+            f"cannot stream dataset {config.source!r} from the Hugging Face hub ({first}); "
+            "use a local file or folder, or 'embedded'"
+        ) from None
+
+
+def _shuffled(documents: Iterator[str], seed: int, buffer_size: int) -> Iterator[tuple[int, str]]:
+    """Shuffle within a buffer; yields (position in the source order, text)."""
+    rng = random.Random(seed)
+    buffer: list[tuple[int, str]] = []
+    for item in enumerate(documents):
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def build_contexts(config: CorpusConfig, tokenizer: Any) -> Contexts:
+    """Tokenize and pack documents into ceil(n_tokens / per-context) full contexts."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    use_bos = config.prepend_bos and bos is not None
+    per_context = config.ctx_len - 1 if use_bos else config.ctx_len
+    if per_context < 1 or config.n_tokens < 1:
+        raise CoactError(f"ctx_len {config.ctx_len} and n_tokens {config.n_tokens} must leave room")
+    n_ctx = -(-config.n_tokens // per_context)
+    wanted = n_ctx * per_context
+    stream: list[int] = []
+    docs: list[int] = []
+    seen_any = False
+    bar = tqdm(total=wanted, desc=f"tokenizing {config.source}", unit="tok", disable=None)
+    for doc_index, text in _shuffled(iter_documents(config), config.seed, config.shuffle_buffer):
+        if not isinstance(text, str) or not text.strip():
+            continue
+        seen_any = True
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if not ids:
+            continue
+        before = len(stream)
+        if stream and eos is not None:
+            stream.append(eos)
+            docs.append(-1)
+        stream.extend(ids)
+        docs.extend([doc_index] * len(ids))
+        bar.update(min(len(stream), wanted) - min(before, wanted))
+        if len(stream) >= wanted:
+            break
+    bar.close()
+    if not seen_any:
+        raise CoactError(f"corpus {config.source} is empty: it has no non-blank documents")
+    n_full = min(n_ctx, len(stream) // per_context)
+    if n_full == 0:
+        raise CoactError(
+            f"corpus {config.source} has only {len(stream)} tokens, fewer than one context of "
+            f"{per_context}; lower ctx_len or use a larger corpus"
+        )
+    kept = n_full * per_context
+    body = torch.tensor(stream[:kept], dtype=torch.int64).view(n_full, per_context)
+    doc_ids = torch.tensor(docs[:kept], dtype=torch.int32).view(n_full, per_context)
+    if use_bos:
+        body = torch.cat([torch.full((n_full, 1), bos, dtype=torch.int64), body], 1)
+        doc_ids = torch.cat([torch.full((n_full, 1), -1, dtype=torch.int32), doc_ids], 1)
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(body.numpy().tobytes())
+    n_documents = int(doc_ids[doc_ids >= 0].unique().numel())
+    return Contexts(body, doc_ids, config.source, digest.hexdigest(), n_documents, use_bos)

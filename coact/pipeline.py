@@ -1,0 +1,178 @@
+"""`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes → summary.
+
+Each step reuses what an earlier run of the same configuration left in the run directory
+(trained SAEs, finished code shards), so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coact.collect import CollectConfig, collect_codes
+from coact.corpus import Contexts, CorpusConfig, build_contexts
+from coact.errors import CoactError
+from coact.models import EMBEDDED, LoadedModel, load_model
+from coact.sae.base import Sae
+from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
+from coact.sae.formats import load_sae, save_saelens
+from coact.sae.train import SaeTrainConfig, train_saes
+from coact.sites import Site
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    model: str = EMBEDDED
+    layer: int = 3
+    corpus: str = "embedded"
+    tokens: int = 100_000  # tokens whose feature codes are stored
+    sae_tokens: int = 400_000  # tokens each trained SAE sees (when none is given)
+    eval_contexts: int = 32  # held-out contexts for FVE / L0 / CE recovered
+    ctx_len: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    run_dir: str | None = None  # default: runs/<model>-L<layer>
+    sae_in: str | None = None  # SAE for mlp_resid[layer]; trained when None
+    sae_out: str | None = None  # SAE for mlp_out[layer]; trained when None
+    sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        slug = self.model.strip("/").replace("/", "--").replace(".", "_")
+        return Path("runs") / f"{slug}-L{self.layer}"
+
+
+def analyze(config: AnalyzeConfig) -> dict[str, Any]:
+    """Run the pipeline and return (and write to summary.json) its headline figures."""
+    started = time.perf_counter()
+    lm = load_model(config.model, device=config.device, seed=config.seed)
+    sites = [Site("mlp_resid", config.layer), Site("mlp_out", config.layer)]
+    for site in sites:
+        lm.adapter.check(site)
+    given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
+    saes: dict[Site, Sae] = {}
+    for site, source in given.items():
+        if source is not None:
+            saes[site] = load_sae(source, device=config.device)
+            check_sae_fits(saes[site], site, lm.adapter.d_model)
+    to_train = [site for site in sites if site not in saes]
+
+    per_context = config.ctx_len - 1
+    n_code_ctx = -(-config.tokens // per_context)
+    n_train_ctx = -(-config.sae_tokens // per_context) if to_train else 0
+    contexts = build_contexts(
+        CorpusConfig(
+            source=config.corpus,
+            ctx_len=config.ctx_len,
+            n_tokens=(n_train_ctx + n_code_ctx) * per_context,
+            seed=config.seed,
+        ),
+        lm.tokenizer,
+    )
+    if contexts.tokens.shape[0] <= n_train_ctx:
+        raise CoactError(
+            f"corpus {config.corpus!r} gave {contexts.n_tokens} tokens, all needed to train the "
+            f"SAEs ({config.sae_tokens}); lower --sae-tokens or use a larger corpus"
+        )
+    train_part = _slice(contexts, 0, n_train_ctx)
+    code_part = _slice(contexts, n_train_ctx, contexts.tokens.shape[0])
+
+    run_dir = config.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "config.json", asdict(config))
+    timings: dict[str, float] = {}
+
+    trained_now: list[str] = []
+    if to_train:
+        t0 = time.perf_counter()
+        trained, trained_now = _trained_saes(lm, train_part, to_train, config, run_dir)
+        saes.update(trained)
+        timings["train_saes_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    eval_tokens = code_part.tokens[: config.eval_contexts]
+    reports: dict[Site, SaeReport] = {
+        site: evaluate_sae(lm, saes[site], site, eval_tokens, SaeEvalConfig()) for site in sites
+    }
+    timings["evaluate_saes_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    store = collect_codes(lm, code_part, saes, run_dir / "codes", config.collect)
+    timings["collect_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+
+    summary = {
+        "model": lm.name,
+        "layer": config.layer,
+        "corpus": config.corpus,
+        "run_dir": str(run_dir),
+        "tokens": store.n_tokens,
+        "saes_trained_now": trained_now,
+        "sites": {
+            str(site): {
+                "sae": given[site] or str(run_dir / "sae" / site.slug),
+                "width": saes[site].width,
+                **reports[site].to_dict(),
+            }
+            for site in sites
+        },
+        "codes": {
+            "directory": str(store.directory),
+            "bytes_per_token": {slug: store.bytes_per_token(slug) for slug in store.sites},
+        },
+        "timings": timings,
+    }
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
+    digest = hashlib.sha256(f"{contexts.fingerprint}:{lo}:{hi}".encode()).hexdigest()
+    return dataclasses.replace(
+        contexts,
+        tokens=contexts.tokens[lo:hi],
+        doc_ids=contexts.doc_ids[lo:hi],
+        fingerprint=digest,
+    )
+
+
+def _trained_saes(
+    lm: LoadedModel, contexts: Contexts, sites: list[Site], config: AnalyzeConfig, run_dir: Path
+) -> tuple[dict[Site, Sae], list[str]]:
+    """Reuse SAEs an earlier run trained with the same recipe; train the rest together."""
+    recipe = {
+        "model": lm.fingerprint(),
+        "corpus": contexts.fingerprint,
+        "train": asdict(config.sae),
+    }
+    recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    found: dict[Site, Sae] = {}
+    for site in sites:
+        path = run_dir / "sae" / site.slug
+        if (path / "cfg.json").is_file():
+            sae = load_sae(path, device=config.device)
+            if sae.metadata.get("recipe") == recipe_id:
+                found[site] = sae
+    missing = [site for site in sites if site not in found]
+    if missing:
+        for site, (sae, log) in train_saes(lm, contexts.tokens, missing, config.sae).items():
+            sae.metadata.update({"recipe": recipe_id, "final_fvu": log.fvu[-1]})
+            save_saelens(sae, run_dir / "sae" / site.slug)
+            _write_json(run_dir / "sae" / site.slug / "train_log.json", asdict(log))
+            found[site] = sae
+    return found, [str(site) for site in missing]
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)

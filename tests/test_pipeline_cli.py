@@ -1,0 +1,155 @@
+"""End to end: `coact analyze` on a tiny model and on the real SmolLM2; bad input via the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coact.collect import CollectConfig
+from coact.pipeline import AnalyzeConfig, analyze
+from coact.sae.train import SaeTrainConfig
+from coact.store import CodeStore
+
+SMALL_SAE = SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128)
+
+
+def _config(tmp_path: Path, **overrides: object) -> AnalyzeConfig:
+    base: dict[str, object] = {
+        "model": "tiny-llama",
+        "layer": 1,
+        "tokens": 2_000,
+        "sae_tokens": 3_000,
+        "eval_contexts": 4,
+        "ctx_len": 32,
+        "run_dir": str(tmp_path / "run"),
+        "sae": SMALL_SAE,
+        "collect": CollectConfig(forward_batch=8, shard_contexts=16),
+    }
+    base.update(overrides)
+    return AnalyzeConfig(**base)  # type: ignore[arg-type]
+
+
+def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
+    summary = analyze(_config(tmp_path))
+    assert summary["saes_trained_now"] == ["mlp_resid[1]", "mlp_out[1]"]
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["tokens"] == summary["tokens"] >= 2_000
+    for site in ("mlp_resid[1]", "mlp_out[1]"):
+        s = on_disk["sites"][site]
+        assert 0 < s["fve"] <= 1 and 0 < s["l0"] <= 8 and 0 <= s["dead_fraction"] <= 1
+        assert s["ce_clean"] > 0 and s["n_tokens"] == 4 * 31
+        assert (run / "sae" / site.replace("[", ".").rstrip("]") / "cfg.json").is_file()
+    store = CodeStore.open(run / "codes")
+    store.verify()
+    assert store.read_site("mlp_out.1").shape == (summary["tokens"], 4 * 64)
+    tokens = store.read_tokens()
+    assert tokens.height == summary["tokens"] and tokens["position"].min() == 1
+
+
+def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
+    analyze(_config(tmp_path))
+    run = tmp_path / "run"
+    weights = run / "sae" / "mlp_out.1" / "sae_weights.safetensors"
+    first_sae = weights.read_bytes()
+    shard = sorted((run / "codes" / "mlp_out.1").glob("shard-*.safetensors"))[-1]
+    first_codes = shard.read_bytes()
+    manifest = json.loads((run / "codes" / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:-1]  # as if killed before the last shard landed
+    (run / "codes" / "manifest.json").write_text(json.dumps(manifest))
+    shard.unlink()
+    summary = analyze(_config(tmp_path))
+    assert summary["saes_trained_now"] == []  # reused, not retrained
+    assert weights.read_bytes() == first_sae
+    assert shard.read_bytes() == first_codes
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coact", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "tiny-llama", "--layer", "9"], "layer 9 is out of range"),
+        (["--model", "tiny-llama", "--layer", "1", "--corpus", "./missing.txt"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_leaves_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    result = _cli("analyze", *args, "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("coact: error:") and message in lines[-1], result.stderr
+    assert not any(line.startswith("Traceback") for line in lines)
+    assert not run_dir.exists()
+
+
+def test_cli_empty_corpus(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    result = _cli(
+        "analyze",
+        "--model",
+        "tiny-llama",
+        "--layer",
+        "1",
+        "--corpus",
+        str(empty),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 2 and "empty" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_sae_width_mismatch(tmp_path: Path) -> None:
+    from coact.sae.base import Sae
+    from coact.sae.formats import save_saelens
+
+    save_saelens(Sae(32, 64, activation="topk", k=4, site="mlp_out[1]"), tmp_path / "sae")
+    result = _cli(
+        "analyze",
+        "--model",
+        "tiny-llama",
+        "--layer",
+        "1",
+        "--sae-out",
+        str(tmp_path / "sae"),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 2
+    assert "reads 32-dim activations" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
+    """The real embedded model end to end: SAEs must beat chance clearly even when tiny."""
+    config = _config(
+        tmp_path,
+        model="smollm2-135m",
+        layer=2,
+        tokens=3_000,
+        sae_tokens=12_000,
+        eval_contexts=8,
+        ctx_len=64,
+        sae=SaeTrainConfig(k=32, buffer_contexts=64, batch_tokens=256),
+    )
+    summary = analyze(config)
+    resid = summary["sites"]["mlp_resid[2]"]
+    assert resid["fve"] > 0.5, resid
+    assert resid["ce_clean"] < resid["ce_spliced"] < resid["ce_ablated"]
+    assert 0.0 < resid["ce_recovered"] <= 1.0
+    assert summary["tokens"] >= 3_000
+    assert CodeStore.open(tmp_path / "run" / "codes").read_site("mlp_resid.2").nnz > 0
