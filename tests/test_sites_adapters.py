@@ -111,3 +111,11 @@ def test_bad_sites_are_clear_errors() -> None:
         neox.adapter.check(Site("resid_mid", 1))
     with pytest.raises(CoactError, match="out of range"):
         capture(neox, _tokens(), [Site("mlp_out", -1)])
+
+
+def test_nan_activations_are_a_clear_error() -> None:
+    lm = load_model("tiny-llama", seed=5)
+    with torch.no_grad():
+        resolve(lm.model, f"{lm.adapter.block(0)}.mlp.down_proj").weight[0, 0] = float("nan")
+    with pytest.raises(CoactError, match=r"non-finite \(NaN or inf\) activations at mlp_out\[0\]"):
+        capture(lm, _tokens(), [Site("mlp_out", 0)])
