@@ -58,17 +58,16 @@ class Contexts:
     has_bos: bool = True  # whether column 0 is the BOS token
 
     @property
-    def n_tokens(self) -> int:
-        """Tokens other than BOS (document tokens and EOS separators)."""
+    def n_tokens(self) -> int:  # all but BOS: document tokens and EOS separators
         return self.tokens.numel() - (self.tokens.shape[0] if self.has_bos else 0)
 
 
 @functools.cache
 def _embedded() -> tuple[str, ...]:
     """Python's own documentation: the pydoc topics, then one document per stdlib module made
-    of its module, class and function docstrings (module docstrings alone are too few tokens,
-    ~60k). Files are parsed, never imported: importing `antigravity` opens a browser. Cached:
-    parsing the stdlib takes about a second."""
+    of its module, class and function docstrings (~570k GPT-NeoX tokens; topics and module
+    docstrings alone are ~180k, under the default n_tokens). Files are parsed, never imported:
+    `antigravity` would open a browser. Cached: parsing the stdlib takes a second or two."""
     from pydoc_data.topics import topics
 
     documents = [topics[name] for name in sorted(topics)]
@@ -82,11 +81,18 @@ def _embedded() -> tuple[str, ...]:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError, OSError):
             continue
-        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, _DOC_NODES))]
-        parts = [doc for doc in map(ast.get_docstring, nodes) if doc and doc.strip()]
+        parts = [doc for doc in _docstrings(tree) if doc and doc.strip()]
         if parts:
             documents.append("\n\n".join(parts))
     return tuple(documents)
+
+
+def _docstrings(node: Any) -> Iterator[str | None]:
+    """Docstrings of a module and its (nested) classes and functions, in source order."""
+    yield ast.get_docstring(node)
+    for child in node.body:
+        if isinstance(child, _DOC_NODES):
+            yield from _docstrings(child)
 
 
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:

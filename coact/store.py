@@ -2,9 +2,9 @@
 
 Layout: `manifest.json`, `tokens/shard-NNNNN.safetensors` (context, position, token id,
 document per stored token) and `<site>/shard-NNNNN.safetensors` (CSR indptr, indices,
-values). Files are written under a temporary name and renamed, and the manifest (with each
-file's sha256) is rewritten after every shard, so a killed writer leaves either a whole
-shard or none, and a resumed one writes the same bytes.
+values). Every file is written under a temporary name, fsynced and renamed, and the manifest
+(with each file's sha256) is rewritten after every shard, so a killed writer leaves either a
+whole shard or none, and a resumed one writes the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,45 @@ from safetensors.torch import load_file, save_file
 from coact.errors import CoactError
 
 FORMAT = 1
+Shards = Iterable[int] | None  # which shards to read; None: all
 TOKEN_COLUMNS = ("context", "position", "token_id", "doc")
+REWRITE = "collection to rewrite it"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed so shards of any size fit in memory."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write via a synced temp file + rename: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _numpy(array: Any) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        return (array.float() if array.is_floating_point() else array).numpy()
+    return np.asarray(array)
+
+
+def _csr_parts(codes: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    """(indptr, indices, values, n_columns or None) of scipy sparse, torch CSR or a triple."""
+    if isinstance(codes, torch.Tensor):
+        t = codes.detach().cpu()
+        t = t if t.layout == torch.sparse_csr else t.to_sparse_csr()
+        codes = (t.crow_indices(), t.col_indices(), t.values(), int(t.shape[1]))
+    elif not isinstance(codes, tuple):
+        m = sp.csr_matrix(codes)
+        codes = (m.indptr, m.indices, m.data, int(m.shape[1]))
+    indptr, indices, values = (_numpy(a) for a in codes[:3])
+    return indptr, indices, values, codes[3] if len(codes) > 3 else None
 
 
 class CodeStore:
@@ -49,9 +73,10 @@ class CodeStore:
     def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
         self.directory = directory
         self.manifest = manifest
-        self._verified: set[str] = set()
+        self.fingerprint: str = manifest["fingerprint"]
+        self.meta: dict[str, Any] = manifest.get("meta", {})
+        self._verified: set[str] = set()  # files hashed by this instance: read without rehash
 
-    # -- opening -----------------------------------------------------------------------
     @classmethod
     def open(cls, directory: str | Path) -> CodeStore:
         directory = Path(directory)
@@ -62,8 +87,11 @@ class CodeStore:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CoactError(f"corrupt manifest {path}: {error}") from None
-        if not isinstance(manifest, dict) or not {"shards", "sites", "n_tokens"} <= manifest.keys():
-            raise CoactError(f"corrupt manifest {path}: shards, sites or n_tokens missing")
+        keys = {"format", "fingerprint", "sites", "values_dtype", "shards", "n_tokens"}
+        if not isinstance(manifest, dict) or not keys <= manifest.keys():
+            raise CoactError(f"corrupt manifest {path}: expected the keys {sorted(keys)}")
+        if manifest["format"] != FORMAT:
+            raise CoactError(f"{path} is format {manifest['format']}; this coact reads {FORMAT}")
         return cls(directory, manifest)
 
     @classmethod
@@ -76,55 +104,36 @@ class CodeStore:
         values_dtype: str = "float32",
         meta: Mapping[str, Any] | None = None,
     ) -> CodeStore:
-        """Create a store, or resume one made by the same model, SAEs, corpus and dtype."""
+        """Create a store, or resume one made from the same model, SAEs, corpus and dtype.
+
+        On resume, temp files of a killed run are removed, shards whose files were deleted
+        are dropped (so they are rewritten) and the rest are checksummed."""
         if values_dtype not in _DTYPES:
-            raise CoactError(
-                f"values dtype {values_dtype!r} unsupported; use one of {list(_DTYPES)}"
-            )
+            raise CoactError(f"values dtype {values_dtype!r} unsupported; use one of {[*_DTYPES]}")
         directory = Path(directory)
-        if (directory / "manifest.json").is_file():
-            store = cls.open(directory)
-            m = store.manifest
-            same = (
-                m.get("fingerprint") == fingerprint
-                and m.get("sites") == {k: {"width": int(v)} for k, v in sites.items()}
-                and m.get("values_dtype") == values_dtype
-            )
-            if not same:
-                raise CoactError(
-                    f"{directory} holds codes from a different model, SAE, corpus or dtype; "
-                    "use another run directory or delete this one"
-                )
-            for tmp in directory.rglob("*.tmp"):
-                tmp.unlink()
-            store.verify()
+        site_entries = {k: {"width": int(sites[k])} for k in sorted(sites)}
+        key = {"fingerprint": fingerprint, "sites": site_entries, "values_dtype": values_dtype}
+        if not (directory / "manifest.json").is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            store = cls(directory, {"format": FORMAT, "meta": dict(meta or {}), **key})
+            store._set_shards([])
             return store
-        directory.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
-            "fingerprint": fingerprint,
-            "meta": dict(meta or {}),
-            "sites": {k: {"width": int(v)} for k, v in sites.items()},
-            "values_dtype": values_dtype,
-            "shards": [],
-            "n_tokens": 0,
-        }
-        store = cls(directory, manifest)
-        store._write_manifest()
+        store = cls.open(directory)
+        if {k: store.manifest[k] for k in key} != key:
+            raise CoactError(
+                f"{directory} holds codes from a different model/SAE/corpus (or values dtype); "
+                "use another run directory or delete this one"
+            )
+        for tmp in directory.rglob("*.tmp"):
+            tmp.unlink()
+        shards = store.manifest["shards"]
+        store._set_shards([s for s in shards if all((directory / r).is_file() for r in s["files"])])
+        store.verify()
         return store
 
-    # -- properties --------------------------------------------------------------------
     @property
     def sites(self) -> dict[str, int]:
         return {k: int(v["width"]) for k, v in self.manifest["sites"].items()}
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.manifest["fingerprint"])
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return dict(self.manifest.get("meta", {}))
 
     @property
     def n_tokens(self) -> int:
@@ -134,141 +143,107 @@ class CodeStore:
     def completed_shards(self) -> set[int]:
         return {int(s["index"]) for s in self.manifest["shards"]}
 
-    # -- writing -----------------------------------------------------------------------
-    def write_shard(
-        self, index: int, tokens: Mapping[str, np.ndarray], codes: Mapping[str, sp.csr_matrix]
-    ) -> None:
-        """Validate, write every file of shard `index`, then record it in the manifest."""
-        if index in self.completed_shards:
-            raise ValueError(f"shard {index} is already complete")
-        n = len(tokens["token_id"])
-        if set(codes) != set(self.sites):
-            raise CoactError(
-                f"shard {index} has sites {sorted(codes)}, expected {sorted(self.sites)}"
-            )
-        dtype = _DTYPES[self.manifest["values_dtype"]]
-        tensors: dict[str, dict[str, torch.Tensor]] = {
-            "tokens": {
-                c: torch.from_numpy(np.asarray(tokens[c], dtype=np.int32)) for c in TOKEN_COLUMNS
-            }
-        }
-        for slug, width in self.sites.items():
-            matrix = sp.csr_matrix(codes[slug])
-            matrix.sort_indices()
-            if matrix.shape[0] != n:
-                raise CoactError(f"{slug} shard {index}: {matrix.shape[0]} rows for {n} tokens")
-            if matrix.shape[1] != width or (matrix.nnz and matrix.indices.max() >= width):
-                raise CoactError(f"{slug} shard {index}: codes wider than the SAE width {width}")
-            if not np.isfinite(matrix.data).all():
-                raise CoactError(f"non-finite (NaN or inf) codes at {slug} in shard {index}")
-            index_dtype = np.int16 if width <= 32767 else np.int32
-            tensors[slug] = {
-                "indptr": torch.from_numpy(matrix.indptr.astype(np.int64)),
-                "indices": torch.from_numpy(matrix.indices.astype(index_dtype)),
-                "values": torch.from_numpy(matrix.data.astype(np.float32)).to(dtype),
-            }
-        files: dict[str, str] = {}
-        for folder, payload in tensors.items():
-            path = self.directory / folder / f"shard-{index:05d}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda tmp, p=payload: save_file(p, str(tmp)))
-            files[f"{folder}/{path.name}"] = sha256_file(path)
-            self._verified.add(f"{folder}/{path.name}")
-        entry = {
-            "index": index,
-            "n_tokens": n,
-            "n_contexts": len(np.unique(tokens["context"])),
-            "files": files,
-        }
-        self.manifest["shards"] = sorted(
-            [*self.manifest["shards"], entry], key=lambda s: s["index"]
-        )
-        self.manifest["n_tokens"] = sum(int(s["n_tokens"]) for s in self.manifest["shards"])
-        self._write_manifest()
+    def write_shard(self, index: int, tokens: Mapping[str, Any], codes: Mapping[str, Any]) -> None:
+        """Validate everything first, so a bad shard leaves no file; then write and record it.
 
-    def _write_manifest(self) -> None:
+        `codes[site]` is a scipy sparse matrix, a torch sparse tensor or (indptr, indices,
+        values). Duplicate entries are summed and explicit zeros dropped (canonical bytes)."""
+        index = int(index)  # a numpy integer would not serialise into the manifest
+        if index < 0 or index in self.completed_shards:
+            raise ValueError(f"shard {index} is already complete (or negative)")
+        table = {c: np.asarray(tokens.get(c, ()), dtype=np.int32) for c in TOKEN_COLUMNS}
+        n = len(table["token_id"])
+        if missing := [c for c in TOKEN_COLUMNS if c not in tokens or len(table[c]) != n]:
+            raise CoactError(f"shard {index}: token columns {missing} missing or not {n} long")
+        if missing := sorted(set(self.sites) - set(codes)):
+            raise CoactError(f"shard {index} lacks codes for the sites {missing}")
+        dtype = _DTYPES[self.manifest["values_dtype"]]
+        payloads = {"tokens": {c: torch.from_numpy(v) for c, v in table.items()}}
+        for slug, width in self.sites.items():
+            indptr, indices, values, n_cols = _csr_parts(codes[slug])
+            where = f"site {slug} in shard {index}"
+            if len(indptr) != n + 1:
+                raise CoactError(f"{where}: codes have {len(indptr) - 1} rows for {n} tokens")
+            ragged = len(indices) != len(values) or np.any(np.diff(indptr) < 0)
+            if ragged or indptr[0] != 0 or indptr[-1] != len(values):
+                raise CoactError(f"{where}: malformed CSR (indptr, indices, values)")
+            out_of_range = len(indices) and (indices.min() < 0 or indices.max() >= width)
+            if (n_cols is not None and n_cols != width) or out_of_range:
+                raise CoactError(f"{where}: codes do not fit the SAE width {width}")
+            m = sp.csr_matrix((values, indices, indptr), shape=(n, width), copy=True)
+            m.sum_duplicates()
+            m.eliminate_zeros()
+            cast = torch.from_numpy(m.data.astype(np.float32)).to(dtype)
+            if not bool(torch.isfinite(cast).all()):
+                raise CoactError(f"{where}: non-finite codes (NaN, inf, or too big for {dtype})")
+            index_dtype = np.int16 if width <= 32767 else np.int32
+            arrays = {"indptr": m.indptr.astype(np.int64), "indices": m.indices.astype(index_dtype)}
+            payloads[slug] = {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "values": cast}
+        files: dict[str, str] = {}
+        for folder, payload in payloads.items():
+            relative = f"{folder}/shard-{index:05d}.safetensors"
+            path = self.directory / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, partial(save_file, payload))
+            files[relative] = sha256_file(path)
+            self._verified.add(relative)
+        shard = {"index": index, "n_tokens": n, "n_contexts": len(np.unique(table["context"]))}
+        self._set_shards([*self.manifest["shards"], {**shard, "files": files}])
+
+    def _set_shards(self, shards: list[dict[str, Any]]) -> None:
+        self.manifest["shards"] = sorted(shards, key=lambda s: int(s["index"]))
+        self.manifest["n_tokens"] = sum(int(s["n_tokens"]) for s in shards)
         text = json.dumps(self.manifest, sort_keys=True, indent=1)
         _atomic_write(self.directory / "manifest.json", lambda tmp: tmp.write_text(text))
 
-    # -- reading -----------------------------------------------------------------------
     def _checked(self, relative: str, expected: str) -> Path:
         path = self.directory / relative
         if relative not in self._verified:
-            if not path.is_file():
-                raise CoactError(f"missing shard file {path}; re-run collection to rewrite it")
-            if sha256_file(path) != expected:
-                raise CoactError(
-                    f"checksum mismatch in {path}: the file is corrupt; delete it and re-run "
-                    "collection to rewrite it"
-                )
+            if not path.is_file() or sha256_file(path) != expected:
+                fix = "is corrupt; delete it and" if path.is_file() else "is missing;"
+                raise CoactError(f"checksum mismatch in {path}: the file {fix} re-run {REWRITE}")
             self._verified.add(relative)
         return path
 
     def verify(self) -> None:
-        """Check every file's sha256; the first bad one is an error naming it."""
+        """Re-hash every file (ignoring this instance's cache); the first bad one is named."""
         self._verified.clear()
-        for shard in self.manifest["shards"]:
-            for relative, digest in shard["files"].items():
-                self._checked(relative, digest)
+        for relative, digest in (f for s in self.manifest["shards"] for f in s["files"].items()):
+            self._checked(relative, digest)
 
     def _load(self, shard: dict[str, Any], folder: str) -> dict[str, torch.Tensor]:
         relative = f"{folder}/shard-{int(shard['index']):05d}.safetensors"
-        if relative not in shard["files"]:
-            raise CoactError(f"shard {shard['index']} has no file for {folder}")
-        return load_file(str(self._checked(relative, shard["files"][relative])))
+        return load_file(str(self._checked(relative, shard["files"].get(relative, "?"))))
 
-    def iter_site(
-        self, slug: str, shards: Iterable[int] | None = None
-    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+    def iter_site(self, slug: str, shards: Shards = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(shard index, float32 CSR codes) shard by shard, so a big site needn't fit at once."""
         if slug not in self.sites:
             raise CoactError(f"site {slug!r} is not in this store; it has {sorted(self.sites)}")
-        wanted = None if shards is None else set(shards)
-        for shard in self.manifest["shards"]:
-            if wanted is not None and int(shard["index"]) not in wanted:
-                continue
+        wanted = self.completed_shards if shards is None else set(shards)
+        if missing := sorted(wanted - self.completed_shards):
+            raise CoactError(f"shards {missing} are not in {self.directory}")
+        for shard in (s for s in self.manifest["shards"] if int(s["index"]) in wanted):
             t = self._load(shard, slug)
-            matrix = sp.csr_matrix(
-                (
-                    t["values"].float().numpy(),
-                    t["indices"].numpy().astype(np.int32),
-                    t["indptr"].numpy(),
-                ),
-                shape=(int(shard["n_tokens"]), self.sites[slug]),
-            )
-            yield int(shard["index"]), matrix
+            parts = (t["values"].float().numpy(), t["indices"].int().numpy(), t["indptr"].numpy())
+            shape = (int(shard["n_tokens"]), self.sites[slug])
+            yield int(shard["index"]), sp.csr_matrix(parts, shape=shape)
 
-    def read_site(self, slug: str, shards: Iterable[int] | None = None) -> sp.csr_matrix:
-        parts = [m for _, m in self.iter_site(slug, shards)]
-        if not parts:
-            return sp.csr_matrix((0, self.sites[slug]), dtype=np.float32)
-        return sp.vstack(parts, format="csr")
+    def read_site(self, slug: str, shards: Shards = None) -> sp.csr_matrix:
+        empty = sp.csr_matrix((0, self.sites[slug]), dtype=np.float32)
+        return sp.csr_matrix(sp.vstack([empty, *(m for _, m in self.iter_site(slug, shards))]))
 
     def read_tokens(self) -> pl.DataFrame:
-        frames = [
-            pl.DataFrame({c: t[c].numpy() for c in TOKEN_COLUMNS})
-            for t in (self._load(s, "tokens") for s in self.manifest["shards"])
-        ]
-        if not frames:
-            return pl.DataFrame(
-                {c: [] for c in TOKEN_COLUMNS}, schema=dict.fromkeys(TOKEN_COLUMNS, pl.Int32)
-            )
-        return pl.concat(frames)
+        schema = dict.fromkeys(TOKEN_COLUMNS, pl.Int32)
+        tables = (self._load(s, "tokens") for s in self.manifest["shards"])
+        frames = (pl.DataFrame({c: t[c].numpy() for c in TOKEN_COLUMNS}) for t in tables)
+        return pl.concat([pl.DataFrame(schema=schema), *frames])
 
     def bytes_per_token(self, slug: str) -> dict[str, float]:
         """Stored file bytes vs the ideal nonzeros × (index + value) bytes vs dense float32."""
         n = max(self.n_tokens, 1)
-        stored = sum(
-            (self.directory / rel).stat().st_size
-            for s in self.manifest["shards"]
-            for rel in s["files"]
-            if rel.startswith(f"{slug}/")
-        )
+        files = [self.directory / r for s in self.manifest["shards"] for r in s["files"]]
+        stored = sum(p.stat().st_size for p in files if p.parent.name == slug)
         width = self.sites[slug]
-        index_bytes = 2 if width <= 32767 else 4
-        value_bytes = _DTYPES[self.manifest["values_dtype"]].itemsize
+        per_nonzero = (2 if width <= 32767 else 4) + _DTYPES[self.manifest["values_dtype"]].itemsize
         nnz = sum(m.nnz for _, m in self.iter_site(slug))
-        return {
-            "stored": stored / n,
-            "ideal": nnz * (index_bytes + value_bytes) / n,
-            "dense_float32": 4.0 * width,
-        }
+        return {"stored": stored / n, "ideal": nnz * per_nonzero / n, "dense_float32": 4.0 * width}
