@@ -32,7 +32,8 @@ class SaeTrainConfig:
     batch_tokens: int = 1024
     buffer_contexts: int = 128
     forward_batch: int = 16  # contexts per forward pass while filling the buffer
-    lr: float | None = None  # None: 2e-4 / sqrt(width / 2**14), as in sparsify
+    # None: 8e-4 / sqrt(width / 2**14), sparsify's rule ×4: better for our short CPU budgets
+    lr: float | None = None
     auxk_alpha: float = 1 / 32
     dead_after_tokens: int = 100_000
     skip_first_positions: int = 1  # the BOS position is an attention sink with a huge norm
@@ -109,7 +110,7 @@ class SaeTrainer:
             sae.W_enc.copy_(sae.W_dec.T)
             sae.b_dec.copy_(self.mean / self.scale)
         self.sae = sae
-        lr = config.lr or 2e-4 / math.sqrt(width / 2**14)
+        lr = config.lr or 8e-4 / math.sqrt(width / 2**14)
         fused = first.device.type == "cuda"
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=fused)
         self.last_fired = torch.zeros(width, dtype=torch.long, device=first.device)
