@@ -112,7 +112,7 @@ def collect_codes(
             acts = capture(lm, batch, sites)
             for site in sites:
                 x = acts[site][:, skip:].reshape(-1, lm.adapter.d_model)
-                codes[site.slug].append(_to_csr(saes[site].encode(x)))
+                codes[site.slug].append(encode_csr(saes[site], x))
         store.write_shard(
             index,
             _token_table(contexts, lo, hi, skip),
@@ -123,9 +123,25 @@ def collect_codes(
     return store
 
 
-def _to_csr(codes: Tensor) -> sp.csr_matrix:
-    dense = codes.detach().to("cpu", torch.float32).numpy()
-    return sp.csr_matrix(dense)
+@torch.no_grad()
+def encode_csr(sae: SparseAutoencoder, x: Tensor) -> sp.csr_matrix:
+    """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR."""
+    if isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None:
+        values, indices = sae.pre_activations(x).topk(sae.k, dim=-1, sorted=False)
+        indices, order = indices.sort(dim=-1)
+        values = torch.relu(values.gather(-1, order))
+        n, k = indices.shape
+        matrix = sp.csr_matrix(
+            (
+                values.to("cpu", torch.float32).numpy().ravel(),
+                indices.to("cpu", torch.int32).numpy().ravel(),
+                np.arange(0, n * k + 1, k, dtype=np.int64),
+            ),
+            shape=(n, sae.width),
+        )
+        matrix.eliminate_zeros()
+        return matrix
+    return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
 
 
 def _token_table(contexts: Contexts, lo: int, hi: int, skip: int) -> dict[str, np.ndarray]:

@@ -99,3 +99,18 @@ def test_train_sae_cli_writes_a_loadable_sae(tmp_path: Path) -> None:
     assert sae.site == "mlp_out[0]" and sae.width == 256 and sae.k == 4
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == "blocks.0.hook_mlp_out"
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_encode_csr_equals_dense_encode(activation: str) -> None:
+    from coact.collect import encode_csr
+
+    sae = _random_sae("mlp_out[1]", 3)
+    sae.activation = activation  # type: ignore[assignment]
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3)  # some rows get fewer than k positive pre-activations
+        x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+        dense = sae.encode(x).numpy()
+    matrix = encode_csr(sae, x)
+    assert matrix.has_sorted_indices and (matrix.data > 0).all()
+    assert (matrix.toarray() == dense).all()
