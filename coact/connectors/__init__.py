@@ -1,0 +1,1 @@
+"""Sparse connectors between feature sets: F_out ≈ f(F_in)."""
