@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from coact.collect import CollectConfig, collect_codes
 from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
+from coact.files import atomic_write
 from coact.models import EMBEDDED, LoadedModel, load_model
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
@@ -172,7 +172,5 @@ def _trained_saes(
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

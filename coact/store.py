@@ -9,10 +9,8 @@ whole shard or none, and a resumed one writes the same bytes as an uninterrupted
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,27 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coact.errors import CoactError
+from coact.files import atomic_write, sha256_file
 
 FORMAT = 1
 Shards = Iterable[int] | None  # which shards to read; None: all
 TOKEN_COLUMNS = ("context", "position", "token_id", "doc")
 REWRITE = "collection to rewrite it"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed so shards of any size fit in memory."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a synced temp file + rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _numpy(array: Any) -> np.ndarray:
@@ -184,7 +168,7 @@ class CodeStore:
             relative = f"{folder}/shard-{index:05d}.safetensors"
             path = self.directory / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, partial(save_file, payload))
+            atomic_write(path, partial(save_file, payload))
             files[relative] = sha256_file(path)
             self._verified.add(relative)
         shard = {"index": index, "n_tokens": n, "n_contexts": len(np.unique(table["context"]))}
@@ -194,7 +178,7 @@ class CodeStore:
         self.manifest["shards"] = sorted(shards, key=lambda s: int(s["index"]))
         self.manifest["n_tokens"] = sum(int(s["n_tokens"]) for s in shards)
         text = json.dumps(self.manifest, sort_keys=True, indent=1)
-        _atomic_write(self.directory / "manifest.json", lambda tmp: tmp.write_text(text))
+        atomic_write(self.directory / "manifest.json", lambda tmp: tmp.write_text(text))
 
     def _checked(self, relative: str, expected: str) -> Path:
         path = self.directory / relative
