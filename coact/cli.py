@@ -12,7 +12,11 @@ import typer
 from coact.errors import CoactError
 from coact.models import EMBEDDED
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="coact: how the SAE features a transformer block reads turn into the features it writes.",
+)
 
 ModelOpt = Annotated[
     str, typer.Option(help=f"{EMBEDDED!r}, a tiny-* test model, a local directory or a hub id")
@@ -33,8 +37,12 @@ def analyze(
     ctx_len: Annotated[int, typer.Option(help="tokens per context, BOS included")] = 128,
     device: DeviceOpt = "cpu",
     run_dir: Annotated[str | None, typer.Option(help="default: runs/<model>-L<layer>")] = None,
-    sae_in: Annotated[str | None, typer.Option(help="SAE for mlp_resid[layer]")] = None,
-    sae_out: Annotated[str | None, typer.Option(help="SAE for mlp_out[layer]")] = None,
+    sae_in: Annotated[
+        str | None, typer.Option(help="SAE directory for mlp_resid at --layer; trained if omitted")
+    ] = None,
+    sae_out: Annotated[
+        str | None, typer.Option(help="SAE directory for mlp_out at --layer; trained if omitted")
+    ] = None,
     seed: int = 0,
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → summary."""
