@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 Form = Literal["raw", "fvu", "seed"]
 SEED_TAU = 0.001
@@ -23,6 +24,15 @@ SEED_TAU = 0.001
 class LinearityConfig:
     tau: float = SEED_TAU
     form: Form = "seed"  # the seed's τ = 0.001 was set on seed-normalised MSE
+
+
+def feature_stats(codes: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature: tokens active, mean and variance (population), from sparse codes."""
+    n = max(codes.shape[0], 1)
+    active = np.bincount(codes.indices[codes.data != 0], minlength=codes.shape[1])
+    mean = np.asarray(codes.sum(axis=0), dtype=float).ravel() / n
+    mean_sq = np.asarray(codes.multiply(codes).sum(axis=0), dtype=float).ravel() / n
+    return active, mean, np.maximum(mean_sq - mean**2, 0.0)
 
 
 def seed_scale(layer_norm: float, min_layer_norm: float) -> float:

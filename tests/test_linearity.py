@@ -46,3 +46,15 @@ def test_all_dead_layer_has_no_share() -> None:
     table = linearity_table(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3, dtype=int))
     share = percent_linear(table)
     assert math.isnan(share["percent_linear"]) and share["dead"] == 3 and share["alive"] == 0
+
+
+def test_feature_stats_by_hand() -> None:
+    import scipy.sparse as sp
+
+    from coact.linearity import feature_stats
+
+    codes = sp.csr_matrix(np.array([[1.0, 0.0, 0.0], [3.0, 2.0, 0.0]]))
+    active, mean, variance = feature_stats(codes)
+    assert active.tolist() == [2, 1, 0]
+    assert mean.tolist() == [2.0, 1.0, 0.0]
+    assert variance.tolist() == [1.0, 1.0, 0.0]  # (1 + 9)/2 − 4 = 1; (0 + 4)/2 − 1 = 1
