@@ -1,0 +1,196 @@
+"""The exact linear connector path: Gram stats, the L1 path vs scikit-learn, held-out MSE."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.linear_model import Lasso
+
+from coact.connectors.exact import (
+    GramStats,
+    LassoPathConfig,
+    heldout_nmse,
+    lasso_path,
+    linear_fit,
+)
+from coact.store import CodeStore
+
+
+def _problem(
+    n: int = 2000, n_in: int = 30, n_out: int = 5, noise: float = 0.1, seed: int = 0
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """Sparse nonnegative X, Y = X W* + b + noise with 4 planted inputs per output."""
+    rng = np.random.default_rng(seed)
+    x = sp.random(n, n_in, density=0.15, format="csr", random_state=rng)
+    x.data = rng.exponential(1.0, x.nnz)
+    truth = np.zeros((n_in, n_out))
+    for j in range(n_out):
+        truth[rng.choice(n_in, 4, replace=False), j] = rng.normal(0, 1, 4) + np.sign(
+            rng.normal(size=4)
+        )
+    y = x @ truth + 0.3 + noise * rng.standard_normal((n, n_out))
+    return x, sp.csr_matrix(y), truth
+
+
+def _stats(x: sp.spmatrix, y: sp.spmatrix) -> GramStats:
+    return GramStats.empty(x.shape[1], y.shape[1]).add(x, y)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_path_matches_sklearn_lasso(fit_intercept: bool) -> None:
+    x, y, _ = _problem()
+    config = LassoPathConfig(n_alphas=8, tol=1e-12, max_iter=20000, fit_intercept=fit_intercept)
+    path = lasso_path(_stats(x, y), config)
+    xd, yd = x.toarray(), y.toarray()
+    for i in (0, 2, 4, 7):
+        for j in range(yd.shape[1]):
+            alpha = path.alphas[i] * yd[:, j].var() / 2  # λ_sk = α·var/2
+            ref = Lasso(alpha=alpha, fit_intercept=fit_intercept, tol=1e-10, max_iter=100000)
+            ref.fit(xd, yd[:, j])
+            np.testing.assert_allclose(path.coef[i][:, j].toarray().ravel(), ref.coef_, atol=1e-5)
+            np.testing.assert_allclose(path.intercepts[i, j], ref.intercept_, atol=1e-5)
+            fvu = np.mean((yd[:, j] - ref.predict(xd)) ** 2) / yd[:, j].var()
+            np.testing.assert_allclose(path.nmse[i, j], fvu, atol=1e-6)
+    assert path.converged.all()
+
+
+def test_stats_blocks_merge_and_brute_force() -> None:
+    x, y, _ = _problem(n=600, seed=1)
+    whole = _stats(x, y)
+    blocks = GramStats.empty(30, 5)
+    for lo in range(0, 600, 170):
+        blocks.add(x[lo : lo + 170], y[lo : lo + 170])
+    merged = _stats(x[:250], y[:250]).merge(_stats(x[250:], y[250:]))
+    xd, yd = x.toarray(), y.toarray()
+    for s in (whole, blocks, merged):
+        assert s.n == 600 and sp.issparse(s.xtx) and sp.issparse(s.xty)
+        np.testing.assert_allclose(s.xtx.toarray(), xd.T @ xd, rtol=1e-12)
+        np.testing.assert_allclose(s.xty.toarray(), xd.T @ yd, rtol=1e-12)
+        np.testing.assert_allclose(s.x_sum, xd.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(s.y_sum, yd.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(s.y_sq_sum, (yd**2).sum(0), rtol=1e-12)
+        np.testing.assert_allclose(s.y_var(), yd.var(0), rtol=1e-10)
+        mu, diag = s.gram()
+        xc, yc = xd - xd.mean(0), yd - yd.mean(0)
+        gram = s.xtx.toarray() / s.n - np.outer(mu, mu)
+        np.testing.assert_allclose(gram, xc.T @ xc / 600, atol=1e-12)
+        np.testing.assert_allclose(diag, (xc**2).mean(0), atol=1e-12)
+        np.testing.assert_allclose(s.cross([4, 1]), xc.T @ yc[:, [4, 1]] / 600, atol=1e-12)
+
+
+def test_from_store_equals_in_memory(tmp_path: Path) -> None:
+    x, y, _ = _problem(n=90, n_in=12, n_out=3, seed=2)
+    y = sp.csr_matrix(np.maximum(y.toarray(), 0))
+    store = CodeStore.open_for_writing(tmp_path, fingerprint="fp", sites={"in": 12, "out": 3})
+    for i, lo in enumerate(range(0, 90, 30)):
+        tokens = {c: np.arange(30) for c in ("context", "position", "token_id", "doc")}
+        store.write_shard(i, tokens, {"in": x[lo : lo + 30], "out": y[lo : lo + 30]})
+    x32, y32 = (sp.csr_matrix(m.toarray().astype(np.float32)) for m in (x, y))
+    ref = _stats(x32, y32)
+    for got in (
+        GramStats.from_store(store, "in", "out"),
+        GramStats.from_store(store, "in", "out", iter([0, 1, 2])),
+    ):
+        assert got.n == 90
+        np.testing.assert_allclose(got.xtx.toarray(), ref.xtx.toarray(), rtol=1e-12)
+        np.testing.assert_allclose(got.xty.toarray(), ref.xty.toarray(), rtol=1e-12)
+        np.testing.assert_allclose(got.y_sq_sum, ref.y_sq_sum, rtol=1e-12)
+    assert GramStats.from_store(store, "in", "out", shards=[1]).n == 30
+
+
+def test_planted_exact_support_recovered() -> None:
+    x, y, truth = _problem(noise=0.0, seed=3)
+    path = lasso_path(_stats(x, y), LassoPathConfig(alphas=(1e-6,), tol=1e-10))
+    coef = path.coef[0].toarray()
+    np.testing.assert_array_equal(np.abs(coef) > 1e-3, truth != 0)
+    np.testing.assert_allclose(coef, truth, atol=1e-3)
+    np.testing.assert_allclose(path.intercepts[0], 0.3, atol=1e-3)
+    assert path.nmse[0].max() < 1e-6
+
+
+def test_dead_output_flagged_with_zero_weights() -> None:
+    x, y, _ = _problem(seed=4)
+    yd = y.toarray()
+    yd[:, 2] = 0.0
+    stats = _stats(x, sp.csr_matrix(yd))
+    path = lasso_path(stats, LassoPathConfig(n_alphas=5))
+    assert path.dead.tolist() == [False, False, True, False, False]
+    assert all(c[:, 2].nnz == 0 for c in path.coef)
+    assert np.all(path.intercepts[:, 2] == 0) and np.isnan(path.nmse[:, 2]).all()
+    assert not np.isnan(path.nmse[:, [0, 1, 3, 4]]).any()
+    w, b = linear_fit(stats)
+    assert np.all(w[:, 2] == 0) and b[2] == 0
+    subset = lasso_path(stats, LassoPathConfig(n_alphas=5), outputs=[2])
+    assert subset.dead.tolist() == [True] and subset.coef[0].shape == (30, 1)
+
+
+def test_heldout_nmse_brute_force() -> None:
+    x, y, _ = _problem(n=3000, seed=5)
+    path = lasso_path(_stats(x[:2000], y[:2000]), LassoPathConfig(n_alphas=6), outputs=[3, 0, 4])
+    got = heldout_nmse(path, _stats(x[2000:], y[2000:]))
+    xh, yh = x[2000:].toarray(), y[2000:].toarray()[:, [3, 0, 4]]
+    for i in range(6):
+        pred = xh @ path.coef[i].toarray() + path.intercepts[i]
+        np.testing.assert_allclose(got[i], ((yh - pred) ** 2).mean(0) / yh.var(0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_linear_fit_equals_lstsq(fit_intercept: bool) -> None:
+    x, y, _ = _problem(seed=6)
+    w, b = linear_fit(_stats(x, y), fit_intercept=fit_intercept)
+    xd = np.hstack([x.toarray(), np.ones((x.shape[0], 1))]) if fit_intercept else x.toarray()
+    ref = np.linalg.lstsq(xd, y.toarray(), rcond=None)[0]
+    np.testing.assert_allclose(w, ref[:30], atol=1e-7)
+    np.testing.assert_allclose(b, ref[30] if fit_intercept else 0.0, atol=1e-7)
+
+
+def test_auto_grid_starts_empty_and_ends_dense() -> None:
+    x, y, truth = _problem(noise=1.0, seed=7)
+    stats = _stats(x, y)
+    path = lasso_path(stats)
+    assert len(path.alphas) == 20 and np.all(np.diff(path.alphas) < 0)
+    assert path.coef[0].nnz == 0
+    assert path.coef[-1].nnz > 0.5 * 30 * 5
+    assert np.all(path.coef[-1].toarray()[truth != 0] != 0)
+    np.testing.assert_allclose(path.alphas[-1] / path.alphas[0], 1e-3)
+    below = lasso_path(stats, LassoPathConfig(alphas=(path.alphas[0] * 0.99,)))
+    assert below.coef[0].nnz > 0  # alpha_max is the smallest all-zero α
+
+
+def test_screening_does_not_change_path() -> None:
+    x, y, _ = _problem(n_in=60, seed=8)
+    stats = _stats(x, y)
+    on = lasso_path(stats, LassoPathConfig(n_alphas=10, tol=1e-11, chunk_outputs=2))
+    off = lasso_path(stats, LassoPathConfig(n_alphas=10, tol=1e-11, screening=False))
+    for a, b in zip(on.coef, off.coef, strict=True):
+        np.testing.assert_allclose(a.toarray(), b.toarray(), atol=1e-8)
+    np.testing.assert_allclose(on.intercepts, off.intercepts, atol=1e-8)
+    np.testing.assert_allclose(on.nmse, off.nmse, atol=1e-8)
+
+
+def test_width_32k_is_sparse_and_fast() -> None:
+    rng = np.random.default_rng(9)
+    n, width, n_out = 20_000, 32_768, 8
+    cols = rng.integers(0, width, size=(n, 20))
+    x = sp.csr_matrix(
+        (rng.exponential(1.0, n * 20), cols.ravel(), np.arange(0, n * 20 + 1, 20)), shape=(n, width)
+    )
+    truth = sp.random(width, n_out, density=10 / width, random_state=rng, format="csr")
+    y = sp.csr_matrix(np.maximum(x @ truth.toarray(), 0))  # sparse outputs, noisy where active
+    y.data = np.maximum(y.data + 0.05 * rng.standard_normal(y.nnz), 0)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    stats = _stats(x, y)
+    path = lasso_path(stats, LassoPathConfig(n_alphas=10))
+    elapsed = time.perf_counter() - start
+    assert sp.issparse(stats.xtx) and stats.xtx.nnz < 0.01 * width**2
+    assert all(sp.issparse(c) and c.shape == (width, n_out) for c in path.coef)
+    assert path.coef[0].nnz == 0 and path.coef[-1].nnz > 0 and path.converged.all()
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 1024  # a dense 32768² float64 Gram alone would be 8 GiB
+    assert elapsed < 20, elapsed
