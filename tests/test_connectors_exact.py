@@ -79,6 +79,9 @@ def test_stats_blocks_merge_and_brute_force() -> None:
         xc, yc = xd - xd.mean(0), yd - yd.mean(0)
         gram = s.xtx.toarray() / s.n - np.outer(mu, mu)
         np.testing.assert_allclose(gram, xc.T @ xc / 600, atol=1e-12)
+        v = np.random.default_rng(0).standard_normal((30, 2))
+        np.testing.assert_allclose(s.gram_matvec(v), xc.T @ (xc @ v) / 600, atol=1e-12)
+        np.testing.assert_allclose(s.gram_matvec(v, center=False), xd.T @ (xd @ v) / 600)
         np.testing.assert_allclose(diag, (xc**2).mean(0), atol=1e-12)
         np.testing.assert_allclose(s.cross([4, 1]), xc.T @ yc[:, [4, 1]] / 600, atol=1e-12)
 

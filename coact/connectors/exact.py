@@ -122,6 +122,11 @@ class GramStats:
         mu = self.means(center)[0]
         return mu, self.xtx.diagonal() / max(self.n, 1) - mu**2
 
+    def gram_matvec(self, v: np.ndarray, center: bool = True) -> np.ndarray:
+        """G v for a vector or n_in × m block, as XᵀX v/n − μ(μᵀv): G is never formed."""
+        mu = self.means(center)[0]
+        return self.xtx @ v / max(self.n, 1) - np.multiply.outer(mu, mu @ v)
+
     def cross(self, outputs: Outputs = None, center: bool = True) -> np.ndarray:
         """Dense (centred) XᵀY/n − μȳᵀ for some outputs: n_in × len(outputs)."""
         cols = np.arange(self.n_out) if outputs is None else np.asarray(outputs)
