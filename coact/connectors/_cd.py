@@ -4,8 +4,8 @@ Per output j it keeps the full gradient r = c − G w over every input, as r̃ =
 plus the rank-one term μ·s with s = μᵀw (G = A − μμᵀ, A = XᵀX/n sparse), updated in
 O(nnz of one column of A) per changed coordinate. Sweeps touch only the active set; the
 KKT check and the duality gap over all inputs are then scans of r, so inactive inputs cost
-nothing until they violate the KKT conditions. Pure Python over these loops is ~100× slower: Gram matrices of SAE codes at a
-few thousand features are about half dense.
+nothing until they violate the KKT conditions. Pure Python over these loops is ~100×
+slower: Gram matrices of SAE codes at a few thousand features are about half dense.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _soft(z: float, lam: float, diag: float) -> float:
 
 
 @njit(parallel=True, cache=True)
-def solve_alpha(  # noqa: PLR0913
+def solve_alpha(
     indptr: np.ndarray,
     indices: np.ndarray,
     data: np.ndarray,
@@ -106,17 +106,17 @@ def solve_alpha(  # noqa: PLR0913
             # candidates first (the likely ones); then any, since strong rules are not safe.
             n_new, n_strong = 0, 0
             for k in range(n_in):
-                if usable[k] and not act[k]:
-                    if abs(rt[k] + mu[k] * S[j]) > lj * (1 + 1e-9):  # KKT violated
-                        n_new += 1
-                        if strong[k]:
-                            n_strong += 1
+                violated = abs(rt[k] + mu[k] * S[j]) > lj * (1 + 1e-9)
+                if usable[k] and not act[k] and violated:
+                    n_new += 1
+                    if strong[k]:
+                        n_strong += 1
             for k in range(n_in):
-                if usable[k] and not act[k] and (n_strong == 0 or strong[k]):
-                    if abs(rt[k] + mu[k] * S[j]) > lj * (1 + 1e-9):  # KKT violated
-                        act[k] = True
-                        order[n_act] = k
-                        n_act += 1
+                violated = abs(rt[k] + mu[k] * S[j]) > lj * (1 + 1e-9)
+                if usable[k] and not act[k] and violated and (n_strong == 0 or strong[k]):
+                    act[k] = True
+                    order[n_act] = k
+                    n_act += 1
             if n_new == 0 and biggest == 0.0:
                 break  # nothing moves and nothing joins: the gap is rounding
         sweeps_out[j] = sweeps

@@ -146,8 +146,9 @@ class LassoPathConfig:
     down to alpha_max·alpha_min_ratio. Output j is all-zero for α ≥ 2·max_k|c_kj|/var_j
     (c = centred XᵀY/n); alpha_max is the `top_quantile` of that over the alive outputs
     solved, so the first α already gives a few outputs a weight (with quantile 1, none):
-    the maximum is set by a handful of extreme outputs and would waste grid points. Pass `alphas` to share a grid between
-    calls on different outputs (e.g. one process per output range)."""
+    the maximum is set by a handful of extreme outputs and would waste grid points. Pass
+    `alphas` to share a grid between calls on different outputs (e.g. one process per
+    output range)."""
 
     n_alphas: int = 20
     alpha_min_ratio: float = 1e-2
