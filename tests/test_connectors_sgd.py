@@ -233,3 +233,28 @@ def test_train_from_store_holds_out_contexts(tmp_path, planted_linear) -> None:
     assert not set(context[fit.train_rows]) & set(context[fit.heldout_rows])
     assert len(set(context[fit.heldout_rows])) == 20  # 10 % of 200 contexts
     assert isinstance(csr_batch(x, fit.heldout_rows[:3]), SparseBatch)
+
+
+def test_linear_skip_starts_at_the_linear_fit_and_adds_only_the_nonlinear_part(
+    planted_and,
+) -> None:
+    from coact.connectors.exact import GramStats, linear_fit
+
+    x, y = planted_and
+    w, b = linear_fit(GramStats.empty(x.shape[1], y.shape[1]).add(x, y))
+    start = train_connector(
+        x, y, ConnectorTrainConfig("mlp", hidden=32, steps=0, progress=False), skip=(w, b)
+    )
+    # With no steps the model is exactly the least-squares map.
+    expected = ((y.toarray() - (x @ w + b)) ** 2).mean(0)
+    both = np.concatenate([start.train_rows, start.heldout_rows])
+    got = start.train_mse * len(start.train_rows) + start.heldout_mse * len(start.heldout_rows)
+    np.testing.assert_allclose(got / len(both), expected, rtol=1e-4, atol=1e-7)
+    fit = train_connector(
+        x, y, ConnectorTrainConfig("mlp", hidden=32, **{**FAST, "lr": 1e-2}), skip=(w, b)
+    )
+    lin = ((y.toarray()[fit.heldout_rows] - (x[fit.heldout_rows] @ w + b)) ** 2).mean(0)
+    assert np.all(fit.heldout_mse[2:] < 0.2 * lin[2:])  # the AND outputs gain
+    np.testing.assert_allclose(fit.heldout_mse[:2], lin[:2], atol=1e-3)  # linear ones stay
+    with pytest.raises(ValueError, match="skip weight"):
+        train_connector(x, y, ConnectorTrainConfig(steps=1, progress=False), skip=(w.T, b))

@@ -143,6 +143,25 @@ class SparseConnector(nn.Module):
         self.weight_out = uniform(self.n_out, width, fan_in=width) if self.hidden else None
         self.bias_out = nn.Parameter(torch.zeros(self.n_out)) if bias and self.hidden else None
         self.last_hidden: Tensor | None = None  # for the sae-connector's hidden L1 and stats
+        self.skip_weight: Tensor | None = None  # fixed linear term, see set_linear_skip
+        self.skip_bias: Tensor | None = None
+
+    def set_linear_skip(self, weight: Tensor, bias: Tensor) -> None:
+        """Add a fixed (untrained) linear map ŷ += W x + b, W n_in × n_out, and start the
+        trained part at zero: the fit starts from that linear map and can only add to it.
+        With non-negative codes W x = W ReLU(x), so the sum is still an mlp (its hidden
+        layer widened by an identity block): linearity compares the best linear fit with
+        that mlp, so an under-trained mlp cannot make a feature look linear."""
+        if weight.shape != (self.n_in, self.n_out):
+            raise ValueError(f"skip weight must be {(self.n_in, self.n_out)}, got {weight.shape}")
+        device = self.weight_in.device
+        self.skip_weight = weight.detach().float().to(device).contiguous()
+        self.skip_bias = bias.detach().float().to(device)
+        with torch.no_grad():
+            (self.weight_out if self.weight_out is not None else self.weight_in).zero_()
+            for b in (self.bias_out if self.hidden else self.bias_in,):
+                if b is not None:
+                    b.zero_()
 
     def first_layer(self, x: Batch) -> Tensor:
         """W x (+ b) as a sparse-times-dense product: batch × width, no dense batch × n_in."""
@@ -155,6 +174,8 @@ class SparseConnector(nn.Module):
             h = torch.relu(z)
             self.last_hidden = h
             z = F.linear(h, self.weight_out, self.bias_out)
+        if self.skip_weight is not None and self.skip_bias is not None:
+            z = z + _bag(as_batch(x), self.skip_weight) + self.skip_bias
         return torch.relu(z) if self.family in ("relu", "two-relu") else z
 
     def first_layer_weight(self) -> Tensor:

@@ -47,9 +47,10 @@ class ConnectorTrainConfig:
             raise CoactError(f"unknown connector family {self.family!r}; use one of {fam.FAMILIES}")
         if not 0 <= self.heldout_fraction < 1:
             raise CoactError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        steps = 1 if self.steps is None else self.steps
-        if min(self.batch_tokens, self.epochs, steps, self.layer_norm, self.min_layer_norm) <= 0:
-            raise CoactError("batch_tokens, epochs, steps and layer norms must be positive")
+        if min(self.batch_tokens, self.epochs, self.layer_norm, self.min_layer_norm) <= 0:
+            raise CoactError("batch_tokens, epochs and layer norms must be positive")
+        if self.steps is not None and self.steps < 0:
+            raise CoactError(f"steps must be ≥ 0, got {self.steps}")
 
 
 def seed_normalised_mse(
@@ -191,9 +192,12 @@ def train_connector(
     config: ConnectorTrainConfig = ConnectorTrainConfig(),
     *,
     groups: np.ndarray | None = None,
+    skip: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainedConnector:
     """Fit F_out ≈ f(F_in) by Adam on shuffled sparse batches; `groups` (context id per
-    token) sets the held-out unit, else blocks of `config.block_tokens` tokens."""
+    token) sets the held-out unit, else blocks of `config.block_tokens` tokens. `skip`
+    (W n_in × n_out, b over the fitted inputs and outputs): a fixed linear term the fit
+    starts from and adds to, see `SparseConnector.set_linear_skip`."""
     x, y = sp.csr_matrix(x, dtype=np.float32), sp.csr_matrix(y, dtype=np.float32)
     if x.shape[0] != y.shape[0]:
         raise CoactError(f"input codes have {x.shape[0]} tokens, output codes {y.shape[0]}")
@@ -211,11 +215,15 @@ def train_connector(
     connector = fam.make_connector(
         c.family, x.shape[1], y.shape[1], hidden=c.hidden, bias=c.bias, seed=c.seed
     ).to(c.device)
+    if skip is not None:
+        connector.set_linear_skip(
+            torch.as_tensor(np.asarray(skip[0])), torch.as_tensor(np.asarray(skip[1]))
+        )
     optimizer = _adam(connector, c.lr)
     rng = np.random.default_rng(c.seed)
     per_epoch = -(-len(train) // c.batch_tokens)
     log_nmse, log_l1 = [], []
-    steps = range(c.steps or c.epochs * per_epoch)
+    steps = range(c.epochs * per_epoch if c.steps is None else c.steps)
     for step in tqdm(steps, desc=f"fitting {c.family} connector", disable=not c.progress):
         if step % per_epoch == 0:  # a fresh shuffle each epoch
             order = rng.permutation(train)
