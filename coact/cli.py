@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -123,6 +123,90 @@ def collect(
         pairs, model=model, corpus=corpus, tokens=tokens, device=device, seed=seed, out=out
     )
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
+
+
+def _run_config(run: Path) -> dict[str, object]:
+    path = run / "config.json"
+    if not path.is_file():
+        raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
+    return dict(json.loads(path.read_text()))
+
+
+@app.command()
+def connect(
+    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    in_site: Annotated[str | None, typer.Option(help="default: mlp_resid[LAYER]")] = None,
+    out_site: Annotated[str | None, typer.Option(help="default: mlp_out[LAYER]")] = None,
+    n_alphas: Annotated[int, typer.Option(help="points on the α grid")] = 20,
+    magnitude: Annotated[
+        float, typer.Option(help="standardised |w| above which a weight counts as large")
+    ] = 0.05,
+    tau: Annotated[float, typer.Option(help="linearity threshold on d(j)")] = 0.001,
+    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
+    mlp_epochs: Annotated[int, typer.Option(help="epochs of the mlp fit")] = 3,
+    no_stability: Annotated[bool, typer.Option(help="skip the two-halves refit")] = False,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sparse linear connectors (L1 path, frontier, elbow, stability) and the linearity
+    table, from a run's feature codes; writes <run>/connect/."""
+    from coact.connect import ConnectConfig
+    from coact.connect import connect as run_connect
+    from coact.connectors.exact import LassoPathConfig
+    from coact.linearity import LinearityConfig
+
+    cfg = _run_config(run)
+    layer = cfg.get("layer")
+    config = ConnectConfig(
+        in_site=in_site or f"mlp_resid[{layer}]",
+        out_site=out_site or f"mlp_out[{layer}]",
+        path=LassoPathConfig(n_alphas=n_alphas),
+        magnitude=magnitude,
+        stability=not no_stability,
+        mlp_epochs=mlp_epochs,
+        linearity=LinearityConfig(tau=tau, form=_form(form)),
+        seed=int(str(cfg.get("seed", 0))),
+        device=device,
+    )
+    decode = None
+    try:
+        from coact.models import load_model
+
+        tokenizer = load_model(str(cfg["model"])).tokenizer
+        decode = lambda ids: str(tokenizer.decode(ids))  # noqa: E731
+    except CoactError:
+        typer.echo("model not available: top tokens are shown as ids", err=True)
+    summary = run_connect(run / "codes", config, run / "connect", decode=decode)
+    from coact.summary import format_connect
+
+    typer.echo(format_connect(summary))
+
+
+@app.command()
+def linearity(
+    run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
+    tau: Annotated[float, typer.Option(help="linearity threshold on d(j)")] = 0.001,
+    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
+) -> None:
+    """Re-read the linearity table at another τ or form (no refitting) and print the share."""
+    from coact.linearity import LinearityConfig, percent_linear, relabel
+
+    path = run / "connect" / "features.parquet"
+    if not path.is_file():
+        raise CoactError(f"no linearity table at {path}; run `coact connect {run}` first")
+    import polars as pl
+
+    table = relabel(pl.read_parquet(path), LinearityConfig(tau=tau, form=_form(form)))
+    share = percent_linear(table)
+    typer.echo(
+        f"{share['percent_linear']:.1f}% of {share['alive']:,} alive output features are linear "
+        f"at τ = {tau:g} ({form} form); {share['nonlinear']:,} nonlinear, {share['dead']:,} dead"
+    )
+
+
+def _form(form: str) -> Literal["raw", "fvu", "seed"]:
+    if form not in ("raw", "fvu", "seed"):
+        raise CoactError(f"unknown form {form!r}; use raw, fvu or seed")
+    return form  # type: ignore[return-value]
 
 
 def main() -> None:

@@ -49,3 +49,42 @@ def top_activating_tokens(
     ids: Sequence[int] = tokens["token_id"].to_numpy()[column.row[order]].tolist()
     labels = [decode([t]) if decode else t for t in ids]
     return [(label, float(v)) for label, v in zip(labels, column.data[order], strict=True)]
+
+
+def top_tokens_table(
+    codes: sp.spmatrix,
+    tokens: pl.DataFrame,
+    features: Sequence[int] | np.ndarray,
+    decode: Callable[[list[int]], str] | None = None,
+    k: int = 5,
+) -> pl.DataFrame:
+    """For many features at once: their k largest activations, one row each (feature, rank,
+    activation, token id and text, context, position), from one column-major copy."""
+    csc = sp.csc_matrix(codes)
+    token_ids = tokens["token_id"].to_numpy()
+    rows: dict[str, list[int] | list[float]] = {
+        key: [] for key in ("feature", "rank", "row", "activation")
+    }
+    for feature in np.asarray(features, dtype=np.int64):
+        lo, hi = csc.indptr[feature], csc.indptr[feature + 1]
+        values = csc.data[lo:hi]
+        order = np.argsort(-values, kind="stable")[:k]
+        rows["feature"] += [int(feature)] * len(order)
+        rows["rank"] += list(range(len(order)))
+        rows["row"] += csc.indices[lo:hi][order].tolist()
+        rows["activation"] += values[order].astype(float).tolist()
+    at = np.asarray(rows["row"], dtype=np.int64)
+    ids = token_ids[at]
+    text = {int(t): decode([int(t)]) for t in np.unique(ids)} if decode else {}
+    return pl.DataFrame(
+        {
+            "feature": np.asarray(rows["feature"], dtype=np.int64),
+            "rank": np.asarray(rows["rank"], dtype=np.int64),
+            "activation": np.asarray(rows["activation"], dtype=np.float64),
+            "token_id": ids.astype(np.int64),
+            "token": [text.get(int(t)) for t in ids] if decode else [None] * len(ids),
+            "context": tokens["context"].to_numpy()[at].astype(np.int64),
+            "position": tokens["position"].to_numpy()[at].astype(np.int64),
+        },
+        schema_overrides={"token": pl.String},
+    )

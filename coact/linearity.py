@@ -87,3 +87,16 @@ def percent_linear(table: pl.DataFrame) -> dict[str, float]:
         "dead": dead,
         "alive": alive,
     }
+
+
+def relabel(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:
+    """The same table with `status` recomputed at another τ or form (no refitting)."""
+    column = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}[config.form]
+    return table.with_columns(
+        pl.when(pl.col("status") == "dead")
+        .then(pl.lit("dead"))
+        .when(pl.col(column) <= config.tau)
+        .then(pl.lit("linear"))
+        .otherwise(pl.lit("nonlinear"))
+        .alias("status")
+    )

@@ -1,4 +1,5 @@
-"""`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes → summary.
+"""`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes →
+connectors and linearity → summary.
 
 Each step reuses what an earlier run of the same configuration left in the run directory
 (trained SAEs, finished code shards), so a killed run resumes where it stopped.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from coact.collect import CollectConfig, collect_codes
+from coact.connect import ConnectConfig, connect
 from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
 from coact.files import atomic_write
@@ -42,6 +44,10 @@ class AnalyzeConfig:
     sae_out: str | None = None  # SAE for mlp_out[layer]; trained when None
     sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    connect: bool = True  # fit connectors and the linearity table after collecting
+    connect_settings: ConnectConfig = field(
+        default_factory=lambda: ConnectConfig(in_site="", out_site="")
+    )  # its sites are set from `layer`
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
@@ -107,6 +113,21 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     store = collect_codes(lm, code_part, saes, run_dir / "codes", config.collect)
     timings["collect_s"] = time.perf_counter() - t0
+
+    connections = None
+    if config.connect:
+        t0 = time.perf_counter()
+        settings = dataclasses.replace(
+            config.connect_settings,
+            in_site=str(sites[0]),
+            out_site=str(sites[1]),
+            seed=config.seed,
+            device=config.device,
+        )
+        decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
+        connections = connect(store, settings, run_dir / "connect", decode=decode)
+        connections.pop("key", None)
+        timings["connect_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
@@ -128,6 +149,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
             "directory": str(store.directory),
             "bytes_per_token": {slug: store.bytes_per_token(slug) for slug in store.sites},
         },
+        "connect": connections,
         "timings": timings,
     }
     _write_json(run_dir / "summary.json", summary)

@@ -18,6 +18,30 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"(clean {s['ce_clean']:.3f}, spliced {s['ce_spliced']:.3f}, "
             f"ablated {s['ce_ablated']:.3f} nats; {s['n_tokens']:,} eval tokens)"
         )
+    if summary.get("connect"):
+        lines.append(format_connect(summary["connect"]))
     lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
     lines.append(f"  run directory: {summary['run_dir']}  (summary.json inside)")
     return "\n".join(lines)
+
+
+def format_connect(c: dict[str, Any]) -> str:
+    """The connectors' and the linearity table's headline lines."""
+    stable = (
+        ""
+        if c["stable_share"] is None
+        else f"; {100 * c['stable_share']:.0f}% of them survive in both halves of the tokens"
+    )
+    return "\n".join(
+        [
+            f"  connectors {c['in_site']} → {c['out_site']}: chosen α {c['alpha']:.3g} "
+            f"(elbow, {c['alpha_index'] + 1} of {c['n_alphas']}), held-out NMSE "
+            f"{c['heldout_nmse_sparse']:.3f} with {c['weights_per_output']:.1f} weights per "
+            f"output{stable}",
+            f"  least squares NMSE {c['heldout_nmse_linear']:.3f}, mlp {c['heldout_nmse_mlp']:.3f} "
+            f"(held out: {c['tokens_heldout']:,} tokens)",
+            f"  linear share: {c['percent_linear']:.1f}% of {c['alive']:,} alive output features "
+            f"are linear at τ = {c['tau']:g} ({c['form']} form); {c['dead']:,} dead",
+            f"  tables: {c['directory']}",
+        ]
+    )

@@ -197,3 +197,19 @@ def test_width_32k_stays_sparse() -> None:
     assert path.coef[0].nnz == 0 and path.coef[-1].nnz > 0 and path.converged.all()
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mib < 1024  # a dense 32768² float64 Gram alone would be 8 GiB
+
+
+def test_refit_support_is_least_squares_on_the_chosen_inputs() -> None:
+    from coact.connectors.exact import refit_support
+
+    x, y, _ = _problem(noise=0.3, seed=11)
+    stats = _stats(x, y)
+    coef = lasso_path(stats, LassoPathConfig(alphas=(0.05,))).coef[0].tocsc()
+    refit, intercepts = refit_support(stats, coef)
+    xd, yd = x.toarray(), y.toarray()
+    for j in range(y.shape[1]):
+        support = coef.indices[coef.indptr[j] : coef.indptr[j + 1]]
+        design = np.hstack([xd[:, support], np.ones((xd.shape[0], 1))])
+        ref = np.linalg.lstsq(design, yd[:, j], rcond=None)[0]
+        np.testing.assert_allclose(refit[:, j].toarray().ravel()[support], ref[:-1], atol=1e-8)
+        np.testing.assert_allclose(intercepts[j], ref[-1], atol=1e-8)

@@ -368,3 +368,28 @@ def _pcg(matvec: Callable[[np.ndarray], np.ndarray], rhs: np.ndarray, pinv: np.n
     if not np.all(np.linalg.norm(r, axis=0) <= goal):
         warnings.warn(f"linear_fit: CG not converged to {tol} in {max_iter} steps", stacklevel=3)
     return x
+
+
+def refit_support(
+    stats: GramStats, coef: sp.spmatrix, outputs: Outputs = None, fit_intercept: bool = True
+) -> tuple[sp.csc_matrix, np.ndarray]:
+    """Least squares on each output's L1-selected inputs ("relaxed lasso"): the L1 path
+    picks which inputs, this undoes its shrinkage of how much, so formulas read the true
+    coefficients. Returns the refitted weights (same sparsity) and intercepts."""
+    outputs = _outputs(stats, outputs)
+    coef = sp.csc_matrix(coef, dtype=np.float64)
+    mu, _ = stats.gram(fit_intercept)
+    ybar = stats.means(fit_intercept)[1][outputs]
+    xtx, inv_n = stats.xtx.tocsr(), 1 / max(stats.n, 1)
+    data = np.zeros(coef.nnz)
+    for j in range(coef.shape[1]):
+        lo, hi = coef.indptr[j], coef.indptr[j + 1]
+        support = coef.indices[lo:hi]
+        if hi == lo:
+            continue
+        g = xtx[support][:, support].toarray() * inv_n - np.outer(mu[support], mu[support])
+        c = stats.xty[support][:, [outputs[j]]].toarray().ravel() * inv_n - mu[support] * ybar[j]
+        g[np.diag_indices_from(g)] += _TINY * max(float(np.abs(g).max()), 1e-300)
+        data[lo:hi] = scipy.linalg.solve(g, c, assume_a="sym", check_finite=False)
+    refit = sp.csc_matrix((data, coef.indices, coef.indptr), shape=coef.shape)
+    return refit, ybar - np.asarray(refit.T @ mu).ravel()

@@ -1,0 +1,376 @@
+"""`connect`: how the features of one site are computed from those of another.
+
+From a code store it fits, on a held-out split by context: the L1 path of sparse linear
+connectors (its Pareto frontier of held-out error against size, and the elbow chosen
+automatically), the stability of the chosen connections across disjoint halves of the
+training tokens, and the linearity of every output feature (least squares against an mlp
+that starts from it, both without L1). Everything lands in `<run>/connect/`:
+
+    sweep.parquet       one row per α: held-out and train NMSE, mean ‖w‖₁, weights above
+                        the magnitude, frontier membership, the chosen α
+    weights.parquet     connections at the chosen α (L1 weight and its least-squares
+                        refit on the chosen inputs), with both halves' weights
+    features.parquet    per output feature: linearity, sparse-fit error, formula, large W2
+    top_tokens.parquet  the tokens each feature of either site fires hardest on
+    mlp_curve.parquet   the mlp fit's loss per step
+    connect.json        the headline figures (written last: its presence marks completion)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from coact.connectors.exact import (
+    GramStats,
+    LassoPathConfig,
+    heldout_nmse,
+    lasso_path,
+    linear_fit,
+    mse,
+    refit_support,
+)
+from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
+from coact.errors import CoactError
+from coact.files import atomic_write
+from coact.formulas import formula, top_tokens_table
+from coact.linearity import LinearityConfig, feature_stats, linearity_table, percent_linear
+from coact.sites import Site
+from coact.store import CodeStore
+from coact.sweep import elbow
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class ConnectConfig:
+    in_site: str  # e.g. "mlp_resid[3]"
+    out_site: str  # e.g. "mlp_out[3]"
+    heldout_fraction: float = 0.1  # of contexts, for every held-out figure
+    seed: int = 0
+    path: LassoPathConfig = field(default_factory=LassoPathConfig)
+    magnitude: float = 0.05  # a weight is large when |w|·std(x_in)/std(y_out) ≥ this
+    stability: bool = True  # refit on two disjoint halves of the training contexts
+    mlp_hidden: int = 1024  # hidden units of the mlp used for linearity (beside the skip)
+    mlp_epochs: int = 3
+    mlp_lr: float = 1e-3
+    w2_magnitude: float = 0.1  # |W2| above which an mlp weight counts as large (raw)
+    batch_tokens: int = 1024
+    device: str = "cpu"
+    linearity: LinearityConfig = field(default_factory=LinearityConfig)
+    layer_norm: float = 1.0  # for the seed's normalisation; see linearity.seed_scale
+    min_layer_norm: float = 1.0
+    formula_terms: int = 5
+    top_tokens: int = 5
+    progress: bool = True
+
+    def slugs(self) -> tuple[str, str]:
+        return Site.parse(self.in_site).slug, Site.parse(self.out_site).slug
+
+
+def connect(
+    store: CodeStore | str | Path,
+    config: ConnectConfig,
+    out_dir: str | Path,
+    decode: Decode | None = None,
+) -> dict[str, Any]:
+    """Fit, measure and write the tables; return (and write to connect.json) the headline.
+
+    A finished result for the same codes and config is reused, not recomputed."""
+    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
+    in_slug, out_slug = config.slugs()
+    for slug in (in_slug, out_slug):
+        if slug not in store.sites:
+            raise CoactError(f"site {slug} is not in the code store {store.directory}")
+    if not 0 < config.heldout_fraction < 1:
+        raise CoactError(f"heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
+    out_dir = Path(out_dir)
+    key = _key(store, config)
+    done = out_dir / "connect.json"
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("key") == key:
+            return dict(previous)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    x, y = store.read_site(in_slug), store.read_site(out_slug)
+    tokens = store.read_tokens()
+    groups = tokens["context"].to_numpy()
+    if x.shape[0] < 4 or len(np.unique(groups)) < 4:
+        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
+    train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
+    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
+    stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
+    timings["gram_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    path = lasso_path(stats, config.path)
+    held_nmse = heldout_nmse(path, stats_held)
+    sweep, chosen = _sweep(path, held_nmse, stats, config.magnitude)
+    timings["path_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    coef = sp.csc_matrix(path.coef[chosen])
+    refit, refit_intercepts = refit_support(stats, coef)
+    weights = _weights_table(coef, refit, stats, config.magnitude)
+    if config.stability:
+        weights = _stability(weights, x[train], y[train], groups[train], path, chosen, config)
+    timings["stability_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    w_lin, b_lin = linear_fit(stats)
+    mse_linear = mse(stats_held, w_lin, b_lin)
+    timings["least_squares_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    mlp = train_connector(
+        x,
+        y,
+        ConnectorTrainConfig(
+            family="mlp",
+            hidden=config.mlp_hidden,
+            lr=config.mlp_lr,
+            epochs=config.mlp_epochs,
+            batch_tokens=config.batch_tokens,
+            heldout_fraction=config.heldout_fraction,
+            seed=config.seed,
+            device=config.device,
+            progress=config.progress,
+        ),
+        groups=groups,
+        skip=(w_lin, b_lin),
+    )
+    if not np.array_equal(mlp.heldout_rows, held):
+        raise RuntimeError("the mlp and the linear fits held out different tokens")
+    timings["mlp_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    active, _, variance = feature_stats(y)
+    table = linearity_table(
+        mse_linear,
+        mlp.heldout_mse,
+        variance,
+        active,
+        layer_norm=config.layer_norm,
+        min_layer_norm=config.min_layer_norm,
+        config=config.linearity,
+    )
+    assert mlp.connector.weight_out is not None
+    w2 = mlp.connector.weight_out.detach().cpu().numpy()
+    features = _features_table(
+        table, refit, refit_intercepts, held_nmse[chosen], weights, w2, config
+    )
+    top = _top_tokens(x, y, tokens, coef, config, decode, in_slug, out_slug)
+    curve = pl.DataFrame({"step": np.arange(len(mlp.loss_nmse)), "nmse": mlp.loss_nmse})
+    timings["tables_s"] = time.perf_counter() - clock
+
+    for name, frame in {
+        "sweep": sweep,
+        "weights": weights,
+        "features": features,
+        "top_tokens": top,
+        "mlp_curve": curve,
+    }.items():
+        atomic_write(out_dir / f"{name}.parquet", frame.write_parquet)
+    share = percent_linear(table)
+    stable = (
+        float(weights["in_both"].to_numpy().mean()) if config.stability and len(weights) else None
+    )
+    summary = {
+        "key": key,
+        "in_site": str(Site.parse(config.in_site)),
+        "out_site": str(Site.parse(config.out_site)),
+        "directory": str(out_dir),
+        "tokens_train": len(train),
+        "tokens_heldout": len(held),
+        "alpha": float(path.alphas[chosen]),
+        "alpha_index": int(chosen),
+        "n_alphas": len(path.alphas),
+        "path_converged": bool(path.converged.all()),
+        "path_unconverged_alphas": int((~path.converged).sum()),
+        "heldout_nmse_sparse": float(sweep["heldout_nmse"].to_numpy()[chosen]),
+        "weights_per_output": float(path.coef[chosen].nnz / max(share["alive"], 1)),
+        "stable_share": stable,
+        "heldout_nmse_linear": _nanmean(table["mse_linear"] / table["variance"]),
+        "heldout_nmse_mlp": _nanmean(table["mse_mlp"] / table["variance"]),
+        "tau": config.linearity.tau,
+        "form": config.linearity.form,
+        **share,
+        "timings": timings,
+    }
+    atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def _key(store: CodeStore, config: ConnectConfig) -> str:
+    """What the result depends on: the codes and the config (not how it is shown)."""
+    relevant = {k: v for k, v in asdict(config).items() if k not in ("progress",)}
+    text = json.dumps({"codes": store.fingerprint, "config": relevant}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _nanmean(values: pl.Series) -> float:
+    a = values.to_numpy().astype(float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def _standardised(coef: sp.spmatrix, stats: GramStats, outputs: np.ndarray) -> sp.coo_matrix:
+    """|w|·std(x_k)/std(y_j): a weight's effect in units of the output's spread."""
+    _, diag = stats.gram()
+    sd_in = np.sqrt(np.maximum(diag, 0))
+    var = stats.y_var()[outputs]
+    sd_out = np.sqrt(np.where(var > 0, var, np.inf))
+    c = sp.coo_matrix(coef)
+    return sp.coo_matrix(
+        (np.abs(c.data) * sd_in[c.row] / sd_out[c.col], (c.row, c.col)), shape=c.shape
+    )
+
+
+def _sweep(
+    path: Any, held_nmse: np.ndarray, stats: GramStats, magnitude: float
+) -> tuple[pl.DataFrame, int]:
+    alive = ~path.dead
+    n_alive = max(int(alive.sum()), 1)
+    mean_l1 = np.array([abs(c).sum() / n_alive for c in path.coef])
+    above = np.array(
+        [int((_standardised(c, stats, path.outputs).data >= magnitude).sum()) for c in path.coef]
+    )
+    with np.errstate(invalid="ignore"):
+        held = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in held_nmse])
+        train = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in path.nmse])
+    front = elbow(np.nan_to_num(held, nan=np.inf), mean_l1)
+    chosen = front.elbow if front.elbow >= 0 else len(path.alphas) - 1
+    on_front = np.zeros(len(path.alphas), dtype=bool)
+    on_front[front.indices] = True
+    frame = pl.DataFrame(
+        {
+            "alpha": path.alphas,
+            "heldout_nmse": held,
+            "train_nmse": train,
+            "mean_l1": mean_l1,
+            "weights_nonzero": [c.nnz for c in path.coef],
+            "weights_above": above,
+            "converged": path.converged,
+            "sweeps": path.n_iter,
+            "on_frontier": on_front,
+            "chosen": np.arange(len(path.alphas)) == chosen,
+        }
+    )
+    return frame, int(chosen)
+
+
+def _weights_table(
+    coef: sp.csc_matrix, refit: sp.csc_matrix, stats: GramStats, magnitude: float
+) -> pl.DataFrame:
+    """One row per connection: its L1 weight and its least-squares refit on the support
+    (the coefficient a formula shows); `large` is judged on the refit, standardised."""
+    c, r = coef.tocoo(), refit.tocoo()  # same sparsity pattern, same order
+    std = _standardised(r, stats, np.arange(coef.shape[1])).tocoo()
+    order = np.lexsort((-np.abs(r.data), c.col))
+    return pl.DataFrame(
+        {
+            "output": c.col[order].astype(np.int64),
+            "input": c.row[order].astype(np.int64),
+            "weight": c.data[order],
+            "weight_refit": r.data[order],
+            "standardised": std.data[order],
+            "large": std.data[order] >= magnitude,
+        }
+    )
+
+
+def _stability(
+    weights: pl.DataFrame,
+    x: sp.csr_matrix,
+    y: sp.csr_matrix,
+    groups: np.ndarray,
+    path: Any,
+    chosen: int,
+    config: ConnectConfig,
+) -> pl.DataFrame:
+    """Refit at the chosen α on two disjoint halves of the training contexts (warm-started
+    down the same grid): does each connection appear in both, with the same sign, and
+    how far does its weight move? Connections are estimated from estimates (SAE codes)."""
+    half_a, half_b = split_rows(x.shape[0], 0.5, config.seed + 1, groups)
+    grid = LassoPathConfig(**{**asdict(config.path), "alphas": tuple(path.alphas[: chosen + 1])})
+    fits = []
+    for rows in tqdm((half_a, half_b), desc="stability halves", disable=not config.progress):
+        stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[rows], y[rows])
+        fits.append(sp.csc_matrix(lasso_path(stats, grid).coef[-1]))
+    rows_out, rows_in = weights["output"].to_numpy(), weights["input"].to_numpy()
+    wa = np.asarray(fits[0][rows_in, rows_out]).ravel()
+    wb = np.asarray(fits[1][rows_in, rows_out]).ravel()
+    both = (wa != 0) & (wb != 0) & (np.sign(wa) == np.sign(wb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = np.abs(wa - wb) / np.maximum(np.abs(wa), np.abs(wb))
+    return weights.with_columns(
+        pl.Series("weight_half_a", wa),
+        pl.Series("weight_half_b", wb),
+        pl.Series("in_both", both),
+        pl.Series("relative_change", np.where(both, change, np.nan)),
+    )
+
+
+def _features_table(
+    table: pl.DataFrame,
+    coef: sp.csc_matrix,
+    intercepts: np.ndarray,
+    held_nmse: np.ndarray,
+    weights: pl.DataFrame,
+    w2: np.ndarray,
+    config: ConnectConfig,
+) -> pl.DataFrame:
+    n_out = coef.shape[1]
+    terms = np.diff(coef.indptr)
+    texts = [
+        formula(coef, j, float(intercepts[j]), config.formula_terms)
+        for j in tqdm(range(n_out), desc="formulas", disable=not config.progress)
+    ]
+    columns = {
+        "nmse_sparse": held_nmse,
+        "n_terms": terms,
+        "intercept": intercepts,
+        "formula": texts,
+        "w2_large": (np.abs(w2) >= config.w2_magnitude).sum(axis=1),
+    }
+    frame = table.with_columns(*(pl.Series(k, v) for k, v in columns.items()))
+    if "in_both" in weights.columns:
+        stable = weights.group_by("output").agg(pl.col("in_both").mean().alias("stable_share"))
+        frame = frame.join(stable, left_on="feature", right_on="output", how="left")
+    return frame
+
+
+def _top_tokens(
+    x: sp.csr_matrix,
+    y: sp.csr_matrix,
+    tokens: pl.DataFrame,
+    coef: sp.csc_matrix,
+    config: ConnectConfig,
+    decode: Decode | None,
+    in_slug: str,
+    out_slug: str,
+) -> pl.DataFrame:
+    """Top tokens of every output feature and of every input that appears in a formula."""
+    used = np.unique(coef.indices)
+    parts = [
+        top_tokens_table(x, tokens, used, decode, config.top_tokens).with_columns(
+            pl.lit(in_slug).alias("site")
+        ),
+        top_tokens_table(y, tokens, np.arange(y.shape[1]), decode, config.top_tokens).with_columns(
+            pl.lit(out_slug).alias("site")
+        ),
+    ]
+    return pl.concat(parts)

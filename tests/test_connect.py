@@ -1,0 +1,167 @@
+"""The connect stage on a planted code store: sparse linear outputs, an AND output, a dead one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+from typer.testing import CliRunner
+
+from coact.cli import app
+from coact.connect import ConnectConfig, connect
+from coact.connectors.exact import LassoPathConfig
+from coact.connectors.train import split_rows
+from coact.errors import CoactError
+from coact.store import CodeStore
+
+N, CTX, N_IN = 8000, 20, 24
+SUPPORT = {0: {0: 1.0, 5: 0.8}, 1: {6: 1.5, 7: -0.7, 8: 0.6}, 2: {9: 2.0}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _planted() -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Inputs 0–3 binary-ish and common (p 0.3), 4–23 sparse (p 0.05); outputs 0–2 exact
+    sparse linear maps, 3 = ReLU(x0 + x1 − 1) (AND), 4 never active (dead)."""
+    rng = np.random.default_rng(0)
+    common = (rng.random((N, 4)) < 0.3) * (1 + rng.uniform(-0.05, 0.05, (N, 4)))
+    rare = (rng.random((N, N_IN - 4)) < 0.05) * rng.uniform(0.5, 1.5, (N, N_IN - 4))
+    x = np.hstack([common, rare])
+    y = np.zeros((N, 5))
+    for j, terms in SUPPORT.items():
+        y[:, j] = sum(w * x[:, k] for k, w in terms.items())
+    y[:, 3] = np.maximum(x[:, 0] + x[:, 1] - 1, 0)
+    return sp.csr_matrix(x), sp.csr_matrix(y)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> CodeStore:
+    x, y = _planted()
+    directory = tmp_path_factory.mktemp("codes")
+    writer = CodeStore.open_for_writing(
+        directory, fingerprint="p", sites={"mlp_resid.1": N_IN, "mlp_out.1": 5}
+    )
+    for shard in range(2):
+        rows = np.arange(shard * N // 2, (shard + 1) * N // 2)
+        tokens = {
+            "context": rows // CTX,
+            "position": rows % CTX + 1,
+            "token_id": rows % 7,
+            "doc": rows // CTX,
+        }
+        writer.write_shard(shard, tokens, {"mlp_resid.1": x[rows], "mlp_out.1": y[rows]})
+    return CodeStore.open(directory)
+
+
+CONFIG = ConnectConfig(
+    "mlp_resid[1]",
+    "mlp_out[1]",
+    path=LassoPathConfig(n_alphas=12),
+    mlp_hidden=32,
+    mlp_epochs=15,
+    mlp_lr=1e-2,
+    batch_tokens=256,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def result(store, tmp_path_factory) -> tuple[dict, object]:
+    out = tmp_path_factory.mktemp("connect")
+    return connect(store, CONFIG, out, decode=lambda ids: f"t{ids[0]}"), out
+
+
+def test_writes_every_table_and_the_headline(result) -> None:
+    summary, out = result
+    for name in ("sweep", "weights", "features", "top_tokens", "mlp_curve"):
+        assert (out / f"{name}.parquet").is_file()
+    assert json.loads((out / "connect.json").read_text())["alpha"] == summary["alpha"]
+    sweep = pl.read_parquet(out / "sweep.parquet")
+    assert sweep.height == 12 and sweep["chosen"].sum() == 1
+    chosen = sweep.filter(pl.col("chosen"))
+    assert chosen["on_frontier"].item() and chosen["alpha"].item() == summary["alpha"]
+    assert summary["tokens_train"] + summary["tokens_heldout"] == N
+
+
+def test_linearity_labels_planted_outputs(result) -> None:
+    summary, out = result
+    features = pl.read_parquet(out / "features.parquet")
+    assert features["status"].to_list() == ["linear"] * 3 + ["nonlinear", "dead"]
+    assert (summary["linear"], summary["nonlinear"], summary["dead"]) == (3, 1, 1)
+    assert summary["percent_linear"] == pytest.approx(75.0)  # dead is not in the denominator
+    d_fvu = features["d_fvu"].to_numpy()
+    assert d_fvu[3] > 0.3 and np.all(np.abs(d_fvu[:3]) < 1e-3)
+
+
+def test_linear_mse_is_brute_force_least_squares(store, result) -> None:
+    _, out = result
+    x, y = store.read_site("mlp_resid.1").toarray(), store.read_site("mlp_out.1").toarray()
+    groups = store.read_tokens()["context"].to_numpy()
+    train, held = split_rows(N, CONFIG.heldout_fraction, CONFIG.seed, groups)
+    design = np.hstack([x, np.ones((N, 1))])
+    coef = np.linalg.lstsq(design[train], y[train], rcond=None)[0]
+    expected = ((y[held] - design[held] @ coef) ** 2).mean(0)
+    got = pl.read_parquet(out / "features.parquet")["mse_linear"].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-8)
+
+
+def test_chosen_connections_are_true_inputs_and_stable(result) -> None:
+    _, out = result
+    weights = pl.read_parquet(out / "weights.parquet").filter(pl.col("large"))
+    for j, terms in SUPPORT.items():
+        mine = weights.filter(pl.col("output") == j)
+        # The elbow trades error for size, so it may drop the weakest true inputs, never
+        # add false ones; the strongest is always kept.
+        assert set(mine["input"].to_list()) <= set(terms) and len(mine) > 0
+        assert max(terms, key=lambda k: abs(terms[k])) in mine["input"].to_list()
+        assert mine["in_both"].all()
+        assert (mine["relative_change"] < 0.1).all()
+    features = pl.read_parquet(out / "features.parquet")
+    # Formulas show the least-squares refit on the chosen inputs, not the shrunk L1 weight.
+    assert features["formula"][2] == "out 2 = 2.00·in 9"
+
+
+def test_top_tokens_are_the_largest_activations(store, result) -> None:
+    _, out = result
+    top = pl.read_parquet(out / "top_tokens.parquet")
+    y = store.read_site("mlp_out.1").toarray()
+    first = top.filter((pl.col("site") == "mlp_out.1") & (pl.col("feature") == 3))
+    np.testing.assert_allclose(first["activation"].to_numpy(), np.sort(y[:, 3])[::-1][:5])
+    assert first["token"][0] == f"t{first['token_id'][0]}"
+    assert top.filter((pl.col("site") == "mlp_out.1") & (pl.col("feature") == 4)).height == 0
+
+
+def test_a_finished_result_is_reused(store, result) -> None:
+    summary, out = result
+    stamp = (out / "weights.parquet").stat().st_mtime_ns
+    again = connect(store, CONFIG, out)
+    assert again == summary and (out / "weights.parquet").stat().st_mtime_ns == stamp
+
+
+def test_unknown_site_is_one_clear_error(store, tmp_path) -> None:
+    with pytest.raises(CoactError, match=r"attn_out\.1 is not in the code store"):
+        connect(store, ConnectConfig("attn_out[1]", "mlp_out[1]"), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_linearity_relabels_without_refitting(store, result, tmp_path) -> None:
+    _, out = result
+    run = tmp_path / "run"
+    (run / "connect").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"layer": 1, "model": "tiny-llama"}))
+    (run / "connect" / "features.parquet").write_bytes((out / "features.parquet").read_bytes())
+    runner = CliRunner()
+    loose = runner.invoke(app, ["linearity", str(run), "--tau", "10", "--form", "fvu"])
+    assert loose.exit_code == 0 and "100.0% of 4 alive" in loose.output
+    strict = runner.invoke(app, ["linearity", str(run), "--tau", "-1", "--form", "fvu"])
+    assert "0.0% of 4 alive" in strict.output and "1 dead" in strict.output
