@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from coact.collect import CollectConfig
+from coact.connect import ConnectConfig
+from coact.connectors.exact import LassoPathConfig
 from coact.pipeline import AnalyzeConfig, analyze
 from coact.sae.train import SaeTrainConfig
 from coact.store import CodeStore
@@ -145,6 +147,15 @@ def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
         eval_contexts=8,
         ctx_len=64,
         sae=SaeTrainConfig(k=32, buffer_contexts=64, batch_tokens=256),
+        # 2,304 features from ~2,700 tokens is underdetermined: keep the path short.
+        connect_settings=ConnectConfig(
+            "",
+            "",
+            path=LassoPathConfig(n_alphas=4, alpha_min_ratio=0.3),
+            stability=False,
+            mlp_hidden=64,
+            mlp_epochs=1,
+        ),
     )
     summary = analyze(config)
     resid = summary["sites"]["mlp_resid[2]"]
@@ -153,3 +164,6 @@ def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
     assert 0.0 < resid["ce_recovered"] <= 1.0
     assert summary["tokens"] >= 3_000
     assert CodeStore.open(tmp_path / "run" / "codes").read_site("mlp_resid.2").nnz > 0
+    connected = summary["connect"]
+    assert connected["alive"] + connected["dead"] == 2304 and connected["alive"] > 0
+    assert 0 <= connected["percent_linear"] <= 100
