@@ -117,7 +117,7 @@ def connect(
     timings["gram_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    path = lasso_path(stats, config.path)
+    path = lasso_path(stats, config.path, progress=config.progress)
     held_nmse = heldout_nmse(path, stats_held)
     sweep, chosen = _sweep(path, held_nmse, stats, config.magnitude)
     timings["path_s"] = time.perf_counter() - clock

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from coact.connectors._cd import solve_alpha
 from coact.store import CodeStore
@@ -223,7 +224,10 @@ def _outputs(stats: GramStats, outputs: Outputs) -> np.ndarray:
 
 
 def lasso_path(
-    stats: GramStats, config: LassoPathConfig = LassoPathConfig(), outputs: Outputs = None
+    stats: GramStats,
+    config: LassoPathConfig = LassoPathConfig(),
+    outputs: Outputs = None,
+    progress: bool = False,
 ) -> LassoPath:
     """The L1 path over a descending α grid for the chosen outputs, from the stats alone."""
     outputs, center = _outputs(stats, outputs), config.fit_intercept
@@ -256,6 +260,7 @@ def lasso_path(
     intercepts = np.tile(ybar[outputs], (n_a, 1))
     n_iter, converged = np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool)
     nmse = np.full((n_a, m), np.nan)
+    bar = tqdm(total=len(chunks) * n_a, desc="L1 path", unit="α·chunk", disable=not progress)
     for pos in chunks:
         cd = _ChunkCD(
             stats, mu, diag, usable, cross(pos), var[outputs[pos]], m2[outputs[pos]], config
@@ -269,6 +274,8 @@ def lasso_path(
             # MSE = m2 − 2wᵀc + wᵀGw = m2 − wᵀ(c + R), as R = c − Gw: exact, from the stats
             fit = (cd.W * (cd.c + cd.R)).sum(axis=1)
             nmse[i, pos] = (m2[outputs[pos]] - fit) / var[outputs[pos]]
+            bar.update()
+    bar.close()
     coef = []
     for i in range(n_a):
         rows, cols, vals = (
