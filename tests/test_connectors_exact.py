@@ -213,3 +213,37 @@ def test_refit_support_is_least_squares_on_the_chosen_inputs() -> None:
         ref = np.linalg.lstsq(design, yd[:, j], rcond=None)[0]
         np.testing.assert_allclose(refit[:, j].toarray().ravel()[support], ref[:-1], atol=1e-8)
         np.testing.assert_allclose(intercepts[j], ref[-1], atol=1e-8)
+
+
+def test_path_agrees_with_sgd_on_a_larger_problem() -> None:
+    """The exact solver and the SGD trainer minimise the same objective: per output
+    NMSE_j + α‖w_j‖₁ is, summed, n_alive × (the trainer's mean NMSE + (α/n_alive)‖W‖₁)."""
+    import torch
+
+    from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
+
+    x, y, truth = _problem(n=20_000, n_in=200, n_out=12, noise=0.3, seed=12)
+    train, held = split_rows(x.shape[0], 0.1, 0, block=100)
+    stats = _stats(x[train], y[train])
+    alpha = 0.02
+    exact = lasso_path(stats, LassoPathConfig(alphas=(alpha,), tol=1e-10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = ConnectorTrainConfig(
+            alpha=alpha / y.shape[1], lr=1e-2, batch_tokens=512, epochs=40, block_tokens=100,
+            progress=False,
+        )  # fmt: skip
+        sgd = train_connector(x, y, config)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(sgd.heldout_rows, held)
+    w_sgd = sgd.connector.first_layer_weight().numpy().T
+    w_exact = exact.coef[0].toarray()
+    assert np.abs(w_sgd - w_exact).max() < 0.05  # Adam hovers near zero instead of at it
+    assert np.all(np.abs(w_sgd[w_exact == 0]) < 0.05)  # no weight the exact path zeroes
+    big = np.abs(w_exact) > 0.1
+    assert np.all(np.sign(w_sgd[big]) == np.sign(w_exact[big]))
+    exact_held = heldout_nmse(exact, _stats(x[held], y[held]))[0]
+    np.testing.assert_allclose(sgd.heldout_nmse, exact_held, atol=5e-3)
+    assert np.all((w_exact != 0)[truth != 0])  # the planted inputs are all found
