@@ -51,6 +51,16 @@ def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
     assert store.read_site("mlp_out.1").shape == (summary["tokens"], 4 * 64)
     tokens = store.read_tokens()
     assert tokens.height == summary["tokens"] and tokens["position"].min() == 1
+    connected = on_disk["connect"]
+    assert connected["alive"] + connected["dead"] == 4 * 64
+    assert connected["linear"] + connected["nonlinear"] == connected["alive"]
+    for name in ("sweep", "weights", "features", "top_tokens", "mlp_curve"):
+        assert (run / "connect" / f"{name}.parquet").is_file()
+    # The CLI stage on the same run reuses the finished result and prints the headline.
+    again = _cli("connect", str(run))
+    assert again.returncode == 0, again.stderr
+    assert f"chosen α {connected['alpha']:.3g}" in again.stdout
+    assert "linear share:" in again.stdout
 
 
 def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
