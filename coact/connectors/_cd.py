@@ -59,7 +59,7 @@ def solve_alpha(
 
 
 @njit(cache=True)
-def _full_residual(indptr, indices, data, inv_n, c, w, order, n_act, rt):  # type: ignore[no-untyped-def]
+def _full_residual(indptr, indices, data, inv_n, c, w, order, n_act, rt):
     """rt = c − A w from scratch over the active columns: O(Σ nnz of those columns)."""
     rt[:] = c
     for t in range(n_act):
@@ -71,7 +71,7 @@ def _full_residual(indptr, indices, data, inv_n, c, w, order, n_act, rt):  # typ
 
 
 @njit(cache=True)
-def _active_gram(indptr, indices, data, inv_n, mu, order, n_act, where):  # type: ignore[no-untyped-def]
+def _active_gram(indptr, indices, data, inv_n, mu, order, n_act, where):
     """Dense centred G_AA = A_AA − μ_A μ_Aᵀ for the active set (where[k] = slot or −1)."""
     g = np.empty((n_act, n_act))
     for a in range(n_act):
@@ -86,7 +86,7 @@ def _active_gram(indptr, indices, data, inv_n, mu, order, n_act, where):  # type
 
 
 @njit(cache=True)
-def _solve_one(  # type: ignore[no-untyped-def]
+def _solve_one(
     indptr, indices, data, inv_n, mu, diag, usable, sd_in, c, m2, w, rt, act, lj, lj_prev,
     sd_y_inv, tol, max_iter, screening,
 ):  # fmt: skip
@@ -188,7 +188,7 @@ def _solve_one(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _newton(g, r_act, w, order, n_act, lj):  # type: ignore[no-untyped-def]
+def _newton(g, r_act, w, order, n_act, lj):
     """Jump to the exact minimiser on the current non-zero inputs with their signs fixed,
     G_nz w = c_nz − λ·sign(w); inputs whose sign would flip are dropped (set to zero) and
     the rest solved again. Coordinate descent needs thousands of sweeps where inputs are
