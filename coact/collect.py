@@ -79,7 +79,7 @@ def collect_codes(
     if not saes:
         raise CoactError("no SAEs given: nothing to collect")
     for site, sae in saes.items():
-        check_sae_fits(sae, site, lm.adapter.d_model)
+        check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     sites = sorted(saes, key=lm.adapter.order_key)
     fingerprint = collection_fingerprint(lm.fingerprint(), contexts, saes, config)
     store = CodeStore.open_for_writing(

@@ -68,7 +68,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
     for site, source in given.items():
         if source is not None:
             saes[site] = load_sae(source, device=config.device)
-            check_sae_fits(saes[site], site, lm.adapter.d_model)
+            check_sae_fits(saes[site], site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     to_train = [site for site in sites if site not in saes]
 
     per_context = config.ctx_len - 1

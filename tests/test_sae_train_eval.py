@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +101,25 @@ def test_train_saes_streams_from_model() -> None:
         assert sae.site == str(site) and sae.width == 4 * lm.adapter.d_model
         assert log.tokens_seen == 32 * 15 and len(log.fvu) == 2 * 4
         assert log.fvu[-1] < log.fvu[0]
+
+
+def test_mlp_resid_and_the_stream_it_names_are_one_site_either_way_round() -> None:
+    from coact.errors import CoactError
+    from coact.sae.base import Sae
+    from coact.sae.evaluate import check_sae_fits
+    from coact.sites import Site
+
+    def sae_for(label: str) -> Sae:
+        return Sae(8, 16, activation="relu", site=label)
+
+    # Parallel model (Pythia): the MLP reads resid_pre.
+    check_sae_fits(sae_for("resid_pre[1]"), Site("mlp_resid", 1), 8, "resid_pre")
+    check_sae_fits(sae_for("mlp_resid[1]"), Site("resid_pre", 1), 8, "resid_pre")
+    with pytest.raises(CoactError, match="trained for site resid_mid"):
+        check_sae_fits(sae_for("resid_mid[1]"), Site("mlp_resid", 1), 8, "resid_pre")
+    # Sequential model (Llama): it reads resid_mid.
+    check_sae_fits(sae_for("resid_mid[1]"), Site("mlp_resid", 1), 8, "resid_mid")
+    with pytest.raises(CoactError, match="trained for site resid_pre"):
+        check_sae_fits(sae_for("resid_pre[1]"), Site("mlp_resid", 1), 8, "resid_mid")
+    with pytest.raises(CoactError, match="trained for site resid_pre"):
+        check_sae_fits(sae_for("resid_pre[2]"), Site("mlp_resid", 1), 8, "resid_pre")

@@ -150,8 +150,8 @@ class SparseConnector(nn.Module):
         """Add a fixed (untrained) linear map ŷ += W x + b, W n_in × n_out, and start the
         trained part at zero: the fit starts from that linear map and can only add to it.
         With non-negative codes W x = W ReLU(x), so the sum is still an mlp (its hidden
-        layer widened by an identity block): linearity compares the best linear fit with
-        that mlp, so an under-trained mlp cannot make a feature look linear."""
+        layer widened by an identity block): linearity compares the best linear fit with an
+        mlp that starts no worse than it."""
         if weight.shape != (self.n_in, self.n_out):
             raise ValueError(f"skip weight must be {(self.n_in, self.n_out)}, got {weight.shape}")
         device = self.weight_in.device

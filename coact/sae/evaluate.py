@@ -45,16 +45,24 @@ class SaeReport:
         return {**asdict(self), "ce_recovered": self.ce_recovered}
 
 
-def check_sae_fits(sae: SparseAutoencoder, site: Site, d_model: int) -> None:
-    """An SAE trained for another width or site must not be used silently."""
+def check_sae_fits(
+    sae: SparseAutoencoder, site: Site, d_model: int, mlp_resid_kind: str | None = None
+) -> None:
+    """An SAE trained for another width or site must not be used silently. `mlp_resid[ℓ]`
+    and the stream it names in this model (`mlp_resid_kind`: resid_pre in parallel models,
+    resid_mid in sequential ones) are the same site, either way round."""
     if sae.d_in != d_model:
         raise CoactError(
             f"SAE for {site} reads {sae.d_in}-dim activations but the model's {site} is "
             f"{d_model}-dim; use an SAE trained on this model and site"
         )
     if sae.site is not None and sae.site != str(site):
-        equivalent = {str(site), str(Site("mlp_resid", site.layer))}
-        if not (site.kind in ("resid_pre", "resid_mid", "mlp_resid") and sae.site in equivalent):
+        same = {str(site)}
+        if mlp_resid_kind is not None and site.kind in ("mlp_resid", mlp_resid_kind):
+            same |= {f"mlp_resid[{site.layer}]", f"{mlp_resid_kind}[{site.layer}]"}
+        elif site.kind in ("resid_pre", "resid_mid"):  # model unknown: the old label only
+            same.add(str(Site("mlp_resid", site.layer)))
+        if sae.site not in same:
             raise CoactError(f"SAE was trained for site {sae.site} but is used at {site}")
 
 
@@ -67,7 +75,7 @@ def evaluate_sae(
     config: SaeEvalConfig = SaeEvalConfig(),
 ) -> SaeReport:
     """Evaluate on contexts the SAE was not trained on."""
-    check_sae_fits(sae, site, lm.adapter.d_model)
+    check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     skip = config.skip_first_positions
     sq_err = total_var = 0.0
     sum_x = sum_x2 = None
