@@ -22,8 +22,9 @@ Both have the same minimiser when α = n_alive · α_sgd, so SGD is run at
 them). Both objectives are also reported in the trainer's units for the two fits.
 
 Run with a run directory made by `just analyze 3` (runs/smollm2-135m-L3); `--quick` uses a
-small random sparse problem instead (no run directory needed) and writes its JSON to the
-temporary directory unless --out is given.
+small random sparse problem instead (no run directory needed; a smoke test whose ratios say
+nothing about the targets) and writes its JSON to the temporary directory unless --out is
+given.
 Writes analyses/results/bench_connectors.json.
 """
 
