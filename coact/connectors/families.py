@@ -68,7 +68,17 @@ def _bag(batch: SparseBatch, dense: Tensor) -> Tensor:
 
 
 def transpose(batch: SparseBatch, n_cols: int) -> SparseBatch:
-    """The CSR parts of the transposed batch (a stable counting sort of the nonzeros)."""
+    """The CSR parts of the transposed batch (a stable counting sort of the nonzeros).
+    On CPU scipy's single-threaded CSR → CSC conversion does it: torch's stable argsort
+    slows ~200× when another process holds a core, and this runs every backward step."""
+    if batch.indices.device.type == "cpu":
+        rows = batch.n_rows
+        csc = sp.csr_matrix(
+            (batch.values.detach().numpy(), batch.indices.numpy(), batch.offsets.numpy()),
+            shape=(rows, n_cols),
+        ).tocsc()
+        parts = (csc.indices.astype(np.int64), csc.indptr.astype(np.int64), csc.data)
+        return SparseBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in parts))
     order = torch.argsort(batch.indices, stable=True)
     rows = torch.repeat_interleave(
         torch.arange(batch.n_rows, device=order.device), batch.offsets.diff()
