@@ -72,10 +72,9 @@ def transpose(batch: SparseBatch, n_cols: int) -> SparseBatch:
     On CPU scipy's single-threaded CSR → CSC conversion does it: torch's stable argsort
     slows ~200× when another process holds a core, and this runs every backward step."""
     if batch.indices.device.type == "cpu":
-        rows = batch.n_rows
         csc = sp.csr_matrix(
             (batch.values.detach().numpy(), batch.indices.numpy(), batch.offsets.numpy()),
-            shape=(rows, n_cols),
+            shape=(batch.n_rows, n_cols),
         ).tocsc()
         parts = (csc.indices.astype(np.int64), csc.indptr.astype(np.int64), csc.data)
         return SparseBatch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in parts))
