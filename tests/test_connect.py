@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
-import torch
 from typer.testing import CliRunner
 
 from coact.cli import app
@@ -22,12 +21,7 @@ N, CTX, N_IN = 8000, 20, 24
 SUPPORT = {0: {0: 1.0, 5: 0.8}, 1: {6: 1.5, 7: -0.7, 8: 0.6}, 2: {9: 2.0}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted() -> tuple[sp.csr_matrix, sp.csr_matrix]:

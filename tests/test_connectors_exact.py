@@ -215,11 +215,10 @@ def test_refit_support_is_least_squares_on_the_chosen_inputs() -> None:
         np.testing.assert_allclose(intercepts[j], ref[-1], atol=1e-8)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_path_agrees_with_sgd_on_a_larger_problem() -> None:
     """The exact solver and the SGD trainer minimise the same objective: per output
     NMSE_j + α‖w_j‖₁ is, summed, n_alive × (the trainer's mean NMSE + (α/n_alive)‖W‖₁)."""
-    import torch
-
     from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 
     x, y, truth = _problem(n=20_000, n_in=200, n_out=12, noise=0.3, seed=12)
@@ -227,16 +226,11 @@ def test_path_agrees_with_sgd_on_a_larger_problem() -> None:
     stats = _stats(x[train], y[train])
     alpha = 0.02
     exact = lasso_path(stats, LassoPathConfig(alphas=(alpha,), tol=1e-10))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = ConnectorTrainConfig(
-            alpha=alpha / y.shape[1], lr=1e-2, batch_tokens=512, epochs=40, block_tokens=100,
-            progress=False,
-        )  # fmt: skip
-        sgd = train_connector(x, y, config)
-    finally:
-        torch.set_num_threads(threads)
+    config = ConnectorTrainConfig(
+        alpha=alpha / y.shape[1], lr=1e-2, batch_tokens=512, epochs=40, block_tokens=100,
+        progress=False,
+    )  # fmt: skip
+    sgd = train_connector(x, y, config)
     np.testing.assert_array_equal(sgd.heldout_rows, held)
     w_sgd = sgd.connector.first_layer_weight().numpy().T
     w_exact = exact.coef[0].toarray()

@@ -31,13 +31,7 @@ from coact.store import CodeStore
 FAST = {"lr": 3e-2, "batch_tokens": 128, "epochs": 20, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These fits are tiny: on a busy 2-core box, intra-op threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
