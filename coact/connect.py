@@ -112,7 +112,8 @@ def connect(
     if x.shape[0] < 4 or len(np.unique(groups)) < 4:
         raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
     train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
-    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
+    x_train, y_train = x[train], y[train]  # sliced once: the halves refit reads them again
+    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x_train, y_train)
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
     timings["gram_s"] = time.perf_counter() - clock
 
@@ -127,7 +128,7 @@ def connect(
     refit, refit_intercepts = refit_support(stats, coef)
     weights = _weights_table(coef, refit, stats, config.magnitude)
     if config.stability:
-        weights = _stability(weights, x[train], y[train], groups[train], path, chosen, config)
+        weights = _stability(weights, x_train, y_train, groups[train], path, chosen, config)
     timings["stability_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -29,14 +29,12 @@ def solve_alpha(
     data: np.ndarray,
     inv_n: float,
     mu: np.ndarray,
-    diag: np.ndarray,
     usable: np.ndarray,
     sd_in: np.ndarray,
     C: np.ndarray,  # (m, n_in) the (centred) cross c = XᵀY/n − μȳ
     m2: np.ndarray,  # (m,) MSE of the constant fit (variance, or mean square without intercept)
     W: np.ndarray,  # (m, n_in) coefficients, warm start, updated in place
     Rt: np.ndarray,  # (m, n_in) c − A w, kept in step with W
-    S: np.ndarray,  # (m,) μᵀw
     active: np.ndarray,  # (m, n_in) bool: cycled by CD
     lam: np.ndarray,  # (m,) λ_j = α var_j / 2
     lam_prev: np.ndarray,  # (m,) λ at the previous α (= lam at the first)
@@ -50,10 +48,9 @@ def solve_alpha(
     m = W.shape[0]
     for j in prange(m):
         sweeps, gap = _solve_one(
-            indptr, indices, data, inv_n, mu, diag, usable, sd_in, C[j], m2[j], W[j], Rt[j],
+            indptr, indices, data, inv_n, mu, usable, sd_in, C[j], m2[j], W[j], Rt[j],
             active[j], lam[j], lam_prev[j], inv_sd[j], tol, max_iter, screening,
         )  # fmt: skip
-        S[j] = mu @ W[j]
         sweeps_out[j] = sweeps
         gap_out[j] = gap
 
@@ -87,7 +84,7 @@ def _active_gram(indptr, indices, data, inv_n, mu, order, n_act, where):
 
 @njit(cache=True)
 def _solve_one(
-    indptr, indices, data, inv_n, mu, diag, usable, sd_in, c, m2, w, rt, act, lj, lj_prev,
+    indptr, indices, data, inv_n, mu, usable, sd_in, c, m2, w, rt, act, lj, lj_prev,
     sd_y_inv, tol, max_iter, screening,
 ):  # fmt: skip
     """One output at one α. Sweeps run on the active set with its dense Gram (covariance

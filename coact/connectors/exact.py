@@ -185,13 +185,12 @@ class _ChunkCD:
         a = stats.xtx  # XᵀX = n·A, symmetric: its CSR rows are its columns
         self.a_parts = (a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data)
         self.inv_n = 1 / max(stats.n, 1)
-        self.mu, self.diag, self.usable, self.cfg = mu, diag, usable, config
+        self.mu, self.usable, self.cfg = mu, usable, config
         self.sd_in = np.sqrt(np.where(usable, diag, 1.0))
         self.c = np.ascontiguousarray(c.T)  # m × n_in
         m = self.c.shape[0]
         self.W = np.zeros_like(self.c)
         self.Rt = self.c.copy()  # c − A w at w = 0
-        self.S = np.zeros(m)
         self.active = np.zeros(self.c.shape, dtype=bool)
         self.half_var, self.inv_sd = var / 2, 1 / np.sqrt(var)
         self.prev_lam: np.ndarray | None = None
@@ -203,6 +202,11 @@ class _ChunkCD:
         return bool((self.gap <= self.cfg.tol).all())
 
     @property
+    def S(self) -> np.ndarray:
+        """μᵀw per output (the intercept's shift), m."""
+        return self.W @ self.mu
+
+    @property
     def R(self) -> np.ndarray:
         """The gradient r = c − G w, m × n_in."""
         return self.Rt + np.multiply.outer(self.S, self.mu)
@@ -211,8 +215,8 @@ class _ChunkCD:
         lam = alpha * self.half_var
         prev = lam if self.prev_lam is None else self.prev_lam
         solve_alpha(
-            *self.a_parts, self.inv_n, self.mu, self.diag, self.usable, self.sd_in,
-            self.c, self.m2, self.W, self.Rt, self.S, self.active, lam, prev, self.inv_sd,
+            *self.a_parts, self.inv_n, self.mu, self.usable, self.sd_in,
+            self.c, self.m2, self.W, self.Rt, self.active, lam, prev, self.inv_sd,
             self.cfg.tol, self.cfg.max_iter, self.cfg.screening, self.sweeps, self.gap,
         )  # fmt: skip
         self.prev_lam = lam
