@@ -188,19 +188,23 @@ def linearity(
     form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
 ) -> None:
     """Re-read the linearity table at another τ or form (no refitting) and print the share."""
-    from coact.linearity import LinearityConfig, percent_linear, relabel
+    from coact.connect import CONTEXTS_FILE
+    from coact.linearity import HeldoutContexts, LinearityConfig, percent_linear, relabel
+    from coact.summary import format_share
 
     path = run / "connect" / "features.parquet"
     if not path.is_file():
         raise CoactError(f"no linearity table at {path}; run `coact connect {run}` first")
     import polars as pl
 
-    table = relabel(pl.read_parquet(path), LinearityConfig(tau=tau, form=_form(form)))
-    share = percent_linear(table)
-    typer.echo(
-        f"{share['percent_linear']:.1f}% of {share['alive']:,} alive output features are linear "
-        f"at τ = {tau:g} ({form} form); {share['nonlinear']:,} nonlinear, {share['dead']:,} dead"
-    )
+    config = LinearityConfig(tau=tau, form=_form(form))
+    table = relabel(pl.read_parquet(path), config)
+    contexts_path = run / "connect" / CONTEXTS_FILE
+    contexts = HeldoutContexts.load(contexts_path) if contexts_path.is_file() else None
+    headline = run / "connect" / "connect.json"
+    norms = json.loads(headline.read_text()).get("norms", {}) if headline.is_file() else {}
+    share = percent_linear(table, contexts, config, **norms)
+    typer.echo(format_share(share, tau, form).strip())
 
 
 def _form(form: str) -> Literal["raw", "fvu", "seed"]:

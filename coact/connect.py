@@ -12,7 +12,8 @@ that starts from it, both without L1). Everything lands in `<run>/connect/`:
                         refit on the chosen inputs), with both halves' weights
     features.parquet    per output feature: linearity, sparse-fit error, formula, large W2
     top_tokens.parquet  the tokens each feature of either site fires hardest on
-    mlp_curve.parquet   the mlp fit's loss per step
+    mlp_curve.parquet   the mlp fit's loss per step (and per epoch on held-back contexts)
+    linearity_contexts.npz  per held-out context Σ(e_lin² − e_mlp²): d's bootstrap
     connect.json        the headline figures (written last: its presence marks completion)
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+import torch
 from tqdm.auto import tqdm
 
 from coact.connectors.exact import (
@@ -40,16 +42,24 @@ from coact.connectors.exact import (
     mse,
     refit_support,
 )
+from coact.connectors.families import SparseConnector, csr_batch, dense_rows
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.errors import CoactError
 from coact.files import atomic_write
 from coact.formulas import formula, top_tokens_table
-from coact.linearity import LinearityConfig, feature_stats, linearity_table, percent_linear
+from coact.linearity import (
+    HeldoutContexts,
+    LinearityConfig,
+    feature_stats,
+    linearity_table,
+    percent_linear,
+)
 from coact.sites import Site
 from coact.store import CodeStore
 from coact.sweep import elbow
 
 Decode = Callable[[list[int]], str]
+CONTEXTS_FILE = "linearity_contexts.npz"  # per held-out context error sums: d's noise floor
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,8 @@ class ConnectConfig:
     magnitude: float = 0.05  # a weight is large when |w|·std(x_in)/std(y_out) ≥ this
     stability: bool = True  # refit on two disjoint halves of the training contexts
     mlp_hidden: int = 1024  # hidden units of the mlp used for linearity (beside the skip)
-    mlp_epochs: int = 3
+    mlp_epochs: int = 10  # at most; stops early when held-back training contexts stop gaining
+    mlp_patience: int = 2
     mlp_lr: float = 1e-3
     w2_magnitude: float = 0.1  # |W2| above which an mlp weight counts as large (raw)
     batch_tokens: int = 1024
@@ -144,6 +155,7 @@ def connect(
             hidden=config.mlp_hidden,
             lr=config.mlp_lr,
             epochs=config.mlp_epochs,
+            patience=config.mlp_patience,
             batch_tokens=config.batch_tokens,
             heldout_fraction=config.heldout_fraction,
             seed=config.seed,
@@ -158,16 +170,13 @@ def connect(
     timings["mlp_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    contexts = _heldout_contexts(mlp.connector, x, y, held, groups, config.batch_tokens)
     active, _, variance = feature_stats(y)
+    norms = {"layer_norm": config.layer_norm, "min_layer_norm": config.min_layer_norm}
     table = linearity_table(
-        mse_linear,
-        mlp.heldout_mse,
-        variance,
-        active,
-        layer_norm=config.layer_norm,
-        min_layer_norm=config.min_layer_norm,
-        config=config.linearity,
-    )
+        mse_linear, mlp.heldout_mse, variance, active, **norms, config=config.linearity,
+        contexts=contexts,
+    )  # fmt: skip
     assert mlp.connector.weight_out is not None
     w2 = mlp.connector.weight_out.detach().cpu().numpy()
     features = _features_table(
@@ -175,6 +184,18 @@ def connect(
     )
     top = _top_tokens(x, y, tokens, coef, config, decode, in_slug, out_slug)
     curve = pl.DataFrame({"step": np.arange(len(mlp.loss_nmse)), "nmse": mlp.loss_nmse})
+    per_epoch = len(mlp.loss_nmse) // max(len(mlp.validation_nmse), 1)
+    curve = curve.join(
+        pl.DataFrame(
+            {
+                "step": per_epoch * np.arange(1, len(mlp.validation_nmse) + 1) - 1,
+                "validation_nmse": mlp.validation_nmse,
+            },
+            schema={"step": pl.Int64, "validation_nmse": pl.Float64},
+        ),
+        on="step",
+        how="left",
+    )
     timings["tables_s"] = time.perf_counter() - clock
 
     for name, frame in {
@@ -185,7 +206,8 @@ def connect(
         "mlp_curve": curve,
     }.items():
         atomic_write(out_dir / f"{name}.parquet", frame.write_parquet)
-    share = percent_linear(table)
+    atomic_write(out_dir / CONTEXTS_FILE, contexts.save)
+    share = percent_linear(table, contexts, config.linearity, **norms)
     stable = (
         float(weights["in_both"].to_numpy().mean()) if config.stability and len(weights) else None
     )
@@ -206,6 +228,10 @@ def connect(
         "stable_share": stable,
         "heldout_nmse_linear": _nanmean(table["mse_linear"] / table["variance"]),
         "heldout_nmse_mlp": _nanmean(table["mse_mlp"] / table["variance"]),
+        "mlp_epochs_run": len(mlp.validation_nmse),
+        "mlp_best_epoch": mlp.best_epoch,
+        "heldout_contexts": len(contexts.tokens),
+        "norms": norms,
         "tau": config.linearity.tau,
         "form": config.linearity.form,
         **share,
@@ -213,6 +239,33 @@ def connect(
     }
     atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+@torch.no_grad()
+def _heldout_contexts(
+    connector: SparseConnector,
+    x: sp.csr_matrix,
+    y: sp.csr_matrix,
+    rows: np.ndarray,
+    groups: np.ndarray,
+    batch: int,
+) -> HeldoutContexts:
+    """Per held-out context: Σ (e_lin² − e_mlp²) per output, the mlp's own skip being the
+    least-squares map, so both errors come from one pass over the same tokens."""
+    _, inverse = np.unique(groups[rows], return_inverse=True)
+    n_contexts = int(inverse.max()) + 1 if len(rows) else 0
+    device = connector.weight_in.device
+    diff = torch.zeros(n_contexts, connector.n_out, dtype=torch.float64, device=device)
+    x, y = sp.csr_matrix(x, dtype=np.float32), sp.csr_matrix(y, dtype=np.float32)
+    for start in range(0, len(rows), max(batch, 4096)):
+        r = rows[start : start + max(batch, 4096)]
+        inputs, target = csr_batch(x, r, str(device)), dense_rows(y, r, device)
+        gain = (connector.skip_prediction(inputs) - target).double().pow(2)
+        gain -= (connector(inputs) - target).double().pow(2)
+        index = torch.from_numpy(inverse[start : start + len(r)]).to(device)
+        diff.index_add_(0, index, gain)
+    tokens = np.bincount(inverse, minlength=n_contexts).astype(np.float64)
+    return HeldoutContexts(diff=diff.cpu().numpy(), tokens=tokens)
 
 
 def _key(store: CodeStore, config: ConnectConfig) -> str:

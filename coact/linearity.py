@@ -5,11 +5,18 @@ fitted without L1. d is reported raw, as a fraction of the feature's variance (`
 across layers of different norms), and in the seed study's normalisation (`seed`:
 × (min layer norm / layer norm)²). A feature is linear when d(j) ≤ τ in the chosen form;
 features never active in the sample are dead and never counted as linear.
+
+d(j) is itself an estimate from held-out tokens. Its noise floor comes from a bootstrap over
+held-out contexts (tokens of one context are correlated, so contexts are the unit): each
+feature gets an interval for d, and a verdict that is only "linear" when the whole interval
+is at or under τ and only "nonlinear" when the whole interval is above it; the rest is
+"undecided". The share of linear features gets the same bootstrap's interval.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -24,6 +31,44 @@ SEED_TAU = 0.001
 class LinearityConfig:
     tau: float = SEED_TAU
     form: Form = "seed"  # the seed's τ = 0.001 was set on seed-normalised MSE
+    n_boot: int = 500  # bootstrap replicates over held-out contexts
+    level: float = 0.95  # of every interval
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HeldoutContexts:
+    """Per held-out context c and output j: Σ_t (e_lin² − e_mlp²) over its tokens, and its
+    token count. d(j) = Σ_c diff[c, j] / Σ_c tokens[c]; resampling contexts bootstraps it."""
+
+    diff: np.ndarray  # contexts × outputs
+    tokens: np.ndarray  # contexts
+
+    def replicates(self, n_boot: int, seed: int) -> np.ndarray:
+        """n_boot × outputs bootstrap draws of d: contexts resampled with replacement."""
+        n = len(self.tokens)
+        if n == 0:
+            return np.full((n_boot, self.diff.shape[1]), np.nan)
+        counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+        return (counts @ self.diff) / (counts @ self.tokens)[:, None]
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, diff=self.diff, tokens=self.tokens)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeldoutContexts:
+        with np.load(path) as data:
+            return cls(diff=data["diff"], tokens=data["tokens"])
+
+
+def _form_scale(form: Form, variance: np.ndarray, scale_seed: float) -> np.ndarray:
+    """The factor that turns raw d into `form`; NaN where fvu is undefined (dead)."""
+    if form == "raw":
+        return np.ones_like(variance)
+    if form == "seed":
+        return np.full_like(variance, scale_seed)
+    return np.where(variance > 0, 1.0 / np.where(variance > 0, variance, 1.0), np.nan)
 
 
 def feature_stats(codes: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,8 +94,10 @@ def linearity_table(
     layer_norm: float = 1.0,
     min_layer_norm: float = 1.0,
     config: LinearityConfig = LinearityConfig(),
+    contexts: HeldoutContexts | None = None,
 ) -> pl.DataFrame:
-    """One row per output feature: MSEs, d in three forms, and linear / nonlinear / dead."""
+    """One row per output feature: MSEs, d in three forms, linear / nonlinear / dead; with
+    `contexts`, also d's bootstrap interval in each form and the verdict it supports."""
     mse_linear, mse_mlp = np.asarray(mse_linear, float), np.asarray(mse_mlp, float)
     variance, active = np.asarray(variance, float), np.asarray(active_count)
     d = mse_linear - mse_mlp
@@ -60,7 +107,7 @@ def linearity_table(
     forms = {"raw": d, "fvu": d_fvu, "seed": d * seed_scale(layer_norm, min_layer_norm)}
     chosen = forms[config.form]
     status = np.where(dead, "dead", np.where(chosen <= config.tau, "linear", "nonlinear"))
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "feature": np.arange(len(d)),
             "mse_linear": mse_linear,
@@ -73,25 +120,82 @@ def linearity_table(
             "status": status,
         }
     )
+    if contexts is None:
+        return frame
+    tail = (1 - config.level) / 2
+    reps = contexts.replicates(config.n_boot, config.seed)
+    low, high = np.quantile(reps, [tail, 1 - tail], axis=0)
+    scale = seed_scale(layer_norm, min_layer_norm)
+    bounds = {}
+    for form, name in (("raw", "d"), ("fvu", "d_fvu"), ("seed", "d_seed")):
+        factor = _form_scale(form, variance, scale)  # type: ignore[arg-type]
+        bounds[f"{name}_low"] = np.where(dead, np.nan, low * factor)
+        bounds[f"{name}_high"] = np.where(dead, np.nan, high * factor)
+    return _with_verdict(frame.with_columns(*(pl.Series(k, v) for k, v in bounds.items())), config)
 
 
-def percent_linear(table: pl.DataFrame) -> dict[str, float]:
-    """Share of alive features that are linear (dead ones are counted apart)."""
+def _with_verdict(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:
+    """`verdict`: linear when d's whole interval is ≤ τ, nonlinear when all of it is > τ."""
+    name = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}[config.form]
+    low, high = pl.col(f"{name}_low"), pl.col(f"{name}_high")
+    return table.with_columns(
+        pl.when(pl.col("status") == "dead")
+        .then(pl.lit("dead"))
+        .when(high <= config.tau)
+        .then(pl.lit("linear"))
+        .when(low > config.tau)
+        .then(pl.lit("nonlinear"))
+        .otherwise(pl.lit("undecided"))
+        .alias("verdict")
+    )
+
+
+def percent_linear(
+    table: pl.DataFrame,
+    contexts: HeldoutContexts | None = None,
+    config: LinearityConfig | None = None,
+    *,
+    layer_norm: float = 1.0,
+    min_layer_norm: float = 1.0,
+) -> dict[str, float]:
+    """Share of alive features that are linear (dead ones are counted apart). With a
+    verdict column: how many are linear, nonlinear or undecided beyond d's noise, and how
+    many have an mlp gain d > 0 (or < 0) that its interval separates from zero. With
+    `contexts` and `config`: the share's bootstrap interval."""
     counts = dict(table.group_by("status").len().iter_rows())
     linear, nonlinear, dead = (counts.get(k, 0) for k in ("linear", "nonlinear", "dead"))
     alive = linear + nonlinear
-    return {
+    share: dict[str, float] = {
         "percent_linear": 100.0 * linear / alive if alive else float("nan"),
         "linear": linear,
         "nonlinear": nonlinear,
         "dead": dead,
         "alive": alive,
     }
+    if "verdict" in table.columns:
+        verdicts = dict(table.group_by("verdict").len().iter_rows())
+        for name in ("linear", "nonlinear", "undecided"):
+            share[f"confident_{name}" if name != "undecided" else name] = verdicts.get(name, 0)
+        low, high = table["d_low"].to_numpy(), table["d_high"].to_numpy()  # NaN when dead
+        share["mlp_gain_beyond_noise"] = int(np.sum(low > 0))
+        share["mlp_loss_beyond_noise"] = int(np.sum(high < 0))
+    if contexts is not None and config is not None and alive:
+        reps = contexts.replicates(config.n_boot, config.seed)
+        variance = table["variance"].to_numpy()
+        alive_mask = (table["status"] != "dead").to_numpy()
+        factor = _form_scale(config.form, variance, seed_scale(layer_norm, min_layer_norm))
+        shares = 100.0 * ((reps * factor)[:, alive_mask] <= config.tau).mean(axis=1)
+        tail = (1 - config.level) / 2
+        low, high = np.quantile(shares, [tail, 1 - tail])
+        share["percent_linear_low"], share["percent_linear_high"] = float(low), float(high)
+    return share
 
 
 def relabel(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:
-    """The same table with `status` recomputed at another τ or form (no refitting)."""
+    """The same table with `status` (and `verdict`) at another τ or form (no refitting)."""
     column = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}[config.form]
+    if "verdict" in table.columns:
+        table = _with_verdict(table, config)
     return table.with_columns(
         pl.when(pl.col("status") == "dead")
         .then(pl.lit("dead"))

@@ -40,8 +40,26 @@ def format_connect(c: dict[str, Any]) -> str:
             f"output{stable}",
             f"  least squares NMSE {c['heldout_nmse_linear']:.3f}, mlp {c['heldout_nmse_mlp']:.3f} "
             f"(held out: {c['tokens_heldout']:,} tokens)",
-            f"  linear share: {c['percent_linear']:.1f}% of {c['alive']:,} alive output features "
-            f"are linear at τ = {c['tau']:g} ({c['form']} form); {c['dead']:,} dead",
+            format_share(c, c["tau"], c["form"]),
             f"  tables: {c['directory']}",
         ]
     )
+
+
+def format_share(c: dict[str, Any], tau: float, form: str) -> str:
+    """The percent-linear line, with its bootstrap interval and d's noise floor if known."""
+    line = (
+        f"  linear share: {c['percent_linear']:.1f}% of {c['alive']:,} alive output features "
+        f"are linear at τ = {tau:g} ({form} form)"
+    )
+    if "percent_linear_low" in c:
+        line += f", 95% interval {c['percent_linear_low']:.1f}–{c['percent_linear_high']:.1f}%"
+    line += f"; {c['dead']:,} dead"
+    if "undecided" in c:
+        line += (
+            f"\n  beyond d's noise floor (bootstrap over held-out contexts): "
+            f"{c['confident_linear']:,} linear, {c['confident_nonlinear']:,} nonlinear, "
+            f"{c['undecided']:,} undecided; the mlp gains beyond noise on "
+            f"{c['mlp_gain_beyond_noise']:,} features"
+        )
+    return line

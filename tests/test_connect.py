@@ -153,9 +153,36 @@ def test_cli_linearity_relabels_without_refitting(store, result, tmp_path) -> No
     run = tmp_path / "run"
     (run / "connect").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"layer": 1, "model": "tiny-llama"}))
-    (run / "connect" / "features.parquet").write_bytes((out / "features.parquet").read_bytes())
+    for name in ("features.parquet", "linearity_contexts.npz", "connect.json"):
+        (run / "connect" / name).write_bytes((out / name).read_bytes())
     runner = CliRunner()
     loose = runner.invoke(app, ["linearity", str(run), "--tau", "10", "--form", "fvu"])
     assert loose.exit_code == 0 and "100.0% of 4 alive" in loose.output
     strict = runner.invoke(app, ["linearity", str(run), "--tau", "-1", "--form", "fvu"])
     assert "0.0% of 4 alive" in strict.output and "1 dead" in strict.output
+    # With the held-out contexts: the interval, and verdicts beyond d's noise.
+    assert "95% interval 0.0–0.0%" in strict.output
+    assert "0 linear, 4 nonlinear, 0 undecided" in strict.output
+
+
+def test_heldout_contexts_add_up_to_d_and_bound_it(result) -> None:
+    from coact.linearity import HeldoutContexts
+
+    summary, out = result
+    features = pl.read_parquet(out / "features.parquet")
+    contexts = HeldoutContexts.load(out / "linearity_contexts.npz")
+    assert contexts.tokens.sum() == summary["tokens_heldout"]
+    assert len(contexts.tokens) == summary["heldout_contexts"]
+    # One pass over the held-out tokens gives the same d as the two separate MSEs.
+    d = contexts.diff.sum(0) / contexts.tokens.sum()
+    np.testing.assert_allclose(d, features["d"].to_numpy(), atol=1e-5)
+    alive = features.filter(pl.col("status") != "dead")
+    assert (alive["d_low"] <= alive["d"] + 1e-9).all() and (
+        alive["d"] <= alive["d_high"] + 1e-9
+    ).all()
+    # The AND output's gain is far beyond the noise; the exact-linear ones carry none.
+    assert features["verdict"].to_list()[3:] == ["nonlinear", "dead"]
+    assert summary["mlp_gain_beyond_noise"] >= 1
+    assert (
+        summary["percent_linear_low"] <= summary["percent_linear"] <= summary["percent_linear_high"]
+    )

@@ -252,3 +252,27 @@ def test_linear_skip_starts_at_the_linear_fit_and_adds_only_the_nonlinear_part(
     np.testing.assert_allclose(fit.heldout_mse[:2], lin[:2], atol=1e-3)  # linear ones stay
     with pytest.raises(ValueError, match="skip weight"):
         train_connector(x, y, ConnectorTrainConfig(steps=1, progress=False), skip=(w.T, b))
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(planted_and) -> None:
+    x, y = planted_and
+    config = ConnectorTrainConfig(
+        family="mlp", hidden=64, lr=0.05, epochs=40, patience=2, batch_tokens=64, progress=False
+    )
+    fit = train_connector(x, y, config)
+    watched = fit.validation_nmse
+    assert fit.best_epoch == int(np.argmin(watched))
+    assert len(watched) == min(40, fit.best_epoch + 3) and len(watched) < 40  # it stopped
+    # The weights kept are the best epoch's: recompute its loss on the watched contexts.
+    keep, seen = split_rows(len(fit.train_rows), 0.1, 1)
+    watch = fit.train_rows[seen]
+    mse = per_output_mse(fit.connector, x, y, watch)
+    assert np.nanmean(mse / np.where(fit.train_variance > 0, fit.train_variance, np.nan)) == (
+        pytest.approx(watched[fit.best_epoch], rel=1e-5)
+    )
+    assert len(np.intersect1d(watch, fit.train_rows[keep])) == 0
+
+
+def test_patience_needs_epochs_not_steps() -> None:
+    with pytest.raises(CoactError, match="patience"):
+        ConnectorTrainConfig(family="mlp", patience=2, steps=10)

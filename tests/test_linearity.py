@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from coact.linearity import LinearityConfig, linearity_table, percent_linear, seed_scale
 
@@ -58,3 +59,49 @@ def test_feature_stats_by_hand() -> None:
     assert active.tolist() == [2, 1, 0]
     assert mean.tolist() == [2.0, 1.0, 0.0]
     assert variance.tolist() == [1.0, 1.0, 0.0]  # (1 + 9)/2 − 4 = 1; (0 + 4)/2 − 1 = 1
+
+
+def test_bootstrap_replicate_is_the_resampled_ratio_by_hand() -> None:
+    from coact.linearity import HeldoutContexts
+
+    # Context 0: 2 tokens with Σ(e_lin² − e_mlp²) = 0.4; context 1: 3 tokens, 0.9.
+    contexts = HeldoutContexts(diff=np.array([[0.4], [0.9]]), tokens=np.array([2.0, 3.0]))
+    reps = contexts.replicates(200, seed=1)
+    # Any resample (k copies of context 0, 2 − k of context 1) gives one of three values.
+    by_hand = {(k * 0.4 + (2 - k) * 0.9) / (k * 2 + (2 - k) * 3) for k in range(3)}
+    assert {round(v, 12) for v in reps[:, 0]} == {round(v, 12) for v in by_hand}
+    counts = np.random.default_rng(1).multinomial(2, [0.5, 0.5], size=200)
+    brute = [(c @ contexts.diff[:, 0]) / (c @ contexts.tokens) for c in counts]
+    np.testing.assert_allclose(reps[:, 0], brute)
+
+
+def test_verdict_needs_the_whole_interval_on_one_side_of_tau() -> None:
+    from coact.linearity import HeldoutContexts, relabel
+
+    tokens = np.full(40, 10.0)
+    # Feature 0: every context gains 0.0001 per token (tight, under τ); feature 1: 0.01
+    # per token (tight, over τ); feature 2: mean 0.001 but ±0.05 between contexts; dead 3.
+    noisy = 0.001 + 0.05 * np.resize([1.0, -1.0], 40)
+    diff = np.stack([np.full(40, 0.0001), np.full(40, 0.01), noisy, np.zeros(40)], 1) * 10
+    contexts = HeldoutContexts(diff=diff, tokens=tokens)
+    d = diff.sum(0) / tokens.sum()
+    config = LinearityConfig(tau=0.001, form="raw", n_boot=300)
+    table = linearity_table(
+        mse_linear=d + 1.0, mse_mlp=np.ones(4), variance=np.array([1.0, 1.0, 1.0, 0.0]),
+        active_count=np.array([9, 9, 9, 0]), config=config, contexts=contexts,
+    )  # fmt: skip
+    assert table["verdict"].to_list() == ["linear", "nonlinear", "undecided", "dead"]
+    np.testing.assert_allclose(table["d_low"][:2].to_numpy(), [0.0001, 0.01])
+    share = percent_linear(table, contexts, config)
+    assert (share["confident_linear"], share["confident_nonlinear"], share["undecided"]) == (
+        1,
+        1,
+        1,
+    )
+    assert share["mlp_gain_beyond_noise"] == 2 and share["mlp_loss_beyond_noise"] == 0
+    # Feature 2 flips with the resample: the share's interval spans 1/3 to 2/3 linear.
+    assert share["percent_linear_low"] == pytest.approx(100 / 3)
+    assert share["percent_linear_high"] == pytest.approx(200 / 3)
+    # At τ = 0.01 both tight features are confidently linear; the noisy one still is not.
+    looser = relabel(table, LinearityConfig(tau=0.01, form="raw"))
+    assert looser["verdict"].to_list() == ["linear", "linear", "undecided", "dead"]

@@ -187,6 +187,12 @@ class SparseConnector(nn.Module):
             z = z + _bag(as_batch(x), self.skip_weight) + self.skip_bias
         return torch.relu(z) if self.family in ("relu", "two-relu") else z
 
+    def skip_prediction(self, x: Batch) -> Tensor:
+        """The fixed linear term alone (W x + b of `set_linear_skip`)."""
+        if self.skip_weight is None or self.skip_bias is None:
+            raise ValueError("this connector has no linear skip")
+        return _bag(as_batch(x), self.skip_weight) + self.skip_bias
+
     def first_layer_weight(self) -> Tensor:
         return self.weight_in.T
 

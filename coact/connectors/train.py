@@ -8,7 +8,7 @@ contexts (or token blocks): tokens of one context are correlated, a per-token sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,6 +32,8 @@ class ConnectorTrainConfig:
     batch_tokens: int = 1024
     epochs: int = 1
     steps: int | None = None  # set: exactly this many steps (epochs cycle), epochs ignored
+    patience: int | None = None  # set: stop after this many epochs without validation gain
+    validation_fraction: float = 0.1  # of training contexts, watched when patience is set
     heldout_fraction: float = 0.1
     block_tokens: int = 128  # held-out unit when no context ids are given
     seed: int = 0
@@ -51,6 +53,12 @@ class ConnectorTrainConfig:
             raise CoactError("batch_tokens, epochs and layer norms must be positive")
         if self.steps is not None and self.steps < 0:
             raise CoactError(f"steps must be ≥ 0, got {self.steps}")
+        if self.patience is not None and (self.patience < 1 or self.steps is not None):
+            raise CoactError("patience must be ≥ 1 and needs epochs, not a fixed step count")
+        if not 0 < self.validation_fraction < 1:
+            raise CoactError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
 
 
 def seed_normalised_mse(
@@ -137,6 +145,8 @@ class TrainedConnector:
     heldout_variance: np.ndarray  # 0 where constant on the held-out tokens
     heldout_mse: np.ndarray  # NaN when nothing is held out
     hidden_fired: np.ndarray  # tokens (both splits) on which each hidden unit fired
+    validation_nmse: list[float] = field(default_factory=list)  # per epoch, with patience
+    best_epoch: int | None = None  # the epoch whose weights were kept, with patience
 
     @property
     def dead_outputs(self) -> np.ndarray:
@@ -221,12 +231,18 @@ def train_connector(
         )
     optimizer = _adam(connector, c.lr)
     rng = np.random.default_rng(c.seed)
-    per_epoch = -(-len(train) // c.batch_tokens)
-    log_nmse, log_l1 = [], []
+    fit_rows, watch = train, np.empty(0, dtype=np.int64)
+    if c.patience is not None:  # early stopping watches contexts carved out of training
+        sub_groups = None if groups is None else np.asarray(groups)[train]
+        keep, seen = split_rows(len(train), c.validation_fraction, c.seed + 1, sub_groups)
+        fit_rows, watch = train[keep], train[seen]
+    per_epoch = -(-len(fit_rows) // c.batch_tokens)
+    log_nmse, log_l1, watched = [], [], []  # type: list[float], list[float], list[float]
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     steps = range(c.epochs * per_epoch if c.steps is None else c.steps)
     for step in tqdm(steps, desc=f"fitting {c.family} connector", disable=not c.progress):
         if step % per_epoch == 0:  # a fresh shuffle each epoch
-            order = rng.permutation(train)
+            order = rng.permutation(fit_rows)
         rows = order[(step % per_epoch) * c.batch_tokens :][: c.batch_tokens]
         batch, target = csr_batch(x, rows, c.device), dense_rows(y, rows, c.device)
         nmse, l1 = fam.loss_terms(connector, batch, target, weights, c.alpha, c.alpha_hidden)
@@ -235,6 +251,16 @@ def train_connector(
         optimizer.step()
         log_nmse.append(float(nmse.detach()))
         log_l1.append(float(l1.detach()))
+        if len(watch) and (step + 1) % per_epoch == 0:
+            epoch = len(watched)
+            watched.append(_watched_nmse(connector, x, y, watch, variance, c.batch_tokens))
+            if best is None or watched[-1] < best[0]:
+                state = {k: v.detach().clone() for k, v in connector.state_dict().items()}
+                best = (watched[-1], epoch, state)
+            elif epoch - best[1] >= (c.patience or 1):
+                break
+    if best is not None:
+        connector.load_state_dict(best[2])
     connector.eval().requires_grad_(False)
     train_sse, fired_train = _sums(connector, x, y, train, max(c.batch_tokens, 4096))
     held_sse, fired_held = _sums(connector, x, y, held, max(c.batch_tokens, 4096))
@@ -243,7 +269,25 @@ def train_connector(
         *(connector, c, inputs, outputs, train, held, log_nmse, log_l1),
         *(variance, train_sse / len(train), column_variance(y, held), held_mse),
         hidden_fired=fired_train + fired_held,
+        validation_nmse=watched,
+        best_epoch=None if best is None else best[1],
     )
+
+
+def _watched_nmse(
+    connector: SparseConnector,
+    x: sp.csr_matrix,
+    y: sp.csr_matrix,
+    rows: np.ndarray,
+    variance: np.ndarray,
+    batch: int,
+) -> float:
+    """Mean normalised MSE on the early-stopping contexts (outputs alive in training)."""
+    was_training = connector.training
+    connector.eval()
+    sse, _ = _sums(connector, x, y, rows, max(batch, 4096))
+    connector.train(was_training)
+    return _nanmean(_ratio(sse / max(len(rows), 1), variance))
 
 
 def train_connector_from_store(
