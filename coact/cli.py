@@ -143,7 +143,9 @@ def connect(
     ] = 0.05,
     tau: Annotated[float, typer.Option(help="linearity threshold on d(j)")] = 0.001,
     form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
-    mlp_epochs: Annotated[int, typer.Option(help="epochs of the mlp fit")] = 3,
+    mlp_epochs: Annotated[
+        int, typer.Option(help="most epochs of the mlp fit (it stops early)")
+    ] = 10,
     no_stability: Annotated[bool, typer.Option(help="skip the two-halves refit")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:

@@ -59,6 +59,7 @@ from coact.store import CodeStore
 from coact.sweep import elbow
 
 Decode = Callable[[list[int]], str]
+LINEAR_MAP_ENTRIES = 2**26  # dense least-squares map per chunk: 512 MiB in float64
 CONTEXTS_FILE = "linearity_contexts.npz"  # per held-out context error sums: d's noise floor
 
 
@@ -76,6 +77,7 @@ class ConnectConfig:
     mlp_patience: int = 2
     mlp_lr: float = 1e-3
     w2_magnitude: float = 0.1  # |W2| above which an mlp weight counts as large (raw)
+    linearity_chunk_outputs: int | None = None  # None: as many as fit LINEAR_MAP_ENTRIES
     batch_tokens: int = 1024
     device: str = "cpu"
     linearity: LinearityConfig = field(default_factory=LinearityConfig)
@@ -143,59 +145,21 @@ def connect(
     timings["stability_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    w_lin, b_lin = linear_fit(stats)
-    mse_linear = mse(stats_held, w_lin, b_lin)
-    timings["least_squares_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    mlp = train_connector(
-        x,
-        y,
-        ConnectorTrainConfig(
-            family="mlp",
-            hidden=config.mlp_hidden,
-            lr=config.mlp_lr,
-            epochs=config.mlp_epochs,
-            patience=config.mlp_patience,
-            batch_tokens=config.batch_tokens,
-            heldout_fraction=config.heldout_fraction,
-            seed=config.seed,
-            device=config.device,
-            progress=config.progress,
-        ),
-        groups=groups,
-        skip=(w_lin, b_lin),
-    )
-    if not np.array_equal(mlp.heldout_rows, held):
-        raise RuntimeError("the mlp and the linear fits held out different tokens")
-    timings["mlp_s"] = time.perf_counter() - clock
+    fits = _linearity_fits(x, y, stats, stats_held, groups, held, config)
+    contexts = fits.contexts
+    timings["linearity_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    contexts = _heldout_contexts(mlp.connector, x, y, held, groups, config.batch_tokens)
     active, _, variance = feature_stats(y)
     norms = {"layer_norm": config.layer_norm, "min_layer_norm": config.min_layer_norm}
     table = linearity_table(
-        mse_linear, mlp.heldout_mse, variance, active, **norms, config=config.linearity,
+        fits.mse_linear, fits.mse_mlp, variance, active, **norms, config=config.linearity,
         contexts=contexts,
     )  # fmt: skip
-    assert mlp.connector.weight_out is not None
-    w2 = mlp.connector.weight_out.detach().cpu().numpy()
     features = _features_table(
-        table, refit, refit_intercepts, held_nmse[chosen], weights, w2, config
+        table, refit, refit_intercepts, held_nmse[chosen], weights, fits.w2_large, config
     )
     top = _top_tokens(x, y, tokens, coef, config, decode, in_slug, out_slug)
-    curve = pl.DataFrame({"step": np.arange(len(mlp.loss_nmse)), "nmse": mlp.loss_nmse})
-    per_epoch = len(mlp.loss_nmse) // max(len(mlp.validation_nmse), 1)
-    curve = curve.join(
-        pl.DataFrame(
-            {
-                "step": per_epoch * np.arange(1, len(mlp.validation_nmse) + 1) - 1,
-                "validation_nmse": mlp.validation_nmse,
-            },
-            schema={"step": pl.Int64, "validation_nmse": pl.Float64},
-        ),
-        on="step",
-        how="left",
-    )
     timings["tables_s"] = time.perf_counter() - clock
 
     for name, frame in {
@@ -203,7 +167,7 @@ def connect(
         "weights": weights,
         "features": features,
         "top_tokens": top,
-        "mlp_curve": curve,
+        "mlp_curve": fits.curve,
     }.items():
         atomic_write(out_dir / f"{name}.parquet", frame.write_parquet)
     atomic_write(out_dir / CONTEXTS_FILE, contexts.save)
@@ -228,8 +192,9 @@ def connect(
         "stable_share": stable,
         "heldout_nmse_linear": _nanmean(table["mse_linear"] / table["variance"]),
         "heldout_nmse_mlp": _nanmean(table["mse_mlp"] / table["variance"]),
-        "mlp_epochs_run": len(mlp.validation_nmse),
-        "mlp_best_epoch": mlp.best_epoch,
+        "mlp_epochs_run": fits.epochs_run,
+        "mlp_best_epoch": fits.best_epoch,
+        "linearity_output_chunks": fits.chunks,
         "heldout_contexts": len(contexts.tokens),
         "norms": norms,
         "tau": config.linearity.tau,
@@ -239,6 +204,92 @@ def connect(
     }
     atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+@dataclass
+class _LinearityFits:
+    mse_linear: np.ndarray  # held-out, per output
+    mse_mlp: np.ndarray
+    contexts: HeldoutContexts
+    w2_large: np.ndarray  # per output: mlp W2 weights of magnitude ≥ w2_magnitude
+    curve: pl.DataFrame  # per chunk and step: training loss, and per epoch held-back loss
+    epochs_run: int  # the most over chunks
+    best_epoch: int | None  # the latest over chunks
+    chunks: int
+
+
+def _linearity_fits(
+    x: sp.csr_matrix,
+    y: sp.csr_matrix,
+    stats: GramStats,
+    stats_held: GramStats,
+    groups: np.ndarray,
+    held: np.ndarray,
+    config: ConnectConfig,
+) -> _LinearityFits:
+    """Least squares and an mlp started from it, both without L1, per chunk of outputs:
+    the least-squares map is dense n_in × outputs, so a wide site (32k × 32k would be 8 GiB)
+    is fitted a chunk of outputs at a time, each chunk with its own mlp."""
+    per_chunk = config.linearity_chunk_outputs or max(1, LINEAR_MAP_ENTRIES // x.shape[1])
+    chunks = [np.arange(y.shape[1])[i : i + per_chunk] for i in range(0, y.shape[1], per_chunk)]
+    mse_linear, mse_mlp = np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    w2_large = np.zeros(y.shape[1], dtype=np.int64)
+    diffs, curves, epochs, bests = [], [], [], []
+    tokens = None
+    for k, outputs in enumerate(tqdm(chunks, desc="linearity", disable=len(chunks) == 1)):
+        w_lin, b_lin = linear_fit(stats, outputs=outputs)
+        mse_linear[outputs] = mse(stats_held, w_lin, b_lin, outputs)
+        whole = len(outputs) == y.shape[1]
+        mlp = train_connector(
+            x,
+            y,
+            ConnectorTrainConfig(
+                family="mlp",
+                hidden=config.mlp_hidden,
+                lr=config.mlp_lr,
+                epochs=config.mlp_epochs,
+                patience=config.mlp_patience,
+                batch_tokens=config.batch_tokens,
+                heldout_fraction=config.heldout_fraction,
+                seed=config.seed,
+                device=config.device,
+                outputs=None if whole else tuple(int(j) for j in outputs),
+                progress=config.progress,
+            ),
+            groups=groups,
+            skip=(w_lin, b_lin),
+        )
+        if not np.array_equal(mlp.heldout_rows, held):
+            raise RuntimeError("the mlp and the linear fits held out different tokens")
+        mse_mlp[outputs] = mlp.heldout_mse
+        y_chunk = y if whole else sp.csr_matrix(y[:, outputs])
+        part = _heldout_contexts(mlp.connector, x, y_chunk, held, groups, config.batch_tokens)
+        diffs.append(part.diff)
+        tokens = part.tokens
+        assert mlp.connector.weight_out is not None
+        w2 = mlp.connector.weight_out.detach().cpu().numpy()
+        w2_large[outputs] = (np.abs(w2) >= config.w2_magnitude).sum(axis=1)
+        curves.append(_curve(mlp.loss_nmse, mlp.validation_nmse).with_columns(chunk=k))
+        epochs.append(len(mlp.validation_nmse))
+        bests.append(mlp.best_epoch)
+    assert tokens is not None
+    known = [b for b in bests if b is not None]
+    return _LinearityFits(
+        mse_linear, mse_mlp, HeldoutContexts(np.hstack(diffs), tokens), w2_large,
+        pl.concat(curves), max(epochs), max(known) if known else None, len(chunks),
+    )  # fmt: skip
+
+
+def _curve(loss: list[float], validation: list[float]) -> pl.DataFrame:
+    """Training loss per step, joined with the held-back loss at each epoch's last step."""
+    per_epoch = len(loss) // max(len(validation), 1)
+    steps = per_epoch * np.arange(1, len(validation) + 1) - 1
+    watched = pl.DataFrame(
+        {"step": steps, "validation_nmse": validation},
+        schema={"step": pl.Int64, "validation_nmse": pl.Float64},
+    )
+    frame = pl.DataFrame({"step": np.arange(len(loss)), "nmse": loss})
+    return frame.join(watched, on="step", how="left")
 
 
 @torch.no_grad()
@@ -384,7 +435,7 @@ def _features_table(
     intercepts: np.ndarray,
     held_nmse: np.ndarray,
     weights: pl.DataFrame,
-    w2: np.ndarray,
+    w2_large: np.ndarray,
     config: ConnectConfig,
 ) -> pl.DataFrame:
     n_out = coef.shape[1]
@@ -398,7 +449,7 @@ def _features_table(
         "n_terms": terms,
         "intercept": intercepts,
         "formula": texts,
-        "w2_large": (np.abs(w2) >= config.w2_magnitude).sum(axis=1),
+        "w2_large": w2_large,
     }
     frame = table.with_columns(*(pl.Series(k, v) for k, v in columns.items()))
     if "in_both" in weights.columns:

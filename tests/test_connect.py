@@ -186,3 +186,16 @@ def test_heldout_contexts_add_up_to_d_and_bound_it(result) -> None:
     assert (
         summary["percent_linear_low"] <= summary["percent_linear"] <= summary["percent_linear_high"]
     )
+
+
+def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_path) -> None:
+    from dataclasses import replace
+
+    summary, out = result
+    chunked = connect(store, replace(CONFIG, linearity_chunk_outputs=2), tmp_path / "chunked")
+    assert chunked["linearity_output_chunks"] == 3 and summary["linearity_output_chunks"] == 1
+    one, many = (pl.read_parquet(d / "features.parquet") for d in (out, tmp_path / "chunked"))
+    np.testing.assert_allclose(many["mse_linear"], one["mse_linear"], rtol=1e-9, atol=1e-12)
+    assert many["status"].to_list() == one["status"].to_list()
+    curve = pl.read_parquet(tmp_path / "chunked" / "mlp_curve.parquet")
+    assert sorted(curve["chunk"].unique().to_list()) == [0, 1, 2]
