@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coact.collect import CollectConfig, collect_codes
+import numpy as np
+
+from coact.collect import CollectConfig, collect_codes, sae_fingerprint
 from coact.connect import ConnectConfig, connect
 from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
@@ -105,9 +107,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     eval_tokens = code_part.tokens[: config.eval_contexts]
-    reports: dict[Site, SaeReport] = {
-        site: evaluate_sae(lm, saes[site], site, eval_tokens, SaeEvalConfig()) for site in sites
-    }
+    reports, evaluated_now = _evaluations(lm, saes, eval_tokens, run_dir)
     timings["evaluate_saes_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -137,6 +137,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "tokens": store.n_tokens,
         "saes_trained_now": trained_now,
+        "saes_evaluated_now": evaluated_now,
         "sites": {
             str(site): {
                 "sae": given[site] or str(run_dir / "sae" / site.slug),
@@ -164,6 +165,36 @@ def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
         doc_ids=contexts.doc_ids[lo:hi],
         fingerprint=digest,
     )
+
+
+def _evaluations(
+    lm: LoadedModel, saes: dict[Site, Sae], tokens: Any, run_dir: Path
+) -> tuple[dict[Site, SaeReport], list[str]]:
+    """Each SAE's report, reused when the model, the SAE's weights and the evaluation
+    tokens are those of a finished earlier evaluation (its file carries their key)."""
+    reports: dict[Site, SaeReport] = {}
+    evaluated: list[str] = []
+    eval_config = SaeEvalConfig()
+    token_digest = hashlib.sha256(np.ascontiguousarray(np.asarray(tokens)).tobytes()).hexdigest()
+    for site, sae in saes.items():
+        key = hashlib.sha256(
+            json.dumps(
+                [lm.fingerprint(), sae_fingerprint(sae), token_digest, str(site),
+                 asdict(eval_config)], sort_keys=True,
+            ).encode()
+        ).hexdigest()  # fmt: skip
+        path = run_dir / "sae_eval" / f"{site.slug}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                reports[site] = SaeReport(**saved["report"])
+                continue
+        reports[site] = evaluate_sae(lm, sae, site, tokens, eval_config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {k: v for k, v in reports[site].to_dict().items() if k != "ce_recovered"}
+        _write_json(path, {"key": key, "report": report})
+        evaluated.append(str(site))
+    return reports, evaluated
 
 
 def _trained_saes(

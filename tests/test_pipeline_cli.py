@@ -38,6 +38,7 @@ def _config(tmp_path: Path, **overrides: object) -> AnalyzeConfig:
 def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
     summary = analyze(_config(tmp_path))
     assert summary["saes_trained_now"] == ["mlp_resid[1]", "mlp_out[1]"]
+    assert sorted(summary["saes_evaluated_now"]) == ["mlp_out[1]", "mlp_resid[1]"]
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["tokens"] == summary["tokens"] >= 2_000
@@ -64,7 +65,7 @@ def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
 
 
 def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
-    analyze(_config(tmp_path))
+    first = analyze(_config(tmp_path))
     run = tmp_path / "run"
     weights = run / "sae" / "mlp_out.1" / "sae_weights.safetensors"
     first_sae = weights.read_bytes()
@@ -76,6 +77,8 @@ def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
     shard.unlink()
     summary = analyze(_config(tmp_path))
     assert summary["saes_trained_now"] == []  # reused, not retrained
+    assert summary["saes_evaluated_now"] == []  # same SAEs, same tokens: reports reused
+    assert summary["sites"] == first["sites"]
     assert weights.read_bytes() == first_sae
     assert shard.read_bytes() == first_codes
 
