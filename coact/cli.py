@@ -190,8 +190,7 @@ def linearity(
     form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
 ) -> None:
     """Re-read the linearity table at another τ or form (no refitting) and print the share."""
-    from coact.connect import CONTEXTS_FILE
-    from coact.linearity import HeldoutContexts, LinearityConfig, percent_linear, relabel
+    from coact.linearity import LinearityConfig, percent_linear, relabel
     from coact.summary import format_share
 
     path = run / "connect" / "features.parquet"
@@ -201,11 +200,7 @@ def linearity(
 
     config = LinearityConfig(tau=tau, form=_form(form))
     table = relabel(pl.read_parquet(path), config)
-    contexts_path = run / "connect" / CONTEXTS_FILE
-    contexts = HeldoutContexts.load(contexts_path) if contexts_path.is_file() else None
-    headline = run / "connect" / "connect.json"
-    norms = json.loads(headline.read_text()).get("norms", {}) if headline.is_file() else {}
-    share = percent_linear(table, contexts, config, **norms)
+    share = percent_linear(table)
     typer.echo(format_share(share, tau, form).strip())
 
 

@@ -171,7 +171,7 @@ def connect(
     }.items():
         atomic_write(out_dir / f"{name}.parquet", frame.write_parquet)
     atomic_write(out_dir / CONTEXTS_FILE, contexts.save)
-    share = percent_linear(table, contexts, config.linearity, **norms)
+    share = percent_linear(table)
     stable = (
         float(weights["in_both"].to_numpy().mean()) if config.stability and len(weights) else None
     )

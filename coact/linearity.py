@@ -10,7 +10,8 @@ d(j) is itself an estimate from held-out tokens. Its noise floor comes from a bo
 held-out contexts (tokens of one context are correlated, so contexts are the unit): each
 feature gets an interval for d, and a verdict that is only "linear" when the whole interval
 is at or under τ and only "nonlinear" when the whole interval is above it; the rest is
-"undecided". The share of linear features gets the same bootstrap's interval.
+"undecided". The share of linear features is then bracketed: linear beyond doubt, and not
+nonlinear beyond doubt.
 """
 
 from __future__ import annotations
@@ -150,18 +151,15 @@ def _with_verdict(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:
     )
 
 
-def percent_linear(
-    table: pl.DataFrame,
-    contexts: HeldoutContexts | None = None,
-    config: LinearityConfig | None = None,
-    *,
-    layer_norm: float = 1.0,
-    min_layer_norm: float = 1.0,
-) -> dict[str, float]:
+def percent_linear(table: pl.DataFrame) -> dict[str, float]:
     """Share of alive features that are linear (dead ones are counted apart). With a
-    verdict column: how many are linear, nonlinear or undecided beyond d's noise, and how
-    many have an mlp gain d > 0 (or < 0) that its interval separates from zero. With
-    `contexts` and `config`: the share's bootstrap interval."""
+    verdict column, what d's noise floor allows: the share that is linear beyond doubt
+    (`percent_linear_confident`) and the share not nonlinear beyond doubt
+    (`percent_linear_possible`), which bracket the point share; and how many features have
+    an mlp gain d > 0 (or < 0) that its interval separates from zero.
+
+    (A bootstrap interval of the share itself is biased where many features sit near τ:
+    resampling pushes each one across τ with probability near one half.)"""
     counts = dict(table.group_by("status").len().iter_rows())
     linear, nonlinear, dead = (counts.get(k, 0) for k in ("linear", "nonlinear", "dead"))
     alive = linear + nonlinear
@@ -174,20 +172,17 @@ def percent_linear(
     }
     if "verdict" in table.columns:
         verdicts = dict(table.group_by("verdict").len().iter_rows())
-        for name in ("linear", "nonlinear", "undecided"):
-            share[f"confident_{name}" if name != "undecided" else name] = verdicts.get(name, 0)
+        sure, unsure = verdicts.get("linear", 0), verdicts.get("undecided", 0)
+        share["confident_linear"] = sure
+        share["confident_nonlinear"] = verdicts.get("nonlinear", 0)
+        share["undecided"] = unsure
+        share["percent_linear_confident"] = 100.0 * sure / alive if alive else float("nan")
+        share["percent_linear_possible"] = (
+            100.0 * (sure + unsure) / alive if alive else float("nan")
+        )
         low, high = table["d_low"].to_numpy(), table["d_high"].to_numpy()  # NaN when dead
         share["mlp_gain_beyond_noise"] = int(np.sum(low > 0))
         share["mlp_loss_beyond_noise"] = int(np.sum(high < 0))
-    if contexts is not None and config is not None and alive:
-        reps = contexts.replicates(config.n_boot, config.seed)
-        variance = table["variance"].to_numpy()
-        alive_mask = (table["status"] != "dead").to_numpy()
-        factor = _form_scale(config.form, variance, seed_scale(layer_norm, min_layer_norm))
-        shares = 100.0 * ((reps * factor)[:, alive_mask] <= config.tau).mean(axis=1)
-        tail = (1 - config.level) / 2
-        low, high = np.quantile(shares, [tail, 1 - tail])
-        share["percent_linear_low"], share["percent_linear_high"] = float(low), float(high)
     return share
 
 

@@ -52,14 +52,13 @@ def format_share(c: dict[str, Any], tau: float, form: str) -> str:
         f"  linear share: {c['percent_linear']:.1f}% of {c['alive']:,} alive output features "
         f"are linear at τ = {tau:g} ({form} form)"
     )
-    if "percent_linear_low" in c:
-        line += f", 95% interval {c['percent_linear_low']:.1f}–{c['percent_linear_high']:.1f}%"
     line += f"; {c['dead']:,} dead"
     if "undecided" in c:
         line += (
-            f"\n  beyond d's noise floor (bootstrap over held-out contexts): "
+            f"\n  d's noise floor (95% bootstrap over held-out contexts): "
             f"{c['confident_linear']:,} linear, {c['confident_nonlinear']:,} nonlinear, "
-            f"{c['undecided']:,} undecided; the mlp gains beyond noise on "
+            f"{c['undecided']:,} undecided, so {c['percent_linear_confident']:.1f}–"
+            f"{c['percent_linear_possible']:.1f}% linear; the mlp gains beyond noise on "
             f"{c['mlp_gain_beyond_noise']:,} features"
         )
     return line
