@@ -241,3 +241,33 @@ def test_path_agrees_with_sgd_on_a_larger_problem() -> None:
     exact_held = heldout_nmse(exact, _stats(x[held], y[held]))[0]
     np.testing.assert_allclose(sgd.heldout_nmse, exact_held, atol=5e-3)
     assert np.all((w_exact != 0)[np.abs(truth) > 0.5])  # the clearly planted inputs are found
+
+
+def _lasso_objective(g: np.ndarray, c: np.ndarray, w: np.ndarray, lam: float) -> float:
+    return float(0.5 * w @ g @ w - c @ w + lam * np.abs(w).sum())
+
+
+def test_newton_jump_never_raises_the_objective_on_nearly_collinear_inputs() -> None:
+    """The sign-fixed solve on a nearly singular Gram can land far off; the jump must then
+    be refused (on SmolLM2 codes one output's path diverged before this guard)."""
+    from coact.connectors._cd import _newton
+
+    rng = np.random.default_rng(0)
+    lam, n = 0.01, 6
+    refused = 0
+    for _ in range(300):
+        base = rng.exponential(1, (n, 200)) * (rng.random((n, 200)) < 0.3)
+        base[1] = base[0] * (1 + 1e-7 * rng.standard_normal(200))  # near copies of input 0
+        base[2] = base[0] * (1 + 1e-7 * rng.standard_normal(200))
+        g = np.cov(base, bias=True)
+        c = g @ rng.normal(0, 1, n) + 0.01 * rng.standard_normal(n)
+        w = np.abs(rng.normal(0, 1, n)) * rng.choice([-1, 1], n)
+        start = w.copy()
+        r = c - g @ w
+        before = _lasso_objective(g, c, w, lam)
+        _newton(g, r, w, np.arange(n), n, lam)
+        assert _lasso_objective(g, c, w, lam) <= before + 1e-12 * abs(before)
+        scale = np.abs(c).max() + np.abs(g).max() * np.abs(w).sum()  # rounding of G w
+        np.testing.assert_allclose(r, c - g @ w, atol=1e-7 * scale)
+        refused += np.array_equal(w, start)
+    assert refused < 300  # most jumps are taken: the guard refuses only bad ones

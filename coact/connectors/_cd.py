@@ -221,13 +221,27 @@ def _newton(g, r_act, w, order, n_act, lj):
                 keep[kept] = keep[a]
                 kept += 1
         if kept == q:
+            # Accept only a descent: with G_nz nearly singular the solve can land far off.
+            # Objective on the active set: ½wᵀGw − cᵀw + λ‖w‖₁ = −½ wᵀ(c + r) + λ‖w‖₁.
+            before = 0.0
             for t in range(n_act):
-                w[order[t]] = 0.0
-            for a in range(q):
-                w[order[keep[a]]] = new[a]
+                wt = w[order[t]]
+                before += -0.5 * wt * (c_act[t] + r_act[t]) + lj * abs(wt)
+            r_new = np.empty(n_act)
             for u in range(n_act):  # r = c − G w afresh
-                r_act[u] = c_act[u]
+                r_new[u] = c_act[u]
                 for a in range(q):
-                    r_act[u] -= g[u, keep[a]] * new[a]
+                    r_new[u] -= g[u, keep[a]] * new[a]
+            after = 0.0
+            for a in range(q):
+                t = keep[a]
+                after += -0.5 * new[a] * (c_act[t] + r_new[t]) + lj * abs(new[a])
+            if after < before:
+                for t in range(n_act):
+                    w[order[t]] = 0.0
+                for a in range(q):
+                    w[order[keep[a]]] = new[a]
+                for u in range(n_act):
+                    r_act[u] = r_new[u]
             return
         q = kept
