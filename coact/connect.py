@@ -14,6 +14,7 @@ that starts from it, both without L1). Everything lands in `<run>/connect/`:
     top_tokens.parquet  the tokens each feature of either site fires hardest on
     mlp_curve.parquet   the mlp fit's loss per step (and per epoch on held-back contexts)
     linearity_contexts.npz  per held-out context Σ(e_lin² − e_mlp²): d's bootstrap
+    linearity_connectors.safetensors  the least-squares maps and mlps the table rests on
     connect.json        the headline figures (written last: its presence marks completion)
 """
 
@@ -31,6 +32,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from coact.connectors.exact import (
@@ -42,7 +45,7 @@ from coact.connectors.exact import (
     mse,
     refit_support,
 )
-from coact.connectors.families import SparseConnector, csr_batch, dense_rows
+from coact.connectors.families import SparseConnector, csr_batch, dense_rows, make_connector
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.errors import CoactError
 from coact.files import atomic_write
@@ -60,6 +63,7 @@ from coact.sweep import elbow
 
 Decode = Callable[[list[int]], str]
 LINEAR_MAP_ENTRIES = 2**26  # dense least-squares map per chunk: 512 MiB in float64
+CONNECTORS_FILE = "linearity_connectors.safetensors"
 CONTEXTS_FILE = "linearity_contexts.npz"  # per held-out context error sums: d's noise floor
 
 
@@ -171,6 +175,7 @@ def connect(
     }.items():
         atomic_write(out_dir / f"{name}.parquet", frame.write_parquet)
     atomic_write(out_dir / CONTEXTS_FILE, contexts.save)
+    save_linearity_connectors(out_dir / CONNECTORS_FILE, fits.connectors)
     share = percent_linear(table)
     stable = (
         float(weights["in_both"].to_numpy().mean()) if config.stability and len(weights) else None
@@ -216,6 +221,50 @@ class _LinearityFits:
     epochs_run: int  # the most over chunks
     best_epoch: int | None  # the latest over chunks
     chunks: int
+    connectors: list[tuple[np.ndarray, SparseConnector]]  # (outputs, mlp with linear skip)
+
+
+def save_linearity_connectors(
+    path: Path, connectors: list[tuple[np.ndarray, SparseConnector]]
+) -> None:
+    """Each chunk's outputs and mlp (its fixed skip is the least-squares map), so later
+    stages (splicing, causal checks) predict with exactly the fits the table rests on."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, (outputs, connector) in enumerate(connectors):
+        tensors[f"{k}.outputs"] = torch.as_tensor(outputs, dtype=torch.int64)
+        for name, value in connector.state_dict().items():
+            tensors[f"{k}.{name}"] = value.detach().cpu().contiguous()
+        assert connector.skip_weight is not None and connector.skip_bias is not None
+        tensors[f"{k}.skip_weight"] = connector.skip_weight.cpu().contiguous()
+        tensors[f"{k}.skip_bias"] = connector.skip_bias.cpu().contiguous()
+    meta = {"chunks": str(len(connectors))}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_linearity_connectors(
+    path: str | Path, device: str = "cpu"
+) -> list[tuple[np.ndarray, SparseConnector]]:
+    """The inverse of `save_linearity_connectors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoactError(f"no fitted connectors at {path}; run `coact connect` first")
+    out = []
+    with safe_open(str(path), framework="pt") as f:
+        n_chunks = int(f.metadata()["chunks"])
+        for k in range(n_chunks):
+            weight_in = f.get_tensor(f"{k}.weight_in")
+            skip = f.get_tensor(f"{k}.skip_weight")
+            connector = make_connector(
+                "mlp", skip.shape[0], skip.shape[1], hidden=weight_in.shape[1]
+            )
+            connector.load_state_dict(
+                {name: f.get_tensor(f"{k}.{name}") for name in connector.state_dict()}
+            )
+            connector.skip_weight = skip.to(device)
+            connector.skip_bias = f.get_tensor(f"{k}.skip_bias").to(device)
+            outputs = f.get_tensor(f"{k}.outputs").numpy()
+            out.append((outputs, connector.to(device).eval().requires_grad_(False)))
+    return out
 
 
 def _linearity_fits(
@@ -235,6 +284,7 @@ def _linearity_fits(
     mse_linear, mse_mlp = np.zeros(y.shape[1]), np.zeros(y.shape[1])
     w2_large = np.zeros(y.shape[1], dtype=np.int64)
     diffs, curves, epochs, bests = [], [], [], []
+    connectors = []
     tokens = None
     for k, outputs in enumerate(tqdm(chunks, desc="linearity", disable=len(chunks) == 1)):
         w_lin, b_lin = linear_fit(stats, outputs=outputs)
@@ -272,11 +322,12 @@ def _linearity_fits(
         curves.append(_curve(mlp.loss_nmse, mlp.validation_nmse).with_columns(chunk=k))
         epochs.append(len(mlp.validation_nmse))
         bests.append(mlp.best_epoch)
+        connectors.append((outputs, mlp.connector))
     assert tokens is not None
     known = [b for b in bests if b is not None]
     return _LinearityFits(
         mse_linear, mse_mlp, HeldoutContexts(np.hstack(diffs), tokens), w2_large,
-        pl.concat(curves), max(epochs), max(known) if known else None, len(chunks),
+        pl.concat(curves), max(epochs), max(known) if known else None, len(chunks), connectors,
     )  # fmt: skip
 
 

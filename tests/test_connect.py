@@ -197,3 +197,20 @@ def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_pat
     assert many["status"].to_list() == one["status"].to_list()
     curve = pl.read_parquet(tmp_path / "chunked" / "mlp_curve.parquet")
     assert sorted(curve["chunk"].unique().to_list()) == [0, 1, 2]
+
+
+def test_saved_connectors_predict_what_the_table_measured(store, result) -> None:
+    from coact.connect import load_linearity_connectors
+    from coact.connectors.families import csr_batch
+
+    _, out = result
+    (outputs, mlp), *rest = load_linearity_connectors(out / "linearity_connectors.safetensors")
+    assert rest == [] and outputs.tolist() == list(range(5))
+    x, y = store.read_site("mlp_resid.1"), store.read_site("mlp_out.1").toarray()
+    groups = store.read_tokens()["context"].to_numpy()
+    _, held = split_rows(N, CONFIG.heldout_fraction, CONFIG.seed, groups)
+    batch = csr_batch(sp.csr_matrix(x, dtype=np.float32), held)
+    features = pl.read_parquet(out / "features.parquet")
+    for predict, column in ((mlp.skip_prediction, "mse_linear"), (mlp, "mse_mlp")):
+        mse = ((predict(batch).numpy() - y[held]) ** 2).mean(0)
+        np.testing.assert_allclose(mse, features[column].to_numpy(), rtol=1e-3, atol=1e-6)
