@@ -87,6 +87,16 @@ class Adapter:
             return ModulePoint(f"{block}.{self.mlp}", "input")
         return ModulePoint(f"{block}.{self.mlp}", "output")
 
+    def mlp_input_point(self, layer: int) -> ModulePoint:
+        """The stream the MLP of `layer` reads, as its norm's input: editing it there changes
+        what the MLP sees and nothing else (the residual stream carries on untouched)."""
+        self.check(Site("mlp_out", layer))
+        return ModulePoint(f"{self.block(layer)}.{self.mlp_norm}", "input")
+
+    def mlp_path(self, layer: int) -> str:
+        self.check(Site("mlp_out", layer))
+        return f"{self.block(layer)}.{self.mlp}"
+
     def order_key(self, site: Site) -> tuple[int, int]:
         """Sort key that puts sites in execution order."""
         kind = self.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind

@@ -100,6 +100,43 @@ def spliced_logits(
     return result.logits if hasattr(result, "logits") else result[0]
 
 
+MlpSpliceFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@torch.no_grad()
+def mlp_spliced_logits(lm: LoadedModel, tokens: Tensor, layer: int, fn: MlpSpliceFn) -> Tensor:
+    """Logits of a full pass with the MLP output of `layer` replaced by fn(stream the MLP
+    reads, MLP output): e.g. a connector's prediction from the MLP's input features."""
+    model = wrap(lm)
+    point = lm.adapter.mlp_input_point(layer)
+    with model.trace(tokens.to(lm.device)):
+        stream = _read(resolve(model, point.path), point)
+        mlp = resolve(model, lm.adapter.mlp_path(layer))
+        mlp.output = fn(stream, mlp.output)
+        logits = model.output.save()
+    result = _as_tensor(logits)
+    return result.logits if hasattr(result, "logits") else result[0]
+
+
+@torch.no_grad()
+def mlp_output_after_edit(
+    lm: LoadedModel, tokens: Tensor, layer: int, edit: SpliceFn
+) -> tuple[Tensor, Tensor]:
+    """(stream the MLP read, MLP output) with that stream replaced by edit(stream) for the
+    MLP only; the pass stops after the MLP. For causal checks of connections."""
+    model = wrap(lm)
+    point = lm.adapter.mlp_input_point(layer)
+    assert point.port == "input" and point.index is None
+    with model.trace(tokens.to(lm.device)) as tracer:
+        norm = resolve(model, point.path)
+        edited = edit(norm.input)
+        norm.input = edited
+        saved_in = edited.save()  # type: ignore[attr-defined]
+        saved_out = resolve(model, lm.adapter.mlp_path(layer)).output.save()
+        tracer.stop()
+    return _as_tensor(saved_in), _as_tensor(saved_out)
+
+
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-position cross-entropy of predicting token t+1, shape (batch, seq-1), in nats."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

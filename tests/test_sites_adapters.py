@@ -119,3 +119,25 @@ def test_nan_activations_are_a_clear_error() -> None:
         resolve(lm.model, f"{lm.adapter.block(0)}.mlp.down_proj").weight[0, 0] = float("nan")
     with pytest.raises(CoactError, match=r"non-finite \(NaN or inf\) activations at mlp_out\[0\]"):
         capture(lm, _tokens(), [Site("mlp_out", 0)])
+
+
+def test_mlp_splice_and_edit_by_hand(tiny: LoadedModel) -> None:
+    """Replacing the MLP output by itself is the clean pass; editing the stream the MLP
+    reads changes the MLP's output to exactly MLP(norm(edited)), brute force."""
+    from coact.adapters import resolve
+    from coact.tracing import mlp_output_after_edit, mlp_spliced_logits
+
+    lm = tiny
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    clean = spliced_logits(lm, ids, None, None)
+    torch.testing.assert_close(mlp_spliced_logits(lm, ids, 1, lambda s, o: o), clean)
+    zeroed = spliced_logits(lm, ids, Site("mlp_out", 1), torch.zeros_like)
+    got = mlp_spliced_logits(lm, ids, 1, lambda s, o: torch.zeros_like(o))
+    torch.testing.assert_close(got, zeroed)
+    stream = capture(lm, ids, [Site("mlp_resid", 1)])[Site("mlp_resid", 1)]
+    edited_in, edited_out = mlp_output_after_edit(lm, ids, 1, lambda x: 0.5 * x)
+    torch.testing.assert_close(edited_in, 0.5 * stream)
+    point = lm.adapter.mlp_input_point(1)
+    norm, mlp = resolve(lm.model, point.path), resolve(lm.model, lm.adapter.mlp_path(1))
+    with torch.no_grad():
+        torch.testing.assert_close(edited_out, mlp(norm(0.5 * stream)))
