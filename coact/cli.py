@@ -184,13 +184,51 @@ def connect(
 
 
 @app.command()
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    tolerance: Annotated[
+        float, typer.Option(help="ε: extra ΔCE over the mlp splice allowed, nats per token")
+    ] = 0.01,
+    contexts: Annotated[int, typer.Option(help="held-out contexts to measure on")] = 48,
+    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
+    no_causal: Annotated[bool, typer.Option(help="skip the causal check of connections")] = False,
+) -> None:
+    """Calibrate τ against the model's next-token loss (noise curves, splices, causal
+    check); everything else in the run is reused. Writes <run>/calibrate/."""
+    import dataclasses
+
+    from coact.pipeline import AnalyzeConfig
+    from coact.pipeline import analyze as run_analyze
+    from coact.summary import format_calibrate
+
+    config = AnalyzeConfig.from_dict(_run_config(run))
+    settings = dataclasses.replace(
+        config.calibrate_settings,
+        tolerance=tolerance,
+        contexts=contexts,
+        form=_form(form),
+        causal=not no_causal,
+    )
+    config = dataclasses.replace(
+        config, run_dir=str(run), connect=True, calibrate=True, calibrate_settings=settings
+    )
+    summary = run_analyze(config)
+    typer.echo(format_calibrate(summary["calibrate"]))
+
+
+@app.command()
 def linearity(
     run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
-    tau: Annotated[float, typer.Option(help="linearity threshold on d(j)")] = 0.001,
-    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
+    tau: Annotated[
+        float | None,
+        typer.Option(help="threshold on d(j); default: the calibrated τ, else the seed's 0.001"),
+    ] = None,
+    form: Annotated[
+        str | None, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")
+    ] = None,
 ) -> None:
     """Re-read the linearity table at another τ or form (no refitting) and print the share."""
-    from coact.linearity import LinearityConfig, percent_linear, relabel
+    from coact.linearity import SEED_TAU, LinearityConfig, percent_linear, relabel
     from coact.summary import format_share
 
     path = run / "connect" / "features.parquet"
@@ -198,10 +236,15 @@ def linearity(
         raise CoactError(f"no linearity table at {path}; run `coact connect {run}` first")
     import polars as pl
 
-    config = LinearityConfig(tau=tau, form=_form(form))
-    table = relabel(pl.read_parquet(path), config)
-    share = percent_linear(table)
-    typer.echo(format_share(share, tau, form).strip())
+    calibrated = run / "calibrate" / "calibrate.json"
+    if tau is None and calibrated.is_file():
+        headline = json.loads(calibrated.read_text())
+        tau, form = float(headline["tau"]), form or str(headline["form"])
+        typer.echo(f"calibrated τ = {tau:.4g} ({form} form), from {calibrated}")
+    tau = SEED_TAU if tau is None else tau
+    form = form or "seed"
+    table = relabel(pl.read_parquet(path), LinearityConfig(tau=tau, form=_form(form)))
+    typer.echo(format_share(percent_linear(table), tau, form).strip())
 
 
 def _form(form: str) -> Literal["raw", "fvu", "seed"]:

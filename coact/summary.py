@@ -20,6 +20,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("connect"):
         lines.append(format_connect(summary["connect"]))
+    if summary.get("calibrate"):
+        lines.append(format_calibrate(summary["calibrate"]))
     lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
     lines.append(f"  run directory: {summary['run_dir']}  (summary.json inside)")
     return "\n".join(lines)
@@ -62,3 +64,41 @@ def format_share(c: dict[str, Any], tau: float, form: str) -> str:
             f"{c['mlp_gain_beyond_noise']:,} features"
         )
     return line
+
+
+def format_calibrate(c: dict[str, Any]) -> str:
+    """Calibrated τ, the spliced losses, the relabelled share and the causal agreement."""
+    sp = c["splices"]
+
+    def splice(name: str) -> str:
+        s = sp[name]
+        return (
+            f"{name} ΔCE {s['delta_ce']:+.3f} [{s['delta_ce_low']:+.3f}, {s['delta_ce_high']:+.3f}]"
+            f" KL {s['kl']:.3f}, {100 * s['ce_recovered']:.0f}% recovered"
+        )
+
+    cal, seed = c["linear_calibrated"], c["linear_seed_tau"]
+    lines = [
+        f"  calibration ({c['n_contexts']} held-out contexts, {c['n_tokens']:,} tokens): "
+        f"τ = {c['tau']:.3g} ({c['form']} form), the largest whose extra ΔCE over the mlp "
+        f"splice stays ≤ ε = {c['tolerance']:g} nats",
+        f"  spliced MLP output (clean CE {c['ce_clean']:.3f} nats): "
+        + "; ".join(splice(k) for k in ("sae", "linear", "mlp", "zero")),
+        f"  linear share at calibrated τ: {cal['percent_linear']:.1f}% of {cal['alive']:,} alive "
+        f"({cal.get('percent_linear_confident', float('nan')):.1f}–"
+        f"{cal.get('percent_linear_possible', float('nan')):.1f}% beyond d's noise); at the "
+        f"seed's τ = 0.001: {seed['percent_linear']:.1f}%",
+    ]
+    if c.get("causal"):
+        k = c["causal"]
+        lines.append(
+            f"  causal check of {k['judged']:,} strong connections (input ablated in the "
+            f"model): sign agrees {100 * k['sign_agrees']:.0f}%, size within 2× "
+            f"{100 * k['size_agrees']:.0f}%, both {100 * k['both_agree']:.0f}%"
+        )
+    t = c["timings"]
+    lines.append(
+        f"  calibration took {t['total_s']:.0f} s, {100 * t['forward_s'] / t['total_s']:.0f}% "
+        f"of it in forward passes; tables: {c['directory']}"
+    )
+    return "\n".join(lines)

@@ -172,6 +172,8 @@ class LassoPath:
     n_iter: np.ndarray  # (n_alphas,) sweeps, max over chunks
     converged: np.ndarray  # (n_alphas,) every output's duality gap ≤ tol within max_iter
     outputs: np.ndarray  # which output columns of the stats these are
+    max_gap: np.ndarray  # (n_alphas,) the largest duality gap over outputs (normalised)
+    unconverged: np.ndarray  # (n_alphas,) outputs whose gap stayed above tol
 
 
 class _ChunkCD:
@@ -263,6 +265,7 @@ def lasso_path(
     parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in alphas]
     intercepts = np.tile(ybar[outputs], (n_a, 1))
     n_iter, converged = np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool)
+    max_gap, unconverged = np.zeros(n_a), np.zeros(n_a, dtype=np.int64)
     nmse = np.full((n_a, m), np.nan)
     bar = tqdm(total=len(chunks) * n_a, desc="L1 path", unit="α·chunk", disable=not progress)
     for pos in chunks:
@@ -272,6 +275,8 @@ def lasso_path(
         for i, alpha in enumerate(alphas):
             n_iter[i] = max(n_iter[i], cd.solve(float(alpha)))
             converged[i] &= cd.converged
+            max_gap[i] = max(max_gap[i], float(cd.gap.max(initial=0.0)))
+            unconverged[i] += int((cd.gap > config.tol).sum())
             cols, rows = np.nonzero(cd.W)
             parts[i].append((rows, pos[cols], cd.W[cols, rows]))
             intercepts[i, pos] -= cd.S
@@ -290,7 +295,9 @@ def lasso_path(
                 (vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=(stats.n_in, m)
             )
         )
-    return LassoPath(alphas, coef, intercepts, nmse, dead, n_iter, converged, outputs)
+    return LassoPath(
+        alphas, coef, intercepts, nmse, dead, n_iter, converged, outputs, max_gap, unconverged
+    )
 
 
 def mse(

@@ -1,0 +1,424 @@
+"""`calibrate`: how much error can a feature carry before the model's own loss notices?
+
+Two measurements at the MLP output of one layer, on contexts the connectors never trained
+on (their held-out contexts):
+
+1. Noise injection: isotropic Gaussian noise, and noise along the output SAE's decoder
+   directions of the active features, at a range of normalised MSEs; ΔCE and KL per
+   strength (`noise.parquet`).
+2. Splicing: the MLP output replaced by the output SAE's reconstruction, by the decoded
+   prediction of the linear connector (least squares), of the mlp connector, of a mix
+   (linear for features whose d(j) ≤ τ, mlp for the rest) at candidate thresholds τ, and
+   by zero (`splices.parquet`).
+
+The calibrated τ is the largest candidate whose extra ΔCE over the all-mlp splice (paired
+by context) stays ≤ ε, for it and every smaller candidate. The linearity table is then
+relabelled at that τ with the seed's 0.001 beside it (`linearity.parquet`), and a sample of
+strong connections is checked causally (`causal.parquet`, see `coact.causal`). The
+headline lands in `calibrate.json`, written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from coact.connect import CONNECTORS_FILE, load_linearity_connectors
+from coact.connectors.families import SparseConnector
+from coact.errors import CoactError
+from coact.files import atomic_write
+from coact.intervene import (
+    NOISE_KINDS,
+    activation_variance,
+    bootstrap_mean_ratio,
+    context_losses,
+    noise_curve,
+)
+from coact.linearity import SEED_TAU, Form, LinearityConfig, percent_linear, relabel
+from coact.models import LoadedModel
+from coact.sae.base import Sae
+from coact.sites import Site
+from coact.tracing import capture, mlp_spliced_logits, spliced_logits
+
+Splice = Callable[[Tensor, Tensor], Tensor]  # (stream the MLP reads, MLP output) → output
+_COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    layer: int
+    contexts: int = 48  # calibration contexts, taken from the connectors' held-out ones
+    batch_size: int = 8
+    strengths: tuple[float, ...] = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    noise_kinds: tuple[str, ...] = ("isotropic", "sae")
+    n_taus: int = 10  # candidate thresholds: quantiles of d over the alive features
+    tolerance: float = 0.01  # ε: extra ΔCE over the all-mlp splice, nats per token
+    form: Form = "seed"  # the form of d that τ applies to (as in the linearity table)
+    n_boot: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    skip_first_positions: int = 1  # BOS: never encoded, never spliced
+    causal: bool = True
+    causal_connections: int = 100
+    progress: bool = True
+
+
+def candidate_taus(d: np.ndarray, n_taus: int) -> np.ndarray:
+    """Ascending thresholds: one under every d (all features use the mlp), the quantiles
+    of d in between, the largest d (all linear), and the seed's 0.001 if in range."""
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return np.array([SEED_TAU])
+    below = d.min() - max(abs(d.min()), 1e-12) * 1e-6
+    grid = np.quantile(d, np.linspace(0, 1, n_taus + 1))
+    taus = np.concatenate([[below], grid, [SEED_TAU] if d.min() <= SEED_TAU <= d.max() else []])
+    return np.unique(taus)
+
+
+def pick_tau(taus: np.ndarray, extra_ce: np.ndarray, tolerance: float) -> float:
+    """The largest τ whose extra ΔCE, and that of every smaller τ, is ≤ tolerance."""
+    order = np.argsort(taus)
+    ok = np.cumprod(extra_ce[order] <= tolerance).astype(bool)
+    if not ok.any():
+        return float(taus[order][0])
+    return float(taus[order][np.flatnonzero(ok).max()])
+
+
+@contextmanager
+def forward_clock(lm: LoadedModel) -> Iterator[list[float]]:
+    """Seconds spent inside the model's forward passes (hooks on the root module); a pass
+    stopped early by nnsight is counted up to its stop via the next pass or the exit."""
+    total = [0.0]
+    started: list[float] = []
+
+    def pre(*_: Any) -> None:
+        if started:  # the previous pass stopped early: count it up to now
+            total[0] += time.perf_counter() - started.pop()
+        started.append(time.perf_counter())
+
+    def post(*_: Any) -> None:
+        if started:
+            total[0] += time.perf_counter() - started.pop()
+
+    handles = [
+        lm.model.register_forward_pre_hook(pre),
+        lm.model.register_forward_hook(post),
+    ]
+    try:
+        yield total
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class _Predictor:
+    """Decoded connector predictions for one batch, computed once, mixed per τ."""
+
+    linear: Tensor  # batch × seq × n_out codes
+    mlp: Tensor
+
+
+def _predict(
+    codes: Tensor, connectors: list[tuple[np.ndarray, SparseConnector]], n_out: int
+) -> _Predictor:
+    flat = codes.reshape(-1, codes.shape[-1]).float().to_sparse_csr()
+    linear = torch.zeros(flat.shape[0], n_out)
+    mlp = torch.zeros(flat.shape[0], n_out)
+    for outputs, connector in connectors:
+        index = torch.as_tensor(outputs)
+        linear[:, index] = connector.skip_prediction(flat).cpu()
+        mlp[:, index] = connector(flat).cpu()
+    shape = (*codes.shape[:-1], n_out)
+    return _Predictor(linear.reshape(shape), mlp.reshape(shape))
+
+
+def _replace_after(out: Tensor, new: Tensor, skip: int) -> Tensor:
+    result = out.clone()
+    result[:, skip:] = new[:, skip:].to(out.dtype)
+    return result
+
+
+def calibrate(
+    lm: LoadedModel,
+    sae_in: Sae,
+    sae_out: Sae,
+    tokens: Tensor,
+    connect_dir: str | Path,
+    out_dir: str | Path,
+    config: CalibrateConfig,
+) -> dict[str, Any]:
+    """Measure noise curves and splices, pick τ, relabel, check connections; write tables."""
+    connect_dir, out_dir = Path(connect_dir), Path(out_dir)
+    features_path = connect_dir / "features.parquet"
+    if not features_path.is_file():
+        raise CoactError(f"no linearity table at {features_path}; run `coact connect` first")
+    features = pl.read_parquet(features_path)
+    connectors = load_linearity_connectors(connect_dir / CONNECTORS_FILE, str(lm.device))
+    tokens = tokens[: config.contexts]
+    skip = config.skip_first_positions
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] <= skip + 1:
+        raise CoactError(f"calibration needs a batch of contexts, got {tuple(tokens.shape)}")
+    key = _key(lm, sae_in, sae_out, tokens, connect_dir, config)
+    done = out_dir / "calibrate.json"
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("key") == key:
+            return dict(previous)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    site_out = Site("mlp_out", config.layer)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with forward_clock(lm) as forward_s:
+        clock = time.perf_counter()
+        variance = activation_variance(
+            lm, tokens, site_out, batch_size=config.batch_size, skip_first_positions=skip
+        )
+        kinds = config.noise_kinds
+        noise = pl.concat([_noise(lm, tokens, sae_out, variance, k, config) for k in kinds])
+        timings["noise_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        splices = _splices(lm, sae_in, sae_out, tokens, features, connectors, config)
+        splices = _with_implied_nmse(splices, features, sae_out, variance, config.form)
+        timings["splices_s"] = time.perf_counter() - clock
+        extra = splices.filter(pl.col("tau").is_not_null())
+        tau = pick_tau(
+            extra["tau"].to_numpy(), extra["extra_delta_ce"].to_numpy(), config.tolerance
+        )
+
+        causal_table = None
+        if config.causal:
+            clock = time.perf_counter()
+            causal_table = _causal(lm, sae_in, sae_out, tokens, connect_dir, connectors, config)
+            timings["causal_s"] = time.perf_counter() - clock
+    timings["forward_s"] = forward_s[0]
+    timings["total_s"] = time.perf_counter() - started
+
+    calibrated = relabel(features, LinearityConfig(tau=tau, form=config.form))
+    seed_labels = relabel(features, LinearityConfig(tau=SEED_TAU, form=config.form))
+    table = calibrated.select("feature", "d", "d_fvu", "d_seed", "status", "verdict").with_columns(
+        seed_status=seed_labels["status"], seed_verdict=seed_labels["verdict"]
+    )
+    atomic_write(out_dir / "noise.parquet", noise.write_parquet)
+    atomic_write(out_dir / "splices.parquet", splices.write_parquet)
+    atomic_write(out_dir / "linearity.parquet", table.write_parquet)
+    if causal_table is not None:
+        atomic_write(out_dir / "causal.parquet", causal_table.write_parquet)
+    summary = _summary(config, tau, tokens, splices, calibrated, seed_labels, causal_table)
+    summary.update(key=key, directory=str(out_dir), timings=timings, reference_variance=variance)
+    atomic_write(
+        out_dir / "calibrate.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
+    )
+    return summary
+
+
+def _key(
+    lm: LoadedModel, sae_in: Sae, sae_out: Sae, tokens: Tensor, connect_dir: Path,
+    config: CalibrateConfig,
+) -> str:  # fmt: skip
+    """What a calibration depends on: model, SAEs, tokens, the connectors' result, config."""
+    from coact.collect import sae_fingerprint
+
+    connected = json.loads((connect_dir / "connect.json").read_text()).get("key", "")
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    text = json.dumps(
+        [lm.fingerprint(), sae_fingerprint(sae_in), sae_fingerprint(sae_out), connected,
+         hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(), settings],
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _splices(
+    lm: LoadedModel,
+    sae_in: Sae,
+    sae_out: Sae,
+    tokens: Tensor,
+    features: pl.DataFrame,
+    connectors: list[tuple[np.ndarray, SparseConnector]],
+    config: CalibrateConfig,
+) -> pl.DataFrame:
+    """CE and KL of every splice per context, then token-weighted means with intervals;
+    the τ rows also carry their extra ΔCE over the all-mlp splice, paired by context."""
+    skip, layer = config.skip_first_positions, config.layer
+    d = features[_COLUMN[config.form]].to_numpy().astype(float)
+    alive = (features["status"] != "dead").to_numpy()
+    taus = candidate_taus(d[alive], config.n_taus)
+    masks = {f"tau={t:.6g}": torch.as_tensor(~alive | (d <= t)) for t in taus}
+    names = ["sae", "linear", "mlp", *masks, "zero"]
+    site_in = Site("mlp_resid", layer)
+    ce: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *names]}
+    kl: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    counts: list[np.ndarray] = []
+    starts = range(0, tokens.shape[0], config.batch_size)
+    bar = tqdm(total=len(starts) * len(names), desc="splicing", disable=not config.progress)
+    for start in starts:
+        batch = tokens[start : start + config.batch_size].to(lm.device)
+        stream = capture(lm, batch, [site_in])[site_in]
+        predicted = _predict(sae_in.encode(stream), connectors, sae_out.width)
+        decoded = {
+            "linear": sae_out.decode(predicted.linear),
+            "mlp": sae_out.decode(predicted.mlp),
+        }
+        decoded.update(
+            {
+                name: sae_out.decode(torch.where(mask, predicted.linear, predicted.mlp))
+                for name, mask in masks.items()
+            }
+        )
+        clean_logits = spliced_logits(lm, batch, None, None)
+        clean = context_losses(clean_logits, batch, skip)
+        ce["clean"].append(clean.ce)
+        counts.append(clean.n_tokens)
+        for name in names:
+            fn = _splice_fn(name, decoded, sae_out, skip)
+            losses = context_losses(
+                mlp_spliced_logits(lm, batch, layer, fn), batch, skip, clean_logits
+            )
+            ce[name].append(losses.ce)
+            kl[name].append(losses.kl)
+            bar.update(1)
+    bar.close()
+    n = np.concatenate(counts)
+    base = np.concatenate(ce["clean"])
+    spliced = np.stack([np.concatenate(ce[k]) for k in names], axis=1)
+    kls = np.stack([np.concatenate(kl[k]) for k in names], axis=1)
+    ablated, mlp_ce = spliced[:, names.index("zero")], spliced[:, names.index("mlp")]
+    boot = (config.n_boot, config.seed, config.level)
+    delta = bootstrap_mean_ratio(spliced - base[:, None], n, *boot)
+    kl_i = bootstrap_mean_ratio(kls, n, *boot)
+    extra = bootstrap_mean_ratio(spliced - mlp_ce[:, None], n, *boot)
+    recovered = bootstrap_mean_ratio(ablated[:, None] - spliced, ablated - base, *boot)
+    tau_of = {name: float(t) for name, t in zip(masks, taus, strict=True)}
+    linear_count = {name: int(mask.sum()) - int((~alive).sum()) for name, mask in masks.items()}
+    frame = pl.DataFrame(
+        {
+            "splice": names,
+            "tau": [tau_of.get(k) for k in names],
+            "features_linear": [linear_count.get(k) for k in names],
+            "ce_clean": float(base.sum() / n.sum()),
+            "ce_spliced": spliced.sum(0) / n.sum(),
+            "delta_ce": delta.point,
+            "delta_ce_low": delta.low,
+            "delta_ce_high": delta.high,
+            "kl": kl_i.point,
+            "kl_low": kl_i.low,
+            "kl_high": kl_i.high,
+            "extra_delta_ce": extra.point,
+            "extra_delta_ce_low": extra.low,
+            "extra_delta_ce_high": extra.high,
+            "ce_recovered": recovered.point,
+            "ce_recovered_low": recovered.low,
+            "ce_recovered_high": recovered.high,
+            "n_tokens": int(n.sum()),
+            "n_contexts": len(n),
+        },
+        schema_overrides={"tau": pl.Float64, "features_linear": pl.Int64},
+    )
+    return frame
+
+
+def _noise(
+    lm: LoadedModel, tokens: Tensor, sae_out: Sae, variance: float, kind: str,
+    config: CalibrateConfig,
+) -> pl.DataFrame:  # fmt: skip
+    if kind not in NOISE_KINDS:
+        raise CoactError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}")
+    return noise_curve(
+        lm, tokens, Site("mlp_out", config.layer), config.strengths, kind,
+        sae=sae_out, batch_size=config.batch_size, seed=config.seed,
+        skip_first_positions=config.skip_first_positions, n_boot=config.n_boot,
+        level=config.level, reference_variance=variance,
+    )  # fmt: skip
+
+
+def _splice_fn(name: str, decoded: dict[str, Tensor], sae_out: Sae, skip: int) -> Splice:
+    if name == "zero":
+        return lambda stream, out: _replace_after(out, torch.zeros_like(out), skip)
+    if name == "sae":
+        return lambda stream, out: _replace_after(out, sae_out.decode(sae_out.encode(out)), skip)
+    return lambda stream, out: _replace_after(out, decoded[name], skip)
+
+
+def _with_implied_nmse(
+    splices: pl.DataFrame, features: pl.DataFrame, sae_out: Sae, variance: float, form: Form
+) -> pl.DataFrame:
+    """Per τ: Σ over the features it calls linear of d_raw(j)·‖decoder row j‖², over the
+    site's variance: the extra normalised MSE that splice adds if feature errors are
+    independent. It places each splice on the noise curves' x axis."""
+    norms = sae_out.W_dec.detach().float().pow(2).sum(1).cpu().numpy()
+    raw = np.maximum(features["d"].to_numpy().astype(float), 0.0)
+    in_form = features[_COLUMN[form]].to_numpy().astype(float)
+    alive = (features["status"] != "dead").to_numpy()
+    implied = [
+        None if tau is None else float((raw * norms)[alive & (in_form <= tau)].sum() / variance)
+        for tau in splices["tau"].to_list()
+    ]
+    return splices.with_columns(pl.Series("implied_extra_nmse", implied, dtype=pl.Float64))
+
+
+def _causal(
+    lm: LoadedModel,
+    sae_in: Sae,
+    sae_out: Sae,
+    tokens: Tensor,
+    connect_dir: Path,
+    connectors: list[tuple[np.ndarray, SparseConnector]],
+    config: CalibrateConfig,
+) -> pl.DataFrame:
+    from coact.causal import CausalConfig, causal_check
+
+    weights = pl.read_parquet(connect_dir / "weights.parquet")
+    settings = CausalConfig(
+        connections=config.causal_connections,
+        batch_size=config.batch_size,
+        skip_first_positions=config.skip_first_positions,
+    )
+    return causal_check(lm, config.layer, sae_in, sae_out, tokens, weights, connectors, settings)
+
+
+def _summary(
+    config: CalibrateConfig,
+    tau: float,
+    tokens: Tensor,
+    splices: pl.DataFrame,
+    calibrated: pl.DataFrame,
+    seed_labels: pl.DataFrame,
+    causal_table: pl.DataFrame | None,
+) -> dict[str, Any]:
+    rows = {r["splice"]: r for r in splices.iter_rows(named=True)}
+    keep = ("delta_ce", "delta_ce_low", "delta_ce_high", "kl", "ce_recovered", "ce_spliced")
+    summary: dict[str, Any] = {
+        "config": asdict(config),
+        "tau": tau,
+        "tolerance": config.tolerance,
+        "form": config.form,
+        "n_contexts": int(tokens.shape[0]),
+        "n_tokens": int(rows["zero"]["n_tokens"]),
+        "ce_clean": float(rows["zero"]["ce_clean"]),
+        "splices": {k: {c: rows[k][c] for c in keep} for k in ("sae", "linear", "mlp", "zero")},
+        "linear_calibrated": percent_linear(calibrated),
+        "linear_seed_tau": percent_linear(seed_labels),
+    }
+    if causal_table is not None:
+        from coact.causal import causal_summary
+
+        summary["causal"] = causal_summary(causal_table)
+    return summary
+
+
+__all__ = ["CalibrateConfig", "calibrate", "candidate_taus", "pick_tau"]
