@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from coact.connect import CONNECTORS_FILE, load_linearity_connectors
-from coact.connectors.families import SparseConnector
+from coact.connectors.families import SparseBatch, SparseConnector
 from coact.errors import CoactError
 from coact.files import atomic_write
 from coact.intervene import (
@@ -134,15 +134,24 @@ class _Predictor:
 def _predict(
     codes: Tensor, connectors: list[tuple[np.ndarray, SparseConnector]], n_out: int
 ) -> _Predictor:
-    flat = codes.reshape(-1, codes.shape[-1]).float().to_sparse_csr()
-    linear = torch.zeros(flat.shape[0], n_out)
-    mlp = torch.zeros(flat.shape[0], n_out)
+    rows = codes.reshape(-1, codes.shape[-1]).float()
+    flat = _sparse_rows(rows)
+    linear = torch.zeros(rows.shape[0], n_out)
+    mlp = torch.zeros(rows.shape[0], n_out)
     for outputs, connector in connectors:
         index = torch.as_tensor(outputs)
         linear[:, index] = connector.skip_prediction(flat).cpu()
         mlp[:, index] = connector(flat).cpu()
     shape = (*codes.shape[:-1], n_out)
     return _Predictor(linear.reshape(shape), mlp.reshape(shape))
+
+
+def _sparse_rows(dense: Tensor) -> SparseBatch:
+    """Row-major (indices, offsets, values) of a dense batch of codes: what connectors read."""
+    mask = dense != 0
+    offsets = torch.zeros(dense.shape[0] + 1, dtype=torch.long, device=dense.device)
+    offsets[1:] = mask.sum(1).cumsum(0)
+    return SparseBatch(mask.nonzero()[:, 1], offsets, dense[mask])
 
 
 def _replace_after(out: Tensor, new: Tensor, skip: int) -> Tensor:
@@ -258,7 +267,7 @@ def _splices(
     d = features[_COLUMN[config.form]].to_numpy().astype(float)
     alive = (features["status"] != "dead").to_numpy()
     taus = candidate_taus(d[alive], config.n_taus)
-    masks = {f"tau={t:.6g}": torch.as_tensor(~alive | (d <= t)) for t in taus}
+    masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
     names = ["sae", "linear", "mlp", *masks, "zero"]
     site_in = Site("mlp_resid", layer)
     ce: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *names]}

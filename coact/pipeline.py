@@ -1,5 +1,5 @@
 """`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes →
-connectors and linearity → summary.
+connectors and linearity → calibration of τ → summary.
 
 Each step reuses what an earlier run of the same configuration left in the run directory
 (trained SAEs, finished code shards), so a killed run resumes where it stopped.
@@ -11,14 +11,17 @@ import dataclasses
 import hashlib
 import json
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coact.calibrate import CalibrateConfig, calibrate
 from coact.collect import CollectConfig, collect_codes, sae_fingerprint
 from coact.connect import ConnectConfig, connect
+from coact.connectors.train import split_rows
 from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
 from coact.files import atomic_write
@@ -28,6 +31,7 @@ from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluat
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
 from coact.sites import Site
+from coact.store import CodeStore
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,13 @@ class AnalyzeConfig:
     connect_settings: ConnectConfig = field(
         default_factory=lambda: ConnectConfig(in_site="", out_site="")
     )  # its sites are set from `layer`
+    calibrate: bool = True  # calibrate τ against the model's loss (needs `connect`)
+    calibrate_settings: CalibrateConfig = field(default_factory=lambda: CalibrateConfig(layer=-1))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
+        """The config a run wrote to config.json (keys it lacks take today's defaults)."""
+        return _from_dict(cls, data)
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir:
@@ -128,6 +139,11 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         connections = connect(store, settings, run_dir / "connect", decode=decode)
         connections.pop("key", None)
         timings["connect_s"] = time.perf_counter() - t0
+    calibration = None
+    if config.connect and config.calibrate:
+        t0 = time.perf_counter()
+        calibration = run_calibration(config, lm, saes, code_part, store, run_dir)
+        timings["calibrate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
@@ -151,10 +167,55 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
             "bytes_per_token": {slug: store.bytes_per_token(slug) for slug in store.sites},
         },
         "connect": connections,
+        "calibrate": calibration,
         "timings": timings,
     }
     _write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    """A (nested) dataclass from its asdict() form; lists become tuples where typed so."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _from_dict(hint, value)
+        elif isinstance(value, list) and (
+            typing.get_origin(hint) is tuple
+            or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+        ):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def calibration_tokens(code_part: Contexts, store: CodeStore, connect: ConnectConfig) -> Any:
+    """The contexts the connectors held out (the same split `connect` used), as tokens."""
+    groups = store.read_tokens()["context"].to_numpy()
+    _, held = split_rows(len(groups), connect.heldout_fraction, connect.seed, groups)
+    return code_part.tokens[np.unique(groups[held])]
+
+
+def run_calibration(
+    config: AnalyzeConfig,
+    lm: LoadedModel,
+    saes: dict[Site, Sae],
+    code_part: Contexts,
+    store: CodeStore,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Calibrate τ on the connectors' held-out contexts with the run's two SAEs."""
+    connect_settings = dataclasses.replace(config.connect_settings, seed=config.seed)
+    tokens = calibration_tokens(code_part, store, connect_settings)
+    settings = dataclasses.replace(config.calibrate_settings, layer=config.layer, seed=config.seed)
+    sae_in, sae_out = saes[Site("mlp_resid", config.layer)], saes[Site("mlp_out", config.layer)]
+    return calibrate(
+        lm, sae_in, sae_out, tokens, run_dir / "connect", run_dir / "calibrate", settings
+    )
 
 
 def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:

@@ -93,8 +93,8 @@ def format_calibrate(c: dict[str, Any]) -> str:
         k = c["causal"]
         lines.append(
             f"  causal check of {k['judged']:,} strong connections (input ablated in the "
-            f"model): sign agrees {100 * k['sign_agrees']:.0f}%, size within 2× "
-            f"{100 * k['size_agrees']:.0f}%, both {100 * k['both_agree']:.0f}%"
+            f"model): sign agrees {100 * k['share_sign_agrees']:.0f}%, size within 2× "
+            f"{100 * k['share_size_agrees']:.0f}%, both {100 * k['share_both_agree']:.0f}%"
         )
     t = c["timings"]
     lines.append(

@@ -24,3 +24,63 @@ def test_pick_tau_is_the_largest_with_every_smaller_one_within_tolerance() -> No
     assert pick_tau(taus[::-1], extra[::-1], tolerance=0.005) == 0.001  # order-free
     assert pick_tau(taus, extra, tolerance=0.1) == 0.01
     assert pick_tau(taus, np.full(5, 0.5), tolerance=0.1) == -1.0  # nothing passes: all mlp
+
+
+def _calibrated(kind: str, tmp_path, **settings):
+    """Planted model → codes → connectors → calibration, all at test size."""
+    import torch
+
+    from coact.calibrate import CalibrateConfig, calibrate
+    from coact.collect import CollectConfig, collect_codes
+    from coact.connect import ConnectConfig, connect
+    from coact.connectors.exact import LassoPathConfig
+    from coact.corpus import Contexts
+    from coact.pipeline import calibration_tokens
+    from tests.planted_model import planted_model, random_tokens
+
+    plant = planted_model(kind)  # type: ignore[arg-type]
+    tokens = random_tokens(96, 24, seed=1)
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "planted", kind, 96)
+    site_in, site_out = plant.sites
+    store = collect_codes(
+        plant.lm, contexts, {site_in: plant.sae_in, site_out: plant.sae_out}, tmp_path / "codes",
+        CollectConfig(forward_batch=16, shard_contexts=32),
+    )  # fmt: skip
+    linking = ConnectConfig(
+        str(site_in), str(site_out), heldout_fraction=0.25, path=LassoPathConfig(n_alphas=6),
+        mlp_hidden=32, mlp_epochs=30, mlp_lr=1e-2, batch_tokens=128, progress=False,
+    )  # fmt: skip
+    connect(store, linking, tmp_path / "connect")
+    held = calibration_tokens(contexts, store, linking)
+    config = CalibrateConfig(
+        layer=plant.layer, contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False,
+        **settings,
+    )  # fmt: skip
+    out = tmp_path / "calibrate"
+    summary = calibrate(
+        plant.lm, plant.sae_in, plant.sae_out, held, tmp_path / "connect", out, config
+    )
+    return summary, out
+
+
+def test_linear_plant_splices_back_the_clean_model_and_is_all_linear(tmp_path) -> None:
+    import polars as pl
+
+    summary, out = _calibrated("linear", tmp_path)
+    splices = {
+        r["splice"]: r for r in pl.read_parquet(out / "splices.parquet").iter_rows(named=True)
+    }
+    # The output SAE is exact on the plant: splicing its reconstruction is the clean pass.
+    assert abs(splices["sae"]["delta_ce"]) < 1e-5 and splices["sae"]["kl"] < 1e-6
+    # Least squares recovers B exactly, so the decoded prediction is the MLP's own output.
+    assert abs(splices["linear"]["delta_ce"]) < 1e-4 and splices["linear"]["kl"] < 1e-5
+    assert splices["zero"]["ce_recovered"] == 0.0 and splices["linear"]["ce_recovered"] > 0.99
+    # Every candidate τ stays within ε, so τ is the largest: every alive feature is linear.
+    assert summary["linear_calibrated"]["percent_linear"] == 100.0
+    taus = pl.read_parquet(out / "splices.parquet")["tau"].drop_nulls()
+    assert summary["tau"] == taus.max()
+    noise = pl.read_parquet(out / "noise.parquet").filter(pl.col("strength") == 0.0)
+    assert noise.height == 2 and (noise["delta_ce"] == 0.0).all()
+    causal = summary["causal"]
+    assert causal["judged"] > 0 and causal["share_both_agree"] == 1.0
+    assert summary["n_tokens"] == 24 * 22 and (out / "calibrate.json").is_file()
