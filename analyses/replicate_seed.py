@@ -40,7 +40,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress is printed per layer, not by bars
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -61,7 +60,7 @@ from coact.files import atomic_write
 from coact.linearity import LinearityConfig, percent_linear, relabel, seed_scale
 from coact.models import load_model
 from coact.pipeline import AnalyzeConfig, analyze
-from coact.sae.formats import load_sae, save_saelens
+from coact.sae.formats import load_sae
 from coact.sae.train import SaeTrainConfig
 from coact.sites import Site
 from coact.store import CodeStore
@@ -124,29 +123,6 @@ def sae_source(template: str | None, layer: int) -> str | None:
         ) from None
 
 
-def input_sae(source: str | None, layer: int, mlp_resid_kind: str, run_root: Path) -> str | None:
-    """The SAE for mlp_resid[layer], as a path `analyze` accepts.
-
-    Published residual SAEs name the stream by its usual name (a sparsify `layers.{prev}`
-    loads as resid_pre[layer]); `analyze`'s site check accepts an mlp_resid SAE where a
-    residual one is expected but not the reverse. When the SAE's own site is exactly the
-    stream this model's MLP reads (resid_pre for parallel-residual models, resid_mid
-    otherwise), a relabelled SAELens copy is written under the run root and used; any
-    other site is passed through unchanged for `analyze` to judge."""
-    if source is None:
-        return None
-    sae = load_sae(source)
-    if sae.site != f"{mlp_resid_kind}[{layer}]":
-        return source
-    sae.site = str(Site("mlp_resid", layer))
-    sae.metadata["relabelled_from"] = f"{mlp_resid_kind}[{layer}]"
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    target = run_root / "published-saes" / f"{digest}-mlp_resid.{layer}"
-    if not (target / "cfg.json").is_file():
-        save_saelens(sae, target, extra_cfg={"coact_source": source})
-    return str(target)
-
-
 # --- per-layer measurements ------------------------------------------------------------------
 
 
@@ -175,10 +151,10 @@ class LayerResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_analyze(args: argparse.Namespace, layer: int, run_root: Path, mlp_kind: str) -> Any:
+def run_analyze(args: argparse.Namespace, layer: int, run_root: Path) -> Any:
     slug = model_slug(args.model)
     run_dir = run_root / f"{slug}-L{layer}"
-    sae_in = input_sae(sae_source(args.sae_in_template, layer), layer, mlp_kind, run_root)
+    sae_in = sae_source(args.sae_in_template, layer)
     sae_out = sae_source(args.sae_out_template, layer)
     train = SaeTrainConfig(
         expansion=args.sae_expansion, k=args.sae_k, seed=args.seed
@@ -205,6 +181,7 @@ def run_analyze(args: argparse.Namespace, layer: int, run_root: Path, mlp_kind: 
             mlp_epochs=args.linearity_epochs,
             linearity=LinearityConfig(tau=args.tau, form="seed"),
         ),
+        calibrate=args.calibrate,
     )
     return analyze(config)
 
@@ -499,6 +476,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tau", type=float, default=SEED_TAU, help="linearity threshold")
     parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also calibrate τ per layer against the model's loss (coact calibrate)",
+    )
+    parser.add_argument(
         "--linearity-epochs",
         type=int,
         default=_CONNECT_DEFAULTS.mlp_epochs,
@@ -561,7 +543,6 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
     for layer in layers:
         for kind in ("mlp_resid", "mlp_out"):
             lm.adapter.check(Site(kind, layer))
-    mlp_kind = lm.adapter.mlp_resid_kind()
     width = args.sae_expansion * lm.adapter.d_model
     if not (args.sae_in_template and args.sae_out_template) and args.sae_k > width:
         raise CoactError(f"--sae-k {args.sae_k} exceeds the trained SAEs' width {width}")
@@ -572,7 +553,7 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
     for i, layer in enumerate(layers, 1):
         print(f"[{i}/{len(layers)}] layer {layer}: SAEs, codes, L1 path, linearity", flush=True)
         t0 = time.perf_counter()
-        summary = run_analyze(args, layer, run_root, mlp_kind)
+        summary = run_analyze(args, layer, run_root)
         summary["is_seed_model"] = seed_model
         result = LayerResult(layer, Path(summary["run_dir"]), summary)
         result.seconds["analyze_s"] = time.perf_counter() - t0
