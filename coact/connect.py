@@ -65,6 +65,12 @@ Decode = Callable[[list[int]], str]
 LINEAR_MAP_ENTRIES = 2**26  # dense least-squares map per chunk: 512 MiB in float64
 CONNECTORS_FILE = "linearity_connectors.safetensors"
 CONTEXTS_FILE = "linearity_contexts.npz"  # per held-out context error sums: d's noise floor
+OUTPUT_FILES = (
+    *(f"{name}.parquet" for name in ("sweep", "weights", "features", "top_tokens", "mlp_curve")),
+    CONTEXTS_FILE,
+    CONNECTORS_FILE,
+)
+RESULT_VERSION = 2  # bumped when what connect writes changes: older results are redone
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def connect(
     done = out_dir / "connect.json"
     if done.is_file():
         previous = json.loads(done.read_text())
-        if previous.get("key") == key:
+        if previous.get("key") == key and all((out_dir / f).is_file() for f in OUTPUT_FILES):
             return dict(previous)
     out_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
@@ -375,7 +381,10 @@ def _heldout_contexts(
 def _key(store: CodeStore, config: ConnectConfig) -> str:
     """What the result depends on: the codes and the config (not how it is shown)."""
     relevant = {k: v for k, v in asdict(config).items() if k not in ("progress",)}
-    text = json.dumps({"codes": store.fingerprint, "config": relevant}, sort_keys=True)
+    text = json.dumps(
+        {"codes": store.fingerprint, "config": relevant, "version": RESULT_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

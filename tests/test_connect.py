@@ -214,3 +214,16 @@ def test_saved_connectors_predict_what_the_table_measured(store, result) -> None
     for predict, column in ((mlp.skip_prediction, "mse_linear"), (mlp, "mse_mlp")):
         mse = ((predict(batch).numpy() - y[held]) ** 2).mean(0)
         np.testing.assert_allclose(mse, features[column].to_numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_a_result_missing_a_file_is_redone(store, result, tmp_path) -> None:
+    import shutil
+
+    _, out = result
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "linearity_connectors.safetensors").unlink()
+    stamp = (copy / "weights.parquet").stat().st_mtime_ns
+    connect(store, CONFIG, copy)
+    assert (copy / "linearity_connectors.safetensors").is_file()
+    assert (copy / "weights.parquet").stat().st_mtime_ns != stamp
