@@ -189,7 +189,7 @@ def calibrate(
     tolerance: Annotated[
         float, typer.Option(help="ε: extra ΔCE over the mlp splice allowed, nats per token")
     ] = 0.01,
-    contexts: Annotated[int, typer.Option(help="held-out contexts to measure on")] = 48,
+    contexts: Annotated[int, typer.Option(help="held-out contexts to measure on")] = 16,
     form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
     no_causal: Annotated[bool, typer.Option(help="skip the causal check of connections")] = False,
 ) -> None:

@@ -84,25 +84,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
             check_sae_fits(saes[site], site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     to_train = [site for site in sites if site not in saes]
 
-    per_context = config.ctx_len - 1
-    n_code_ctx = -(-config.tokens // per_context)
-    n_train_ctx = -(-config.sae_tokens // per_context) if to_train else 0
-    contexts = build_contexts(
-        CorpusConfig(
-            source=config.corpus,
-            ctx_len=config.ctx_len,
-            n_tokens=(n_train_ctx + n_code_ctx) * per_context,
-            seed=config.seed,
-        ),
-        lm.tokenizer,
-    )
-    if contexts.tokens.shape[0] <= n_train_ctx:
-        raise CoactError(
-            f"corpus {config.corpus!r} gave {contexts.n_tokens} tokens, all needed to train the "
-            f"SAEs ({config.sae_tokens}); lower --sae-tokens or use a larger corpus"
-        )
-    train_part = _slice(contexts, 0, n_train_ctx)
-    code_part = _slice(contexts, n_train_ctx, contexts.tokens.shape[0])
+    train_part, code_part = run_contexts(config, lm)
 
     run_dir = config.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +154,30 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
     }
     _write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def run_contexts(config: AnalyzeConfig, lm: LoadedModel) -> tuple[Contexts, Contexts]:
+    """(contexts that train the SAEs, contexts whose codes are stored): the same corpus
+    slices on every call, so a later stage (calibration) can rebuild them."""
+    per_context = config.ctx_len - 1
+    n_code_ctx = -(-config.tokens // per_context)
+    training = config.sae_in is None or config.sae_out is None
+    n_train_ctx = -(-config.sae_tokens // per_context) if training else 0
+    contexts = build_contexts(
+        CorpusConfig(
+            source=config.corpus,
+            ctx_len=config.ctx_len,
+            n_tokens=(n_train_ctx + n_code_ctx) * per_context,
+            seed=config.seed,
+        ),
+        lm.tokenizer,
+    )
+    if contexts.tokens.shape[0] <= n_train_ctx:
+        raise CoactError(
+            f"corpus {config.corpus!r} gave {contexts.n_tokens} tokens, all needed to train the "
+            f"SAEs ({config.sae_tokens}); lower --sae-tokens or use a larger corpus"
+        )
+    return _slice(contexts, 0, n_train_ctx), _slice(contexts, n_train_ctx, contexts.tokens.shape[0])
 
 
 def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
