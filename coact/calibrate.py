@@ -312,6 +312,7 @@ def _splices(
     delta = bootstrap_mean_ratio(spliced - base[:, None], n, *boot)
     kl_i = bootstrap_mean_ratio(kls, n, *boot)
     extra = bootstrap_mean_ratio(spliced - mlp_ce[:, None], n, *boot)
+    extra_kl = bootstrap_mean_ratio(kls - kls[:, [names.index("mlp")]], n, *boot)
     recovered = bootstrap_mean_ratio(ablated[:, None] - spliced, ablated - base, *boot)
     tau_of = {name: float(t) for name, t in zip(masks, taus, strict=True)}
     linear_count = {name: int(mask.sum()) - int((~alive).sum()) for name, mask in masks.items()}
@@ -331,6 +332,9 @@ def _splices(
             "extra_delta_ce": extra.point,
             "extra_delta_ce_low": extra.low,
             "extra_delta_ce_high": extra.high,
+            "extra_kl": extra_kl.point,
+            "extra_kl_low": extra_kl.low,
+            "extra_kl_high": extra_kl.high,
             "ce_recovered": recovered.point,
             "ce_recovered_low": recovered.low,
             "ce_recovered_high": recovered.high,
