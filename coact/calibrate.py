@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from coact import charts
 from coact.connect import CONNECTORS_FILE, load_linearity_connectors
 from coact.connectors.families import SparseBatch, SparseConnector
 from coact.errors import CoactError
@@ -228,6 +229,9 @@ def calibrate(
     atomic_write(out_dir / "linearity.parquet", table.write_parquet)
     if causal_table is not None:
         atomic_write(out_dir / "causal.parquet", causal_table.write_parquet)
+    site = str(Site("mlp_out", config.layer))
+    charts.save(charts.noise_curves(noise, site), out_dir / "noise")
+    charts.save(charts.threshold_curve(splices, tau, config.tolerance), out_dir / "threshold")
     summary = _summary(config, tau, tokens, splices, calibrated, seed_labels, causal_table)
     summary.update(key=key, directory=str(out_dir), timings=timings, reference_variance=variance)
     atomic_write(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from coact.calibrate import candidate_taus, pick_tau
@@ -84,3 +86,7 @@ def test_linear_plant_splices_back_the_clean_model_and_is_all_linear(tmp_path) -
     causal = summary["causal"]
     assert causal["judged"] > 0 and causal["share_both_agree"] == 1.0
     assert summary["n_tokens"] == 24 * 22 and (out / "calibrate.json").is_file()
+    for chart in ("noise", "threshold"):
+        spec = json.loads((out / f"{chart}.vl.json").read_text())
+        assert "tokens" in spec["title"]["subtitle"]  # every figure states what it rests on
+        assert (out / f"{chart}.png").stat().st_size > 10_000
