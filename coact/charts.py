@@ -91,3 +91,83 @@ def threshold_curve(splices: pl.DataFrame, tau: float, tolerance: float) -> alt.
             f"bootstrap over {n_contexts} contexts, {n_tokens:,} tokens",
         ),
     )
+
+
+def coactivation(
+    data: pl.DataFrame, inputs: list[int], target: int, title: str
+) -> alt.TopLevelMixin:
+    """Input activations against each other on tokens where any input or the target fires,
+    coloured by the target's activation: a grid of pairs for three or four inputs."""
+    names = [f"in {i}" for i in inputs]
+    out = f"out {target}"
+    frame = data.to_pandas()
+    color = alt.Color(f"{out}:Q", title=f"{out} activation", scale=alt.Scale(scheme="viridis"))
+    subtitle = f"{len(frame):,} tokens where an input or the target is active (code units)"
+    if len(names) == 1:
+        chart = (
+            alt.Chart(frame)
+            .mark_circle(size=14, opacity=0.6)
+            .encode(
+                x=alt.X(f"{names[0]}:Q", title=f"{names[0]} activation"),
+                y=alt.Y(f"{out}:Q", title=f"{out} activation"),
+                color=color,
+            )
+        )
+        return chart.properties(width=320, height=260, title=_title(title, subtitle))
+    if len(names) == 2:
+        chart = (
+            alt.Chart(frame)
+            .mark_circle(size=14, opacity=0.6)
+            .encode(
+                x=alt.X(f"{names[0]}:Q", title=f"{names[0]} activation"),
+                y=alt.Y(f"{names[1]}:Q", title=f"{names[1]} activation"),
+                color=color,
+            )
+        )
+        return chart.properties(width=320, height=260, title=_title(title, subtitle))
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    panels = [
+        alt.Chart(frame)
+        .mark_circle(size=10, opacity=0.6)
+        .encode(
+            x=alt.X(f"{a}:Q", title=f"{a} activation"),
+            y=alt.Y(f"{b}:Q", title=f"{b} activation"),
+            color=color,
+        )
+        .properties(width=180, height=160)
+        for a, b in pairs
+    ]
+    rows = [alt.hconcat(*panels[i : i + 3]) for i in range(0, len(panels), 3)]
+    return alt.vconcat(*rows).properties(title=_title(title, subtitle))
+
+
+def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
+    """P(target active) per input pattern as a heat map, with each row's token count."""
+    frame = table.with_columns(
+        pl.format("{} ({} tokens)", pl.col("pattern"), pl.col("count")).alias("row")
+    ).to_pandas()
+    base = alt.Chart(frame).encode(
+        y=alt.Y("row:N", title="inputs active (bit j = input j), tokens", sort=None)
+    )
+    heat = (
+        base.mark_rect()
+        .encode(
+            x=alt.X("quantity:N", title=None, axis=alt.Axis(labels=False, ticks=False)),
+            color=alt.Color("p_active:Q", title="P(target active)", scale=alt.Scale(domain=[0, 1])),
+        )
+        .transform_calculate(quantity="'P(target active)'")
+    )
+    text = (
+        base.mark_text()
+        .encode(x=alt.X("quantity:N"), text=alt.Text("p_active:Q", format=".2f"))
+        .transform_calculate(quantity="'P(target active)'")
+    )
+    tokens = int(table["count"].sum()) if table.height else 0
+    return (heat + text).properties(
+        width=160,
+        title=_title(
+            title,
+            f"truth table over {tokens:,} tokens; rows with fewer than the "
+            "minimum tokens are unobserved",
+        ),
+    )

@@ -217,6 +217,37 @@ def calibrate(
 
 
 @app.command()
+def logic(
+    run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
+    max_inputs: Annotated[int, typer.Option(help="inputs per feature (at most 4)")] = 3,
+    no_sae_connector: Annotated[
+        bool, typer.Option(help="skip the sae-connector's hidden latents")
+    ] = False,
+) -> None:
+    """Label each output feature's computation (OR, AND, A-AND-NOT-B, WEIGHTED-SUM,
+    UNEXPLAINED) with a confidence, from co-activation statistics; writes <run>/logic/."""
+    import dataclasses
+
+    from coact.labels import LabelsConfig, label_run
+    from coact.logic import LogicConfig
+    from coact.summary import format_logic
+
+    cfg = _run_config(run)
+    layer = cfg.get("layer")
+    if not 1 <= max_inputs <= 4:
+        raise CoactError(f"--max-inputs must be 1 to 4, got {max_inputs}")
+    config = LabelsConfig(
+        in_site=f"mlp_resid[{layer}]",
+        out_site=f"mlp_out[{layer}]",
+        logic=dataclasses.replace(LogicConfig(), max_inputs=max_inputs),
+        sae_connector=not no_sae_connector,
+        seed=int(str(cfg.get("seed", 0))),
+    )
+    summary = label_run(run / "codes", run / "connect", run / "logic", config)
+    typer.echo(format_logic(summary))
+
+
+@app.command()
 def linearity(
     run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
     tau: Annotated[

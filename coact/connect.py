@@ -143,13 +143,13 @@ def connect(
     clock = time.perf_counter()
     path = lasso_path(stats, config.path, progress=config.progress)
     held_nmse = heldout_nmse(path, stats_held)
-    sweep, chosen = _sweep(path, held_nmse, stats, config.magnitude)
+    sweep, chosen = sweep_table(path, held_nmse, stats, config.magnitude)
     timings["path_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     coef = sp.csc_matrix(path.coef[chosen])
     refit, refit_intercepts = refit_support(stats, coef)
-    weights = _weights_table(coef, refit, stats, config.magnitude)
+    weights = weights_table(coef, refit, stats, config.magnitude)
     if config.stability:
         weights = _stability(weights, x_train, y_train, groups[train], path, chosen, config)
     timings["stability_s"] = time.perf_counter() - clock
@@ -406,7 +406,7 @@ def _standardised(coef: sp.spmatrix, stats: GramStats, outputs: np.ndarray) -> s
     )
 
 
-def _sweep(
+def sweep_table(
     path: Any, held_nmse: np.ndarray, stats: GramStats, magnitude: float
 ) -> tuple[pl.DataFrame, int]:
     alive = ~path.dead
@@ -441,7 +441,7 @@ def _sweep(
     return frame, int(chosen)
 
 
-def _weights_table(
+def weights_table(
     coef: sp.csc_matrix, refit: sp.csc_matrix, stats: GramStats, magnitude: float
 ) -> pl.DataFrame:
     """One row per connection: its L1 weight and its least-squares refit on the support

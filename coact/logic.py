@@ -11,43 +11,62 @@ SmolLM2 layer-3 codes 0.6 % of input and 0.2 % of output activations lie below a
 their feature's median) and drops only slivers, which a threshold-like computation
 produces just above its threshold. An input below its floor counts as inactive and as 0.
 
+Inputs. A target's candidates are its strongest connections in the weights table by
+standardised weight |w|·sd(x_i)/sd(y) (connect's `standardised` column; computed when
+absent), at least `min_standardised` and `relative_cut` × its strongest, at most
+`max_inputs`. A linear connector under-weights exactly the inputs a gate needs: a veto
+matters only on the tokens where it meets the input it vetoes, the second input of an AND
+only where it meets the first, and L1 shrinks the weaker parts of a sum to zero. So the
+candidates are then, in turn:
+- pruned (`prune`): an input is kept when some pair of observed rows (below) that differ
+  only in it differ in their verdict (silent / mixed / fires); one that never changes the
+  truth table is dropped;
+- completed (`complete`): while a target has fewer than `max_inputs`, the input with the
+  largest conditional mutual information I(T; X | current row), from counts, is added when
+  its G = 2·N·ln 2·I reaches `min_g` (under independence G is χ² with one degree of
+  freedom per row: chance reaches 30 with p < 5e-6 for up to four rows);
+- pruned again, and the table rebuilt on what is left.
+The `candidates` column keeps the connector's candidates, `inputs` the final ones (their
+`weights` are NaN for inputs added from co-activations).
+
 Truth table. With the target's k inputs (k ≤ `max_inputs`), each token falls in one row:
-the set of inputs active on it (a bit pattern; the empty row is "none active"). Per row:
-tokens, tokens where the target is active, P(target active) and its mean activation.
-A row is observed when it has at least `min_tokens` tokens; an observed row fires when
-P ≥ `p_fire`, is silent when P ≤ `p_silent`, and is mixed in between.
+the set of inputs active on it (a bit pattern, bit j for input j of `inputs`, left to
+right; the empty row is "none active"). Per row: tokens, tokens where the target is
+active, P(target active) and its mean activation. A row is observed when it has at least
+`min_tokens` tokens; an observed row fires when P ≥ `p_fire`, is silent when P ≤
+`p_silent`, and is mixed in between.
 
-The rules, in plain words, applied in this order:
-1. DEAD: the target is never active in the sample.
-2. UNEXPLAINED: it has no inputs, or more than `max_uncovered` of its activations happen on
-   tokens where none of its inputs is active (the inputs do not account for it).
-3. A-AND-NOT-B: some input A fires the target alone (its row fires), and the row where A
-   and another input B are active together is silent, while B alone does not fire it.
-   B is the negated input (when several pairs qualify: the one seen on most tokens).
-4. AND: no input fires the target alone (every observed one-input row is silent), and some
-   row with two or more inputs fires.
-5. OR or WEIGHTED-SUM: some input fires the target alone, every observed row that contains
-   such an input fires, and every other observed row (none of them, or only inputs that do
-   not fire it alone) is silent. The two differ in how activations combine when several
-   inputs fire together. Each input's effect alone is the least-squares slope β_i of the
-   target on that input over its one-input row; on tokens where two or more inputs with
-   β_i > 0 are active, additivity s = Σ(y − max_i β_i x_i) / Σ(Σ_i β_i x_i − max_i β_i x_i)
-   is 1 for a sum and 0 for a saturating OR (the target no larger than its largest part).
-   s < `additive_cut` is OR, otherwise WEIGHTED-SUM. When no such tokens are observed
-   (fewer than `min_tokens`), the inputs never fire together and co-activations cannot
-   tell OR from a sum: the label is WEIGHTED-SUM (what a linear connector computes) with
-   `additivity` null.
-6. UNEXPLAINED: anything else (a mixed row, a row that breaks the pattern: e.g. XOR).
-
-Inputs that never change the truth table are dropped before labelling (when `prune`): an
-input is kept when some pair of observed rows that differ only in it differ in their
-verdict (silent / mixed / fires). The table is then rebuilt on the kept inputs, once.
+The rules, in plain words, applied in this order (the `rule` column names the one used):
+1. DEAD ("dead"): the target is never active in the sample.
+2. UNEXPLAINED ("no inputs", "uncovered"): it has no inputs left, or more than
+   `max_uncovered` of its activations happen on tokens where none of its inputs is active
+   (the inputs do not account for most of it).
+3. A-AND-NOT-B ("veto"): some input A fires the target alone (its one-input row fires),
+   the row where A and another input B are active (and no other of its inputs) is silent,
+   and B alone does not fire it. B is the negated input (when several qualify: the one
+   whose row with its A has most tokens).
+4. AND ("conjunction"): no input fires the target alone (every observed one-input row is
+   silent), and some row with two or more inputs fires.
+5. OR ("saturating") or WEIGHTED-SUM ("additive"): some input fires the target alone,
+   every observed row that contains such an input fires, and every other observed row
+   (only inputs that do not fire it alone) is silent. The two differ in how activations
+   combine when several inputs fire together. Each input's effect alone is the
+   least-squares slope β_i (through 0) of the target on that input over its one-input
+   row; on tokens where two or more inputs with β_i > 0 are active, additivity
+   s = Σ(y − max_i β_i x_i) / Σ(Σ_i β_i x_i − max_i β_i x_i) is 1 for a sum and 0 for a
+   saturating OR (the target no larger than its largest part). s < `additive_cut` is OR,
+   otherwise WEIGHTED-SUM. When fewer than `min_tokens` such tokens are seen, the inputs
+   (nearly) never fire together and co-activations cannot tell OR from a sum: the label
+   is WEIGHTED-SUM, what a linear connector computes ("additivity untested", s NaN).
+6. UNEXPLAINED ("no rule fits"): anything else (a mixed row; a row that breaks the
+   pattern, e.g. XOR, where A and B each fire it and together do not).
 
 Confidence: the share of `n_boot` bootstrap resamples of the tokens that give the same
-label (and the same negated input). Resampling tokens resamples the truth table's cells
-(row × target active or not) multinomially, which is what is drawn; the additivity s is
-drawn from its normal approximation (delta-method standard error over tokens). Tokens,
-not contexts, are the unit: the confidence is optimistic where contexts repeat a pattern.
+label (and the same negated input), the inputs held fixed. Resampling tokens resamples
+the truth table's cells (row × target active or not) multinomially, which is what is
+drawn; the additivity s is drawn from its normal approximation (delta-method standard
+error over tokens). Tokens, not contexts, are the unit: the confidence is optimistic
+where contexts repeat a pattern.
 
 Mutual information (bits), from the truth table's counts: I(T; X_i) per input, I(T; row)
 for the whole pattern, and synergy = I(T; row) − Σ_i I(T; X_i) (the whole minus the sum of
@@ -57,12 +76,14 @@ inputs tell more together than apart (XOR-like), negative means they repeat each
 the other and leaves every mutual information unchanged, so for independent inputs AND
 and OR have equal synergy; the labels come from the truth table.
 
-Co-activation clusters: HDBSCAN (scikit-learn's) over the inputs' activation vectors, each
-input divided by its median active value, on a sample of at most `max_cluster_points`
-tokens where the target fires (its modes: "A large, B small" versus "B large, A small"),
-and separately on tokens where some input fires but the target does not (what suppresses
-it). Per cluster: tokens in the sample, the share, the centroid in raw units and the
-target's mean activation.
+Co-activation clusters: HDBSCAN (scikit-learn's; a cluster holds at least
+`min_cluster_size` tokens and `min_cluster_share` of the sample) over the inputs'
+activation vectors, each input divided by its median active value, on a systematic sample
+(every n-th token) of at most `max_cluster_points` tokens where the target fires (its
+modes: "A large, B small" versus "B large, A small"), and separately on tokens where some
+input fires but the target does not (what suppresses it). Per cluster: tokens in the
+sample, their share, the tokens it stands for, the centroid in raw units and the target's
+mean activation.
 """
 
 from __future__ import annotations
@@ -79,6 +100,10 @@ from tqdm.auto import tqdm
 LABELS = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
 SUM, OR, AND, AND_NOT, UNEXPLAINED, DEAD = range(6)
 _LEVEL_SILENT, _LEVEL_MIXED, _LEVEL_FIRES, _LEVEL_UNSEEN = 0, 1, 2, -1
+# Which rule decided (the `rule` column), and the label each gives.
+REASONS = ("dead", "no inputs", "uncovered", "veto", "conjunction", "saturating", "additive",
+           "additivity untested", "no rule fits")  # fmt: skip
+_REASON_LABEL = (DEAD, UNEXPLAINED, UNEXPLAINED, AND_NOT, AND, OR, SUM, SUM, UNEXPLAINED)
 
 
 @dataclass(frozen=True)
@@ -90,12 +115,15 @@ class LogicConfig:
     min_tokens: int = 20  # tokens for a truth-table row to count as observed
     p_fire: float = 0.5  # an observed row fires at P(target active) ≥ this
     p_silent: float = 0.1  # and is silent at P ≤ this
-    max_uncovered: float = 0.25  # share of activations with no input active, at most
+    max_uncovered: float = 0.5  # UNEXPLAINED above this share of activations with no input
     additive_cut: float = 0.5  # additivity s below this: OR; at or above: WEIGHTED-SUM
     prune: bool = True  # drop inputs that never change the truth table
+    complete: bool = True  # add inputs the connector missed, by conditional information
+    min_g: float = 30.0  # an addition's G = 2 N ln2 · I(T; X | row) at least this
     n_boot: int = 200  # bootstrap resamples for the confidence
     cluster: bool = True
-    min_cluster_size: int = 10
+    min_cluster_size: int = 10  # tokens, and at least min_cluster_share of the sample
+    min_cluster_share: float = 0.05
     max_cluster_points: int = 256  # tokens per clustering, a systematic sample
     seed: int = 0
 
@@ -475,8 +503,9 @@ def _decide(
     k: np.ndarray,
     additivity: np.ndarray,
     config: LogicConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(label, negated slot or −1) per target; n, active: (..., T, R), additivity (..., T)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label, negated slot or −1, rule) per target; n, active: (..., T, R), additivity
+    (..., T); rule indexes REASONS."""
     width = int(np.log2(n.shape[-1]))
     bits = _bits(width)
     level = _levels(n, active, config)
@@ -505,21 +534,22 @@ def _decide(
     negated = np.where(veto.any(-1), np.argmax(veto_n, axis=-1), -1)
 
     multi = bits.sum(axis=1) >= 2
-    and_rule = (
-        ~alone.any(-1) & (alone_silent | ~has_slot).all(-1) & (fires & multi).any(-1)
-    )
+    and_rule = ~alone.any(-1) & (alone_silent | ~has_slot).all(-1) & (fires & multi).any(-1)
     with_alone = (alone[..., None, :] & bits).any(-1)  # (…, T, R)
     pattern_ok = np.where(seen, np.where(with_alone, fires, silent), True).all(-1)
     or_rule = alone.any(-1) & pattern_ok
     is_or = np.nan_to_num(additivity, nan=np.inf) < config.additive_cut
 
-    label = np.full(total.shape, UNEXPLAINED)
-    label = np.where(or_rule, np.where(is_or, OR, SUM), label)
-    label = np.where(and_rule, AND, label)
-    label = np.where(negated >= 0, AND_NOT, label)
-    label = np.where((uncovered > config.max_uncovered) | (k == 0), UNEXPLAINED, label)
-    label = np.where(total == 0, DEAD, label)
-    return label, np.where(label == AND_NOT, negated, -1)
+    untested = np.isnan(additivity)
+    reason = np.full(total.shape, REASONS.index("no rule fits"))
+    reason = np.where(or_rule, np.where(is_or, 5, np.where(untested, 7, 6)), reason)
+    reason = np.where(and_rule, 4, reason)
+    reason = np.where(negated >= 0, 3, reason)
+    reason = np.where(uncovered > config.max_uncovered, 2, reason)
+    reason = np.where(k == 0, 1, reason)
+    reason = np.where(total == 0, 0, reason)
+    label = np.asarray(_REASON_LABEL)[reason]
+    return label, np.where(label == AND_NOT, negated, -1), reason
 
 
 def _relevant(counts: _Counts, config: LogicConfig) -> np.ndarray:
@@ -554,7 +584,7 @@ def _bootstrap(
         s = events.additivity[part] + events.additivity_se[part] * rng.standard_normal(
             (config.n_boot, len(p[part]))
         )
-        lab, neg = _decide(n_b, draws[..., rows:], k[part], s, config)
+        lab, neg, _ = _decide(n_b, draws[..., rows:], k[part], s, config)
         agree[part] = ((lab == label[part]) & (neg == negated[part])).mean(axis=0)
     return agree
 
@@ -599,13 +629,14 @@ def _cluster_rows(
     """(cluster, size, centroid, target mean) per HDBSCAN cluster (−1: noise)."""
     from sklearn.cluster import HDBSCAN
 
-    if len(points) < 2 * config.min_cluster_size or points.shape[1] == 0:
+    size = max(config.min_cluster_size, int(np.ceil(config.min_cluster_share * len(points))))
+    if len(points) < 2 * size or points.shape[1] == 0:
         return []
     scaled = points / np.where(unit > 0, unit, 1.0)
     if np.ptp(scaled, axis=0).max() == 0:
         labels = np.zeros(len(points), dtype=np.int64)
     else:
-        labels = HDBSCAN(min_cluster_size=config.min_cluster_size, copy=True).fit(scaled).labels_
+        labels = HDBSCAN(min_cluster_size=size, copy=True).fit(scaled).labels_
     return [
         (int(c), int((labels == c).sum()), points[labels == c].mean(axis=0),
          float(values[labels == c].mean()))
@@ -619,9 +650,8 @@ def clusters(
     config: LogicConfig = LogicConfig(),
     names: Sequence[str] | None = None,
 ) -> pl.DataFrame:
-    """Co-activation clusters of one target over the given input columns (tokens × k)."""
-    result = label_feature(x_cols, target, config, names)
-    return result.clusters
+    """Co-activation clusters of one target over all the given input columns (tokens × k)."""
+    return label_feature(x_cols, target, replace(config, prune=False), names).clusters
 
 
 # --- candidates --------------------------------------------------------------------------
@@ -703,9 +733,86 @@ def label_layer(
     candidates = inputs.copy()
     counts = _count(xc, yc, targets, inputs, config.min_tokens)
     if config.prune:
-        inputs, w = _compact(inputs, w, _relevant(counts, config))
-        counts = _count(xc, yc, targets, inputs, config.min_tokens)
+        counts, w = _prune(counts, w, xc, yc, config)
+    if config.complete:
+        counts, w = _complete(counts, w, x, xc, yc, config)
+        if config.prune:
+            counts, w = _prune(counts, w, xc, yc, config)
     return _finish(counts, candidates, w, xc, yc, config, progress)
+
+
+def _prune(
+    counts: _Counts, w: np.ndarray, xc: _Codes, yc: _Codes, config: LogicConfig
+) -> tuple[_Counts, np.ndarray]:
+    """Drop inputs that never change a row's verdict, and count again where any went."""
+    keep = _relevant(counts, config)
+    changed = np.flatnonzero((keep != (counts.inputs >= 0)).any(axis=1))
+    if len(changed) == 0:
+        return counts, w
+    inputs, w = _compact(counts.inputs, w, keep)
+    return _recount(counts, xc, yc, changed, inputs, config), w
+
+
+def _recount(
+    counts: _Counts,
+    xc: _Codes,
+    yc: _Codes,
+    which: np.ndarray,
+    inputs: np.ndarray,
+    config: LogicConfig,
+) -> _Counts:
+    """`counts` with the targets `which` counted again over their rows of `inputs`."""
+    part = _count(xc, yc, counts.targets[which], inputs[which], config.min_tokens)
+    out = replace(counts, inputs=inputs.copy(), **{k: getattr(counts, k).copy() for k in _PER_ROW})
+    for name in _PER_ROW:
+        getattr(out, name)[which] = getattr(part, name)
+    return out
+
+
+_PER_ROW = ("n", "active", "y_sum", "y_sum_active", "beta", "beta_ok")
+
+
+def _complete(
+    counts: _Counts,
+    w: np.ndarray,
+    x: sp.spmatrix,
+    xc: _Codes,
+    yc: _Codes,
+    config: LogicConfig,
+) -> tuple[_Counts, np.ndarray]:
+    """Add, one at a time while a target has fewer than `max_inputs`, the input with the
+    most conditional information about it given its current rows, when significant."""
+    rows_x = sp.csr_matrix(x, dtype=np.float32)
+    rows_x.sum_duplicates()
+    rows_x.sort_indices()
+    r_ptr, r_idx = rows_x.indptr.astype(np.int64), rows_x.indices.astype(np.int64)
+    above = xc.val > xc.floors[np.repeat(np.arange(len(xc.ptr) - 1), np.diff(xc.ptr))]
+    x_total = np.diff(np.concatenate([[0], np.cumsum(above)])[xc.ptr])
+    settled = counts.active.sum(axis=1) == 0  # dead, or nothing significant left to add
+    for _ in range(config.max_inputs):
+        open_ = np.flatnonzero((counts.k < config.max_inputs) & ~settled)
+        if len(open_) == 0:
+            break
+        best = np.full(len(open_), -1, np.int64)
+        gain = np.zeros(len(open_))
+        _gain_kernel(
+            xc.ptr, xc.idx, xc.val, xc.floors, r_ptr, r_idx, rows_x.data, x_total,
+            yc.ptr, yc.idx, yc.val, yc.floors, counts.targets[open_].astype(np.int64),
+            counts.inputs[open_], xc.n_tokens, counts.n[open_], counts.active[open_],
+            best, gain,
+        )  # fmt: skip
+        significant = (best >= 0) & (2 * xc.n_tokens * np.log(2) * gain >= config.min_g)
+        settled[open_[~significant]] = True
+        which = open_[significant]
+        if len(which) == 0:
+            break
+        inputs = counts.inputs.copy()
+        slot = counts.k[which]
+        inputs[which, slot] = best[significant]
+        w = w.copy()
+        w[which, slot] = np.nan
+        counts = _recount(counts, xc, yc, which, inputs, config)
+    return counts, w
 
 
 def _finish(
@@ -719,7 +826,7 @@ def _finish(
 ) -> LayerLabels:
     events = _events(xc, yc, counts, config)
     k = counts.k
-    label, negated_slot = _decide(counts.n, counts.active, k, events.additivity, config)
+    label, negated_slot, reason = _decide(counts.n, counts.active, k, events.additivity, config)
     confidence = _bootstrap(counts, events, label, negated_slot, config)
     mi_row, mi_inputs, synergy = information(counts.n, counts.active, k)
     cluster_frame, n_clusters = _all_clusters(counts, events, xc, config, progress)
@@ -728,9 +835,7 @@ def _finish(
     single_active = counts.active[:, 1 << np.arange(width)] if width else np.zeros((len(k), 0))
     everything = (1 << k) - 1
     rows = np.arange(len(k))
-    negated = np.where(
-        negated_slot >= 0, counts.inputs[rows, np.maximum(negated_slot, 0)], -1
-    )
+    negated = np.where(negated_slot >= 0, counts.inputs[rows, np.maximum(negated_slot, 0)], -1)
 
     def per_input(a: np.ndarray, cast: type) -> list[list]:
         return [[cast(v) for v in a[t, : k[t]]] for t in rows]
@@ -740,6 +845,7 @@ def _finish(
             "output": counts.targets.astype(np.int64),
             "label": [LABELS[i] for i in label],
             "confidence": confidence,
+            "rule": [REASONS[i] for i in reason],
             "inputs": per_input(counts.inputs, int),
             "weights": per_input(w, float),
             "negated": [int(v) if v >= 0 else None for v in negated],
@@ -826,10 +932,10 @@ def _all_clusters(
                     records["centroid"].append([float(v) for v in centroid])
                     records["target_mean"].append(mean)
                     records["inputs"].append([int(i) for i in cols])
-    schema = {
-        "output": pl.Int64, "kind": pl.String, "cluster": pl.Int64, "size": pl.Int64,
-        "share": pl.Float64, "tokens": pl.Float64, "centroid": pl.List(pl.Float64),
-        "target_mean": pl.Float64, "inputs": pl.List(pl.Int64),
+    schema: dict[str, pl.DataType] = {
+        "output": pl.Int64(), "kind": pl.String(), "cluster": pl.Int64(), "size": pl.Int64(),
+        "share": pl.Float64(), "tokens": pl.Float64(), "centroid": pl.List(pl.Float64),
+        "target_mean": pl.Float64(), "inputs": pl.List(pl.Int64),
     }  # fmt: skip
     return pl.DataFrame(records, schema=schema), n_clusters
 
@@ -916,11 +1022,8 @@ def truth_table(
     xc, yc = _Codes.of(x, floor), _Codes.of(y, floor)
     counts = _count(xc, yc, np.zeros(1, np.int64), np.arange(k)[None, :], 1)
     frame = _truth_frame(counts, LogicConfig(min_tokens=1))
-    flags = {
-        name: frame["pattern"].map_elements(lambda p, j=j: p[j] == "1", return_dtype=pl.Boolean)
-        for j, name in enumerate(names)
-    }
-    return frame.drop("output", "observed").with_columns(**flags)
+    flags = [pl.col("pattern").str.slice(j, 1).eq("1").alias(name) for j, name in enumerate(names)]
+    return frame.drop("output", "observed").with_columns(flags)
 
 
 # --- hidden latents of a two-layer connector ---------------------------------------------

@@ -1,5 +1,5 @@
 """`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes →
-connectors and linearity → calibration of τ → summary.
+connectors and linearity → calibration of τ → logic labels → summary.
 
 Each step reuses what an earlier run of the same configuration left in the run directory
 (trained SAEs, finished code shards), so a killed run resumes where it stopped.
@@ -25,6 +25,7 @@ from coact.connectors.train import split_rows
 from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
 from coact.files import atomic_write
+from coact.labels import LabelsConfig, label_run
 from coact.models import EMBEDDED, LoadedModel, load_model
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
@@ -56,6 +57,10 @@ class AnalyzeConfig:
     )  # its sites are set from `layer`
     calibrate: bool = True  # calibrate τ against the model's loss (needs `connect`)
     calibrate_settings: CalibrateConfig = field(default_factory=lambda: CalibrateConfig(layer=-1))
+    labels: bool = True  # label each feature's computation (needs `connect`)
+    labels_settings: LabelsConfig = field(
+        default_factory=lambda: LabelsConfig(in_site="", out_site="")
+    )  # its sites are set from `layer`
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
@@ -126,6 +131,20 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         calibration = run_calibration(config, lm, saes, code_part, store, run_dir)
         timings["calibrate_s"] = time.perf_counter() - t0
+    labelled = None
+    if config.connect and config.labels:
+        t0 = time.perf_counter()
+        settings_l = dataclasses.replace(
+            config.labels_settings,
+            in_site=str(sites[0]),
+            out_site=str(sites[1]),
+            seed=config.seed,
+            device=config.device,
+        )
+        labelled = label_run(store, run_dir / "connect", run_dir / "logic", settings_l)
+        labelled.pop("key", None)
+        labelled.pop("config", None)
+        timings["logic_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
@@ -150,6 +169,7 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         },
         "connect": connections,
         "calibrate": calibration,
+        "logic": labelled,
         "timings": timings,
     }
     _write_json(run_dir / "summary.json", summary)

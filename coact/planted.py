@@ -1,15 +1,18 @@
 """Planted circuits: input codes with realistic sparsity and correlation, and output codes
 computed from them by known rules, so the connector → logic-label path can be scored.
 
-Inputs. Every input fires on its own (a background rate drawn log-uniformly in
-`rate_range`; SAE features on real text fire on 0.3–3 % of tokens) and, being one of a
+Inputs. Every input fires on its own (a rate drawn log-uniformly in `rate_range`; the
+SmolLM2 layer-3 residual features fire on 0.1–3 % of tokens, median 0.6 %) and, being one of a
 group of `group_size` inputs that share a latent cause, also with probability `coupling`
 whenever its group's cause is present (a group rate drawn in `group_rate_range`). The
 shared cause is what makes inputs co-fire: circuits draw their inputs from one group, so
 every row of their truth tables is seen. An active input i has the value s_i·u, where s_i
 (its scale) is lognormal and u = exp(σ·z) with z standard normal truncated to [−2, 2]:
-u lies in [u_min, u_max] = [e^(−2σ), e^(2σ)] (σ = `magnitude_sigma`), a max / min ratio
-like the 99th / 1st percentile of real codes once their slivers are dropped.
+u lies in [u_min, u_max] = [e^(−2σ), e^(2σ)] (σ = `magnitude_sigma`). That is narrower
+than real codes (on SmolLM2 layer 3 a feature's 1st and 99th percentiles are ≈ 0.15× and
+3–4× its median): at the default σ = 0.25, u_max / u_min = e, so a threshold can sit
+between one input's largest value and two inputs' usual sum and AND is a clean class; at
+σ = 0.4 it cannot, and AND's rows turn mixed (analyses/bench_logic.py, stress rows).
 
 Outputs, per rule (u_i = x_i / s_i the input in its own units; g a lognormal gain):
 - WEIGHTED-SUM  y = g·Σ w_i u_i, 1–3 inputs, w_i ∈ [0.5, 1.5]: additive when several fire.
@@ -95,7 +98,9 @@ def planted_circuits(config: PlantedConfig = PlantedConfig()) -> PlantedCircuits
         raise ValueError("planted circuits need group_size ≥ 3 and at least one whole group")
     rng = np.random.default_rng(config.seed)
     # a last group smaller than group_size joins the one before it
-    groups = np.minimum(np.arange(config.n_inputs) // config.group_size, config.n_inputs // config.group_size - 1)
+    groups = np.minimum(
+        np.arange(config.n_inputs) // config.group_size, config.n_inputs // config.group_size - 1
+    )
     scale = rng.lognormal(0.0, config.scale_sigma, config.n_inputs)
     x = _inputs(config, groups, scale, rng)
     x_csc = x.tocsc()
@@ -170,15 +175,12 @@ def _inputs(
         keys.append(i * n + rng.integers(0, n, rng.binomial(n, own[i])))
     for g in range(n_groups):
         present = rng.integers(0, n, rng.binomial(n, cause[g]))
-        for i in np.flatnonzero(groups == g):
-            keys.append(i * n + present[rng.random(len(present)) < config.coupling])
+        for member in np.flatnonzero(groups == g):
+            keys.append(member * n + present[rng.random(len(present)) < config.coupling])
     key = np.unique(np.concatenate(keys))
     col, row = np.divmod(key, n)
     values = scale[col] * _magnitudes(rng, config.magnitude_sigma, len(key))
     return sp.csr_matrix((values.astype(np.float32), (row, col)), shape=(n, n_in))
-
-
-Plan = tuple[str, str, tuple[int, ...], int | None, tuple[float, ...], float | None]
 
 
 def _plan(config: PlantedConfig, groups: np.ndarray, rng: np.random.Generator) -> list:
@@ -281,14 +283,14 @@ def connector_weights(
     context_ids: np.ndarray,
     heldout_fraction: float = 0.1,
     seed: int = 0,
-    path: LassoPathConfig = LassoPathConfig(),
+    path: LassoPathConfig | None = None,
     magnitude: float = 0.05,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """The sparse linear connector exactly as `coact.connect` fits it (Gram statistics of
     the training contexts, the L1 path, the elbow of held-out error against mean ‖w‖₁, the
     least-squares refit on the chosen support) and its weights table, for codes that are
     not in a store. Returns the table and the chosen α with its held-out NMSE."""
-    from coact.connect import _sweep, _weights_table
+    from coact.connect import sweep_table, weights_table
     from coact.connectors.exact import GramStats, heldout_nmse, lasso_path, refit_support
     from coact.connectors.train import split_rows
 
@@ -296,15 +298,15 @@ def connector_weights(
     train, held = split_rows(x.shape[0], heldout_fraction, seed, context_ids)
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
-    fit = lasso_path(stats, path)
+    fit = lasso_path(stats, path or LassoPathConfig())
     held_nmse = heldout_nmse(fit, stats_held)
-    sweep, chosen = _sweep(fit, held_nmse, stats, magnitude)
+    sweep, chosen = sweep_table(fit, held_nmse, stats, magnitude)
     coef = sp.csc_matrix(fit.coef[chosen])
     refit, _ = refit_support(stats, coef)
     chosen_row = sweep.row(chosen, named=True)
     info = {"alpha": float(fit.alphas[chosen]), "alpha_index": chosen,
             "heldout_nmse": float(chosen_row["heldout_nmse"])}  # fmt: skip
-    return _weights_table(coef, refit, stats, magnitude), info
+    return weights_table(coef, refit, stats, magnitude), info
 
 
 @dataclass(frozen=True)
@@ -366,12 +368,12 @@ def score_labels(circuits: PlantedCircuits, features: pl.DataFrame) -> PlantedSc
 
 def run_planted(
     config: PlantedConfig = PlantedConfig(),
-    logic: LogicConfig = LogicConfig(),
-    path: LassoPathConfig = LassoPathConfig(),
+    logic: LogicConfig | None = None,
+    path: LassoPathConfig | None = None,
     progress: bool = False,
 ) -> tuple[PlantedCircuits, LayerLabels, PlantedScore, dict[str, float]]:
     """Plant, fit the connector as `connect` does, label every output, score."""
     circuits = planted_circuits(config)
     weights, info = connector_weights(circuits.x, circuits.y, circuits.context_ids, path=path)
-    labels = label_layer(circuits.x, circuits.y, weights, logic, progress=progress)
+    labels = label_layer(circuits.x, circuits.y, weights, logic or LogicConfig(), progress=progress)
     return circuits, labels, score_labels(circuits, labels.features), info

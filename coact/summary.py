@@ -22,6 +22,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(format_connect(summary["connect"]))
     if summary.get("calibrate"):
         lines.append(format_calibrate(summary["calibrate"]))
+    if summary.get("logic"):
+        lines.append(format_logic(summary["logic"]))
     lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
     lines.append(f"  run directory: {summary['run_dir']}  (summary.json inside)")
     return "\n".join(lines)
@@ -101,4 +103,18 @@ def format_calibrate(c: dict[str, Any]) -> str:
         f"  calibration took {t['total_s']:.0f} s, {100 * t['forward_s'] / t['total_s']:.0f}% "
         f"of it in forward passes; tables: {c['directory']}"
     )
+    return "\n".join(lines)
+
+
+def format_logic(c: dict[str, Any]) -> str:
+    """Label counts per class and the most confident feature of each."""
+    counts = ", ".join(f"{k} {v:,}" for k, v in c["counts"].items() if k != "DEAD" or v)
+    lines = [f"  logic labels of {c['out_site']} features: {counts}"]
+    if c.get("hidden_counts"):
+        hidden = ", ".join(f"{k} {v:,}" for k, v in c["hidden_counts"].items() if v)
+        lines.append(f"  sae-connector hidden latents: {hidden}")
+    for label, examples in c["most_confident"].items():
+        if examples:
+            lines.append(f"    most confident {label}: {examples[0]}")
+    lines.append(f"  tables and charts: {c['directory']}")
     return "\n".join(lines)

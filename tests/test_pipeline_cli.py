@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from coact.calibrate import CalibrateConfig
 from coact.collect import CollectConfig
 from coact.connect import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
@@ -169,8 +170,16 @@ def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
             mlp_hidden=64,
             mlp_epochs=1,
         ),
-    )
+        # Every calibration splice is a full forward pass of the real model: keep few.
+        calibrate_settings=CalibrateConfig(
+            layer=-1, contexts=2, strengths=(0.0, 0.3), n_taus=1, n_boot=100,
+            causal_connections=5,
+        ),
+    )  # fmt: skip
     summary = analyze(config)
+    calibrated = summary["calibrate"]
+    assert calibrated["n_contexts"] == 2 and calibrated["splices"]["zero"]["ce_recovered"] == 0
+    assert 0 <= calibrated["linear_calibrated"]["percent_linear"] <= 100
     resid = summary["sites"]["mlp_resid[2]"]
     assert resid["fve"] > 0.5, resid
     assert resid["ce_clean"] < resid["ce_spliced"] < resid["ce_ablated"]

@@ -1,0 +1,81 @@
+"""The logic stage end to end: planted circuits → code store → connect → label_run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from coact.cli import app
+from coact.connect import ConnectConfig, connect
+from coact.connectors.exact import LassoPathConfig
+from coact.errors import CoactError
+from coact.labels import LabelsConfig, describe, label_run
+from coact.planted import PlantedConfig, planted_circuits, score_labels
+from coact.store import CodeStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PLANT = PlantedConfig(n_tokens=30_000, n_inputs=96, seed=3)
+SETTINGS = LabelsConfig("mlp_resid[1]", "mlp_out[1]", sae_hidden=32, sae_epochs=1,
+                        progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    circuits = planted_circuits(PLANT)
+    root = tmp_path_factory.mktemp("run")
+    n_in, n_out = circuits.x.shape[1], circuits.y.shape[1]
+    writer = CodeStore.open_for_writing(
+        root / "codes", fingerprint="planted", sites={"mlp_resid.1": n_in, "mlp_out.1": n_out}
+    )
+    rows = np.arange(circuits.x.shape[0])
+    tokens = {"context": circuits.context_ids, "position": rows % PLANT.context_length + 1,
+              "token_id": rows % 11, "doc": circuits.context_ids}  # fmt: skip
+    writer.write_shard(0, tokens, {"mlp_resid.1": circuits.x, "mlp_out.1": circuits.y})
+    store = CodeStore.open(root / "codes")
+    linking = ConnectConfig(
+        "mlp_resid[1]", "mlp_out[1]", path=LassoPathConfig(n_alphas=12), stability=False,
+        mlp_hidden=16, mlp_epochs=1, progress=False,
+    )  # fmt: skip
+    connect(store, linking, root / "connect")
+    summary = label_run(store, root / "connect", root / "logic", SETTINGS)
+    return circuits, store, root, summary
+
+
+def test_planted_labels_through_the_stage(run) -> None:
+    circuits, _, root, summary = run
+    features = pl.read_parquet(root / "logic" / "features.parquet")
+    score = score_labels(circuits, features)
+    assert score.accuracy >= 0.95 and score.f1 >= 0.95
+    truth = dict(circuits.truth.select("output", "label").iter_rows())
+    assert summary["counts"]["DEAD"] == sum(v == "DEAD" for v in truth.values())
+    assert sum(summary["counts"].values()) == circuits.y.shape[1]
+    for name in ("truth_tables", "clusters", "hidden"):
+        assert (root / "logic" / f"{name}.parquet").is_file()
+    hidden = pl.read_parquet(root / "logic" / "hidden.parquet")
+    assert hidden.height > 0 and hidden["outputs"].list.len().max() == SETTINGS.sae_outputs
+    for pngs in summary["charts"].values():
+        assert all((root / "logic" / "charts").joinpath(p.split("/")[-1]).is_file() for p in pngs)
+    assert json.loads((root / "logic" / "logic.json").read_text())["counts"] == summary["counts"]
+
+
+def test_describe_reads_like_the_seed() -> None:
+    row = {"output": 505, "label": "A-AND-NOT-B", "inputs": [12, 40], "negated": 40,
+           "confidence": 0.93}  # fmt: skip
+    assert describe(row) == "out 505 = in 12 AND NOT in 40 (confidence 0.93)"
+    row = {"output": 30, "label": "OR", "inputs": [1, 2, 3], "negated": None, "confidence": 1.0}
+    assert describe(row) == "out 30 = in 1 OR in 2 OR in 3 (confidence 1.00)"
+
+
+def test_a_finished_result_is_reused_and_the_cli_prints_it(run, tmp_path) -> None:
+    _, store, root, summary = run
+    stamp = (root / "logic" / "features.parquet").stat().st_mtime_ns
+    assert label_run(store, root / "connect", root / "logic", SETTINGS) == summary
+    assert (root / "logic" / "features.parquet").stat().st_mtime_ns == stamp
+    with pytest.raises(CoactError, match="no connections"):
+        label_run(store, tmp_path / "nothing", tmp_path / "logic", SETTINGS)
+    bad = CliRunner().invoke(app, ["logic", str(root), "--max-inputs", "7"])
+    assert bad.exit_code != 0
