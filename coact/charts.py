@@ -171,3 +171,37 @@ def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
             "minimum tokens are unobserved",
         ),
     )
+
+
+def cluster_summary(clusters: pl.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Each co-activation mode's centroid per input (heat map), with its share of tokens
+    and the target's mean: where the target fires, and where its inputs fire but it does not."""
+    rows = []
+    for r in clusters.filter(pl.col("cluster") >= 0).iter_rows(named=True):
+        name = (
+            f"{r['kind']} #{r['cluster']}: {100 * r['share']:.0f}% of tokens, "
+            f"target {r['target_mean']:.2f}"
+        )
+        for i, value in zip(r["inputs"], r["centroid"], strict=True):
+            rows.append({"mode": name, "input": f"in {i}", "centroid": value})
+    frame = pl.DataFrame(
+        rows, schema={"mode": pl.String, "input": pl.String, "centroid": pl.Float64}
+    )
+    base = alt.Chart(frame.to_pandas()).encode(
+        x=alt.X("input:N", title="input feature", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y(
+            "mode:N",
+            title="co-activation mode (HDBSCAN)",
+            sort=None,
+            axis=alt.Axis(labelLimit=400),
+        ),
+    )
+    heat = base.mark_rect().encode(
+        color=alt.Color("centroid:Q", title="mean activation (code units)")
+    )
+    text = base.mark_text().encode(text=alt.Text("centroid:Q", format=".2f"))
+    tokens = int(clusters["size"].sum()) if clusters.height else 0
+    return (heat + text).properties(
+        width=220,
+        title=_title(title, f"modes found among {tokens:,} sampled tokens (noise points left out)"),
+    )

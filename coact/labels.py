@@ -12,7 +12,8 @@ first-layer weights; outputs: their strongest second-layer weights). Everything 
     clusters.parquet       co-activation modes where it fires and where it is suppressed
     hidden.parquet         the same per hidden latent of the sae-connector, with outputs
     charts/                for the most confident feature of each label: co-activation
-                           scatter and truth-table heat map (PNG + vega-lite)
+                           scatter, truth-table heat map and co-activation modes (PNG +
+                           vega-lite)
     logic.json             the headline (written last): counts per label, the most
                            confident features per label
 """
@@ -223,6 +224,11 @@ def _charts(
             paths += charts.save(
                 charts.truth_table(table, title), stem.with_name(stem.name + "-truth")
             )
+            modes = labels.clusters.filter(pl.col("output") == j)
+            if modes.filter(pl.col("cluster") >= 0).height:
+                paths += charts.save(
+                    charts.cluster_summary(modes, title), stem.with_name(stem.name + "-modes")
+                )
             drawn.setdefault(label, []).extend(str(p) for p in paths if p.suffix == ".png")
     return drawn
 
