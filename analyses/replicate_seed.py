@@ -659,6 +659,8 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
                     k: v for k, v in r.summary["connect"].items() if k not in ("directory",)
                 },
                 "tau_sensitivity": sensitivity[str(r.layer)],
+                "calibrate": r.summary.get("calibrate"),
+                "logic": (r.summary.get("logic") or {}).get("counts"),
                 "seconds": r.seconds,
             }
             for r in results
