@@ -1,0 +1,53 @@
+"""Labels, rule names, settings and result types, kept apart so every module shares them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+LABELS = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
+SUM, OR, AND, AND_NOT, UNEXPLAINED, DEAD = range(6)
+_LEVEL_SILENT, _LEVEL_MIXED, _LEVEL_FIRES, _LEVEL_UNSEEN = 0, 1, 2, -1
+# Which rule decided (the `rule` column), and the label each gives.
+REASONS = ("dead", "no inputs", "uncovered", "veto", "conjunction", "saturating", "additive",
+           "additivity untested", "no rule fits")  # fmt: skip
+_REASON_LABEL = (DEAD, UNEXPLAINED, UNEXPLAINED, AND_NOT, AND, OR, SUM, SUM, UNEXPLAINED)
+
+
+@dataclass(frozen=True)
+class LogicConfig:
+    max_inputs: int = 3  # k: inputs per target (at most 4: 16 truth-table rows)
+    floor: float = 0.1  # active above floor × the feature's median active value
+    min_standardised: float = 0.05  # candidate inputs: |w|·sd(x_i)/sd(y) at least this...
+    relative_cut: float = 0.2  # ...and at least this share of the target's strongest
+    min_tokens: int = 20  # tokens for a truth-table row to count as observed
+    p_fire: float = 0.5  # an observed row fires at P(target active) ≥ this
+    p_silent: float = 0.1  # and is silent at P ≤ this
+    max_uncovered: float = 0.5  # UNEXPLAINED above this share of activations with no input
+    additive_cut: float = 0.5  # additivity s below this: OR; at or above: WEIGHTED-SUM
+    prune: bool = True  # drop inputs that never change the truth table
+    complete: bool = True  # add inputs the connector missed, by conditional information
+    min_g: float = 30.0  # an addition's G = 2 N ln2 · I(T; X | row) at least this
+    n_boot: int = 200  # bootstrap resamples for the confidence
+    cluster: bool = True
+    min_cluster_size: int = 10  # tokens, and at least min_cluster_share of the sample
+    min_cluster_share: float = 0.05
+    max_cluster_points: int = 256  # tokens per clustering, a systematic sample
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_inputs <= 4:
+            raise ValueError(f"max_inputs must be 1–4, got {self.max_inputs}")
+        if not 0 <= self.p_silent < self.p_fire <= 1:
+            raise ValueError("need 0 ≤ p_silent < p_fire ≤ 1")
+
+
+@dataclass(frozen=True)
+class LayerLabels:
+    """`features`: one row per target; `truth_tables`: one row per target and pattern;
+    `clusters`: one row per target, kind ("fires" / "suppressed") and cluster (−1: noise)."""
+
+    features: pl.DataFrame
+    truth_tables: pl.DataFrame
+    clusters: pl.DataFrame
