@@ -40,7 +40,7 @@ def _columns(a: np.ndarray | sp.spmatrix) -> sp.csc_matrix:
 def label_feature(
     x_cols: np.ndarray | sp.spmatrix,
     target: np.ndarray | sp.spmatrix,
-    config: LogicConfig = LogicConfig(),  # noqa: B008  (frozen: immutable)
+    config: LogicConfig = LogicConfig(),
     names: Sequence[str] | None = None,
 ) -> FeatureLabel:
     """Label one target from given input columns (tokens × k, k ≤ max_inputs; all used,
@@ -102,7 +102,7 @@ def truth_table(
 def clusters(
     x_cols: np.ndarray | sp.spmatrix,
     target: np.ndarray | sp.spmatrix,
-    config: LogicConfig = LogicConfig(),  # noqa: B008  (frozen: immutable)
+    config: LogicConfig = LogicConfig(),
     names: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """Co-activation clusters of one target over all the given input columns (tokens × k)."""

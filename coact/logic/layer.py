@@ -23,7 +23,7 @@ def label_layer(
     x: sp.spmatrix,
     y: sp.spmatrix,
     weights: pl.DataFrame,
-    config: LogicConfig = LogicConfig(),  # noqa: B008  (frozen: immutable)
+    config: LogicConfig = LogicConfig(),
     outputs: Sequence[int] | np.ndarray | None = None,
     progress: bool = True,
 ) -> LayerLabels:
