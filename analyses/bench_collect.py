@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from coact.corpus import CorpusConfig, build_contexts
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from coact.adapters import adapter_for, resolve
 from coact.collect import CollectConfig, collect_codes
+from coact.corpus import CorpusConfig, build_contexts
 from coact.models import LoadedModel, load_model
 from coact.sae.base import Sae
 from coact.sites import Site
