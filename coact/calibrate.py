@@ -55,6 +55,7 @@ from coact.tracing import capture, mlp_spliced_logits, spliced_logits
 
 Splice = Callable[[Tensor, Tensor], Tensor]  # (stream the MLP reads, MLP output) → output
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
+RESULT_VERSION = 2  # bumped when what calibrate writes changes: older results are redone
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ def calibrate(
     done = out_dir / "calibrate.json"
     if done.is_file():
         previous = json.loads(done.read_text())
-        if previous.get("key") == key:
+        files = ("noise.parquet", "splices.parquet", "linearity.parquet", "noise.png")
+        if previous.get("key") == key and all((out_dir / f).is_file() for f in files):
             return dict(previous)
     out_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
@@ -251,7 +253,7 @@ def _key(
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
     text = json.dumps(
         [lm.fingerprint(), sae_fingerprint(sae_in), sae_fingerprint(sae_out), connected,
-         hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(), settings],
+         hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(), settings, RESULT_VERSION],
         sort_keys=True,
     )  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
