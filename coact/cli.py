@@ -44,8 +44,10 @@ def analyze(
         str | None, typer.Option(help="SAE directory for mlp_out at --layer; trained if omitted")
     ] = None,
     seed: int = 0,
+    no_report: Annotated[bool, typer.Option(help="skip the report site")] = False,
 ) -> None:
-    """Model → corpus → SAEs at the MLP's input and output → feature codes → summary."""
+    """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
+    calibration → logic labels → report; prints the headline and the report's path."""
     from coact.pipeline import AnalyzeConfig
     from coact.pipeline import analyze as run_analyze
     from coact.summary import format_summary
@@ -62,6 +64,7 @@ def analyze(
         run_dir=run_dir,
         sae_in=sae_in,
         sae_out=sae_out,
+        report=not no_report,
     )
     summary = run_analyze(config)
     typer.echo(format_summary(summary))
@@ -245,6 +248,26 @@ def logic(
     )
     summary = label_run(run / "codes", run / "connect", run / "logic", config)
     typer.echo(format_logic(summary))
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    out: Annotated[Path | None, typer.Option(help="default: <run>/report")] = None,
+    features: Annotated[
+        int, typer.Option(help="how many of the most interesting output features get a page")
+    ] = 50,
+    feature: Annotated[
+        list[int] | None,
+        typer.Option(help="an output feature to give a page (repeatable; replaces --features)"),
+    ] = None,
+) -> None:
+    """Markdown pages, altair charts and an offline mkdocs-material site from a run;
+    prints the path of the built site's index.html."""
+    from coact.report import build_report
+
+    index = build_report(run, out, features=feature or features)
+    typer.echo(f"report: {index}")
 
 
 @app.command()

@@ -61,6 +61,8 @@ class AnalyzeConfig:
     labels_settings: LabelsConfig = field(
         default_factory=lambda: LabelsConfig(in_site="", out_site="")
     )  # its sites are set from `layer`
+    report: bool = True  # write the report and build its site (<run>/report/site/)
+    report_features: int = 50  # output features that get a page of their own
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
@@ -173,6 +175,15 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         "timings": timings,
     }
     _write_json(run_dir / "summary.json", summary)
+    if config.report:  # last: the report reads summary.json and every stage's tables
+        from coact.report import build_report
+
+        t0 = time.perf_counter()
+        decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
+        index = build_report(run_dir, decode=decode, features=config.report_features)
+        summary["report"] = str(index)
+        timings["report_s"] = time.perf_counter() - t0
+        _write_json(run_dir / "summary.json", summary)
     return summary
 
 

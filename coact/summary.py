@@ -26,6 +26,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(format_logic(summary["logic"]))
     lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
     lines.append(f"  run directory: {summary['run_dir']}  (summary.json inside)")
+    if summary.get("report"):
+        lines.append(f"  report: {summary['report']}  (open it in a browser)")
     return "\n".join(lines)
 
 

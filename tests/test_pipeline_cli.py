@@ -31,6 +31,7 @@ def _config(tmp_path: Path, **overrides: object) -> AnalyzeConfig:
         "run_dir": str(tmp_path / "run"),
         "sae": SMALL_SAE,
         "collect": CollectConfig(forward_batch=8, shard_contexts=16),
+        "report": False,  # tests/test_report.py builds reports
     }
     base.update(overrides)
     return AnalyzeConfig(**base)  # type: ignore[arg-type]

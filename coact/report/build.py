@@ -1,0 +1,169 @@
+"""`build_report`: a run directory → markdown pages + charts → an offline mkdocs-material
+site (`<out>/site/index.html`)."""
+
+from __future__ import annotations
+
+import html
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from coact.errors import CoactError
+from coact.report import pages
+from coact.report.data import RunData, load_run
+from coact.report.embed import Figures
+from coact.report.evidence import Decode, Evidence, default_decode
+from coact.report.select import DEFAULT_FEATURES, interesting_features
+from coact.report.site import build_site, mkdocs_config, write_assets, write_config
+
+MARKER = ".coact-report"
+
+
+def build_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    decode: Decode | None = None,
+    features: Sequence[int] | int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the report of a run and build its site; return the built `index.html`.
+
+    `out_dir` defaults to `<run>/report/` (pages in `docs/`, site in `site/`). `features`
+    picks the output features that get a page: a list of ids, a number of the most
+    interesting ones, or None for the default ~50 (most confident per logic label, largest
+    nonlinear gain, strongest connections, causally checked, clearly linear, most active).
+    `decode` turns token ids into text; by default the run's tokenizer when it is on this
+    machine, else the token texts `connect` stored. Stages the run lacks (calibrate/,
+    logic/, ...) are skipped with a note."""
+    started = time.perf_counter()
+    data = load_run(run_dir)
+    featured: dict[int, list[str]] = {}
+    if data.features is not None:
+        if features is None or isinstance(features, int):
+            count = DEFAULT_FEATURES if features is None else int(features)
+            featured = interesting_features(data, count)
+        else:
+            width = data.features.height
+            bad = [int(j) for j in features if not 0 <= int(j) < width]
+            if bad:
+                raise CoactError(f"features {bad} are not output features (0 to {width - 1})")
+            featured = {int(j): ["asked for"] for j in dict.fromkeys(features)}
+    out = Path(out_dir) if out_dir is not None else data.run_dir / "report"
+    _prepare(out)
+    docs = out / "docs"
+    say = _Say(progress)
+
+    evidence = None
+    if data.has_codes and featured:
+        say(f"reading feature codes from {data.run_dir / 'codes'}")
+        if decode is None:
+            decode = default_decode(data.run_dir, data.top_tokens)
+        evidence = Evidence(data.run_dir / "codes", decode)
+    pages_with = set(featured)
+
+    say("writing the run and layer pages")
+    write_assets(docs)
+    layer_name = pages.layer_page_name(data)
+    root_figures = Figures(docs)  # the run's and the layer's charts: docs/charts/
+    (docs / "index.md").write_text(
+        pages.index_page(data, root_figures, len(featured)), encoding="utf-8"
+    )
+    (docs / f"{layer_name}.md").write_text(
+        pages.layer_page(data, root_figures, featured, pages_with), encoding="utf-8"
+    )
+    (docs / "features.md").write_text(pages.all_features_page(data, pages_with), encoding="utf-8")
+
+    feature_dir = docs / "features"
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    feature_figures = Figures(feature_dir)
+    token_text = _TokenText(data.top_tokens)
+    for j, reasons in tqdm(
+        featured.items(), desc="feature pages", unit="page", disable=not progress, file=sys.stderr
+    ):
+        text = pages.feature_page(data, j, reasons, evidence, feature_figures, token_text)
+        (feature_dir / f"{pages.feature_page_name(j)}.md").write_text(text, encoding="utf-8")
+
+    nav: list[Any] = [
+        {"Run": "index.md"},
+        {f"Layer {data.layer}": f"{layer_name}.md"},
+        {"All features": "features.md"},
+    ]
+    if featured:
+        nav.append(
+            {
+                "Feature pages": [
+                    {_nav_title(data, j): f"features/{pages.feature_page_name(j)}.md"}
+                    for j in featured
+                ]
+            }
+        )
+    config = mkdocs_config(
+        f"coact: {data.model}, layer {data.layer}",
+        nav,
+        description=f"{data.in_site} → {data.out_site}",
+    )
+    say("building the site (mkdocs, strict)")
+    index = build_site(write_config(out, config))
+    say(f"report built in {time.perf_counter() - started:.1f} s: {index}")
+    return index
+
+
+def _prepare(out: Path) -> None:
+    """out/ is new, or a report directory of ours: its docs/ are rewritten from scratch."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise CoactError(
+            f"{out} exists and is not a coact report directory (no {MARKER}); "
+            "pass an empty or new directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by coact.report.build_report\n")
+    shutil.rmtree(out / "docs", ignore_errors=True)
+    (out / "docs").mkdir()
+
+
+def _nav_title(data: RunData, j: int) -> str:
+    if data.labels is not None:
+        hit = data.labels.filter(pl.col("output") == j)
+        if hit.height:
+            return f"out {j} ({hit['label'][0]})"
+    return f"out {j}"
+
+
+class _TokenText:
+    """A feature's top tokens as stored by `connect` (top_tokens.parquet), e.g.
+    `' call' ×4, 'call'`, HTML escaped."""
+
+    def __init__(self, top_tokens: pl.DataFrame | None) -> None:
+        self.groups: dict[tuple[str, int], list[str]] = {}
+        if top_tokens is None:
+            return
+        for r in top_tokens.sort(["feature", "rank"]).iter_rows(named=True):
+            slug = str(r.get("site") or "")
+            text = r.get("token")
+            shown = repr(text) if text is not None else f"⟨{r['token_id']}⟩"
+            self.groups.setdefault((slug, int(r["feature"])), []).append(shown)
+
+    def __call__(self, slug: str, feature: int) -> str:
+        tokens = self.groups.get((slug, int(feature)))
+        if not tokens:
+            return "–"
+        counts: dict[str, int] = {}
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+        return ", ".join(html.escape(t) + (f" ×{n}" if n > 1 else "") for t, n in counts.items())
+
+
+class _Say:
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            print(f"coact report: {text}", file=sys.stderr)

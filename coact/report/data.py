@@ -1,0 +1,135 @@
+"""What a run directory holds, read once for the report: every stage is optional, so a run
+without calibrate/ or logic/ still gives a report (those sections say they were not run)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from coact.errors import CoactError
+from coact.sites import Site
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CoactError(f"corrupt {path}: {error}") from None
+
+
+def _parquet(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+@dataclass
+class RunData:
+    """The run's tables; None where a stage did not run (or has not finished)."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None
+    layer: int
+    model: str
+    in_site: str
+    out_site: str
+    connect: dict[str, Any] | None = None
+    sweep: pl.DataFrame | None = None
+    weights: pl.DataFrame | None = None
+    features: pl.DataFrame | None = None
+    top_tokens: pl.DataFrame | None = None
+    mlp_curve: pl.DataFrame | None = None
+    calibrate: dict[str, Any] | None = None
+    noise: pl.DataFrame | None = None
+    splices: pl.DataFrame | None = None
+    calibrated: pl.DataFrame | None = None  # calibrate/linearity.parquet
+    causal: pl.DataFrame | None = None
+    logic: dict[str, Any] | None = None
+    labels: pl.DataFrame | None = None
+    truth_tables: pl.DataFrame | None = None
+    clusters: pl.DataFrame | None = None
+    hidden: pl.DataFrame | None = None
+    sae_logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sae_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def in_slug(self) -> str:
+        return Site.parse(self.in_site).slug
+
+    @property
+    def out_slug(self) -> str:
+        return Site.parse(self.out_site).slug
+
+    @property
+    def has_codes(self) -> bool:
+        return (self.run_dir / "codes" / "manifest.json").is_file()
+
+    def sites(self) -> dict[str, dict[str, Any]]:
+        """Per site: the SAE's evaluation (summary.json, else sae_eval/*.json)."""
+        if self.summary and self.summary.get("sites"):
+            return dict(self.summary["sites"])
+        return dict(self.sae_eval)
+
+    def tau(self) -> tuple[float | None, str]:
+        """The calibrated τ and its form (None when calibration did not run)."""
+        if self.calibrate is None:
+            return None, str((self.connect or {}).get("form", "seed"))
+        return float(self.calibrate["tau"]), str(self.calibrate.get("form", "seed"))
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read every table a run has; a missing stage is None, a missing run is an error."""
+    run = Path(run_dir)
+    config = _json(run / "config.json")
+    if config is None:
+        raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
+    summary = _json(run / "summary.json")
+    layer = int(config.get("layer", 0))
+    connect = _json(run / "connect" / "connect.json")
+    in_site = str((connect or {}).get("in_site") or f"mlp_resid[{layer}]")
+    out_site = str((connect or {}).get("out_site") or f"mlp_out[{layer}]")
+    data = RunData(
+        run_dir=run,
+        config=config,
+        summary=summary,
+        layer=layer,
+        model=str((summary or {}).get("model") or config.get("model", "?")),
+        in_site=in_site,
+        out_site=out_site,
+        connect=connect,
+    )
+    if connect is not None:  # connect.json is written last: the tables are whole
+        c = run / "connect"
+        data.sweep = _parquet(c / "sweep.parquet")
+        data.weights = _parquet(c / "weights.parquet")
+        data.features = _parquet(c / "features.parquet")
+        data.top_tokens = _parquet(c / "top_tokens.parquet")
+        data.mlp_curve = _parquet(c / "mlp_curve.parquet")
+    data.calibrate = _json(run / "calibrate" / "calibrate.json")
+    if data.calibrate is not None:
+        c = run / "calibrate"
+        data.noise = _parquet(c / "noise.parquet")
+        data.splices = _parquet(c / "splices.parquet")
+        data.calibrated = _parquet(c / "linearity.parquet")
+        data.causal = _parquet(c / "causal.parquet")
+    data.logic = _json(run / "logic" / "logic.json")
+    if data.logic is not None:
+        c = run / "logic"
+        data.labels = _parquet(c / "features.parquet")
+        data.truth_tables = _parquet(c / "truth_tables.parquet")
+        data.clusters = _parquet(c / "clusters.parquet")
+        data.hidden = _parquet(c / "hidden.parquet")
+    for site in (in_site, out_site):
+        slug = Site.parse(site).slug
+        log = _json(run / "sae" / slug / "train_log.json")
+        if log is not None:
+            data.sae_logs[site] = log
+        evaluation = _json(run / "sae_eval" / f"{slug}.json")
+        if evaluation is not None and "report" in evaluation:
+            data.sae_eval[site] = dict(evaluation["report"])
+    return data

@@ -1,0 +1,85 @@
+"""A chart in a page: the vega-lite spec inline (drawn by the site's local vega bundle), a
+static SVG (PNG for charts of many marks) drawn by vl-convert as its fallback, and a
+one-line caption under it."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import vl_convert
+
+from coact.errors import CoactError
+from coact.report.figures import spec_title
+
+Chart = alt.TopLevelMixin | Mapping[str, Any]
+MAX_SVG_BYTES = 400_000  # a larger static fallback is written as PNG instead
+MAX_SVG_ROWS = 500  # charts of more data rows (scatter plots) go straight to PNG
+
+
+def to_spec(chart: Chart) -> dict[str, Any]:
+    """A vega-lite spec (dict) from an altair chart or a spec (e.g. a saved `.vl.json`)."""
+    if isinstance(chart, Mapping):
+        return dict(chart)
+    return dict(chart.to_dict())
+
+
+class Figures:
+    """Writes the fallback images of one page directory's charts into `<dir>/charts/` and
+    returns the HTML that shows each chart; names must be unique per directory."""
+
+    def __init__(self, page_dir: Path) -> None:
+        self.dir = page_dir / "charts"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.names: set[str] = set()
+
+    def figure(self, chart: Chart, name: str, caption: str) -> str:
+        """HTML for one chart; `caption` is the one line saying what to read from it."""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or name in self.names:
+            raise ValueError(f"chart name {name!r} is not a fresh slug")
+        spec = to_spec(chart)
+        title = spec_title(spec)
+        if not title or not caption.strip():
+            raise CoactError(f"chart {name!r} needs a title and a caption")
+        self.names.add(name)
+        static = f"{name}.svg"
+        svg = vl_convert.vegalite_to_svg(spec) if _rows(spec) <= MAX_SVG_ROWS else None
+        if svg is not None and len(svg) <= MAX_SVG_BYTES:
+            (self.dir / static).write_text(svg, encoding="utf-8")
+        else:  # thousands of marks (scatter plots): a raster is a tenth of the size
+            static = f"{name}.png"
+            (self.dir / static).write_bytes(vl_convert.vegalite_to_png(spec))
+        inline = {k: v for k, v in spec.items() if k != "$schema"}
+        payload = json.dumps(inline, ensure_ascii=False, separators=(",", ":"), default=str)
+        payload = payload.replace("<", "\\u003c")  # nothing in it can close the script
+        alt_text = html.escape(title, quote=True)
+        return (
+            f'<figure class="coact-chart" id="chart-{name}">'
+            f'<div class="coact-view"></div>'
+            f'<img class="coact-fallback" src="charts/{static}" alt="{alt_text}" loading="lazy">'
+            f'<script type="application/json" class="coact-spec">{payload}</script>'
+            f"<figcaption>{html.escape(caption.strip())} "
+            f'<a href="charts/{static}">static image</a></figcaption>'
+            "</figure>\n"
+        )
+
+
+def _rows(spec: Mapping[str, Any]) -> int:
+    """Data rows a spec carries (its named datasets and inline values)."""
+    rows = sum(len(v) for v in (spec.get("datasets") or {}).values() if isinstance(v, list))
+    data = spec.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("values"), list):
+        rows += len(data["values"])
+    return rows
+
+
+def load_spec(path: Path) -> dict[str, Any] | None:
+    """A saved vega-lite spec (`<stem>.vl.json`), or None when it is not there."""
+    if not path.is_file():
+        return None
+    return dict(json.loads(path.read_text()))

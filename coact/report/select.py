@@ -1,0 +1,71 @@
+"""Which output features get a page of their own: the most interesting ones, each with the
+reasons it was picked (most confident per logic label, strongest nonlinear gain, strongest
+connections, causally checked, clearest linear ones, then the most active)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from coact.report.data import RunData
+
+DEFAULT_FEATURES = 50
+
+
+def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, list[str]]:
+    """Up to n output features → why each is shown, in the order they were picked."""
+    picked: dict[int, list[str]] = {}
+    quota = max(1, n // 10)
+
+    def take(features: Sequence[int], reason: str, limit: int) -> None:
+        added = 0
+        for f in features:
+            if added >= limit:
+                break
+            f = int(f)
+            if f in picked:
+                if reason not in picked[f]:
+                    picked[f].append(reason)
+                continue
+            if len(picked) >= n:
+                return
+            picked[f] = [reason]
+            added += 1
+
+    if data.labels is not None:
+        labels = data.labels.filter(pl.col("label") != "DEAD")
+        for label in labels["label"].unique(maintain_order=True).sort().to_list():
+            rows = labels.filter(pl.col("label") == label).sort(
+                ["confidence", "n_active"], descending=True
+            )
+            limit = max(1, quota // 2) if label == "UNEXPLAINED" else quota
+            take(rows["output"].to_list(), f"most confident {label}", limit)
+    if data.features is not None:
+        f = data.features
+        alive = f.filter(pl.col("status") != "dead") if "status" in f.columns else f
+        verdict = "verdict" if "verdict" in alive.columns else "status"
+        nonlinear = alive.filter(pl.col(verdict) == "nonlinear").sort("d_fvu", descending=True)
+        take(nonlinear["feature"].to_list(), "largest nonlinear gain d", 2 * quota)
+    if data.weights is not None and data.weights.height:
+        w = data.weights
+        if "in_both" in w.columns:
+            w = w.filter(pl.col("in_both").fill_null(False))
+        strongest = (
+            w.with_columns(pl.col("standardised").abs().alias("strength"))
+            .group_by("output")
+            .agg(pl.col("strength").max())
+            .sort(["strength", "output"], descending=[True, False])
+        )
+        take(strongest["output"].to_list(), "strongest connection", 2 * quota)
+    if data.causal is not None and data.causal.height:
+        causal = data.causal.sort(pl.col("weight_refit").abs(), descending=True)
+        take(causal["output"].unique(maintain_order=True).to_list(), "causally checked", quota)
+    if data.features is not None:
+        f = data.features
+        verdict = "verdict" if "verdict" in f.columns else "status"
+        linear = f.filter(pl.col(verdict) == "linear").sort("variance", descending=True)
+        take(linear["feature"].to_list(), "clearly linear", quota)
+        active = f.sort(["active_count", "feature"], descending=[True, False])
+        take(active["feature"].to_list(), "most active", n)
+    return picked

@@ -1,0 +1,324 @@
+"""The report: a tiny run → markdown + charts → an offline mkdocs-material site."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from coact.calibrate import CalibrateConfig
+from coact.collect import CollectConfig
+from coact.connect import ConnectConfig
+from coact.connectors.exact import LassoPathConfig
+from coact.errors import CoactError
+from coact.labels import LabelsConfig
+from coact.pipeline import AnalyzeConfig, analyze
+from coact.report import Evidence, build_report
+from coact.report.figures import spec_title, untitled_axes
+from coact.sae.train import SaeTrainConfig
+
+LAYER_CHARTS = {
+    "mlp-curve",
+    "lasso-path",
+    "families",
+    "pareto",
+    "d-distribution",
+    "noise",
+    "threshold",
+    "splices",
+    "causal",
+    "label-counts",
+}
+# URLs that appear as text in the bundled scripts but are never fetched here: XML
+# namespaces, vega's schema id, editor link and an error message, and Material's
+# code paths for a repository link, mermaid diagrams and browsers without
+# ResizeObserver (the report has none of them).
+ALLOWED_URLS = (
+    "http://www.w3.org/",
+    "https://vega.github.io/schema/",
+    "https://vega.github.io/editor/",
+    "https://github.com/vega/vega-lite/issues/",
+    "https://api.github.com/",
+    "https://${",
+    "https://unpkg.com/mermaid@",
+    "https://unpkg.com/resize-observer-polyfill",
+    "https://clipboardjs.com/",
+    "https://bit.ly/",
+    "https://developer.mozilla.org/",
+    "https://github.com/",
+)
+URL = re.compile(r"https?://[^\s\"'<>`)\\]+")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny finished run with every stage (about 20 s on two busy cores)."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    analyze(
+        AnalyzeConfig(
+            model="tiny-llama",
+            layer=1,
+            tokens=2_000,
+            sae_tokens=3_000,
+            eval_contexts=4,
+            ctx_len=32,
+            run_dir=str(run_dir),
+            sae=SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
+            collect=CollectConfig(forward_batch=8, shard_contexts=16),
+            connect_settings=ConnectConfig(
+                "",
+                "",
+                path=LassoPathConfig(n_alphas=6),
+                mlp_hidden=64,
+                mlp_epochs=2,
+                progress=False,
+            ),
+            calibrate_settings=CalibrateConfig(
+                layer=-1,
+                contexts=4,
+                strengths=(0.0, 0.3),
+                n_taus=2,
+                n_boot=100,
+                causal_connections=5,
+                progress=False,
+            ),
+            labels_settings=LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
+        )
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def site(run: Path) -> Path:
+    index = build_report(run, features=8, progress=False)
+    assert index == run / "report" / "site" / "index.html"
+    return index.parent
+
+
+class _Tags(HTMLParser):
+    """Every tag's attributes, and each chart figure's spec, caption and fallback image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.figures: list[dict[str, str]] = []
+        self._in: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, a))
+        if tag == "figure" and "coact-chart" in a.get("class", ""):
+            self.figures.append({"id": a.get("id", ""), "spec": "", "caption": "", "img": ""})
+        elif self.figures and tag == "script" and "coact-spec" in a.get("class", ""):
+            self._in = "spec"
+        elif self.figures and tag == "figcaption":
+            self._in = "caption"
+        elif self.figures and tag == "img" and "coact-fallback" in a.get("class", ""):
+            self.figures[-1]["img"] = a.get("src", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "figcaption"):
+            self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in and self.figures:
+            self.figures[-1][self._in] += data
+
+
+def _parse(path: Path) -> _Tags:
+    parser = _Tags()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_site_has_index_layer_and_feature_pages(site: Path) -> None:
+    assert (site / "index.html").is_file()
+    assert (site / "layer-1.html").is_file() and (site / "features.html").is_file()
+    pages = sorted((site / "features").glob("out-*.html"))
+    assert len(pages) == 8
+    index = (site / "index.html").read_text()
+    assert "tiny-llama" in index and "SAE quality" in index
+
+
+def test_every_page_linked_from_the_layer_page_exists(site: Path) -> None:
+    layer = site / "layer-1.html"
+    hrefs = {a["href"] for tag, a in _parse(layer).tags if tag == "a" and a.get("href")}
+    local = {h.split("#")[0] for h in hrefs if not re.match(r"^[a-z]+:|^#|^//", h)} - {""}
+    feature_links = {h for h in local if h.startswith("features/out-")}
+    assert len(feature_links) == 8, sorted(local)
+    missing = [h for h in local if not (layer.parent / h).resolve().exists()]
+    assert not missing, missing
+
+
+def test_nothing_is_fetched_from_a_network(site: Path) -> None:
+    files = [p for p in site.rglob("*") if p.suffix in (".html", ".js", ".css")]
+    assert any(p.name == "vega.js" for p in files)
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        text = re.sub(r"(<|\\3c\s?)!--.*?--", "", text, flags=re.S)  # licence comments
+        if path.suffix == ".html":
+            for tag, a in _parse(path).tags:
+                for attr in ("src", "data") if tag != "link" else ("href",):
+                    ref = a.get(attr, "")
+                    assert not re.match(r"^([a-z]+:)?//", ref), (path, tag, ref)
+        if path.suffix == ".css":
+            text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+            assert not re.search(r"url\(\s*['\"]?(https?:)?//|@import", text), path
+        stray = [u for u in URL.findall(text) if not u.startswith(ALLOWED_URLS)]
+        assert not stray, (path, stray[:5])
+        if path.suffix == ".html":  # the report's own pages name no URL at all
+            assert "unpkg.com" not in text and "fonts.googleapis" not in text, path
+
+
+def test_every_chart_has_a_title_axis_titles_a_caption_and_a_fallback(site: Path) -> None:
+    seen: set[str] = set()
+    for page in site.rglob("*.html"):
+        for figure in _parse(page).figures:
+            spec = json.loads(figure["spec"])
+            name = figure["id"].removeprefix("chart-")
+            seen.add(name)
+            assert spec_title(spec), (page, name)
+            assert not untitled_axes(spec), (page, name, untitled_axes(spec))
+            caption = figure["caption"].replace("static image", "").strip()
+            assert caption.startswith("Read:") and len(caption) > 30, (page, name)
+            assert figure["img"] and (page.parent / figure["img"]).is_file(), (page, name)
+    assert seen >= LAYER_CHARTS | {"sae-training"}, sorted(LAYER_CHARTS - seen)
+    assert any(n.endswith("-histogram") for n in seen)
+    assert any(n.endswith("-coactivation") for n in seen)
+
+
+def test_feature_page_shows_formula_and_marks_the_activating_token(run: Path, site: Path) -> None:
+    features = pl.read_parquet(run / "connect" / "features.parquet")
+    page = sorted((site / "features").glob("out-*.html"))[0]
+    j = int(page.stem.removeprefix("out-"))
+    text = page.read_text(encoding="utf-8")
+    formula = features.filter(pl.col("feature") == j)["formula"][0]
+    assert html.escape(formula, quote=False) in text
+    for section in (
+        "Inputs",
+        "Evidence: where it fires",
+        "Linearity",
+        "Logic label",
+        "Causal check",
+    ):
+        assert f">{section}<" in text, section
+    # the first context row: its outlined token carries the row's activation
+    evidence = text[text.index("Evidence: where it fires") :]
+    row = re.search(r"<tr><td>1</td><td>([^<]+)</td>.*?</tr>", evidence, re.S)
+    assert row is not None
+    marked = re.findall(r'class="coact-tok coact-max"[^>]*title="activation ([^"]+)"', row.group(0))
+    assert len(marked) == 1 and float(marked[0]) == pytest.approx(float(row.group(1)), rel=1e-2)
+
+
+def test_top_contexts_are_distinct_ranked_and_marked(run: Path) -> None:
+    evidence = Evidence(run / "codes", lambda ids: "".join(chr(65 + i % 26) for i in ids))
+    codes = evidence.codes("mlp_out.1")
+    j = int(np.argmax(np.diff(codes.indptr)))  # the most active feature
+    top = evidence.top_contexts("mlp_out.1", j, k=5, before=3, after=2)
+    assert len(top) == 5 and len({c.context for c in top}) == 5
+    assert [c.activation for c in top] == sorted((c.activation for c in top), reverse=True)
+    assert top[0].activation == pytest.approx(evidence.activations("mlp_out.1", j).max())
+    for c in top:
+        assert c.values[c.marked] == pytest.approx(c.activation)
+        assert len(c.tokens) == len(c.values) <= 6 and c.marked <= 3
+
+
+def test_run_without_logic_or_calibration_still_builds(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    shutil.rmtree(copy / "logic")
+    shutil.rmtree(copy / "calibrate")
+    index = build_report(copy, tmp_path / "out", features=[0, 3], progress=False)
+    layer = (index.parent / "layer-1.html").read_text(encoding="utf-8")
+    assert "Features were not labelled" in layer and "was not calibrated" in layer
+    assert "pareto" in layer  # the connect stage's charts are still there
+    page = (index.parent / "features" / "out-3.html").read_text(encoding="utf-8")
+    assert "coact-max" in page and "No causal check" in page
+
+
+def test_refuses_a_foreign_directory_and_unknown_features(run: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(CoactError, match="not a coact report directory"):
+        build_report(run, foreign, features=[0], progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(CoactError, match="not output features"):
+        build_report(run, tmp_path / "new", features=[10**6], progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+# vegaEmbed from the site's own bundle, run in node on every inline spec with a minimal
+# fake DOM; each view is rendered to SVG by vega's headless path.
+DRAW_ALL = r"""
+const fs = require("fs"), path = require("path"), vm = require("vm");
+const site = process.argv[2];
+function el(tag) {
+  return { tagName: tag, nodeName: tag.toUpperCase(), children: [], childNodes: [], style: {},
+    attributes: {}, innerHTML: "", ownerDocument: null,
+    get firstChild() { return this.childNodes[0] || null; },
+    get lastChild() { return this.childNodes[this.childNodes.length - 1] || null; },
+    classList: { add() {}, remove() {}, contains() { return false; } },
+    appendChild(c) { this.children.push(c); this.childNodes.push(c); return c; },
+    insertBefore(c) { this.childNodes.push(c); return c; }, replaceChild(c) { return c; },
+    removeChild(c) { return c; }, remove() {}, setAttribute(k, v) { this.attributes[k] = v; },
+    getAttribute(k) { return this.attributes[k]; }, addEventListener() {},
+    removeEventListener() {}, getRootNode() { return doc; },
+    getBoundingClientRect() { return { left: 0, top: 0, width: 500, height: 300 }; },
+    querySelector() { return null; }, querySelectorAll() { return []; } };
+}
+const doc = { head: el("head"), body: el("body"), createElement: el,
+  createElementNS: (ns, t) => el(t), getElementById() { return null; },
+  querySelector() { return null; }, addEventListener() {}, removeEventListener() {} };
+const box = { console, setTimeout, clearTimeout, setInterval, clearInterval, URL, TextEncoder,
+  TextDecoder, structuredClone, queueMicrotask, document: doc, ShadowRoot: function () {},
+  navigator: { userAgent: "node" } };
+box.window = box; box.globalThis = box; box.self = box;
+vm.createContext(box);
+vm.runInContext(fs.readFileSync(path.join(site, "assets/javascripts/vega.js"), "utf8"), box);
+const pages = [];
+(function walk(d) {
+  for (const f of fs.readdirSync(d)) {
+    const p = path.join(d, f);
+    if (fs.statSync(p).isDirectory()) walk(p); else if (p.endsWith(".html")) pages.push(p);
+  }
+})(site);
+const re = /<script type="application\/json" class="coact-spec">([\s\S]*?)<\/script>/g;
+(async () => {
+  let drawn = 0; const failed = [];
+  for (const page of pages) {
+    const text = fs.readFileSync(page, "utf8"); let m;
+    while ((m = re.exec(text))) {
+      try {
+        const result = await box.vegaEmbed(el("div"), JSON.parse(m[1]), { mode: "vega-lite",
+          actions: false, renderer: "none", defaultStyle: false, tooltip: false });
+        const svg = await result.view.toSVG();
+        if (!svg.includes("<svg") || svg.length < 500) throw new Error("empty drawing");
+        result.finalize(); drawn++;
+      } catch (e) { failed.push(path.relative(site, page) + ": " + e.message); }
+    }
+  }
+  console.log(JSON.stringify({ drawn, failed }));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the vega bundle")
+def test_every_inline_chart_draws_with_the_bundled_vega(site: Path, tmp_path: Path) -> None:
+    script = tmp_path / "draw.js"
+    script.write_text(DRAW_ALL)
+    done = subprocess.run(
+        ["node", str(script), str(site)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["failed"], result["failed"][:5]
+    assert result["drawn"] >= len(LAYER_CHARTS) + 8  # layer charts and a histogram per page
