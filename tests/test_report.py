@@ -322,3 +322,13 @@ def test_every_inline_chart_draws_with_the_bundled_vega(site: Path, tmp_path: Pa
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert not result["failed"], result["failed"][:5]
     assert result["drawn"] >= len(LAYER_CHARTS) + 8  # layer charts and a histogram per page
+
+
+def test_a_relative_run_path_builds_where_it_says(run, tmp_path, monkeypatch) -> None:
+    """mkdocs resolves its site directory against mkdocs.yml: relative paths must not nest."""
+    shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "report", ignore_errors=True)
+    monkeypatch.chdir(tmp_path)
+    index = build_report(Path("run"), features=2, progress=False)
+    assert index == (tmp_path / "run" / "report" / "site" / "index.html").resolve()
+    assert index.is_file() and not (tmp_path / "run" / "report" / "run").exists()

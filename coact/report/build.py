@@ -55,7 +55,7 @@ def build_report(
             if bad:
                 raise CoactError(f"features {bad} are not output features (0 to {width - 1})")
             featured = {int(j): ["asked for"] for j in dict.fromkeys(features)}
-    out = Path(out_dir) if out_dir is not None else data.run_dir / "report"
+    out = (Path(out_dir) if out_dir is not None else data.run_dir / "report").resolve()
     _prepare(out)
     docs = out / "docs"
     say = _Say(progress)
