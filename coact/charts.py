@@ -103,24 +103,14 @@ def coactivation(
     frame = data.to_pandas()
     color = alt.Color(f"{out}:Q", title=f"{out} activation", scale=alt.Scale(scheme="viridis"))
     subtitle = f"{len(frame):,} tokens where an input or the target is active (code units)"
-    if len(names) == 1:
+    if len(names) <= 2:  # one input: against the target itself; two: against each other
+        y_name = names[1] if len(names) == 2 else out
         chart = (
             alt.Chart(frame)
             .mark_circle(size=14, opacity=0.6)
             .encode(
                 x=alt.X(f"{names[0]}:Q", title=f"{names[0]} activation"),
-                y=alt.Y(f"{out}:Q", title=f"{out} activation"),
-                color=color,
-            )
-        )
-        return chart.properties(width=320, height=260, title=_title(title, subtitle))
-    if len(names) == 2:
-        chart = (
-            alt.Chart(frame)
-            .mark_circle(size=14, opacity=0.6)
-            .encode(
-                x=alt.X(f"{names[0]}:Q", title=f"{names[0]} activation"),
-                y=alt.Y(f"{names[1]}:Q", title=f"{names[1]} activation"),
+                y=alt.Y(f"{y_name}:Q", title=f"{y_name} activation"),
                 color=color,
             )
         )
