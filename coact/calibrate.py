@@ -39,7 +39,7 @@ from coact import charts
 from coact.connect import CONNECTORS_FILE, load_linearity_connectors
 from coact.connectors.families import SparseBatch, SparseConnector
 from coact.errors import CoactError
-from coact.files import atomic_write
+from coact.files import atomic_write, finished_result
 from coact.intervene import (
     NOISE_KINDS,
     activation_variance,
@@ -185,13 +185,10 @@ def calibrate(
         raise CoactError(f"calibration needs a batch of contexts, got {tuple(tokens.shape)}")
     key = _key(lm, sae_in, sae_out, tokens, connect_dir, config)
     done = out_dir / "calibrate.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        files = ("noise.parquet", "splices.parquet", "linearity.parquet", "noise.png")
-        if previous.get("key") == key and all((out_dir / f).is_file() for f in files):
-            return dict(previous)
+    required = ("noise.parquet", "splices.parquet", "linearity.parquet", "noise.png")
+    if (previous := finished_result(done, key, required)) is not None:
+        return previous
     out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
     site_out = Site("mlp_out", config.layer)
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -48,7 +48,7 @@ from coact.connectors.exact import (
 from coact.connectors.families import SparseConnector, csr_batch, dense_rows, make_connector
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write
+from coact.files import atomic_write, finished_result
 from coact.formulas import formula, top_tokens_table
 from coact.linearity import (
     HeldoutContexts,
@@ -120,12 +120,9 @@ def connect(
     out_dir = Path(out_dir)
     key = _key(store, config)
     done = out_dir / "connect.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("key") == key and all((out_dir / f).is_file() for f in OUTPUT_FILES):
-            return dict(previous)
+    if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
+        return previous
     out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 

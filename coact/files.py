@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | Path) -> str:
@@ -21,3 +23,15 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def finished_result(done: Path, key: str, required: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The headline a stage wrote last (`done`), if it carries `key` and every `required`
+    file beside it exists: a finished result to reuse. Otherwise None, and `done` is
+    removed so an interrupted run is redone rather than half-reused."""
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("key") == key and all((done.parent / f).is_file() for f in required):
+            return dict(previous)
+    done.unlink(missing_ok=True)
+    return None

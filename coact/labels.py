@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from coact import charts
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write
+from coact.files import atomic_write, finished_result
 from coact.logic import LABELS, LogicConfig, hidden_targets, label_layer
 from coact.sites import Site
 from coact.store import CodeStore
@@ -77,12 +77,9 @@ def label_run(
             raise CoactError(f"site {slug} is not in the code store {store.directory}")
     key = _key(store, weights_path, config)
     done = out_dir / "logic.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("key") == key:
-            return dict(previous)
+    if (previous := finished_result(done, key)) is not None:
+        return previous
     out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
     timings: dict[str, float] = {}
 
     clock = time.perf_counter()
