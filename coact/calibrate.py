@@ -33,7 +33,6 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact import charts
 from coact.connect import CONNECTORS_FILE, load_linearity_connectors
@@ -43,15 +42,15 @@ from coact.files import atomic_write, finished_result
 from coact.intervene import (
     NOISE_KINDS,
     activation_variance,
-    bootstrap_mean_ratio,
-    context_losses,
     noise_curve,
+    splice_losses,
+    splice_summary,
 )
 from coact.linearity import SEED_TAU, Form, LinearityConfig, percent_linear, relabel
 from coact.models import LoadedModel
 from coact.sae.base import Sae
 from coact.sites import Site
-from coact.tracing import capture, mlp_spliced_logits, spliced_logits
+from coact.tracing import capture, mlp_spliced_logits
 
 Splice = Callable[[Tensor, Tensor], Tensor]  # (stream the MLP reads, MLP output) → output
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
@@ -274,79 +273,33 @@ def _splices(
     masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
     names = ["sae", "linear", "mlp", *masks, "zero"]
     site_in = Site("mlp_resid", layer)
-    ce: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *names]}
-    kl: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    counts: list[np.ndarray] = []
-    starts = range(0, tokens.shape[0], config.batch_size)
-    bar = tqdm(total=len(starts) * len(names), desc="splicing", disable=not config.progress)
-    for start in starts:
-        batch = tokens[start : start + config.batch_size].to(lm.device)
+
+    def spliced(batch: Tensor) -> Callable[[str], Tensor]:
         stream = capture(lm, batch, [site_in])[site_in]
         predicted = _predict(sae_in.encode(stream), connectors, sae_out.width)
-        decoded = {
-            "linear": sae_out.decode(predicted.linear),
-            "mlp": sae_out.decode(predicted.mlp),
-        }
+        decoded = {"linear": predicted.linear, "mlp": predicted.mlp}
         decoded.update(
-            {
-                name: sae_out.decode(torch.where(mask, predicted.linear, predicted.mlp))
-                for name, mask in masks.items()
-            }
+            {k: torch.where(m, predicted.linear, predicted.mlp) for k, m in masks.items()}
         )
-        clean_logits = spliced_logits(lm, batch, None, None)
-        clean = context_losses(clean_logits, batch, skip)
-        ce["clean"].append(clean.ce)
-        counts.append(clean.n_tokens)
-        for name in names:
-            fn = _splice_fn(name, decoded, sae_out, skip)
-            losses = context_losses(
-                mlp_spliced_logits(lm, batch, layer, fn), batch, skip, clean_logits
-            )
-            ce[name].append(losses.ce)
-            kl[name].append(losses.kl)
-            bar.update(1)
-    bar.close()
-    n = np.concatenate(counts)
-    base = np.concatenate(ce["clean"])
-    spliced = np.stack([np.concatenate(ce[k]) for k in names], axis=1)
-    kls = np.stack([np.concatenate(kl[k]) for k in names], axis=1)
-    ablated, mlp_ce = spliced[:, names.index("zero")], spliced[:, names.index("mlp")]
-    boot = (config.n_boot, config.seed, config.level)
-    delta = bootstrap_mean_ratio(spliced - base[:, None], n, *boot)
-    kl_i = bootstrap_mean_ratio(kls, n, *boot)
-    extra = bootstrap_mean_ratio(spliced - mlp_ce[:, None], n, *boot)
-    extra_kl = bootstrap_mean_ratio(kls - kls[:, [names.index("mlp")]], n, *boot)
-    recovered = bootstrap_mean_ratio(ablated[:, None] - spliced, ablated - base, *boot)
+        decoded = {k: sae_out.decode(v) for k, v in decoded.items()}
+        return lambda name: mlp_spliced_logits(
+            lm, batch, layer, _splice_fn(name, decoded, sae_out, skip)
+        )
+
+    losses = splice_losses(
+        lm, tokens, names, spliced, batch_size=config.batch_size, skip_first_positions=skip,
+        progress=config.progress,
+    )  # fmt: skip
+    frame = splice_summary(
+        losses, reference="mlp", n_boot=config.n_boot, seed=config.seed, level=config.level
+    )
     tau_of = {name: float(t) for name, t in zip(masks, taus, strict=True)}
     linear_count = {name: int(mask.sum()) - int((~alive).sum()) for name, mask in masks.items()}
-    frame = pl.DataFrame(
-        {
-            "splice": names,
-            "tau": [tau_of.get(k) for k in names],
-            "features_linear": [linear_count.get(k) for k in names],
-            "ce_clean": float(base.sum() / n.sum()),
-            "ce_spliced": spliced.sum(0) / n.sum(),
-            "delta_ce": delta.point,
-            "delta_ce_low": delta.low,
-            "delta_ce_high": delta.high,
-            "kl": kl_i.point,
-            "kl_low": kl_i.low,
-            "kl_high": kl_i.high,
-            "extra_delta_ce": extra.point,
-            "extra_delta_ce_low": extra.low,
-            "extra_delta_ce_high": extra.high,
-            "extra_kl": extra_kl.point,
-            "extra_kl_low": extra_kl.low,
-            "extra_kl_high": extra_kl.high,
-            "ce_recovered": recovered.point,
-            "ce_recovered_low": recovered.low,
-            "ce_recovered_high": recovered.high,
-            "n_tokens": int(n.sum()),
-            "n_contexts": len(n),
-        },
-        schema_overrides={"tau": pl.Float64, "features_linear": pl.Int64},
+    return frame.insert_column(
+        1, pl.Series("tau", [tau_of.get(k) for k in names], dtype=pl.Float64)
+    ).insert_column(
+        2, pl.Series("features_linear", [linear_count.get(k) for k in names], dtype=pl.Int64)
     )
-    return frame
 
 
 def _noise(

@@ -22,6 +22,8 @@ from coact.intervene import (
     noise_curve,
     resample_indices,
     sample_noise,
+    SpliceLosses,
+    splice_summary,
     splice_table,
 )
 from coact.models import LoadedModel, load_model
@@ -82,6 +84,29 @@ def test_bootstrap_interval_brackets_point_and_shrinks_with_contexts() -> None:
         assert low < point < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2.5  # ~1/sqrt(16) = 1/4 in theory
+
+
+def test_splice_summary_by_hand() -> None:
+    # two contexts of 2 and 3 predicted tokens; splices "a" and the baseline "zero"
+    losses = SpliceLosses(
+        names=["a", "zero"],
+        ce_clean=np.array([2.0, 3.0]),
+        n_tokens=np.array([2, 3]),
+        ce=np.array([[3.0, 6.0], [3.0, 9.0]]),
+        kl=np.array([[0.5, 2.0], [1.0, 4.0]]),
+    )
+    t = splice_summary(losses, reference="a", n_boot=0)
+    assert t["splice"].to_list() == ["a", "zero"]
+    assert t["ce_clean"][0] == pytest.approx(5 / 5)
+    assert t["ce_spliced"].to_list() == pytest.approx([6 / 5, 15 / 5])
+    assert t["delta_ce"].to_list() == pytest.approx([1 / 5, 10 / 5])
+    assert t["kl"].to_list() == pytest.approx([1.5 / 5, 6 / 5])
+    assert t["extra_delta_ce"].to_list() == pytest.approx([0.0, 9 / 5])
+    assert t["extra_kl"].to_list() == pytest.approx([0.0, 4.5 / 5])
+    # (CE_zero − CE_a) / (CE_zero − CE_clean) = (15 − 6) / (15 − 5)
+    assert t["ce_recovered"].to_list() == pytest.approx([0.9, 0.0])
+    assert t["n_tokens"][0] == 5 and t["n_contexts"][0] == 2
+    assert "extra_delta_ce" not in splice_summary(losses, n_boot=0).columns
 
 
 def test_bootstrap_zero_denominator_is_nan() -> None:
