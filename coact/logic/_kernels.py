@@ -7,6 +7,21 @@ from numba import njit, prange
 
 
 @njit(cache=True)
+def _start(x_ptr, y_ptr, targets, inputs, t):
+    """Target t's inputs (the row of `inputs` up to its first −1) and where each input's and
+    the target's sorted token lists begin (p, py) and end (e, ey)."""
+    width = inputs.shape[1]
+    k = 0
+    while k < width and inputs[t, k] >= 0:
+        k += 1
+    cols = inputs[t, :k].copy()
+    p, e = np.empty(k, np.int64), np.empty(k, np.int64)
+    for j in range(k):
+        p[j], e[j] = x_ptr[cols[j]], x_ptr[cols[j] + 1]
+    return k, cols, p, e, y_ptr[targets[t]], y_ptr[targets[t] + 1]
+
+
+@njit(cache=True)
 def _advance(x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, n_tokens, xs):
     """The next token where any input or the target has an entry: (token, code, y, py)."""
     tok = n_tokens
@@ -36,16 +51,9 @@ def _count_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, ta
                   n_tokens, n, act, ysum, ysum_act, sxy, sxx):  # fmt: skip
     """Per target and truth-table row (rows ≠ 0 fully; row 0 only where y > 0): tokens,
     target-active tokens, Σy, Σy when active; per input Σxy and Σx² on its one-input row."""
-    n_targets, width = inputs.shape
+    n_targets = inputs.shape[0]
     for t in prange(n_targets):
-        k = 0
-        while k < width and inputs[t, k] >= 0:
-            k += 1
-        cols = inputs[t, :k].copy()
-        p, e = np.empty(k, np.int64), np.empty(k, np.int64)
-        for j in range(k):
-            p[j], e[j] = x_ptr[cols[j]], x_ptr[cols[j] + 1]
-        py, ey = y_ptr[targets[t]], y_ptr[targets[t] + 1]
+        k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
         floor_t = y_floor[targets[t]]
         xs = np.zeros(max(k, 1))
         while True:
@@ -75,16 +83,9 @@ def _events_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, t
     """Additivity sums per target (count, Σnum, Σden, Σnum², Σden², Σnum·den) and a
     systematic sample (every stride-th token) of the input vectors where the target fires
     (kind 0) and where some input fires but the target does not (kind 1)."""
-    n_targets, width = inputs.shape
+    n_targets = inputs.shape[0]
     for t in prange(n_targets):
-        k = 0
-        while k < width and inputs[t, k] >= 0:
-            k += 1
-        cols = inputs[t, :k].copy()
-        p, e = np.empty(k, np.int64), np.empty(k, np.int64)
-        for j in range(k):
-            p[j], e[j] = x_ptr[cols[j]], x_ptr[cols[j] + 1]
-        py, ey = y_ptr[targets[t]], y_ptr[targets[t] + 1]
+        k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
         floor_t = y_floor[targets[t]]
         xs = np.zeros(max(k, 1))
         seen = np.zeros(2, np.int64)
@@ -156,19 +157,12 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
                  y_floor, targets, inputs, n_tokens, n, act, best, gain):  # fmt: skip
     """Per target: the input (not yet among its inputs) with the largest conditional mutual
     information I(T; X_i | row) given its current truth-table row, from counts."""
-    n_targets, width = inputs.shape
+    n_targets = inputs.shape[0]
     n_in = len(x_total)
     rows = n.shape[1]
     for t in prange(n_targets):
-        k = 0
-        while k < width and inputs[t, k] >= 0:
-            k += 1
         best[t], gain[t] = -1, 0.0
-        cols = inputs[t, :k].copy()
-        p, e = np.empty(k, np.int64), np.empty(k, np.int64)
-        for j in range(k):
-            p[j], e[j] = x_ptr[cols[j]], x_ptr[cols[j] + 1]
-        py, ey = y_ptr[targets[t]], y_ptr[targets[t] + 1]
+        k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
         floor_t = y_floor[targets[t]]
         xs = np.zeros(max(k, 1))
         cnt = np.zeros((n_in, rows), np.int64)
