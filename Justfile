@@ -27,6 +27,11 @@ lint:
 bench:
     {{python}} analyses/bench_collect.py
 
-# Build the project's documentation into site/.
+# Build the project's documentation into site/ (benchmark figures redrawn from analyses/results/).
 docs:
+    {{python}} analyses/plot_benchmarks.py
     mkdocs build --strict
+
+# The report in headless Chromium (Debian's /usr/bin/chromium; skips without it).
+browser *ARGS:
+    {{python}} -m pytest -q tests/test_browser.py {{ARGS}}

@@ -102,6 +102,9 @@ class _SparseTimesDense(torch.autograd.Function):
 
 @runtime_checkable
 class Connector(Protocol):
+    """What the pipeline needs from a connector: input codes in (a sparse batch), predicted
+    output codes out, its L1 penalty, and its first layer as width × n_in."""
+
     n_in: int
     n_out: int
     family: str

@@ -18,6 +18,7 @@ absent), at least `min_standardised` and `relative_cut` × its strongest, at mos
 matters only on the tokens where it meets the input it vetoes, the second input of an AND
 only where it meets the first, and L1 shrinks the weaker parts of a sum to zero. So the
 candidates are then, in turn:
+
 - pruned (`prune`): an input is kept when some pair of observed rows (below) that differ
   only in it differ in their verdict (silent / mixed / fires); one that never changes the
   truth table is dropped;
@@ -37,6 +38,7 @@ active, P(target active) and its mean activation. A row is observed when it has 
 `p_silent`, and is mixed in between.
 
 The rules, in plain words, applied in this order (the `rule` column names the one used):
+
 1. DEAD ("dead"): the target is never active in the sample.
 2. UNEXPLAINED ("no inputs", "uncovered"): it has no inputs left, or more than
    `max_uncovered` of its activations happen on tokens where none of its inputs is active
