@@ -15,6 +15,7 @@ from coact.adapters import resolve
 from coact.errors import CoactError
 from coact.intervene import (
     NoiseKind,
+    SpliceLosses,
     add_noise,
     bootstrap_mean_ratio,
     ce_and_kl,
@@ -22,7 +23,6 @@ from coact.intervene import (
     noise_curve,
     resample_indices,
     sample_noise,
-    SpliceLosses,
     splice_summary,
     splice_table,
 )
