@@ -86,6 +86,8 @@ def build_site(config_file: Path) -> Path:
         # search plugin; with no search box nothing loads them
         for unused in ("assets/javascripts/lunr", "assets/javascripts/workers"):
             shutil.rmtree(staging / unused, ignore_errors=True)
+    # a file system never serves 404.html, and its root-absolute asset paths break there
+    (staging / "404.html").unlink(missing_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final / "index.html"
