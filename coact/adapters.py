@@ -97,6 +97,15 @@ class Adapter:
         self.check(Site("mlp_out", layer))
         return f"{self.block(layer)}.{self.mlp}"
 
+    def attn_path(self, layer: int) -> str:
+        self.check(Site("attn_out", layer))
+        return f"{self.block(layer)}.{self.attn}"
+
+    def attn_norm_path(self, layer: int) -> str:
+        """The norm in front of attention (its input is resid_pre)."""
+        self.check(Site("attn_out", layer))
+        return f"{self.block(layer)}.{self.attn_norm}"
+
     def order_key(self, site: Site) -> tuple[int, int]:
         """Sort key that puts sites in execution order."""
         kind = self.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind

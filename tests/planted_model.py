@@ -36,6 +36,7 @@ from coact.tracing import capture
 
 PlantKind = Literal["linear", "threshold"]
 InKind = Literal["exact", "random"]
+AttnKind = Literal["previous", "current"]
 
 
 class PlantedMlp(nn.Module):
@@ -171,10 +172,12 @@ def _calibrate(
     rates: tuple[float, float],
     gen: torch.Generator,
     seed: int,
+    site: Site | None = None,
 ) -> None:
     """Scale encoder column k by s and decoder row k by 1/s (W_dec W_enc is unchanged) and
-    set b_enc so feature k fires on a share U(rates) of tokens with median active code 1."""
-    site = Site("mlp_resid", layer)
+    set b_enc so feature k fires on a share U(rates) of tokens with median active code 1
+    (at `site`; by default the stream the MLP of `layer` reads)."""
+    site = site or Site("mlp_resid", layer)
     stream = capture(lm, random_tokens(32, 32, seed=seed + 2), [site])[site][:, 1:]
     proj = stream.reshape(-1, sae.d_in) @ sae.W_enc  # tokens × width
     rate = rates[0] + (rates[1] - rates[0]) * torch.rand(sae.width, generator=gen)
@@ -216,3 +219,86 @@ def _threshold_rule(
             a, b = _pick(live, 2, gen).tolist()
             B[j, a], B[j, b] = 1.0, -1.0
     return B, theta
+
+
+class PlantedAttention(nn.Module):
+    """Stands in for one block's attention: writes sae_out.decode(B @ sae_in.encode(stream
+    at t − lag)), lag 1 (a previous-token copy) or 0 (position-local). Positions before
+    `skip` are never read (the store does not hold BOS, so its codes must not leak into
+    the output). Takes the real attention's call (hidden states first, positionally or by
+    name; mask, position embeddings and cache as ignored keywords) and returns what the
+    decoder layer unpacks: (output, attention weights = None)."""
+
+    def __init__(self, sae_in: Sae, sae_out: Sae, B: Tensor, lag: int, skip: int = 1) -> None:
+        super().__init__()
+        self.sae_in, self.sae_out, self.lag, self.skip = sae_in, sae_out, lag, skip
+        self.B: Tensor
+        self.register_buffer("B", B)
+
+    def rule(self, codes: Tensor) -> Tensor:
+        """Out-site codes at every position from in-site codes (batch, seq, width_in)."""
+        codes = codes.clone()
+        codes[:, : self.skip] = 0
+        if self.lag:
+            codes = torch.cat([torch.zeros_like(codes[:, : self.lag]), codes[:, : -self.lag]], 1)
+        return codes @ self.B.T
+
+    def forward(
+        self, hidden_states: Tensor, *args: object, **kwargs: object
+    ) -> tuple[Tensor, None]:
+        return self.sae_out.decode(self.rule(self.sae_in.encode(hidden_states))), None
+
+
+@dataclass
+class PlantedAttentionModel:
+    """The model whose attention of `layer` is planted, both SAEs and the rule's B."""
+
+    lm: LoadedModel
+    layer: int
+    kind: AttnKind
+    sae_in: Sae
+    sae_out: Sae
+    B: Tensor
+    attn: PlantedAttention
+
+    def rule(self, codes: Tensor) -> Tensor:
+        return self.attn.rule(codes)
+
+    @property
+    def sites(self) -> tuple[Site, Site]:
+        return Site("resid_pre", self.layer), Site("attn_out", self.layer)
+
+
+def planted_attention(
+    kind: AttnKind = "previous",
+    *,
+    layer: int = 1,
+    width_in: int = 48,
+    width_out: int = 32,
+    rates: tuple[float, float] = (0.05, 0.3),
+    seed: int = 0,
+    model: str = "tiny-llama",
+) -> PlantedAttentionModel:
+    """A tiny Llama whose attention of `layer` reads the raw stream (its norm replaced by
+    the identity) and writes out codes B·c_in[t−1] ("previous") or B·c_in[t] ("current"),
+    B as the linear MLP plant (1–3 inputs per output, weights in [0.5, 1.5]). The input
+    SAE is exact and calibrated on resid_pre[layer]; the output SAE orthonormal, so the
+    attn_out codes are the rule's output to float32 rounding."""
+    lm = load_model(model, seed=seed)
+    if getattr(lm, "_nnsight", None) is not None:
+        raise RuntimeError("the nnsight view was made before the modules were replaced")
+    d_model = lm.adapter.d_model
+    if max(width_in, width_out) > d_model:
+        raise ValueError(f"orthonormal SAEs need width ≤ d_model = {d_model}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    sae_in = _orthonormal_sae(d_model, width_in, gen)
+    sae_out = _orthonormal_sae(d_model, width_out, gen)
+    site_in, site_out = Site("resid_pre", layer), Site("attn_out", layer)
+    sae_in.site, sae_out.site = str(site_in), str(site_out)
+    B = _linear_rule(width_out, width_in, width_in, gen)
+    attn = PlantedAttention(sae_in, sae_out, B, lag=1 if kind == "previous" else 0)
+    _replace(lm.model, lm.adapter.attn_norm_path(layer), nn.Identity())
+    _replace(lm.model, lm.adapter.attn_path(layer), attn)
+    lm.model.eval().requires_grad_(False)
+    _calibrate(lm, layer, sae_in, width_in, rates, gen, seed, site=site_in)
+    return PlantedAttentionModel(lm, layer, kind, sae_in, sae_out, B, attn)

@@ -1,0 +1,407 @@
+"""`positions`: which output features need other positions than their own.
+
+Attention writes at position t from the stream at every position ≤ t, so a same-position
+connector (out codes at t from in codes at t) can miss what it reads elsewhere. Per output
+feature this stage asks how much of it is explained only by earlier positions: two least
+squares fits without L1, exact from Gram statistics, on the held-out split `connect` uses,
+
+    same position   y_t ≈ W x_t + b
+    with context    y_t ≈ W x_t + Σ_s V_s summary_s(t) + b
+
+with the summaries of one context only (never across contexts): "previous" = x_{t−1};
+"decayed" = Σ_{m=2..window+1} decay^(m−1)·x_{t−m} (further back than the previous token).
+A position the store does not hold (BOS, before the context) contributes zero. The gain
+MSE_same − MSE_context is `linearity_table`'s d with "linear" read as "same_position" and
+"nonlinear" as "needs_context": the same three forms, τ, bootstrap over held-out contexts
+and verdict. Fits with the current codes and one summary alone say which summary carries
+the gain ("copies the previous token" against "reads further back"). Everything stays
+sparse: summaries are CSR products with a shift operator, never tokens × n_in dense.
+
+    positions.parquet   one row per output feature: MSEs, gain (raw / fvu / seed), its
+                        interval, status and verdict, each summary's gain alone, carrier
+    positions.json      the headline (written last: its presence marks completion)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from coact.connect import LINEAR_MAP_ENTRIES
+from coact.connectors.exact import GramStats, linear_fit
+from coact.connectors.train import split_rows
+from coact.errors import CoactError
+from coact.files import atomic_write, finished_result
+from coact.linearity import (
+    HeldoutContexts,
+    LinearityConfig,
+    feature_stats,
+    linearity_table,
+    percent_linear,
+)
+from coact.sites import Site
+from coact.store import CodeStore
+
+Summary = Literal["previous", "decayed"]
+SUMMARIES: tuple[Summary, ...] = get_args(Summary)
+OUTPUT_FILES = ("positions.parquet",)
+RESULT_VERSION = 1  # bumped when what positions writes changes: older results are redone
+BLOCK_TOKENS = 16384  # tokens per block when accumulating sparse Gram statistics
+DENSE_GRAM = 8192  # up to this many augmented inputs the Gram is summed densely
+TOP = 10  # most position-dependent features in the headline
+_STATUS = {"linear": "same_position", "nonlinear": "needs_context"}
+_SHARE_KEYS = {
+    "percent_linear": "percent_same_position",
+    "linear": "same_position",
+    "nonlinear": "needs_context",
+    "confident_linear": "confident_same_position",
+    "confident_nonlinear": "confident_needs_context",
+    "percent_linear_confident": "percent_same_position_confident",
+    "percent_linear_possible": "percent_same_position_possible",
+    "mlp_gain_beyond_noise": "context_gain_beyond_noise",
+    "mlp_loss_beyond_noise": "context_loss_beyond_noise",
+}
+
+
+@dataclass(frozen=True)
+class PositionsConfig:
+    in_site: str  # e.g. "resid_pre[3]"
+    out_site: str  # e.g. "attn_out[3]"
+    summaries: tuple[Summary, ...] = ("previous", "decayed")
+    decay: float = 0.5  # weight of position t−m in "decayed" is decay^(m−1)
+    window: int = 4  # "decayed" reaches back to t − window − 1
+    heldout_fraction: float = 0.1  # of contexts; with `seed`, the split `connect` uses
+    seed: int = 0
+    linearity: LinearityConfig = field(default_factory=LinearityConfig)
+    layer_norm: float = 1.0  # for the seed's normalisation; see linearity.seed_scale
+    min_layer_norm: float = 1.0
+    chunk_outputs: int | None = None  # outputs per least-squares solve; None: as memory allows
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.summaries if s not in SUMMARIES]
+        if not self.summaries or unknown or len(set(self.summaries)) != len(self.summaries):
+            raise CoactError(
+                f"summaries must be distinct names from {SUMMARIES}, got {self.summaries}"
+            )
+        if not 0 < self.decay <= 1 or self.window < 1:
+            raise CoactError(f"need 0 < decay ≤ 1 and window ≥ 1, got {self.decay}, {self.window}")
+        if not 0 < self.heldout_fraction < 1:
+            raise CoactError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.chunk_outputs is not None and self.chunk_outputs < 1:
+            raise CoactError(f"chunk_outputs must be ≥ 1, got {self.chunk_outputs}")
+
+    def lags(self, summary: Summary) -> dict[int, float]:
+        """Offset m ↦ weight of x_{t−m} in the summary."""
+        if summary == "previous":
+            return {1: 1.0}
+        return {m: self.decay ** (m - 1) for m in range(2, self.window + 2)}
+
+
+def shift_operator(
+    context: np.ndarray, position: np.ndarray, lags: dict[int, float]
+) -> sp.csr_matrix:
+    """n × n sparse S with S[r, r'] = w_m where r' is the stored row of the same context at
+    position(r) − m: S @ codes is then Σ_m w_m·codes[t−m], zero where t−m is not stored."""
+    context, position = np.asarray(context, np.int64), np.asarray(position, np.int64)
+    n = len(position)
+    if len(context) != n:
+        raise CoactError(f"{len(context)} context ids for {n} positions")
+    if n == 0:
+        return sp.csr_matrix((0, 0))
+    if position.min() < 0:
+        raise CoactError("negative positions in the token table")
+    span = int(position.max()) + 1
+    key = context * span + position  # one integer per (context, position)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    if np.any(np.diff(ordered) == 0):
+        raise CoactError("the token table repeats a (context, position): cannot place tokens")
+    rows, cols, vals = [], [], []
+    for m, weight in lags.items():
+        reach = np.flatnonzero(position >= m)  # t − m in the same context (not a neighbour)
+        at = np.minimum(np.searchsorted(ordered, key[reach] - m), n - 1)
+        found = ordered[at] == key[reach] - m
+        rows.append(reach[found])
+        cols.append(order[at[found]])
+        vals.append(np.full(int(found.sum()), weight))
+    data = (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols)))
+    return sp.csr_matrix(data, shape=(n, n))
+
+
+def context_summaries(
+    codes: sp.csr_matrix, tokens: pl.DataFrame, config: PositionsConfig
+) -> dict[Summary, sp.csr_matrix]:
+    """Each summary of `config` as a tokens × n_in CSR matrix (float64), within contexts."""
+    context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
+    if codes.shape[0] != len(position):
+        raise CoactError(f"{codes.shape[0]} rows of codes for {len(position)} tokens")
+    codes = sp.csr_matrix(codes, dtype=np.float64)
+    return {
+        s: sp.csr_matrix(shift_operator(context, position, config.lags(s)) @ codes)
+        for s in config.summaries
+    }
+
+
+def positions(
+    store: CodeStore | str | Path, config: PositionsConfig, out_dir: str | Path
+) -> dict[str, Any]:
+    """Fit both least-squares connectors, score every output feature, write the table and
+    return (and write to positions.json) the headline. A finished result is reused."""
+    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
+    in_slug, out_slug = Site.parse(config.in_site).slug, Site.parse(config.out_site).slug
+    for slug in (in_slug, out_slug):
+        if slug not in store.sites:
+            raise CoactError(
+                f"site {slug} is not in the code store {store.directory}; "
+                f"it has {sorted(store.sites)}"
+            )
+    out_dir = Path(out_dir)
+    key = _key(store, config)
+    done = out_dir / "positions.json"
+    if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
+        return previous
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    x, y = store.read_site(in_slug), store.read_site(out_slug)
+    tokens = store.read_tokens()
+    groups = tokens["context"].to_numpy()
+    if x.shape[0] < 4 or len(np.unique(groups)) < 4:
+        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
+    x = sp.csr_matrix(x, dtype=np.float64)
+    context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
+    shifts = [shift_operator(context, position, config.lags(s)) for s in config.summaries]
+    n_in, n_aug = x.shape[1], x.shape[1] * (1 + len(shifts))
+
+    def augmented(rows: np.ndarray) -> sp.csr_matrix:
+        """[current | summaries…] of these rows: each summary is S[rows] @ x, sparse."""
+        return sp.csr_matrix(sp.hstack([x[rows], *(s[rows] @ x for s in shifts)], format="csr"))
+
+    train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
+    stats = _train_stats(augmented, y, train, n_aug, config)
+    z_held = augmented(held)
+    timings["stats_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    blocks = {"current": np.arange(n_in)}
+    for k, name in enumerate(config.summaries, start=1):
+        blocks[name] = np.arange(k * n_in, (k + 1) * n_in)
+    fits = _fits(stats, z_held, y[held], groups[held], blocks, config)
+    timings["fits_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    active, _, variance = feature_stats(y)
+    norms = {"layer_norm": config.layer_norm, "min_layer_norm": config.min_layer_norm}
+    raw = linearity_table(
+        fits.mse_same, fits.mse_context, variance, active, **norms, config=config.linearity,
+        contexts=fits.contexts,
+    )  # fmt: skip
+    share = {_SHARE_KEYS.get(k, k): v for k, v in percent_linear(raw).items()}
+    table = _positions_table(raw, fits.mse_alone, variance, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "positions.parquet", table.write_parquet)
+    timings["tables_s"] = time.perf_counter() - clock
+
+    alive = table.filter(pl.col("status") != "dead")
+    top = alive.sort("gain_fvu", descending=True, nulls_last=True).head(TOP)
+    columns = ["feature", "gain", "gain_fvu", "gain_fvu_low", "gain_fvu_high", "verdict"]
+    columns += [c for c in top.columns if c.startswith("gain_") and c.endswith("_alone_fvu")]
+    columns += ["carrier", "active_count"]
+    needing = table.filter(pl.col("verdict") == "needs_context")
+    summary = {
+        "key": key,
+        "in_site": str(Site.parse(config.in_site)),
+        "out_site": str(Site.parse(config.out_site)),
+        "directory": str(out_dir),
+        "summaries": list(config.summaries),
+        "decay": config.decay,
+        "window": config.window,
+        "inputs_same": n_in,
+        "inputs_context": n_aug,
+        "tokens": x.shape[0],
+        "tokens_train": len(train),
+        "tokens_heldout": len(held),
+        "heldout_contexts": len(fits.contexts.tokens),
+        "output_chunks": fits.chunks,
+        "heldout_nmse_same": _nanmean(alive["mse_same"] / alive["variance"]),
+        "heldout_nmse_context": _nanmean(alive["mse_context"] / alive["variance"]),
+        "norms": norms,
+        "tau": config.linearity.tau,
+        "form": config.linearity.form,
+        **share,
+        "carriers": {s: int((needing["carrier"] == s).sum()) for s in config.summaries},
+        "top_ranked_by": "gain_fvu",
+        "top": top.select(columns).to_dicts(),
+        "timings": timings,
+    }
+    atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def _train_stats(
+    augmented: Callable[[np.ndarray], sp.csr_matrix],
+    y: sp.csr_matrix,
+    rows: np.ndarray,
+    n_aug: int,
+    config: PositionsConfig,
+) -> GramStats:
+    """Gram statistics of [current | summaries] → y over `rows`, a block of tokens at a
+    time (the augmented codes of all tokens at once would be (2 + window)× the codes).
+    Summaries make the Gram nearly dense (each row has up to (2 + window)× the nonzeros),
+    so up to DENSE_GRAM inputs each block's sparse product is added into a dense array:
+    summing nearly dense sparse matrices block after block costs more than the products,
+    and linear_fit densifies the Gram there anyway."""
+    if n_aug > DENSE_GRAM:
+        stats = GramStats.empty(n_aug, y.shape[1])
+        for r in _blocks(rows, BLOCK_TOKENS, config.progress):
+            stats.add(augmented(r), y[r])
+        return stats
+    n, x_sum = 0, np.zeros(n_aug)
+    y_sum, y_sq_sum = np.zeros(y.shape[1]), np.zeros(y.shape[1])
+    xtx, xty = np.zeros((n_aug, n_aug)), np.zeros((n_aug, y.shape[1]))
+    for r in _blocks(rows, BLOCK_TOKENS, config.progress):
+        z, yb = augmented(r), sp.csr_matrix(y[r], dtype=np.float64)
+        zt = z.T.tocsr()
+        for total, product in ((xtx, zt @ z), (xty, zt @ yb)):
+            coo = sp.coo_matrix(product)  # a product has no repeated (row, column)
+            total[coo.row, coo.col] += coo.data
+        n += len(r)
+        x_sum += np.asarray(z.sum(axis=0)).ravel()
+        y_sum += np.asarray(yb.sum(axis=0)).ravel()
+        y_sq_sum += np.asarray(yb.multiply(yb).sum(axis=0)).ravel()
+    return GramStats(n, x_sum, y_sum, y_sq_sum, sp.csr_matrix(xtx), sp.csr_matrix(xty))
+
+
+def _blocks(rows: np.ndarray, size: int, progress: bool) -> Iterable[np.ndarray]:
+    blocks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return tqdm(blocks, desc="positions: gram", disable=not progress or len(blocks) < 2)
+
+
+def _restrict(stats: GramStats, cols: np.ndarray) -> GramStats:
+    """The statistics of a subset of the inputs: every fit below reads one accumulation."""
+    xtx = stats.xtx[cols][:, cols]
+    return GramStats(stats.n, stats.x_sum[cols], stats.y_sum, stats.y_sq_sum, xtx, stats.xty[cols])
+
+
+@dataclass
+class _Fits:
+    mse_same: np.ndarray  # held-out, per output
+    mse_context: np.ndarray
+    mse_alone: dict[str, np.ndarray]  # per summary: current and that summary only
+    contexts: HeldoutContexts  # per held-out context Σ(e_same² − e_context²)
+    chunks: int
+
+
+def _fits(
+    stats: GramStats,
+    z_held: sp.csr_matrix,
+    y_held: sp.csr_matrix,
+    groups_held: np.ndarray,
+    blocks: dict[str, np.ndarray],
+    config: PositionsConfig,
+) -> _Fits:
+    """Least squares without L1 from the training statistics, per chunk of outputs (the
+    maps are dense inputs × outputs): same-position, with all summaries, and (with several)
+    with each summary alone. Held-out errors come from one pass of predictions over the
+    held-out tokens, which the per-context sums need anyway (from held-out statistics,
+    wᵀ(XᵀX)w would cost a dense product with the nearly dense Gram per fit)."""
+    n_out, n_held = stats.n_out, z_held.shape[0]
+    columns = {"same": blocks["current"], "context": np.arange(stats.n_in)}
+    if len(blocks) > 2:
+        columns |= {s: np.concatenate([blocks["current"], blocks[s]]) for s in config.summaries}
+    designs = {
+        name: (
+            stats if name == "context" else _restrict(stats, cols),
+            sp.csr_matrix(z_held[:, cols]),
+        )
+        for name, cols in columns.items()
+    }
+    width = sum(len(cols) for cols in columns.values())  # map entries per output, all fits
+    per_chunk = config.chunk_outputs or max(1, LINEAR_MAP_ENTRIES // width)
+    chunks = [np.arange(n_out)[i : i + per_chunk] for i in range(0, n_out, per_chunk)]
+    _, inverse = np.unique(groups_held, return_inverse=True)
+    n_contexts = int(inverse.max()) + 1 if n_held else 0
+    diff, sse = np.zeros((n_contexts, n_out)), {name: np.zeros(n_out) for name in designs}
+    y_cols = sp.csc_matrix(y_held)
+    for outputs in tqdm(chunks, desc="positions: fits", disable=not config.progress):
+        maps = {name: linear_fit(train, outputs=outputs) for name, (train, _) in designs.items()}
+        y_chunk = sp.csr_matrix(y_cols[:, outputs])
+        for start in range(0, n_held, 4096):
+            rows = np.arange(start, min(start + 4096, n_held))
+            target = y_chunk[rows].toarray()
+            errors = {}
+            for name, (w, b) in maps.items():
+                errors[name] = np.asarray(designs[name][1][rows] @ w) + b - target
+                sse[name][outputs] += (errors[name] ** 2).sum(axis=0)
+            to_context = sp.csr_matrix(
+                (np.ones(len(rows)), (inverse[rows], np.arange(len(rows)))),
+                shape=(n_contexts, len(rows)),
+            )
+            diff[:, outputs] += to_context @ (errors["same"] ** 2 - errors["context"] ** 2)
+    mse = {name: total / max(n_held, 1) for name, total in sse.items()}
+    alone: dict[str, np.ndarray] = {s: mse[s] for s in config.summaries if s in mse}
+    tokens = np.bincount(inverse, minlength=n_contexts).astype(np.float64)
+    contexts = HeldoutContexts(diff, tokens)
+    return _Fits(mse["same"], mse["context"], alone, contexts, len(chunks))
+
+
+def _positions_table(
+    raw: pl.DataFrame,
+    mse_alone: dict[str, np.ndarray],
+    variance: np.ndarray,
+    config: PositionsConfig,
+) -> pl.DataFrame:
+    """`linearity_table`'s columns under this stage's names, plus each summary's own gain
+    and the carrier: the summary whose gain alone is largest (for needs_context only)."""
+    renames = {"mse_linear": "mse_same", "mse_mlp": "mse_context"}
+    for c in raw.columns:
+        if c == "d" or c.startswith("d_"):
+            renames[c] = "gain" + c[1:]
+    table = raw.rename(renames).with_columns(
+        pl.col(c).replace(_STATUS) for c in ("status", "verdict") if c in raw.columns
+    )
+    mse_same = table["mse_same"].to_numpy()
+    dead = table["status"].to_numpy() == "dead"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_var = np.where(dead, np.nan, 1.0 / np.where(variance > 0, variance, 1.0))
+    gains = {s: mse_same - m for s, m in mse_alone.items()} or {
+        config.summaries[0]: table["gain"].to_numpy()
+    }
+    extra = []
+    for s, m in mse_alone.items():
+        extra.append(pl.Series(f"mse_with_{s}", m))
+    for s, g in gains.items():
+        extra += [pl.Series(f"gain_{s}_alone", g), pl.Series(f"gain_{s}_alone_fvu", g * inv_var)]
+    names = list(gains)
+    best = np.argmax(np.stack(list(gains.values())), axis=0)
+    needs = table["status"].to_numpy() == "needs_context"
+    carrier = [names[b] if need else None for b, need in zip(best, needs, strict=True)]
+    extra.append(pl.Series("carrier", carrier, dtype=pl.String))
+    return table.with_columns(*extra)
+
+
+def _key(store: CodeStore, config: PositionsConfig) -> str:
+    """What the result depends on: the codes and the config (not how it is shown)."""
+    relevant = {k: v for k, v in asdict(config).items() if k not in ("progress", "chunk_outputs")}
+    text = json.dumps(
+        {"codes": store.fingerprint, "config": relevant, "version": RESULT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _nanmean(values: pl.Series) -> float:
+    a = values.to_numpy().astype(float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
