@@ -271,6 +271,78 @@ def report(
 
 
 @app.command()
+def ablate(
+    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    features: Annotated[
+        int, typer.Option(help="ablate the report's N most interesting output features")
+    ] = 50,
+    feature: Annotated[
+        list[int] | None,
+        typer.Option(help="an output feature to ablate (repeatable; replaces --features)"),
+    ] = None,
+    contexts: Annotated[int, typer.Option(help="top contexts per output feature")] = 4,
+    inputs: Annotated[int, typer.Option(help="top inputs of each output also ablated")] = 2,
+    input_contexts: Annotated[int, typer.Option(help="top contexts per input")] = 2,
+    window: Annotated[int, typer.Option(help="preceding tokens ablated, one at a time")] = 8,
+    mode: Annotated[
+        list[str] | None, typer.Option(help="remove and/or replace (repeatable; default both)")
+    ] = None,
+    filler: Annotated[str, typer.Option(help="replace mode's token (if it is one token)")] = " ",
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 64,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Context ablation: remove or replace each token before a feature's top activations,
+    rerun the model up to the site and re-encode; writes <run>/evidence/ablation.parquet."""
+    from coact.ablation import MODES, AblationConfig
+    from coact.pipeline import ablate_run
+    from coact.summary import format_ablation
+
+    modes = tuple(mode or MODES)
+    if bad := [m for m in modes if m not in MODES]:
+        raise CoactError(f"unknown --mode {bad}; use remove or replace")
+    settings = AblationConfig(
+        contexts=contexts,
+        input_contexts=input_contexts,
+        inputs_per_feature=inputs,
+        window=window,
+        modes=modes,  # type: ignore[arg-type]
+        filler=filler,
+        batch_size=batch_size,
+    )
+    result = ablate_run(run, settings, list(feature) if feature else features, device=device)
+    typer.echo(format_ablation(result))
+
+
+@app.command()
+def outliers(
+    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    first_positions: Annotated[
+        int, typer.Option(help="positions below this are a context's first tokens")
+    ] = 4,
+    norm_factor: Annotated[
+        float, typer.Option(help="a norm above this × the site's median is very high")
+    ] = 10.0,
+    share: Annotated[
+        float, typer.Option(help="flag when at least this share of active tokens is one kind")
+    ] = 0.5,
+    min_active: Annotated[int, typer.Option(help="features active on fewer are not judged")] = 10,
+) -> None:
+    """Flag artefact features (firing mostly on the first tokens, the first delimiter or
+    tokens of very high norm) of both sites; writes <run>/outliers/outliers.parquet."""
+    from coact.outliers import OutlierConfig
+    from coact.pipeline import outliers_run
+    from coact.summary import format_outliers
+
+    settings = OutlierConfig(
+        first_positions=first_positions,
+        norm_factor=norm_factor,
+        share=share,
+        min_active=min_active,
+    )
+    typer.echo(format_outliers(outliers_run(run, settings)))
+
+
+@app.command()
 def linearity(
     run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
     tau: Annotated[

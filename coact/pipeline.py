@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from coact.ablation import AblationConfig, ablate
 from coact.calibrate import CalibrateConfig, calibrate
 from coact.collect import CollectConfig, collect_codes, sae_fingerprint
 from coact.connect import ConnectConfig, connect
@@ -27,6 +28,7 @@ from coact.errors import CoactError
 from coact.files import atomic_write
 from coact.labels import LabelsConfig, label_run
 from coact.models import EMBEDDED, LoadedModel, load_model
+from coact.outliers import OutlierConfig, outliers
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
 from coact.sae.formats import load_sae, save_saelens
@@ -61,8 +63,12 @@ class AnalyzeConfig:
     labels_settings: LabelsConfig = field(
         default_factory=lambda: LabelsConfig(in_site="", out_site="")
     )  # its sites are set from `layer`
+    outliers: bool = True  # flag artefact features of both sites (<run>/outliers/)
+    outlier_settings: OutlierConfig = field(default_factory=OutlierConfig)
     report: bool = True  # write the report and build its site (<run>/report/site/)
     report_features: int = 50  # output features that get a page of their own
+    ablate: bool = True  # with the report: context ablation of its features (<run>/evidence/)
+    ablation_settings: AblationConfig = field(default_factory=AblationConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
@@ -147,6 +153,32 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         labelled.pop("key", None)
         labelled.pop("config", None)
         timings["logic_s"] = time.perf_counter() - t0
+    flagged = None
+    decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
+    if config.outliers:
+        t0 = time.perf_counter()
+        by_slug = {site.slug: saes[site] for site in sites}
+        flagged = outliers(
+            store, run_dir / "outliers", config.outlier_settings, decode=decode, saes=by_slug
+        )
+        flagged = {k: v for k, v in flagged.items() if k not in ("key", "config")}
+        timings["outliers_s"] = time.perf_counter() - t0
+    ablated = None
+    if config.ablate and config.report and config.connect:
+        t0 = time.perf_counter()
+        wanted = report_ablation_targets(run_dir, config.report_features, config.ablation_settings)
+        ablated = ablate(
+            lm,
+            saes,
+            store,
+            wanted,
+            run_dir / "evidence",
+            config.ablation_settings,
+            tokens=code_part.tokens,
+            decode=decode,
+        )
+        ablated = {k: v for k, v in ablated.items() if k not in ("key", "config")}
+        timings["ablate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
@@ -172,6 +204,8 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         "connect": connections,
         "calibrate": calibration,
         "logic": labelled,
+        "outliers": flagged,
+        "ablation": ablated,
         "timings": timings,
     }
     _write_json(run_dir / "summary.json", summary)
@@ -179,7 +213,6 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         from coact.report import build_report
 
         t0 = time.perf_counter()
-        decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
         index = build_report(run_dir, decode=decode, features=config.report_features)
         summary["report"] = str(index)
         timings["report_s"] = time.perf_counter() - t0
@@ -253,6 +286,78 @@ def run_calibration(
     return calibrate(
         lm, sae_in, sae_out, tokens, run_dir / "connect", run_dir / "calibrate", settings
     )
+
+
+def report_ablation_targets(
+    run_dir: Path, features: int | list[int], settings: AblationConfig
+) -> dict[tuple[str, int], int]:
+    """(site slug, feature) → top contexts to ablate: the output features the report gives
+    a page (the `features` most interesting ones, or these ids) and their top inputs."""
+    from coact.report.data import load_run
+    from coact.report.select import ablation_targets, interesting_features
+
+    data = load_run(run_dir)
+    if isinstance(features, int):
+        if data.features is None:
+            raise CoactError(f"{run_dir} has no linearity table: run `coact connect` first")
+        outputs = list(interesting_features(data, features))
+    else:
+        outputs = [int(j) for j in features]
+    return ablation_targets(
+        data,
+        outputs,
+        settings.contexts,
+        settings.inputs_per_feature,
+        settings.input_contexts,
+    )
+
+
+def ablate_run(
+    run_dir: str | Path,
+    settings: AblationConfig | None = None,
+    features: int | list[int] = 50,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """`coact ablate`: context ablation of a finished run's report features (or the given
+    output features) and their top inputs, into <run>/evidence/."""
+    from coact.outliers import run_saes
+
+    settings = settings or AblationConfig()
+    run = Path(run_dir)
+    config = AnalyzeConfig.from_dict(_run_config(run))
+    wanted = report_ablation_targets(run, features, settings)
+    lm = load_model(config.model, device=device, seed=config.seed)
+    store = CodeStore.open(run / "codes")
+    found = run_saes(run, sorted({slug for slug, _ in wanted}), device=device)
+    saes = {Site.parse(slug): sae for slug, sae in found.items()}
+    decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
+    return ablate(lm, saes, store, wanted, run / "evidence", settings, decode=decode)
+
+
+def outliers_run(
+    run_dir: str | Path, settings: OutlierConfig | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """`coact outliers`: flag a finished run's artefact features into <run>/outliers/."""
+    import polars as pl
+
+    from coact.outliers import run_saes
+    from coact.report.evidence import default_decode
+
+    settings = settings or OutlierConfig()
+    run = Path(run_dir)
+    _run_config(run)
+    store = CodeStore.open(run / "codes")
+    top = run / "connect" / "top_tokens.parquet"
+    decode = default_decode(run, pl.read_parquet(top) if top.is_file() else None)
+    saes = run_saes(run, list(store.sites), device=device)
+    return outliers(store, run / "outliers", settings, decode=decode, saes=saes)
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    path = run / "config.json"
+    if not path.is_file():
+        raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
+    return dict(json.loads(path.read_text()))
 
 
 def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:

@@ -24,6 +24,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(format_calibrate(summary["calibrate"]))
     if summary.get("logic"):
         lines.append(format_logic(summary["logic"]))
+    if summary.get("outliers"):
+        lines.append(format_outliers(summary["outliers"]))
+    if summary.get("ablation"):
+        lines.append(format_ablation(summary["ablation"]))
     lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
     lines.append(f"  run directory: {summary['run_dir']}  (summary.json inside)")
     if summary.get("report"):
@@ -120,3 +124,30 @@ def format_logic(c: dict[str, Any]) -> str:
             lines.append(f"    most confident {label}: {examples[0]}")
     lines.append(f"  tables and charts: {c['directory']}")
     return "\n".join(lines)
+
+
+def format_outliers(c: dict[str, Any]) -> str:
+    """Flagged (artefact) features per site, by reason."""
+    lines = []
+    for slug, s in c["sites"].items():
+        alive = s["alive"]
+        share = f" ({100 * s['flagged'] / alive:.1f}%)" if alive else ""
+        norm = f"high norm {s['high_norm']:,}" if s.get("norm") != "unknown" else "norm unknown"
+        lines.append(
+            f"  outliers {slug}: {s['flagged']:,} of {alive:,} alive features flagged{share} "
+            f"(first tokens {s['first_tokens']:,}, first delimiter {s['first_delimiter']:,}, "
+            f"{norm})"
+        )
+    if c.get("directory"):
+        lines.append(f"  outlier table: {c['directory']}")
+    return "\n".join(lines)
+
+
+def format_ablation(c: dict[str, Any]) -> str:
+    """What the context ablation covered and where its table is."""
+    return (
+        f"  context ablation: {c['contexts']:,} top contexts of {c['features']:,} features, "
+        f"{c['sequences']:,} sequences rerun up to the site in {c['seconds']:.0f} s "
+        f"(clean activations match the store within {c['max_clean_mismatch']:.2g}); "
+        f"table: {c['directory']}"
+    )

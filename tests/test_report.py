@@ -332,3 +332,107 @@ def test_a_relative_run_path_builds_where_it_says(run, tmp_path, monkeypatch) ->
     index = build_report(Path("run"), features=2, progress=False)
     assert index == (tmp_path / "run" / "report" / "site" / "index.html").resolve()
     assert index.is_file() and not (tmp_path / "run" / "report" / "run").exists()
+
+
+def test_feature_pages_show_context_ablation_of_the_top_contexts(run: Path, site: Path) -> None:
+    table = pl.read_parquet(run / "evidence" / "ablation.parquet")
+    assert set(table["mode"]) == {"remove", "replace"} and table["clean"].min() > 0
+    assert (table["clean"] - table["stored"]).abs().max() < 1e-4
+    charts = 0
+    for page in sorted((site / "features").glob("out-*.html")):
+        j = int(page.stem.removeprefix("out-"))
+        text = page.read_text(encoding="utf-8")
+        assert "Which preceding tokens it needs" in text
+        names = {f["id"] for f in _parse(page).figures}
+        if f"chart-mlp-out-1-{j}-ablation" in names:
+            charts += 1
+            assert "Most important preceding token" in text or "No single preceding" in text
+        else:
+            assert "was not among the ablated features" in text
+    assert charts >= 1
+    # the ablated contexts are the report's top contexts (the same choice, in rank order)
+    evidence = Evidence(run / "codes", lambda ids: "")
+    ablated = table.filter(pl.col("site") == "mlp_out.1")
+    j = int(ablated["feature"][0])
+    ranks = ablated.filter(pl.col("feature") == j).unique("rank").sort("rank")
+    top = evidence.top_contexts("mlp_out.1", j, k=ranks.height)
+    assert [(c.context, c.position) for c in top] == list(
+        zip(ranks["context"], ranks["position"], strict=True)
+    )
+
+
+def test_outliers_are_flagged_in_every_table(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    labels = pl.read_parquet(copy / "logic" / "features.parquet")
+    lab = (
+        labels.filter((pl.col("label") != "DEAD") & (pl.col("inputs").list.len() > 0))
+        .sort(["confidence", "n_active"], descending=True)
+        .row(0, named=True)
+    )
+    j, i = int(lab["output"]), int(lab["inputs"][0])
+    path = copy / "outliers" / "outliers.parquet"
+    flags = pl.read_parquet(path)
+    hit = ((pl.col("site") == "mlp_out.1") & (pl.col("feature") == j)) | (
+        (pl.col("site") == "mlp_resid.1") & (pl.col("feature") == i)
+    )
+    flags = flags.with_columns(
+        pl.when(hit).then(True).otherwise(False).alias("outlier"),
+        pl.when(hit).then(pl.lit("first tokens 80%")).otherwise(pl.lit("")).alias("reason"),
+    )
+    flags.write_parquet(path)
+    index = build_report(copy, tmp_path / "out", features=[j], progress=False)
+    built = index.parent
+    mark = 'class="coact-outlier" title="possible artefact (outlier feature): 80% of its active'
+
+    def row_of(page: Path, name: str) -> list[str]:
+        text = page.read_text(encoding="utf-8")
+        return [r for r in re.findall(r"<tr>.*?</tr>", text, re.S) if re.search(name, r)]
+
+    layer, every = built / "layer-1.html", built / "features.html"
+    feature = built / "features" / f"out-{j}.html"
+    out_name = rf">out {j}</a>|>out {j} <"
+    for page in (layer, every):  # features tables (the layer's logic table too)
+        rows = row_of(page, out_name)
+        assert rows and all(mark in r for r in rows), page
+        assert "artefact?" in page.read_text(encoding="utf-8")
+    assert len(row_of(layer, out_name)) >= 3  # logic table, outlier list, features table
+    text = feature.read_text(encoding="utf-8")
+    assert "Possible artefact (outlier feature)" in text
+    inputs = row_of(feature, rf">in {i} <span")
+    assert inputs and mark in inputs[0]  # the inputs table
+    assert f"in {i} ⚠" in text  # the truth table's header
+    assert "possible artefacts among its inputs" in text
+    # a run without outliers/ or evidence/ is flagged in memory and says it has no ablation
+    shutil.rmtree(copy / "outliers")
+    shutil.rmtree(copy / "evidence")
+    index = build_report(copy, tmp_path / "bare", features=[j], progress=False)
+    assert "artefact?" in (index.parent / "features.html").read_text(encoding="utf-8")
+    page = (index.parent / "features" / f"out-{j}.html").read_text(encoding="utf-8")
+    assert "No context ablation" in page
+    assert not (copy / "outliers").exists()
+
+
+def test_cli_ablate_and_outliers_on_a_finished_run(run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coact.cli import app
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "evidence", "outliers"))
+    runner = CliRunner()
+    done = runner.invoke(app, ["outliers", str(copy), "--min-active", "5"])
+    assert done.exit_code == 0, done.output
+    assert "outliers mlp_out.1:" in done.output and "alive features flagged" in done.output
+    flags = pl.read_parquet(copy / "outliers" / "outliers.parquet")
+    assert set(flags["site"]) == {"mlp_out.1", "mlp_resid.1"}
+    assert not flags["share_high_norm"].is_nan().all()  # the run's SAEs give the norms
+    args = ["ablate", str(copy), "--feature", "3", "--contexts", "2", "--inputs", "1"]
+    done = runner.invoke(app, [*args, "--window", "2", "--mode", "replace"])
+    assert done.exit_code == 0, done.output
+    assert "context ablation:" in done.output
+    table = pl.read_parquet(copy / "evidence" / "ablation.parquet")
+    out = table.filter(pl.col("site") == "mlp_out.1")
+    assert set(out["feature"]) == {3} and out["rank"].max() <= 2
+    assert set(table["mode"]) == {"replace"} and table["ablated_offset"].max() <= 2
+    assert (table["clean"] - table["stored"]).abs().max() < 1e-4  # contexts rebuilt right

@@ -3,6 +3,7 @@ site (`<out>/site/index.html`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import shutil
 import sys
@@ -15,7 +16,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.report import pages
+from coact.report import feature_page, pages
 from coact.report.data import RunData, load_run
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, default_decode
@@ -61,11 +62,14 @@ def build_report(
     say = _Say(progress)
 
     evidence = None
-    if data.has_codes and featured:
+    if data.has_codes and (featured or data.outliers is None):
         say(f"reading feature codes from {data.run_dir / 'codes'}")
         if decode is None:
             decode = default_decode(data.run_dir, data.top_tokens)
         evidence = Evidence(data.run_dir / "codes", decode)
+        if data.outliers is None:
+            say("flagging outlier features (the run has no outliers/; nothing is written)")
+            _outliers_in_memory(data, evidence, decode)
     pages_with = set(featured)
 
     say("writing the run and layer pages")
@@ -87,7 +91,7 @@ def build_report(
     for j, reasons in tqdm(
         featured.items(), desc="feature pages", unit="page", disable=not progress, file=sys.stderr
     ):
-        text = pages.feature_page(data, j, reasons, evidence, feature_figures, token_text)
+        text = feature_page.feature_page(data, j, reasons, evidence, feature_figures, token_text)
         (feature_dir / f"{pages.feature_page_name(j)}.md").write_text(text, encoding="utf-8")
 
     nav: list[Any] = [
@@ -113,6 +117,18 @@ def build_report(
     index = build_site(write_config(out, config))
     say(f"report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
+
+
+def _outliers_in_memory(data: RunData, evidence: Evidence, decode: Decode) -> None:
+    """The outlier table of a run that lacks outliers/ (an older run), for the flags."""
+    from coact.outliers import OutlierConfig, find_outliers, run_saes
+
+    config = OutlierConfig()
+    saes = run_saes(data.run_dir, list(evidence.store.sites))
+    table, sites = find_outliers(evidence.store, config, decode, saes)
+    data.outliers = table
+    data.outlier_summary = {"sites": sites, "config": dataclasses.asdict(config)}
+    data._flags = None
 
 
 def _prepare(out: Path) -> None:

@@ -54,8 +54,24 @@ class RunData:
     truth_tables: pl.DataFrame | None = None
     clusters: pl.DataFrame | None = None
     hidden: pl.DataFrame | None = None
+    outliers: pl.DataFrame | None = None  # outliers/outliers.parquet: both sites' features
+    outlier_summary: dict[str, Any] | None = None  # outliers/outliers.json
+    ablation: pl.DataFrame | None = None  # evidence/ablation.parquet
+    ablation_summary: dict[str, Any] | None = None  # evidence/ablation.json
     sae_logs: dict[str, dict[str, Any]] = field(default_factory=dict)
     sae_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _flags: dict[tuple[str, int], str] | None = field(default=None, repr=False)
+
+    def outlier_reason(self, slug: str, feature: int) -> str | None:
+        """Why a feature of site `slug` is flagged as an outlier; None when it is not (or
+        the run has no outlier table)."""
+        if self._flags is None:
+            self._flags = {}
+            if self.outliers is not None and self.outliers.height:
+                flagged = self.outliers.filter(pl.col("outlier"))
+                for site, j, reason in flagged.select("site", "feature", "reason").iter_rows():
+                    self._flags[(str(site), int(j))] = str(reason)
+        return self._flags.get((slug, int(feature)))
 
     @property
     def in_slug(self) -> str:
@@ -124,6 +140,12 @@ def load_run(run_dir: str | Path) -> RunData:
         data.truth_tables = _parquet(c / "truth_tables.parquet")
         data.clusters = _parquet(c / "clusters.parquet")
         data.hidden = _parquet(c / "hidden.parquet")
+    data.outlier_summary = _json(run / "outliers" / "outliers.json")
+    if data.outlier_summary is not None:
+        data.outliers = _parquet(run / "outliers" / "outliers.parquet")
+    data.ablation_summary = _json(run / "evidence" / "ablation.json")
+    if data.ablation_summary is not None:
+        data.ablation = _parquet(run / "evidence" / "ablation.parquet")
     for site in (in_site, out_site):
         slug = Site.parse(site).slug
         log = _json(run / "sae" / slug / "train_log.json")

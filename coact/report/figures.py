@@ -421,6 +421,86 @@ def activation_histogram(values: np.ndarray, name: str, n_tokens: int) -> alt.Ch
     )
 
 
+def shown_token(text: str | None, limit: int = 10) -> str:
+    """A token's text for a chart cell: spaces, newlines and tabs visible, long ones cut."""
+    if text is None:
+        return "?"
+    shown = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def ablation_drops(table: pl.DataFrame, name: str, filler: str | None) -> alt.VConcatChart:
+    """A heatmap per ablation mode, one above the other: one row per top context, one
+    column per preceding token (its text in the cell), colour the share of the activation
+    lost without it."""
+    contexts = table.select("rank", "context", "position", "token", "clean").unique("rank")
+    labels = {
+        int(r["rank"]): f"{r['rank']}: …{shown_token(r['token'], 12)} ({r['clean']:.3g})"
+        for r in contexts.iter_rows(named=True)
+    }
+    order = [labels[k] for k in sorted(labels)]
+    frame = table.with_columns(
+        pl.col("rank").replace_strict(labels, return_dtype=pl.String).alias("row"),
+        pl.format("−{}", pl.col("ablated_offset")).alias("before"),
+        pl.col("ablated_token")
+        .map_elements(lambda t: shown_token(t, 8), return_dtype=pl.String)
+        .fill_null("?")
+        .alias("text"),
+        pl.col("drop_fraction").clip(-1.0, 1.0).alias("shown_fraction"),
+        (100 * pl.col("drop_fraction")).round(1).alias("drop %"),
+    ).select(
+        "mode", "row", "before", "ablated_offset", "text", "shown_fraction", "drop %",
+        "drop", "clean", "ablated",
+    )  # fmt: skip
+    window = int(table["ablated_offset"].to_numpy().max()) if table.height else 0
+    columns = [f"−{k}" for k in range(window, 0, -1)]
+    how = {
+        "remove": "removed (later tokens shift left)",
+        "replace": f"replaced by '{shown_token(filler)}'" if filler else "replaced by a filler",
+    }
+    charts = []
+    for mode in [m for m in ("remove", "replace") if m in set(frame["mode"])]:
+        part = _frame(frame.filter(pl.col("mode") == mode))
+        base = alt.Chart(part).encode(
+            x=alt.X(
+                "before:O",
+                sort=columns,
+                title="preceding token (tokens before the activating one)",
+            ),
+            y=alt.Y("row:N", sort=order, title="top context"),
+        )
+        cells = base.mark_rect().encode(
+            color=alt.Color(
+                "shown_fraction:Q",
+                title="activation lost (share of clean)",
+                scale=alt.Scale(domain=[-1, 1], scheme="redblue", reverse=True),
+            ),
+            tooltip=["row:N", "before:O", "text:N", "drop %:Q", "drop:Q", "clean:Q", "ablated:Q"],
+        )
+        text = base.mark_text(fontSize=10).encode(
+            text="text:N",
+            color=alt.condition(
+                "abs(datum.shown_fraction) > 0.6", alt.value("white"), alt.value("black")
+            ),
+        )
+        charts.append(
+            (cells + text).properties(
+                width=50 * max(window, 1), height=22 * len(order), title=f"token {how[mode]}"
+            )
+        )
+    return alt.vconcat(*charts).properties(
+        title=_title(
+            f"{name}: how much of the activation each preceding token carries",
+            [
+                f"{len(order)} top contexts (rank: …activating token (clean activation, code "
+                f"units)); each of the {window} tokens before the activating one ablated alone,",
+                "the model rerun up to the site; red: the activation falls without the token, "
+                "blue: it rises; ␣ is a space, ↵ a newline",
+            ],
+        )
+    )
+
+
 def sae_training(logs: Mapping[str, Mapping[str, Any]]) -> alt.HConcatChart:
     """Each trained SAE's FVU and dead fraction against training tokens."""
     frames = []

@@ -1,5 +1,7 @@
 """The report's pages as markdown (with raw HTML for charts, coloured contexts and sortable
-tables): the run's index, the layer page, the table of all features, one page per feature.
+tables): the run's index, the layer page, the table of all features (one page per feature
+is in `feature_page.py`). Features flagged as outliers (artefacts) carry a ⚠ in every
+table, its tooltip giving the reason.
 
 Links written in raw HTML point at the built `.html` files (the site is built with
 `use_directory_urls: false`, so it opens from the file system); markdown links point at
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -18,7 +21,6 @@ from coact import charts
 from coact.report import figures
 from coact.report.data import RunData
 from coact.report.embed import Figures, load_spec
-from coact.report.evidence import Evidence, context_html, contexts_table
 
 LABEL_ORDER = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
 
@@ -80,6 +82,49 @@ def note(text: str) -> str:
 
 def _formula_html(text: str) -> str:
     return f"<code>{html.escape(text)}</code>"
+
+
+OUTLIER = "⚠"
+PHRASES = {
+    "first tokens": "at a context's first positions",
+    "first delimiter": "its context's first newline, period or comma",
+    "high norm": "tokens of very high activation norm",
+}
+
+
+def outlier_help(reason: str) -> str:
+    """A tooltip for a flag, e.g. 'possible artefact (outlier feature): 60% of its active
+    tokens are at a context's first positions; see the layer page'."""
+    parts = []
+    for part in reason.split("; "):
+        name, _, share = part.rpartition(" ")
+        parts.append(f"{share} of its active tokens are {PHRASES.get(name, name)}")
+    return f"possible artefact (outlier feature): {'; '.join(parts)}; see the layer page"
+
+
+def outlier_mark(data: RunData, slug: str, feature: int) -> str:
+    """' ⚠' with the reason in its tooltip when the feature is flagged, else ''."""
+    reason = data.outlier_reason(slug, feature)
+    if reason is None:
+        return ""
+    tip = html.escape(outlier_help(reason), True)
+    return (
+        f' <span class="coact-outlier" title="{tip}" style="color:#b45309;cursor:help">'
+        f"{OUTLIER}</span>"
+    )
+
+
+def outlier_cell(data: RunData, slug: str, feature: int) -> Cell:
+    """A table cell: '⚠ first tokens 83%' with its tooltip, or '–'; sorts by the reason."""
+    reason = data.outlier_reason(slug, feature)
+    if reason is None:
+        return ("–", "")
+    return (outlier_mark(data, slug, feature).strip() + " " + html.escape(reason), reason)
+
+
+def outlier_text(data: RunData, slug: str, feature: int) -> str:
+    """' ⚠' for plain-text (markdown) cells and table headers, else ''."""
+    return f" {OUTLIER}" if data.outlier_reason(slug, feature) is not None else ""
 
 
 # ---------------------------------------------------------------------------------- index
@@ -246,6 +291,32 @@ def headline(data: RunData) -> list[str]:
                 f"{pct(ca['share_sign_agrees'], 0)}, size within 2× "
                 f"{pct(ca['share_size_agrees'], 0)}."
             )
+    o = data.outlier_summary
+    if o is not None and o.get("sites"):
+        parts = []
+        for slug, s in o["sites"].items():
+            kinds = ", ".join(
+                f"{name} {s[kind]:,}"
+                for kind, name in (
+                    ("first_tokens", "first tokens"),
+                    ("first_delimiter", "first delimiter"),
+                    ("high_norm", "high norm"),
+                )
+                if s.get(kind)
+            )
+            parts.append(
+                f"`{slug}` {s['flagged']:,} of {s['alive']:,} alive"
+                + (f" ({kinds})" if kinds else "")
+            )
+        lines.append(
+            "Outlier features (possible artefacts, ⚠ in tables): " + "; ".join(parts) + "."
+        )
+    a = data.ablation_summary
+    if a is not None:
+        lines.append(
+            f"Context ablation: {a['contexts']:,} top contexts of {a['features']:,} features, "
+            f"{a['sequences']:,} sequences rerun up to the site ({a['seconds']:.0f} s)."
+        )
     g = data.logic
     if g is None:
         lines.append("Features were not labelled (no logic/logic.json).")
@@ -323,6 +394,7 @@ def layer_page(
     out += linearity_section(data, fig)
     out += calibration_section(data, fig)
     out += logic_section(data, fig, pages)
+    out += outliers_section(data, pages)
     out += ["## Features", ""]
     if featured:
         out += [
@@ -510,12 +582,12 @@ def logic_section(data: RunData, fig: Figures, pages: set[int]) -> list[str]:
             name = f"out {j}"
             shown = (
                 f'<a href="features/{feature_page_name(j)}.html">{name}</a>' if j in pages else name
-            )
+            ) + outlier_mark(data, data.out_slug, j)
             rows.append(
                 [
                     (label, label),
                     (shown, j),
-                    (html.escape(describe_label(r)), None),
+                    (flag_inputs(data, html.escape(describe_label(r)), r.get("inputs")), None),
                     (num(r["confidence"], ".2f"), r["confidence"]),
                     (num(r["n_active"]), r["n_active"]),
                 ]
@@ -528,6 +600,119 @@ def logic_section(data: RunData, fig: Figures, pages: set[int]) -> list[str]:
         "",
     ]
     return out
+
+
+def flag_inputs(data: RunData, text: str, inputs: Iterable[int] | None) -> str:
+    """`text` (HTML) with a ⚠ mark after each `in i` that is a flagged input feature."""
+    for i in inputs or []:
+        mark = outlier_mark(data, data.in_slug, int(i))
+        if mark:
+            text = re.sub(rf"\bin {int(i)}\b", f"in {int(i)}" + mark.replace("\\", "\\\\"), text)
+    return text
+
+
+def outliers_section(data: RunData, pages: set[int]) -> list[str]:
+    out = ["## Outlier features (possible artefacts)", ""]
+    summary, table = data.outlier_summary, data.outliers
+    if table is None:
+        return [*out, note("No outlier check: `coact outliers RUN` runs it."), ""]
+    cfg = (summary or {}).get("config") or {}
+    k, share = cfg.get("first_positions", 4), cfg.get("share", 0.5)
+    out += [
+        f"A feature is flagged ({OUTLIER} in every table, the reason in its tooltip) when at "
+        f"least {pct(share, 0)} of the tokens it fires on, with at least "
+        f"{cfg.get('min_active', 10)} of them, are one kind of token where models park "
+        "attention or norm rather than meaning:",
+        "",
+        f"- **first tokens**: positions 1 to {k - 1} of a context (BOS, position 0, is not "
+        "stored): attention-sink positions;",
+        f"- **first delimiter**: the first newline, period or comma of its context (decided by "
+        f"the token's text, {cfg.get('delimiters', '')!r} with spaces aside);",
+        f"- **high norm**: tokens whose activation norm at the site exceeds "
+        f"{cfg.get('norm_factor', 10):g}× the site's median (massive activations), the norm "
+        "being that of the SAE's reconstruction from the stored codes.",
+        "",
+    ]
+    rows = []
+    for slug, s in ((summary or {}).get("sites") or {}).items():
+        base = s.get("base_rates") or {}
+        share_of_alive = s["flagged"] / s["alive"] if s.get("alive") else None
+        rows.append(
+            [
+                f"`{slug}`",
+                num(s.get("alive")),
+                num(s.get("judged")),
+                f"{num(s.get('flagged'))} ({pct(share_of_alive)})",
+                num(s.get("first_tokens")),
+                num(s.get("first_delimiter")),
+                num(s.get("high_norm")) if s.get("norm") != "unknown" else "unknown",
+                " / ".join(
+                    pct(base.get(kind), 2)
+                    for kind in ("first_tokens", "first_delimiter", "high_norm")
+                ),
+            ]
+        )
+    if rows:
+        out += [
+            md_table(
+                [
+                    "site",
+                    "alive features",
+                    "judged",
+                    "flagged (of alive)",
+                    "first tokens",
+                    "first delimiter",
+                    "high norm",
+                    "share of all stored tokens that are first / first delimiter / high norm",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    flagged = table.filter(pl.col("outlier")).sort(["site", "n_active"], descending=[False, True])
+    if not flagged.height:
+        return [*out, "No feature is flagged.", ""]
+    cells = []
+    for r in flagged.iter_rows(named=True):
+        j, slug = int(r["feature"]), str(r["site"])
+        name = f"{'out' if slug == data.out_slug else 'in'} {j}"
+        if slug == data.out_slug and j in pages:
+            name = f'<a href="features/{feature_page_name(j)}.html">{name}</a>'
+        name += outlier_mark(data, slug, j)
+        cells.append(
+            [
+                (html.escape(slug), slug),
+                (name, j),
+                (num(r["n_active"]), r["n_active"]),
+                (pct(r["share_first_tokens"], 0), sort_key(r["share_first_tokens"])),
+                (pct(_finite(r["share_first_delimiter"]), 0), sort_key(r["share_first_delimiter"])),
+                (pct(_finite(r["share_high_norm"]), 0), sort_key(r["share_high_norm"])),
+                (html.escape(str(r["reason"])), r["reason"]),
+            ]
+        )
+    table_html = html_table(
+        [
+            "site",
+            "feature",
+            "active tokens",
+            "first tokens",
+            "first delimiter",
+            "high norm",
+            "reason",
+        ],
+        cells,
+        sortable=True,
+    )
+    out += [
+        f"<details><summary>The {flagged.height:,} flagged features (click to open; sortable)"
+        f"</summary>{table_html}</details>",
+        "",
+    ]
+    return out
+
+
+def _finite(value: Any) -> Any:
+    return value if value is not None and math.isfinite(float(value)) else None
 
 
 def describe_label(row: Mapping[str, Any]) -> str:
@@ -580,6 +765,8 @@ def features_table(
         "confidence",
         "formula",
     ]
+    if data.outliers is not None:
+        headers.append("artefact?")
     if data.calibrated is not None:
         headers.insert(2, "at calibrated τ")
     if featured is not None:
@@ -589,19 +776,22 @@ def features_table(
         j = int(r["feature"])
         name = f"out {j}"
         shown = f'<a href="{prefix}{feature_page_name(j)}.html">{name}</a>' if j in pages else name
+        shown += outlier_mark(data, data.out_slug, j)
         lab = labels.get(j, {})
         row: list[Cell] = [
             (shown, j),
             (str(r.get("verdict") or r.get("status")), r.get("verdict") or r.get("status")),
-            (num(r["d_seed"]), _key(r["d_seed"])),
-            (num(r["d_fvu"]), _key(r["d_fvu"])),
+            (num(r["d_seed"]), sort_key(r["d_seed"])),
+            (num(r["d_fvu"]), sort_key(r["d_fvu"])),
             (num(r["active_count"]), r["active_count"]),
-            (num(r.get("nmse_sparse")), _key(r.get("nmse_sparse"))),
+            (num(r.get("nmse_sparse")), sort_key(r.get("nmse_sparse"))),
             (num(r.get("n_terms")), r.get("n_terms")),
             (str(lab.get("label", "–")), lab.get("label", "")),
-            (num(lab.get("confidence"), ".2f"), _key(lab.get("confidence"))),
+            (num(lab.get("confidence"), ".2f"), sort_key(lab.get("confidence"))),
             (_formula_html(str(r.get("formula") or "")), None),
         ]
+        if data.outliers is not None:
+            row.append(outlier_cell(data, data.out_slug, j))
         if data.calibrated is not None:
             row.insert(2, (calibrated.get(j, "–"), calibrated.get(j, "")))
         if featured is not None:
@@ -610,7 +800,7 @@ def features_table(
     return html_table(headers, rows, sortable=True)
 
 
-def _key(value: Any) -> Any:
+def sort_key(value: Any) -> Any:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     return value
@@ -622,7 +812,8 @@ def all_features_page(data: RunData, pages: set[int]) -> str:
         "",
         f"[Back to layer {data.layer}]({layer_page_name(data)}.md). Click a column header to "
         "sort; features with a page are linked. d is MSE_lin − MSE_mlp on held-out tokens; the "
-        "verdict compares its 95% interval with τ.",
+        "verdict compares its 95% interval with τ. ⚠ marks a possible artefact (an outlier "
+        "feature: hover for the reason; the layer page says how they are found).",
         "",
     ]
     if data.features is None:
@@ -630,357 +821,3 @@ def all_features_page(data: RunData, pages: set[int]) -> str:
     out.append(features_table(data, None, pages, prefix="features/"))
     out.append("")
     return "\n".join(out)
-
-
-# -------------------------------------------------------------------------------- feature
-
-
-def feature_page(
-    data: RunData,
-    j: int,
-    reasons: Sequence[str],
-    evidence: Evidence | None,
-    fig: Figures,
-    token_text: Callable[[str, int], str],
-) -> str:
-    """One output feature: formula, inputs with their examples, top contexts, histogram,
-    linearity, logic label with its truth table and co-activations, causal check."""
-    assert data.features is not None
-    row = data.features.filter(pl.col("feature") == j).row(0, named=True)
-    lab = None
-    if data.labels is not None:
-        hit = data.labels.filter(pl.col("output") == j)
-        lab = hit.row(0, named=True) if hit.height else None
-    title = f"out {j}"
-    if lab is not None:
-        title += f": {lab['label']} (confidence {lab['confidence']:.2f})"
-    verdict = row.get("verdict") or row.get("status")
-    out = [
-        f"# {title}",
-        "",
-        f"Feature {j} of `{data.out_site}` (written by the MLP of block {data.layer}). "
-        f"Shown because: {'; '.join(reasons)}. "
-        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)",
-        "",
-        "## Formula",
-        "",
-        "The sparse linear connector at the chosen α, its coefficients refitted by least squares "
-        "on its inputs:",
-        "",
-        "```text",
-        str(row.get("formula") or f"out {j} = 0"),
-        "```",
-        "",
-        md_table(
-            [
-                "held-out NMSE (sparse)",
-                "terms",
-                "intercept",
-                "stable terms",
-                "linear verdict",
-                "active tokens",
-            ],
-            [
-                [
-                    num(row.get("nmse_sparse")),
-                    num(row.get("n_terms")),
-                    num(row.get("intercept")),
-                    pct(row.get("stable_share"), 0),
-                    str(verdict),
-                    num(row.get("active_count")),
-                ]
-            ],
-        ),
-        "",
-    ]
-    out += _inputs_section(data, j, lab, evidence, token_text)
-    out += ["## Evidence: where it fires", ""]
-    if evidence is None:
-        out += [note("No feature codes in the run (codes/): no contexts or histogram."), ""]
-    else:
-        top = evidence.top_contexts(data.out_slug, j, k=8)
-        vmax = top[0].activation if top else 0.0
-        out += [
-            f"The {len(top)} largest activations of out {j}, one per context; colour: its "
-            f"activation on each token relative to its maximum {vmax:.3g} (hover for values).",
-            "",
-            contexts_table(top, vmax, f"out {j}"),
-            "",
-        ]
-        values = evidence.activations(data.out_slug, j)
-        out.append(
-            fig.figure(
-                figures.activation_histogram(values, f"out {j}", evidence.n_tokens),
-                f"out-{j}-histogram",
-                "Read: the spread of its activations; a long right tail means the top contexts "
-                "above are exceptional, a bump near zero means it mostly fires weakly.",
-            )
-        )
-        out.append("")
-    out += _linearity_section(data, j, row)
-    out += _logic_section(data, j, lab, evidence, fig)
-    out += _causal_section(data, j)
-    return "\n".join(out)
-
-
-def _inputs_section(
-    data: RunData,
-    j: int,
-    lab: Mapping[str, Any] | None,
-    evidence: Evidence | None,
-    token_text: Callable[[str, int], str],
-) -> list[str]:
-    out = ["## Inputs", ""]
-    weights = pl.DataFrame()
-    if data.weights is not None:
-        weights = data.weights.filter(pl.col("output") == j).sort(
-            pl.col("weight_refit").abs(), descending=True
-        )
-    inputs = [int(i) for i in weights["input"].to_list()] if weights.height else []
-    extra = [int(i) for i in (lab or {}).get("inputs") or [] if int(i) not in inputs]
-    shown = inputs[:6] + extra
-    if not shown:
-        return [*out, "It has no inputs in the sparse connector.", ""]
-    by_input = {int(r["input"]): r for r in weights.iter_rows(named=True)} if weights.height else {}
-    rows = []
-    for i in shown:
-        w = by_input.get(i)
-        where = "connector" if w is not None else "logic (added from co-activations)"
-        examples = ""
-        if evidence is not None:
-            contexts = evidence.top_contexts(data.in_slug, i, k=3, before=8, after=2)
-            vmax = contexts[0].activation if contexts else 0.0
-            examples = "<br>".join(context_html(c, vmax) for c in contexts)
-        rows.append(
-            [
-                (f"in {i}", i),
-                (num(w["weight_refit"]) if w else "–", _key(w["weight_refit"]) if w else ""),
-                (num(w["standardised"]) if w else "–", _key(w["standardised"]) if w else ""),
-                (num(w.get("in_both")) if w else "–", None),
-                (html.escape(where), None),
-                (token_text(data.in_slug, i), None),
-                (examples or "–", None),
-            ]
-        )
-    out += [
-        f"Inputs are features of `{data.in_site}`: the connector's terms by |refitted weight| "
-        "(standardised: |w|·std(in)/std(out); stable: kept with the same sign when refitted on "
-        "each half of the tokens), then inputs the logic stage added. Their top tokens and top "
-        "contexts (colour: the input's own activation) show what each reads.",
-        "",
-        html_table(
-            [
-                "input",
-                "refit weight",
-                "standardised",
-                "stable",
-                "from",
-                "top tokens",
-                "top contexts",
-            ],
-            rows,
-            sortable=False,
-        ),
-        "",
-    ]
-    return out
-
-
-def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:
-    out = ["## Linearity", ""]
-    rows = []
-    for name, col in (("raw", "d"), ("/ variance", "d_fvu"), ("seed form", "d_seed")):
-        rows.append(
-            [
-                f"d ({name})",
-                num(row.get(col)),
-                f"[{num(row.get(col + '_low'))}, {num(row.get(col + '_high'))}]",
-            ]
-        )
-    out += [
-        f"MSE of least squares {num(row.get('mse_linear'))}, of the mlp "
-        f"{num(row.get('mse_mlp'))} (held-out tokens, code units²; variance "
-        f"{num(row.get('variance'))}). Verdict at the connect stage's τ: "
-        f"**{row.get('verdict') or row.get('status')}**"
-        + (f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."),
-        "",
-        md_table(["d(j) = MSE_lin − MSE_mlp", "value", "95% interval over contexts"], rows),
-        "",
-    ]
-    if data.calibrated is not None:
-        hit = data.calibrated.filter(pl.col("feature") == j)
-        if hit.height:
-            r = hit.row(0, named=True)
-            tau, form = data.tau()
-            out += [
-                f"At the calibrated τ = {num(tau)} ({form} form): **{r['verdict']}**; at the "
-                f"seed's τ = 0.001: {r['seed_verdict']}.",
-                "",
-            ]
-    return out
-
-
-def _pattern_cells(pattern: str) -> list[Cell]:
-    return [("●" if bit == "1" else "○", bit) for bit in pattern]
-
-
-def _logic_section(
-    data: RunData,
-    j: int,
-    lab: Mapping[str, Any] | None,
-    evidence: Evidence | None,
-    fig: Figures,
-) -> list[str]:
-    out = ["## Logic label", ""]
-    if data.logic is None:
-        return [*out, note("Features were not labelled: `coact logic RUN` labels them."), ""]
-    if lab is None:
-        return [*out, "This feature has no row in logic/features.parquet.", ""]
-    inputs = [int(i) for i in lab.get("inputs") or []]
-    out += [
-        f"**{lab['label']}**: `{describe_label(lab)}`, confidence {lab['confidence']:.2f} (share "
-        f"of 200 bootstrap resamples of the tokens giving the same label), decided by the rule "
-        f"*{lab['rule']}*.",
-        "",
-        md_table(
-            [
-                "active tokens",
-                "active with no input active",
-                "additivity s",
-                "I(T; pattern) bits",
-                "synergy bits",
-                "modes where it fires",
-                "modes where it is suppressed",
-            ],
-            [
-                [
-                    num(lab.get("n_active")),
-                    num(lab.get("n_uncovered")),
-                    f"{num(lab.get('additivity'))} ± {num(lab.get('additivity_se'))}",
-                    num(lab.get("mi_pattern")),
-                    num(lab.get("synergy")),
-                    num(lab.get("n_clusters_fires")),
-                    num(lab.get("n_clusters_suppressed")),
-                ]
-            ],
-        ),
-        "",
-    ]
-    table = (
-        data.truth_tables.filter(pl.col("output") == j)
-        if data.truth_tables is not None
-        else pl.DataFrame()
-    )
-    if table.height and inputs:
-        rows = []
-        for r in table.iter_rows(named=True):
-            rows.append(
-                [
-                    *_pattern_cells(str(r["pattern"])),
-                    (num(r["count"]), r["count"]),
-                    (num(r["n_active"]), r["n_active"]),
-                    (num(r["p_active"], ".2f"), _key(r["p_active"])),
-                    (num(r["mean_activation_when_active"]), _key(r["mean_activation_when_active"])),
-                    ("yes" if r["observed"] else "no (too few tokens)", None),
-                ]
-            )
-        out += [
-            "Truth table: each token falls in the row of the inputs active on it (● active).",
-            "",
-            html_table(
-                [
-                    *(f"in {i}" for i in inputs),
-                    "tokens",
-                    f"out {j} active",
-                    "P(active)",
-                    "mean activation when active",
-                    "observed",
-                ],
-                rows,
-                sortable=True,
-            ),
-            "",
-        ]
-    if evidence is not None and inputs:
-        frame, total = evidence.coactive(data.in_slug, data.out_slug, inputs, j)
-        if frame.height:
-            title = f"out {j} against its inputs: {describe_label(lab)}"
-            spec = charts.coactivation(frame, inputs, j, title).to_dict()
-            spec["title"]["subtitle"] = (
-                f"{frame.height:,} of the {total:,} tokens where an input or the target is "
-                "active (evenly spaced; activations in code units)"
-            )
-            out.append(
-                fig.figure(
-                    spec,
-                    f"out-{j}-coactivation",
-                    "Read: where the target (colour) is bright tells which inputs, alone or "
-                    "together, make it fire; bright only where both are large suggests AND.",
-                )
-            )
-    if data.clusters is not None:
-        modes = data.clusters.filter(pl.col("output") == j)
-        if modes.filter(pl.col("cluster") >= 0).height:
-            out.append(
-                fig.figure(
-                    charts.cluster_summary(modes, f"out {j}: co-activation modes"),
-                    f"out-{j}-modes",
-                    "Read: each row is a typical pattern of input activations (HDBSCAN mode) "
-                    "where the target fires, or where its inputs fire but it does not.",
-                )
-            )
-    out.append("")
-    return out
-
-
-def _causal_section(data: RunData, j: int) -> list[str]:
-    out = ["## Causal check", ""]
-    if data.causal is None:
-        return [*out, note("No causal check: `coact calibrate RUN` runs it."), ""]
-    rows = data.causal.filter(pl.col("output") == j)
-    if not rows.height:
-        return [
-            *out,
-            f"None of its connections is among the {data.causal.height} strongest that were "
-            "checked by ablating the input in the model.",
-            "",
-        ]
-    out += [
-        "Each input ablated in the stream the MLP reads, at the tokens where it fires: the "
-        "model's actual mean change of this feature against the formula's prediction −w·code "
-        "(and the least-squares and mlp connectors' predictions).",
-        "",
-        md_table(
-            [
-                "input",
-                "refit weight",
-                "tokens",
-                "actual change",
-                "predicted (formula)",
-                "predicted (least squares)",
-                "predicted (mlp)",
-                "correlation",
-                "sign agrees",
-                "size within 2×",
-                "judged",
-            ],
-            [
-                [
-                    f"in {r['input']}",
-                    num(r["weight_refit"]),
-                    num(r["n_tokens"]),
-                    num(r["actual_mean"]),
-                    num(r["predicted_mean"]),
-                    num(r["predicted_lsq_mean"]),
-                    num(r["predicted_mlp_mean"]),
-                    num(r["corr"]),
-                    num(r["sign_agrees"]),
-                    num(r["size_agrees"]),
-                    num(r["judged"]),
-                ]
-                for r in rows.iter_rows(named=True)
-            ],
-        ),
-        "",
-    ]
-    return out

@@ -4,7 +4,7 @@ connections, causally checked, clearest linear ones, then the most active)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import polars as pl
 
@@ -69,3 +69,35 @@ def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, 
         active = f.sort(["active_count", "feature"], descending=[True, False])
         take(active["feature"].to_list(), "most active", n)
     return picked
+
+
+def top_inputs(data: RunData, output: int, k: int) -> list[int]:
+    """The output's k connector inputs of largest |refitted weight| (the first rows of its
+    page's inputs table)."""
+    if data.weights is None or k <= 0:
+        return []
+    rows = data.weights.filter(pl.col("output") == output).sort(
+        pl.col("weight_refit").abs(), descending=True
+    )
+    return [int(i) for i in rows["input"].head(k).to_list()]
+
+
+def ablation_targets(
+    data: RunData,
+    outputs: Iterable[int],
+    contexts: int,
+    inputs_per_feature: int = 0,
+    input_contexts: int = 0,
+) -> dict[tuple[str, int], int]:
+    """(site slug, feature) → top contexts to ablate: the given output features, and the
+    top inputs of each (by |refitted weight|) with fewer contexts."""
+    wanted: dict[tuple[str, int], int] = {}
+    outputs = [int(j) for j in outputs]
+    for j in outputs:
+        wanted[(data.out_slug, j)] = contexts
+    if input_contexts > 0:
+        for j in outputs:
+            for i in top_inputs(data, j, inputs_per_feature):
+                key = (data.in_slug, i)
+                wanted[key] = max(wanted.get(key, 0), input_contexts)
+    return wanted

@@ -1,0 +1,265 @@
+"""Outlier features: artefacts of where a model parks attention or norm, not concepts.
+
+A feature is flagged when most of the tokens it fires on (at least `share` of them, with at
+least `min_active` active tokens) are of one of three kinds:
+
+- **first tokens**: positions below `first_positions` (1..3 by default; BOS, position 0, is
+  never stored). Early positions are attention sinks with unusual activations.
+- **first delimiter**: the first newline, period or comma of its context (decided by the
+  token's text: spaces removed, it is made only of the `delimiters` characters). Models
+  often use the first delimiter as a second attention sink.
+- **high norm**: tokens whose activation at the site has a norm above `norm_factor` × the
+  site's median (massive activations). The norm is that of the SAE's reconstruction from
+  the stored codes (‖W_decᵀ c + b_dec‖), a cheap stand-in for the activation's own norm;
+  without the SAE it is unknown (NaN share, never flagged for it).
+
+Pure functions on the code store, and a stage that writes `<run>/outliers/outliers.parquet`
+(one row per site and feature) and then `outliers.json` (the headline, with a key so a
+finished result is reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from coact.errors import CoactError
+from coact.files import atomic_write, finished_result
+from coact.sae.base import Sae, SparseAutoencoder
+from coact.sites import SITE_KINDS, Site
+from coact.store import CodeStore
+
+Decode = Callable[[list[int]], str]
+KINDS = ("first_tokens", "first_delimiter", "high_norm")
+NAMES = {
+    "first_tokens": "first tokens",
+    "first_delimiter": "first delimiter",
+    "high_norm": "high norm",
+}
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    first_positions: int = 4  # positions below this are a context's first tokens
+    delimiters: str = "\n.,"  # a delimiter token is made only of these (spaces aside)
+    norm_factor: float = 10.0  # a norm above this × the site's median is very high
+    share: float = 0.5  # flagged when at least this share of its active tokens is one kind
+    min_active: int = 10  # features active on fewer tokens are not judged
+
+
+def is_delimiter(text: str, chars: str = "\n.,") -> bool:
+    """True for '\\n', '.', ' ,', '.\\n\\n', …: spaces and tabs aside, only `chars`."""
+    core = text.replace(" ", "").replace("\t", "").replace("\r", "")
+    return bool(core) and all(c in chars for c in core)
+
+
+def first_delimiters(contexts: np.ndarray, ids: np.ndarray, delimiter_ids: set[int]) -> np.ndarray:
+    """Per token row: whether it is the first delimiter of its context (rows of a context
+    in position order, as the store writes them)."""
+    hit = np.isin(ids, np.fromiter(delimiter_ids, dtype=np.int64, count=len(delimiter_ids)))
+    out = np.zeros(len(ids), dtype=bool)
+    candidates = np.flatnonzero(hit)
+    if len(candidates):
+        _, first = np.unique(contexts[candidates], return_index=True)
+        out[candidates[first]] = True
+    return out
+
+
+@torch.no_grad()
+def reconstruction_norms(
+    codes: sp.csr_matrix, sae: SparseAutoencoder, chunk: int = 8192
+) -> np.ndarray:
+    """‖decode(c)‖ per token row, from the sparse codes (no dense codes matrix)."""
+    if isinstance(sae, Sae):
+        w_dec = sae.W_dec.detach().to("cpu", torch.float32).numpy()
+        b_dec = sae.b_dec.detach().to("cpu", torch.float32).numpy()
+    else:  # any SparseAutoencoder: decode the identity to get its linear map
+        b_dec = sae.decode(torch.zeros(1, sae.width)).detach().cpu().float().numpy()[0]
+        w_dec = sae.decode(torch.eye(sae.width)).detach().cpu().float().numpy() - b_dec
+    out = np.empty(codes.shape[0], dtype=np.float64)
+    for lo in range(0, codes.shape[0], chunk):
+        x = np.asarray(codes[lo : lo + chunk] @ w_dec) + b_dec
+        out[lo : lo + chunk] = np.linalg.norm(x, axis=1)
+    return out
+
+
+def token_kinds(
+    tokens: pl.DataFrame,
+    config: OutlierConfig,
+    decode: Decode | None,
+    norms: np.ndarray | None,
+) -> dict[str, np.ndarray | None]:
+    """Per stored token: a boolean mask of each kind (None where it cannot be told)."""
+    ids = tokens["token_id"].to_numpy().astype(np.int64)
+    contexts = tokens["context"].to_numpy().astype(np.int64)
+    kinds: dict[str, np.ndarray | None] = {
+        "first_tokens": tokens["position"].to_numpy() < config.first_positions,
+        "first_delimiter": None,
+        "high_norm": None,
+    }
+    if decode is not None:
+        delimiters = {
+            int(i) for i in np.unique(ids) if is_delimiter(decode([int(i)]), config.delimiters)
+        }
+        kinds["first_delimiter"] = first_delimiters(contexts, ids, delimiters)
+    if norms is not None and len(norms):
+        kinds["high_norm"] = norms > config.norm_factor * float(np.median(norms))
+    return kinds
+
+
+def feature_shares(
+    codes: sp.csr_matrix, kinds: Mapping[str, np.ndarray | None], config: OutlierConfig
+) -> pl.DataFrame:
+    """Per feature: active tokens, the share of them of each kind, the flag and its reason."""
+    active = sp.csr_matrix(codes, copy=True)
+    active.eliminate_zeros()
+    active.data = np.ones_like(active.data, dtype=np.float64)
+    n_active = np.asarray(active.sum(axis=0)).ravel()
+    columns: dict[str, Any] = {
+        "feature": np.arange(codes.shape[1], dtype=np.int64),
+        "n_active": n_active.astype(np.int64),
+    }
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for kind in KINDS:
+            mask = kinds.get(kind)
+            if mask is None:
+                columns[f"share_{kind}"] = np.full(codes.shape[1], np.nan)
+            else:
+                hits = np.asarray(active.T @ mask.astype(np.float64)).ravel()
+                columns[f"share_{kind}"] = np.where(n_active > 0, hits / n_active, np.nan)
+    frame = pl.DataFrame(columns)
+    judged = frame["n_active"].to_numpy() >= config.min_active
+    reasons: list[list[str]] = [[] for _ in range(frame.height)]
+    for kind in KINDS:
+        share = frame[f"share_{kind}"].to_numpy()
+        hit = judged & (np.nan_to_num(share, nan=-1.0) >= config.share)
+        frame = frame.with_columns(pl.Series(f"is_{kind}", hit))
+        for j in np.flatnonzero(hit):
+            reasons[j].append(f"{NAMES[kind]} {100 * share[j]:.0f}%")
+    return frame.with_columns(
+        pl.Series("outlier", [bool(r) for r in reasons]),
+        pl.Series("reason", ["; ".join(r) for r in reasons], dtype=pl.String),
+    )
+
+
+def find_outliers(
+    store: CodeStore,
+    config: OutlierConfig = OutlierConfig(),
+    decode: Decode | None = None,
+    saes: Mapping[str, SparseAutoencoder] | None = None,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Every site's features with their shares and flags, and per site a headline."""
+    tokens = store.read_tokens()
+    frames, sites = [], {}
+    for slug in sorted(store.sites, key=_site_order):
+        codes = store.read_site(slug)
+        sae = (saes or {}).get(slug)
+        norms = reconstruction_norms(codes, sae) if sae is not None else None
+        kinds = token_kinds(tokens, config, decode, norms)
+        table = feature_shares(codes, kinds, config)
+        frames.append(
+            table.with_columns(pl.lit(slug).alias("site")).select("site", pl.all().exclude("site"))
+        )
+        alive = table.filter(pl.col("n_active") > 0)
+        sites[slug] = {
+            "alive": alive.height,
+            "judged": alive.filter(pl.col("n_active") >= config.min_active).height,
+            "flagged": int(table["outlier"].sum()),
+            **{kind: int(table[f"is_{kind}"].sum()) for kind in KINDS},
+            "base_rates": {
+                kind: (None if mask is None else float(mask.mean()) if len(mask) else 0.0)
+                for kind, mask in kinds.items()
+            },
+            "norm": "sae reconstruction" if norms is not None else "unknown",
+            "median_norm": float(np.median(norms)) if norms is not None and len(norms) else None,
+        }
+    return pl.concat(frames), sites
+
+
+def _site_order(slug: str) -> tuple[int, int]:
+    """Sites in a block's order: the stream an MLP reads before the MLP's output."""
+    site = Site.parse(slug)
+    return site.layer, SITE_KINDS.index(site.kind)
+
+
+def outliers(
+    store: CodeStore | str | Path,
+    out_dir: str | Path,
+    config: OutlierConfig = OutlierConfig(),
+    *,
+    decode: Decode | None = None,
+    saes: Mapping[str, SparseAutoencoder] | None = None,
+) -> dict[str, Any]:
+    """The stage: write outliers.parquet and outliers.json into out_dir (reused when the
+    codes, SAEs and configuration are those of a finished earlier result)."""
+    from coact.collect import sae_fingerprint
+
+    started = time.perf_counter()
+    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
+    out = Path(out_dir)
+    payload = {
+        "store": [store.manifest.get("fingerprint"), store.n_tokens],
+        "saes": {k: sae_fingerprint(v) for k, v in sorted((saes or {}).items())},
+        "decode": decode is not None,
+        "config": asdict(config),
+    }
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    done = out / "outliers.json"
+    if (previous := finished_result(done, key, ["outliers.parquet"])) is not None:
+        return previous
+    table, sites = find_outliers(store, config, decode, saes)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "outliers.parquet", partial(_write_parquet, table))
+    headline = {
+        "key": key,
+        "directory": str(out),
+        "tokens": store.n_tokens,
+        "sites": sites,
+        "config": asdict(config),
+        "seconds": time.perf_counter() - started,
+    }
+    text = json.dumps(headline, indent=2, default=str)
+    atomic_write(done, lambda tmp: tmp.write_text(text))
+    return headline
+
+
+def _write_parquet(table: pl.DataFrame, path: Path) -> None:
+    table.write_parquet(path)
+
+
+def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dict[str, Sae]:
+    """A run's SAEs by site slug: those its config names (sae_in / sae_out), else the ones
+    it trained (<run>/sae/<slug>); a site whose SAE is not on this machine is left out."""
+    from coact.sae.formats import load_sae
+
+    run = Path(run_dir)
+    config: dict[str, Any] = {}
+    if (run / "config.json").is_file():
+        config = json.loads((run / "config.json").read_text())
+    layer = config.get("layer")
+    given = {}
+    if layer is not None:
+        given = {
+            Site("mlp_resid", int(layer)).slug: config.get("sae_in"),
+            Site("mlp_out", int(layer)).slug: config.get("sae_out"),
+        }
+    wanted = list(slugs) if slugs is not None else list(given)
+    found: dict[str, Sae] = {}
+    for slug in wanted:
+        source = given.get(slug) or run / "sae" / slug
+        try:
+            found[slug] = load_sae(source, device=device)
+        except (CoactError, OSError):  # a missing or unreadable SAE: norms are unknown
+            continue
+    return found
