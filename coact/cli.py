@@ -30,6 +30,17 @@ DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, m
 @app.command()
 def analyze(
     layer: Annotated[int, typer.Option(help="block whose MLP is studied")] = 3,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="a model run over several blocks: 'all', '0-5' or '1,3,5' (implies --block; "
+            "SAEs and codes are shared, each layer lands in <run>/L<layer>/)"
+        ),
+    ] = None,
+    block: Annotated[
+        bool,
+        typer.Option(help="also attention connectors, position scores and residual composition"),
+    ] = False,
     model: ModelOpt = EMBEDDED,
     corpus: CorpusOpt = "embedded",
     tokens: Annotated[int, typer.Option(help="tokens whose feature codes are stored")] = 100_000,
@@ -45,16 +56,22 @@ def analyze(
     ] = None,
     seed: int = 0,
     no_report: Annotated[bool, typer.Option(help="skip the report site")] = False,
+    report_features: Annotated[
+        int, typer.Option(help="output features per layer that get a page of their own")
+    ] = 50,
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
-    from coact.pipeline import AnalyzeConfig
+    from coact.pipeline import AnalyzeConfig, parse_layers
     from coact.pipeline import analyze as run_analyze
-    from coact.summary import format_summary
+    from coact.summary import format_model_summary, format_summary
 
     config = AnalyzeConfig(
         model=model,
         layer=layer,
+        layers=parse_layers(layers) if layers is not None else None,
+        block=block,
+        report_features=report_features,
         corpus=corpus,
         tokens=tokens,
         sae_tokens=sae_tokens,
@@ -67,7 +84,7 @@ def analyze(
         report=not no_report,
     )
     summary = run_analyze(config)
-    typer.echo(format_summary(summary))
+    typer.echo(format_model_summary(summary) if "layers" in summary else format_summary(summary))
 
 
 @app.command("train-sae")
@@ -129,10 +146,15 @@ def collect(
 
 
 def _run_config(run: Path) -> dict[str, object]:
-    path = run / "config.json"
-    if not path.is_file():
-        raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
-    return dict(json.loads(path.read_text()))
+    from coact.runs import read_run_config
+
+    return read_run_config(run)
+
+
+def _codes(run: Path) -> Path:
+    from coact.runs import RunLayout
+
+    return RunLayout.of(run).codes
 
 
 @app.command()
@@ -180,7 +202,7 @@ def connect(
         decode = lambda ids: str(tokenizer.decode(ids))  # noqa: E731
     except CoactError:
         typer.echo("model not available: top tokens are shown as ids", err=True)
-    summary = run_connect(run / "codes", config, run / "connect", decode=decode)
+    summary = run_connect(_codes(run), config, run / "connect", decode=decode)
     from coact.summary import format_connect
 
     typer.echo(format_connect(summary))
@@ -246,7 +268,7 @@ def logic(
         sae_connector=not no_sae_connector,
         seed=int(str(cfg.get("seed", 0))),
     )
-    summary = label_run(run / "codes", run / "connect", run / "logic", config)
+    summary = label_run(_codes(run), run / "connect", run / "logic", config)
     typer.echo(format_logic(summary))
 
 

@@ -36,6 +36,7 @@ import torch
 
 from coact.errors import CoactError
 from coact.files import atomic_write, finished_result
+from coact.runs import RunLayout
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sites import SITE_KINDS, Site
 from coact.store import CodeStore
@@ -56,6 +57,7 @@ class OutlierConfig:
     norm_factor: float = 10.0  # a norm above this × the site's median is very high
     share: float = 0.5  # flagged when at least this share of its active tokens is one kind
     min_active: int = 10  # features active on fewer tokens are not judged
+    sites: tuple[str, ...] | None = None  # site slugs to judge; None: every site in the store
 
 
 def is_delimiter(text: str, chars: str = "\n.,") -> bool:
@@ -162,7 +164,10 @@ def find_outliers(
     """Every site's features with their shares and flags, and per site a headline."""
     tokens = store.read_tokens()
     frames, sites = [], {}
-    for slug in sorted(store.sites, key=_site_order):
+    wanted = store.sites if config.sites is None else config.sites
+    if missing := [slug for slug in wanted if slug not in store.sites]:
+        raise CoactError(f"sites {missing} are not in the code store {store.directory}")
+    for slug in sorted(wanted, key=_site_order):
         codes = store.read_site(slug)
         sae = (saes or {}).get(slug)
         norms = reconstruction_norms(codes, sae) if sae is not None else None
@@ -257,7 +262,7 @@ def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dic
     wanted = list(slugs) if slugs is not None else list(given)
     found: dict[str, Sae] = {}
     for slug in wanted:
-        source = given.get(slug) or run / "sae" / slug
+        source = given.get(slug) or RunLayout.of(run, config).sae / slug
         try:
             found[slug] = load_sae(source, device=device)
         except (CoactError, OSError):  # a missing or unreadable SAE: norms are unknown

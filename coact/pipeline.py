@@ -1,8 +1,12 @@
-"""`analyze`: model → corpus → SAEs for the MLP's input and output → feature codes →
-connectors and linearity → calibration of τ → logic labels → summary.
+"""`analyze`: model → corpus → SAEs → feature codes → connectors and linearity →
+calibration of τ → logic labels → outliers and context ablation → (with `block`, attention
+connectors, position scores and residual composition) → summary → report.
 
-Each step reuses what an earlier run of the same configuration left in the run directory
-(trained SAEs, finished code shards), so a killed run resumes where it stopped.
+One layer (`layer`) or several (`layers`): the layers of a model run share one set of SAEs
+and one code store (`coact.runs`), so every SAE is trained once and every activation is
+encoded in one forward pass; each layer's stages then write into `<run>/L<layer>/`.
+Each step reuses what an earlier run of the same configuration left behind (trained SAEs,
+finished code shards, finished stage results), so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import hashlib
 import json
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from coact.ablation import AblationConfig, ablate
+from coact.block import BlockConfig, analyze_block, block_sites
 from coact.calibrate import CalibrateConfig, calibrate
 from coact.collect import CollectConfig, collect_codes, sae_fingerprint
 from coact.connect import ConnectConfig, connect
@@ -27,8 +34,10 @@ from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
 from coact.files import atomic_write
 from coact.labels import LabelsConfig, label_run
+from coact.linearity import LinearityConfig
 from coact.models import EMBEDDED, LoadedModel, load_model
 from coact.outliers import OutlierConfig, outliers
+from coact.runs import RunLayout, read_run_config
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
 from coact.sae.formats import load_sae, save_saelens
@@ -41,6 +50,7 @@ from coact.store import CodeStore
 class AnalyzeConfig:
     model: str = EMBEDDED
     layer: int = 3
+    layers: tuple[int, ...] | str | None = None  # a model run over these layers, or "all"
     corpus: str = "embedded"
     tokens: int = 100_000  # tokens whose feature codes are stored
     sae_tokens: int = 400_000  # tokens each trained SAE sees (when none is given)
@@ -48,10 +58,12 @@ class AnalyzeConfig:
     ctx_len: int = 128
     seed: int = 0
     device: str = "cpu"
-    run_dir: str | None = None  # default: runs/<model>-L<layer>
+    run_dir: str | None = None  # default: runs/<model>-L<layer> (or -L<first>-<last>)
+    shared_dir: str | None = None  # set on a model run's layers: where sae/ and codes/ live
     sae_in: str | None = None  # SAE for mlp_resid[layer]; trained when None
     sae_out: str | None = None  # SAE for mlp_out[layer]; trained when None
     sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
+    sae_group: int = 16  # SAEs trained together in one pass over the model (bounds memory)
     collect: CollectConfig = field(default_factory=CollectConfig)
     connect: bool = True  # fit connectors and the linearity table after collecting
     connect_settings: ConnectConfig = field(
@@ -63,8 +75,10 @@ class AnalyzeConfig:
     labels_settings: LabelsConfig = field(
         default_factory=lambda: LabelsConfig(in_site="", out_site="")
     )  # its sites are set from `layer`
-    outliers: bool = True  # flag artefact features of both sites (<run>/outliers/)
+    outliers: bool = True  # flag artefact features of the layer's sites (<run>/outliers/)
     outlier_settings: OutlierConfig = field(default_factory=OutlierConfig)
+    block: bool = False  # also attention connectors, position scores, residual composition
+    block_settings: BlockConfig = field(default_factory=BlockConfig)
     report: bool = True  # write the report and build its site (<run>/report/site/)
     report_features: int = 50  # output features that get a page of their own
     ablate: bool = True  # with the report: context ablation of its features (<run>/evidence/)
@@ -79,46 +93,213 @@ class AnalyzeConfig:
         if self.run_dir:
             return Path(self.run_dir)
         slug = self.model.strip("/").replace("/", "--").replace(".", "_")
+        if self.layers == "all":
+            return Path("runs") / f"{slug}-all"
+        if self.layers:
+            first, last = min(self.layers), max(self.layers)
+            return Path("runs") / (f"{slug}-L{first}" + (f"-{last}" if last != first else ""))
         return Path("runs") / f"{slug}-L{self.layer}"
 
 
+def parse_layers(text: str) -> tuple[int, ...] | str:
+    """'all', '0-5' or '1,3,5' (ranges and lists may mix: '0-2,7')."""
+    text = text.strip()
+    if text == "all":
+        return "all"
+    layers: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-")
+            layers += range(int(lo), int(hi) + 1) if sep else [int(lo)]
+    except ValueError:
+        raise CoactError(f"cannot read layers {text!r}: write 'all', '0-5' or '1,3,5'") from None
+    if not layers:
+        raise CoactError(f"no layers in {text!r}: write 'all', '0-5' or '1,3,5'")
+    return tuple(sorted(set(layers)))
+
+
+def layer_sites(layer: int, block: bool) -> list[Site]:
+    """The sites a layer's stages read: the MLP's input and output, and with `block` also
+    attention's input and output and the next residual stream."""
+    sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
+    if block:
+        sites += [s for s in block_sites(layer).values() if s not in sites]
+    return sites
+
+
+@dataclass
+class _Shared:
+    """What the layers of a run share: SAEs, their evaluations, the code store."""
+
+    layout: RunLayout
+    saes: dict[Site, Sae]
+    given: dict[Site, str | None]
+    reports: dict[Site, SaeReport]
+    store: CodeStore
+    code_part: Contexts
+    trained_now: list[str]
+    evaluated_now: list[str]
+    timings: dict[str, float]
+
+
 def analyze(config: AnalyzeConfig) -> dict[str, Any]:
-    """Run the pipeline and return (and write to summary.json) its headline figures."""
+    """Run the pipeline and return (and write to summary.json) its headline figures; with
+    `layers`, run every one of them (see `analyze_layers`)."""
+    if config.layers:
+        return analyze_layers(config)
     started = time.perf_counter()
     lm = load_model(config.model, device=config.device, seed=config.seed)
-    sites = [Site("mlp_resid", config.layer), Site("mlp_out", config.layer)]
+    run_dir = config.resolved_run_dir()
+    sites = layer_sites(config.layer, config.block)
+    given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
+    shared = _prepare(config, lm, sites, given, RunLayout(run_dir, run_dir))
+    return _analyze_layer(config, lm, shared, started)
+
+
+def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
+    """Every layer of `config.layers` with the block stages, from one set of SAEs and one
+    code store in the model run's directory; each layer's results land in `<run>/L<ℓ>/`
+    (an ordinary run directory), the per-layer headline in `<run>/layers.parquet`."""
+    started = time.perf_counter()
+    if config.sae_in or config.sae_out:
+        raise CoactError("--sae-in / --sae-out name one layer's SAEs; give them with --layer")
+    lm = load_model(config.model, device=config.device, seed=config.seed)
+    every = range(lm.adapter.n_layers)
+    wanted = every if config.layers == "all" else config.layers or ()
+    layers = sorted({int(layer) for layer in wanted})
+    if not layers:
+        raise CoactError("no layers to analyse")
+    config = dataclasses.replace(config, layers=tuple(layers), block=True)
+    for layer in layers:
+        if not 0 <= layer < lm.adapter.n_layers:
+            raise CoactError(
+                f"layer {layer} is out of range: the model has {lm.adapter.n_layers} layers "
+                f"(0..{lm.adapter.n_layers - 1})"
+            )
+    model_dir = config.resolved_run_dir()
+    sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(layer, True)))
+    shared = _prepare(config, lm, sites, dict.fromkeys(sites), RunLayout(model_dir, model_dir))
+    per_layer = {}
+    for layer in layers:
+        layer_config = dataclasses.replace(
+            config, layer=layer, layers=None, run_dir=str(model_dir / f"L{layer}"),
+            shared_dir="..",
+        )  # fmt: skip
+        per_layer[layer] = _analyze_layer(layer_config, lm, shared, time.perf_counter())
+    table = layers_table(per_layer)
+    atomic_write(model_dir / "layers.parquet", table.write_parquet)
+    summary: dict[str, Any] = {
+        "model": lm.name,
+        "layers": layers,
+        "run_dir": str(model_dir),
+        "tokens": shared.store.n_tokens,
+        "saes_trained_now": shared.trained_now,
+        "layer_runs": {str(layer): str(model_dir / f"L{layer}") for layer in layers},
+        "timings": {**shared.timings, "total_s": time.perf_counter() - started},
+    }
+    _write_json(model_dir / "summary.json", summary)
+    if config.report:
+        from coact.report.model import build_model_report
+
+        summary["report"] = str(build_model_report(model_dir))
+        _write_json(model_dir / "summary.json", summary)
+    return summary
+
+
+def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
+    """One row per layer: the MLP's and attention's linear shares, attention's
+    same-position share, and the composition's fit, source shares and decoded checks."""
+    rows = []
+    for layer, s in sorted(per_layer.items()):
+        block = s.get("block") or {}
+        mlp = (s.get("calibrate") or {}).get("linear_calibrated") or s.get("connect") or {}
+        attention = block.get("attention") or {}
+        scored = block.get("positions") or {}
+        composed = block.get("composition") or {}
+        decoded = composed.get("decoded_fvu") or {}
+        shares = {
+            Site.parse(site).kind: v
+            for site, v in (composed.get("variance_share_ls") or {}).items()
+        }
+        rows.append(
+            {
+                "layer": layer,
+                "tau": block.get("tau"),
+                "mlp_percent_linear": mlp.get("percent_linear"),
+                "attention_percent_linear": attention.get("percent_linear"),
+                "attention_percent_same_position": scored.get("percent_same_position"),
+                "composition_r2_sparse": composed.get("r2_sparse"),
+                "composition_r2_ls": composed.get("r2_ls"),
+                **{f"composition_share_{k}": v for k, v in shares.items()},
+                **{f"decoded_fvu_{k}": v for k, v in decoded.items()},
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def _prepare(
+    config: AnalyzeConfig,
+    lm: LoadedModel,
+    sites: Sequence[Site],
+    given: dict[Site, str | None],
+    layout: RunLayout,
+) -> _Shared:
+    """SAEs (given, reused or trained), their evaluations and the code store of `sites`.
+    For parallel-residual models mlp_resid[ℓ] is resid_pre[ℓ]: both names get one SAE."""
     for site in sites:
         lm.adapter.check(site)
-    given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
+    alias = {
+        s: Site("resid_pre", s.layer)
+        for s in sites
+        if s.kind == "mlp_resid" and lm.adapter.parallel and Site("resid_pre", s.layer) in sites
+    }
     saes: dict[Site, Sae] = {}
     for site, source in given.items():
         if source is not None:
             saes[site] = load_sae(source, device=config.device)
             check_sae_fits(saes[site], site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
-    to_train = [site for site in sites if site not in saes]
+    to_train = [s for s in sites if s not in saes and s not in alias]
 
     train_part, code_part = run_contexts(config, lm)
-
-    run_dir = config.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", asdict(config))
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(layout.run_dir / "config.json", asdict(config))
     timings: dict[str, float] = {}
-
     trained_now: list[str] = []
     if to_train:
         t0 = time.perf_counter()
-        trained, trained_now = _trained_saes(lm, train_part, to_train, config, run_dir)
+        trained, trained_now = _trained_saes(lm, train_part, to_train, config, layout.sae)
         saes.update(trained)
         timings["train_saes_s"] = time.perf_counter() - t0
+    for site, same in alias.items():
+        if site not in saes:
+            saes[site] = saes[same]
 
     t0 = time.perf_counter()
     eval_tokens = code_part.tokens[: config.eval_contexts]
-    reports, evaluated_now = _evaluations(lm, saes, eval_tokens, run_dir)
+    reports, evaluated_now = _evaluations(lm, saes, eval_tokens, layout.sae_eval)
     timings["evaluate_saes_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    store = collect_codes(lm, code_part, saes, run_dir / "codes", config.collect)
+    ordered = {site: saes[site] for site in sites}
+    store = collect_codes(lm, code_part, ordered, layout.codes, config.collect)
     timings["collect_s"] = time.perf_counter() - t0
+    return _Shared(
+        layout, saes, given, reports, store, code_part, trained_now, evaluated_now, timings
+    )
+
+
+def _analyze_layer(
+    config: AnalyzeConfig, lm: LoadedModel, shared: _Shared, started: float
+) -> dict[str, Any]:
+    """The stages of one layer on the shared codes, its summary.json and its report."""
+    run_dir = config.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.shared_dir is not None:  # a model run's layer: its own config names the share
+        _write_json(run_dir / "config.json", asdict(config))
+    store, saes, code_part = shared.store, shared.saes, shared.code_part
+    sites = layer_sites(config.layer, config.block)
+    timings = dict(shared.timings) if config.shared_dir is None else {}
+    decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
 
     connections = None
     if config.connect:
@@ -130,7 +311,6 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
             seed=config.seed,
             device=config.device,
         )
-        decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
         connections = connect(store, settings, run_dir / "connect", decode=decode)
         connections.pop("key", None)
         timings["connect_s"] = time.perf_counter() - t0
@@ -153,14 +333,34 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         labelled.pop("key", None)
         labelled.pop("config", None)
         timings["logic_s"] = time.perf_counter() - t0
+    block = None
+    if config.block:
+        t0 = time.perf_counter()
+        block = analyze_block(
+            lm,
+            saes,
+            store,
+            calibration_tokens(
+                code_part, store, dataclasses.replace(config.connect_settings, seed=config.seed)
+            ),
+            config.layer,
+            run_dir,
+            config.block_settings,
+            linearity=_calibrated_linearity(config, calibration),
+            connect_settings=config.connect_settings,
+            seed=config.seed,
+            device=config.device,
+            decode=decode,
+        )
+        timings["block_s"] = time.perf_counter() - t0
     flagged = None
-    decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
     if config.outliers:
         t0 = time.perf_counter()
         by_slug = {site.slug: saes[site] for site in sites}
-        flagged = outliers(
-            store, run_dir / "outliers", config.outlier_settings, decode=decode, saes=by_slug
+        settings_o = dataclasses.replace(
+            config.outlier_settings, sites=tuple(site.slug for site in sites)
         )
+        flagged = outliers(store, run_dir / "outliers", settings_o, decode=decode, saes=by_slug)
         flagged = {k: v for k, v in flagged.items() if k not in ("key", "config")}
         timings["outliers_s"] = time.perf_counter() - t0
     ablated = None
@@ -187,23 +387,24 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         "corpus": config.corpus,
         "run_dir": str(run_dir),
         "tokens": store.n_tokens,
-        "saes_trained_now": trained_now,
-        "saes_evaluated_now": evaluated_now,
+        "saes_trained_now": [s for s in shared.trained_now if Site.parse(s) in sites],
+        "saes_evaluated_now": [s for s in shared.evaluated_now if Site.parse(s) in sites],
         "sites": {
             str(site): {
-                "sae": given[site] or str(run_dir / "sae" / site.slug),
+                "sae": shared.given.get(site) or str(shared.layout.sae / site.slug),
                 "width": saes[site].width,
-                **reports[site].to_dict(),
+                **shared.reports[site].to_dict(),
             }
             for site in sites
         },
         "codes": {
             "directory": str(store.directory),
-            "bytes_per_token": {slug: store.bytes_per_token(slug) for slug in store.sites},
+            "bytes_per_token": {site.slug: store.bytes_per_token(site.slug) for site in sites},
         },
         "connect": connections,
         "calibrate": calibration,
         "logic": labelled,
+        "block": block,
         "outliers": flagged,
         "ablation": ablated,
         "timings": timings,
@@ -218,6 +419,17 @@ def analyze(config: AnalyzeConfig) -> dict[str, Any]:
         timings["report_s"] = time.perf_counter() - t0
         _write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _calibrated_linearity(
+    config: AnalyzeConfig, calibration: dict[str, Any] | None
+) -> LinearityConfig:
+    """The MLP's calibrated τ in its form, else the connect stage's (the seed's) τ."""
+    base = config.connect_settings.linearity
+    if calibration is None or calibration.get("tau") is None:
+        return base
+    form = calibration.get("form", base.form)
+    return dataclasses.replace(base, tau=float(calibration["tau"]), form=form)
 
 
 def run_contexts(config: AnalyzeConfig, lm: LoadedModel) -> tuple[Contexts, Contexts]:
@@ -324,10 +536,10 @@ def ablate_run(
 
     settings = settings or AblationConfig()
     run = Path(run_dir)
-    config = AnalyzeConfig.from_dict(_run_config(run))
+    config = AnalyzeConfig.from_dict(read_run_config(run))
     wanted = report_ablation_targets(run, features, settings)
     lm = load_model(config.model, device=device, seed=config.seed)
-    store = CodeStore.open(run / "codes")
+    store = CodeStore.open(RunLayout.of(run).codes)
     found = run_saes(run, sorted({slug for slug, _ in wanted}), device=device)
     saes = {Site.parse(slug): sae for slug, sae in found.items()}
     decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
@@ -338,26 +550,18 @@ def outliers_run(
     run_dir: str | Path, settings: OutlierConfig | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """`coact outliers`: flag a finished run's artefact features into <run>/outliers/."""
-    import polars as pl
-
     from coact.outliers import run_saes
     from coact.report.evidence import default_decode
 
-    settings = settings or OutlierConfig()
     run = Path(run_dir)
-    _run_config(run)
-    store = CodeStore.open(run / "codes")
+    config = AnalyzeConfig.from_dict(read_run_config(run))
+    store = CodeStore.open(RunLayout.of(run).codes)
+    slugs = [site.slug for site in layer_sites(config.layer, config.block)]
+    settings = dataclasses.replace(settings or OutlierConfig(), sites=tuple(slugs))
     top = run / "connect" / "top_tokens.parquet"
     decode = default_decode(run, pl.read_parquet(top) if top.is_file() else None)
-    saes = run_saes(run, list(store.sites), device=device)
+    saes = run_saes(run, slugs, device=device)
     return outliers(store, run / "outliers", settings, decode=decode, saes=saes)
-
-
-def _run_config(run: Path) -> dict[str, Any]:
-    path = run / "config.json"
-    if not path.is_file():
-        raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
-    return dict(json.loads(path.read_text()))
 
 
 def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
@@ -371,7 +575,7 @@ def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
 
 
 def _evaluations(
-    lm: LoadedModel, saes: dict[Site, Sae], tokens: Any, run_dir: Path
+    lm: LoadedModel, saes: dict[Site, Sae], tokens: Any, directory: Path
 ) -> tuple[dict[Site, SaeReport], list[str]]:
     """Each SAE's report, reused when the model, the SAE's weights and the evaluation
     tokens are those of a finished earlier evaluation (its file carries their key)."""
@@ -386,7 +590,7 @@ def _evaluations(
                  asdict(eval_config)], sort_keys=True,
             ).encode()
         ).hexdigest()  # fmt: skip
-        path = run_dir / "sae_eval" / f"{site.slug}.json"
+        path = directory / f"{site.slug}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
@@ -401,9 +605,10 @@ def _evaluations(
 
 
 def _trained_saes(
-    lm: LoadedModel, contexts: Contexts, sites: list[Site], config: AnalyzeConfig, run_dir: Path
+    lm: LoadedModel, contexts: Contexts, sites: list[Site], config: AnalyzeConfig, directory: Path
 ) -> tuple[dict[Site, Sae], list[str]]:
-    """Reuse SAEs an earlier run trained with the same recipe; train the rest together."""
+    """Reuse SAEs an earlier run trained with the same recipe; train the rest together, at
+    most `config.sae_group` per pass over the model (each is saved when its pass ends)."""
     recipe = {
         "model": lm.fingerprint(),
         "corpus": contexts.fingerprint,
@@ -412,17 +617,19 @@ def _trained_saes(
     recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     found: dict[Site, Sae] = {}
     for site in sites:
-        path = run_dir / "sae" / site.slug
+        path = directory / site.slug
         if (path / "cfg.json").is_file():
             sae = load_sae(path, device=config.device)
             if sae.metadata.get("recipe") == recipe_id:
                 found[site] = sae
     missing = [site for site in sites if site not in found]
-    if missing:
-        for site, (sae, log) in train_saes(lm, contexts.tokens, missing, config.sae).items():
+    group = max(1, config.sae_group)
+    for start in range(0, len(missing), group):
+        part = missing[start : start + group]
+        for site, (sae, log) in train_saes(lm, contexts.tokens, part, config.sae).items():
             sae.metadata.update({"recipe": recipe_id, "final_fvu": log.fvu[-1]})
-            save_saelens(sae, run_dir / "sae" / site.slug)
-            _write_json(run_dir / "sae" / site.slug / "train_log.json", asdict(log))
+            save_saelens(sae, directory / site.slug)
+            _write_json(directory / site.slug / "train_log.json", asdict(log))
             found[site] = sae
     return found, [str(site) for site in missing]
 

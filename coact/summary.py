@@ -24,6 +24,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(format_calibrate(summary["calibrate"]))
     if summary.get("logic"):
         lines.append(format_logic(summary["logic"]))
+    if summary.get("block"):
+        lines.append(format_block(summary["block"]))
     if summary.get("outliers"):
         lines.append(format_outliers(summary["outliers"]))
     if summary.get("ablation"):
@@ -151,3 +153,69 @@ def format_ablation(c: dict[str, Any]) -> str:
         f"(clean activations match the store within {c['max_clean_mismatch']:.2g}); "
         f"table: {c['directory']}"
     )
+
+
+def format_block(b: dict[str, Any]) -> str:
+    """Attention's linear and same-position shares and the residual composition."""
+    lines = []
+    tau = f"τ = {b['tau']:.3g} ({b['form']} form)"
+    if b.get("attention"):
+        a, p = b["attention"], b["positions"]
+        lines.append(
+            f"  attention {a['in_site']} → {a['out_site']}: {a['percent_linear']:.1f}% of "
+            f"{a['alive']:,} alive features linear at {tau}; held-out NMSE least squares "
+            f"{a['heldout_nmse_linear']:.3f}, mlp {a['heldout_nmse_mlp']:.3f}"
+        )
+        lines.append(
+            f"  same position: {p['percent_same_position']:.1f}% of attention features "
+            f"({p['percent_same_position_confident']:.1f}–"
+            f"{p['percent_same_position_possible']:.1f}% "
+            f"beyond the noise); held-out NMSE same position {p['heldout_nmse_same']:.3f}, "
+            f"with earlier positions {p['heldout_nmse_context']:.3f}"
+        )
+    if b.get("composition"):
+        c = b["composition"]
+        shares = ", ".join(f"{site} {v:.2f}" for site, v in c["variance_share_ls"].items())
+        fvu = c.get("decoded_fvu") or {}
+        lines.append(
+            f"  composition {c['target']}: held-out R² sparse {c['r2_sparse']:.3f} "
+            f"({c['weights_per_output']:.1f} weights per feature), least squares "
+            f"{c['r2_ls']:.3f}; variance share {shares}"
+        )
+        if fvu:
+            lines.append(
+                "  decoded FVU of the next stream: "
+                + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in fvu.items())
+            )
+    return "\n".join(lines)
+
+
+def format_model_summary(summary: dict[str, Any]) -> str:
+    """One line per layer of a model run, then where everything is."""
+    import polars as pl
+
+    lines = [f"coact analyze: {summary['model']}, layers {summary['layers']}"]
+    table_path = f"{summary['run_dir']}/layers.parquet"
+    try:
+        table = pl.read_parquet(table_path)
+    except OSError:
+        table = None
+    if table is not None:
+
+        def pct(v: Any) -> str:
+            return "   –  " if v is None else f"{v:5.1f}%"
+
+        lines.append("  layer   MLP linear   attn linear   attn same-pos   composition R²")
+        for row in table.iter_rows(named=True):
+            r2 = row.get("composition_r2_sparse")
+            lines.append(
+                f"  {row['layer']:>5}   {pct(row.get('mlp_percent_linear')):>10}   "
+                f"{pct(row.get('attention_percent_linear')):>11}   "
+                f"{pct(row.get('attention_percent_same_position')):>13}   "
+                + ("–" if r2 is None else f"{r2:.3f}")
+            )
+    lines.append(f"  total time {summary['timings']['total_s']:.0f} s")
+    lines.append(f"  run directory: {summary['run_dir']}  (layers.parquet, L<layer>/ inside)")
+    if summary.get("report"):
+        lines.append(f"  report: {summary['report']}  (open it in a browser)")
+    return "\n".join(lines)

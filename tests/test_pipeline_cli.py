@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
 from coact.calibrate import CalibrateConfig
 from coact.collect import CollectConfig
 from coact.connect import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.pipeline import AnalyzeConfig, analyze
+from coact.errors import CoactError
+from coact.pipeline import AnalyzeConfig, analyze, parse_layers
+from coact.runs import RunLayout
 from coact.sae.train import SaeTrainConfig
 from coact.store import CodeStore
 
@@ -83,6 +87,100 @@ def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
     assert summary["sites"] == first["sites"]
     assert weights.read_bytes() == first_sae
     assert shard.read_bytes() == first_codes
+
+
+SMALL_CONNECT = ConnectConfig("", "", path=LassoPathConfig(n_alphas=6), mlp_hidden=32,
+                              mlp_epochs=1, stability=False, progress=False)  # fmt: skip
+SMALL_CALIBRATE = CalibrateConfig(
+    layer=-1, contexts=4, strengths=(0.0, 0.3), n_taus=2, n_boot=50, causal_connections=0,
+    progress=False,
+)  # fmt: skip
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("all") == "all"
+    assert parse_layers("3") == (3,)
+    assert parse_layers("0-2, 5,1") == (0, 1, 2, 5)
+    for bad in ("x", "1-", ",", "2-a"):
+        with pytest.raises(CoactError, match="layers"):
+            parse_layers(bad)
+
+
+def test_block_single_layer_writes_attention_positions_and_composition(tmp_path: Path) -> None:
+    summary = analyze(
+        _config(
+            tmp_path, block=True, connect_settings=SMALL_CONNECT,
+            calibrate_settings=SMALL_CALIBRATE, labels=False, outliers=False,
+        )
+    )  # fmt: skip
+    run = tmp_path / "run"
+    assert set(summary["sites"]) == {
+        "mlp_resid[1]", "mlp_out[1]", "resid_pre[1]", "attn_out[1]", "resid_pre[2]"
+    }  # fmt: skip
+    block = summary["block"]
+    # attention and the MLP are read against one threshold: the calibrated τ
+    assert block["tau"] == summary["calibrate"]["tau"]
+    attention, scored = block["attention"], block["positions"]
+    assert (attention["in_site"], attention["out_site"]) == ("resid_pre[1]", "attn_out[1]")
+    assert attention["tau"] == block["tau"] == scored["tau"]
+    assert attention["linear"] + attention["nonlinear"] == attention["alive"]
+    assert 0 <= scored["percent_same_position"] <= 100
+    # the same held-out split: the same-position fit is connect's least squares
+    lin = pl.read_parquet(run / "attention" / "connect" / "features.parquet").sort("feature")
+    pos = pl.read_parquet(run / "attention" / "positions" / "positions.parquet").sort("feature")
+    alive = (lin["status"] != "dead").to_numpy()
+    assert np.allclose(
+        lin["mse_linear"].to_numpy()[alive], pos["mse_same"].to_numpy()[alive], rtol=1e-6
+    )
+    composed = block["composition"]
+    assert composed["sources"] == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]
+    assert composed["target"] == "resid_pre[2]"
+    # the model's own identity resid_pre[2] = resid_pre[1] + attn_out[1] + mlp_out[1]
+    assert composed["decoded_fvu"]["identity_raw"] < 1e-8
+    assert 0 < composed["decoded_fvu"]["identity_decoded"] < 1
+    assert json.loads((run / "block.json").read_text())["composition"]["target"] == "resid_pre[2]"
+
+
+def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path, model="tiny-gpt-neox", layers=(0, 1), connect_settings=SMALL_CONNECT,
+        calibrate_settings=SMALL_CALIBRATE, labels=False, outliers=False,
+    )  # fmt: skip
+    summary = analyze(config)
+    model = tmp_path / "run"
+    assert summary["layers"] == [0, 1]
+    # parallel residual: mlp_resid[ℓ] is resid_pre[ℓ], so one SAE serves both names, and
+    # resid_pre[1] (layer 0's next stream, layer 1's input) is trained once
+    assert sorted(summary["saes_trained_now"]) == sorted(
+        ["resid_pre[0]", "attn_out[0]", "mlp_out[0]", "resid_pre[1]", "attn_out[1]",
+         "mlp_out[1]", "resid_pre[2]"]
+    )  # fmt: skip
+    assert not (model / "sae" / "mlp_resid.0").exists()
+    store = CodeStore.open(model / "codes")
+    assert {"mlp_resid.0", "resid_pre.0", "resid_pre.2", "attn_out.1"} <= set(store.sites)
+    assert np.array_equal(
+        store.read_site("mlp_resid.1").toarray(), store.read_site("resid_pre.1").toarray()
+    )
+    table = pl.read_parquet(model / "layers.parquet")
+    assert table["layer"].to_list() == [0, 1]
+    for column in (
+        "mlp_percent_linear", "attention_percent_linear", "attention_percent_same_position",
+        "composition_r2_sparse", "composition_share_resid_pre", "composition_share_attn_out",
+        "composition_share_mlp_out", "decoded_fvu_identity_raw",
+    ):  # fmt: skip
+        assert table[column].null_count() == 0, column
+    assert (table["decoded_fvu_identity_raw"] < 1e-8).all()
+    for layer in (0, 1):
+        run = model / f"L{layer}"
+        assert RunLayout.of(run).codes == run / ".." / "codes"
+        layer_summary = json.loads((run / "summary.json").read_text())
+        assert layer_summary["codes"]["directory"] == str(model / "codes")
+        assert (run / "composition" / "decoded.parquet").is_file()
+    # a stage command on a layer of the model run finds the shared codes
+    again = _cli("connect", str(model / "L1"))
+    assert again.returncode == 0, again.stderr
+    # and the whole run resumes without training or collecting anything again
+    assert analyze(config)["saes_trained_now"] == []
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -63,10 +63,10 @@ def build_report(
 
     evidence = None
     if data.has_codes and (featured or data.outliers is None):
-        say(f"reading feature codes from {data.run_dir / 'codes'}")
+        say(f"reading feature codes from {data.layout.codes}")
         if decode is None:
             decode = default_decode(data.run_dir, data.top_tokens)
-        evidence = Evidence(data.run_dir / "codes", decode)
+        evidence = Evidence(data.layout.codes, decode)
         if data.outliers is None:
             say("flagging outlier features (the run has no outliers/; nothing is written)")
             _outliers_in_memory(data, evidence, decode)

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from coact.errors import CoactError
+from coact.runs import RunLayout
 from coact.sites import Site
 
 
@@ -82,8 +83,12 @@ class RunData:
         return Site.parse(self.out_site).slug
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.run_dir, self.config)
+
+    @property
     def has_codes(self) -> bool:
-        return (self.run_dir / "codes" / "manifest.json").is_file()
+        return (self.layout.codes / "manifest.json").is_file()
 
     def sites(self) -> dict[str, dict[str, Any]]:
         """Per site: the SAE's evaluation (summary.json, else sae_eval/*.json)."""
@@ -148,10 +153,10 @@ def load_run(run_dir: str | Path) -> RunData:
         data.ablation = _parquet(run / "evidence" / "ablation.parquet")
     for site in (in_site, out_site):
         slug = Site.parse(site).slug
-        log = _json(run / "sae" / slug / "train_log.json")
+        log = _json(data.layout.sae / slug / "train_log.json")
         if log is not None:
             data.sae_logs[site] = log
-        evaluation = _json(run / "sae_eval" / f"{slug}.json")
+        evaluation = _json(data.layout.sae_eval / f"{slug}.json")
         if evaluation is not None and "report" in evaluation:
             data.sae_eval[site] = dict(evaluation["report"])
     return data
