@@ -13,6 +13,10 @@ install:
 analyze LAYER="3" *ARGS:
     {{python}} -m coact analyze --layer {{LAYER}} {{ARGS}}
 
+# Every block: MLP, attention and residual composition per layer; ARGS to `coact analyze`.
+analyze-all *ARGS:
+    {{python}} -m coact analyze --layers all {{ARGS}}
+
 # The default test suite (includes one integration test on the real SmolLM2).
 test *ARGS:
     {{python}} -m pytest -q {{ARGS}}
