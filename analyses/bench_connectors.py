@@ -2,9 +2,10 @@
 
 Two targets of the design notes ("Targets"), each timed side by side in one run:
   path vs SGD — the exact linear L1 path (20 values of α; the Gram-statistics passes and
-                the held-out evaluation included) against ONE SGD fit of the `linear`
-                family at one α of that grid (Adam, 5 epochs by default, its held-out
-                evaluation included), on the same codes with the same held-out contexts.
+                the held-out evaluation, from held-out sums, included) against ONE SGD fit
+                of the `linear` family at one α of that grid (Adam, 5 epochs by default,
+                its held-out evaluation included), on the same codes with the same held-out
+                contexts.
                 Target: the path is faster, with equal or lower held-out normalised MSE at
                 that α.
   sparse step — one forward + backward + Adam step of the sparse-input connector
@@ -24,7 +25,8 @@ them). Both objectives are also reported in the trainer's units for the two fits
 Run with a run directory made by `just analyze 3` (runs/smollm2-135m-L3); `--quick` uses a
 small random sparse problem instead (no run directory needed; a smoke test whose ratios say
 nothing about the targets) and writes its JSON to the temporary directory unless --out is
-given.
+given. `--only path` (or `steps`) reruns one comparison and keeps the other part of the
+JSON as it was (each part records when it was measured).
 Writes analyses/results/bench_connectors.json.
 """
 
@@ -177,17 +179,20 @@ def path_vs_sgd(
     sharing = Sharing()
     train, held = split_rows(n, HELDOUT_FRACTION, SEED, groups)
 
-    def exact() -> tuple[dict[str, float], Any, np.ndarray, GramStats]:
+    def exact() -> tuple[dict[str, Any], Any, np.ndarray, GramStats]:
         t_start = time.perf_counter()
         stats = GramStats.empty(n_in, n_out).add(x[train], y[train])
+        t_train = time.perf_counter()
         stats_held = GramStats.empty(n_in, n_out).add(x[held], y[held])
         t_gram = time.perf_counter()
         path = lasso_path(stats, LassoPathConfig(n_alphas=n_alphas))
         t_path = time.perf_counter()
-        held_nmse = heldout_nmse(path, stats_held)
+        held_nmse = heldout_nmse(path, stats_held)  # from the held-out sums: no token re-read
         t_eval = time.perf_counter()
-        parts = {"total": t_eval - t_start, "gram_stats": t_gram - t_start}
+        parts: dict[str, Any] = {"total": t_eval - t_start, "gram_stats": t_gram - t_start}
+        parts.update(gram_stats_train=t_train - t_start, gram_stats_heldout=t_gram - t_train)
         parts.update(path=t_path - t_gram, heldout_eval=t_eval - t_path)
+        parts["path_per_alpha"] = path.seconds.tolist()
         return parts, path, held_nmse, stats
 
     exact_times, sgd_times, partial_times = [], [], []
@@ -252,11 +257,20 @@ def path_vs_sgd(
             "alphas": path.alphas.tolist(),
             "seconds": exact_s,
             "seconds_gram_stats": best["gram_stats"],
+            "seconds_gram_stats_train": best["gram_stats_train"],
+            "seconds_gram_stats_heldout": best["gram_stats_heldout"],
             "seconds_path": best["path"],
             "seconds_heldout_eval": best["heldout_eval"],
             "seconds_all_repeats": [t["total"] for t in exact_times],
+            "seconds_parts_all_repeats": [
+                {k: v for k, v in t.items() if k != "path_per_alpha"} for t in exact_times
+            ],
+            "seconds_solver_per_alpha": best["path_per_alpha"],
             "seconds_path_down_to_sgd_alpha_only": partial_s,
+            "tol_duality_gap": LassoPathConfig().tol,
             "converged_per_alpha": path.converged.tolist(),
+            "unconverged_outputs_per_alpha": path.unconverged.tolist(),
+            "max_gap_per_alpha": path.max_gap.tolist(),
             "max_sweeps_per_alpha": path.n_iter.tolist(),
             "heldout_nmse_per_alpha": np.nanmean(exact_held, axis=1).tolist(),
             "train_nmse_per_alpha": np.nanmean(path.nmse, axis=1).tolist(),
@@ -470,6 +484,12 @@ def main() -> None:
     parser.add_argument("--fit-repeats", type=int, default=2, help="path and SGD runs, best of")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps (target 2)")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--only",
+        choices=("path", "steps"),
+        default=None,
+        help="run one comparison and replace only its part of the existing JSON",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -495,27 +515,46 @@ def main() -> None:
         fit_repeats = args.fit_repeats
     real_density = x.nnz / (x.shape[0] * x.shape[1])
 
-    print(f"target 1: exact L1 path ({args.alphas} α) vs one SGD fit, on {source}", flush=True)
-    first = path_vs_sgd(x, y, groups, n_alphas=args.alphas, pick=args.alpha_index,
-                        epochs=args.epochs, repeats=fit_repeats)  # fmt: skip
-    held = first["heldout_nmse_at_sgd_alpha"]
-    print(
-        f"  exact {first['exact']['seconds']:.1f} s (path {first['exact']['seconds_path']:.1f} s), "
-        f"SGD {first['sgd']['seconds']:.1f} s ({args.epochs} epochs): "
-        f"SGD/exact time {first['ratio_sgd_time_over_exact_time']:.2f}×; held-out NMSE at "
-        f"α = {first['sgd']['alpha_exact_units']:.4g}: exact {held['exact']:.4f}, "
-        f"SGD {held['sgd']:.4f}",
-        flush=True,
-    )
-    print("target 2: sparse- vs dense-input SGD step (batch 1024)", flush=True)
-    densities = {"1%": 0.01, "codes": real_density}
-    second = sparse_vs_dense(widths, densities, families, 2304, 1024, 2, repeats)
+    if args.out:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.gettempdir()) / "bench_connectors.quick.json"
+    else:
+        out = ROOT / "analyses" / "results" / "bench_connectors.json"
+    result: dict[str, Any] = {}
+    if args.only is not None and out.exists():
+        result = json.loads(out.read_text())
+        if result.get("quick") != args.quick or result.get("source") != source:
+            sys.exit(f"{out} holds another problem: rerun both parts (drop --only)")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-    result = {
-        "benchmark": "bench_connectors",
-        "quick": args.quick,
-        "source": source,
-        "machine": {
+    if args.only in (None, "path"):
+        print(f"target 1: exact L1 path ({args.alphas} α) vs one SGD fit, on {source}", flush=True)
+        first = path_vs_sgd(x, y, groups, n_alphas=args.alphas, pick=args.alpha_index,
+                            epochs=args.epochs, repeats=fit_repeats)  # fmt: skip
+        first["measured_at"] = stamp
+        result["exact_path_vs_sgd"] = first
+        held = first["heldout_nmse_at_sgd_alpha"]
+        print(
+            f"  exact {first['exact']['seconds']:.1f} s (path {first['exact']['seconds_path']:.1f}"
+            f" s), SGD {first['sgd']['seconds']:.1f} s ({args.epochs} epochs): "
+            f"SGD/exact time {first['ratio_sgd_time_over_exact_time']:.2f}×; held-out NMSE at "
+            f"α = {first['sgd']['alpha_exact_units']:.4g}: exact {held['exact']:.4f}, "
+            f"SGD {held['sgd']:.4f}",
+            flush=True,
+        )
+    if args.only in (None, "steps"):
+        print("target 2: sparse- vs dense-input SGD step (batch 1024)", flush=True)
+        densities = {"1%": 0.01, "codes": real_density}
+        second = sparse_vs_dense(widths, densities, families, 2304, 1024, 2, repeats)
+        second["measured_at"] = stamp
+        result["sparse_vs_dense_step"] = second
+
+    result.update(
+        benchmark="bench_connectors",
+        quick=args.quick,
+        source=source,
+        machine={
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "numba_threads": numba.get_num_threads(),
@@ -526,13 +565,12 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "exact_path_vs_sgd": first,
-        "sparse_vs_dense_step": second,
-        "seconds_total": time.perf_counter() - began,
-    }
+        seconds_total=time.perf_counter() - began,
+    )
+    parts = [result[k] for k in ("exact_path_vs_sgd", "sparse_vs_dense_step") if k in result]
     others = [
         part["machine_sharing"]["other_processes_cores"]
-        for part in (first, second)
+        for part in parts
         if part["machine_sharing"]["other_processes_cores"] is not None
     ]
     result["shared_machine"] = bool(others) and max(others) > 0.25
@@ -544,26 +582,25 @@ def main() -> None:
         if others
         else "unknown (no /proc/stat)"
     )
-    if args.out:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.gettempdir()) / "bench_connectors.quick.json"
-    else:
-        out = ROOT / "analyses" / "results" / "bench_connectors.json"
+    first_keys = ["benchmark", "quick", "source", "machine", "exact_path_vs_sgd"]
+    result = {k: result[k] for k in [*first_keys, *result] if k in result}  # stable order
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-    t1, t2 = first["target"], second["target"]
-    print(
-        f"target 1 (exact path faster, held-out loss not worse): "
-        f"{'met' if t1['met'] else 'NOT met'} (faster: {t1['exact_faster']}, "
-        f"loss: {t1['exact_heldout_equal_or_lower']})"
-    )
-    print(
-        f"target 2 (sparse step ≥ 3× dense): min ratio {second['min_ratio']:.1f}×, "
-        f"{'met' if t2['met_everywhere'] else 'NOT met everywhere'}"
-    )
+    if "exact_path_vs_sgd" in result:
+        t1 = result["exact_path_vs_sgd"]["target"]
+        print(
+            f"target 1 (exact path faster, held-out loss not worse): "
+            f"{'met' if t1['met'] else 'NOT met'} (faster: {t1['exact_faster']}, "
+            f"loss: {t1['exact_heldout_equal_or_lower']})"
+        )
+    if "sparse_vs_dense_step" in result:
+        second = result["sparse_vs_dense_step"]
+        print(
+            f"target 2 (sparse step ≥ 3× dense): min ratio {second['min_ratio']:.1f}×, "
+            f"{'met' if second['target']['met_everywhere'] else 'NOT met everywhere'}"
+        )
     print(f"machine shared: {result['shared_machine']} ({result['shared_machine_note']})")
-    print(f"wrote {out} in {math.ceil(result['seconds_total'])} s")
+    print(f"wrote {out} in {math.ceil(time.perf_counter() - began)} s")
 
 
 if __name__ == "__main__":

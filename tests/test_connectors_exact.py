@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.linear_model import Lasso
 
+from coact.connectors import exact
 from coact.connectors.exact import (
     GramStats,
     LassoPathConfig,
@@ -40,8 +41,17 @@ def _stats(x: sp.spmatrix, y: sp.spmatrix) -> GramStats:
     return GramStats.empty(x.shape[1], y.shape[1]).add(x, y)
 
 
+@pytest.fixture(params=["dense", "sparse"])
+def gram_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both code paths of the Gram products, the path and the held-out errors: dense
+    accumulators (small sites) and sparse ones (wide sites, forced here)."""
+    if request.param == "sparse":
+        monkeypatch.setattr(exact, "DENSE_GRAM_MAX", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_path_matches_sklearn_lasso(fit_intercept: bool) -> None:
+def test_path_matches_sklearn_lasso(fit_intercept: bool, gram_kind: str) -> None:
     x, y, _ = _problem()
     config = LassoPathConfig(n_alphas=8, tol=1e-12, max_iter=20000, fit_intercept=fit_intercept)
     path = lasso_path(_stats(x, y), config)
@@ -58,7 +68,7 @@ def test_path_matches_sklearn_lasso(fit_intercept: bool) -> None:
     assert path.converged.all()
 
 
-def test_stats_blocks_merge_and_brute_force() -> None:
+def test_stats_blocks_merge_and_brute_force(gram_kind: str) -> None:
     x, y, _ = _problem(n=600, seed=1)
     whole = _stats(x, y)
     blocks = GramStats.empty(30, 5)
@@ -131,14 +141,24 @@ def test_dead_output_flagged_with_zero_weights() -> None:
     assert subset.dead.tolist() == [True] and subset.coef[0].shape == (30, 1)
 
 
-def test_heldout_nmse_brute_force() -> None:
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_heldout_nmse_brute_force(gram_kind: str, fit_intercept: bool) -> None:
+    """The held-out error of every α from held-out sums alone (tr WᵀAW − 2 tr WᵀC + ‖Y‖²
+    with the intercepts) equals predicting the held-out tokens and measuring it."""
     x, y, _ = _problem(n=3000, seed=5)
-    path = lasso_path(_stats(x[:2000], y[:2000]), LassoPathConfig(n_alphas=6), outputs=[3, 0, 4])
+    yd = y.toarray()
+    yd[2000:, 1] = 0.7  # constant on the held-out tokens: NaN there
+    y = sp.csr_matrix(yd)
+    config = LassoPathConfig(n_alphas=6, fit_intercept=fit_intercept)
+    path = lasso_path(_stats(x[:2000], y[:2000]), config, outputs=[3, 0, 4, 1])
     got = heldout_nmse(path, _stats(x[2000:], y[2000:]))
-    xh, yh = x[2000:].toarray(), y[2000:].toarray()[:, [3, 0, 4]]
+    xh, yh = x[2000:].toarray(), yd[2000:][:, [3, 0, 4]]
     for i in range(6):
-        pred = xh @ path.coef[i].toarray() + path.intercepts[i]
-        np.testing.assert_allclose(got[i], ((yh - pred) ** 2).mean(0) / yh.var(0), rtol=1e-8)
+        pred = xh @ path.coef[i].toarray()[:, :3] + path.intercepts[i, :3]
+        np.testing.assert_allclose(got[i, :3], ((yh - pred) ** 2).mean(0) / yh.var(0), rtol=1e-8)
+    assert np.isnan(got[:, 3]).all()
+    assert heldout_nmse(path, _stats(x[2000:], y[2000:])).shape == (6, 4)
+    assert path.coef[-1].nnz > path.coef[0].nnz  # weights at several α were evaluated
 
 
 @pytest.mark.parametrize("dense_limit", [8192, 0])  # Cholesky, and conjugate gradients
@@ -168,7 +188,7 @@ def test_auto_grid_starts_empty_and_ends_dense() -> None:
     np.testing.assert_allclose(lasso_path(stats).alphas[0], np.quantile(tops, 0.99), rtol=1e-8)
 
 
-def test_screening_does_not_change_path() -> None:
+def test_screening_does_not_change_path(gram_kind: str) -> None:
     x, y, _ = _problem(n_in=60, seed=8)
     stats = _stats(x, y)
     on = lasso_path(stats, LassoPathConfig(n_alphas=10, tol=1e-11, chunk_outputs=2))
@@ -271,3 +291,28 @@ def test_newton_jump_never_raises_the_objective_on_nearly_collinear_inputs() -> 
         np.testing.assert_allclose(r, c - g @ w, atol=1e-7 * scale)
         refused += np.array_equal(w, start)
     assert refused < 300  # most jumps are taken: the guard refuses only bad ones
+
+
+def test_newton_jump_stops_where_an_input_leaves() -> None:
+    """Input 1 holds the wrong sign and must leave; input 2 must stay. The solve with the
+    start's signs fixed flips both, so dropping every flip and solving again loses input 2
+    and raises the objective (a refused jump: on SmolLM2 codes one output then crawled
+    for 400 sweeps); stopping where input 1 reaches zero and solving again lands on the
+    optimum in one jump."""
+    from coact.connectors._cd import _newton
+
+    lam = 0.05
+    g = np.array([[1.0, 0.95, 0.0], [0.95, 1.0, -0.26], [0.0, -0.26, 1.0]])
+    best = np.array([0.7, 0.0, 0.1])  # the optimum, by its KKT conditions:
+    c = g @ best + np.array([lam, 0.5 * lam, lam])  # r = c − G w*: λ·sign on the support, < λ off
+    w = np.array([0.63, 0.02, 0.11])  # the start: all positive
+    orthant = np.linalg.solve(g, c - lam)  # the minimiser with those signs fixed
+    assert orthant[0] > 0 and orthant[1] < 0 and orthant[2] < 0  # flips inputs 1 and 2
+    drop_all = np.array([(c[0] - lam) / g[0, 0], 0.0, 0.0])
+    before = _lasso_objective(g, c, w, lam)
+    assert _lasso_objective(g, c, drop_all, lam) > before
+    res = c - g @ w
+    _newton(g, res, w, np.arange(3), 3, lam)
+    np.testing.assert_allclose(w, best, atol=1e-12)
+    np.testing.assert_allclose(res, c - g @ w, atol=1e-12)
+    assert _lasso_objective(g, c, w, lam) < before

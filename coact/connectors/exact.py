@@ -2,9 +2,12 @@
 
 One pass over the tokens accumulates XᵀX, XᵀY and Y's moments (`GramStats`); every linear
 fit after that (the L1 path over α, the unpenalised least squares fit, train and held-out
-MSE) uses these sums alone, so no token is read twice. Features rarely co-occur, so XᵀX
-is kept sparse; with an intercept the centred Gram G = XᵀX/n − μμᵀ is never formed, only
-used as "sparse minus rank one", so nothing n_in × n_in is ever dense.
+MSE) uses these sums alone, so no token is read twice; the held-out error of every α
+comes from the held-out tokens' sums the same way. Features rarely co-occur, so XᵀX is
+stored sparse; with an intercept the centred Gram G = XᵀX/n − μμᵀ is never formed, only
+used as "sparse minus rank one". Up to DENSE_GRAM_MAX inputs the Gram pass, the path and
+the held-out errors work on a dense copy of XᵀX (≤ 128 MiB, several times faster than
+sparse rows); above it nothing n_in × n_in is ever dense.
 
 Per output j the objective is (1/n)‖y_j − Xw − b‖²/var(y_j) + α‖w‖₁ (normalised MSE, the
 fraction of variance unexplained, plus L1; var is the population variance). Times
@@ -15,20 +18,32 @@ are dead: w = 0, b = their mean, NaN normalised MSE.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from coact.connectors._cd import solve_alpha
+from coact.connectors._cd import (
+    cross_dense,
+    cross_products,
+    dense_to_csr,
+    nonzeros,
+    quadratic_terms,
+    solve_alpha,
+    symmetrise,
+    transpose,
+)
 from coact.store import CodeStore
 
 Outputs = Sequence[int] | np.ndarray | None
 _TINY = 1e-12  # relative threshold for "zero" variances
+PATH_CHUNK_ENTRIES = 2**23  # outputs × inputs per chunk of the path: ~200 MiB of state
+DENSE_GRAM_MAX = 4096  # up to this many inputs the path keeps XᵀX/n dense too (≤ 128 MiB)
 
 
 def _csr64(m: object) -> sp.csr_matrix:
@@ -37,8 +52,44 @@ def _csr64(m: object) -> sp.csr_matrix:
     return out
 
 
-def _colsums(m: object) -> np.ndarray:
-    return np.asarray(m.sum(axis=0), dtype=np.float64).ravel()  # type: ignore[attr-defined]
+def _csr_codes(m: object) -> sp.csr_matrix:
+    """CSR in canonical form (sorted, no duplicates), float32 kept as it is."""
+    out = sp.csr_matrix(m)
+    if out.dtype not in (np.float32, np.float64):
+        out = out.astype(np.float64)
+    if not out.has_canonical_format:
+        out = out.copy()
+        out.sum_duplicates()
+    return out
+
+
+def _cross_products(xt: tuple[np.ndarray, ...], b: sp.csr_matrix, upper: bool) -> sp.csr_matrix:
+    """Xᵀ B from the parts of Xᵀ (`transpose`); with `upper`, B = X and only the upper
+    triangle is summed. Dense accumulation where the result fits (≤ DENSE_GRAM_MAX²
+    entries: no symbolic pass), sparse otherwise."""
+    shape = (len(xt[0]) - 1, b.shape[1])
+    args = (*xt, b.indptr, b.indices, b.data, b.shape[1], upper)
+    if shape[0] * shape[1] <= DENSE_GRAM_MAX**2:
+        return _csr_from_parts(dense_to_csr(cross_dense(*args)), shape)
+    parts = cross_products(*args)
+    return _csr_from_parts(symmetrise(*parts) if upper else parts, shape)
+
+
+def _csr_from_parts(parts: tuple[np.ndarray, ...], shape: tuple[int, int]) -> sp.csr_matrix:
+    indptr, indices, data = parts
+    out = sp.csr_matrix((data, indices, indptr), shape=shape)
+    out.has_canonical_format = True  # sorted and unique by construction
+    return out
+
+
+def _colsums(m: object, square: bool = False) -> np.ndarray:
+    """Column sums (of squares) in float64 whatever the input's dtype."""
+    if sp.issparse(m):
+        c = sp.csr_matrix(m)
+        v = c.data.astype(np.float64)
+        return np.bincount(c.indices, weights=v * v if square else v, minlength=c.shape[1])
+    a = np.asarray(m, dtype=np.float64)
+    return (a * a if square else a).sum(axis=0)
 
 
 @dataclass
@@ -83,19 +134,22 @@ class GramStats:
         return len(self.y_sum)
 
     def add(self, xs: object, ys: object) -> GramStats:
-        """Accumulate one block of tokens in place, with sparse products only."""
-        x, y = _csr64(xs), _csr64(ys)
+        """Accumulate one block of tokens in place: XᵀX and XᵀY in one compiled pass over
+        the block's rows of Xᵀ (sparse products, parallel over inputs; float32 codes are
+        read as they are and summed in float64)."""
+        x, y = _csr_codes(xs), _csr_codes(ys)
         if x.shape[0] != y.shape[0] or (x.shape[1], y.shape[1]) != (self.n_in, self.n_out):
             raise ValueError(
                 f"block shapes {x.shape}, {y.shape} do not fit {self.n_in, self.n_out}"
             )
-        xt = x.T.tocsr()
+        xt = transpose(x.indptr, x.indices, x.data, self.n_in)
+        xtx, xty = _cross_products(xt, x, upper=True), _cross_products(xt, y, upper=False)
         self.n += x.shape[0]
         self.x_sum = self.x_sum + _colsums(x)
         self.y_sum = self.y_sum + _colsums(y)
-        self.y_sq_sum = self.y_sq_sum + _colsums(y.multiply(y))
-        self.xtx = _csr64(self.xtx + xt @ x)
-        self.xty = _csr64(self.xty + xt @ y)
+        self.y_sq_sum = self.y_sq_sum + _colsums(y, square=True)
+        self.xtx = xtx if self.xtx.nnz == 0 else _csr64(self.xtx + xtx)
+        self.xty = xty if self.xty.nnz == 0 else _csr64(self.xty + xty)
         return self
 
     def merge(self, other: GramStats) -> GramStats:
@@ -158,7 +212,7 @@ class LassoPathConfig:
     fit_intercept: bool = True
     max_iter: int = 300  # CD sweeps over the active set per α and output
     tol: float = 1e-6  # on the duality gap of NMSE + α‖w‖₁ (a certificate, per output)
-    chunk_outputs: int = 256
+    chunk_outputs: int | None = None  # outputs solved together; None: PATH_CHUNK_ENTRIES
     screening: bool = True
 
 
@@ -174,6 +228,11 @@ class LassoPath:
     outputs: np.ndarray  # which output columns of the stats these are
     max_gap: np.ndarray  # (n_alphas,) the largest duality gap over outputs (normalised)
     unconverged: np.ndarray  # (n_alphas,) outputs whose gap stayed above tol
+    seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n_alphas,) solver
+    # wall time per α, summed over chunks (timing only: not part of the result)
+
+
+_AParts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # XᵀX CSR parts, dense A
 
 
 class _ChunkCD:
@@ -181,15 +240,12 @@ class _ChunkCD:
     loops run compiled, one output per thread (see `_cd`). Arrays are output-major
     (m × n_in) so each thread walks contiguous memory. Memory O(n_in × m)."""
 
-    def __init__(self, stats: GramStats, mu: np.ndarray, diag: np.ndarray, usable: np.ndarray,
-                 c: np.ndarray, var: np.ndarray, m2: np.ndarray,
-                 config: LassoPathConfig) -> None:  # fmt: skip
-        a = stats.xtx  # XᵀX = n·A, symmetric: its CSR rows are its columns
-        self.a_parts = (a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data)
-        self.inv_n = 1 / max(stats.n, 1)
-        self.mu, self.usable, self.cfg = mu, usable, config
-        self.sd_in = np.sqrt(np.where(usable, diag, 1.0))
-        self.c = np.ascontiguousarray(c.T)  # m × n_in
+    def __init__(self, a_parts: _AParts, n: int, mu: np.ndarray,
+                 usable: np.ndarray, sd_in: np.ndarray, c: np.ndarray, var: np.ndarray,
+                 m2: np.ndarray, config: LassoPathConfig) -> None:  # fmt: skip
+        self.a_parts, self.inv_n = a_parts, 1 / max(n, 1)
+        self.mu, self.usable, self.sd_in, self.cfg = mu, usable, sd_in, config
+        self.c = np.ascontiguousarray(c)  # m × n_in
         m = self.c.shape[0]
         self.W = np.zeros_like(self.c)
         self.Rt = self.c.copy()  # c − A w at w = 0
@@ -198,20 +254,11 @@ class _ChunkCD:
         self.prev_lam: np.ndarray | None = None
         self.m2 = m2
         self.sweeps, self.gap = np.zeros(m, dtype=np.int64), np.zeros(m)
+        self.mse, self.S = m2.copy(), np.zeros(m)  # training MSE; μᵀw (the intercept's shift)
 
     @property
     def converged(self) -> bool:
         return bool((self.gap <= self.cfg.tol).all())
-
-    @property
-    def S(self) -> np.ndarray:
-        """μᵀw per output (the intercept's shift), m."""
-        return self.W @ self.mu
-
-    @property
-    def R(self) -> np.ndarray:
-        """The gradient r = c − G w, m × n_in."""
-        return self.Rt + np.multiply.outer(self.S, self.mu)
 
     def solve(self, alpha: float) -> int:
         lam = alpha * self.half_var
@@ -220,6 +267,7 @@ class _ChunkCD:
             *self.a_parts, self.inv_n, self.mu, self.usable, self.sd_in,
             self.c, self.m2, self.W, self.Rt, self.active, lam, prev, self.inv_sd,
             self.cfg.tol, self.cfg.max_iter, self.cfg.screening, self.sweeps, self.gap,
+            self.mse, self.S,
         )  # fmt: skip
         self.prev_lam = lam
         return int(self.sweeps.max(initial=0))
@@ -243,19 +291,28 @@ def lasso_path(
     m2 = var if center else stats.y_sq_sum / max(stats.n, 1)  # MSE of ŷ = 0 (+ b)
     dead = var[outputs] <= 0
     alive = np.flatnonzero(~dead)
-    chunks = [
-        alive[i : i + config.chunk_outputs] for i in range(0, len(alive), config.chunk_outputs)
-    ]
-    xty = stats.xty.tocsc()
+    per_chunk = config.chunk_outputs or max(1, PATH_CHUNK_ENTRIES // max(stats.n_in, 1))
+    chunks = [alive[i : i + per_chunk] for i in range(0, len(alive), per_chunk)]
+    yx = stats.xty.T.tocsr()  # output-major: a chunk's rows are contiguous
+    mu_y = stats.means(center)[1]
+    kept: dict[int, np.ndarray] = {}
 
-    def cross(pos: np.ndarray) -> np.ndarray:
-        return _cross(xty, stats, outputs[pos], center)
+    def cross(i: int) -> np.ndarray:
+        """Chunk i's (centred) cross, output-major (m × n_in); kept if it is the only one."""
+        if i in kept:
+            return kept[i]
+        rows = outputs[chunks[i]]
+        c = yx[rows].toarray() / max(stats.n, 1) - np.multiply.outer(mu_y[rows], mu)
+        if len(chunks) == 1:
+            kept[i] = c
+        return c
 
     if config.alphas is not None:
         alphas = np.sort(np.asarray(config.alphas, dtype=np.float64))[::-1]
     else:
         tops = [
-            2 * np.abs(cross(p)[usable]).max(axis=0, initial=0) / var[outputs[p]] for p in chunks
+            2 * np.abs(cross(i)[:, usable]).max(axis=1, initial=0) / var[outputs[p]]
+            for i, p in enumerate(chunks)
         ]
         tops_all = np.concatenate([np.zeros(0), *tops])
         alpha_max = float(np.quantile(tops_all, config.top_quantile)) if len(tops_all) else 0.0
@@ -267,22 +324,28 @@ def lasso_path(
     n_iter, converged = np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool)
     max_gap, unconverged = np.zeros(n_a), np.zeros(n_a, dtype=np.int64)
     nmse = np.full((n_a, m), np.nan)
+    seconds = np.zeros(n_a)
+    a = stats.xtx  # XᵀX = n·A, symmetric: its CSR rows are its columns
+    dense_a = a.toarray() / max(stats.n, 1) if stats.n_in <= DENSE_GRAM_MAX else np.zeros((0, 0))
+    a_parts = (a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data, dense_a)
+    sd_in = np.sqrt(np.where(usable, diag, 1.0))
     bar = tqdm(total=len(chunks) * n_a, desc="L1 path", unit="α·chunk", disable=not progress)
-    for pos in chunks:
-        cd = _ChunkCD(
-            stats, mu, diag, usable, cross(pos), var[outputs[pos]], m2[outputs[pos]], config
-        )
+    for i_chunk, pos in enumerate(chunks):
+        v, out_m2 = var[outputs[pos]], m2[outputs[pos]]
+        cd = _ChunkCD(a_parts, stats.n, mu, usable, sd_in, cross(i_chunk), v, out_m2, config)
+        kept.clear()
         for i, alpha in enumerate(alphas):
+            start = time.perf_counter()
             n_iter[i] = max(n_iter[i], cd.solve(float(alpha)))
+            seconds[i] += time.perf_counter() - start
             converged[i] &= cd.converged
             max_gap[i] = max(max_gap[i], float(cd.gap.max(initial=0.0)))
             unconverged[i] += int((cd.gap > config.tol).sum())
-            cols, rows = np.nonzero(cd.W)
-            parts[i].append((rows, pos[cols], cd.W[cols, rows]))
+            indptr, rows, vals = nonzeros(cd.W)
+            parts[i].append((rows, np.repeat(pos, np.diff(indptr)), vals))
             intercepts[i, pos] -= cd.S
-            # MSE = m2 − 2wᵀc + wᵀGw = m2 − wᵀ(c + R), as R = c − Gw: exact, from the stats
-            fit = (cd.W * (cd.c + cd.R)).sum(axis=1)
-            nmse[i, pos] = (m2[outputs[pos]] - fit) / var[outputs[pos]]
+            # MSE = m2 − 2wᵀc + wᵀGw, exact from the stats (the solver's last full gradient)
+            nmse[i, pos] = cd.mse / v
             bar.update()
     bar.close()
     coef = []
@@ -296,7 +359,17 @@ def lasso_path(
             )
         )
     return LassoPath(
-        alphas, coef, intercepts, nmse, dead, n_iter, converged, outputs, max_gap, unconverged
+        alphas,
+        coef,
+        intercepts,
+        nmse,
+        dead,
+        n_iter,
+        converged,
+        outputs,
+        max_gap,
+        unconverged,
+        seconds,
     )
 
 
@@ -318,14 +391,31 @@ def mse(
 
 def heldout_nmse(path: LassoPath, stats_heldout: GramStats) -> np.ndarray:
     """(n_alphas, len(outputs)) MSE on held-out tokens divided by the held-out variance
-    (i.e. 1 − held-out R²), from held-out stats alone; NaN where that variance is zero."""
-    var = stats_heldout.y_var()[path.outputs]
-    raw = np.array(
-        [
-            mse(stats_heldout, c, b, path.outputs)
-            for c, b in zip(path.coef, path.intercepts, strict=True)
-        ]
-    )
+    (i.e. 1 − held-out R²), from held-out stats alone; NaN where that variance is zero.
+    One compiled pass over every α's weights: per output the quadratic wᵀ(XᵀX)w over its
+    non-zeros, as in `mse`."""
+    h, outputs = stats_heldout, path.outputs
+    var = h.y_var()[outputs]
+    m, n_a = len(outputs), len(path.alphas)
+    coef = sp.hstack([sp.csc_matrix(c) for c in path.coef], format="csc") if n_a else None
+    if coef is None or m == 0:
+        return np.full((n_a, m), np.nan)
+    coef.sum_duplicates()
+    a, xty = h.xtx, h.xty.tocsc()[:, outputs]
+    xty.sum_duplicates()
+    dense_a = a.toarray() if h.n_in <= DENSE_GRAM_MAX else np.zeros((0, 0))
+    quad, cross, wsum = (
+        t.reshape(n_a, m)
+        for t in quadratic_terms(
+            coef.indptr.astype(np.int64), coef.indices.astype(np.int64), coef.data,
+            np.tile(np.arange(m, dtype=np.int64), n_a), a.indptr.astype(np.int64),
+            a.indices.astype(np.int64), a.data, dense_a, xty.indptr.astype(np.int64),
+            xty.indices.astype(np.int64), xty.data, h.x_sum,
+        )
+    )  # fmt: skip
+    b = path.intercepts
+    total = h.y_sq_sum[outputs] - 2 * cross - 2 * b * h.y_sum[outputs] + quad
+    raw = np.maximum(total + 2 * b * wsum + h.n * b**2, 0.0) / max(h.n, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(var > 0, raw / var, np.nan)
 
