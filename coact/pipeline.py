@@ -34,7 +34,7 @@ from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
 from coact.files import atomic_write
 from coact.labels import LabelsConfig, label_run
-from coact.linearity import LinearityConfig
+from coact.linearity import SEED_TAU, LinearityConfig
 from coact.models import EMBEDDED, LoadedModel, load_model
 from coact.outliers import OutlierConfig, outliers
 from coact.runs import RunLayout, read_run_config
@@ -207,8 +207,10 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
 
 
 def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
-    """One row per layer: the MLP's and attention's linear shares, attention's
-    same-position share, and the composition's fit, source shares and decoded checks."""
+    """One row per layer: the MLP's and attention's linear shares and attention's
+    same-position share, at the layer's calibrated τ and at the seed's τ (calibrated τ
+    differ between layers, so only the seed's compares layers on one threshold), and the
+    composition's fit, source shares and decoded checks."""
     rows = []
     for layer, s in sorted(per_layer.items()):
         block = s.get("block") or {}
@@ -221,13 +223,24 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
             Site.parse(site).kind: v
             for site, v in (composed.get("variance_share_ls") or {}).items()
         }
+        run = Path(s["run_dir"])
         rows.append(
             {
                 "layer": layer,
                 "tau": block.get("tau"),
+                "form": block.get("form"),
                 "mlp_percent_linear": mlp.get("percent_linear"),
                 "attention_percent_linear": attention.get("percent_linear"),
                 "attention_percent_same_position": scored.get("percent_same_position"),
+                "mlp_percent_linear_seed_tau": _share_at_seed_tau(
+                    run / "connect" / "features.parquet", "d_seed"
+                ),
+                "attention_percent_linear_seed_tau": _share_at_seed_tau(
+                    run / "attention" / "connect" / "features.parquet", "d_seed"
+                ),
+                "attention_percent_same_position_seed_tau": _share_at_seed_tau(
+                    run / "attention" / "positions" / "positions.parquet", "gain_seed"
+                ),
                 "composition_r2_sparse": composed.get("r2_sparse"),
                 "composition_r2_ls": composed.get("r2_ls"),
                 **{f"composition_share_{k}": v for k, v in shares.items()},
@@ -235,6 +248,16 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
             }
         )
     return pl.DataFrame(rows)
+
+
+def _share_at_seed_tau(table: Path, column: str) -> float | None:
+    """Percent of alive features whose `column` (d or the position gain, seed form) is at
+    most the seed's τ; None when the table is missing."""
+    if not table.is_file():
+        return None
+    values = pl.read_parquet(table, columns=["status", column])
+    alive = values.filter(pl.col("status") != "dead")[column].to_numpy()
+    return 100.0 * float((alive <= SEED_TAU).mean()) if len(alive) else None
 
 
 def _prepare(

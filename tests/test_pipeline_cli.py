@@ -166,7 +166,8 @@ def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
     for column in (
         "mlp_percent_linear", "attention_percent_linear", "attention_percent_same_position",
         "composition_r2_sparse", "composition_share_resid_pre", "composition_share_attn_out",
-        "composition_share_mlp_out", "decoded_fvu_identity_raw",
+        "composition_share_mlp_out", "decoded_fvu_identity_raw", "mlp_percent_linear_seed_tau",
+        "attention_percent_linear_seed_tau", "attention_percent_same_position_seed_tau",
     ):  # fmt: skip
         assert table[column].null_count() == 0, column
     assert (table["decoded_fvu_identity_raw"] < 1e-8).all()
