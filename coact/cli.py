@@ -274,21 +274,39 @@ def logic(
 
 @app.command()
 def report(
-    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
+    run: Annotated[
+        Path, typer.Argument(help="run directory written by `coact analyze` (or a model run's)")
+    ],
     out: Annotated[Path | None, typer.Option(help="default: <run>/report")] = None,
     features: Annotated[
-        int, typer.Option(help="how many of the most interesting output features get a page")
-    ] = 50,
+        int | None,
+        typer.Option(
+            help="how many of the most interesting output features get a page (default 50; "
+            "for a model run, its --report-features)"
+        ),
+    ] = None,
     feature: Annotated[
         list[int] | None,
         typer.Option(help="an output feature to give a page (repeatable; replaces --features)"),
     ] = None,
+    keep_layer_reports: Annotated[
+        bool,
+        typer.Option(help="model run: reuse each layer's report that is newer than its results"),
+    ] = False,
 ) -> None:
     """Markdown pages, altair charts and an offline mkdocs-material site from a run;
-    prints the path of the built site's index.html."""
+    prints the path of the built site's index.html. For a model run (`coact analyze
+    --layers`) each layer's report is built and a model page links and compares them."""
+    from coact.report.model import build_model_report, is_model_run
+
+    chosen = list(feature) if feature else features
+    if is_model_run(run):
+        index = build_model_report(run, out, features=chosen, rebuild_layers=not keep_layer_reports)
+        typer.echo(f"model report: {index}")
+        return
     from coact.report import build_report
 
-    index = build_report(run, out, features=feature or features)
+    index = build_report(run, out, features=chosen)
     typer.echo(f"report: {index}")
 
 

@@ -256,3 +256,45 @@ def test_report_renders_in_chromium(browser: Any, site: Path, tmp_path: Path) ->
     assert not visit.problems, visit.problems[:10]
     seconds = time.perf_counter() - started
     print(f"browser: {len(pages)} pages, {len(drawn)} charts drawn in {seconds:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model run of tests/test_report_model.py (all three layers of tiny-llama, with
+    their reports and the model page), built once per session for both modules."""
+    from tests.test_report_model import build_model_run
+
+    return build_model_run(tmp_path_factory)
+
+
+def test_model_report_renders_in_chromium(browser: Any, model_run: Path) -> None:
+    """The model page and a layer page of the model run: every chart draws, nothing errs,
+    every reference resolves inside the run directory, and the links between the model
+    page and a layer's site work by clicking, from file://."""
+    visit = _Visit(browser)
+    index = model_run / "report" / "site" / "index.html"
+    layer_site = model_run / "L1" / "report" / "site"
+    layer = layer_site / "layer-1.html"
+    feature = sorted((layer_site / "features").glob("out-*.html"))[0]
+    broken = []
+    for page in (index, layer, feature):
+        state = visit.open(page)
+        bad = [c for c in state if not (c["drawn"] == "yes" and (c["marks"] > 5 or c["inked"]))]
+        assert state and not bad, (page, bad)
+        assert not any(c["fallback"] for c in state)
+        for ref in visit.page.evaluate(REFERENCES):
+            target = _local(ref)
+            if target is None:
+                continue
+            path = target[0]
+            if model_run.resolve() not in path.resolve().parents or not path.is_file():
+                broken.append(f"{page.relative_to(model_run)} → {ref}")
+    assert not broken, broken[:10]
+    assert len(visit.open(index)) >= 3
+    visit.page.locator("article a[href$='L1/report/site/index.html']").first.click()
+    visit.page.wait_for_load_state("load")
+    assert visit.page.url == (layer_site / "index.html").as_uri()
+    visit.page.locator("article a", has_text="the model report").first.click()
+    visit.page.wait_for_load_state("load")
+    assert visit.page.url == index.as_uri()
+    assert not visit.problems, visit.problems[:10]

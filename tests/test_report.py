@@ -146,6 +146,11 @@ def test_site_has_index_layer_and_feature_pages(site: Path) -> None:
     assert len(pages) == 8
     index = (site / "index.html").read_text()
     assert "tiny-llama" in index and "SAE quality" in index
+    # a run without block results: no attention, composition or layer graphs, no graphs/
+    layer = (site / "layer-1.html").read_text()
+    assert ">Attention<" not in layer and ">Residual composition<" not in layer
+    assert not any(">Layer graph<" in p.read_text() for p in pages)
+    assert not (site / "graphs").exists() and "the model report" not in index
 
 
 def test_every_page_linked_from_the_layer_page_exists(site: Path) -> None:

@@ -4,7 +4,6 @@ site (`<out>/site/index.html`)."""
 from __future__ import annotations
 
 import dataclasses
-import html
 import shutil
 import sys
 import time
@@ -76,22 +75,32 @@ def build_report(
     write_assets(docs)
     layer_name = pages.layer_page_name(data)
     root_figures = Figures(docs)  # the run's and the layer's charts: docs/charts/
+    token_text = pages.TokenText(data.top_tokens, data.attention_top_tokens)
+    graphs = pages.GraphWriter(docs) if data.has_block else None  # tables in docs/graphs/
+    site = out / "site"  # where the pages will be: links to the model report start there
+    model = pages.model_link(data, site)
     (docs / "index.md").write_text(
-        pages.index_page(data, root_figures, len(featured)), encoding="utf-8"
+        pages.index_page(data, root_figures, len(featured), model=model), encoding="utf-8"
     )
     (docs / f"{layer_name}.md").write_text(
-        pages.layer_page(data, root_figures, featured, pages_with), encoding="utf-8"
-    )
+        pages.layer_page(
+            data, root_figures, featured, pages_with,
+            token_text=token_text, graphs=graphs, model=model,
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
     (docs / "features.md").write_text(pages.all_features_page(data, pages_with), encoding="utf-8")
 
     feature_dir = docs / "features"
     feature_dir.mkdir(parents=True, exist_ok=True)
     feature_figures = Figures(feature_dir)
-    token_text = _TokenText(data.top_tokens)
+    feature_model = pages.model_link(data, site / "features")
     for j, reasons in tqdm(
         featured.items(), desc="feature pages", unit="page", disable=not progress, file=sys.stderr
     ):
-        text = feature_page.feature_page(data, j, reasons, evidence, feature_figures, token_text)
+        text = feature_page.feature_page(
+            data, j, reasons, evidence, feature_figures, token_text, graphs, feature_model
+        )
         (feature_dir / f"{pages.feature_page_name(j)}.md").write_text(text, encoding="utf-8")
 
     nav: list[Any] = [
@@ -150,30 +159,6 @@ def _nav_title(data: RunData, j: int) -> str:
         if hit.height:
             return f"out {j} ({hit['label'][0]})"
     return f"out {j}"
-
-
-class _TokenText:
-    """A feature's top tokens as stored by `connect` (top_tokens.parquet), e.g.
-    `' call' ×4, 'call'`, HTML escaped."""
-
-    def __init__(self, top_tokens: pl.DataFrame | None) -> None:
-        self.groups: dict[tuple[str, int], list[str]] = {}
-        if top_tokens is None:
-            return
-        for r in top_tokens.sort(["feature", "rank"]).iter_rows(named=True):
-            slug = str(r.get("site") or "")
-            text = r.get("token")
-            shown = repr(text) if text is not None else f"⟨{r['token_id']}⟩"
-            self.groups.setdefault((slug, int(r["feature"])), []).append(shown)
-
-    def __call__(self, slug: str, feature: int) -> str:
-        tokens = self.groups.get((slug, int(feature)))
-        if not tokens:
-            return "–"
-        counts: dict[str, int] = {}
-        for t in tokens:
-            counts[t] = counts.get(t, 0) + 1
-        return ", ".join(html.escape(t) + (f" ×{n}" if n > 1 else "") for t, n in counts.items())
 
 
 class _Say:

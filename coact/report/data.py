@@ -61,7 +61,21 @@ class RunData:
     ablation_summary: dict[str, Any] | None = None  # evidence/ablation.json
     sae_logs: dict[str, dict[str, Any]] = field(default_factory=dict)
     sae_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # block results (`coact analyze --block`): attention/, composition/, block.json
+    block: dict[str, Any] | None = None  # block.json: the headline, τ and its form
+    attention: dict[str, Any] | None = None  # attention/connect/connect.json
+    attention_features: pl.DataFrame | None = None
+    attention_weights: pl.DataFrame | None = None
+    attention_top_tokens: pl.DataFrame | None = None
+    positions: dict[str, Any] | None = None  # attention/positions/positions.json
+    positions_table: pl.DataFrame | None = None
+    composition: dict[str, Any] | None = None  # composition/composition.json
+    composition_table: pl.DataFrame | None = None
+    composition_weights: pl.DataFrame | None = None
+    composition_sweep: pl.DataFrame | None = None
+    decoded: pl.DataFrame | None = None  # composition/decoded.parquet
     _flags: dict[tuple[str, int], str] | None = field(default=None, repr=False)
+    _tables: Any = field(default=None, repr=False)
 
     def outlier_reason(self, slug: str, feature: int) -> str | None:
         """Why a feature of site `slug` is flagged as an outlier; None when it is not (or
@@ -95,6 +109,40 @@ class RunData:
         if self.summary and self.summary.get("sites"):
             return dict(self.summary["sites"])
         return dict(self.sae_eval)
+
+    @property
+    def has_block(self) -> bool:
+        """Attention or composition results (a `--block` run, or a layer of a model run)."""
+        return self.attention is not None or self.composition is not None
+
+    @property
+    def attn_in_site(self) -> str:
+        return str((self.attention or {}).get("in_site") or f"resid_pre[{self.layer}]")
+
+    @property
+    def attn_out_site(self) -> str:
+        return str((self.attention or {}).get("out_site") or f"attn_out[{self.layer}]")
+
+    @property
+    def next_site(self) -> str:
+        return str((self.composition or {}).get("target") or f"resid_pre[{self.layer + 1}]")
+
+    def layer_tables(self) -> Any:
+        """The block's weight tables for `coact.graph.feature_graph` (a LayerTables of the
+        tables read here); None when the run has no attention or composition results."""
+        if not self.has_block:
+            return None
+        if self._tables is None:
+            from coact.graph import LayerTables
+
+            self._tables = LayerTables(
+                self.layer,
+                composition=self.composition_weights,
+                mlp=self.weights,
+                attention=self.attention_weights,
+                labels={self.out_site: self.labels} if self.labels is not None else {},
+            )
+        return self._tables
 
     def tau(self) -> tuple[float | None, str]:
         """The calibrated τ and its form (None when calibration did not run)."""
@@ -151,6 +199,7 @@ def load_run(run_dir: str | Path) -> RunData:
     data.ablation_summary = _json(run / "evidence" / "ablation.json")
     if data.ablation_summary is not None:
         data.ablation = _parquet(run / "evidence" / "ablation.parquet")
+    _load_block(data)
     for site in (in_site, out_site):
         slug = Site.parse(site).slug
         log = _json(data.layout.sae / slug / "train_log.json")
@@ -160,3 +209,27 @@ def load_run(run_dir: str | Path) -> RunData:
         if evaluation is not None and "report" in evaluation:
             data.sae_eval[site] = dict(evaluation["report"])
     return data
+
+
+def _load_block(data: RunData) -> None:
+    """The block stages' results; each stage's json is written last, so a table is read
+    only where its stage finished."""
+    run = data.run_dir
+    data.block = _json(run / "block.json")
+    attention = run / "attention" / "connect"
+    data.attention = _json(attention / "connect.json")
+    if data.attention is not None:
+        data.attention_features = _parquet(attention / "features.parquet")
+        data.attention_weights = _parquet(attention / "weights.parquet")
+        data.attention_top_tokens = _parquet(attention / "top_tokens.parquet")
+    positions = run / "attention" / "positions"
+    data.positions = _json(positions / "positions.json")
+    if data.positions is not None:
+        data.positions_table = _parquet(positions / "positions.parquet")
+    composition = run / "composition"
+    data.composition = _json(composition / "composition.json")
+    if data.composition is not None:
+        data.composition_table = _parquet(composition / "composition.parquet")
+        data.composition_weights = _parquet(composition / "composition_weights.parquet")
+        data.composition_sweep = _parquet(composition / "composition_sweep.parquet")
+        data.decoded = _parquet(composition / "decoded.parquet")

@@ -17,6 +17,7 @@ from coact.report.embed import Figures
 from coact.report.evidence import Evidence, context_html, contexts_table
 from coact.report.pages import (
     Cell,
+    GraphWriter,
     describe_label,
     html_table,
     layer_page_name,
@@ -40,9 +41,12 @@ def feature_page(
     evidence: Evidence | None,
     fig: Figures,
     token_text: Callable[[str, int], str],
+    graphs: GraphWriter | None = None,
+    model: str | None = None,
 ) -> str:
-    """One output feature: formula, inputs with their examples, top contexts, histogram,
-    linearity, logic label with its truth table and co-activations, causal check."""
+    """One output feature: formula, inputs with their examples, its layer graph (block
+    runs, drawn by `graphs`), top contexts, histogram, linearity, logic label with its
+    truth table and co-activations, causal check. `model`: a link to the model report."""
     assert data.features is not None
     row = data.features.filter(pl.col("feature") == j).row(0, named=True)
     lab = None
@@ -58,7 +62,8 @@ def feature_page(
         "",
         f"Feature {j} of `{data.out_site}` (written by the MLP of block {data.layer}). "
         f"Shown because: {'; '.join(reasons)}. "
-        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)",
+        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)"
+        + (f' · <a href="{html.escape(model, True)}">the model report</a>' if model else ""),
         "",
     ]
     reason = data.outlier_reason(data.out_slug, j)
@@ -103,6 +108,8 @@ def feature_page(
         "",
     ]
     out += _inputs_section(data, j, lab, evidence, token_text)
+    if graphs is not None and data.has_block:
+        out += _graph_section(data, j, graphs, fig)
     out += ["## Evidence: where it fires", ""]
     if evidence is None:
         out += [note("No feature codes in the run (codes/): no contexts or histogram."), ""]
@@ -208,6 +215,21 @@ def _inputs_section(
         "",
     ]
     return out
+
+
+def _graph_section(data: RunData, j: int, graphs: GraphWriter, fig: Figures) -> list[str]:
+    """Which features of the block feed out j, and which next-stream features it feeds."""
+    nxt = data.next_site
+    out = [
+        "## Layer graph",
+        "",
+        f"out {j} in its block: the features of `{data.in_site}` the MLP reads to write it, "
+        f"the `{nxt}` features it feeds through the residual composition, and one hop further "
+        f"each way (the {graphs.top} strongest connections of each feature and hop; the "
+        "exported tables hold the drawn connections with their weights).",
+        "",
+    ]
+    return out + graphs.section(data, data.out_site, j, "both", fig, f"out-{j}-graph", "../")
 
 
 def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:

@@ -10,6 +10,8 @@ import altair as alt
 import numpy as np
 import polars as pl
 
+from coact.sites import Site
+
 NMSE = "normalised MSE (fraction of variance unexplained)"
 FORM_UNITS = {
     "raw": "raw MSE difference (code units²)",
@@ -63,8 +65,11 @@ def mlp_curve(curve: pl.DataFrame, tokens_train: int | None) -> alt.LayerChart:
     )
 
 
-def lasso_path(sweep: pl.DataFrame, tokens_heldout: int | None) -> alt.LayerChart:
-    """Linear family: training and held-out NMSE along the L1 path, the chosen α marked."""
+def lasso_path(
+    sweep: pl.DataFrame, tokens_heldout: int | None, what: str = "Sparse linear connector"
+) -> alt.LayerChart:
+    """Linear family: training and held-out NMSE along the L1 path, the chosen α marked;
+    `what` names the fit in the title."""
     long = pl.concat(
         [
             sweep.select("alpha", pl.col("train_nmse").alias("nmse")).with_columns(
@@ -94,18 +99,22 @@ def lasso_path(sweep: pl.DataFrame, tokens_heldout: int | None) -> alt.LayerChar
         width=460,
         height=240,
         title=_title(
-            f"Sparse linear connector: loss along the L1 path (dashed: chosen α = {alpha:.3g})",
+            f"{what}: loss along the L1 path (dashed: chosen α = {alpha:.3g})",
             f"exact coordinate-descent path, {sweep.height} values of α; {held}",
         ),
     )
 
 
-def family_losses(rows: Sequence[tuple[str, float]], tokens_heldout: int | None) -> alt.LayerChart:
-    """Held-out NMSE per connector family, one bar each."""
+def family_losses(
+    rows: Sequence[tuple[str, float]], tokens_heldout: int | None, what: str = "Connector families"
+) -> alt.LayerChart:
+    """Held-out NMSE per connector family, one bar each (axis from 0 to 1, or further when a
+    family does worse than predicting the mean); `what` names them in the title."""
     frame = pl.DataFrame({"family": [r[0] for r in rows], "nmse": [r[1] for r in rows]})
+    top = max([1.0, *(float(r[1]) for r in rows if np.isfinite(r[1]))])
     base = alt.Chart(_frame(frame)).encode(
         y=alt.Y("family:N", title="connector family", sort=None),
-        x=alt.X("nmse:Q", title=f"held-out {NMSE}", scale=alt.Scale(domain=[0, 1])),
+        x=alt.X("nmse:Q", title=f"held-out {NMSE}", scale=alt.Scale(domain=[0, top])),
     )
     bars = base.mark_bar().encode(tooltip=["family:N", "nmse:Q"])
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("nmse:Q", format=".3f"))
@@ -113,8 +122,13 @@ def family_losses(rows: Sequence[tuple[str, float]], tokens_heldout: int | None)
     return (bars + text).properties(
         width=420,
         title=_title(
-            "Connector families: held-out loss (lower explains more)",
-            f"mean over alive output features, {held} (sae-connector: its own held-out split)",
+            f"{what}: held-out loss (lower explains more)",
+            f"mean over alive output features, {held}"
+            + (
+                " (sae-connector: its own held-out split)"
+                if any(r[0] == "sae-connector" for r in rows)
+                else ""
+            ),
         ),
     )
 
@@ -549,6 +563,310 @@ def sae_training(logs: Mapping[str, Mapping[str, Any]]) -> alt.HConcatChart:
         title=_title(
             "SAE training: reconstruction error and dead latents",
             f"per training batch; up to {total:,.0f} training tokens per SAE",
+        )
+    )
+
+
+GAIN_COLUMN = {"raw": "gain", "fvu": "gain_fvu", "seed": "gain_seed"}
+POSITION_COLOURS = alt.Scale(
+    domain=["same_position", "undecided", "needs_context"], range=["#2ca02c", "#bcbd22", "#d62728"]
+)
+SOURCE_COLOURS = ["#7f7f7f", "#1f77b4", "#ff7f0e"]  # skip (residual), attention, MLP
+
+
+def position_gains(
+    table: pl.DataFrame, form: str, tau: float, tokens_heldout: int | None, bins: int = 40
+) -> alt.LayerChart:
+    """Histogram of each attention feature's gain from earlier positions (MSE of the
+    same-position fit − MSE of the fit with context) on a symlog axis, so losses (< 0, the
+    wider fit overfits) show beside gains, stacked by verdict, with τ as a rule."""
+    column = GAIN_COLUMN.get(form, "gain_seed")
+    alive = table.filter(pl.col("status") != "dead")
+    gains = alive[column].to_numpy().astype(float)
+    kinds = alive["verdict" if "verdict" in alive.columns else "status"].to_numpy()
+    ok = np.isfinite(gains)
+    gains, kinds = gains[ok], kinds[ok]
+    scale_c = tau / 10 if tau > 0 else float(np.median(np.abs(gains))) if len(gains) else 1.0
+    scale_c = scale_c if scale_c > 0 else 1e-6
+    rows: list[dict[str, Any]] = []
+    span = (0.0, 1.0)  # the axis' extent, for its ticks
+    if len(gains):
+        t = np.sign(gains) * np.log1p(np.abs(gains) / scale_c)
+        lo, hi = float(t.min()), float(t.max())
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+        edges_t = np.linspace(lo, hi, bins + 1)
+        edges = np.sign(edges_t) * scale_c * np.expm1(np.abs(edges_t))
+        span = (float(edges[0]), float(edges[-1]))
+        which = np.clip(np.searchsorted(edges_t, t, side="right") - 1, 0, bins - 1)
+        for b in range(bins):
+            base = 0
+            for kind in ("same_position", "undecided", "needs_context"):
+                n = int(((which == b) & (kinds == kind)).sum())
+                if n:
+                    rows.append({"lo": edges[b], "hi": edges[b + 1], "y0": base,
+                                 "y1": base + n, "count": n, "verdict": kind})  # fmt: skip
+                    base += n
+    frame = pl.DataFrame(
+        rows,
+        schema={"lo": pl.Float64, "hi": pl.Float64, "y0": pl.Int64, "y1": pl.Int64,
+                "count": pl.Int64, "verdict": pl.String},
+    )  # fmt: skip
+    x_scale = alt.Scale(type="symlog", constant=scale_c)
+    ticks = [0.0] + [
+        sign * 10.0**k
+        for k in range(int(np.floor(np.log10(scale_c))), 4)
+        for sign in (-1.0, 1.0)
+        if span[0] <= sign * 10.0**k <= span[1]
+    ]
+    bars = (
+        alt.Chart(_frame(frame))
+        .mark_rect()
+        .encode(
+            x=alt.X(
+                "lo:Q",
+                title=f"gain from earlier positions, MSE_same − MSE_context, "
+                f"{FORM_UNITS.get(form, form)}, symlog",
+                scale=x_scale,
+                axis=alt.Axis(values=sorted(ticks), format="~g"),
+            ),
+            x2="hi:Q",
+            y=alt.Y("y0:Q", title="attention output features"),
+            y2="y1:Q",
+            color=alt.Color(
+                "verdict:N", title="verdict (95% interval vs τ)", scale=POSITION_COLOURS
+            ),
+            tooltip=["lo:Q", "hi:Q", "count:Q", "verdict:N"],
+        )
+    )
+    marks = pl.DataFrame({"at": [0.0, tau], "name": ["no gain", f"τ = {tau:.3g}"]})
+    rules = (
+        alt.Chart(_frame(marks))
+        .mark_rule(strokeDash=[5, 3], color="black")
+        .encode(x=alt.X("at:Q", scale=x_scale), tooltip=["name:N", "at:Q"])
+    )
+    text = (
+        alt.Chart(_frame(marks.filter(pl.col("at") > 0)))
+        .mark_text(align="left", dx=4, dy=4, baseline="top")
+        .encode(x=alt.X("at:Q", scale=x_scale), y=alt.value(0), text="name:N")
+    )
+    held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
+    above = int((gains > tau).sum())
+    return (bars + rules + text).properties(
+        width=480,
+        height=260,
+        title=_title(
+            "What earlier positions add to each attention feature (dashed: 0 and τ)",
+            [
+                f"{len(gains):,} alive features, {above:,} with a gain above τ; least squares "
+                f"without L1 on {held}",
+                "left of 0: the wider fit does worse on held-out tokens (it overfits)",
+            ],
+        ),
+    )
+
+
+def composition_shares(
+    table: pl.DataFrame, sources: Sequence[str], target: str, bins: int = 60
+) -> alt.LayerChart:
+    """Each output feature's variance split among the sources (least squares on the
+    training tokens, cov(ŷ_s, y)/var(y), negative parts drawn as 0): features grouped by the
+    source that explains most, ranked within each group, averaged over at most `bins` bins."""
+    kinds = [Site.parse(s).kind for s in sources]
+    alive = table.filter(pl.col("status") != "dead") if "status" in table.columns else table
+    columns = [f"share_ls_{k}" for k in kinds]
+    shares = np.nan_to_num(alive.select(columns).to_numpy().astype(float), nan=0.0)
+    shares = np.clip(shares, 0.0, None)
+    n = shares.shape[0]
+    dominant = shares.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    order = np.lexsort((-shares[np.arange(n), dominant], dominant)) if n else dominant
+    per_bin = max(1, int(np.ceil(n / bins)))
+    rows: list[dict[str, Any]] = []
+    boundaries: list[float] = []
+    start = 0
+    for g in range(len(kinds)):
+        members = order[dominant[order] == g]
+        for b in range(0, len(members), per_bin):
+            chunk = members[b : b + per_bin]
+            base = 0.0
+            for s, name in enumerate(sources):
+                value = float(shares[chunk, s].mean())
+                rows.append({"x0": start + b, "x1": start + b + len(chunk), "y0": base,
+                             "y1": base + value, "share": value, "source": name,
+                             "features": len(chunk)})  # fmt: skip
+                base += value
+        start += len(members)
+        if 0 < start < n:
+            boundaries.append(float(start))
+    frame = pl.DataFrame(
+        rows,
+        schema={"x0": pl.Int64, "x1": pl.Int64, "y0": pl.Float64, "y1": pl.Float64,
+                "share": pl.Float64, "source": pl.String, "features": pl.Int64},
+    )  # fmt: skip
+    counts = [int((dominant == g).sum()) for g in range(len(kinds))]
+    bars = (
+        alt.Chart(_frame(frame))
+        .mark_rect()
+        .encode(
+            x=alt.X(
+                "x0:Q",
+                title=f"alive {target} features, grouped by the source that explains most, "
+                "ranked within each group (count)",
+                scale=alt.Scale(domain=[0, max(n, 1)], nice=False),
+            ),
+            x2="x1:Q",
+            y=alt.Y("y0:Q", title="share of the feature's variance, cov(ŷ_s, y) / var(y)"),
+            y2="y1:Q",
+            color=alt.Color(
+                "source:N",
+                title="source",
+                scale=alt.Scale(domain=list(sources), range=SOURCE_COLOURS[: len(sources)]),
+                sort=list(sources),
+            ),
+            tooltip=["source:N", alt.Tooltip("share:Q", format=".3f"), "features:Q"],
+        )
+    )
+    rules = (
+        alt.Chart(_frame(pl.DataFrame({"at": boundaries}, schema={"at": pl.Float64})))
+        .mark_rule(color="black", strokeDash=[2, 2])
+        .encode(x="at:Q")
+    )
+    grouped = ", ".join(f"{s} {c:,}" for s, c in zip(sources, counts, strict=True))
+    return (bars + rules).properties(
+        width=560,
+        height=260,
+        title=_title(
+            f"Where each {target} feature comes from: variance share per source",
+            [
+                f"least squares on every source, training tokens; bars average {per_bin} "
+                f"feature{'s' if per_bin > 1 else ''}; the stack's height is the fit's R²",
+                f"features the source explains most: {grouped}",
+            ],
+        ),
+    )
+
+
+def layer_shares(frame: pl.DataFrame) -> alt.LayerChart:
+    """Per layer and series (MLP linear, attention linear, attention same position): the
+    percent of alive features at each layer's own τ (solid, its noise bracket, at least –
+    at most, as a band) and at the seed's τ = 0.001 (dashed), which is one threshold for
+    every layer."""
+    x = alt.X("layer:O", title="block ℓ (layer)")
+    names = frame["series"].unique(maintain_order=True).to_list()
+    palette = alt.Scale(
+        domain=names, range=["#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"][: len(names)]
+    )
+    y_title = "percent of alive features (%)"
+    band = (
+        alt.Chart(_frame(frame.filter(pl.col("low").is_not_null())))
+        .mark_area(opacity=0.12)
+        .encode(
+            x=x,
+            y=alt.Y("low:Q", title=y_title),
+            y2="high:Q",
+            fill=alt.Fill(
+                "series:N", title="share", scale=palette, legend=alt.Legend(symbolOpacity=1)
+            ),
+            detail="threshold:N",
+        )
+    )
+    y = alt.Y("percent:Q", title=y_title, scale=alt.Scale(domain=[0, 100]))
+    colour = alt.Color("series:N", title="share", scale=palette)
+    lines = (
+        alt.Chart(_frame(frame))
+        .mark_line()
+        .encode(
+            x=x,
+            y=y,
+            color=colour,
+            strokeDash=alt.StrokeDash(
+                "threshold:N", title="threshold", sort=None,
+                scale=alt.Scale(range=[[1, 0], [5, 3]]),
+                legend=alt.Legend(symbolType="stroke", symbolStrokeColor="black"),
+            ),
+        )
+    )  # fmt: skip
+    points = (
+        alt.Chart(_frame(frame))
+        .mark_point(filled=True, size=40)
+        .encode(
+            x=x,
+            y=y,
+            color=colour,
+            tooltip=["layer:O", "series:N", "threshold:N",
+                     alt.Tooltip("percent:Q", format=".1f"), alt.Tooltip("low:Q", format=".1f"),
+                     alt.Tooltip("high:Q", format=".1f"), alt.Tooltip("tau:Q", format=".3g")],
+        )
+    )  # fmt: skip
+    return (band + lines + points).properties(
+        width=460,
+        height=260,
+        title=_title(
+            "Linear and same-position shares per layer",
+            [
+                "solid: at each layer's own τ (calibrated where calibration ran), band: the "
+                "share beyond the noise floor (at least – at most);",
+                "dashed: at the seed's τ = 0.001 (seed form), one threshold for every layer",
+            ],
+        ),
+    )
+
+
+def layer_composition(frame: pl.DataFrame, r2: pl.DataFrame) -> alt.LayerChart:
+    """Per layer, the next stream's variance share per source (stacked bars; least squares
+    on training tokens) and the sparse fit's held-out R² (black ticks)."""
+    sources = frame["source"].unique(maintain_order=True).to_list()
+    x = alt.X("layer:O", title="block ℓ (layer)")
+    bars = (
+        alt.Chart(_frame(frame))
+        .mark_bar()
+        .encode(
+            x=x,
+            y=alt.Y("share:Q", title="share of resid_pre[ℓ+1] feature variance (mean)"),
+            color=alt.Color(
+                "source:N",
+                title="source",
+                sort=sources,
+                scale=alt.Scale(domain=sources, range=SOURCE_COLOURS[: len(sources)]),
+            ),
+            order=alt.Order("rank:Q"),
+            tooltip=["layer:O", "source:N", alt.Tooltip("share:Q", format=".3f")],
+        )
+    )
+    ticks = (
+        alt.Chart(_frame(r2))
+        .mark_tick(color="black", thickness=2, size=30)
+        .encode(x=x, y="r2:Q", tooltip=["layer:O", alt.Tooltip("r2:Q", format=".3f")])
+    )
+    return (bars + ticks).properties(
+        width=460,
+        height=260,
+        title=_title(
+            "Residual composition per layer: which source the next stream's features come from",
+            "bars: mean variance share per source (least squares, training tokens; they add "
+            "up to its R²); black tick: the sparse fit's held-out R²",
+        ),
+    )
+
+
+def layer_decoded(frame: pl.DataFrame) -> alt.Chart:
+    """Per layer, the decoded checks' FVU against the true next stream."""
+    return (
+        alt.Chart(_frame(frame))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("layer:O", title="block ℓ (layer)"),
+            y=alt.Y("fvu:Q", title="FVU of resid_pre[ℓ+1] (fraction of variance unexplained)"),
+            color=alt.Color("check:N", title="check", sort=None),
+            tooltip=["layer:O", "check:N", alt.Tooltip("fvu:Q", format=".4g")],
+        )
+        .properties(
+            width=460,
+            height=260,
+            title=_title(
+                "Decoded checks per layer: how much of the next stream each reading gives back",
+                "raw activations of the evaluation contexts; lower is better, the target SAE's "
+                "own reconstruction is the floor for the decoded composition",
+            ),
         )
     )
 

@@ -160,8 +160,13 @@ def graph_chart(graph: FeatureGraph) -> tuple[alt.LayerChart, str]:
     chart = (lines + dots + labels).properties(
         width=820, height=max(240, _ROW * (tallest + 1)), title=title
     )
+    follow = {
+        "in": "follow the lines from the chosen (orange) feature back through the block",
+        "out": "follow the lines from the chosen (orange) feature forward through the block",
+        "both": "lines left of the chosen (orange) feature feed it, lines right of it carry it on",
+    }
     caption = (
-        "Read: follow the lines from the chosen (orange) feature back through the block; a "
+        f"Read: {follow[graph.direction]}; a "
         "thick line is a strong connection, blue adds and red subtracts; dashed long lines "
         f"are the skip path (resid_pre[{layer}] carried into resid_pre[{layer + 1}]), solid "
         "ones the attention and MLP connectors, dotted ones what attention and the MLP write "

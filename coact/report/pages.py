@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from coact import charts
+from coact.errors import CoactError
 from coact.report import figures
 from coact.report.data import RunData
 from coact.report.embed import Figures, load_spec
+from coact.sites import Site
 
 LABEL_ORDER = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
 
@@ -127,21 +131,131 @@ def outlier_text(data: RunData, slug: str, feature: int) -> str:
     return f" {OUTLIER}" if data.outlier_reason(slug, feature) is not None else ""
 
 
+class TokenText:
+    """A feature's top tokens as stored by `connect` (top_tokens.parquet), e.g.
+    `' call' ×4, 'call'`, HTML escaped."""
+
+    def __init__(self, *top_tokens: pl.DataFrame | None) -> None:
+        self.groups: dict[tuple[str, int], list[str]] = {}
+        for table in top_tokens:
+            if table is None:
+                continue
+            for r in table.sort(["feature", "rank"]).iter_rows(named=True):
+                slug = str(r.get("site") or "")
+                text = r.get("token")
+                shown = repr(text) if text is not None else f"⟨{r['token_id']}⟩"
+                self.groups.setdefault((slug, int(r["feature"])), []).append(shown)
+
+    def __call__(self, slug: str, feature: int) -> str:
+        tokens = self.groups.get((slug, int(feature)))
+        if not tokens:
+            return "–"
+        counts: dict[str, int] = {}
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+        return ", ".join(html.escape(t) + (f" ×{n}" if n > 1 else "") for t, n in counts.items())
+
+
+GRAPH_DIR = "graphs"  # under docs/: the layer graphs' edge and node tables
+
+
+class GraphWriter:
+    """Draws the layer graph of a feature (`coact.graph.feature_graph`) into a page and
+    exports its edge and node tables into docs/graphs/ (copied into the site), so the
+    page can link them."""
+
+    def __init__(self, docs: Path, top: int = 3, depth: int = 2) -> None:
+        self.dir = docs / GRAPH_DIR
+        self.top, self.depth = top, depth
+
+    def section(
+        self,
+        data: RunData,
+        site: str,
+        feature: int,
+        direction: str,
+        fig: Figures,
+        name: str,
+        prefix: str = "",
+    ) -> list[str]:
+        """The chart of one feature's graph and links to its exported tables; `prefix`
+        leads from the page to docs/ (e.g. "../" from a feature page)."""
+        from coact.graph import feature_graph, write_graph
+        from coact.report.graph import graph_chart
+
+        tables = data.layer_tables()
+        if tables is None:
+            return []
+        try:
+            graph = feature_graph(
+                tables, site, feature, top=self.top, depth=self.depth,
+                direction=direction,  # type: ignore[arg-type]
+            )  # fmt: skip
+        except CoactError as error:
+            return [f"No layer graph of `{site}` #{feature}: {error}.", ""]
+        paths = write_graph(graph, self.dir)
+        csv = paths["edges"].with_suffix(".csv")
+        graph.edges.write_csv(csv)
+        chart, caption = graph_chart(graph)
+        links = " · ".join(
+            f"[{what}]({prefix}{GRAPH_DIR}/{path.name})"
+            for what, path in (
+                ("edge table (CSV)", csv),
+                ("edge table (parquet)", paths["edges"]),
+                ("node table (parquet)", paths["nodes"]),
+            )
+        )
+        return [
+            fig.figure(chart, name, caption),
+            "",
+            f"{graph.edges.height:,} connections among {graph.nodes.height:,} features: {links}.",
+            "",
+        ]
+
+
+def model_link(data: RunData, page_dir: Path) -> str | None:
+    """A relative link from a page in `page_dir` (of this layer's built site) to the model
+    report, when the run is a layer of a model run (its config names the shared directory,
+    whose report/site/index.html `build_model_report` writes); None otherwise."""
+    shared = data.config.get("shared_dir")
+    if not shared:
+        return None
+    target = data.run_dir / shared / "report" / "site" / "index.html"
+    return Path(os.path.relpath(target.absolute(), page_dir.absolute())).as_posix()
+
+
+# ---------------------------------------------------------------------------------- index
 # ---------------------------------------------------------------------------------- index
 
 
-def index_page(data: RunData, fig: Figures, n_pages: int) -> str:
+def index_page(data: RunData, fig: Figures, n_pages: int, model: str | None = None) -> str:
+    """The run's page; `model`: a relative link to the model report this layer is part of."""
     s = data.summary or {}
     layer = layer_page_name(data)
     out = [
         f"# coact report: {data.model}, layer {data.layer}",
         "",
+    ]
+    if model is not None:
+        out += [
+            f'Layer {data.layer} of a model run: <a href="{html.escape(model, True)}">the model '
+            "report</a> compares every layer.",
+            "",
+        ]
+    out += [
         f"How the SAE features that block {data.layer}'s MLP reads (`{data.in_site}`) turn "
         f"into the features it writes (`{data.out_site}`). Run directory: "
         f"`{data.run_dir}`; corpus `{data.config.get('corpus', '?')}`.",
         "",
         f"[The layer page](layer-{data.layer}.md) has the connectors, linearity, calibration "
-        f"and logic labels; [all features](features.md) lists every output feature, and "
+        f"and logic labels"
+        + (
+            f", and the block's [attention](layer-{data.layer}.md#attention) and [residual "
+            f"composition](layer-{data.layer}.md#residual-composition)"
+            if data.has_block
+            else ""
+        )
+        + f"; [all features](features.md) lists every output feature, and "
         f"{n_pages} of them have a page with their evidence.",
         "",
         "## Headline",
@@ -291,6 +405,7 @@ def headline(data: RunData) -> list[str]:
                 f"{pct(ca['share_sign_agrees'], 0)}, size within 2× "
                 f"{pct(ca['share_size_agrees'], 0)}."
             )
+    lines += block_headline(data)
     o = data.outlier_summary
     if o is not None and o.get("sites"):
         parts = []
@@ -326,17 +441,55 @@ def headline(data: RunData) -> list[str]:
     return lines
 
 
+def block_headline(data: RunData) -> list[str]:
+    """Attention and composition in one sentence each (nothing for a run without them)."""
+    lines = []
+    a, p = data.attention, data.positions
+    if a is not None:
+        line = (
+            f"Attention ({a['in_site']} → {a['out_site']}): {a['percent_linear']:.1f}% of "
+            f"{a['alive']:,} alive features linear at τ = {a['tau']:.3g} ({a['form']} form)"
+        )
+        if p is not None:
+            line += f"; {p['percent_same_position']:.1f}% need no earlier position"
+        lines.append(line + ".")
+    c = data.composition
+    if c is not None:
+        shares = ", ".join(
+            f"{site} {v:.2f}" for site, v in (c.get("variance_share_ls") or {}).items()
+        )
+        lines.append(
+            f"Residual composition of {c['target']}: held-out R² {c['r2_sparse']:.3f} sparse "
+            f"({c['weights_per_output']:.1f} weights per feature), {c['r2_ls']:.3f} least "
+            f"squares; variance share per source {shares}."
+        )
+    return lines
+
+
 # ---------------------------------------------------------------------------------- layer
 
 
 def layer_page(
-    data: RunData, fig: Figures, featured: Mapping[int, list[str]], pages: set[int]
+    data: RunData,
+    fig: Figures,
+    featured: Mapping[int, list[str]],
+    pages: set[int],
+    *,
+    token_text: TokenText | None = None,
+    graphs: GraphWriter | None = None,
+    model: str | None = None,
 ) -> str:
+    """The layer: the MLP's connectors, linearity, calibration and labels, then (for a
+    block run) attention and the residual composition. `token_text` gives features' top
+    tokens, `graphs` draws and exports layer graphs (none without it), `model` links the
+    model report."""
     c = data.connect
+    token_text = token_text or TokenText(data.top_tokens, data.attention_top_tokens)
+    back = f' · <a href="{html.escape(model, True)}">the model report</a>' if model else ""
     out = [
         f"# Layer {data.layer}: {data.in_site} → {data.out_site}",
         "",
-        "[Back to the run](index.md) · [all features](features.md)",
+        f"[Back to the run](index.md) · [all features](features.md){back}",
         "",
     ]
     held = int(c["tokens_heldout"]) if c else None
@@ -394,6 +547,9 @@ def layer_page(
     out += linearity_section(data, fig)
     out += calibration_section(data, fig)
     out += logic_section(data, fig, pages)
+    if data.has_block:
+        out += attention_section(data, fig, token_text)
+        out += composition_section(data, fig, graphs)
     out += outliers_section(data, pages)
     out += ["## Features", ""]
     if featured:
@@ -471,6 +627,349 @@ def _share_row(name: str, s: Mapping[str, Any]) -> list[str]:
         f"{s['percent_linear']:.1f}%",
         bracket,
     ]
+
+
+POSITION_KEYS = {
+    "linear": "same_position",
+    "nonlinear": "needs_context",
+    "percent_linear": "percent_same_position",
+    "percent_linear_confident": "percent_same_position_confident",
+    "percent_linear_possible": "percent_same_position_possible",
+}
+
+
+def _block_tau(data: RunData) -> tuple[float, str, str]:
+    """(τ, form, where it comes from) that the block's shares are read at."""
+    b = data.block or data.attention or data.positions or {}
+    tau, form = float(b.get("tau", 0.001)), str(b.get("form", "seed"))
+    cal, _ = data.tau()
+    where = "calibrated" if cal is not None and abs(cal - tau) <= 1e-12 * max(1, tau) else "set"
+    return tau, form, where
+
+
+def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> list[str]:
+    """Attention of the block: its connectors' loss and linearity at the MLP's τ, and how
+    much its features need earlier positions."""
+    a, p = data.attention, data.positions
+    out = ["## Attention", ""]
+    if a is None and p is None:
+        return [*out, note("Attention was not analysed: `coact analyze --block` does it."), ""]
+    tau, form, where = _block_tau(data)
+    in_site, out_site = data.attn_in_site, data.attn_out_site
+    out += [
+        f"Attention of block {data.layer} reads `{in_site}` and writes `{out_site}`. The same "
+        f"connectors as the MLP's, fitted on the same tokens (same position: the features at "
+        f"token t from those at t), and read at the same τ = {tau:.3g} ({form} form, "
+        f"{where}). Attention also reads earlier positions: the position score below says "
+        "how much they add.",
+        "",
+    ]
+    rows = []
+    if a is not None:
+        held = int(a["tokens_heldout"])
+        families = [
+            ("sparse linear (chosen α)", a.get("heldout_nmse_sparse")),
+            ("least squares (no L1)", a.get("heldout_nmse_linear")),
+            ("mlp (no L1)", a.get("heldout_nmse_mlp")),
+        ]
+        out.append(
+            fig.figure(
+                figures.family_losses(
+                    [(n, float(v)) for n, v in families if v is not None],
+                    held,
+                    "Attention connector families",
+                ),
+                "attention-families",
+                "Read: how much of each attention feature the same-position features explain; "
+                "the gap between least squares and the mlp is what nonlinearity adds, and a "
+                "loss near 1 means the feature depends on other positions or on nothing here.",
+            )
+        )
+        if data.attention_features is not None:
+            out.append(
+                fig.figure(
+                    figures.d_distribution(
+                        data.attention_features, form, {f"τ = {tau:.3g} ({where})": tau}, held
+                    ),
+                    "attention-d-distribution",
+                    "Read: attention features left of the dashed τ are linear in the "
+                    "same-position features; colour: d's 95% interval below τ, above it or "
+                    "across it.",
+                )
+            )
+        rows.append(_share_row(f"linear at τ = {tau:.3g} ({form})", a))
+    if p is not None:
+        shares = {k: p.get(v) for k, v in POSITION_KEYS.items() if v in p}
+        rows.append(_share_row("same position (gain ≤ τ)", {**p, **shares}))
+    out += [
+        "",
+        md_table(
+            [
+                "share of alive attention features",
+                "yes",
+                "no",
+                "dead",
+                "alive",
+                "% yes",
+                "% yes beyond noise (at least – at most)",
+            ],
+            rows,
+        ),
+        "",
+        "Linear: d = MSE_lin − MSE_mlp ≤ τ. Same position: the gain from earlier positions "
+        "(MSE of the same-position least squares − MSE of one that also reads the previous "
+        "token and a decayed sum of the ones before) ≤ τ. The bracket counts the features "
+        "whose 95% interval lies below τ (at least) and those whose interval does not lie "
+        "above it (at most).",
+        "",
+    ]
+    if p is not None and data.positions_table is not None:
+        out += _positions_part(data, fig, token_text, tau, form)
+    return out
+
+
+def _positions_part(
+    data: RunData, fig: Figures, token_text: TokenText, tau: float, form: str
+) -> list[str]:
+    p, table = data.positions or {}, data.positions_table
+    assert table is not None
+    out = ["### Which attention features need earlier positions", ""]
+    out.append(
+        fig.figure(
+            figures.position_gains(table, form, tau, p.get("tokens_heldout")),
+            "position-gains",
+            "Read: features right of τ gain from earlier positions (attention moves "
+            "information to them); those left of 0 gain nothing, the wider fit only overfits.",
+        )
+    )
+    column = figures.GAIN_COLUMN.get(form, "gain_seed")
+    alive = table.filter(pl.col("status") != "dead").filter(pl.col(column).is_finite())
+    top = alive.sort([column, "feature"], descending=[True, False]).head(10)
+    verdicts: dict[int, str] = {}
+    if data.attention_features is not None:
+        f = data.attention_features
+        verdicts = dict(zip(f["feature"].to_list(), f["verdict"].to_list(), strict=True))
+    slug = Site.parse(data.attn_out_site).slug
+    carriers = {"previous": "previous token", "decayed": "further back (decayed)"}
+    rows = []
+    for r in top.iter_rows(named=True):
+        j = int(r["feature"])
+        cells: list[Cell] = [
+            (f"attn {j}{outlier_mark(data, slug, j)}", j),
+            (
+                f"{num(r[column])} [{num(r[column + '_low'])}, {num(r[column + '_high'])}]",
+                sort_key(r[column]),
+            ),
+            (str(r["verdict"]), r["verdict"]),
+            (carriers.get(str(r["carrier"]), "–"), r["carrier"] or ""),
+            (num(r.get("gain_previous_alone_fvu")), sort_key(r.get("gain_previous_alone_fvu"))),
+            (num(r.get("gain_decayed_alone_fvu")), sort_key(r.get("gain_decayed_alone_fvu"))),
+            (num(r["active_count"]), r["active_count"]),
+            (verdicts.get(j, "–"), verdicts.get(j, "")),
+            (token_text(slug, j), None),
+        ]
+        if data.outliers is not None:
+            cells.append(outlier_cell(data, slug, j))
+        rows.append(cells)
+    headers = [
+        "feature",
+        f"gain ({form} form, 95% interval)",
+        "verdict",
+        "carrier",
+        "previous token alone (/ variance)",
+        "decayed context alone (/ variance)",
+        "active tokens",
+        "same-position linear verdict",
+        "top tokens",
+    ]
+    if data.outliers is not None:
+        headers.append("artefact?")
+    summaries = ", ".join(p.get("summaries") or [])
+    out += [
+        "",
+        f"The {top.height} attention features (of `{data.attn_out_site}`) whose fit gains most "
+        f"from earlier positions ({summaries}; decay {p.get('decay', '–')}, window "
+        f"{p.get('window', '–')} tokens). Carrier: the summary that alone recovers more of the "
+        "gain, for features that need context. Sortable.",
+        "",
+        html_table(headers, rows, sortable=True),
+        "",
+    ]
+    return out
+
+
+DECODED = {
+    "identity_raw": "the block's exact identity on raw activations: near 0 says the sites "
+    "are captured right",
+    "identity_decoded": "the same sum, each source replaced by its SAE's reconstruction: the "
+    "error the three source SAEs add together",
+    "composition_decoded": "the next stream's SAE decoding the composition connector's "
+    "predicted codes: how much of the stream the feature-level composition gives back",
+    "target_sae": "the next stream's SAE reconstructing it: the floor the decoded composition "
+    "cannot beat",
+}
+
+
+def composition_section(data: RunData, fig: Figures, graphs: GraphWriter | None) -> list[str]:
+    """The next residual stream's features from the block's three sources: fit, variance
+    share per source, the decoded checks and a few next-stream features' graphs."""
+    c = data.composition
+    out = ["## Residual composition", ""]
+    if c is None:
+        return [
+            *out,
+            note("The residual composition was not fitted: `coact analyze --block` fits it."),
+            "",
+        ]
+    sources = [str(s) for s in c["sources"]]
+    target = str(c["target"])
+    per_source = c.get("weights_per_output_by_source") or {}
+    out += [
+        f"`{target}` = `{'` + `'.join(sources)}` holds exactly in activations; here each "
+        f"`{target}` feature is fitted as a sparse linear mix of the sources' features (exact "
+        f"L1 path on their codes side by side, refitted on the chosen support), with least "
+        f"squares on every input as the ceiling. Chosen α = {c['alpha']:.3g} (elbow, "
+        f"{int(c['alpha_index']) + 1} of {c['n_alphas']}), "
+        f"{c['weights_per_output']:.1f} weights per feature ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in per_source.items())
+        + f"); {c['alive']:,} alive and {c['dead']:,} dead features; "
+        f"{c['tokens_train']:,} training and {c['tokens_heldout']:,} held-out tokens.",
+        "",
+    ]
+    shares = {
+        name: c.get(key) or {}
+        for name, key in (
+            ("least squares, training tokens", "variance_share_ls"),
+            ("least squares, held-out tokens", "variance_share_ls_heldout"),
+            ("sparse refit, training tokens", "variance_share_refit"),
+        )
+    }
+    out += [
+        md_table(
+            ["fit", "measured on", "R²"],
+            [
+                ["sparse (chosen α)", "held-out tokens", num(c.get("r2_sparse"))],
+                ["sparse, refitted by least squares", "held-out tokens", num(c.get("r2_refit"))],
+                ["least squares on every input", "held-out tokens", num(c.get("r2_ls"))],
+                ["least squares on every input", "training tokens", num(c.get("r2_ls_train"))],
+            ],
+        ),
+        "",
+        "R² is the mean over alive features of 1 − MSE / variance; a least-squares fit far "
+        "better on training than on held-out tokens overfits its many inputs.",
+        "",
+        md_table(
+            ["variance share (mean over features)", *[f"`{s}`" for s in sources]],
+            [[name, *(num(v.get(s)) for s in sources)] for name, v in shares.items()],
+        ),
+        "",
+    ]
+    if data.composition_table is not None:
+        out.append(
+            fig.figure(
+                figures.composition_shares(data.composition_table, sources, target),
+                "composition-shares",
+                "Read: the colours split what the fit explains of each feature among the "
+                "sources; a wide block of one colour means many features come mostly from "
+                "that source, a short stack means the features are poorly explained.",
+            )
+        )
+    if data.composition_sweep is not None and data.composition_sweep.height:
+        out.append(
+            fig.figure(
+                figures.lasso_path(
+                    data.composition_sweep, int(c["tokens_heldout"]), "Residual composition"
+                ),
+                "composition-lasso-path",
+                "Read: the chosen α (dashed) sits where the held-out loss stops falling; "
+                "left of it more weights fit noise.",
+            )
+        )
+    if data.decoded is not None and data.decoded.height:
+        out += [
+            "",
+            "### Decoded checks (activation space)",
+            "",
+            md_table(
+                ["check", "what is compared with the true next stream", "FVU", "tokens"],
+                [
+                    [
+                        f"`{r['check']}`",
+                        DECODED.get(str(r["check"]), str(r.get("what") or "")),
+                        num(r["fvu"], ".4g"),
+                        num(r["tokens"]),
+                    ]
+                    for r in data.decoded.iter_rows(named=True)
+                ],
+            ),
+            "",
+            "FVU: the fraction of the true next stream's variance (about its mean) left "
+            "unexplained, on raw activations of the evaluation contexts.",
+            "",
+        ]
+    if graphs is not None and data.composition_table is not None:
+        out += _next_stream_graphs(data, fig, graphs, sources, target)
+    return out
+
+
+def _next_stream_graphs(
+    data: RunData,
+    fig: Figures,
+    graphs: GraphWriter,
+    sources: Sequence[str],
+    target: str,
+    count: int = 3,
+) -> list[str]:
+    """Layer graphs of the next-stream features the MLP writes most into."""
+    table = data.composition_table
+    assert table is not None
+    mlp = [s for s in sources if Site.parse(s).kind == "mlp_out"]
+    if not mlp:
+        return []
+    kind = Site.parse(mlp[0]).kind
+    key = f"share_refit_{kind}" if f"share_refit_{kind}" in table.columns else f"share_ls_{kind}"
+    ranked = (
+        table.filter(pl.col("status") != "dead")
+        .filter(pl.col(key).is_finite())
+        .sort([key, "feature"], descending=[True, False])
+    )
+    # prefer features the graph can follow through the MLP: some MLP feature that writes
+    # them has inputs in the MLP's connector (many next-stream features merely copy one
+    # MLP feature that the sparse connector leaves without inputs)
+    readable: set[int] = set()
+    cw = data.composition_weights
+    if cw is not None and data.weights is not None and data.weights.height:
+        names = [n for n in cw["source_site"].unique().to_list() if Site.parse(n).kind == kind]
+        read = data.weights["output"].unique().to_list()
+        readable = set(
+            cw.filter(pl.col("source_site").is_in(names) & pl.col("in_feature").is_in(read))[
+                "out_feature"
+            ].to_list()
+        )
+    preferred = ranked.filter(pl.col("feature").is_in(list(readable))).head(count)
+    rest = ranked.filter(~pl.col("feature").is_in(preferred["feature"].to_list()))
+    chosen = pl.concat([preferred, rest.head(count - preferred.height)])
+    if not chosen.height:
+        return []
+    slug = Site.parse(target).slug
+    out = [
+        "### Layer graphs of the next stream's features",
+        "",
+        f"The {chosen.height} `{target}` features with the largest share from `{mlp[0]}` "
+        "(sparse refit) among those written by an MLP feature that has inputs in the MLP's "
+        "sparse connector, each with the features that feed it through the block, two hops "
+        "back.",
+        "",
+    ]
+    for r in chosen.iter_rows(named=True):
+        j = int(r["feature"])
+        out += [
+            f"#### `{target}` #{j}{outlier_text(data, slug, j)}: "
+            f"{pct(r[key])} of its variance from the MLP",
+            "",
+        ]
+        out += graphs.section(data, target, j, "in", fig, f"graph-{slug.replace('.', '-')}-{j}")
+    return out
 
 
 def calibration_section(data: RunData, fig: Figures) -> list[str]:

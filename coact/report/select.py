@@ -1,6 +1,7 @@
 """Which output features get a page of their own: the most interesting ones, each with the
 reasons it was picked (most confident per logic label, strongest nonlinear gain, strongest
-connections, causally checked, clearest linear ones, then the most active)."""
+connections, strongest writers into the next residual stream in a block run, causally
+checked, clearest linear ones, then the most active)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import polars as pl
 
 from coact.report.data import RunData
+from coact.sites import Site
 
 DEFAULT_FEATURES = 50
 
@@ -17,6 +19,7 @@ def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, 
     """Up to n output features → why each is shown, in the order they were picked."""
     picked: dict[int, list[str]] = {}
     quota = max(1, n // 10)
+    out_site = Site.parse(data.out_site)
 
     def take(features: Sequence[int], reason: str, limit: int) -> None:
         added = 0
@@ -58,6 +61,17 @@ def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, 
             .sort(["strength", "output"], descending=[True, False])
         )
         take(strongest["output"].to_list(), "strongest connection", 2 * quota)
+    if data.composition_weights is not None and data.composition_weights.height:
+        cw = data.composition_weights
+        mine = [s for s in cw["source_site"].unique().to_list() if Site.parse(s) == out_site]
+        feeds = (
+            cw.filter(pl.col("source_site").is_in(mine))
+            .with_columns(pl.col("standardised").abs().alias("strength"))
+            .group_by("in_feature")
+            .agg(pl.col("strength").max())
+            .sort(["strength", "in_feature"], descending=[True, False])
+        )
+        take(feeds["in_feature"].to_list(), f"writes most into {data.next_site}", quota)
     if data.causal is not None and data.causal.height:
         causal = data.causal.sort(pl.col("weight_refit").abs(), descending=True)
         take(causal["output"].unique(maintain_order=True).to_list(), "causally checked", quota)
