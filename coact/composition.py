@@ -31,11 +31,10 @@ does the decoded connector give back?
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from coact.connectors.exact import (
 )
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
+from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.sae.base import SparseAutoencoder
 from coact.sites import Site
 from coact.store import CodeStore
@@ -121,7 +120,7 @@ def compose(
     if not 0 < config.heldout_fraction < 1:
         raise CoactError(f"heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
     out_dir = Path(out_dir)
-    key = _key(store, config)
+    key = result_key(store.fingerprint, config, RESULT_VERSION)
     done = out_dir / "composition.json"
     if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
         return previous
@@ -193,15 +192,17 @@ def compose(
         "alpha_index": int(chosen),
         "n_alphas": len(path.alphas),
         "path_converged": bool(path.converged.all()),
-        "r2_sparse": _mean(table["r2_sparse"]),
-        "r2_refit": _mean(table["r2_refit"]),
-        "r2_ls": _mean(table["r2_ls"]),
-        "r2_ls_train": _mean(table["r2_ls_train"]),
-        "variance_share_ls": {s: _mean(table[f"share_ls_{k}"]) for k, s in named.items()},
+        "r2_sparse": finite_mean(table["r2_sparse"]),
+        "r2_refit": finite_mean(table["r2_refit"]),
+        "r2_ls": finite_mean(table["r2_ls"]),
+        "r2_ls_train": finite_mean(table["r2_ls_train"]),
+        "variance_share_ls": {s: finite_mean(table[f"share_ls_{k}"]) for k, s in named.items()},
         "variance_share_ls_heldout": {
-            s: _mean(table[f"share_ls_heldout_{k}"]) for k, s in named.items()
+            s: finite_mean(table[f"share_ls_heldout_{k}"]) for k, s in named.items()
         },
-        "variance_share_refit": {s: _mean(table[f"share_refit_{k}"]) for k, s in named.items()},
+        "variance_share_refit": {
+            s: finite_mean(table[f"share_refit_{k}"]) for k, s in named.items()
+        },
         "weights_per_output": float(coef.nnz / n_alive),
         "weights_per_output_by_source": {
             s: float(table[f"weights_{k}"].sum() / n_alive) for k, s in named.items()
@@ -352,22 +353,6 @@ def _weights_table(
         "standardised",
         "large",
     )
-
-
-def _key(store: CodeStore, config: CompositionConfig) -> str:
-    """What the result depends on: the codes and the config (not how it is shown)."""
-    relevant = {k: v for k, v in asdict(config).items() if k != "progress"}
-    text = json.dumps(
-        {"codes": store.fingerprint, "config": relevant, "version": RESULT_VERSION},
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _mean(values: pl.Series) -> float:
-    a = values.to_numpy().astype(float)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if len(a) else float("nan")
 
 
 # ---------------------------------------------------------------- the decoded check

@@ -20,7 +20,6 @@ that starts from it, both without L1). Everything lands in `<run>/connect/`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from coact.connectors.exact import (
 from coact.connectors.families import SparseConnector, csr_batch, dense_rows, make_connector
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
+from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.formulas import formula, top_tokens_table
 from coact.linearity import (
     HeldoutContexts,
@@ -118,7 +117,7 @@ def connect(
     if not 0 < config.heldout_fraction < 1:
         raise CoactError(f"heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
     out_dir = Path(out_dir)
-    key = _key(store, config)
+    key = result_key(store.fingerprint, config, RESULT_VERSION)
     done = out_dir / "connect.json"
     if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
         return previous
@@ -200,8 +199,8 @@ def connect(
         "heldout_nmse_sparse": float(sweep["heldout_nmse"].to_numpy()[chosen]),
         "weights_per_output": float(path.coef[chosen].nnz / max(share["alive"], 1)),
         "stable_share": stable,
-        "heldout_nmse_linear": _nanmean(table["mse_linear"] / table["variance"]),
-        "heldout_nmse_mlp": _nanmean(table["mse_mlp"] / table["variance"]),
+        "heldout_nmse_linear": finite_mean(table["mse_linear"] / table["variance"]),
+        "heldout_nmse_mlp": finite_mean(table["mse_mlp"] / table["variance"]),
         "mlp_epochs_run": fits.epochs_run,
         "mlp_best_epoch": fits.best_epoch,
         "linearity_output_chunks": fits.chunks,
@@ -373,22 +372,6 @@ def _heldout_contexts(
         diff.index_add_(0, index, gain)
     tokens = np.bincount(inverse, minlength=n_contexts).astype(np.float64)
     return HeldoutContexts(diff=diff.cpu().numpy(), tokens=tokens)
-
-
-def _key(store: CodeStore, config: ConnectConfig) -> str:
-    """What the result depends on: the codes and the config (not how it is shown)."""
-    relevant = {k: v for k, v in asdict(config).items() if k not in ("progress",)}
-    text = json.dumps(
-        {"codes": store.fingerprint, "config": relevant, "version": RESULT_VERSION},
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _nanmean(values: pl.Series) -> float:
-    a = values.to_numpy().astype(float)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if len(a) else float("nan")
 
 
 def _standardised(coef: sp.spmatrix, stats: GramStats, outputs: np.ndarray) -> sp.coo_matrix:

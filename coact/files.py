@@ -6,8 +6,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def sha256_file(path: str | Path) -> str:
@@ -35,3 +38,18 @@ def finished_result(done: Path, key: str, required: Iterable[str] = ()) -> dict[
             return dict(previous)
     done.unlink(missing_ok=True)
     return None
+
+
+def result_key(codes: str, config: Any, version: int, ignore: Iterable[str] = ("progress",)) -> str:
+    """What a stage's result depends on: the codes' fingerprint, its (dataclass) config
+    without the fields that only change how it runs or is shown, and its result version."""
+    relevant = {k: v for k, v in asdict(config).items() if k not in set(ignore)}
+    text = json.dumps({"codes": codes, "config": relevant, "version": version}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finite_mean(values: Any) -> float:
+    """Mean over the finite entries (dead features give NaN), NaN when there are none."""
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")

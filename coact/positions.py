@@ -24,11 +24,10 @@ sparse: summaries are CSR products with a shift operator, never tokens × n_in d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -41,7 +40,7 @@ from coact.connect import LINEAR_MAP_ENTRIES
 from coact.connectors.exact import GramStats, linear_fit
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
+from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.linearity import (
     HeldoutContexts,
     LinearityConfig,
@@ -167,7 +166,7 @@ def positions(
                 f"it has {sorted(store.sites)}"
             )
     out_dir = Path(out_dir)
-    key = _key(store, config)
+    key = result_key(store.fingerprint, config, RESULT_VERSION, ("progress", "chunk_outputs"))
     done = out_dir / "positions.json"
     if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
         return previous
@@ -234,8 +233,8 @@ def positions(
         "tokens_heldout": len(held),
         "heldout_contexts": len(fits.contexts.tokens),
         "output_chunks": fits.chunks,
-        "heldout_nmse_same": _nanmean(alive["mse_same"] / alive["variance"]),
-        "heldout_nmse_context": _nanmean(alive["mse_context"] / alive["variance"]),
+        "heldout_nmse_same": finite_mean(alive["mse_same"] / alive["variance"]),
+        "heldout_nmse_context": finite_mean(alive["mse_context"] / alive["variance"]),
         "norms": norms,
         "tau": config.linearity.tau,
         "form": config.linearity.form,
@@ -389,19 +388,3 @@ def _positions_table(
     carrier = [names[b] if need else None for b, need in zip(best, needs, strict=True)]
     extra.append(pl.Series("carrier", carrier, dtype=pl.String))
     return table.with_columns(*extra)
-
-
-def _key(store: CodeStore, config: PositionsConfig) -> str:
-    """What the result depends on: the codes and the config (not how it is shown)."""
-    relevant = {k: v for k, v in asdict(config).items() if k not in ("progress", "chunk_outputs")}
-    text = json.dumps(
-        {"codes": store.fingerprint, "config": relevant, "version": RESULT_VERSION},
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _nanmean(values: pl.Series) -> float:
-    a = values.to_numpy().astype(float)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if len(a) else float("nan")
