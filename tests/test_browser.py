@@ -21,13 +21,8 @@ from urllib.parse import unquote, urldefrag, urlparse
 
 import pytest
 
-from coact.calibrate import CalibrateConfig
-from coact.collect import CollectConfig
-from coact.connect import ConnectConfig
-from coact.connectors.exact import LassoPathConfig
-from coact.labels import LabelsConfig
-from coact.pipeline import AnalyzeConfig, analyze
-from coact.sae.train import SaeTrainConfig
+from coact.pipeline import analyze
+from tests.tiny_run import tiny_config
 
 CHART_TIMEOUT_MS = 30_000
 
@@ -71,38 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site of a tiny finished run with every stage, built by `analyze` itself (the
     report tests' settings, 8 feature pages; about 25 s on two busy cores)."""
     run_dir = tmp_path_factory.mktemp("browser") / "run"
-    analyze(
-        AnalyzeConfig(
-            model="tiny-llama",
-            layer=1,
-            tokens=2_000,
-            sae_tokens=3_000,
-            eval_contexts=4,
-            ctx_len=32,
-            run_dir=str(run_dir),
-            report_features=8,
-            sae=SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
-            collect=CollectConfig(forward_batch=8, shard_contexts=16),
-            connect_settings=ConnectConfig(
-                "",
-                "",
-                path=LassoPathConfig(n_alphas=6),
-                mlp_hidden=64,
-                mlp_epochs=2,
-                progress=False,
-            ),
-            calibrate_settings=CalibrateConfig(
-                layer=-1,
-                contexts=4,
-                strengths=(0.0, 0.3),
-                n_taus=2,
-                n_boot=100,
-                causal_connections=5,
-                progress=False,
-            ),
-            labels_settings=LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
-        )
-    )
+    analyze(tiny_config(run_dir, report_features=8))
     index = run_dir / "report" / "site" / "index.html"
     assert index.is_file()
     return index.parent

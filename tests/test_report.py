@@ -14,16 +14,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from coact.calibrate import CalibrateConfig
-from coact.collect import CollectConfig
-from coact.connect import ConnectConfig
-from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
-from coact.labels import LabelsConfig
-from coact.pipeline import AnalyzeConfig, analyze
+from coact.pipeline import analyze
 from coact.report import Evidence, build_report
 from coact.report.figures import spec_title, untitled_axes
-from coact.sae.train import SaeTrainConfig
+from tests.tiny_run import tiny_config
 
 LAYER_CHARTS = {
     "mlp-curve",
@@ -62,37 +57,7 @@ URL = re.compile(r"https?://[^\s\"'<>`)\\]+")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny finished run with every stage (about 20 s on two busy cores)."""
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    analyze(
-        AnalyzeConfig(
-            model="tiny-llama",
-            layer=1,
-            tokens=2_000,
-            sae_tokens=3_000,
-            eval_contexts=4,
-            ctx_len=32,
-            run_dir=str(run_dir),
-            sae=SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
-            collect=CollectConfig(forward_batch=8, shard_contexts=16),
-            connect_settings=ConnectConfig(
-                "",
-                "",
-                path=LassoPathConfig(n_alphas=6),
-                mlp_hidden=64,
-                mlp_epochs=2,
-                progress=False,
-            ),
-            calibrate_settings=CalibrateConfig(
-                layer=-1,
-                contexts=4,
-                strengths=(0.0, 0.3),
-                n_taus=2,
-                n_boot=100,
-                causal_connections=5,
-                progress=False,
-            ),
-            labels_settings=LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
-        )
-    )
+    analyze(tiny_config(run_dir))
     return run_dir
 
 

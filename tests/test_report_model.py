@@ -16,18 +16,13 @@ from urllib.request import url2pathname
 import polars as pl
 import pytest
 
-from coact.calibrate import CalibrateConfig
-from coact.collect import CollectConfig
-from coact.connect import ConnectConfig
-from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
 from coact.graph import EDGE_SCHEMA
-from coact.labels import LabelsConfig
-from coact.pipeline import AnalyzeConfig, analyze
+from coact.pipeline import analyze
 from coact.report.figures import spec_title, untitled_axes
 from coact.report.model import _header, build_model_report, column_groups, is_model_run
-from coact.sae.train import SaeTrainConfig
 from tests.test_report import DRAW_ALL, _parse
+from tests.tiny_run import tiny_config
 
 LAYERS = (0, 1, 2)
 MODEL_CHARTS = {"layer-shares", "layer-composition", "layer-decoded"}
@@ -48,39 +43,7 @@ def build_model_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (model_dir / "report" / "site" / "index.html").is_file():
         return model_dir
     shutil.rmtree(model_dir.parent, ignore_errors=True)
-    analyze(
-        AnalyzeConfig(
-            model="tiny-llama",
-            layer=1,
-            layers="all",
-            tokens=2_000,
-            sae_tokens=3_000,
-            eval_contexts=4,
-            ctx_len=32,
-            run_dir=str(model_dir),
-            report_features=8,
-            sae=SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
-            collect=CollectConfig(forward_batch=8, shard_contexts=16),
-            connect_settings=ConnectConfig(
-                "",
-                "",
-                path=LassoPathConfig(n_alphas=6),
-                mlp_hidden=64,
-                mlp_epochs=2,
-                progress=False,
-            ),
-            calibrate_settings=CalibrateConfig(
-                layer=-1,
-                contexts=4,
-                strengths=(0.0, 0.3),
-                n_taus=2,
-                n_boot=100,
-                causal_connections=5,
-                progress=False,
-            ),
-            labels_settings=LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
-        )
-    )
+    analyze(tiny_config(model_dir, layers="all", report_features=8))
     return model_dir
 
 

@@ -1,0 +1,46 @@
+"""The settings of a tiny finished run with every stage (tiny-llama, a few thousand
+tokens, small SAEs and connectors): seconds instead of minutes, for report and browser
+tests that need a real run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coact.calibrate import CalibrateConfig
+from coact.collect import CollectConfig
+from coact.connect import ConnectConfig
+from coact.connectors.exact import LassoPathConfig
+from coact.labels import LabelsConfig
+from coact.pipeline import AnalyzeConfig
+from coact.sae.train import SaeTrainConfig
+
+
+def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
+    """A tiny run of layer 1 into `run_dir`; `overrides` replace any AnalyzeConfig field."""
+    settings: dict[str, Any] = {
+        "model": "tiny-llama",
+        "layer": 1,
+        "tokens": 2_000,
+        "sae_tokens": 3_000,
+        "eval_contexts": 4,
+        "ctx_len": 32,
+        "run_dir": str(run_dir),
+        "sae": SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
+        "collect": CollectConfig(forward_batch=8, shard_contexts=16),
+        "connect_settings": ConnectConfig(
+            "", "", path=LassoPathConfig(n_alphas=6), mlp_hidden=64, mlp_epochs=2, progress=False
+        ),
+        "calibrate_settings": CalibrateConfig(
+            layer=-1,
+            contexts=4,
+            strengths=(0.0, 0.3),
+            n_taus=2,
+            n_boot=100,
+            causal_connections=5,
+            progress=False,
+        ),
+        "labels_settings": LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
+    }
+    settings.update(overrides)
+    return AnalyzeConfig(**settings)
