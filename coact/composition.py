@@ -44,7 +44,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from coact.connect import LINEAR_MAP_ENTRIES, sweep_table, weights_table
+from coact.connect import LINEAR_MAP_ENTRIES, context_split, sweep_table, weights_table
 from coact.connectors.exact import (
     GramStats,
     LassoPathConfig,
@@ -54,7 +54,6 @@ from coact.connectors.exact import (
     mse,
     refit_support,
 )
-from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.sae.base import SparseAutoencoder
@@ -133,10 +132,7 @@ def compose(
     offsets = np.concatenate([[0], np.cumsum(widths)])
     x = sp.csr_matrix(sp.hstack(blocks, format="csr"))
     y = store.read_site(target.slug)
-    groups = store.read_tokens()["context"].to_numpy()
-    if x.shape[0] < 4 or len(np.unique(groups)) < 4:
-        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
-    train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
+    _, train, held = context_split(store.read_tokens(), config.heldout_fraction, config.seed, store)
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
     timings["gram_s"] = time.perf_counter() - clock

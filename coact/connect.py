@@ -127,10 +127,7 @@ def connect(
 
     x, y = store.read_site(in_slug), store.read_site(out_slug)
     tokens = store.read_tokens()
-    groups = tokens["context"].to_numpy()
-    if x.shape[0] < 4 or len(np.unique(groups)) < 4:
-        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
-    train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
+    groups, train, held = context_split(tokens, config.heldout_fraction, config.seed, store)
     x_train, y_train = x[train], y[train]  # sliced once: the halves refit reads them again
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x_train, y_train)
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
@@ -213,6 +210,18 @@ def connect(
     }
     atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def context_split(
+    tokens: pl.DataFrame, heldout_fraction: float, seed: int, store: CodeStore
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context of each row, training rows, held-out rows): whole contexts held out, the
+    same split for every stage that fits on these codes with this fraction and seed."""
+    groups = tokens["context"].to_numpy()
+    if len(groups) < 4 or len(np.unique(groups)) < 4:
+        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
+    train, held = split_rows(len(groups), heldout_fraction, seed, groups)
+    return groups, train, held
 
 
 @dataclass

@@ -36,9 +36,8 @@ import polars as pl
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from coact.connect import LINEAR_MAP_ENTRIES
+from coact.connect import LINEAR_MAP_ENTRIES, context_split
 from coact.connectors.exact import GramStats, linear_fit
-from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.linearity import (
@@ -175,9 +174,7 @@ def positions(
 
     x, y = store.read_site(in_slug), store.read_site(out_slug)
     tokens = store.read_tokens()
-    groups = tokens["context"].to_numpy()
-    if x.shape[0] < 4 or len(np.unique(groups)) < 4:
-        raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
+    groups, train, held = context_split(tokens, config.heldout_fraction, config.seed, store)
     x = sp.csr_matrix(x, dtype=np.float64)
     context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
     shifts = [shift_operator(context, position, config.lags(s)) for s in config.summaries]
@@ -187,7 +184,6 @@ def positions(
         """[current | summaries…] of these rows: each summary is S[rows] @ x, sparse."""
         return sp.csr_matrix(sp.hstack([x[rows], *(s[rows] @ x for s in shifts)], format="csr"))
 
-    train, held = split_rows(x.shape[0], config.heldout_fraction, config.seed, groups)
     stats = _train_stats(augmented, y, train, n_aug, config)
     z_held = augmented(held)
     timings["stats_s"] = time.perf_counter() - clock

@@ -10,7 +10,6 @@ from the file system as one piece."""
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ from coact.errors import CoactError
 from coact.linearity import LinearityConfig, percent_linear, relabel
 from coact.report import figures
 from coact.report.build import _prepare, _Say, build_report
-from coact.report.data import RunData, load_run
+from coact.report.data import RunData, _json, load_run
 from coact.report.embed import Figures
 from coact.report.pages import Cell, html_table, md_table, note, num, pct
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
@@ -121,15 +120,6 @@ def build_model_report(
     index = build_site(write_config(out, mkdocs))
     say(f"model report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CoactError(f"corrupt {path}: {error}") from None
 
 
 def _layer_dir(model_dir: Path, summary: Mapping[str, Any], layer: int) -> Path:
