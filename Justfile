@@ -13,7 +13,8 @@ install:
 analyze LAYER="3" *ARGS:
     {{python}} -m coact analyze --layer {{LAYER}} {{ARGS}}
 
-# Every block: MLP, attention and residual composition per layer; ARGS to `coact analyze`.
+# Every block: MLP, attention and residual composition per layer, at the survey budget
+# unless ARGS say `--budget full`; resumes where a killed run stopped.
 analyze-all *ARGS:
     {{python}} -m coact analyze --layers all {{ARGS}}
 

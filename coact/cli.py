@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,8 +44,21 @@ def analyze(
     ] = False,
     model: ModelOpt = EMBEDDED,
     corpus: CorpusOpt = "embedded",
-    tokens: Annotated[int, typer.Option(help="tokens whose feature codes are stored")] = 100_000,
-    sae_tokens: Annotated[int, typer.Option(help="tokens each trained SAE sees")] = 400_000,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="'full' (the default for one layer) or 'survey' (the default with --layers: "
+            "40k code tokens, 120k SAE tokens, fewer evaluation contexts, no sae-connector)"
+        ),
+    ] = None,
+    tokens: Annotated[
+        int | None,
+        typer.Option(help="tokens whose feature codes are stored [default: 100000; survey 40000]"),
+    ] = None,
+    sae_tokens: Annotated[
+        int | None,
+        typer.Option(help="tokens each trained SAE sees [default: 400000; survey 120000]"),
+    ] = None,
     ctx_len: Annotated[int, typer.Option(help="tokens per context, BOS included")] = 128,
     device: DeviceOpt = "cpu",
     run_dir: Annotated[str | None, typer.Option(help="default: runs/<model>-L<layer>")] = None,
@@ -57,12 +71,15 @@ def analyze(
     seed: int = 0,
     no_report: Annotated[bool, typer.Option(help="skip the report site")] = False,
     report_features: Annotated[
-        int, typer.Option(help="output features per layer that get a page of their own")
-    ] = 50,
+        int | None,
+        typer.Option(
+            help="output features per layer that get a page of their own [default: 50; survey 10]"
+        ),
+    ] = None,
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
-    from coact.pipeline import AnalyzeConfig, parse_layers
+    from coact.pipeline import AnalyzeConfig, parse_layers, with_budget
     from coact.pipeline import analyze as run_analyze
     from coact.summary import format_model_summary, format_summary
 
@@ -71,10 +88,7 @@ def analyze(
         layer=layer,
         layers=parse_layers(layers) if layers is not None else None,
         block=block,
-        report_features=report_features,
         corpus=corpus,
-        tokens=tokens,
-        sae_tokens=sae_tokens,
         ctx_len=ctx_len,
         seed=seed,
         device=device,
@@ -83,6 +97,9 @@ def analyze(
         sae_out=sae_out,
         report=not no_report,
     )
+    config = with_budget(config, budget or ("survey" if config.layers else "full"))
+    explicit = {"tokens": tokens, "sae_tokens": sae_tokens, "report_features": report_features}
+    config = dataclasses.replace(config, **{k: v for k, v in explicit.items() if v is not None})
     summary = run_analyze(config)
     typer.echo(format_model_summary(summary) if "layers" in summary else format_summary(summary))
 

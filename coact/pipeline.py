@@ -101,6 +101,31 @@ class AnalyzeConfig:
         return Path("runs") / f"{slug}-L{self.layer}"
 
 
+BUDGETS = ("full", "survey")
+
+
+def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
+    """`full`: the config as given. `survey`: budgets that fit every layer of a small
+    model on a laptop CPU in a few hours: fewer code and SAE tokens, smaller SAE batches
+    (so the SAEs still take a few hundred steps), fewer evaluation and calibration
+    contexts, no sae-connector, and pages for the top 10 features of each layer."""
+    if budget not in BUDGETS:
+        raise CoactError(f"unknown budget {budget!r}: choose one of {', '.join(BUDGETS)}")
+    if budget == "full":
+        return config
+    return dataclasses.replace(
+        config,
+        tokens=40_000,
+        sae_tokens=120_000,
+        eval_contexts=8,
+        sae=dataclasses.replace(config.sae, batch_tokens=512, dead_after_tokens=50_000),
+        calibrate_settings=dataclasses.replace(config.calibrate_settings, contexts=8),
+        labels_settings=dataclasses.replace(config.labels_settings, sae_connector=False),
+        block_settings=dataclasses.replace(config.block_settings, decoded_contexts=8),
+        report_features=10,
+    )
+
+
 def parse_layers(text: str) -> tuple[int, ...] | str:
     """'all', '0-5' or '1,3,5' (ranges and lists may mix: '0-2,7')."""
     text = text.strip()

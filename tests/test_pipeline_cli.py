@@ -16,7 +16,7 @@ from coact.collect import CollectConfig
 from coact.connect import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
-from coact.pipeline import AnalyzeConfig, analyze, parse_layers
+from coact.pipeline import AnalyzeConfig, analyze, parse_layers, with_budget
 from coact.runs import RunLayout
 from coact.sae.train import SaeTrainConfig
 from coact.store import CodeStore
@@ -104,6 +104,21 @@ def test_parse_layers() -> None:
     for bad in ("x", "1-", ",", "2-a"):
         with pytest.raises(CoactError, match="layers"):
             parse_layers(bad)
+
+
+def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> None:
+    base = AnalyzeConfig(layers="all")
+    assert with_budget(base, "full") == base
+    survey = with_budget(base, "survey")
+    assert (survey.tokens, survey.sae_tokens) == (40_000, 120_000)
+    assert survey.sae.batch_tokens == 512 and survey.sae_tokens // 512 >= 200  # still ≥ 200 steps
+    assert survey.sae.dead_after_tokens < survey.sae_tokens
+    assert survey.eval_contexts < base.eval_contexts
+    assert survey.calibrate_settings.contexts < base.calibrate_settings.contexts
+    assert not survey.labels_settings.sae_connector and survey.report_features == 10
+    assert survey.layers == "all" and survey.sae.k == base.sae.k  # what is studied is unchanged
+    with pytest.raises(CoactError, match="unknown budget"):
+        with_budget(base, "tiny")
 
 
 def test_block_single_layer_writes_attention_positions_and_composition(tmp_path: Path) -> None:
@@ -196,6 +211,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--model", "tiny-llama", "--layer", "9"], "layer 9 is out of range"),
         (["--model", "tiny-llama", "--layer", "1", "--corpus", "./missing.txt"], "does not exist"),
+        (["--model", "tiny-llama", "--budget", "huge"], "unknown budget 'huge'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_leaves_nothing(
