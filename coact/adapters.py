@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from coact.errors import CoactError
 from coact.sites import SITE_KINDS, Site
@@ -105,6 +105,27 @@ class Adapter:
         """The norm in front of attention (its input is resid_pre)."""
         self.check(Site("attn_out", layer))
         return f"{self.block(layer)}.{self.attn_norm}"
+
+    def self_only_attention(self, model: nn.Module, layer: int, resid_pre: Tensor) -> Tensor:
+        """attn_out[layer] if every position attended only to itself, from resid_pre[layer]
+        (batch, seq, d_model): with softmax weight 1 on the token, each head returns its own
+        value, so W_o·concat_h(W_v·norm(x) + b_v) + b_o (rotary never touches values). A causal
+        check of whether an attention output needs other positions at all."""
+        if self.family not in {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}:
+            raise CoactError(f"self-only attention is not implemented for family {self.family!r}")
+        attn = resolve(model, self.attn_path(layer))
+        x = resolve(model, self.attn_norm_path(layer))(resid_pre)
+        config: Any = model.config
+        n_heads = int(config.num_attention_heads)
+        if self.family == "gpt_neox":  # fused output is per head [q_h | k_h | v_h]
+            values = attn.query_key_value(x).unflatten(-1, (n_heads, -1)).chunk(3, dim=-1)[2]
+            return attn.dense(values.flatten(-2))
+        if self.family == "gpt2":  # c_attn (Conv1D) is [q | k | v], each d_model wide
+            return attn.c_proj(attn.c_attn(x).chunk(3, dim=-1)[2])
+        # Grouped-query attention: query head h reads kv head h // group (repeat_kv).
+        values = attn.v_proj(x).unflatten(-1, (-1, attn.o_proj.in_features // n_heads))
+        values = values.repeat_interleave(n_heads // values.shape[-2], dim=-2)
+        return attn.o_proj(values.flatten(-2))
 
     def order_key(self, site: Site) -> tuple[int, int]:
         """Sort key that puts sites in execution order."""

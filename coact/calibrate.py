@@ -1,12 +1,13 @@
 """`calibrate`: how much error can a feature carry before the model's own loss notices?
 
-Two measurements at the MLP output of one layer, on contexts the connectors never trained
-on (their held-out contexts):
+Two measurements at the output site of one layer's connectors (the MLP's output by
+default; attention's output for the attention connectors), on contexts the connectors
+never trained on (their held-out contexts):
 
 1. Noise injection: isotropic Gaussian noise, and noise along the output SAE's decoder
    directions of the active features, at a range of normalised MSEs; ΔCE and KL per
    strength (`noise.parquet`).
-2. Splicing: the MLP output replaced by the output SAE's reconstruction, by the decoded
+2. Splicing: the output site replaced by the output SAE's reconstruction, by the decoded
    prediction of the linear connector (least squares), of the mlp connector, of a mix
    (linear for features whose d(j) ≤ τ, mlp for the rest) at candidate thresholds τ, and
    by zero (`splices.parquet`).
@@ -14,7 +15,7 @@ on (their held-out contexts):
 The calibrated τ is the largest candidate whose extra ΔCE over the all-mlp splice (paired
 by context) stays ≤ ε, for it and every smaller candidate. The linearity table is then
 relabelled at that τ with the seed's 0.001 beside it (`linearity.parquet`), and a sample of
-strong connections is checked causally (`causal.parquet`, see `coact.causal`). The
+strong MLP connections is checked causally (`causal.parquet`, see `coact.causal`). The
 headline lands in `calibrate.json`, written last.
 """
 
@@ -50,9 +51,9 @@ from coact.linearity import SEED_TAU, Form, LinearityConfig, percent_linear, rel
 from coact.models import LoadedModel
 from coact.sae.base import Sae
 from coact.sites import Site
-from coact.tracing import capture, mlp_spliced_logits
+from coact.tracing import capture, spliced_logits
 
-Splice = Callable[[Tensor, Tensor], Tensor]  # (stream the MLP reads, MLP output) → output
+Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
 RESULT_VERSION = 2  # bumped when what calibrate writes changes: older results are redone
 
@@ -60,6 +61,8 @@ RESULT_VERSION = 2  # bumped when what calibrate writes changes: older results a
 @dataclass(frozen=True)
 class CalibrateConfig:
     layer: int
+    in_site: str = ""  # what the connectors read; "" is the MLP's input at `layer`
+    out_site: str = ""  # what they predict and the splices replace; "" is the MLP's output
     contexts: int = 16  # calibration contexts, from the connectors' held-out ones (each
     # costs a full forward pass per strength and per splice: raise it on a GPU)
     batch_size: int = 8
@@ -75,6 +78,14 @@ class CalibrateConfig:
     causal: bool = True
     causal_connections: int = 50
     progress: bool = True
+
+
+def calibrated_sites(config: CalibrateConfig) -> tuple[Site, Site]:
+    """(site the connectors read, site they predict): the MLP's pair unless the config
+    names another one (e.g. resid_pre[ℓ] → attn_out[ℓ] for attention)."""
+    in_site = Site.parse(config.in_site) if config.in_site else Site("mlp_resid", config.layer)
+    out_site = Site.parse(config.out_site) if config.out_site else Site("mlp_out", config.layer)
+    return in_site, out_site
 
 
 def candidate_taus(d: np.ndarray, n_taus: int) -> np.ndarray:
@@ -188,7 +199,7 @@ def calibrate(
     if (previous := finished_result(done, key, required)) is not None:
         return previous
     out_dir.mkdir(parents=True, exist_ok=True)
-    site_out = Site("mlp_out", config.layer)
+    site_in, site_out = calibrated_sites(config)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with forward_clock(lm) as forward_s:
@@ -210,7 +221,7 @@ def calibrate(
         )
 
         causal_table = None
-        if config.causal:
+        if config.causal and site_out.kind == "mlp_out" and site_in.kind == "mlp_resid":
             clock = time.perf_counter()
             causal_table = _causal(lm, sae_in, sae_out, tokens, connect_dir, connectors, config)
             timings["causal_s"] = time.perf_counter() - clock
@@ -227,8 +238,7 @@ def calibrate(
     atomic_write(out_dir / "linearity.parquet", table.write_parquet)
     if causal_table is not None:
         atomic_write(out_dir / "causal.parquet", causal_table.write_parquet)
-    site = str(Site("mlp_out", config.layer))
-    charts.save(charts.noise_curves(noise, site), out_dir / "noise")
+    charts.save(charts.noise_curves(noise, str(site_out)), out_dir / "noise")
     charts.save(charts.threshold_curve(splices, tau, config.tolerance), out_dir / "threshold")
     summary = _summary(config, tau, tokens, splices, calibrated, seed_labels, causal_table)
     summary.update(key=key, directory=str(out_dir), timings=timings, reference_variance=variance)
@@ -266,13 +276,13 @@ def _splices(
 ) -> pl.DataFrame:
     """CE and KL of every splice per context, then token-weighted means with intervals;
     the τ rows also carry their extra ΔCE over the all-mlp splice, paired by context."""
-    skip, layer = config.skip_first_positions, config.layer
+    skip = config.skip_first_positions
     d = features[_COLUMN[config.form]].to_numpy().astype(float)
     alive = (features["status"] != "dead").to_numpy()
     taus = candidate_taus(d[alive], config.n_taus)
     masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
     names = ["sae", "linear", "mlp", *masks, "zero"]
-    site_in = Site("mlp_resid", layer)
+    site_in, site_out = calibrated_sites(config)
 
     def spliced(batch: Tensor) -> Callable[[str], Tensor]:
         stream = capture(lm, batch, [site_in])[site_in]
@@ -282,8 +292,8 @@ def _splices(
             {k: torch.where(m, predicted.linear, predicted.mlp) for k, m in masks.items()}
         )
         decoded = {k: sae_out.decode(v) for k, v in decoded.items()}
-        return lambda name: mlp_spliced_logits(
-            lm, batch, layer, _splice_fn(name, decoded, sae_out, skip)
+        return lambda name: spliced_logits(
+            lm, batch, site_out, _splice_fn(name, decoded, sae_out, skip)
         )
 
     losses = splice_losses(
@@ -309,7 +319,7 @@ def _noise(
     if kind not in NOISE_KINDS:
         raise CoactError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}")
     return noise_curve(
-        lm, tokens, Site("mlp_out", config.layer), config.strengths, kind,
+        lm, tokens, calibrated_sites(config)[1], config.strengths, kind,
         sae=sae_out, batch_size=config.batch_size, seed=config.seed,
         skip_first_positions=config.skip_first_positions, n_boot=config.n_boot,
         level=config.level, reference_variance=variance,
@@ -318,10 +328,10 @@ def _noise(
 
 def _splice_fn(name: str, decoded: dict[str, Tensor], sae_out: Sae, skip: int) -> Splice:
     if name == "zero":
-        return lambda stream, out: _replace_after(out, torch.zeros_like(out), skip)
+        return lambda out: _replace_after(out, torch.zeros_like(out), skip)
     if name == "sae":
-        return lambda stream, out: _replace_after(out, sae_out.decode(sae_out.encode(out)), skip)
-    return lambda stream, out: _replace_after(out, decoded[name], skip)
+        return lambda out: _replace_after(out, sae_out.decode(sae_out.encode(out)), skip)
+    return lambda out: _replace_after(out, decoded[name], skip)
 
 
 def _with_implied_nmse(

@@ -98,8 +98,12 @@ def analyze(
         report=not no_report,
     )
     config = with_budget(config, budget or ("survey" if config.layers else "full"))
-    explicit = {"tokens": tokens, "sae_tokens": sae_tokens, "report_features": report_features}
-    config = dataclasses.replace(config, **{k: v for k, v in explicit.items() if v is not None})
+    config = dataclasses.replace(  # what the command line names beats the budget
+        config,
+        tokens=config.tokens if tokens is None else tokens,
+        sae_tokens=config.sae_tokens if sae_tokens is None else sae_tokens,
+        report_features=config.report_features if report_features is None else report_features,
+    )
     summary = run_analyze(config)
     typer.echo(format_model_summary(summary) if "layers" in summary else format_summary(summary))
 

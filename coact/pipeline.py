@@ -233,8 +233,8 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
 
 def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
     """One row per layer: the MLP's and attention's linear shares and attention's
-    same-position share, at the layer's calibrated τ and at the seed's τ (calibrated τ
-    differ between layers, so only the seed's compares layers on one threshold), and the
+    same-position share, each at its own site's calibrated τ and at the seed's τ (calibrated
+    τ differ between sites and layers, so only the seed's compares them on one threshold), and the
     composition's fit, source shares and decoded checks."""
     rows = []
     for layer, s in sorted(per_layer.items()):
@@ -242,6 +242,7 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
         mlp = (s.get("calibrate") or {}).get("linear_calibrated") or s.get("connect") or {}
         attention = block.get("attention") or {}
         scored = block.get("positions") or {}
+        causal = block.get("attention_causal") or {}
         composed = block.get("composition") or {}
         decoded = composed.get("decoded_fvu") or {}
         shares = {
@@ -252,11 +253,18 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
         rows.append(
             {
                 "layer": layer,
-                "tau": block.get("tau"),
+                "mlp_tau": (s.get("calibrate") or {}).get("tau"),
+                "attention_tau": block.get("tau"),
                 "form": block.get("form"),
                 "mlp_percent_linear": mlp.get("percent_linear"),
                 "attention_percent_linear": attention.get("percent_linear"),
                 "attention_percent_same_position": scored.get("percent_same_position"),
+                "attention_percent_context_free": (causal.get("resample") or {}).get(
+                    "percent_context_free"
+                ),
+                "attention_percent_self_only": (causal.get("self_only") or {}).get(
+                    "percent_self_only"
+                ),
                 "mlp_percent_linear_seed_tau": _share_at_seed_tau(
                     run / "connect" / "features.parquet", "d_seed"
                 ),
@@ -396,6 +404,7 @@ def _analyze_layer(
             config.block_settings,
             linearity=_calibrated_linearity(config, calibration),
             connect_settings=config.connect_settings,
+            calibrate_settings=config.calibrate_settings if config.calibrate else None,
             seed=config.seed,
             device=config.device,
             decode=decode,

@@ -137,6 +137,28 @@ def mlp_output_after_edit(
     return _as_tensor(saved_in), _as_tensor(saved_out)
 
 
+@torch.no_grad()
+def attention_output_with_input(
+    lm: LoadedModel, tokens: Tensor, layer: int, stream: Tensor
+) -> Tensor:
+    """attn_out[layer] (batch, seq, d) when attention reads `stream` (batch, seq, d) in
+    place of resid_pre[layer]: the stream is written as the input of the attention's norm,
+    so only attention sees it (the residual skip carries on untouched); the pass stops
+    after attention. For causal checks of what attention reads from which position."""
+    if stream.shape != (*tokens.shape, lm.adapter.d_model):
+        raise CoactError(
+            f"stream must be (batch, seq, d_model) = {(*tokens.shape, lm.adapter.d_model)}, "
+            f"got {tuple(stream.shape)}"
+        )
+    model = wrap(lm)
+    norm_path, point = lm.adapter.attn_norm_path(layer), lm.adapter.point(Site("attn_out", layer))
+    with model.trace(tokens.to(lm.device)) as tracer:
+        resolve(model, norm_path).input = stream.to(lm.device)
+        saved = _read(resolve(model, point.path), point).save()
+        tracer.stop()
+    return _as_tensor(saved)
+
+
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-position cross-entropy of predicting token t+1, shape (batch, seq-1), in nats."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -28,8 +28,9 @@ def test_pick_tau_is_the_largest_with_every_smaller_one_within_tolerance() -> No
     assert pick_tau(taus, np.full(5, 0.5), tolerance=0.1) == -1.0  # nothing passes: all mlp
 
 
-def _calibrated(kind: str, tmp_path, **settings):
-    """Planted model → codes → connectors → calibration, all at test size."""
+def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
+    """Planted model → codes → connectors → calibration, all at test size; with
+    `attention`, the plant is a block's attention and calibration runs at attn_out."""
     import torch
 
     from coact.calibrate import CalibrateConfig, calibrate
@@ -38,9 +39,9 @@ def _calibrated(kind: str, tmp_path, **settings):
     from coact.connectors.exact import LassoPathConfig
     from coact.corpus import Contexts
     from coact.pipeline import calibration_tokens
-    from tests.planted_model import planted_model, random_tokens
+    from tests.planted_model import planted_attention, planted_model, random_tokens
 
-    plant = planted_model(kind)  # type: ignore[arg-type]
+    plant = (planted_attention if attention else planted_model)(kind)  # type: ignore[operator]
     tokens = random_tokens(96, 24, seed=1)
     contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "planted", kind, 96)
     site_in, site_out = plant.sites
@@ -56,6 +57,7 @@ def _calibrated(kind: str, tmp_path, **settings):
     held = calibration_tokens(contexts, store, linking)
     config = CalibrateConfig(
         layer=plant.layer, contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False,
+        in_site=str(site_in) if attention else "", out_site=str(site_out) if attention else "",
         **settings,
     )  # fmt: skip
     out = tmp_path / "calibrate"
@@ -90,3 +92,22 @@ def test_linear_plant_splices_back_the_clean_model_and_is_all_linear(tmp_path) -
         spec = json.loads((out / f"{chart}.vl.json").read_text())
         assert "tokens" in spec["title"]["subtitle"]  # every figure states what it rests on
         assert (out / f"{chart}.png").stat().st_size > 10_000
+
+
+def test_attention_plant_is_calibrated_at_attn_out(tmp_path) -> None:
+    """A same-position linear attention plant: the splices replace attn_out (zeroing it
+    costs loss, splicing least squares' prediction back costs none), so every feature is
+    linear at the calibrated τ; the MLP-only causal check is not run."""
+    import polars as pl
+
+    summary, out = _calibrated("current", tmp_path, attention=True)
+    splices = {
+        r["splice"]: r for r in pl.read_parquet(out / "splices.parquet").iter_rows(named=True)
+    }
+    assert abs(splices["sae"]["delta_ce"]) < 1e-5 and splices["sae"]["kl"] < 1e-6
+    assert abs(splices["linear"]["delta_ce"]) < 1e-4 and splices["linear"]["kl"] < 1e-5
+    assert splices["zero"]["kl"] > 1e-4  # zeroing the planted attention changes the model
+    assert summary["linear_calibrated"]["percent_linear"] == 100.0
+    assert "causal" not in summary and not (out / "causal.parquet").exists()
+    spec = json.loads((out / "noise.vl.json").read_text())
+    assert "attn_out[1]" in json.dumps(spec)  # the curves name the site they were taken at

@@ -16,6 +16,7 @@ from coact.collect import CollectConfig
 from coact.connect import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
+from coact.linearity import LinearityConfig, relabel
 from coact.pipeline import AnalyzeConfig, analyze, parse_layers, with_budget
 from coact.runs import RunLayout
 from coact.sae.train import SaeTrainConfig
@@ -133,11 +134,34 @@ def test_block_single_layer_writes_attention_positions_and_composition(tmp_path:
         "mlp_resid[1]", "mlp_out[1]", "resid_pre[1]", "attn_out[1]", "resid_pre[2]"
     }  # fmt: skip
     block = summary["block"]
-    # attention and the MLP are read against one threshold: the calibrated τ
-    assert block["tau"] == summary["calibrate"]["tau"]
+    # attention has its own τ, calibrated at attn_out as the MLP's is at mlp_out
+    assert block["mlp_tau"] == summary["calibrate"]["tau"]
+    attention_calibration = json.loads((run / "attention/calibrate/calibrate.json").read_text())
+    assert block["tau"] == attention_calibration["tau"] == block["attention_calibration"]["tau"]
+    assert set(attention_calibration["splices"]) == {"sae", "linear", "mlp", "zero"}
     attention, scored = block["attention"], block["positions"]
     assert (attention["in_site"], attention["out_site"]) == ("resid_pre[1]", "attn_out[1]")
     assert attention["tau"] == block["tau"] == scored["tau"]
+    # the connectors are fitted at the connect stage's τ and relabelled at attention's own
+    fitted = json.loads((run / "attention" / "connect" / "connect.json").read_text())
+    assert fitted["tau"] == SMALL_CONNECT.linearity.tau
+    relabelled = relabel(
+        pl.read_parquet(run / "attention" / "connect" / "features.parquet"),
+        LinearityConfig(tau=block["tau"], form=block["form"]),
+    )
+    assert attention["linear"] == (relabelled["status"] == "linear").sum()
+    # the causal checks beside the predictive score, one row per attention feature
+    causal = block["attention_causal"]
+    table = pl.read_parquet(run / "attention" / "causal" / "causal.parquet")
+    assert table.height == attention["alive"] + attention["dead"]
+    assert {"self_only_fvu", "resample_fvu", "position_status", "gain_fvu"} <= set(table.columns)
+    counted = sum(causal["agreement"].values())
+    alive_both = table.filter(
+        pl.col("position_status").is_in(["same_position", "needs_context"])
+        & pl.col("resample_fvu").is_finite()
+    )
+    assert counted == alive_both.height > 0
+    assert 0 <= causal["resample"]["percent_context_free"] <= 100
     assert attention["linear"] + attention["nonlinear"] == attention["alive"]
     assert 0 <= scored["percent_same_position"] <= 100
     # the same held-out split: the same-position fit is connect's least squares

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from coact.errors import CoactError
+from coact.linearity import LinearityConfig, relabel
 from coact.runs import RunLayout
 from coact.sites import Site
 
@@ -63,8 +64,10 @@ class RunData:
     sae_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     # block results (`coact analyze --block`): attention/, composition/, block.json
     block: dict[str, Any] | None = None  # block.json: the headline, τ and its form
-    attention: dict[str, Any] | None = None  # attention/connect/connect.json
-    attention_features: pl.DataFrame | None = None
+    attention: dict[str, Any] | None = None  # connect.json, shares at attention's τ
+    attention_features: pl.DataFrame | None = None  # status at attention's τ
+    attention_calibration: dict[str, Any] | None = None  # attention/calibrate/calibrate.json
+    attention_splices: pl.DataFrame | None = None  # attention/calibrate/splices.parquet
     attention_weights: pl.DataFrame | None = None
     attention_top_tokens: pl.DataFrame | None = None
     positions: dict[str, Any] | None = None  # attention/positions/positions.json
@@ -218,8 +221,17 @@ def _load_block(data: RunData) -> None:
     data.block = _json(run / "block.json")
     attention = run / "attention" / "connect"
     data.attention = _json(attention / "connect.json")
+    data.attention_calibration = _json(run / "attention" / "calibrate" / "calibrate.json")
+    if data.attention_calibration is not None:
+        data.attention_splices = _parquet(run / "attention" / "calibrate" / "splices.parquet")
     if data.attention is not None:
+        # block.json holds the shares at the τ attention is read at; connect.json's are at
+        # the τ it was fitted with
+        data.attention.update((data.block or {}).get("attention") or {})
         data.attention_features = _parquet(attention / "features.parquet")
+        if data.attention_features is not None and "tau" in data.attention:
+            at = LinearityConfig(tau=float(data.attention["tau"]), form=data.attention["form"])
+            data.attention_features = relabel(data.attention_features, at)
         data.attention_weights = _parquet(attention / "weights.parquet")
         data.attention_top_tokens = _parquet(attention / "top_tokens.parquet")
     positions = run / "attention" / "positions"

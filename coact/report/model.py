@@ -33,11 +33,14 @@ SEED_TAU = LinearityConfig(tau=0.001, form="seed")  # the seed study's threshold
 # layers.parquet's columns as the model page names them (unknown ones keep their name)
 COLUMNS = {
     "layer": "layer",
-    "tau": "τ",
+    "mlp_tau": "MLP τ",
+    "attention_tau": "attention τ",
     "form": "form of d",
     "mlp_percent_linear": "MLP % linear",
     "attention_percent_linear": "attention % linear",
     "attention_percent_same_position": "attention % same position",
+    "attention_percent_context_free": "attention % context-free (resampled)",
+    "attention_percent_self_only": "attention % kept by self-only attention",
     "mlp_percent_linear_seed_tau": "MLP % linear at 0.001",
     "attention_percent_linear_seed_tau": "attention % linear at 0.001",
     "attention_percent_same_position_seed_tau": "attention % same position at 0.001",
@@ -196,9 +199,9 @@ def model_page(
         "",
         "## Layers side by side",
         "",
-        "Each layer's shares are read at that layer's τ (calibrated against the model's loss "
-        "where calibration ran), the same τ for its MLP, its attention and the position "
-        "score. Click a column header to sort.",
+        "Each share is read at its own site's τ, calibrated against the model's loss where "
+        "calibration ran: the MLP's at `mlp_out[ℓ]`, attention's (and the position score's) "
+        "at `attn_out[ℓ]`. Click a column header to sort.",
         "",
         layers_html(table, links),
         "",
@@ -247,7 +250,7 @@ def _value(column: str, value: Any) -> str:
         return str(value)
     if "percent" in column:
         return f"{float(value):.1f}%"
-    if column.startswith("decoded_fvu_") or column == "tau":
+    if column.startswith("decoded_fvu_") or column.endswith("tau"):
         return num(float(value), ".3g")
     return num(float(value), ".3f")
 
@@ -267,7 +270,7 @@ def column_groups(columns: Sequence[str]) -> dict[str, list[str]]:
             continue
         if "percent" in c and c.endswith("_seed_tau"):
             groups[seed].append(c)
-        elif c in ("tau", "form") or "percent" in c:
+        elif c in ("mlp_tau", "attention_tau", "form") or "percent" in c:
             groups["Linear and same-position shares"].append(c)
         elif c.startswith("composition_"):
             groups["Residual composition"].append(c)
@@ -305,15 +308,21 @@ def _layers_table(table: pl.DataFrame, columns: Sequence[str], links: Mapping[in
 
 def _column_notes(table: pl.DataFrame) -> list[str]:
     notes = [
-        "- **τ**, **form of d**: the layer's threshold (calibrated where calibration ran) and "
-        "the form of d it applies to; calibrated τ differ between layers, so the columns "
-        "*at 0.001* (the seed's τ, seed form) compare the layers on one threshold.",
+        "- **MLP τ**, **attention τ**, **form of d**: each site's threshold (the largest "
+        "whose linear splice at that site costs at most ε extra next-token loss) and the form "
+        "of d it applies to; calibrated τ differ between sites and layers, so the columns "
+        "*at 0.001* (the seed's τ, seed form) compare them on one threshold.",
         "- **MLP % linear**: alive `mlp_out[ℓ]` features whose per-feature gain of an mlp "
         "connector over least squares, d = MSE_lin − MSE_mlp, is at most τ.",
         "- **attention % linear**: the same for `attn_out[ℓ]` from `resid_pre[ℓ]` at the same "
         "position.",
         "- **attention % same position**: alive `attn_out[ℓ]` features that earlier positions "
         "(the previous token, a decayed sum of the ones before) improve by at most τ.",
+        "- **attention % context-free (resampled)**: the causal counterpart of the last "
+        "column: alive `attn_out[ℓ]` features whose code at a token changes little "
+        "(FVU ≤ 0.5) when what attention reads at every earlier token but BOS comes from "
+        "another text. **% kept by self-only attention**: the same when every head attends "
+        "only to the token itself (heads that rest on the BOS sink lose here, not there).",
         "- **composition R²**: mean held-out R² of `resid_pre[ℓ+1]` features from the three "
         "sources' features (sparse at the chosen α; least squares on every input).",
     ]

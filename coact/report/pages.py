@@ -639,17 +639,48 @@ POSITION_KEYS = {
 
 
 def _block_tau(data: RunData) -> tuple[float, str, str]:
-    """(τ, form, where it comes from) that the block's shares are read at."""
-    b = data.block or data.attention or data.positions or {}
+    """(τ, form, where it comes from) that attention's shares are read at."""
+    b = data.attention or data.block or data.positions or {}
     tau, form = float(b.get("tau", 0.001)), str(b.get("form", "seed"))
+    if data.attention_calibration is not None:
+        return tau, form, f"calibrated at {data.attn_out_site}"
     cal, _ = data.tau()
-    where = "calibrated" if cal is not None and abs(cal - tau) <= 1e-12 * max(1, tau) else "set"
-    return tau, form, where
+    same = cal is not None and abs(cal - tau) <= 1e-12 * max(1, tau)
+    return tau, form, "the MLP's calibrated τ" if same else "set"
+
+
+def _attention_threshold(data: RunData, fig: Figures) -> list[str]:
+    """Attention's own calibration: its τ curve, as the MLP's section draws the MLP's."""
+    k = data.attention_calibration
+    directory = data.run_dir / "attention" / "calibrate"
+    splices = data.attention_splices
+    if k is None or splices is None or not splices.filter(pl.col("tau").is_not_null()).height:
+        return []
+    spec = load_spec(directory / "threshold.vl.json")
+    chart = spec or charts.threshold_curve(splices, float(k["tau"]), float(k["tolerance"]))
+    line = (
+        f"Attention's τ = {float(k['tau']):.3g} is calibrated like the MLP's, at "
+        f"`{data.attn_out_site}`: the largest threshold whose splice (least squares for the "
+        f"features under it, the mlp for the rest) costs at most ε = {float(k['tolerance']):g} "
+        f"nats per token more than the all-mlp splice, on {int(k['n_tokens']):,} tokens of "
+        f"{int(k['n_contexts'])} held-out contexts."
+    )
+    return [
+        line,
+        "",
+        fig.figure(
+            chart,
+            "attention-threshold",
+            "Read: τ is the rightmost point whose extra loss, and that of every point left of "
+            "it, stays under the dashed ε line.",
+        ),
+        "",
+    ]
 
 
 def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> list[str]:
-    """Attention of the block: its connectors' loss and linearity at the MLP's τ, and how
-    much its features need earlier positions."""
+    """Attention of the block: its connectors' loss and linearity at attention's own τ, and
+    how much its features need earlier positions."""
     a, p = data.attention, data.positions
     out = ["## Attention", ""]
     if a is None and p is None:
@@ -659,11 +690,12 @@ def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> lis
     out += [
         f"Attention of block {data.layer} reads `{in_site}` and writes `{out_site}`. The same "
         f"connectors as the MLP's, fitted on the same tokens (same position: the features at "
-        f"token t from those at t), and read at the same τ = {tau:.3g} ({form} form, "
-        f"{where}). Attention also reads earlier positions: the position score below says "
-        "how much they add.",
+        f"token t from those at t), and read at τ = {tau:.3g} ({form} form, {where}). "
+        "Attention also reads earlier positions: the position score below says how much "
+        "they add.",
         "",
     ]
+    out += _attention_threshold(data, fig)
     rows = []
     if a is not None:
         held = int(a["tokens_heldout"])
