@@ -30,6 +30,8 @@ BLOCK_CHARTS = {
     "attention-families",
     "attention-d-distribution",
     "position-gains",
+    "attention-threshold",
+    "position-causal",
     "composition-shares",
     "composition-lasso-path",
 }
@@ -159,6 +161,9 @@ def test_layer_pages_have_attention_and_composition(model_run: Path) -> None:
         positions = [h for h in headers if "carrier" in h]
         assert positions and "top tokens" in positions[0] and "artefact?" in positions[0]
         assert "Chosen α =" in text and "same position (gain ≤ τ)" in text
+        assert "Causal check: does attention use earlier tokens?" in text
+        assert "calibrated at attn_out" in text  # attention is read at its own τ
+        assert "FVU with earlier tokens resampled" in positions[0]
         # the MLP's sections are still there, in front
         assert text.index("Linearity: what the mlp adds") < text.index(">Attention<")
 

@@ -68,6 +68,8 @@ class RunData:
     attention_features: pl.DataFrame | None = None  # status at attention's τ
     attention_calibration: dict[str, Any] | None = None  # attention/calibrate/calibrate.json
     attention_splices: pl.DataFrame | None = None  # attention/calibrate/splices.parquet
+    attention_causal: dict[str, Any] | None = None  # attention/causal/causal.json
+    attention_causal_table: pl.DataFrame | None = None  # per feature: self-only, resampled
     attention_weights: pl.DataFrame | None = None
     attention_top_tokens: pl.DataFrame | None = None
     positions: dict[str, Any] | None = None  # attention/positions/positions.json
@@ -234,6 +236,9 @@ def _load_block(data: RunData) -> None:
             data.attention_features = relabel(data.attention_features, at)
         data.attention_weights = _parquet(attention / "weights.parquet")
         data.attention_top_tokens = _parquet(attention / "top_tokens.parquet")
+    data.attention_causal = _json(run / "attention" / "causal" / "causal.json")
+    if data.attention_causal is not None:
+        data.attention_causal_table = _parquet(run / "attention" / "causal" / "causal.parquet")
     positions = run / "attention" / "positions"
     data.positions = _json(positions / "positions.json")
     if data.positions is not None:

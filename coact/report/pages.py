@@ -757,6 +757,55 @@ def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> lis
     ]
     if p is not None and data.positions_table is not None:
         out += _positions_part(data, fig, token_text, tau, form)
+    out += _causal_part(data, fig)
+    return out
+
+
+def _causal_part(data: RunData, fig: Figures) -> list[str]:
+    """The position score's causal counterpart: resampled earlier tokens and self-only
+    attention per feature, and how often they agree with the predictive verdict."""
+    c, table = data.attention_causal, data.attention_causal_table
+    if c is None or table is None:
+        return []
+    r, s = c["resample"], c["self_only"]
+    out = [
+        "### Causal check: does attention use earlier tokens?",
+        "",
+        f"The position score above is predictive. Here the model is run with what attention "
+        f"reads at every earlier token but BOS taken from another text (**resampled**), and "
+        f"with every head attending only to its own token (**self-only**), on "
+        f"{int(c['contexts'])} held-out contexts. A feature counts as context-free when its "
+        f"FVU under the intervention is ≤ {float(r['threshold']):g}: "
+        f"{float(r['percent_context_free']):.1f}% of {int(r['alive']):,} alive features "
+        f"under resampling, {float(s['percent_self_only']):.1f}% under self-only attention "
+        f"(median FVU {float(r['median_resample_fvu']):.3g} and "
+        f"{float(s['median_self_only_fvu']):.3g}). Self-only attention also removes what "
+        "heads read from the BOS sink, so it loses more than resampling.",
+        "",
+    ]
+    agreement = c.get("agreement")
+    if agreement:
+        rows = [
+            ["same position", str(agreement["same_position_context_free"]),
+             str(agreement["same_position_uses_context"])],
+            ["needs context", str(agreement["needs_context_context_free"]),
+             str(agreement["needs_context_uses_context"])],
+        ]  # fmt: skip
+        out += [
+            md_table(["predictive verdict", "context-free (resampled)", "uses context"], rows),
+            "",
+        ]
+        if "gain_fvu" in table.columns:
+            out.append(
+                fig.figure(
+                    figures.position_causal(table, float(r["threshold"]), int(c["contexts"])),
+                    "position-causal",
+                    "Read: features in the lower left are same-position by both measures, "
+                    "those in the upper right need earlier tokens by both; red points below "
+                    "the line are predicted to need context but do not change when it does.",
+                )
+            )
+            out.append("")
     return out
 
 
@@ -783,6 +832,10 @@ def _positions_part(
         verdicts = dict(zip(f["feature"].to_list(), f["verdict"].to_list(), strict=True))
     slug = Site.parse(data.attn_out_site).slug
     carriers = {"previous": "previous token", "decayed": "further back (decayed)"}
+    resampled: dict[int, float] = {}
+    if data.attention_causal_table is not None:
+        t = data.attention_causal_table
+        resampled = dict(zip(t["feature"].to_list(), t["resample_fvu"].to_list(), strict=True))
     rows = []
     for r in top.iter_rows(named=True):
         j = int(r["feature"])
@@ -797,6 +850,7 @@ def _positions_part(
             (num(r.get("gain_previous_alone_fvu")), sort_key(r.get("gain_previous_alone_fvu"))),
             (num(r.get("gain_decayed_alone_fvu")), sort_key(r.get("gain_decayed_alone_fvu"))),
             (num(r["active_count"]), r["active_count"]),
+            (num(resampled.get(j)), sort_key(resampled.get(j))),
             (verdicts.get(j, "–"), verdicts.get(j, "")),
             (token_text(slug, j), None),
         ]
@@ -811,6 +865,7 @@ def _positions_part(
         "previous token alone (/ variance)",
         "decayed context alone (/ variance)",
         "active tokens",
+        "FVU with earlier tokens resampled",
         "same-position linear verdict",
         "top tokens",
     ]
