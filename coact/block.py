@@ -263,6 +263,7 @@ def _attention_causal(
     summary: dict[str, Any] = {
         "layer": layer,
         "contexts": int(tokens.shape[0]),
+        "targets": config.resample.targets,
         "self_only": self_only_summary(self_only),
         "resample": resample_summary(resampled),
     }

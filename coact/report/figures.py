@@ -574,7 +574,9 @@ POSITION_COLOURS = alt.Scale(
 SOURCE_COLOURS = ["#7f7f7f", "#1f77b4", "#ff7f0e"]  # skip (residual), attention, MLP
 
 
-def position_causal(table: pl.DataFrame, threshold: float, contexts: int) -> alt.LayerChart:
+def position_causal(
+    table: pl.DataFrame, threshold: float, contexts: int, targets: int
+) -> alt.LayerChart:
     """Per alive attention feature: the predictive gain from earlier positions (fvu form)
     against what resampling earlier tokens changes (resample FVU), coloured by the
     predictive verdict; the dashed line is the resample threshold."""
@@ -626,7 +628,7 @@ def position_causal(table: pl.DataFrame, threshold: float, contexts: int) -> alt
             "Predicted against caused: does each attention feature use earlier tokens?",
             [
                 f"{alive.height:,} features alive in both; resampling on {contexts} held-out "
-                f"contexts × 8 target positions; dashed: FVU {threshold:g}",
+                f"contexts × {targets} target positions; dashed: FVU {threshold:g}",
                 "above the line: the code changes when earlier tokens come from another text",
             ],
         ),
