@@ -4,6 +4,7 @@ the layers side by side and links them."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -15,12 +16,18 @@ from urllib.request import url2pathname
 
 import polars as pl
 import pytest
+import yaml
 
 from coact.errors import CoactError
 from coact.graph import EDGE_SCHEMA
 from coact.pipeline import analyze
+from coact.report.data import load_run
+from coact.report.embed import Figures
+from coact.report.feature_page import attention_page
 from coact.report.figures import spec_title, untitled_axes
 from coact.report.model import _header, build_model_report, column_groups, is_model_run
+from coact.report.pages import TokenText
+from coact.report.select import interesting_attention_features
 from tests.test_report import DRAW_ALL, _parse
 from tests.tiny_run import tiny_config
 
@@ -36,6 +43,11 @@ BLOCK_CHARTS = {
     "composition-lasso-path",
 }
 
+REPORT_FEATURES = 8  # the fixture's report_features: 8 output feature pages per layer
+ATTENTION_PAGES = max(1, REPORT_FEATURES // 2)  # and half as many attention pages
+GAIN = {"raw": "gain", "fvu": "gain_fvu", "seed": "gain_seed"}
+D = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
+
 
 def build_model_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model run over all three layers of tiny-llama with its reports (8 feature
@@ -45,7 +57,7 @@ def build_model_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (model_dir / "report" / "site" / "index.html").is_file():
         return model_dir
     shutil.rmtree(model_dir.parent, ignore_errors=True)
-    analyze(tiny_config(model_dir, layers="all", report_features=8))
+    analyze(tiny_config(model_dir, layers="all", report_features=REPORT_FEATURES))
     return model_dir
 
 
@@ -241,3 +253,197 @@ def test_every_inline_chart_draws_with_the_bundled_vega(
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert not result["failed"], result["failed"][:5]
         assert result["drawn"] >= least, result
+
+
+def _g(value: float) -> str:
+    """A number as the report writes it ('–' for NaN)."""
+    return "–" if value != value else format(value, ".3g")
+
+
+def _ranked_attention(run: Path) -> tuple[list[int], str, float]:
+    """By hand from the parquet tables: the alive attention features of the position score
+    by gain (the form attention is read in), largest first; the form and τ."""
+    block = json.loads((run / "block.json").read_text())
+    form = str(block["form"])
+    column = GAIN[form]
+    positions = pl.read_parquet(run / "attention" / "positions" / "positions.parquet")
+    ranked = positions.filter((pl.col("status") != "dead") & pl.col(column).is_finite()).sort(
+        [column, "feature"], descending=[True, False]
+    )
+    return [int(j) for j in ranked["feature"]], form, float(block["tau"])
+
+
+def test_attention_features_get_pages_linked_from_the_layer_page_and_the_nav(
+    model_run: Path,
+) -> None:
+    for ell in LAYERS:
+        run = model_run / f"L{ell}"
+        site = run / "report" / "site"
+        ranked, _, _ = _ranked_attention(run)
+        expected = ranked[:ATTENTION_PAGES]
+        pages = sorted((site / "features").glob("attn-*.html"))
+        assert sorted(int(p.stem.removeprefix("attn-")) for p in pages) == sorted(expected)
+        # the layer page's position table lists them first, each linked to its page
+        layer = site / f"layer-{ell}.html"
+        text = layer.read_text(encoding="utf-8")
+        table = next(
+            t for t in re.findall(r"<table[^>]*>.*?</table>", text, re.S) if ">carrier<" in t
+        )
+        rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+        shown = [int(re.search(r"attn (\d+)", r).group(1)) for r in rows]  # type: ignore[union-attr]
+        assert shown == ranked[: len(shown)] and len(shown) == min(10, len(ranked))
+        links = re.findall(r'href="(features/attn-(\d+)\.html)"', table)
+        assert [int(j) for _, j in links] == expected, links
+        assert all(_resolve(layer, href).is_file() for href, _ in links)
+        # the nav lists them under their own heading, beside the output features
+        config = yaml.safe_load((run / "report" / "mkdocs.yml").read_text(encoding="utf-8"))
+        nav = {k: v for entry in config["nav"] for k, v in entry.items()}
+        assert len(nav["Feature pages"]) == REPORT_FEATURES
+        assert nav["Attention feature pages"] == [
+            {f"attn {j}": f"features/attn-{j}.md"} for j in expected
+        ]
+        index = (site / "index.html").read_text(encoding="utf-8")
+        assert "Attention feature pages" in index
+        assert all(f'href="features/attn-{j}.html"' in index for j in expected)
+
+
+def test_attention_pages_show_connector_position_score_causal_check_and_graph(
+    model_run: Path,
+) -> None:
+    for ell in LAYERS:
+        run = model_run / f"L{ell}"
+        site = run / "report" / "site"
+        ranked, form, tau = _ranked_attention(run)
+        attention = run / "attention"
+        features = pl.read_parquet(attention / "connect" / "features.parquet")
+        weights = pl.read_parquet(attention / "connect" / "weights.parquet")
+        positions = pl.read_parquet(attention / "positions" / "positions.parquet")
+        causal = pl.read_parquet(attention / "causal" / "causal.parquet")
+        flags = pl.read_parquet(run / "outliers" / "outliers.parquet")
+        for rank, j in enumerate(ranked[:ATTENTION_PAGES], start=1):
+            page = site / "features" / f"attn-{j}.html"
+            text = page.read_text(encoding="utf-8")
+            for section in (
+                "Evidence: where it fires",
+                "Same-position connector",
+                "Linearity at attention's τ",
+                "Position score: does it need earlier positions?",
+                "Causal check: does it use earlier tokens?",
+                "Layer graph",
+            ):
+                assert f">{section}<" in text, (page, section)
+            tables = {tuple(h): rows for h, rows in _tables(page)}
+            # the headline: feature, site, active tokens, outlier flag
+            f = features.filter(pl.col("feature") == j).row(0, named=True)
+            flag = flags.filter((pl.col("site") == f"attn_out.{ell}") & (pl.col("feature") == j))
+            flagged = flag.height and flag["outlier"][0]
+            head = tables[("feature", "site", "active tokens", "artefact? (outlier flag)")]
+            assert head == [
+                [
+                    f"attn {j}",
+                    f"attn_out[{ell}]",
+                    f"{f['active_count']:,}",
+                    f"⚠ {flag['reason'][0]}" if flagged else "no",
+                ]
+            ]
+            assert f"rank {rank} of the position score" in text
+            # top contexts from the code store and the histogram of its activations
+            assert "coact-max" in text and f'id="chart-attn-{j}-histogram"' in text
+            # the same-position connector: its formula, strongest input, d at attention's τ
+            stored = str(f["formula"])
+            assert stored.startswith(f"out {j} = ")
+            shown = f"attn {j} = " + stored.removeprefix(f"out {j} = ")
+            assert html.escape(shown, quote=False) in text
+            mine = weights.filter(pl.col("output") == j)
+            inputs = next((rows for h, rows in _tables(page) if h and h[0] == "input"), None)
+            if mine.height:
+                top = int(mine.sort(pl.col("weight_refit").abs(), descending=True)["input"][0])
+                assert inputs and inputs[0][0].split()[:2] == ["in", str(top)], inputs
+            d, low, high = (float(f[D[form] + s]) for s in ("", "_low", "_high"))
+            status = "linear" if d <= tau else "nonlinear"
+            assert f"d ({form} form) = {_g(d)}, 95% interval [{_g(low)}, {_g(high)}]" in text
+            assert f"τ = {_g(tau)} ({form} form" in text
+            assert f"({status} at the point estimate)" in text
+            # the position score
+            p = positions.filter(pl.col("feature") == j).row(0, named=True)
+            column = GAIN[form]
+            score = tables[
+                (
+                    f"gain ({form} form)",
+                    "95% interval",
+                    "verdict",
+                    "carrier",
+                    "previous token alone (/ variance)",
+                    "decayed context alone (/ variance)",
+                    "rank by gain",
+                )
+            ][0]
+            assert score[0] == _g(p[column])
+            assert score[1] == f"[{_g(p[column + '_low'])}, {_g(p[column + '_high'])}]"
+            assert score[2] == p["verdict"]
+            assert score[4:6] == [
+                _g(p["gain_previous_alone_fvu"]),
+                _g(p["gain_decayed_alone_fvu"]),
+            ]
+            assert score[6] == f"rank {rank} of {len(ranked)}"
+            # the causal check
+            c = causal.filter(pl.col("feature") == j).row(0, named=True)
+            checks = tables[("intervention", "tokens where it fires", "FVU", "mass kept")]
+            resampled = next(r for r in checks if r[0] == "earlier tokens resampled")
+            alone = next(r for r in checks if r[0] == "self-only attention")
+            assert resampled[2] == _g(c["resample_fvu"]) and alone[2] == _g(c["self_only_fvu"])
+            if c["resample_kept"] == c["resample_kept"]:  # not NaN
+                kept = f"{100 * c['resample_kept']:.0f}%"
+                assert resampled[3] == kept
+                assert f"earlier tokens resampled: the code keeps {kept} of its mass" in text
+            # the layer graph: what feeds it (attention) and what it feeds (composition)
+            figures = {fig["id"]: fig for fig in _parse(page).figures}
+            graph = json.loads(figures[f"chart-attn-{j}-graph"]["spec"])
+            assert spec_title(graph) == f"Layer graph of attn_out[{ell}]#{j}"
+            links = [a["href"] for tag, a in _parse(page).tags if tag == "a" and "graphs/" in
+                     a.get("href", "")]  # fmt: skip
+            assert len(links) == 3 and all(_resolve(page, h).is_file() for h in links), links
+            edges = pl.read_parquet(_resolve(page, next(h for h in links if "edges.parq" in h)))
+            site_name = f"attn_out[{ell}]"
+            chosen = (pl.col("target_site") == site_name) & (pl.col("target_feature") == j)
+            fed = (pl.col("source_site") == site_name) & (pl.col("source_feature") == j)
+            assert edges.filter(chosen | fed).height > 0
+            assert set(edges.filter(chosen)["path"]) <= {"attention"}
+            assert set(edges.filter(fed)["path"]) <= {"composition"}
+            # every chart: a title, titled axes, a "Read:" caption and a static fallback
+            for name, figure in figures.items():
+                spec = json.loads(figure["spec"])
+                assert spec_title(spec), (page, name)
+                assert not untitled_axes(spec), (page, name, untitled_axes(spec))
+                caption = figure["caption"].replace("static image", "").strip()
+                assert caption.startswith("Read:") and len(caption) > 30, (page, name)
+                assert figure["img"] and (page.parent / figure["img"]).is_file(), (page, name)
+            # links back to the layer page
+            hrefs = {a["href"] for tag, a in _parse(page).tags if tag == "a" and a.get("href")}
+            assert f"../layer-{ell}.html" in hrefs
+
+
+def test_attention_pages_skip_what_the_run_lacks(model_run: Path, tmp_path: Path) -> None:
+    data = load_run(model_run / "L1")
+    text_of = TokenText(data.attention_top_tokens)
+    # no position score: the most active alive attention features instead
+    data.positions = data.positions_table = None
+    data.attention_causal = data.attention_causal_table = None
+    picked = interesting_attention_features(data, 2)
+    assert data.attention_features is not None
+    alive = data.attention_features.filter(pl.col("status") != "dead")
+    most = alive.sort(["active_count", "feature"], descending=[True, False])["feature"]
+    assert list(picked) == [int(j) for j in most.head(2)]
+    j = next(iter(picked))
+    text = attention_page(data, j, picked[j], None, Figures(tmp_path / "a"), text_of)
+    assert "No position score" in text and "No causal check of attention" in text
+    assert "No codes of this site" in text and ">Layer graph<" not in text
+    assert "## Same-position connector" in text and "d (seed form) = " in text
+    assert "The largest activations of" in text  # connect's stored top tokens instead
+    data.attention_features = data.attention_weights = data.attention_top_tokens = None
+    text = attention_page(data, j, ["asked for"], None, Figures(tmp_path / "b"), TokenText())
+    assert "No same-position connector" in text and "artefact?" in text
+    # a run without attention results (or asked for no pages) gets no attention pages
+    assert interesting_attention_features(data, 0) == {}
+    data.attention = data.block = None
+    assert interesting_attention_features(data, 4) == {}

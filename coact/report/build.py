@@ -19,7 +19,12 @@ from coact.report import feature_page, pages
 from coact.report.data import RunData, load_run
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, default_decode
-from coact.report.select import DEFAULT_FEATURES, interesting_features
+from coact.report.select import (
+    DEFAULT_FEATURES,
+    attention_page_count,
+    interesting_attention_features,
+    interesting_features,
+)
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
 
 MARKER = ".coact-report"
@@ -39,15 +44,21 @@ def build_report(
     picks the output features that get a page: a list of ids, a number of the most
     interesting ones, or None for the default ~50 (most confident per logic label, largest
     nonlinear gain, strongest connections, causally checked, clearly linear, most active).
+    A block run's attention features get pages too, half as many (at least one): those
+    that gain most from earlier positions, the first rows of the layer page's table of
+    them.
     `decode` turns token ids into text; by default the run's tokenizer when it is on this
     machine, else the token texts `connect` stored. Stages the run lacks (calibrate/,
     logic/, ...) are skipped with a note."""
     started = time.perf_counter()
     data = load_run(run_dir)
     featured: dict[int, list[str]] = {}
+    if features is None or isinstance(features, int):
+        count = DEFAULT_FEATURES if features is None else int(features)
+    else:
+        count = len(dict.fromkeys(int(j) for j in features))
     if data.features is not None:
         if features is None or isinstance(features, int):
-            count = DEFAULT_FEATURES if features is None else int(features)
             featured = interesting_features(data, count)
         else:
             width = data.features.height
@@ -60,8 +71,9 @@ def build_report(
     docs = out / "docs"
     say = _Say(progress)
 
+    attention = interesting_attention_features(data, attention_page_count(count))
     evidence = None
-    if data.has_codes and (featured or data.outliers is None):
+    if data.has_codes and (featured or attention or data.outliers is None):
         say(f"reading feature codes from {data.layout.codes}")
         if decode is None:
             decode = default_decode(data.run_dir, data.top_tokens)
@@ -71,13 +83,25 @@ def build_report(
             _outliers_in_memory(data, evidence, decode)
     pages_with = set(featured)
 
-    say("writing the run and layer pages")
     write_assets(docs)
     layer_name = pages.layer_page_name(data)
-    root_figures = Figures(docs)  # the run's and the layer's charts: docs/charts/
     token_text = pages.TokenText(data.top_tokens, data.attention_top_tokens)
     graphs = pages.GraphWriter(docs) if data.has_block else None  # tables in docs/graphs/
     site = out / "site"  # where the pages will be: links to the model report start there
+    feature_dir = docs / "features"
+    feature_dir.mkdir(parents=True, exist_ok=True)
+    feature_figures = Figures(feature_dir)
+    feature_model = pages.model_link(data, site / "features")
+    # the attention pages first: the layer page links those that exist
+    bar = {"unit": "page", "disable": not progress, "file": sys.stderr}
+    for j, reasons in tqdm(attention.items(), desc="attention pages", **bar):
+        text = feature_page.attention_page(
+            data, j, reasons, evidence, feature_figures, token_text, graphs, feature_model
+        )
+        (feature_dir / f"{pages.attention_page_name(j)}.md").write_text(text, encoding="utf-8")
+
+    say("writing the run and layer pages")
+    root_figures = Figures(docs)  # the run's and the layer's charts: docs/charts/
     model = pages.model_link(data, site)
     (docs / "index.md").write_text(
         pages.index_page(data, root_figures, len(featured), model=model), encoding="utf-8"
@@ -91,13 +115,7 @@ def build_report(
     )  # fmt: skip
     (docs / "features.md").write_text(pages.all_features_page(data, pages_with), encoding="utf-8")
 
-    feature_dir = docs / "features"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    feature_figures = Figures(feature_dir)
-    feature_model = pages.model_link(data, site / "features")
-    for j, reasons in tqdm(
-        featured.items(), desc="feature pages", unit="page", disable=not progress, file=sys.stderr
-    ):
+    for j, reasons in tqdm(featured.items(), desc="feature pages", **bar):
         text = feature_page.feature_page(
             data, j, reasons, evidence, feature_figures, token_text, graphs, feature_model
         )
@@ -114,6 +132,14 @@ def build_report(
                 "Feature pages": [
                     {_nav_title(data, j): f"features/{pages.feature_page_name(j)}.md"}
                     for j in featured
+                ]
+            }
+        )
+    if attention:
+        nav.append(
+            {
+                "Attention feature pages": [
+                    {f"attn {j}": f"features/{pages.attention_page_name(j)}.md"} for j in attention
                 ]
             }
         )

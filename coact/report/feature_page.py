@@ -1,10 +1,15 @@
 """A feature's page: formula, inputs with their examples, top contexts and what each
 preceding token contributes (context ablation), histogram, linearity, logic label with
-its truth table and co-activations, causal check; artefact (outlier) flags throughout."""
+its truth table and co-activations, causal check; artefact (outlier) flags throughout.
+
+In a block run, attention features get pages too (`attention_page`): the same-position
+connector (formula, inputs, d at attention's τ), where it fires, the position score, the
+causal check of earlier tokens and the layer graph."""
 
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +35,8 @@ from coact.report.pages import (
     pct,
     sort_key,
 )
+from coact.report.select import attention_form
+from coact.sites import Site
 
 MATTERS = 0.25  # a preceding token "matters" when ablating it removes this share or more
 
@@ -56,33 +63,69 @@ def feature_page(
     title = f"out {j}"
     if lab is not None:
         title += f": {lab['label']} (confidence {lab['confidence']:.2f})"
-    verdict = row.get("verdict") or row.get("status")
     out = [
         f"# {title}",
         "",
         f"Feature {j} of `{data.out_site}` (written by the MLP of block {data.layer}). "
-        f"Shown because: {'; '.join(reasons)}. "
-        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)"
-        + (f' · <a href="{html.escape(model, True)}">the model report</a>' if model else ""),
+        f"Shown because: {'; '.join(reasons)}. " + _links(data, model),
         "",
     ]
-    reason = data.outlier_reason(data.out_slug, j)
-    if reason is not None:
-        out += [
-            '!!! warning "Possible artefact (outlier feature)"',
-            f"    out {j} fires mostly on tokens where models park attention or norm ({reason} "
-            "of its active tokens; see the layer page's outlier section). Read its formula "
-            "and label with that in mind.",
-            "",
-        ]
+    out += _outlier_warning(data, data.out_slug, j, f"out {j}", "formula and label")
     out += [
         "## Formula",
         "",
         "The sparse linear connector at the chosen α, its coefficients refitted by least squares "
         "on its inputs:",
         "",
+        *_formula_part(row, f"out {j}"),
+    ]
+    out += _inputs_section(data, j, lab, evidence, token_text)
+    if graphs is not None and data.has_block:
+        out += _graph_section(data, j, graphs, fig)
+    out += ["## Evidence: where it fires", ""]
+    if evidence is None:
+        out += [note("No feature codes in the run (codes/): no contexts or histogram."), ""]
+    else:
+        out += _evidence_part(evidence, data.out_slug, j, f"out {j}", "out", fig)
+    out += ablation_section(data, data.out_slug, j, f"out {j}", fig)
+    out += _linearity_section(data, j, row)
+    out += _logic_section(data, j, lab, evidence, fig)
+    out += _causal_section(data, j)
+    return "\n".join(out)
+
+
+def _links(data: RunData, model: str | None) -> str:
+    """A feature page's links: its layer, every feature, the model report (if any)."""
+    return (
+        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)"
+        + (f' · <a href="{html.escape(model, True)}">the model report</a>' if model else "")
+    )
+
+
+def _outlier_warning(data: RunData, slug: str, j: int, name: str, read: str) -> list[str]:
+    """The warning box of a feature flagged as an outlier (nothing for others); `read`
+    names what to read with that in mind."""
+    reason = data.outlier_reason(slug, j)
+    if reason is None:
+        return []
+    return [
+        '!!! warning "Possible artefact (outlier feature)"',
+        f"    {name} fires mostly on tokens where models park attention or norm ({reason} "
+        f"of its active tokens; see the layer page's outlier section). Read its {read} "
+        "with that in mind.",
+        "",
+    ]
+
+
+def _formula_part(row: Mapping[str, Any], name: str) -> list[str]:
+    """A connector's formula (`name = …`) and its summary: held-out loss, terms, verdict."""
+    formula = str(row.get("formula") or f"{name} = 0")
+    stored, _, terms = formula.partition(" = ")
+    if terms and stored != name:  # connect names every target "out j"
+        formula = f"{name} = {terms}"
+    return [
         "```text",
-        str(row.get("formula") or f"out {j} = 0"),
+        formula,
         "```",
         "",
         md_table(
@@ -100,44 +143,37 @@ def feature_page(
                     num(row.get("n_terms")),
                     num(row.get("intercept")),
                     pct(row.get("stable_share"), 0),
-                    str(verdict),
+                    str(row.get("verdict") or row.get("status")),
                     num(row.get("active_count")),
                 ]
             ],
         ),
         "",
     ]
-    out += _inputs_section(data, j, lab, evidence, token_text)
-    if graphs is not None and data.has_block:
-        out += _graph_section(data, j, graphs, fig)
-    out += ["## Evidence: where it fires", ""]
-    if evidence is None:
-        out += [note("No feature codes in the run (codes/): no contexts or histogram."), ""]
-    else:
-        top = evidence.top_contexts(data.out_slug, j, k=8)
-        vmax = top[0].activation if top else 0.0
-        out += [
-            f"The {len(top)} largest activations of out {j}, one per context; colour: its "
-            f"activation on each token relative to its maximum {vmax:.3g} (hover for values).",
-            "",
-            contexts_table(top, vmax, f"out {j}"),
-            "",
-        ]
-        values = evidence.activations(data.out_slug, j)
-        out.append(
-            fig.figure(
-                figures.activation_histogram(values, f"out {j}", evidence.n_tokens),
-                f"out-{j}-histogram",
-                "Read: the spread of its activations; a long right tail means the top contexts "
-                "above are exceptional, a bump near zero means it mostly fires weakly.",
-            )
-        )
-        out.append("")
-    out += ablation_section(data, data.out_slug, j, f"out {j}", fig)
-    out += _linearity_section(data, j, row)
-    out += _logic_section(data, j, lab, evidence, fig)
-    out += _causal_section(data, j)
-    return "\n".join(out)
+
+
+def _evidence_part(
+    evidence: Evidence, slug: str, j: int, name: str, prefix: str, fig: Figures
+) -> list[str]:
+    """A feature's top contexts from the code store and the histogram of its activations
+    (chart `<prefix>-<j>-histogram`)."""
+    top = evidence.top_contexts(slug, j, k=8)
+    vmax = top[0].activation if top else 0.0
+    values = evidence.activations(slug, j)
+    return [
+        f"The {len(top)} largest activations of {name}, one per context; colour: its "
+        f"activation on each token relative to its maximum {vmax:.3g} (hover for values).",
+        "",
+        contexts_table(top, vmax, name),
+        "",
+        fig.figure(
+            figures.activation_histogram(values, name, evidence.n_tokens),
+            f"{prefix}-{j}-histogram",
+            "Read: the spread of its activations; a long right tail means the top contexts "
+            "above are exceptional, a bump near zero means it mostly fires weakly.",
+        ),
+        "",
+    ]
 
 
 def _inputs_section(
@@ -147,10 +183,37 @@ def _inputs_section(
     evidence: Evidence | None,
     token_text: Callable[[str, int], str],
 ) -> list[str]:
-    out = ["## Inputs", ""]
+    return [
+        "## Inputs",
+        "",
+        *_inputs_part(
+            data, data.weights, j, data.in_site, evidence, token_text,
+            lab=lab, logic=True, needs=data.ablation is not None,
+        ),
+    ]  # fmt: skip
+
+
+def _inputs_part(
+    data: RunData,
+    weights_table: pl.DataFrame | None,
+    j: int,
+    in_site: str,
+    evidence: Evidence | None,
+    token_text: Callable[[str, int], str],
+    *,
+    lab: Mapping[str, Any] | None = None,
+    logic: bool = False,
+    needs: bool = False,
+) -> list[str]:
+    """The inputs table of output j of a connector (`weights_table`: its weights.parquet)
+    reading `in_site`: its strongest terms, then (`logic`: a labelled site) the inputs its
+    logic label `lab` added, each with its top tokens and contexts; `needs`: a column of
+    what each input needs (context ablation)."""
+    out: list[str] = []
+    in_slug = Site.parse(in_site).slug
     weights = pl.DataFrame()
-    if data.weights is not None:
-        weights = data.weights.filter(pl.col("output") == j).sort(
+    if weights_table is not None:
+        weights = weights_table.filter(pl.col("output") == j).sort(
             pl.col("weight_refit").abs(), descending=True
         )
     inputs = [int(i) for i in weights["input"].to_list()] if weights.height else []
@@ -164,36 +227,38 @@ def _inputs_section(
         w = by_input.get(i)
         where = "connector" if w is not None else "logic (added from co-activations)"
         examples = ""
-        if evidence is not None:
-            contexts = evidence.top_contexts(data.in_slug, i, k=3, before=8, after=2)
+        if evidence is not None and in_slug in evidence.store.sites:
+            contexts = evidence.top_contexts(in_slug, i, k=3, before=8, after=2)
             vmax = contexts[0].activation if contexts else 0.0
             examples = "<br>".join(context_html(c, vmax) for c in contexts)
         cells: list[Cell] = []
         if data.outliers is not None:
-            cells.append(outlier_cell(data, data.in_slug, i))
-        if data.ablation is not None:
-            cells.append((input_needs(data, i), None))
+            cells.append(outlier_cell(data, in_slug, i))
+        if needs:
+            cells.append((input_needs(data, i, in_slug), None))
         rows.append(
             [
-                (f"in {i}{outlier_mark(data, data.in_slug, i)}", i),
+                (f"in {i}{outlier_mark(data, in_slug, i)}", i),
                 (num(w["weight_refit"]) if w else "–", sort_key(w["weight_refit"]) if w else ""),
                 (num(w["standardised"]) if w else "–", sort_key(w["standardised"]) if w else ""),
                 (num(w.get("in_both")) if w else "–", None),
                 (html.escape(where), None),
-                (token_text(data.in_slug, i), None),
+                (token_text(in_slug, i), None),
                 (examples or "–", None),
                 *cells,
             ]
         )
     out += [
-        f"Inputs are features of `{data.in_site}`: the connector's terms by |refitted weight| "
+        f"Inputs are features of `{in_site}`: the connector's terms by |refitted weight| "
         "(standardised: |w|·std(in)/std(out); stable: kept with the same sign when refitted on "
-        "each half of the tokens), then inputs the logic stage added. Their top tokens and top "
+        "each half of the tokens)"
+        + (", then inputs the logic stage added" if logic else "")
+        + ". Their top tokens and top "
         "contexts (colour: the input's own activation) show what each reads"
         + (
             "; *needs*: per top context, the preceding token whose replacement (context "
             "ablation) lowers the input most, how far back, and the share lost."
-            if data.ablation is not None
+            if needs
             else "."
         ),
         "",
@@ -207,7 +272,7 @@ def _inputs_section(
                 "top tokens",
                 "top contexts",
                 *(["artefact?"] if data.outliers is not None else []),
-                *(["needs (ablation)"] if data.ablation is not None else []),
+                *(["needs (ablation)"] if needs else []),
             ],
             rows,
             sortable=False,
@@ -232,8 +297,8 @@ def _graph_section(data: RunData, j: int, graphs: GraphWriter, fig: Figures) -> 
     return out + graphs.section(data, data.out_site, j, "both", fig, f"out-{j}-graph", "../")
 
 
-def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:
-    out = ["## Linearity", ""]
+def _d_table(row: Mapping[str, Any]) -> str:
+    """d in its three forms, each with its 95% interval over contexts."""
     rows = []
     for name, col in (("raw", "d"), ("/ variance", "d_fvu"), ("seed form", "d_seed")):
         rows.append(
@@ -243,6 +308,11 @@ def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[st
                 f"[{num(row.get(col + '_low'))}, {num(row.get(col + '_high'))}]",
             ]
         )
+    return md_table(["d(j) = MSE_lin − MSE_mlp", "value", "95% interval over contexts"], rows)
+
+
+def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:
+    out = ["## Linearity", ""]
     out += [
         f"MSE of least squares {num(row.get('mse_linear'))}, of the mlp "
         f"{num(row.get('mse_mlp'))} (held-out tokens, code units²; variance "
@@ -250,7 +320,7 @@ def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[st
         f"**{row.get('verdict') or row.get('status')}**"
         + (f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."),
         "",
-        md_table(["d(j) = MSE_lin − MSE_mlp", "value", "95% interval over contexts"], rows),
+        _d_table(row),
         "",
     ]
     if data.calibrated is not None:
@@ -437,6 +507,307 @@ def _causal_section(data: RunData, j: int) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------ attention pages
+
+POSITION_VERDICTS = {
+    "same_position": "its interval lies below τ: earlier positions add nothing the token's own "
+    "features do not already give",
+    "needs_context": "its interval lies above τ: earlier positions explain part of it that the "
+    "token's own features cannot",
+    "undecided": "its interval straddles τ: the held-out tokens cannot tell",
+    "dead": "it never fires on the held-out tokens",
+}
+CARRIERS = {"previous": "the previous token", "decayed": "further back (the decayed sum)"}
+
+
+def _finite(value: Any) -> float | None:
+    """A float, or None for a missing or NaN value."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _row(table: pl.DataFrame | None, j: int, column: str = "feature") -> dict[str, Any] | None:
+    if table is None:
+        return None
+    hit = table.filter(pl.col(column) == j)
+    return hit.row(0, named=True) if hit.height else None
+
+
+def attention_page(
+    data: RunData,
+    j: int,
+    reasons: Sequence[str],
+    evidence: Evidence | None,
+    fig: Figures,
+    token_text: Callable[[str, int], str],
+    graphs: GraphWriter | None = None,
+    model: str | None = None,
+) -> str:
+    """One attention feature of a block run (a feature of data.attn_out_site): where it
+    fires, the same-position connector from data.attn_in_site (formula, inputs, d at
+    attention's τ), the position score, the causal check of earlier tokens and its layer
+    graph (drawn by `graphs`). Parts the run lacks are left out with a note."""
+    site, slug, name = data.attn_out_site, Site.parse(data.attn_out_site).slug, f"attn {j}"
+    row = _row(data.attention_features, j)
+    position = _row(data.positions_table, j)
+    active = next(
+        (r["active_count"] for r in (row, position) if r is not None and "active_count" in r),
+        None,
+    )
+    reason = data.outlier_reason(slug, j)
+    flag = "–" if data.outliers is None else (f"⚠ {reason}" if reason else "no")
+    out = [
+        f"# {name}",
+        "",
+        f"Feature {j} of `{site}` (written by the attention of block {data.layer}). Shown "
+        f"because: {'; '.join(reasons)}. " + _links(data, model),
+        "",
+        md_table(
+            ["feature", "site", "active tokens", "artefact? (outlier flag)"],
+            [[name, f"`{site}`", num(active), flag]],
+        ),
+        "",
+    ]
+    out += _outlier_warning(data, slug, j, name, "formula and position score")
+    out += _attention_evidence(data, j, slug, name, evidence, fig, token_text)
+    out += _attention_connector(data, j, row, name, evidence, token_text)
+    out += _position_score(data, j, position, name)
+    out += _attention_causal(data, j, name)
+    if graphs is not None and data.attention_weights is not None:
+        nxt = data.next_site if data.composition is not None else None
+        out += [
+            "## Layer graph",
+            "",
+            f"{name} in its block: the features of `{data.attn_in_site}` its same-position "
+            "connector reads"
+            + (f", the `{nxt}` features it feeds through the residual composition" if nxt else "")
+            + f", and one hop further each way (the {graphs.top} strongest connections of each "
+            "feature and hop; the exported tables hold the drawn connections with their "
+            "weights). Only same-position connections are drawn: what attention brings from "
+            "earlier tokens is the position score's, above.",
+            "",
+        ]
+        out += graphs.section(data, site, j, "both", fig, f"attn-{j}-graph", "../")
+    return "\n".join(out)
+
+
+def _attention_evidence(
+    data: RunData,
+    j: int,
+    slug: str,
+    name: str,
+    evidence: Evidence | None,
+    fig: Figures,
+    token_text: Callable[[str, int], str],
+) -> list[str]:
+    """Its top tokens (connect's table), its top contexts and histogram (the code store),
+    and its context ablation where the run has one."""
+    out = ["## Evidence: where it fires", ""]
+    stored = pl.DataFrame()
+    if data.attention_top_tokens is not None:
+        t = data.attention_top_tokens
+        mine = (pl.col("site") == slug) if "site" in t.columns else pl.lit(True)
+        stored = t.filter(mine & (pl.col("feature") == j)).sort("rank")
+    if stored.height:
+        tokens = token_text(slug, j)
+        out += [f"Its top tokens (the attention connector's top_tokens): {tokens}.", ""]
+    if evidence is not None and slug in evidence.store.sites:
+        out += _evidence_part(evidence, slug, j, name, "attn", fig)
+    else:
+        out += [note("No codes of this site in the run (codes/): no contexts or histogram."), ""]
+        if stored.height:
+            out += [
+                f"The largest activations of {name} the connect stage stored:",
+                "",
+                md_table(
+                    ["rank", "token", "activation (code units)", "where"],
+                    [
+                        [
+                            str(int(r["rank"]) + 1),
+                            _tok(r.get("token")),
+                            num(r["activation"]),
+                            f"context {r.get('context', '–')}, position {r.get('position', '–')}",
+                        ]
+                        for r in stored.iter_rows(named=True)
+                    ],
+                ),
+                "",
+            ]
+    if data.ablation is not None and data.ablation.filter(pl.col("site") == slug).height:
+        out += ablation_section(data, slug, j, name, fig)
+    return out
+
+
+def _attention_connector(
+    data: RunData,
+    j: int,
+    row: Mapping[str, Any] | None,
+    name: str,
+    evidence: Evidence | None,
+    token_text: Callable[[str, int], str],
+) -> list[str]:
+    """The same-position connector: formula, strongest inputs, d at attention's τ."""
+    out = ["## Same-position connector", ""]
+    if row is None:
+        return [*out, note("No same-position connector of attention in this run."), ""]
+    in_site = data.attn_in_site
+    a = data.attention or {}
+    form = attention_form(data)
+    tau = _finite(a.get("tau"))
+    where = f"calibrated at `{data.attn_out_site}`" if data.attention_calibration else "set"
+    out += [
+        f"{name} from the features of `{in_site}` at the same token (what attention would write "
+        "if it read no other position): the sparse linear connector at the chosen α, its "
+        "coefficients refitted by least squares on its inputs:",
+        "",
+        *_formula_part(row, name),
+        *_inputs_part(
+            data, data.attention_weights, j, in_site, evidence, token_text,
+            needs=data.ablation is not None
+            and data.ablation.filter(pl.col("site") == Site.parse(in_site).slug).height > 0,
+        ),
+    ]  # fmt: skip
+    column = figures.D_COLUMN.get(form, "d_seed")
+    verdict = row.get("verdict") or row.get("status")
+    at = f"τ = {num(tau)} ({form} form, {where})" if tau is not None else f"its τ ({form} form)"
+    out += [
+        "### Linearity at attention's τ",
+        "",
+        f"MSE of least squares {num(row.get('mse_linear'))}, of the mlp "
+        f"{num(row.get('mse_mlp'))} (held-out tokens, code units²; variance "
+        f"{num(row.get('variance'))}). d ({form} form) = {num(row.get(column))}, 95% interval "
+        f"[{num(row.get(column + '_low'))}, {num(row.get(column + '_high'))}]; at attention's "
+        f"{at}: **{verdict}**"
+        + (f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."),
+        "",
+        _d_table(row),
+        "",
+    ]
+    return out
+
+
+def _position_score(
+    data: RunData, j: int, position: Mapping[str, Any] | None, name: str
+) -> list[str]:
+    """How much earlier positions add to the same-position fit (the position score)."""
+    out = ["## Position score: does it need earlier positions?", ""]
+    if data.positions is None or data.positions_table is None:
+        return [*out, note("No position score: `coact analyze --block` computes it."), ""]
+    if position is None:
+        return [*out, f"{name} has no row in the position score.", ""]
+    from coact.report.select import position_ranking
+
+    p = data.positions
+    form = attention_form(data)
+    column = figures.GAIN_COLUMN.get(form, "gain_seed")
+    ranked = position_ranking(data, form)["feature"].to_list()
+    rank = f"rank {ranked.index(j) + 1} of {len(ranked)}" if j in ranked else "not ranked"
+    verdict = str(position.get("verdict") or position.get("status"))
+    carrier = CARRIERS.get(str(position.get("carrier")), "–")
+    summaries = ", ".join(p.get("summaries") or [])
+    out += [
+        f"The gain from earlier positions: MSE of the same-position least squares − MSE of one "
+        f"that also reads the previous token and a decayed sum of the ones before ({summaries}; "
+        f"decay {p.get('decay', '–')}, window {p.get('window', '–')} tokens), in the {form} "
+        f"form, on held-out tokens, with its 95% interval over contexts; read at τ = "
+        f"{num(_finite(p.get('tau')))}. Alone: the gain of each summary by itself (/ variance). "
+        "Carrier: the summary that alone recovers more of the gain.",
+        "",
+        md_table(
+            [
+                f"gain ({form} form)",
+                "95% interval",
+                "verdict",
+                "carrier",
+                "previous token alone (/ variance)",
+                "decayed context alone (/ variance)",
+                "rank by gain",
+            ],
+            [
+                [
+                    num(position.get(column)),
+                    f"[{num(position.get(column + '_low'))}, "
+                    f"{num(position.get(column + '_high'))}]",
+                    verdict,
+                    carrier,
+                    num(position.get("gain_previous_alone_fvu")),
+                    num(position.get("gain_decayed_alone_fvu")),
+                    rank,
+                ]
+            ],
+        ),
+        "",
+        f"Read: **{verdict.replace('_', ' ')}**: {POSITION_VERDICTS.get(verdict, verdict)}"
+        + (f"; most of the gain comes from {carrier}." if carrier != "–" else "."),
+        "",
+    ]
+    return out
+
+
+def _attention_causal(data: RunData, j: int, name: str) -> list[str]:
+    """The causal counterpart of the position score for this feature: its code with the
+    earlier tokens resampled and with self-only attention (the layer page explains both)."""
+    out = ["## Causal check: does it use earlier tokens?", ""]
+    c, table = data.attention_causal, data.attention_causal_table
+    if c is None or table is None:
+        return [*out, note("No causal check of attention: `coact analyze --block` runs it."), ""]
+    row = _row(table, j)
+    if row is None:
+        return [*out, f"{name} has no row in the causal check.", ""]
+    threshold = _finite((c.get("resample") or {}).get("threshold"))
+    fvu, kept = _finite(row.get("resample_fvu")), _finite(row.get("resample_kept"))
+    own_fvu, own_kept = _finite(row.get("self_only_fvu")), _finite(row.get("self_only_kept"))
+    out += [
+        f"The model rerun on {num(c.get('contexts'))} held-out contexts with what attention "
+        "reads at every earlier token but BOS taken from another text (**resampled**), and "
+        "with every head attending only to its own token (**self-only**). FVU: the squared "
+        f"change of {name}'s code / its variance; kept: Σ min(c, c′) / Σ c, the share of its "
+        "mass (code units summed over tokens) that survives.",
+        "",
+        md_table(
+            ["intervention", "tokens where it fires", "FVU", "mass kept"],
+            [
+                [
+                    "earlier tokens resampled",
+                    num(row.get("resample_active")),
+                    num(fvu),
+                    _share(kept),
+                ],
+                ["self-only attention", num(row.get("active")), num(own_fvu), _share(own_kept)],
+            ],
+        ),
+        "",
+    ]
+    if kept is None or fvu is None:
+        reading = f"it never fired on the resampled targets, so the check says nothing of {name}"
+    else:
+        reading = f"the code keeps {_share(kept)} of its mass (FVU {num(fvu)}"
+        if threshold is not None:
+            free = fvu <= threshold
+            reading += (
+                f", {'within' if free else 'above'} the context-free threshold "
+                f"{num(threshold)}): {name} "
+                + ("does not use" if free else "uses")
+                + " the content of earlier tokens"
+            )
+        else:
+            reading += ")"
+    line = f"Read: earlier tokens resampled: {reading}."
+    if own_kept is not None and own_fvu is not None:
+        line += (
+            f" Self-only attention keeps {_share(own_kept)} (FVU {num(own_fvu)}); it also "
+            "removes what heads read from the BOS sink, so it loses more than resampling."
+        )
+    out += [line, ""]
+    return out
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else pct(value, 0)
+
+
 def _flagged_inputs(data: RunData, inputs: Sequence[int]) -> str:
     """' (⚠ possible artefacts among its inputs: in 3 (first tokens 80%))' or ''."""
     flagged = [
@@ -468,11 +839,13 @@ def _tok(text: Any) -> str:
     return html.escape(repr(str(text))) if text is not None else "?"
 
 
-def input_needs(data: RunData, i: int, contexts: int = 2) -> str:
+def input_needs(data: RunData, i: int, slug: str | None = None, contexts: int = 2) -> str:
     """For an input's inputs-table cell: per top context, the preceding token whose
-    ablation lowers it most, e.g. `'"' −1: 92%`."""
+    ablation lowers it most, e.g. `'"' −1: 92%`; `slug`: the input's site (the MLP's
+    input by default)."""
     assert data.ablation is not None
-    rows = data.ablation.filter((pl.col("site") == data.in_slug) & (pl.col("feature") == i))
+    slug = slug or data.in_slug
+    rows = data.ablation.filter((pl.col("site") == slug) & (pl.col("feature") == i))
     if not rows.height:
         return "–"
     best = _best_per_context(rows, _preferred_mode(rows)).head(contexts)

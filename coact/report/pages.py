@@ -798,7 +798,9 @@ def _causal_part(data: RunData, fig: Figures) -> list[str]:
         if "gain_fvu" in table.columns:
             out.append(
                 fig.figure(
-                    figures.position_causal(table, float(r["threshold"]), int(c["contexts"])),
+                    figures.position_causal(
+                        table, float(r["threshold"]), int(c["contexts"]), int(c.get("targets", 8))
+                    ),
                     "position-causal",
                     "Read: features in the lower left are same-position by both measures, "
                     "those in the upper right need earlier tokens by both; red points below "
@@ -809,9 +811,26 @@ def _causal_part(data: RunData, fig: Figures) -> list[str]:
     return out
 
 
+def attention_page_name(feature: int) -> str:
+    """The page of attention feature j (docs/features/attn-<j>.md; output features'
+    pages are out-<j>)."""
+    return f"attn-{int(feature)}"
+
+
+def _attention_link(fig: Figures, j: int, text: str) -> str:
+    """`text` linked to attention feature j's page where the report wrote one (build_report
+    writes the attention pages before the layer page; `fig` writes into docs/charts/)."""
+    name = attention_page_name(j)
+    if not (fig.dir.parent / "features" / f"{name}.md").is_file():
+        return text
+    return f'<a href="features/{name}.html">{text}</a>'
+
+
 def _positions_part(
     data: RunData, fig: Figures, token_text: TokenText, tau: float, form: str
 ) -> list[str]:
+    from coact.report.select import position_ranking
+
     p, table = data.positions or {}, data.positions_table
     assert table is not None
     out = ["### Which attention features need earlier positions", ""]
@@ -824,8 +843,7 @@ def _positions_part(
         )
     )
     column = figures.GAIN_COLUMN.get(form, "gain_seed")
-    alive = table.filter(pl.col("status") != "dead").filter(pl.col(column).is_finite())
-    top = alive.sort([column, "feature"], descending=[True, False]).head(10)
+    top = position_ranking(data, form).head(10)
     verdicts: dict[int, str] = {}
     if data.attention_features is not None:
         f = data.attention_features
@@ -840,7 +858,7 @@ def _positions_part(
     for r in top.iter_rows(named=True):
         j = int(r["feature"])
         cells: list[Cell] = [
-            (f"attn {j}{outlier_mark(data, slug, j)}", j),
+            (_attention_link(fig, j, f"attn {j}") + outlier_mark(data, slug, j), j),
             (
                 f"{num(r[column])} [{num(r[column + '_low'])}, {num(r[column + '_high'])}]",
                 sort_key(r[column]),
@@ -877,7 +895,7 @@ def _positions_part(
         f"The {top.height} attention features (of `{data.attn_out_site}`) whose fit gains most "
         f"from earlier positions ({summaries}; decay {p.get('decay', '–')}, window "
         f"{p.get('window', '–')} tokens). Carrier: the summary that alone recovers more of the "
-        "gain, for features that need context. Sortable.",
+        "gain, for features that need context. Sortable; a linked feature has a page.",
         "",
         html_table(headers, rows, sortable=True),
         "",

@@ -1,7 +1,9 @@
-"""Which output features get a page of their own: the most interesting ones, each with the
-reasons it was picked (most confident per logic label, strongest nonlinear gain, strongest
-connections, strongest writers into the next residual stream in a block run, causally
-checked, clearest linear ones, then the most active)."""
+"""Which features get a page of their own: the most interesting output features, each with
+the reasons it was picked (most confident per logic label, strongest nonlinear gain,
+strongest connections, strongest writers into the next residual stream in a block run,
+causally checked, clearest linear ones, then the most active); and, in a block run, the
+attention features that gain most from earlier positions (the first rows of the layer
+page's position table)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import polars as pl
 
 from coact.report.data import RunData
+from coact.report.figures import GAIN_COLUMN
 from coact.sites import Site
 
 DEFAULT_FEATURES = 50
@@ -82,6 +85,52 @@ def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, 
         take(linear["feature"].to_list(), "clearly linear", quota)
         active = f.sort(["active_count", "feature"], descending=[True, False])
         take(active["feature"].to_list(), "most active", n)
+    return picked
+
+
+def attention_form(data: RunData) -> str:
+    """The form (raw, fvu, seed) attention's d and position gains are read in."""
+    return str((data.attention or data.block or data.positions or {}).get("form", "seed"))
+
+
+def position_ranking(data: RunData, form: str | None = None) -> pl.DataFrame:
+    """The position score's alive attention features (data.positions_table) with a finite
+    gain, the largest gain from earlier positions (in `form`, by default attention's) first,
+    ties by feature: the order of the layer page's table of the attention features that
+    need earlier positions. Empty without a position score."""
+    table = data.positions_table
+    if table is None or not table.height:
+        return pl.DataFrame(schema={"feature": pl.Int64})
+    column = GAIN_COLUMN.get(form or attention_form(data), "gain_seed")
+    alive = table.filter(pl.col("status") != "dead").filter(pl.col(column).is_finite())
+    return alive.sort([column, "feature"], descending=[True, False])
+
+
+def attention_page_count(features: int) -> int:
+    """How many attention features get a page beside `features` output features: half as
+    many, at least one (none when no pages are asked for)."""
+    return max(1, features // 2) if features > 0 else 0
+
+
+def interesting_attention_features(data: RunData, n: int) -> dict[int, list[str]]:
+    """Up to n attention features (of data.attn_out_site) → why each is shown: those that
+    gain most from earlier positions, in the order of the layer page's position table;
+    where the run has no position score (or too few alive features in it), the most active
+    alive ones. Empty for a run without attention results."""
+    if n <= 0 or (data.attention is None and data.positions is None):
+        return {}
+    picked: dict[int, list[str]] = {}
+    ranked = position_ranking(data)
+    for rank, j in enumerate(ranked["feature"].head(n).to_list(), start=1):
+        picked[int(j)] = [f"gains most from earlier positions (rank {rank} of the position score)"]
+    table = data.attention_features
+    if len(picked) < n and table is not None and "active_count" in table.columns:
+        alive = table.filter(pl.col("status") != "dead") if "status" in table.columns else table
+        active = alive.sort(["active_count", "feature"], descending=[True, False])
+        for j in active["feature"].to_list():
+            if len(picked) >= n:
+                break
+            picked.setdefault(int(j), ["most active attention feature"])
     return picked
 
 
