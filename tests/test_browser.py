@@ -240,8 +240,10 @@ def test_model_report_renders_in_chromium(browser: Any, model_run: Path) -> None
     layer_site = model_run / "L1" / "report" / "site"
     layer = layer_site / "layer-1.html"
     feature = sorted((layer_site / "features").glob("out-*.html"))[0]
+    attention = sorted((layer_site / "features").glob("attn-*.html"))
+    assert attention  # a block layer's top attention features have pages of their own
     broken = []
-    for page in (index, layer, feature):
+    for page in (index, layer, feature, *attention):
         state = visit.open(page)
         bad = [c for c in state if not (c["drawn"] == "yes" and (c["marks"] > 5 or c["inked"]))]
         assert state and not bad, (page, bad)
