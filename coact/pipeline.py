@@ -211,8 +211,8 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
             shared_dir="..",
         )  # fmt: skip
         per_layer[layer] = _analyze_layer(layer_config, lm, shared, time.perf_counter())
-    table = layers_table(per_layer)
-    atomic_write(model_dir / "layers.parquet", table.write_parquet)
+        # after every layer, so a run stopped part-way has the table of the finished ones
+        atomic_write(model_dir / "layers.parquet", layers_table(per_layer).write_parquet)
     summary: dict[str, Any] = {
         "model": lm.name,
         "layers": layers,

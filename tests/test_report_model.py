@@ -447,3 +447,20 @@ def test_attention_pages_skip_what_the_run_lacks(model_run: Path, tmp_path: Path
     assert interesting_attention_features(data, 0) == {}
     data.attention = data.block = None
     assert interesting_attention_features(data, 4) == {}
+
+
+def test_a_model_run_stopped_part_way_reports_its_finished_layers(
+    model_run: Path, tmp_path: Path
+) -> None:
+    """layers.parquet is written after every layer, so a stopped run's report shows the
+    finished layers and names the missing ones."""
+    partial = tmp_path / "partial"
+    shutil.copytree(model_run, partial, symlinks=True)
+    table = pl.read_parquet(partial / "layers.parquet").filter(pl.col("layer") < 2)
+    table.write_parquet(partial / "layers.parquet")
+    index = build_model_report(partial, progress=False)
+    text = (index.parent / "index.html").read_text(encoding="utf-8")
+    assert "2 of 3 layers are finished; layer 2 is not yet" in text
+    assert "layer 0" in text and "layer 1" in text
+    complete = (model_run / "report" / "site" / "index.html").read_text(encoding="utf-8")
+    assert "layers are finished" not in complete

@@ -81,7 +81,7 @@ def build_model_report(
     table_path = model_dir / "layers.parquet"
     if not table_path.is_file():
         raise CoactError(
-            f"{model_dir} has no layers.parquet: the model run has not finished; "
+            f"{model_dir} has no layers.parquet: the model run has not finished a layer; "
             "rerun `coact analyze --layers …` with the same settings to complete it"
         )
     table = pl.read_parquet(table_path).sort("layer")
@@ -193,6 +193,7 @@ def model_page(
         + (f" ({int(tokens):,} tokens" if tokens else " (")
         + f" of corpus `{config.get('corpus', '?')}`). Run directory: `{model_dir}`.",
         "",
+        *_unfinished(config, layers),
         "Each layer has its own report: "
         + " · ".join(f'<a href="{html.escape(links[ell], True)}">layer {ell}</a>' for ell in layers)
         + ".",
@@ -230,6 +231,22 @@ def model_page(
             "",
         ]
     return "\n".join(out)
+
+
+def _unfinished(config: Mapping[str, Any], layers: Sequence[int]) -> list[str]:
+    """A warning when the run asked for more layers than it has finished."""
+    asked = config.get("layers")
+    if not isinstance(asked, list) or not (missing := sorted(set(asked) - set(layers))):
+        return []
+    return [
+        note(
+            f"{len(layers)} of {len(asked)} layers are finished; "
+            + (f"layer {missing[0]} is" if len(missing) == 1 else f"layers {_span(missing)} are")
+            + " not yet. Rerun the same `coact analyze --layers …` command to complete the "
+            "run: it resumes where it stopped."
+        ),
+        "",
+    ]
 
 
 def _header(column: str) -> str:
