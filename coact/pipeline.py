@@ -108,20 +108,32 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
     """`full`: the config as given. `survey`: budgets that fit every layer of a small
     model on a laptop CPU in a few hours: fewer code and SAE tokens, smaller SAE batches
     (so the SAEs still take a few hundred steps), fewer evaluation and calibration
-    contexts, no sae-connector, and pages for the top 10 features of each layer."""
+    contexts, noise strengths and candidate τ, a shorter composition path (10 α down to
+    0.05 × the largest: its 6912 inputs make the small α the costly ones), no
+    sae-connector, and pages for the top 10 features of each layer."""
     if budget not in BUDGETS:
         raise CoactError(f"unknown budget {budget!r}: choose one of {', '.join(BUDGETS)}")
     if budget == "full":
         return config
+    composition = config.block_settings.composition_settings
     return dataclasses.replace(
         config,
         tokens=40_000,
         sae_tokens=120_000,
         eval_contexts=8,
         sae=dataclasses.replace(config.sae, batch_tokens=512, dead_after_tokens=50_000),
-        calibrate_settings=dataclasses.replace(config.calibrate_settings, contexts=8),
+        calibrate_settings=dataclasses.replace(
+            config.calibrate_settings, contexts=8, strengths=(0.0, 0.03, 0.3, 1.0), n_taus=4
+        ),
         labels_settings=dataclasses.replace(config.labels_settings, sae_connector=False),
-        block_settings=dataclasses.replace(config.block_settings, decoded_contexts=8),
+        block_settings=dataclasses.replace(
+            config.block_settings,
+            decoded_contexts=8,
+            composition_settings=dataclasses.replace(
+                composition,
+                path=dataclasses.replace(composition.path, n_alphas=10, alpha_min_ratio=0.05),
+            ),
+        ),
         report_features=10,
     )
 

@@ -116,6 +116,10 @@ def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> 
     assert survey.sae.dead_after_tokens < survey.sae_tokens
     assert survey.eval_contexts < base.eval_contexts
     assert survey.calibrate_settings.contexts < base.calibrate_settings.contexts
+    assert len(survey.calibrate_settings.strengths) < len(base.calibrate_settings.strengths)
+    assert 0.0 in survey.calibrate_settings.strengths  # the clean point stays on every curve
+    path = survey.block_settings.composition_settings.path
+    assert path.n_alphas < 20 and path.alpha_min_ratio > 0.01
     assert not survey.labels_settings.sae_connector and survey.report_features == 10
     assert survey.layers == "all" and survey.sae.k == base.sae.k  # what is studied is unchanged
     with pytest.raises(CoactError, match="unknown budget"):
