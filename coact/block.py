@@ -76,9 +76,11 @@ class BlockConfig:
         default_factory=lambda: CompositionConfig(layer=-1)
     )
     causal: bool = True  # self-only attention and resampled context per attention feature
-    causal_contexts: int = 8  # evaluation contexts for them (resampling runs 8 targets each)
+    # evaluation contexts for them; resampling reruns `resample.targets` positions of each,
+    # so a feature's resampled FVU rests on its activity at contexts × targets tokens
+    causal_contexts: int = 16
     self_only: SelfOnlyConfig = field(default_factory=SelfOnlyConfig)
-    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    resample: ResampleConfig = field(default_factory=lambda: ResampleConfig(targets=16))
     decoded_contexts: int = 16  # evaluation contexts for the decoded identity check
     decoded_batch: int = 8  # contexts per forward pass there
 
