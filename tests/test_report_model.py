@@ -458,9 +458,12 @@ def test_a_model_run_stopped_part_way_reports_its_finished_layers(
     shutil.copytree(model_run, partial, symlinks=True)
     table = pl.read_parquet(partial / "layers.parquet").filter(pl.col("layer") < 2)
     table.write_parquet(partial / "layers.parquet")
+    (partial / "summary.json").unlink()  # written only when the whole run ends
     index = build_model_report(partial, progress=False)
     text = (index.parent / "index.html").read_text(encoding="utf-8")
     assert "2 of 3 layers are finished; layer 2 is not yet" in text
+    tokens = json.loads((partial / "config.json").read_text())["tokens"]
+    assert f"one code store ({tokens:,} tokens of corpus" in text
     assert "layer 0" in text and "layer 1" in text
     complete = (model_run / "report" / "site" / "index.html").read_text(encoding="utf-8")
     assert "layers are finished" not in complete

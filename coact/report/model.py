@@ -182,7 +182,7 @@ def model_page(
     """The model page's markdown: headline, per-layer table, seed table, charts, links."""
     model = str(summary.get("model") or config.get("model", "?"))
     layers = [int(ell) for ell in table["layer"]]
-    tokens = summary.get("tokens")
+    tokens = summary.get("tokens") or config.get("tokens")  # no summary.json until the end
     out = [
         f"# coact model report: {model}, layers {_span(layers)}",
         "",
