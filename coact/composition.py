@@ -44,15 +44,12 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from coact.connect import LINEAR_MAP_ENTRIES, context_split, sweep_table, weights_table
+from coact.connect import LINEAR_MAP_ENTRIES, context_split, fit_sparse, weights_table
 from coact.connectors.exact import (
     GramStats,
     LassoPathConfig,
-    heldout_nmse,
-    lasso_path,
     linear_fit,
     mse,
-    refit_support,
 )
 from coact.errors import CoactError
 from coact.files import atomic_write, finished_result, finite_mean, result_key
@@ -137,15 +134,12 @@ def compose(
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
     timings["gram_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    path = lasso_path(stats, config.path, progress=config.progress)
-    held_nmse = heldout_nmse(path, stats_held)
-    sweep, chosen = sweep_table(path, held_nmse, stats, config.magnitude)
-    timings["path_s"] = time.perf_counter() - clock
+    sparse = fit_sparse(stats, stats_held, config.path, config.magnitude, config.progress)
+    path, held_nmse, sweep, chosen = sparse.path, sparse.held_nmse, sparse.sweep, sparse.chosen
+    coef, refit, refit_intercepts = sparse.coef, sparse.refit, sparse.refit_intercepts
+    timings["path_s"] = sparse.path_s
 
     clock = time.perf_counter()
-    coef = sp.csc_matrix(path.coef[chosen])
-    refit, refit_intercepts = refit_support(stats, coef)
     weights = _weights_table(coef, refit, stats, config.magnitude, sources, offsets, target)
     timings["refit_s"] = time.perf_counter() - clock
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from coact.connectors.exact import (
     GramStats,
+    LassoPath,
     LassoPathConfig,
     heldout_nmse,
     lasso_path,
@@ -133,15 +134,12 @@ def connect(
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
     timings["gram_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    path = lasso_path(stats, config.path, progress=config.progress)
-    held_nmse = heldout_nmse(path, stats_held)
-    sweep, chosen = sweep_table(path, held_nmse, stats, config.magnitude)
-    timings["path_s"] = time.perf_counter() - clock
+    fit = fit_sparse(stats, stats_held, config.path, config.magnitude, config.progress)
+    path, held_nmse, sweep, chosen = fit.path, fit.held_nmse, fit.sweep, fit.chosen
+    coef, refit, refit_intercepts = fit.coef, fit.refit, fit.refit_intercepts
+    timings["path_s"] = fit.path_s
 
     clock = time.perf_counter()
-    coef = sp.csc_matrix(path.coef[chosen])
-    refit, refit_intercepts = refit_support(stats, coef)
     weights = weights_table(coef, refit, stats, config.magnitude)
     if config.stability:
         weights = _stability(weights, x_train, y_train, groups[train], path, chosen, config)
@@ -395,8 +393,40 @@ def _standardised(coef: sp.spmatrix, stats: GramStats, outputs: np.ndarray) -> s
     )
 
 
+@dataclass(frozen=True)
+class SparseFit:
+    """The L1 path, its sweep table, the chosen α (the elbow) and the least-squares refit
+    on the chosen support: what connect and composition both read off one Gram pair."""
+
+    path: LassoPath
+    held_nmse: np.ndarray  # (alphas, outputs)
+    sweep: pl.DataFrame
+    chosen: int
+    coef: sp.csc_matrix  # L1 weights at the chosen α
+    refit: sp.csc_matrix  # least squares on the same support
+    refit_intercepts: np.ndarray
+    path_s: float  # seconds for the path and its sweep (the refit is cheap beside it)
+
+
+def fit_sparse(
+    stats: GramStats,
+    stats_held: GramStats,
+    config: LassoPathConfig,
+    magnitude: float,
+    progress: bool = False,
+) -> SparseFit:
+    clock = time.perf_counter()
+    path = lasso_path(stats, config, progress=progress)
+    held_nmse = heldout_nmse(path, stats_held)
+    sweep, chosen = sweep_table(path, held_nmse, stats, magnitude)
+    path_s = time.perf_counter() - clock
+    coef = sp.csc_matrix(path.coef[chosen])
+    refit, refit_intercepts = refit_support(stats, coef)
+    return SparseFit(path, held_nmse, sweep, chosen, coef, refit, refit_intercepts, path_s)
+
+
 def sweep_table(
-    path: Any, held_nmse: np.ndarray, stats: GramStats, magnitude: float
+    path: LassoPath, held_nmse: np.ndarray, stats: GramStats, magnitude: float
 ) -> tuple[pl.DataFrame, int]:
     alive = ~path.dead
     n_alive = max(int(alive.sum()), 1)

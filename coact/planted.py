@@ -290,23 +290,19 @@ def connector_weights(
     the training contexts, the L1 path, the elbow of held-out error against mean ‖w‖₁, the
     least-squares refit on the chosen support) and its weights table, for codes that are
     not in a store. Returns the table and the chosen α with its held-out NMSE."""
-    from coact.connect import sweep_table, weights_table
-    from coact.connectors.exact import GramStats, heldout_nmse, lasso_path, refit_support
+    from coact.connect import fit_sparse, weights_table
+    from coact.connectors.exact import GramStats
     from coact.connectors.train import split_rows
 
     x, y = sp.csr_matrix(x), sp.csr_matrix(y)
     train, held = split_rows(x.shape[0], heldout_fraction, seed, context_ids)
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
-    fit = lasso_path(stats, path or LassoPathConfig())
-    held_nmse = heldout_nmse(fit, stats_held)
-    sweep, chosen = sweep_table(fit, held_nmse, stats, magnitude)
-    coef = sp.csc_matrix(fit.coef[chosen])
-    refit, _ = refit_support(stats, coef)
-    chosen_row = sweep.row(chosen, named=True)
-    info = {"alpha": float(fit.alphas[chosen]), "alpha_index": chosen,
-            "heldout_nmse": float(chosen_row["heldout_nmse"])}  # fmt: skip
-    return weights_table(coef, refit, stats, magnitude), info
+    fit = fit_sparse(stats, stats_held, path or LassoPathConfig(), magnitude, progress=False)
+    chosen = fit.chosen
+    info = {"alpha": float(fit.path.alphas[chosen]), "alpha_index": chosen,
+            "heldout_nmse": float(fit.sweep.row(chosen, named=True)["heldout_nmse"])}  # fmt: skip
+    return weights_table(fit.coef, fit.refit, stats, magnitude), info
 
 
 @dataclass(frozen=True)
