@@ -222,31 +222,6 @@ def _solve_one(
 
 
 @njit(cache=True)
-def nonzeros(W: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The non-zeros of output-major W (m × n_in) as CSC parts of its transpose: (indptr
-    over the m outputs, input indices, values)."""
-    m, n_in = W.shape
-    indptr = np.zeros(m + 1, dtype=np.int64)
-    for j in range(m):
-        count = 0
-        for k in range(n_in):
-            if W[j, k] != 0.0:
-                count += 1
-        indptr[j + 1] = count
-    indptr = np.cumsum(indptr)
-    rows = np.empty(indptr[m], dtype=np.int64)
-    vals = np.empty(indptr[m])
-    for j in range(m):
-        p = indptr[j]
-        for k in range(n_in):
-            if W[j, k] != 0.0:
-                rows[p] = k
-                vals[p] = W[j, k]
-                p += 1
-    return indptr, rows, vals
-
-
-@njit(cache=True)
 def _newton(g, r_act, w, order, n_act, lj, max_pieces=16):
     """Jump towards the exact minimiser on the current non-zero inputs with their signs
     fixed, G_nz w = c_nz − λ·sign(w), along the segment from w: the objective is a convex

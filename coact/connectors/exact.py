@@ -32,7 +32,6 @@ from coact.connectors._cd import (
     cross_dense,
     cross_products,
     dense_to_csr,
-    nonzeros,
     quadratic_terms,
     solve_alpha,
     symmetrise,
@@ -341,7 +340,7 @@ def lasso_path(
             converged[i] &= cd.converged
             max_gap[i] = max(max_gap[i], float(cd.gap.max(initial=0.0)))
             unconverged[i] += int((cd.gap > config.tol).sum())
-            indptr, rows, vals = nonzeros(cd.W)
+            indptr, rows, vals = dense_to_csr(cd.W)  # CSR of W = CSC of Wᵀ
             parts[i].append((rows, np.repeat(pos, np.diff(indptr)), vals))
             intercepts[i, pos] -= cd.S
             # MSE = m2 − 2wᵀc + wᵀGw, exact from the stats (the solver's last full gradient)
