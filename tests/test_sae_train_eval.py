@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from coact.models import load_model
 from coact.sae.base import Sae
 from coact.sae.evaluate import evaluate_sae
-from coact.sae.train import SaeTrainConfig, SaeTrainer, train_saes
+from coact.sae.train import SaeTrainConfig, SaeTrainer, dense_loss, train_saes
 from coact.sites import Site
 from coact.tracing import capture
 
@@ -39,6 +39,34 @@ def test_topk_trainer_recovers_planted_dictionary() -> None:
     recovered = (cosine.max(0).values > 0.9).float().mean()
     assert recovered > 0.8, f"only {recovered:.2f} of planted atoms found"
     assert (sae.encode(test) > 0).sum(-1).float().mean() <= k
+
+
+@pytest.mark.parametrize("dead_after", [10**9, 200])
+def test_sparse_step_has_the_gradients_of_the_dense_loss(dead_after: int) -> None:
+    """The step's gradients over chosen latents equal autograd through full-width codes,
+    with and without AuxK (dead latents appear after 200 tokens of silence)."""
+    gen = torch.Generator().manual_seed(3)
+    d, n = 12, 96
+    data = 2 + torch.randn(n, d, generator=gen) @ torch.randn(d, d, generator=gen)
+    config = SaeTrainConfig(expansion=4, k=3, dead_after_tokens=dead_after)
+    trainer = SaeTrainer(data, config, gen)
+    for _ in range(6):
+        batch = data[torch.randperm(n, generator=gen)[:64]]
+        sae = trainer.sae
+        sae.zero_grad()  # the step's own optimizer step is held back to compare gradients
+        seen = trainer.log.tokens_seen + batch.shape[0]
+        dense_loss(trainer, batch, seen).backward()
+        dense = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        optimizer_step, trainer.optimizer.step = trainer.optimizer.step, lambda: None
+        trainer.step(batch)
+        trainer.optimizer.step = optimizer_step
+        for name, p in sae.named_parameters():
+            torch.testing.assert_close(p.grad, dense[name], rtol=1e-4, atol=1e-6, msg=name)
+        trainer.optimizer.step()
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+    if dead_after < 10**9:
+        assert max(trainer.log.dead_fraction) > 0, "AuxK was never exercised"
 
 
 def test_scale_folding_keeps_codes_and_reconstruction() -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -118,27 +120,41 @@ class SaeTrainer:
         self.k_aux = d_in // 2
 
     def step(self, batch: Tensor) -> None:
+        """One Adam step on FVU + α·AuxK, touching only the latents each token uses.
+
+        The encoder's dense product is the one full-width matrix product; the decoder,
+        its gradient and the encoder's gradient run over the k (and AuxK) chosen latents
+        per token, which is what makes a TopK SAE cheap to train on a CPU.
+        """
         sae, config, log = self.sae, self.config, self.log
         x = batch / self.scale
-        pre = sae.pre_activations(x)
-        codes = sae.activate(pre)
-        recon = sae.decode(codes)
+        centred = x - sae.b_dec if sae.subtract_decoder_bias else x
+        with torch.no_grad():
+            pre = torch.addmm(sae.b_enc, centred, sae.W_enc)
+            indices = pre.topk(config.k, dim=-1, sorted=False).indices  # ReLU'd below
+        values = torch.relu(gather_pre(centred, sae.W_enc, sae.b_enc, indices, pre))
+        recon = sparse_decode(indices, values, sae.W_dec) + sae.b_dec
         error = x - recon
         denom = (x - x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / denom
         log.tokens_seen += x.shape[0]
-        fired = (codes > 0).any(0)
+        fired = torch.zeros(sae.width, dtype=torch.bool, device=x.device)
+        fired[indices[values.detach() > 0]] = True
         self.last_fired[fired] = log.tokens_seen
         dead = (log.tokens_seen - self.last_fired) > config.dead_after_tokens
         auxk = torch.zeros((), device=x.device)
         n_dead = int(dead.sum())
         if n_dead > 0:
             k_aux = min(self.k_aux, n_dead)
-            dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
-            values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            aux_codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+            with torch.no_grad():
+                dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+                aux_indices = dead_pre.topk(k_aux, dim=-1, sorted=False).indices
+            # Where fewer than k_aux dead latents are positive, topk also returns live ones;
+            # as in the dense rule they contribute zero.
+            aux_pre = gather_pre(centred, sae.W_enc, sae.b_enc, aux_indices, pre)
+            aux_values = torch.relu(aux_pre) * dead[aux_indices]
             target = error.detach()
-            aux_recon = aux_codes @ sae.W_dec
+            aux_recon = sparse_decode(aux_indices, aux_values, sae.W_dec)
             auxk = (target - aux_recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
             auxk = torch.nan_to_num(auxk, nan=0.0)
         loss = fvu + config.auxk_alpha * auxk
@@ -162,3 +178,69 @@ class SaeTrainer:
             {"trained_by": "coact", "tokens": self.log.tokens_seen, "input_scale": s}
         )
         return sae.eval().requires_grad_(False)
+
+
+def dense_loss(trainer: SaeTrainer, batch: torch.Tensor, tokens_seen: int) -> torch.Tensor:
+    """The step's loss written with full-width codes: the reference the sparse step is
+    tested and benchmarked against (`tokens_seen` counts the batch, as the step does)."""
+    sae, config = trainer.sae, trainer.config
+    x = batch / trainer.scale
+    pre = sae.pre_activations(x)
+    codes = sae.activate(pre)
+    error = x - sae.decode(codes)
+    fvu = error.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    last_fired = torch.where((codes > 0).any(0), tokens_seen, trainer.last_fired)
+    dead = (tokens_seen - last_fired) > config.dead_after_tokens
+    if not dead.any():
+        return fvu
+    dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+    values, indices = dead_pre.topk(min(trainer.k_aux, int(dead.sum())), dim=-1, sorted=False)
+    aux = torch.zeros_like(pre).scatter_(-1, indices, values) @ sae.W_dec
+    target = error.detach()
+    auxk = (target - aux).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+    return fvu + config.auxk_alpha * auxk
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_slot values[n, slot] · W_dec[indices[n, slot]]: the decoder over chosen latents only."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+def gather_pre(x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
+    """`pre` (= x W_enc + b_enc, computed without gradient) at `indices`, differentiable in
+    x, W_enc and b_enc through a backward pass over those latents only."""
+    return _GatherPre.apply(x, W_enc, b_enc, indices, pre)
+
+
+class _GatherPre(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, pre: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, W_enc, indices)
+        return pre.gather(-1, indices)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, W_enc, indices = ctx.saved_tensors
+        latents = indices.reshape(-1)
+        flat = grad.reshape(-1)
+        grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device)
+        grad_b.index_add_(0, latents, flat)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            tokens = torch.arange(indices.shape[0], device=grad.device).repeat_interleave(
+                indices.shape[1]
+            )
+            by_latent = torch.sparse_coo_tensor(
+                torch.stack([latents, tokens]),
+                flat,
+                (W_enc.shape[1], x.shape[0]),
+                check_invariants=False,
+            )
+            grad_w = torch.sparse.mm(by_latent.coalesce(), x).T
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            rows = W_enc.T.contiguous()  # embedding_bag is ~7× slower on the strided view
+            grad_x = F.embedding_bag(indices, rows, per_sample_weights=grad, mode="sum")
+        return grad_x, grad_w, grad_b, None, None
