@@ -12,9 +12,9 @@ from coact.files import atomic_write
 
 
 def save(chart: alt.TopLevelMixin, path_stem: Path) -> list[Path]:
-    """`<stem>.vl.json` and `<stem>.png`, each written atomically."""
+    """`<stem>.vl.json` and `<stem>.png`, each written atomically (a dot in the stem stays)."""
     spec = chart.to_json()
-    paths = [path_stem.with_suffix(".vl.json"), path_stem.with_suffix(".png")]
+    paths = [path_stem.with_name(path_stem.name + ext) for ext in (".vl.json", ".png")]
     atomic_write(paths[0], lambda tmp: tmp.write_text(spec))
     atomic_write(paths[1], lambda tmp: chart.save(str(tmp), format="png", scale_factor=2))
     return paths

@@ -434,6 +434,53 @@ def linearity(
     typer.echo(format_share(percent_linear(table), tau, form).strip())
 
 
+@app.command()
+def graph(
+    run: Annotated[Path, typer.Argument(help="a layer run with block results (--block)")],
+    site: Annotated[str, typer.Argument(help="the chosen feature's site, e.g. 'mlp_out[3]'")],
+    feature: Annotated[int, typer.Argument(help="the chosen feature's index at that site")],
+    top: Annotated[int, typer.Option(help="strongest connections kept per feature and hop")] = 3,
+    depth: Annotated[int, typer.Option(help="hops walked from the chosen feature")] = 2,
+    direction: Annotated[
+        str, typer.Option(help="in (what feeds it), out (what it feeds) or both")
+    ] = "in",
+    out: Annotated[Path | None, typer.Option(help="default: <run>/graph/")] = None,
+) -> None:
+    """The layer graph of one feature: the connections that feed it (or that it feeds)
+    through the skip path, attention, the MLP and the composition of the next stream.
+    Writes its edge and node tables (parquet and CSV) and the chart (SVG, PNG)."""
+    from coact import charts
+    from coact.graph import feature_graph, write_graph
+    from coact.report.data import load_run
+    from coact.report.graph import graph_chart
+    from coact.summary import format_graph
+
+    data = load_run(run)
+    tables = data.layer_tables()
+    if tables is None:
+        raise CoactError(
+            f"{run} has no attention or composition results; run "
+            f"`coact analyze --layer {data.layer} --block --run-dir {run}` first"
+        )
+    found = feature_graph(
+        tables,
+        site,
+        feature,
+        top=top,
+        depth=depth,
+        direction=direction,  # type: ignore[arg-type]
+    )
+    paths = write_graph(found, out or run / "graph")
+    csv = paths["edges"].with_suffix(".csv")
+    found.edges.write_csv(csv)
+    chart, _ = graph_chart(found)
+    drawn = charts.save(
+        chart, paths["edges"].with_name(paths["edges"].name.replace("_edges.parquet", ""))
+    )
+    typer.echo(format_graph(found))
+    typer.echo("wrote " + ", ".join(str(p) for p in [*paths.values(), csv, *drawn]))
+
+
 def _form(form: str) -> Literal["raw", "fvu", "seed"]:
     if form not in ("raw", "fvu", "seed"):
         raise CoactError(f"unknown form {form!r}; use raw, fvu or seed")

@@ -219,3 +219,33 @@ def format_model_summary(summary: dict[str, Any]) -> str:
     if summary.get("report"):
         lines.append(f"  report: {summary['report']}  (open it in a browser)")
     return "\n".join(lines)
+
+
+def format_graph(graph: Any) -> str:
+    """A feature's layer graph (`coact.graph.FeatureGraph`) as one line per connection,
+    hop by hop, strongest first: `source → target  weight  (path)`."""
+    labels = {
+        (row["site"], row["feature"]): f" ({row['label']})" if row["label"] else ""
+        for row in graph.nodes.iter_rows(named=True)
+    }
+
+    def node(site: str, feature: int) -> str:
+        return f"{site}#{feature}{labels.get((site, feature), '')}"
+
+    lines = [
+        f"layer graph of {node(graph.site, graph.feature)}: {graph.depth} hops {graph.direction}, "
+        f"the {graph.top} strongest connections per feature, weights {graph.weight}"
+    ]
+    for hop, edges in graph.edges.group_by("depth", maintain_order=True):
+        lines.append(f"  hop {hop[0]}:")
+        for e in edges.iter_rows(named=True):
+            standardised = e["standardised"]
+            strength = "" if standardised is None else f", standardised {standardised:+.3f}"
+            lines.append(
+                f"    {node(e['source_site'], e['source_feature'])} → "
+                f"{node(e['target_site'], e['target_feature'])}  "
+                f"w {e['weight']:+.4g}{strength}  ({e['path']})"
+            )
+    if graph.edges.is_empty():
+        lines.append("  no connections reach it in the block's weight tables")
+    return "\n".join(lines)

@@ -182,6 +182,24 @@ def test_block_single_layer_writes_attention_positions_and_composition(tmp_path:
     assert composed["decoded_fvu"]["identity_raw"] < 1e-8
     assert 0 < composed["decoded_fvu"]["identity_decoded"] < 1
     assert json.loads((run / "block.json").read_text())["composition"]["target"] == "resid_pre[2]"
+    # `coact graph`: the next stream's most strongly fed feature, walked back two hops
+    composition = pl.read_parquet(run / "composition" / "composition_weights.parquet")
+    target = int(composition.sort(pl.col("weight").abs(), descending=True)["out_feature"][0])
+    shown = _cli("graph", str(run), "resid_pre[2]", str(target), "--top", "2")
+    assert shown.returncode == 0, shown.stderr
+    edges = pl.read_parquet(run / "graph" / f"graph_resid_pre.2_{target}_edges.parquet")
+    nodes = pl.read_parquet(run / "graph" / f"graph_resid_pre.2_{target}_nodes.parquet")
+    assert edges.height > 0 and nodes.filter(pl.col("chosen"))["feature"].to_list() == [target]
+    assert (edges["target_site"] == "resid_pre[2]").any() and set(edges["depth"]) <= {1, 2}
+    assert edges.group_by("depth", "target_site", "target_feature").len()["len"].max() <= 2
+    printed = [line for line in shown.stdout.splitlines() if " → " in line]
+    assert len(printed) == edges.height
+    assert {"graph_resid_pre.2_" + f"{target}.png", f"graph_resid_pre.2_{target}_edges.csv"} <= {
+        p.name for p in (run / "graph").iterdir()
+    }
+    wrong = _cli("graph", str(run), "mlp_out[7]", "0")
+    assert wrong.returncode == 2 and wrong.stderr.strip().count("\n") == 0
+    assert "not a site of block 1" in wrong.stderr
 
 
 def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
