@@ -28,9 +28,11 @@ lint:
     ruff format --check .
     mypy
 
-# Benchmarks: collection throughput and store size, written to analyses/results/*.json.
+# Benchmarks: collection throughput, store size and the SAE training step, written to
+# analyses/results/*.json (the connector, calibration and logic benchmarks run on their own).
 bench:
     {{python}} analyses/bench_collect.py
+    {{python}} analyses/bench_sae_train.py
 
 # Build the project's documentation into site/ (benchmark figures redrawn from analyses/results/).
 docs:
