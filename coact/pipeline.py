@@ -286,6 +286,10 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
                 "attention_percent_same_position_seed_tau": _share_at_seed_tau(
                     run / "attention" / "positions" / "positions.parquet", "gain_seed"
                 ),
+                **_fit_quality("mlp", s.get("connect") or {}),
+                **_fit_quality("attention", attention),
+                "attention_nmse_same_position": scored.get("heldout_nmse_same"),
+                "attention_nmse_with_context": scored.get("heldout_nmse_context"),
                 "composition_r2_sparse": composed.get("r2_sparse"),
                 "composition_r2_ls": composed.get("r2_ls"),
                 **{f"composition_share_{k}": v for k, v in shares.items()},
@@ -293,6 +297,17 @@ def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
             }
         )
     return pl.DataFrame(rows)
+
+
+def _fit_quality(name: str, fitted: dict[str, Any]) -> dict[str, float | None]:
+    """How much the connectors explain, and how often the mlp beats least squares beyond
+    d's noise floor: a linear share means little where neither fits or the mlp never wins."""
+    alive, gain = fitted.get("alive"), fitted.get("mlp_gain_beyond_noise")
+    return {
+        f"{name}_nmse_linear": fitted.get("heldout_nmse_linear"),
+        f"{name}_nmse_mlp": fitted.get("heldout_nmse_mlp"),
+        f"{name}_percent_mlp_gain": 100.0 * gain / alive if alive and gain is not None else None,
+    }
 
 
 def _share_at_seed_tau(table: Path, column: str) -> float | None:

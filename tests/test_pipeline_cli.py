@@ -229,8 +229,22 @@ def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
         "composition_r2_sparse", "composition_share_resid_pre", "composition_share_attn_out",
         "composition_share_mlp_out", "decoded_fvu_identity_raw", "mlp_percent_linear_seed_tau",
         "attention_percent_linear_seed_tau", "attention_percent_same_position_seed_tau",
+        "mlp_nmse_linear", "mlp_nmse_mlp", "mlp_percent_mlp_gain", "attention_nmse_linear",
+        "attention_nmse_mlp", "attention_percent_mlp_gain", "attention_nmse_same_position",
+        "attention_nmse_with_context",
     ):  # fmt: skip
         assert table[column].null_count() == 0, column
+    # the fit-quality columns are each layer's own connect and positions headlines
+    for row in table.iter_rows(named=True):
+        fitted = json.loads((model / f"L{row['layer']}" / "connect/connect.json").read_text())
+        assert row["mlp_nmse_linear"] == fitted["heldout_nmse_linear"]
+        assert row["mlp_percent_mlp_gain"] == pytest.approx(
+            100 * fitted["mlp_gain_beyond_noise"] / fitted["alive"]
+        )
+        scored = json.loads(
+            (model / f"L{row['layer']}" / "attention/positions/positions.json").read_text()
+        )
+        assert row["attention_nmse_with_context"] == scored["heldout_nmse_context"]
     assert (table["decoded_fvu_identity_raw"] < 1e-8).all()
     for layer in (0, 1):
         run = model / f"L{layer}"

@@ -44,6 +44,14 @@ COLUMNS = {
     "mlp_percent_linear_seed_tau": "MLP % linear at 0.001",
     "attention_percent_linear_seed_tau": "attention % linear at 0.001",
     "attention_percent_same_position_seed_tau": "attention % same position at 0.001",
+    "mlp_nmse_linear": "MLP NMSE, least squares",
+    "mlp_nmse_mlp": "MLP NMSE, mlp",
+    "mlp_percent_mlp_gain": "MLP % the mlp fits better",
+    "attention_nmse_linear": "attention NMSE, least squares",
+    "attention_nmse_mlp": "attention NMSE, mlp",
+    "attention_percent_mlp_gain": "attention % the mlp fits better",
+    "attention_nmse_same_position": "attention NMSE, same position",
+    "attention_nmse_with_context": "attention NMSE, with earlier positions",
     "composition_r2_sparse": "composition R² (sparse)",
     "composition_r2_ls": "composition R² (least squares)",
 }
@@ -275,9 +283,11 @@ def _value(column: str, value: Any) -> str:
 def column_groups(columns: Sequence[str]) -> dict[str, list[str]]:
     """layers.parquet's columns in the model page's tables (every column in one of them)."""
     seed = "The same shares at the seed's τ = 0.001 (one threshold for every layer)"
+    fit = "How much the connectors explain (held-out NMSE) and how often the mlp wins"
     groups: dict[str, list[str]] = {
         "Linear and same-position shares": [],
         seed: [],
+        fit: [],
         "Residual composition": [],
         "Decoded checks": [],
         "Other": [],
@@ -287,6 +297,8 @@ def column_groups(columns: Sequence[str]) -> dict[str, list[str]]:
             continue
         if "percent" in c and c.endswith("_seed_tau"):
             groups[seed].append(c)
+        elif "_nmse_" in c or c.endswith("_percent_mlp_gain"):
+            groups[fit].append(c)
         elif c in ("mlp_tau", "attention_tau", "form") or "percent" in c:
             groups["Linear and same-position shares"].append(c)
         elif c.startswith("composition_"):
@@ -343,6 +355,16 @@ def _column_notes(table: pl.DataFrame) -> list[str]:
         "- **composition R²**: mean held-out R² of `resid_pre[ℓ+1]` features from the three "
         "sources' features (sparse at the chosen α; least squares on every input).",
     ]
+    if any("_nmse_" in c for c in table.columns):
+        notes.append(
+            "- **NMSE …**: held-out MSE over the variance of each output feature (1: explains "
+            "nothing), averaged over alive features, for least squares and the mlp (both "
+            "without L1) and for the position score's two least-squares fits. **% the mlp "
+            "fits better**: alive features whose d lies above 0 beyond its noise floor (the "
+            "95 % interval over held-out contexts). Where the mlp never wins and its NMSE "
+            "equals least squares', a 100 % linear share says that the mlp found nothing "
+            "more at this budget, not that it was shown to be linear."
+        )
     if any(c.startswith("composition_share_") for c in table.columns):
         notes.append(
             "- **share from …**: the mean share of a `resid_pre[ℓ+1]` feature's variance each "
