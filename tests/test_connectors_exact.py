@@ -316,3 +316,23 @@ def test_newton_jump_stops_where_an_input_leaves() -> None:
     np.testing.assert_allclose(w, best, atol=1e-12)
     np.testing.assert_allclose(res, c - g @ w, atol=1e-12)
     assert _lasso_objective(g, c, w, lam) < before
+
+
+@pytest.mark.parametrize("quadratic", ["dense", "sparse"])
+@pytest.mark.parametrize("map_kind", ["dense", "sparse"])
+def test_mse_from_sums_is_the_brute_force_mse(
+    quadratic: str, map_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-output MSE of ŷ = Xw + b from the Gram sums alone equals averaging (ŷ − y)² over
+    tokens, for dense and sparse maps and both ways of forming wᵀXᵀXw."""
+    if quadratic == "sparse":
+        monkeypatch.setattr(exact, "DENSE_QUADRATIC_MAX", 0)
+    x, y, _ = _problem()
+    rng = np.random.default_rng(4)
+    outputs = np.array([3, 0, 2])
+    w = rng.standard_normal((x.shape[1], len(outputs))) * (rng.random((x.shape[1], 3)) < 0.3)
+    b = rng.standard_normal(len(outputs))
+    coef = sp.csc_matrix(w) if map_kind == "sparse" else w
+    got = exact.mse(_stats(x, y), coef, b, outputs)
+    brute = ((x.toarray() @ w + b - y.toarray()[:, outputs]) ** 2).mean(axis=0)
+    np.testing.assert_allclose(got, brute, rtol=1e-9)

@@ -43,6 +43,8 @@ Outputs = Sequence[int] | np.ndarray | None
 _TINY = 1e-12  # relative threshold for "zero" variances
 PATH_CHUNK_ENTRIES = 2**23  # outputs × inputs per chunk of the path: ~200 MiB of state
 DENSE_GRAM_MAX = 4096  # up to this many inputs the path keeps XᵀX/n dense too (≤ 128 MiB)
+DENSE_QUADRATIC_MAX = 8192  # `mse` of a dense map forms XᵀX dense up to here (≤ 512 MiB),
+# as `linear_fit` does to factorise it
 
 
 def _csr64(m: object) -> sp.csr_matrix:
@@ -380,9 +382,15 @@ def mse(
     outputs = _outputs(stats, outputs)
     w = sp.csc_matrix(coef) if sp.issparse(coef) else np.asarray(coef, dtype=np.float64)
     b = np.asarray(intercept, dtype=np.float64)
-    xtxw = stats.xtx @ w
-    wxxw = _colsums(xtxw.multiply(w)) if sp.issparse(xtxw) else (xtxw * w).sum(axis=0)
-    wxy = _colsums(stats.xty.tocsc()[:, outputs].multiply(w))
+    if isinstance(w, np.ndarray) and stats.n_in <= DENSE_QUADRATIC_MAX:
+        # a dense map (least squares): BLAS on the dense Gram, where scipy's sparse × dense
+        # product is single-threaded and its broadcast multiply slow
+        wxxw = ((stats.xtx.toarray() @ w) * w).sum(axis=0)
+        wxy = (stats.xty[:, outputs].toarray() * w).sum(axis=0)
+    else:
+        xtxw = stats.xtx @ w
+        wxxw = _colsums(xtxw.multiply(w)) if sp.issparse(xtxw) else (xtxw * w).sum(axis=0)
+        wxy = _colsums(stats.xty.tocsc()[:, outputs].multiply(w))
     total = stats.y_sq_sum[outputs] - 2 * wxy - 2 * b * stats.y_sum[outputs] + wxxw
     total = total + 2 * b * np.asarray(w.T @ stats.x_sum).ravel() + stats.n * b**2
     return np.maximum(total, 0.0) / max(stats.n, 1)
