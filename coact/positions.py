@@ -2,11 +2,18 @@
 
 Attention writes at position t from the stream at every position ≤ t, so a same-position
 connector (out codes at t from in codes at t) can miss what it reads elsewhere. Per output
-feature this stage asks how much of it is explained only by earlier positions: two least
-squares fits without L1, exact from Gram statistics, on the held-out split `connect` uses,
+feature this stage asks how much of it is explained only by earlier positions: two linear
+fits without L1, exact from Gram statistics, on the held-out split `connect` uses,
 
     same position   y_t ≈ W x_t + b
     with context    y_t ≈ W x_t + Σ_s V_s summary_s(t) + b
+
+Each is ridge-regularised, with λ per output feature (relative to the mean variance of the
+fit's inputs) chosen from `ridge` on validation contexts held back from training, then
+refitted on all training contexts. Plain least squares would not compare them fairly: with
+(2 + window)× more inputs the context fit overfits more, and on a few tens of thousands of
+tokens its held-out error can exceed the same-position fit's even where earlier positions
+carry signal.
 
 with the summaries of one context only (never across contexts): "previous" = x_{t−1};
 "decayed" = Σ_{m=2..window+1} decay^(m−1)·x_{t−m} (further back than the previous token).
@@ -17,8 +24,9 @@ and verdict. Fits with the current codes and one summary alone say which summary
 the gain ("copies the previous token" against "reads further back"). Everything stays
 sparse: summaries are CSR products with a shift operator, never tokens × n_in dense.
 
-    positions.parquet   one row per output feature: MSEs, gain (raw / fvu / seed), its
-                        interval, status and verdict, each summary's gain alone, carrier
+    positions.parquet   one row per output feature: MSEs, each fit's λ, gain (raw / fvu /
+                        seed), its interval, status and verdict, each summary's gain
+                        alone, carrier
     positions.json      the headline (written last: its presence marks completion)
 """
 
@@ -38,6 +46,7 @@ from tqdm.auto import tqdm
 
 from coact.connect import LINEAR_MAP_ENTRIES, context_split
 from coact.connectors.exact import GramStats, linear_fit
+from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.files import atomic_write, finished_result, finite_mean, result_key
 from coact.linearity import (
@@ -53,7 +62,7 @@ from coact.store import CodeStore
 Summary = Literal["previous", "decayed"]
 SUMMARIES: tuple[Summary, ...] = get_args(Summary)
 OUTPUT_FILES = ("positions.parquet",)
-RESULT_VERSION = 1  # bumped when what positions writes changes: older results are redone
+RESULT_VERSION = 2  # bumped when what positions writes changes: older results are redone
 BLOCK_TOKENS = 16384  # tokens per block when accumulating sparse Gram statistics
 DENSE_GRAM = 8192  # up to this many augmented inputs the Gram is summed densely
 TOP = 10  # most position-dependent features in the headline
@@ -83,6 +92,11 @@ class PositionsConfig:
     linearity: LinearityConfig = field(default_factory=LinearityConfig)
     layer_norm: float = 1.0  # for the seed's normalisation; see linearity.seed_scale
     min_layer_norm: float = 1.0
+    # ridge λ candidates, × the mean variance of a fit's inputs (0: plain least squares);
+    # per output, each fit takes the one with the lowest validation error (one candidate:
+    # no validation, all training contexts fit)
+    ridge: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    validation_fraction: float = 0.2  # of the training contexts, to choose λ on
     chunk_outputs: int | None = None  # outputs per least-squares solve; None: as memory allows
     progress: bool = True
 
@@ -96,6 +110,12 @@ class PositionsConfig:
             raise CoactError(f"need 0 < decay ≤ 1 and window ≥ 1, got {self.decay}, {self.window}")
         if not 0 < self.heldout_fraction < 1:
             raise CoactError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not self.ridge or any(not 0 <= r < float("inf") for r in self.ridge):
+            raise CoactError(f"ridge needs candidates ≥ 0, got {self.ridge}")
+        if not 0 < self.validation_fraction < 1:
+            raise CoactError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
         if self.chunk_outputs is not None and self.chunk_outputs < 1:
             raise CoactError(f"chunk_outputs must be ≥ 1, got {self.chunk_outputs}")
 
@@ -184,15 +204,21 @@ def positions(
         """[current | summaries…] of these rows: each summary is S[rows] @ x, sparse."""
         return sp.csr_matrix(sp.hstack([x[rows], *(s[rows] @ x for s in shifts)], format="csr"))
 
-    stats = _train_stats(augmented, y, train, n_aug, config)
-    z_held = augmented(held)
-    timings["stats_s"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
     blocks = {"current": np.arange(n_in)}
     for k, name in enumerate(config.summaries, start=1):
         blocks[name] = np.arange(k * n_in, (k + 1) * n_in)
-    fits = _fits(stats, z_held, y[held], groups[held], blocks, config)
+    fit_rows, val_rows = validation_split(train, groups, config)
+    stats = _train_stats(augmented, y, fit_rows, n_aug, config)
+    timings["stats_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    ridge = Ridge.constant(config.ridge[0], y.shape[1])
+    if len(val_rows):
+        ridge = choose_ridge(stats, augmented(val_rows), y[val_rows], blocks, config)
+        stats = _add_stats(stats, _train_stats(augmented, y, val_rows, n_aug, config))
+    timings["ridge_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    fits = _fits(stats, augmented(held), y[held], groups[held], blocks, config, ridge)
     timings["fits_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -203,7 +229,10 @@ def positions(
         contexts=fits.contexts,
     )  # fmt: skip
     share = {_SHARE_KEYS.get(k, k): v for k, v in percent_linear(raw).items()}
-    table = _positions_table(raw, fits.mse_alone, variance, config)
+    table = _positions_table(raw, fits.mse_alone, variance, config).with_columns(
+        pl.Series("ridge_same", ridge.relative["same"]),
+        pl.Series("ridge_context", ridge.relative["context"]),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "positions.parquet", table.write_parquet)
     timings["tables_s"] = time.perf_counter() - clock
@@ -229,6 +258,7 @@ def positions(
         "tokens_heldout": len(held),
         "heldout_contexts": len(fits.contexts.tokens),
         "output_chunks": fits.chunks,
+        "ridge": ridge.summary(config, len(val_rows)),
         "heldout_nmse_same": finite_mean(alive["mse_same"] / alive["variance"]),
         "heldout_nmse_context": finite_mean(alive["mse_context"] / alive["variance"]),
         "norms": norms,
@@ -278,6 +308,98 @@ def _train_stats(
     return GramStats(n, x_sum, y_sum, y_sq_sum, sp.csr_matrix(xtx), sp.csr_matrix(xty))
 
 
+def validation_split(
+    train: np.ndarray, groups: np.ndarray, config: PositionsConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows λ is fitted on, validation rows): whole training contexts, none when `ridge`
+    has a single candidate (there is nothing to choose)."""
+    if len(config.ridge) == 1:
+        return train, train[:0]
+    fit, val = split_rows(len(train), config.validation_fraction, config.seed + 2, groups[train])
+    return train[fit], train[val]
+
+
+@dataclass
+class Ridge:
+    """Per output, the relative λ of each fit ("same", "context"; a summary alone takes
+    "context"'s) and, where chosen on validation tokens, each candidate's validation NMSE."""
+
+    relative: dict[str, np.ndarray]  # fit ↦ (n_out,)
+    validation_nmse: dict[str, np.ndarray] = field(default_factory=dict)  # (candidates, n_out)
+
+    @classmethod
+    def constant(cls, rel: float, n_out: int) -> Ridge:
+        return cls({name: np.full(n_out, float(rel)) for name in ("same", "context")})
+
+    def groups(self, name: str, outputs: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        """(relative λ, the positions in `outputs` that take it), one per distinct λ."""
+        rel = self.relative["same" if name == "same" else "context"][outputs]
+        return [(float(r), np.flatnonzero(rel == r)) for r in np.unique(rel)]
+
+    def summary(self, config: PositionsConfig, validation_tokens: int) -> dict[str, Any]:
+        chosen = {
+            name: {f"{c:g}": int((rel == c).sum()) for c in config.ridge}
+            for name, rel in self.relative.items()
+        }
+        nmse = {
+            name: [finite_mean(row) for row in curve]
+            for name, curve in self.validation_nmse.items()
+        }
+        return {
+            "candidates": list(config.ridge),
+            "outputs_per_candidate": chosen,
+            "validation_nmse_per_candidate": nmse,
+            "validation_tokens": validation_tokens,
+        }
+
+
+def choose_ridge(
+    stats: GramStats,
+    z_val: sp.csr_matrix,
+    y_val: sp.csr_matrix,
+    blocks: dict[str, np.ndarray],
+    config: PositionsConfig,
+) -> Ridge:
+    """Per fit (same position; with every summary) and output, the candidate λ whose map,
+    fitted on `stats`, has the lowest error on the validation tokens (the first candidate
+    where an output is constant there)."""
+    n_out = stats.n_out
+    y_cols = sp.csc_matrix(y_val, dtype=np.float64)
+    var = np.asarray(y_cols.multiply(y_cols).mean(axis=0)).ravel()
+    var = var - np.asarray(y_cols.mean(axis=0)).ravel() ** 2
+    usable = (var > 1e-12 * max(float(var.max(initial=0.0)), 1e-300)) & (stats.y_var() > 0)
+    chosen, curves = {}, {}
+    for name, cols in (("same", blocks["current"]), ("context", np.arange(stats.n_in))):
+        design = stats if len(cols) == stats.n_in else _restrict(stats, cols)
+        z = sp.csr_matrix(z_val[:, cols])
+        scale = float(design.gram()[1].mean())
+        per_chunk = max(1, LINEAR_MAP_ENTRIES // len(cols))
+        nmse = np.full((len(config.ridge), n_out), np.nan)
+        for k, rel in enumerate(
+            tqdm(config.ridge, desc=f"positions: λ of {name}", disable=not config.progress)
+        ):
+            for start in range(0, n_out, per_chunk):
+                outputs = np.arange(start, min(start + per_chunk, n_out))
+                w, b = linear_fit(design, l2=rel * scale, outputs=outputs)
+                error = np.asarray(z @ w) + b - y_cols[:, outputs].toarray()
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    nmse[k, outputs] = np.where(
+                        usable[outputs], (error**2).mean(axis=0) / var[outputs], np.nan
+                    )
+        best = np.argmin(np.where(np.isnan(nmse), np.inf, nmse), axis=0)
+        chosen[name] = np.asarray(config.ridge, dtype=np.float64)[best]
+        curves[name] = nmse
+    return Ridge(chosen, curves)
+
+
+def _add_stats(a: GramStats, b: GramStats) -> GramStats:
+    """The statistics of two disjoint sets of tokens together (every field is a sum)."""
+    return GramStats(
+        a.n + b.n, a.x_sum + b.x_sum, a.y_sum + b.y_sum, a.y_sq_sum + b.y_sq_sum,
+        sp.csr_matrix(a.xtx + b.xtx), sp.csr_matrix(a.xty + b.xty),
+    )  # fmt: skip
+
+
 def _blocks(rows: np.ndarray, size: int, progress: bool) -> Iterable[np.ndarray]:
     blocks = [rows[i : i + size] for i in range(0, len(rows), size)]
     return tqdm(blocks, desc="positions: gram", disable=not progress or len(blocks) < 2)
@@ -305,12 +427,14 @@ def _fits(
     groups_held: np.ndarray,
     blocks: dict[str, np.ndarray],
     config: PositionsConfig,
+    ridge: Ridge,
 ) -> _Fits:
-    """Least squares without L1 from the training statistics, per chunk of outputs (the
-    maps are dense inputs × outputs): same-position, with all summaries, and (with several)
-    with each summary alone. Held-out errors come from one pass of predictions over the
-    held-out tokens, which the per-context sums need anyway (from held-out statistics,
-    wᵀ(XᵀX)w would cost a dense product with the nearly dense Gram per fit)."""
+    """Ridge fits without L1 from the training statistics at `ridge`'s λ, per chunk of
+    outputs (the maps are dense inputs × outputs): same-position, with all summaries, and
+    (with several) with each summary alone. Held-out errors come from one pass of
+    predictions over the held-out tokens, which the per-context sums need anyway (from
+    held-out statistics, wᵀ(XᵀX)w would cost a dense product with the nearly dense Gram per
+    fit)."""
     n_out, n_held = stats.n_out, z_held.shape[0]
     columns = {"same": blocks["current"], "context": np.arange(stats.n_in)}
     if len(blocks) > 2:
@@ -330,7 +454,9 @@ def _fits(
     diff, sse = np.zeros((n_contexts, n_out)), {name: np.zeros(n_out) for name in designs}
     y_cols = sp.csc_matrix(y_held)
     for outputs in tqdm(chunks, desc="positions: fits", disable=not config.progress):
-        maps = {name: linear_fit(train, outputs=outputs) for name, (train, _) in designs.items()}
+        maps = {
+            name: _ridge_fit(train, ridge, name, outputs) for name, (train, _) in designs.items()
+        }
         y_chunk = sp.csr_matrix(y_cols[:, outputs])
         for start in range(0, n_held, 4096):
             rows = np.arange(start, min(start + 4096, n_held))
@@ -349,6 +475,17 @@ def _fits(
     tokens = np.bincount(inverse, minlength=n_contexts).astype(np.float64)
     contexts = HeldoutContexts(diff, tokens)
     return _Fits(mse["same"], mse["context"], alone, contexts, len(chunks))
+
+
+def _ridge_fit(
+    stats: GramStats, ridge: Ridge, name: str, outputs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The map of fit `name` for `outputs`, each at its own λ (one solve per distinct λ)."""
+    scale = float(stats.gram()[1].mean())
+    w, b = np.zeros((stats.n_in, len(outputs))), np.zeros(len(outputs))
+    for rel, where in ridge.groups(name, outputs):
+        w[:, where], b[where] = linear_fit(stats, l2=rel * scale, outputs=outputs[where])
+    return w, b
 
 
 def _positions_table(

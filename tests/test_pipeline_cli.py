@@ -168,12 +168,14 @@ def test_block_single_layer_writes_attention_positions_and_composition(tmp_path:
     assert 0 <= causal["resample"]["percent_context_free"] <= 100
     assert attention["linear"] + attention["nonlinear"] == attention["alive"]
     assert 0 <= scored["percent_same_position"] <= 100
-    # the same held-out split: the same-position fit is connect's least squares
+    # the same held-out split: where validation chose no ridge, the same-position fit is
+    # connect's least squares
+    assert scored["tokens_heldout"] == attention["tokens_heldout"]
     lin = pl.read_parquet(run / "attention" / "connect" / "features.parquet").sort("feature")
     pos = pl.read_parquet(run / "attention" / "positions" / "positions.parquet").sort("feature")
-    alive = (lin["status"] != "dead").to_numpy()
+    unridged = ((lin["status"] != "dead") & (pos["ridge_same"] == 0)).to_numpy()
     assert np.allclose(
-        lin["mse_linear"].to_numpy()[alive], pos["mse_same"].to_numpy()[alive], rtol=1e-6
+        lin["mse_linear"].to_numpy()[unridged], pos["mse_same"].to_numpy()[unridged], rtol=1e-6
     )
     composed = block["composition"]
     assert composed["sources"] == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]

@@ -184,33 +184,101 @@ def synthetic(tmp_path_factory) -> tuple[CodeStore, dict, pl.DataFrame, object]:
     return store, summary, pl.read_parquet(out / "positions.parquet"), out
 
 
-def _lstsq_heldout(z: np.ndarray, y: np.ndarray, train, held) -> np.ndarray:
-    design = np.hstack([z, np.ones((len(z), 1))])
-    w, *_ = np.linalg.lstsq(design[train], y[train], rcond=None)
-    return ((design[held] @ w - y[held]) ** 2).mean(axis=0)
+def _ridge_heldout(
+    z: np.ndarray, y: np.ndarray, fit: np.ndarray, held: np.ndarray, rel: float
+) -> np.ndarray:
+    """Per-output MSE on `held` of ridge on `fit` (intercept unpenalised), λ = rel × the
+    mean variance of z's columns on `fit`; rel = 0 is minimum-norm least squares."""
+    if rel == 0:  # least squares with an intercept column, minimum norm where singular
+        design = np.hstack([z, np.ones((len(z), 1))])
+        w = np.linalg.lstsq(design[fit], y[fit], rcond=None)[0]
+        return ((design[held] @ w - y[held]) ** 2).mean(axis=0)
+    mu, ybar = z[fit].mean(axis=0), y[fit].mean(axis=0)
+    zc, yc = z[fit] - mu, y[fit] - ybar
+    lam = rel * zc.var(axis=0).mean()
+    # ‖Zc w − Yc‖²/n + λ‖w‖² as one stacked least-squares problem (no normal equations)
+    stacked = np.vstack([zc, np.sqrt(len(fit) * lam) * np.eye(z.shape[1])])
+    padded = np.vstack([yc, np.zeros((z.shape[1], y.shape[1]))])
+    w = np.linalg.lstsq(stacked, padded, rcond=None)[0]
+    return (((z[held] - mu) @ w + ybar - y[held]) ** 2).mean(axis=0)
 
 
-def test_fits_are_brute_force_least_squares(synthetic) -> None:
-    store, summary, table, _ = synthetic
+def _designs(store: CodeStore, config: PositionsConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     x, y = store.read_site("resid_pre.2"), store.read_site("attn_out.2").toarray()
-    tokens = store.read_tokens()
-    parts = context_summaries(x, tokens, SYNTHETIC)
+    parts = context_summaries(x, store.read_tokens(), config)
     dense = {"current": x.toarray(), **{k: v.toarray() for k, v in parts.items()}}
-    train, held = split_rows(len(y), 0.2, 0, tokens["context"].to_numpy())
-    alive = slice(0, 3)
-    full = np.hstack(list(dense.values()))
+    designs = {
+        "same": dense["current"],
+        "context": np.hstack(list(dense.values())),
+        "previous": np.hstack([dense["current"], dense["previous"]]),
+        "decayed": np.hstack([dense["current"], dense["decayed"]]),
+    }
+    return designs, y
+
+
+def test_least_squares_without_ridge_is_brute_force_lstsq(synthetic, tmp_path) -> None:
+    """With one candidate, λ = 0: the fits are plain least squares on all training contexts."""
+    store = synthetic[0]
+    config = PositionsConfig(**{**SYNTHETIC.__dict__, "ridge": (0.0,)})
+    summary = positions(store, config, tmp_path / "ls")
+    table = pl.read_parquet(tmp_path / "ls" / "positions.parquet")
+    designs, y = _designs(store, config)
+    train, held = split_rows(len(y), 0.2, 0, store.read_tokens()["context"].to_numpy())
+    for name, column in (
+        ("same", "mse_same"),
+        ("context", "mse_context"),
+        ("previous", "mse_with_previous"),
+        ("decayed", "mse_with_decayed"),
+    ):
+        expected = _ridge_heldout(designs[name], y, train, held, 0.0)
+        np.testing.assert_allclose(table[column].to_numpy()[:3], expected[:3], atol=1e-9)
+    assert summary["ridge"]["validation_tokens"] == 0
+    assert (table["ridge_same"] == 0).all() and (table["ridge_context"] == 0).all()
+
+
+def test_fits_are_brute_force_ridge_at_the_validated_lambda(synthetic) -> None:
+    """Per fit and output, λ is the candidate with the lowest validation NMSE (validation: a
+    fifth of the training contexts), refitted on every training context; the held-out
+    errors, gains and verdicts follow from those fits."""
+    store, summary, table, _ = synthetic
+    designs, y = _designs(store, SYNTHETIC)
+    groups = store.read_tokens()["context"].to_numpy()
+    train, held = split_rows(len(y), 0.2, 0, groups)
+    a, b = split_rows(len(train), SYNTHETIC.validation_fraction, SYNTHETIC.seed + 2, groups[train])
+    fit, val = train[a], train[b]
+    alive = [0, 1, 2]  # 3 is dead
+    grid = np.array(SYNTHETIC.ridge)
+    chosen = {}
+    for name in ("same", "context"):
+        nmse = np.stack(
+            [_ridge_heldout(designs[name], y, fit, val, rel)[alive] for rel in grid]
+        ) / y[val][:, alive].var(axis=0)
+        chosen[name] = grid[np.argmin(nmse, axis=0)]
+        np.testing.assert_allclose(table[f"ridge_{name}"].to_numpy()[alive], chosen[name])
+        assert table[f"ridge_{name}"][3] == grid[0]  # constant output: the first candidate
+        counts = summary["ridge"]["outputs_per_candidate"][name]
+        assert sum(counts.values()) == N_OUT
+        np.testing.assert_allclose(
+            summary["ridge"]["validation_nmse_per_candidate"][name], nmse.mean(axis=1), rtol=1e-6
+        )
+    assert summary["ridge"]["validation_tokens"] == len(val)
+
+    def refit(name: str, rel: np.ndarray) -> np.ndarray:
+        return np.array(
+            [
+                _ridge_heldout(designs[name], y, train, held, r)[j]
+                for j, r in zip(alive, rel, strict=True)
+            ]
+        )
+
     expected = {
-        "mse_same": _lstsq_heldout(dense["current"], y, train, held),
-        "mse_context": _lstsq_heldout(full, y, train, held),
-        "mse_with_previous": _lstsq_heldout(
-            np.hstack([dense["current"], dense["previous"]]), y, train, held
-        ),
-        "mse_with_decayed": _lstsq_heldout(
-            np.hstack([dense["current"], dense["decayed"]]), y, train, held
-        ),
+        "mse_same": refit("same", chosen["same"]),
+        "mse_context": refit("context", chosen["context"]),
+        "mse_with_previous": refit("previous", chosen["context"]),
+        "mse_with_decayed": refit("decayed", chosen["context"]),
     }
     for column, values in expected.items():
-        np.testing.assert_allclose(table[column].to_numpy()[alive], values[alive], atol=1e-9)
+        np.testing.assert_allclose(table[column].to_numpy()[alive], values, rtol=1e-6, atol=1e-9)
     assert summary["tokens_heldout"] == len(held) and summary["inputs_context"] == 3 * N_IN
     # Known answers: 0 same-position, 1 the previous token, 2 further back, 3 dead.
     assert table["status"].to_list() == [
@@ -221,6 +289,35 @@ def test_fits_are_brute_force_least_squares(synthetic) -> None:
     gain = table["gain"].to_numpy()
     np.testing.assert_allclose(gain, table["mse_same"] - table["mse_context"])
     assert (table["gain_low"] <= table["gain_high"]).fill_null(True).all()
+
+
+def test_ridge_keeps_a_weak_earlier_position_signal_that_least_squares_overfits(
+    tmp_path,
+) -> None:
+    """A planted weak read of the previous token among many inputs and few tokens: least
+    squares with the summaries overfits more than it gains, so it calls most features
+    same-position; the validated ridge recovers that they need context."""
+    rng = np.random.default_rng(5)
+    n_ctx, length, n_in, n_out = 30, 16, 40, 12
+    n = n_ctx * length
+    x = (rng.random((n, n_in)) < 0.15) * rng.uniform(0.5, 1.5, (n, n_in))
+    previous = np.vstack([np.zeros((1, n_in)), x[:-1]]) * (np.arange(n) % length >= 1)[:, None]
+    y = x[:, :n_out] + 0.6 * previous[:, n_out : 2 * n_out] + 0.6 * rng.standard_normal((n, n_out))
+    writer = CodeStore.open_for_writing(
+        tmp_path / "codes", fingerprint="weak", sites={"resid_pre.2": n_in, "attn_out.2": n_out}
+    )
+    rows = np.arange(n)
+    tokens = {"context": rows // length, "position": rows % length + 1, "token_id": rows % 7,
+              "doc": rows // length}  # fmt: skip
+    writer.write_shard(0, tokens, {"resid_pre.2": sp.csr_matrix(x), "attn_out.2": sp.csr_matrix(y)})
+    store = CodeStore.open(tmp_path / "codes")
+    base = {**SYNTHETIC.__dict__, "linearity": LinearityConfig(tau=0.0, form="fvu", n_boot=100)}
+    plain = positions(store, PositionsConfig(**{**base, "ridge": (0.0,)}), tmp_path / "ls")
+    ridged = positions(store, PositionsConfig(**base), tmp_path / "ridge")
+    assert ridged["ridge"]["outputs_per_candidate"]["context"]["0"] < n_out
+    assert plain["needs_context"] <= n_out // 2 < ridged["needs_context"]
+    assert ridged["heldout_nmse_context"] < ridged["heldout_nmse_same"]
+    assert plain["heldout_nmse_context"] > ridged["heldout_nmse_context"]
 
 
 def test_output_chunks_and_sparse_gram_give_the_same_table(
@@ -264,7 +361,8 @@ def test_bad_input_is_a_clear_error(synthetic, tmp_path) -> None:
     small = _synthetic_store(tmp_path / "small", n_contexts=3)
     with pytest.raises(CoactError, match="too few contexts"):
         positions(small, SYNTHETIC, tmp_path / "b")
-    for bad in ({"summaries": ("next",)}, {"summaries": ()}, {"decay": 0.0}, {"window": 0}):
+    for bad in ({"summaries": ("next",)}, {"summaries": ()}, {"decay": 0.0}, {"window": 0},
+                {"ridge": ()}, {"ridge": (-1.0,)}, {"validation_fraction": 1.0}):  # fmt: skip
         with pytest.raises(CoactError):
             PositionsConfig("resid_pre[2]", "attn_out[2]", **bad)  # type: ignore[arg-type]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

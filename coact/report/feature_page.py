@@ -708,12 +708,15 @@ def _position_score(
     carrier = CARRIERS.get(str(position.get("carrier")), "–")
     summaries = ", ".join(p.get("summaries") or [])
     out += [
-        f"The gain from earlier positions: MSE of the same-position least squares − MSE of one "
+        f"The gain from earlier positions: MSE of the same-position ridge fit − MSE of one "
         f"that also reads the previous token and a decayed sum of the ones before ({summaries}; "
         f"decay {p.get('decay', '–')}, window {p.get('window', '–')} tokens), in the {form} "
         f"form, on held-out tokens, with its 95% interval over contexts; read at τ = "
         f"{num(_finite(p.get('tau')))}. Alone: the gain of each summary by itself (/ variance). "
-        "Carrier: the summary that alone recovers more of the gain.",
+        "Carrier: the summary that alone recovers more of the gain. Both fits are ridge "
+        f"regressions, λ chosen for this feature on validation contexts (× the mean input "
+        f"variance): same position {num(_finite(position.get('ridge_same')))}, with earlier "
+        f"positions {num(_finite(position.get('ridge_context')))}.",
         "",
         md_table(
             [

@@ -359,7 +359,7 @@ def _column_notes(table: pl.DataFrame) -> list[str]:
         notes.append(
             "- **NMSE …**: held-out MSE over the variance of each output feature (1: explains "
             "nothing), averaged over alive features, for least squares and the mlp (both "
-            "without L1) and for the position score's two least-squares fits. **% the mlp "
+            "without L1) and for the position score's two ridge fits. **% the mlp "
             "fits better**: alive features whose d lies above 0 beyond its noise floor (the "
             "95 % interval over held-out contexts). Where the mlp never wins and its NMSE "
             "equals least squares', a 100 % linear share says that the mlp found nothing "

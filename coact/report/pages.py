@@ -749,8 +749,9 @@ def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> lis
         ),
         "",
         "Linear: d = MSE_lin − MSE_mlp ≤ τ. Same position: the gain from earlier positions "
-        "(MSE of the same-position least squares − MSE of one that also reads the previous "
-        "token and a decayed sum of the ones before) ≤ τ. The bracket counts the features "
+        "(MSE of the same-position ridge fit − MSE of one that also reads the previous "
+        "token and a decayed sum of the ones before, each with λ per feature chosen on "
+        "validation contexts) ≤ τ. The bracket counts the features "
         "whose 95% interval lies below τ (at least) and those whose interval does not lie "
         "above it (at most).",
         "",
