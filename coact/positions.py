@@ -95,7 +95,7 @@ class PositionsConfig:
     # ridge λ candidates, × the mean variance of a fit's inputs (0: plain least squares);
     # per output, each fit takes the one with the lowest validation error (one candidate:
     # no validation, all training contexts fit)
-    ridge: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    ridge: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     validation_fraction: float = 0.2  # of the training contexts, to choose λ on
     chunk_outputs: int | None = None  # outputs per least-squares solve; None: as memory allows
     progress: bool = True
