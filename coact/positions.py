@@ -361,8 +361,8 @@ def choose_ridge(
     config: PositionsConfig,
 ) -> Ridge:
     """Per fit (same position; with every summary) and output, the candidate λ whose map,
-    fitted on `stats`, has the lowest error on the validation tokens (the first candidate
-    where an output is constant there)."""
+    fitted on `stats`, has the lowest error on the validation tokens (where an output is
+    constant there, the candidate with the lowest mean error over the others)."""
     n_out = stats.n_out
     y_cols = sp.csc_matrix(y_val, dtype=np.float64)
     var = np.asarray(y_cols.multiply(y_cols).mean(axis=0)).ravel()
@@ -386,10 +386,23 @@ def choose_ridge(
                     nmse[k, outputs] = np.where(
                         usable[outputs], (error**2).mean(axis=0) / var[outputs], np.nan
                     )
-        best = np.argmin(np.where(np.isnan(nmse), np.inf, nmse), axis=0)
+        # an output constant on the validation tokens (rare features often are) takes the
+        # candidate best on average: plain least squares would be its most overfitted fit
+        on_average = int(np.argmin(_nan_means(nmse))) if usable.any() else 0
+        best = np.where(
+            usable, np.argmin(np.where(np.isnan(nmse), np.inf, nmse), axis=0), on_average
+        )
         chosen[name] = np.asarray(config.ridge, dtype=np.float64)[best]
         curves[name] = nmse
     return Ridge(chosen, curves)
+
+
+def _nan_means(rows: np.ndarray) -> np.ndarray:
+    """Mean of each row over its finite entries (rows of NaN only: +inf)."""
+    finite = np.isfinite(rows)
+    counts = finite.sum(axis=1)
+    sums = np.where(finite, rows, 0.0).sum(axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
 
 
 def _add_stats(a: GramStats, b: GramStats) -> GramStats:
