@@ -62,7 +62,7 @@ from coact.store import CodeStore
 Summary = Literal["previous", "decayed"]
 SUMMARIES: tuple[Summary, ...] = get_args(Summary)
 OUTPUT_FILES = ("positions.parquet",)
-RESULT_VERSION = 2  # bumped when what positions writes changes: older results are redone
+RESULT_VERSION = 3  # bumped when what positions writes changes: older results are redone
 BLOCK_TOKENS = 16384  # tokens per block when accumulating sparse Gram statistics
 DENSE_GRAM = 8192  # up to this many augmented inputs the Gram is summed densely
 TOP = 10  # most position-dependent features in the headline
