@@ -110,7 +110,10 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
     (so the SAEs still take a few hundred steps), fewer evaluation and calibration
     contexts, noise strengths and candidate τ, a shorter composition path (10 α down to
     0.05 × the largest: its 6912 inputs make the small α the costly ones), no
-    sae-connector, and pages for the top 10 features of each layer."""
+    sae-connector, no two-halves refit of the sparse connectors, three ridge λ for the
+    position score, 8 × 8 resampled attention contexts (each a forward pass to the layer:
+    the deepest layers' costliest stage at 16 × 16), and pages for the top 10 features of
+    each layer."""
     if budget not in BUDGETS:
         raise CoactError(f"unknown budget {budget!r}: choose one of {', '.join(BUDGETS)}")
     if budget == "full":
@@ -125,10 +128,14 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
         calibrate_settings=dataclasses.replace(
             config.calibrate_settings, contexts=8, strengths=(0.0, 0.03, 0.3, 1.0), n_taus=4
         ),
+        connect_settings=dataclasses.replace(config.connect_settings, stability=False),
         labels_settings=dataclasses.replace(config.labels_settings, sae_connector=False),
         block_settings=dataclasses.replace(
             config.block_settings,
             decoded_contexts=8,
+            causal_contexts=8,
+            resample=dataclasses.replace(config.block_settings.resample, targets=8),
+            positions=dataclasses.replace(config.block_settings.positions, ridge=(0.3, 3.0, 30.0)),
             composition_settings=dataclasses.replace(
                 composition,
                 path=dataclasses.replace(composition.path, n_alphas=10, alpha_min_ratio=0.05),

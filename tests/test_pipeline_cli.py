@@ -121,6 +121,11 @@ def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> 
     path = survey.block_settings.composition_settings.path
     assert path.n_alphas < 20 and path.alpha_min_ratio > 0.01
     assert not survey.labels_settings.sae_connector and survey.report_features == 10
+    assert not survey.connect_settings.stability
+    block, full_block = survey.block_settings, base.block_settings
+    assert block.causal_contexts < full_block.causal_contexts
+    assert block.resample.targets < full_block.resample.targets
+    assert 1 < len(block.positions.ridge) < len(full_block.positions.ridge)  # λ still chosen
     assert survey.layers == "all" and survey.sae.k == base.sae.k  # what is studied is unchanged
     with pytest.raises(CoactError, match="unknown budget"):
         with_budget(base, "tiny")
