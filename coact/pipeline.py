@@ -39,7 +39,7 @@ from coact.models import EMBEDDED, LoadedModel, load_model
 from coact.outliers import OutlierConfig, outliers
 from coact.runs import RunLayout, read_run_config
 from coact.sae.base import Sae
-from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_sae
+from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_saes
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
 from coact.sites import Site
@@ -102,6 +102,7 @@ class AnalyzeConfig:
 
 
 BUDGETS = ("full", "survey")
+EVAL_GROUP = 16  # SAEs evaluated per shared capture and clean pass (a killed run loses ≤ one group)
 
 
 def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
@@ -674,8 +675,9 @@ def _evaluations(
     evaluated: list[str] = []
     eval_config = SaeEvalConfig()
     token_digest = hashlib.sha256(np.ascontiguousarray(np.asarray(tokens)).tobytes()).hexdigest()
+    keys: dict[Site, str] = {}
     for site, sae in saes.items():
-        key = hashlib.sha256(
+        keys[site] = hashlib.sha256(
             json.dumps(
                 [lm.fingerprint(), sae_fingerprint(sae), token_digest, str(site),
                  asdict(eval_config)], sort_keys=True,
@@ -684,14 +686,22 @@ def _evaluations(
         path = directory / f"{site.slug}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
+            if saved.get("key") == keys[site]:
                 reports[site] = SaeReport(**saved["report"])
-                continue
-        reports[site] = evaluate_sae(lm, sae, site, tokens, eval_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        report = {k: v for k, v in reports[site].to_dict().items() if k != "ce_recovered"}
-        _write_json(path, {"key": key, "report": report})
-        evaluated.append(str(site))
+    # the rest together, a group at a time (each one's report is saved as it lands)
+    todo = [site for site in saes if site not in reports]
+    for start in range(0, len(todo), EVAL_GROUP):
+        group = todo[start : start + EVAL_GROUP]
+        for site, report in evaluate_saes(
+            lm, {s: saes[s] for s in group}, tokens, eval_config
+        ).items():
+            reports[site] = report
+            directory.mkdir(parents=True, exist_ok=True)
+            saved_report = {k: v for k, v in report.to_dict().items() if k != "ce_recovered"}
+            _write_json(
+                directory / f"{site.slug}.json", {"key": keys[site], "report": saved_report}
+            )
+            evaluated.append(str(site))
     return reports, evaluated
 
 

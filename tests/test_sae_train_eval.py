@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from coact.models import load_model
 from coact.sae.base import Sae
-from coact.sae.evaluate import evaluate_sae
+from coact.sae.evaluate import SaeEvalConfig, evaluate_sae, evaluate_saes
 from coact.sae.train import SaeTrainConfig, SaeTrainer, dense_loss, train_saes
 from coact.sites import Site
 from coact.tracing import capture
@@ -116,6 +116,34 @@ def test_evaluate_exact_and_zero_sae_against_brute_force() -> None:
     assert abs(report.fve - float(expected_fve)) < 1e-4
     assert report.l0 == 0 and report.dead_fraction == 1.0
     assert abs(report.ce_spliced - report.ce_ablated) < 1e-6 and abs(report.ce_recovered) < 1e-6
+
+
+def test_evaluating_saes_together_matches_evaluating_each_alone() -> None:
+    lm = load_model("tiny-llama")
+    tokens = torch.randint(3, 250, (5, 12), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    saes = {}
+    for site in (Site("attn_out", 0), Site("mlp_out", 1), Site("resid_pre", 1)):
+        sae = Sae(lm.adapter.d_model, 16, activation="topk", k=4, site=str(site))
+        for p in sae.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+        saes[site] = sae.requires_grad_(False)
+    config = SaeEvalConfig(forward_batch=2)  # three batches, the last one short
+    together = evaluate_saes(lm, saes, tokens, config)
+    for site, sae in saes.items():
+        alone = evaluate_sae(lm, sae, site, tokens, config)
+        assert together[site].site == str(site)
+        for field in (
+            "n_tokens",
+            "fve",
+            "l0",
+            "dead_fraction",
+            "ce_clean",
+            "ce_spliced",
+            "ce_ablated",
+        ):
+            assert getattr(together[site], field) == pytest.approx(getattr(alone, field), rel=1e-6)
+    assert together[Site("attn_out", 0)].ce_spliced != together[Site("mlp_out", 1)].ce_spliced
 
 
 def test_train_saes_streams_from_model() -> None:

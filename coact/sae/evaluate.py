@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,7 +67,6 @@ def check_sae_fits(
             raise CoactError(f"SAE was trained for site {sae.site} but is used at {site}")
 
 
-@torch.no_grad()
 def evaluate_sae(
     lm: LoadedModel,
     sae: SparseAutoencoder,
@@ -75,14 +75,25 @@ def evaluate_sae(
     config: SaeEvalConfig = SaeEvalConfig(),
 ) -> SaeReport:
     """Evaluate on contexts the SAE was not trained on."""
-    check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
+    return evaluate_saes(lm, {site: sae}, tokens, config)[site]
+
+
+@torch.no_grad()
+def evaluate_saes(
+    lm: LoadedModel,
+    saes: Mapping[Site, SparseAutoencoder],
+    tokens: Tensor,
+    config: SaeEvalConfig = SaeEvalConfig(),
+) -> dict[Site, SaeReport]:
+    """Evaluate several SAEs on the same contexts: per batch one pass captures every site
+    and one clean pass gives the clean loss they share, so each SAE costs two forward
+    passes (spliced, ablated) instead of three and a half."""
+    for site, sae in saes.items():
+        check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     skip = config.skip_first_positions
-    sq_err = total_var = 0.0
-    sum_x = sum_x2 = None
-    n = 0
-    l0_sum = 0.0
-    fired = torch.zeros(sae.width, dtype=torch.bool, device=lm.device)
-    ce = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0}
+    sites = list(saes)
+    stats = {site: _Running(saes[site].width, lm.device) for site in sites}
+    ce_clean = 0.0
 
     def splice(fn: Any) -> Any:
         def apply(x: Tensor) -> Tensor:
@@ -92,33 +103,61 @@ def evaluate_sae(
 
         return apply
 
-    def reconstruct(x: Tensor) -> Tensor:
-        return sae.decode(sae.encode(x))
-
-    for start in tqdm(range(0, tokens.shape[0], config.forward_batch), desc=f"evaluating {site}"):
+    starts = range(0, tokens.shape[0], config.forward_batch)
+    bar = tqdm(total=len(starts) * len(sites), desc=f"evaluating {len(sites)} SAEs")
+    for start in starts:
         batch = tokens[start : start + config.forward_batch].to(lm.device)
-        x = capture(lm, batch, [site])[site][:, skip:].reshape(-1, sae.d_in)
-        codes = sae.encode(x)
-        sq_err += float((x - sae.decode(codes)).pow(2).sum())
-        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
-        sq = float(x.pow(2).sum())
-        sum_x2 = sq if sum_x2 is None else sum_x2 + sq
-        n += x.shape[0]
-        l0_sum += float((codes > 0).sum())
-        fired |= (codes > 0).any(0)
-        for name, fn in (("clean", None), ("spliced", reconstruct), ("ablated", torch.zeros_like)):
-            logits = spliced_logits(lm, batch, site if fn else None, splice(fn) if fn else None)
-            ce[name] += float(next_token_loss(logits, batch)[:, skip:].sum())
-    assert sum_x is not None and sum_x2 is not None
-    total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
+        captured = capture(lm, batch, sites)
+        ce_clean += float(
+            next_token_loss(spliced_logits(lm, batch, None, None), batch)[:, skip:].sum()
+        )
+        for site in sites:
+            sae, running = saes[site], stats[site]
+            x = captured[site][:, skip:].reshape(-1, sae.d_in)
+            running.add(x, sae)
+
+            def reconstruct(x: Tensor, sae: SparseAutoencoder = sae) -> Tensor:
+                return sae.decode(sae.encode(x))
+
+            for name, fn in (("spliced", reconstruct), ("ablated", torch.zeros_like)):
+                logits = spliced_logits(lm, batch, site, splice(fn))
+                running.ce[name] += float(next_token_loss(logits, batch)[:, skip:].sum())
+            bar.set_postfix_str(str(site))
+            bar.update()
+    bar.close()
     n_pred = tokens.shape[0] * (tokens.shape[1] - 1 - skip)
-    return SaeReport(
-        site=str(site),
-        n_tokens=n,
-        fve=1.0 - sq_err / total_var,
-        l0=l0_sum / n,
-        dead_fraction=1.0 - float(fired.float().mean()),
-        ce_clean=ce["clean"] / n_pred,
-        ce_spliced=ce["spliced"] / n_pred,
-        ce_ablated=ce["ablated"] / n_pred,
-    )
+    return {site: stats[site].report(site, ce_clean / n_pred, n_pred) for site in sites}
+
+
+class _Running:
+    """One SAE's sums over the evaluation batches."""
+
+    def __init__(self, width: int, device: Any) -> None:
+        self.sq_err = self.sum_x2 = self.l0_sum = 0.0
+        self.sum_x: Tensor | None = None
+        self.n = 0
+        self.fired = torch.zeros(width, dtype=torch.bool, device=device)
+        self.ce = {"spliced": 0.0, "ablated": 0.0}
+
+    def add(self, x: Tensor, sae: SparseAutoencoder) -> None:
+        codes = sae.encode(x)
+        self.sq_err += float((x - sae.decode(codes)).pow(2).sum())
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_x2 += float(x.pow(2).sum())
+        self.n += x.shape[0]
+        self.l0_sum += float((codes > 0).sum())
+        self.fired |= (codes > 0).any(0)
+
+    def report(self, site: Site, ce_clean: float, n_pred: int) -> SaeReport:
+        assert self.sum_x is not None
+        total_var = self.sum_x2 - float(self.sum_x.pow(2).sum()) / self.n
+        return SaeReport(
+            site=str(site),
+            n_tokens=self.n,
+            fve=1.0 - self.sq_err / total_var,
+            l0=self.l0_sum / self.n,
+            dead_fraction=1.0 - float(self.fired.float().mean()),
+            ce_clean=ce_clean,
+            ce_spliced=self.ce["spliced"] / n_pred,
+            ce_ablated=self.ce["ablated"] / n_pred,
+        )
