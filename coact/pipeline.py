@@ -108,8 +108,13 @@ EVAL_GROUP = 16  # SAEs evaluated per shared capture and clean pass (a killed ru
 def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
     """`full`: the config as given. `survey`: budgets that fit every layer of a small
     model on a laptop CPU in a few hours: fewer code and SAE tokens, smaller SAE batches
-    (so the SAEs still take a few hundred steps), fewer evaluation and calibration
-    contexts, noise strengths and candidate τ, a shorter composition path (10 α down to
+    (so the SAEs still take a few hundred steps), 64 SAEs per pass over the model (each
+    pass is a forward to its deepest site: with 16, SmolLM2's 121 SAEs cost five whole
+    forward passes over the training tokens, with 64 one and a half; about 5 GB; a
+    `sae_group` set by hand is kept), fewer
+    evaluation and calibration contexts, noise strengths (isotropic noise only) and
+    candidate τ, two contexts per feature for the report's context ablation (and one top
+    input each), a shorter composition path (10 α down to
     0.05 × the largest: its 6912 inputs make the small α the costly ones), no
     sae-connector, no two-halves refit of the sparse connectors, three ridge λ for the
     position score, 8 × 8 resampled attention contexts (each a forward pass to the layer:
@@ -126,8 +131,16 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
         sae_tokens=120_000,
         eval_contexts=8,
         sae=dataclasses.replace(config.sae, batch_tokens=512, dead_after_tokens=50_000),
+        sae_group=64 if config.sae_group == AnalyzeConfig.sae_group else config.sae_group,
         calibrate_settings=dataclasses.replace(
-            config.calibrate_settings, contexts=8, strengths=(0.0, 0.03, 0.3, 1.0), n_taus=4
+            config.calibrate_settings,
+            contexts=8,
+            strengths=(0.0, 0.03, 0.3, 1.0),
+            noise_kinds=("isotropic",),
+            n_taus=4,
+        ),
+        ablation_settings=dataclasses.replace(
+            config.ablation_settings, contexts=2, input_contexts=1, inputs_per_feature=1
         ),
         connect_settings=dataclasses.replace(config.connect_settings, stability=False),
         labels_settings=dataclasses.replace(config.labels_settings, sae_connector=False),

@@ -122,6 +122,11 @@ def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> 
     assert path.n_alphas < 20 and path.alpha_min_ratio > 0.01
     assert not survey.labels_settings.sae_connector and survey.report_features == 10
     assert not survey.connect_settings.stability
+    assert survey.sae_group > base.sae_group  # fewer forward passes over the training tokens
+    assert survey.calibrate_settings.noise_kinds == ("isotropic",)
+    ablation, full_ablation = survey.ablation_settings, base.ablation_settings
+    assert ablation.contexts < full_ablation.contexts
+    assert ablation.inputs_per_feature < full_ablation.inputs_per_feature
     block, full_block = survey.block_settings, base.block_settings
     assert block.causal_contexts < full_block.causal_contexts
     assert block.resample.targets < full_block.resample.targets
