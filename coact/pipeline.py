@@ -264,6 +264,29 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
     return summary
 
 
+LAYER_OWN_KEYS = ("layer", "layers", "run_dir", "shared_dir")  # what a layer's config sets
+
+
+def finished_layers(model_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """The summary.json of every layer of a model run that finished with the run's own
+    settings, by layer: a layer stopped part-way has none, and one left by a run with other
+    settings is not this run's. Layers finished by another process (or an earlier run of
+    the same settings) count too, which layers.parquet, written by one process, can miss."""
+    model_dir = Path(model_dir)
+    config = read_run_config(model_dir)
+    settings = {k: v for k, v in config.items() if k not in LAYER_OWN_KEYS}
+    found: dict[int, dict[str, Any]] = {}
+    for layer in config.get("layers") or []:
+        layer_dir = model_dir / f"L{layer}"
+        summary, own = layer_dir / "summary.json", layer_dir / "config.json"
+        if not (summary.is_file() and own.is_file()):
+            continue
+        own_settings = json.loads(own.read_text())
+        if {k: v for k, v in own_settings.items() if k not in LAYER_OWN_KEYS} == settings:
+            found[int(layer)] = json.loads(summary.read_text())
+    return found
+
+
 def layers_table(per_layer: dict[int, dict[str, Any]]) -> pl.DataFrame:
     """One row per layer: the MLP's and attention's linear shares and attention's
     same-position share, each at its own site's calibrated τ and at the seed's τ (calibrated

@@ -17,6 +17,7 @@ from urllib.request import url2pathname
 import polars as pl
 import pytest
 import yaml
+from polars.testing import assert_frame_equal
 
 from coact.errors import CoactError
 from coact.graph import EDGE_SCHEMA
@@ -459,6 +460,7 @@ def test_a_model_run_stopped_part_way_reports_its_finished_layers(
     table = pl.read_parquet(partial / "layers.parquet").filter(pl.col("layer") < 2)
     table.write_parquet(partial / "layers.parquet")
     (partial / "summary.json").unlink()  # written only when the whole run ends
+    (partial / "L2" / "summary.json").unlink()  # and a layer's only when its stages end
     index = build_model_report(partial, progress=False)
     text = (index.parent / "index.html").read_text(encoding="utf-8")
     assert "2 of 3 layers are finished; layer 2 is not yet" in text
@@ -467,3 +469,26 @@ def test_a_model_run_stopped_part_way_reports_its_finished_layers(
     assert "layer 0" in text and "layer 1" in text
     complete = (model_run / "report" / "site" / "index.html").read_text(encoding="utf-8")
     assert "layers are finished" not in complete
+
+
+def test_the_model_page_takes_layers_finished_by_another_process(
+    model_run: Path, tmp_path: Path
+) -> None:
+    """A layer finished with the run's settings but missing from layers.parquet (another
+    process ran it) joins the table; one left by other settings does not."""
+    from coact.pipeline import finished_layers
+
+    copy = tmp_path / "shared"
+    shutil.copytree(model_run, copy, symlinks=True)
+    full = pl.read_parquet(copy / "layers.parquet").sort("layer")
+    full.filter(pl.col("layer") == 0).write_parquet(copy / "layers.parquet")
+    assert sorted(finished_layers(copy)) == [0, 1, 2]
+    other = json.loads((copy / "L2" / "config.json").read_text())
+    (copy / "L2" / "config.json").write_text(json.dumps({**other, "tokens": other["tokens"] + 1}))
+    assert sorted(finished_layers(copy)) == [0, 1]
+    index = build_model_report(copy, progress=False)
+    table = pl.read_parquet(copy / "layers.parquet").sort("layer")
+    assert table["layer"].to_list() == [0, 1]
+    # as the run itself wrote it
+    assert_frame_equal(table.filter(pl.col("layer") == 1), full.filter(pl.col("layer") == 1))
+    assert "2 of 3 layers are finished; layer 2 is not yet" in index.read_text(encoding="utf-8")

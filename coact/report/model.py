@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from coact.errors import CoactError
+from coact.files import atomic_write
 from coact.linearity import LinearityConfig, percent_linear, relabel
 from coact.report import figures
 from coact.report.build import _prepare, _Say, build_report
@@ -87,6 +88,7 @@ def build_model_report(
     say = _Say(progress)
     config = read_run_config(model_dir)
     table_path = model_dir / "layers.parquet"
+    _add_finished_layers(model_dir, table_path)
     if not table_path.is_file():
         raise CoactError(
             f"{model_dir} has no layers.parquet: the model run has not finished a layer; "
@@ -131,6 +133,20 @@ def build_model_report(
     index = build_site(write_config(out, mkdocs))
     say(f"model report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
+
+
+def _add_finished_layers(model_dir: Path, table_path: Path) -> None:
+    """Rewrite layers.parquet from every finished layer of the run where that adds layers
+    it lacks (finished by another process, or by an earlier run stopped before its own
+    table was written); rows of layers kept elsewhere (a moved run) are never dropped."""
+    from coact.pipeline import finished_layers, layers_table
+
+    if not (model_dir / "config.json").is_file():
+        return
+    finished = finished_layers(model_dir)
+    listed = set(pl.read_parquet(table_path)["layer"].to_list()) if table_path.is_file() else set()
+    if finished and listed < set(finished):
+        atomic_write(table_path, layers_table(finished).write_parquet)
 
 
 def _layer_dir(model_dir: Path, summary: Mapping[str, Any], layer: int) -> Path:
