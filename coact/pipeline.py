@@ -111,11 +111,10 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
     (so the SAEs still take a few hundred steps), 64 SAEs per pass over the model (each
     pass is a forward to its deepest site: with 16, SmolLM2's 121 SAEs cost five whole
     forward passes over the training tokens, with 64 one and a half; about 5 GB; a
-    `sae_group` set by hand is kept), fewer
-    evaluation and calibration contexts, noise strengths (isotropic noise only) and
-    candidate τ, two contexts per feature for the report's context ablation (and one top
-    input each), a shorter composition path (10 α down to
-    0.05 × the largest: its 6912 inputs make the small α the costly ones), no
+    `sae_group` set by hand is kept), fewer evaluation and calibration contexts, noise
+    strengths (isotropic noise only) and candidate τ, two contexts per feature for the
+    report's context ablation (and one top input each), a shorter composition path (10 α
+    down to 0.05 × the largest: its 6912 inputs make the small α the costly ones), no
     sae-connector, no two-halves refit of the sparse connectors, three ridge λ for the
     position score, 8 × 8 resampled attention contexts (each a forward pass to the layer:
     the deepest layers' costliest stage at 16 × 16), and pages for the top 10 features of
@@ -726,13 +725,14 @@ def _evaluations(
                 reports[site] = SaeReport(**saved["report"])
     # the rest together, a group at a time (each one's report is saved as it lands)
     todo = [site for site in saes if site not in reports]
+    if todo:
+        directory.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), EVAL_GROUP):
         group = todo[start : start + EVAL_GROUP]
         for site, report in evaluate_saes(
             lm, {s: saes[s] for s in group}, tokens, eval_config
         ).items():
             reports[site] = report
-            directory.mkdir(parents=True, exist_ok=True)
             saved_report = {k: v for k, v in report.to_dict().items() if k != "ce_recovered"}
             _write_json(
                 directory / f"{site.slug}.json", {"key": keys[site], "report": saved_report}

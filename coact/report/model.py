@@ -141,8 +141,6 @@ def _add_finished_layers(model_dir: Path, table_path: Path) -> None:
     table was written); rows of layers kept elsewhere (a moved run) are never dropped."""
     from coact.pipeline import finished_layers, layers_table
 
-    if not (model_dir / "config.json").is_file():
-        return
     finished = finished_layers(model_dir)
     listed = set(pl.read_parquet(table_path)["layer"].to_list()) if table_path.is_file() else set()
     if finished and listed < set(finished):
