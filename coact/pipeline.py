@@ -236,8 +236,18 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
     model_dir = config.resolved_run_dir()
     sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(layer, True)))
     shared = _prepare(config, lm, sites, dict.fromkeys(sites), RunLayout(model_dir, model_dir))
+    # a layer finished with these settings (report included when one is asked for) is
+    # read back, not rerun: resuming a long run costs nothing for its finished layers
+    done = {
+        layer: summary
+        for layer, summary in finished_layers(model_dir).items()
+        if not config.report or "report" in summary
+    }
     per_layer = {}
     for layer in layers:
+        if layer in done:
+            per_layer[layer] = done[layer]
+            continue
         layer_config = dataclasses.replace(
             config, layer=layer, layers=None, run_dir=str(model_dir / f"L{layer}"),
             shared_dir="..",
@@ -251,6 +261,7 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
         "run_dir": str(model_dir),
         "tokens": shared.store.n_tokens,
         "saes_trained_now": shared.trained_now,
+        "layers_finished_before": sorted(layer for layer in done if layer in layers),
         "layer_runs": {str(layer): str(model_dir / f"L{layer}") for layer in layers},
         "timings": {**shared.timings, "total_s": time.perf_counter() - started},
     }

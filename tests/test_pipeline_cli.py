@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 
+from coact import pipeline
 from coact.calibrate import CalibrateConfig
 from coact.collect import CollectConfig
 from coact.connect import ConnectConfig
@@ -214,7 +216,9 @@ def test_block_single_layer_writes_attention_positions_and_composition(tmp_path:
     assert "not a site of block 1" in wrong.stderr
 
 
-def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
+def test_model_run_shares_saes_and_codes_across_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = _config(
         tmp_path, model="tiny-gpt-neox", layers=(0, 1), connect_settings=SMALL_CONNECT,
         calibrate_settings=SMALL_CALIBRATE, labels=False, outliers=False,
@@ -267,8 +271,23 @@ def test_model_run_shares_saes_and_codes_across_layers(tmp_path: Path) -> None:
     # a stage command on a layer of the model run finds the shared codes
     again = _cli("connect", str(model / "L1"))
     assert again.returncode == 0, again.stderr
-    # and the whole run resumes without training or collecting anything again
-    assert analyze(config)["saes_trained_now"] == []
+    # and the whole run resumes without training or collecting anything again, nor
+    # rerunning a finished layer; a layer without its summary.json is the only one rerun
+    rerun: list[int] = []
+    layer_stages = pipeline._analyze_layer
+
+    def recorded(layer_config: AnalyzeConfig, *args: Any) -> dict[str, Any]:
+        rerun.append(layer_config.layer)
+        return layer_stages(layer_config, *args)
+
+    monkeypatch.setattr(pipeline, "_analyze_layer", recorded)
+    resumed = analyze(config)
+    assert resumed["saes_trained_now"] == [] and rerun == []
+    assert resumed["layers_finished_before"] == [0, 1]
+    assert pl.read_parquet(model / "layers.parquet").equals(table)
+    (model / "L1" / "summary.json").unlink()
+    assert analyze(config)["layers_finished_before"] == [0] and rerun == [1]
+    assert pl.read_parquet(model / "layers.parquet").equals(table)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
