@@ -261,7 +261,7 @@ def analyze_layers(config: AnalyzeConfig) -> dict[str, Any]:
         "run_dir": str(model_dir),
         "tokens": shared.store.n_tokens,
         "saes_trained_now": shared.trained_now,
-        "layers_finished_before": sorted(layer for layer in done if layer in layers),
+        "layers_finished_before": sorted(done),  # finished_layers lists only `layers`
         "layer_runs": {str(layer): str(model_dir / f"L{layer}") for layer in layers},
         "timings": {**shared.timings, "total_s": time.perf_counter() - started},
     }
