@@ -1,6 +1,6 @@
 """Time of a full calibration on a finished run, and the share spent in forward passes.
 
-Runs `coact.calibrate.calibrate` with the run's own settings into a temporary directory
+Runs `coact.calibrate.stage.calibrate` with the run's own settings into a temporary directory
 (the run's `calibrate/` is left alone), so every stage is measured, nothing reused:
 noise curves, splices, the causal check. The forward share is the time inside the model's
 forward calls (hooks on the root module) over the whole calibration; the rest is SAE
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from coact.calibrate import calibrate
-from coact.models import load_model
-from coact.pipeline import AnalyzeConfig, calibration_tokens, run_contexts
+from coact.calibrate.stage import calibrate
+from coact.codes.store import CodeStore
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.pipeline.run import AnalyzeConfig, calibration_tokens, run_contexts
 from coact.sae.formats import load_sae
-from coact.sites import Site
-from coact.store import CodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from coact.adapters import adapter_for, resolve
-from coact.collect import CollectConfig, collect_codes
-from coact.corpus import CorpusConfig, build_contexts
-from coact.models import LoadedModel, load_model
+from coact.codes.collect import CollectConfig, collect_codes
+from coact.codes.corpus import CorpusConfig, build_contexts
+from coact.models.adapters import adapter_for, resolve
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
-from coact.sites import Site
-from coact.tracing import capture
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -51,6 +51,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, LassoPathConfig, heldout_nmse, lasso_path
 from coact.connectors.families import (
     column_variance,
@@ -59,7 +60,6 @@ from coact.connectors.families import (
     make_connector,
 )
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
-from coact.store import CodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "smollm2-135m-L3"

@@ -1,8 +1,8 @@
 """Logic labels: accuracy on planted circuits, and the time to label a whole layer.
 
 Two measurements, both through the path real data takes (codes → sparse linear connector
-fitted and its α chosen as `coact.connect` does → `coact.logic.label_layer`):
-  planted   — `coact.planted` circuits at the default settings, one run per seed: label
+fitted and its α chosen as `coact.connectors.stage` does → `coact.logic.label_layer`):
+  planted   — `coact.logic.planted` circuits at the default settings, one run per seed: label
               accuracy per class (A-AND-NOT-B right only with the right negated input),
               the confusion matrix, and precision / recall / F1 of the labeller's inputs
               against the planted ones; the mean over seeds. Targets: accuracy ≥ 95 %,
@@ -40,8 +40,9 @@ import numba
 import numpy as np
 import polars as pl
 
-from coact.logic import LABELS, LogicConfig, label_layer
-from coact.planted import PlantedConfig, connector_weights, planted_circuits, run_planted
+from coact.logic.config import LABELS, LogicConfig
+from coact.logic.layer import label_layer
+from coact.logic.planted import PlantedConfig, connector_weights, planted_circuits, run_planted
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "smollm2-135m-L3"
@@ -145,7 +146,7 @@ def timing(n_tokens: int, width: int, logic: LogicConfig, real: bool) -> dict[st
     weights, info = connector_weights(circuits.x, circuits.y, circuits.context_ids)
     fit_s = time.perf_counter() - began
     result = _time_labels(circuits.x, circuits.y, weights, logic)
-    from coact.planted import score_labels
+    from coact.logic.planted import score_labels
 
     score = score_labels(circuits, result.pop("_features"))
     out["planted_layer"] = {
@@ -160,7 +161,7 @@ def timing(n_tokens: int, width: int, logic: LogicConfig, real: bool) -> dict[st
     )
     weights_path, codes = RUN / "connect" / "weights.parquet", RUN / "codes"
     if real and weights_path.is_file() and (codes / "manifest.json").is_file():
-        from coact.store import CodeStore
+        from coact.codes.store import CodeStore
 
         store = CodeStore.open(codes)
         x, y = store.read_site(SITES[0]), store.read_site(SITES[1])

@@ -7,7 +7,7 @@ linear connector exceeds the MLP connector's by at most τ = 0.001, with MSEs re
 (min layer norm / layer norm)². It found 78.8 / 95.9 / 97.8 / 98.0 / 98.9 % of alive
 MLP-output features linear for MLP layers 1–5.
 
-Per layer this script runs `coact.pipeline.analyze` (SAEs trained or loaded, feature codes,
+Per layer this script runs `coact.pipeline.run.analyze` (SAEs trained or loaded, feature codes,
 L1 path, linearity table; reused from the run directory when already there), estimates the
 layer's output norm (mean ‖decoded mlp_out activation‖ over stored tokens), then fits the
 four families (linear, relu, mlp, two-relu) without L1 on the stored codes with one fixed
@@ -53,17 +53,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from coact.connect import ConnectConfig
+from coact.codes.store import CodeStore
+from coact.connectors.stage import ConnectConfig
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write
-from coact.linearity import LinearityConfig, percent_linear, relabel, seed_scale
-from coact.models import load_model
-from coact.pipeline import AnalyzeConfig, analyze
+from coact.linearity.table import LinearityConfig, percent_linear, relabel, seed_scale
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.pipeline.run import AnalyzeConfig, analyze
+from coact.rundir.files import atomic_write
 from coact.sae.formats import load_sae
 from coact.sae.train import SaeTrainConfig
-from coact.sites import Site
-from coact.store import CodeStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "analyses" / "results" / "replication"

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from coact.collect import CollectConfig, collect_codes
-from coact.corpus import CorpusConfig, build_contexts
-from coact.models import EMBEDDED, load_model
-from coact.pipeline import AnalyzeConfig, analyze
+from coact.codes.collect import CollectConfig, collect_codes
+from coact.codes.corpus import CorpusConfig, build_contexts
+from coact.codes.store import CodeStore
+from coact.models.load import EMBEDDED, load_model
+from coact.models.sites import Site
+from coact.pipeline.run import AnalyzeConfig, analyze
 from coact.sae.base import Sae
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
-from coact.sites import Site
-from coact.store import CodeStore
 
 
 def train_sae(

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import typer
 
 from coact.errors import CoactError
-from coact.models import EMBEDDED
+from coact.models.load import EMBEDDED
 
 app = typer.Typer(
     add_completion=False,
@@ -79,9 +79,9 @@ def analyze(
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
-    from coact.pipeline import AnalyzeConfig, parse_layers, with_budget
-    from coact.pipeline import analyze as run_analyze
-    from coact.summary import format_model_summary, format_summary
+    from coact.pipeline.run import AnalyzeConfig, parse_layers, with_budget
+    from coact.pipeline.run import analyze as run_analyze
+    from coact.report.text import format_model_summary, format_summary
 
     config = AnalyzeConfig(
         model=model,
@@ -151,8 +151,8 @@ def collect(
 ) -> None:
     """Encode a corpus into sparse feature codes with the given SAEs (resumable)."""
     from coact import api
+    from coact.models.sites import Site
     from coact.sae.base import Sae
-    from coact.sites import Site
 
     pairs: dict[str | Site, str | Path | Sae] = {}
     for item in sae:
@@ -167,13 +167,13 @@ def collect(
 
 
 def _run_config(run: Path) -> dict[str, object]:
-    from coact.runs import read_run_config
+    from coact.rundir.layout import read_run_config
 
     return read_run_config(run)
 
 
 def _codes(run: Path) -> Path:
-    from coact.runs import RunLayout
+    from coact.rundir.layout import RunLayout
 
     return RunLayout.of(run).codes
 
@@ -197,10 +197,10 @@ def connect(
 ) -> None:
     """Sparse linear connectors (L1 path, frontier, elbow, stability) and the linearity
     table, from a run's feature codes; writes <run>/connect/."""
-    from coact.connect import ConnectConfig
-    from coact.connect import connect as run_connect
     from coact.connectors.exact import LassoPathConfig
-    from coact.linearity import LinearityConfig
+    from coact.connectors.stage import ConnectConfig
+    from coact.connectors.stage import connect as run_connect
+    from coact.linearity.table import LinearityConfig
 
     cfg = _run_config(run)
     layer = cfg.get("layer")
@@ -217,14 +217,14 @@ def connect(
     )
     decode = None
     try:
-        from coact.models import load_model
+        from coact.models.load import load_model
 
         tokenizer = load_model(str(cfg["model"])).tokenizer
         decode = lambda ids: str(tokenizer.decode(ids))  # noqa: E731
     except CoactError:
         typer.echo("model not available: top tokens are shown as ids", err=True)
     summary = run_connect(_codes(run), config, run / "connect", decode=decode)
-    from coact.summary import format_connect
+    from coact.report.text import format_connect
 
     typer.echo(format_connect(summary))
 
@@ -243,9 +243,9 @@ def calibrate(
     check); everything else in the run is reused. Writes <run>/calibrate/."""
     import dataclasses
 
-    from coact.pipeline import AnalyzeConfig
-    from coact.pipeline import analyze as run_analyze
-    from coact.summary import format_calibrate
+    from coact.pipeline.run import AnalyzeConfig
+    from coact.pipeline.run import analyze as run_analyze
+    from coact.report.text import format_calibrate
 
     config = AnalyzeConfig.from_dict(_run_config(run))
     settings = dataclasses.replace(
@@ -274,9 +274,9 @@ def logic(
     UNEXPLAINED) with a confidence, from co-activation statistics; writes <run>/logic/."""
     import dataclasses
 
-    from coact.labels import LabelsConfig, label_run
-    from coact.logic import LogicConfig
-    from coact.summary import format_logic
+    from coact.logic.config import LogicConfig
+    from coact.logic.stage import LabelsConfig, label_run
+    from coact.report.text import format_logic
 
     cfg = _run_config(run)
     layer = cfg.get("layer")
@@ -325,7 +325,7 @@ def report(
         index = build_model_report(run, out, features=chosen, rebuild_layers=not keep_layer_reports)
         typer.echo(f"model report: {index}")
         return
-    from coact.report import build_report
+    from coact.report.build import build_report
 
     index = build_report(run, out, features=chosen)
     typer.echo(f"report: {index}")
@@ -354,9 +354,9 @@ def ablate(
 ) -> None:
     """Context ablation: remove or replace each token before a feature's top activations,
     rerun the model up to the site and re-encode; writes <run>/evidence/ablation.parquet."""
-    from coact.ablation import MODES, AblationConfig
-    from coact.pipeline import ablate_run
-    from coact.summary import format_ablation
+    from coact.evidence.ablation import MODES, AblationConfig
+    from coact.pipeline.run import ablate_run
+    from coact.report.text import format_ablation
 
     modes = tuple(mode or MODES)
     if bad := [m for m in modes if m not in MODES]:
@@ -390,9 +390,9 @@ def outliers(
 ) -> None:
     """Flag artefact features (firing mostly on the first tokens, the first delimiter or
     tokens of very high norm) of both sites; writes <run>/outliers/outliers.parquet."""
-    from coact.outliers import OutlierConfig
-    from coact.pipeline import outliers_run
-    from coact.summary import format_outliers
+    from coact.evidence.outliers import OutlierConfig
+    from coact.pipeline.run import outliers_run
+    from coact.report.text import format_outliers
 
     settings = OutlierConfig(
         first_positions=first_positions,
@@ -415,8 +415,8 @@ def linearity(
     ] = None,
 ) -> None:
     """Re-read the linearity table at another τ or form (no refitting) and print the share."""
-    from coact.linearity import SEED_TAU, LinearityConfig, percent_linear, relabel
-    from coact.summary import format_share
+    from coact.linearity.table import SEED_TAU, LinearityConfig, percent_linear, relabel
+    from coact.report.text import format_share
 
     path = run / "connect" / "features.parquet"
     if not path.is_file():
@@ -449,11 +449,11 @@ def graph(
     """The layer graph of one feature: the connections that feed it (or that it feeds)
     through the skip path, attention, the MLP and the composition of the next stream.
     Writes its edge and node tables (parquet and CSV) and the chart (SVG, PNG)."""
-    from coact import charts
-    from coact.graph import feature_graph, write_graph
-    from coact.report.data import load_run
+    from coact.block.graph import feature_graph, write_graph
+    from coact.report import charts
     from coact.report.graph import graph_chart
-    from coact.summary import format_graph
+    from coact.report.text import format_graph
+    from coact.rundir.read import load_run
 
     data = load_run(run)
     tables = data.layer_tables()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coact.models import LoadedModel, load_model
+from coact.models.load import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from coact.models.sites import Site
 from coact.sae.base import Sae
-from coact.sites import Site
 
 
 def exact_sae(d_model: int, site: Site | None = None) -> Sae:

@@ -28,11 +28,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from coact.adapters import resolve
-from coact.models import LoadedModel, load_model
+from coact.models.adapters import resolve
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
-from coact.sites import Site
-from coact.tracing import capture
 
 PlantKind = Literal["linear", "threshold"]
 InKind = Literal["exact", "random"]

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from coact.ablation import AblationConfig, ablate, most_important, neutral_token, variants
-from coact.collect import CollectConfig, collect_codes
-from coact.corpus import Contexts
-from coact.models import LoadedModel, load_model
+from coact.codes.collect import CollectConfig, collect_codes
+from coact.codes.corpus import Contexts
+from coact.codes.store import CodeStore
+from coact.evidence.ablation import AblationConfig, ablate, most_important, neutral_token, variants
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.tracing import capture
 
 A = 40  # the token the hand-built feature looks for, two places back
 SITE = Site("mlp_resid", 0)

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urldefrag, urlparse
 
 import pytest
 
-from coact.pipeline import analyze
+from coact.pipeline.run import analyze
 from tests.tiny_run import tiny_config
 
 CHART_TIMEOUT_MS = 30_000

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from coact.calibrate import candidate_taus, pick_tau
-from coact.linearity import SEED_TAU
+from coact.calibrate.stage import candidate_taus, pick_tau
+from coact.linearity.table import SEED_TAU
 
 
 def test_candidate_taus_span_all_mlp_to_all_linear() -> None:
@@ -33,12 +33,12 @@ def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
     `attention`, the plant is a block's attention and calibration runs at attn_out."""
     import torch
 
-    from coact.calibrate import CalibrateConfig, calibrate
-    from coact.collect import CollectConfig, collect_codes
-    from coact.connect import ConnectConfig, connect
+    from coact.calibrate.stage import CalibrateConfig, calibrate
+    from coact.codes.collect import CollectConfig, collect_codes
+    from coact.codes.corpus import Contexts
     from coact.connectors.exact import LassoPathConfig
-    from coact.corpus import Contexts
-    from coact.pipeline import calibration_tokens
+    from coact.connectors.stage import ConnectConfig, connect
+    from coact.pipeline.run import calibration_tokens
     from tests.planted_model import planted_attention, planted_model, random_tokens
 
     plant = (planted_attention if attention else planted_model)(kind)  # type: ignore[operator]

@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 import torch
 
-from coact import causal
-from coact.causal import CausalConfig, causal_check, causal_summary, sample_connections
+from coact.calibrate import causal
+from coact.calibrate.causal import CausalConfig, causal_check, causal_summary, sample_connections
 from coact.connectors.families import make_connector
 from coact.errors import CoactError
-from coact.tracing import capture
+from coact.models.tracing import capture
 from tests.planted_model import PlantedModel, planted_model, random_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.sae.base import Sae
 from coact.sae.formats import save_saelens
-from coact.store import CodeStore
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
@@ -103,7 +103,7 @@ def test_train_sae_cli_writes_a_loadable_sae(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("activation", ["topk", "relu"])
 def test_encode_csr_equals_dense_encode(activation: str) -> None:
-    from coact.collect import encode_csr
+    from coact.codes.collect import encode_csr
 
     sae = _random_sae("mlp_out[1]", 3)
     sae.activation = activation  # type: ignore[assignment]

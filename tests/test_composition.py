@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from coact.composition import (
+from coact.block.composition import (
     CompositionConfig,
     CompositionConnector,
     compose,
@@ -21,13 +21,13 @@ from coact.composition import (
     least_squares_connector,
     variance_shares,
 )
+from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, LassoPathConfig, linear_fit
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.models import load_model
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.tracing import capture
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from tests.exact_saes import exact_sae
 from tests.planted_model import random_tokens
 

@@ -11,11 +11,11 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from coact.cli import app
-from coact.connect import ConnectConfig, connect
+from coact.codes.store import CodeStore
 from coact.connectors.exact import LassoPathConfig
+from coact.connectors.stage import ConnectConfig, connect
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.store import CodeStore
 
 N, CTX, N_IN = 8000, 20, 24
 SUPPORT = {0: {0: 1.0, 5: 0.8}, 1: {6: 1.5, 7: -0.7, 8: 0.6}, 2: {9: 2.0}}
@@ -165,7 +165,7 @@ def test_cli_linearity_relabels_without_refitting(store, result, tmp_path) -> No
 
 
 def test_heldout_contexts_add_up_to_d_and_bound_it(result) -> None:
-    from coact.linearity import HeldoutContexts
+    from coact.linearity.table import HeldoutContexts
 
     summary, out = result
     features = pl.read_parquet(out / "features.parquet")
@@ -200,8 +200,8 @@ def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_pat
 
 
 def test_saved_connectors_predict_what_the_table_measured(store, result) -> None:
-    from coact.connect import load_linearity_connectors
     from coact.connectors.families import csr_batch
+    from coact.connectors.stage import load_linearity_connectors
 
     _, out = result
     (outputs, mlp), *rest = load_linearity_connectors(out / "linearity_connectors.safetensors")

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.linear_model import Lasso
 
+from coact.codes.store import CodeStore
 from coact.connectors import exact
 from coact.connectors.exact import (
     GramStats,
@@ -18,7 +19,6 @@ from coact.connectors.exact import (
     lasso_path,
     linear_fit,
 )
-from coact.store import CodeStore
 
 
 def _problem(

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from coact.codes.store import CodeStore
 from coact.connectors.families import (
     FAMILIES,
     Connector,
@@ -26,7 +27,6 @@ from coact.connectors.train import (
     train_connector_from_store,
 )
 from coact.errors import CoactError
-from coact.store import CodeStore
 
 FAST = {"lr": 3e-2, "batch_tokens": 128, "epochs": 20, "progress": False}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coact.corpus import CorpusConfig, build_contexts, iter_documents
+from coact.codes.corpus import CorpusConfig, build_contexts, iter_documents
 from coact.errors import CoactError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

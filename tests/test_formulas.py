@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from coact.formulas import formula, top_activating_tokens, top_terms
+from coact.connectors.formulas import formula, top_activating_tokens, top_terms
 
 
 def test_formula_by_hand() -> None:

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import vl_convert
 
+from coact.block.graph import LayerTables, feature_graph, write_graph
 from coact.errors import CoactError
-from coact.graph import LayerTables, feature_graph, write_graph
 from coact.report.figures import spec_title, untitled_axes
 from coact.report.graph import graph_chart
 

@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from coact.adapters import resolve
-from coact.errors import CoactError
-from coact.intervene import (
+from coact.calibrate.intervene import (
     NoiseKind,
     SpliceLosses,
     add_noise,
@@ -26,11 +24,13 @@ from coact.intervene import (
     splice_summary,
     splice_table,
 )
-from coact.models import LoadedModel, load_model
+from coact.errors import CoactError
+from coact.models.adapters import resolve
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, evaluate_sae
-from coact.sites import Site
-from coact.tracing import capture
 
 # Tiny forward passes: on a busy 2-core box, intra-op threads only wait on each other.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from coact.cli import app
-from coact.connect import ConnectConfig, connect
+from coact.codes.store import CodeStore
 from coact.connectors.exact import LassoPathConfig
+from coact.connectors.stage import ConnectConfig, connect
 from coact.errors import CoactError
-from coact.labels import LabelsConfig, describe, label_run
-from coact.planted import PlantedConfig, planted_circuits, score_labels
-from coact.store import CodeStore
+from coact.logic.planted import PlantedConfig, planted_circuits, score_labels
+from coact.logic.stage import LabelsConfig, describe, label_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANT = PlantedConfig(n_tokens=30_000, n_inputs=96, seed=3)

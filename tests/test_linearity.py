@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from coact.linearity import LinearityConfig, linearity_table, percent_linear, seed_scale
+from coact.linearity.table import LinearityConfig, linearity_table, percent_linear, seed_scale
 
 
 def test_hand_computed_table_and_share() -> None:
@@ -52,7 +52,7 @@ def test_all_dead_layer_has_no_share() -> None:
 def test_feature_stats_by_hand() -> None:
     import scipy.sparse as sp
 
-    from coact.linearity import feature_stats
+    from coact.linearity.table import feature_stats
 
     codes = sp.csr_matrix(np.array([[1.0, 0.0, 0.0], [3.0, 2.0, 0.0]]))
     active, mean, variance = feature_stats(codes)
@@ -62,7 +62,7 @@ def test_feature_stats_by_hand() -> None:
 
 
 def test_bootstrap_replicate_is_the_resampled_ratio_by_hand() -> None:
-    from coact.linearity import HeldoutContexts
+    from coact.linearity.table import HeldoutContexts
 
     # Context 0: 2 tokens with Σ(e_lin² − e_mlp²) = 0.4; context 1: 3 tokens, 0.9.
     contexts = HeldoutContexts(diff=np.array([[0.4], [0.9]]), tokens=np.array([2.0, 3.0]))
@@ -76,7 +76,7 @@ def test_bootstrap_replicate_is_the_resampled_ratio_by_hand() -> None:
 
 
 def test_verdict_needs_the_whole_interval_on_one_side_of_tau() -> None:
-    from coact.linearity import HeldoutContexts, relabel
+    from coact.linearity.table import HeldoutContexts, relabel
 
     tokens = np.full(40, 10.0)
     # Feature 0: every context gains 0.0001 per token (tight, under τ); feature 1: 0.01

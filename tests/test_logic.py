@@ -10,17 +10,11 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import mutual_info_score
 
-from coact.logic import (
-    LogicConfig,
-    activation_floors,
-    clusters,
-    hidden_targets,
-    information,
-    label_feature,
-    label_layer,
-    mutual_information,
-    truth_table,
-)
+from coact.logic.config import LogicConfig
+from coact.logic.counts import activation_floors, information, mutual_information
+from coact.logic.feature import clusters, label_feature, truth_table
+from coact.logic.hidden import hidden_targets
+from coact.logic.layer import label_layer
 
 N = 4000
 

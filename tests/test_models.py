@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coact.errors import CoactError
-from coact.models import LoadedModel, load_model, tiny_model, tiny_tokenizer
+from coact.models.load import LoadedModel, load_model, tiny_model, tiny_tokenizer
 
 
 def test_local_save_pretrained_directory_round_trips(tmp_path: Path) -> None:

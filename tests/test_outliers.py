@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from coact.outliers import (
+from coact.codes.store import CodeStore
+from coact.evidence.outliers import (
     OutlierConfig,
     find_outliers,
     first_delimiters,
@@ -20,7 +21,6 @@ from coact.outliers import (
     reconstruction_norms,
 )
 from coact.sae.base import Sae
-from coact.store import CodeStore
 
 # Two contexts of 8 stored tokens (positions 1..8). Token texts: id 0 'a', 1 '\n', 2 '.',
 # 3 ' ,', 4 'b'. Context 0: a a \n a . a a a  → first delimiter at position 3 (row 2).

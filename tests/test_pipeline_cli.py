@@ -12,17 +12,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from coact import pipeline
-from coact.calibrate import CalibrateConfig
-from coact.collect import CollectConfig
-from coact.connect import ConnectConfig
+from coact.calibrate.stage import CalibrateConfig
+from coact.codes.collect import CollectConfig
+from coact.codes.store import CodeStore
 from coact.connectors.exact import LassoPathConfig
+from coact.connectors.stage import ConnectConfig
 from coact.errors import CoactError
-from coact.linearity import LinearityConfig, relabel
-from coact.pipeline import AnalyzeConfig, analyze, parse_layers, with_budget
-from coact.runs import RunLayout
+from coact.linearity.table import LinearityConfig, relabel
+from coact.pipeline import run as pipeline
+from coact.pipeline.run import AnalyzeConfig, analyze, parse_layers, with_budget
+from coact.rundir.layout import RunLayout
 from coact.sae.train import SaeTrainConfig
-from coact.store import CodeStore
 
 SMALL_SAE = SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128)
 

@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from coact.logic import LABELS
-from coact.planted import PlantedCircuits, PlantedConfig, planted_circuits, run_planted
+from coact.logic.config import LABELS
+from coact.logic.planted import PlantedCircuits, PlantedConfig, planted_circuits, run_planted
 
 CONFIG = PlantedConfig(seed=0)
 

@@ -12,11 +12,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from coact.block.positions import PositionsConfig, context_summaries, positions, shift_operator
+from coact.codes.store import CodeStore
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.linearity import LinearityConfig
-from coact.positions import PositionsConfig, context_summaries, positions, shift_operator
-from coact.store import CodeStore
+from coact.linearity.table import LinearityConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +70,8 @@ def test_shift_operator_rejects_repeated_positions() -> None:
 
 
 def _planted_result(kind: str, tmp_path) -> tuple[dict, pl.DataFrame]:
-    from coact.collect import CollectConfig, collect_codes
-    from coact.corpus import Contexts
+    from coact.codes.collect import CollectConfig, collect_codes
+    from coact.codes.corpus import Contexts
     from tests.planted_model import planted_attention, random_tokens
 
     plant = planted_attention(kind)  # type: ignore[arg-type]
@@ -325,7 +325,7 @@ def test_output_chunks_and_sparse_gram_give_the_same_table(
     synthetic, tmp_path, monkeypatch
 ) -> None:
     """Chunks of outputs, and the sparse Gram used above DENSE_GRAM inputs, change nothing."""
-    import coact.positions as module
+    import coact.block.positions as module
 
     store, _, table, _ = synthetic
     config = PositionsConfig(**{**SYNTHETIC.__dict__, "chunk_outputs": 1})
@@ -341,7 +341,7 @@ def test_output_chunks_and_sparse_gram_give_the_same_table(
 
 def test_a_finished_result_is_reused(synthetic, monkeypatch, tmp_path) -> None:
     store, summary, _, out = synthetic
-    import coact.positions as module
+    import coact.block.positions as module
 
     def refit(*args, **kwargs):
         raise AssertionError("refitted a finished result")

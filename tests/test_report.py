@@ -15,8 +15,9 @@ import polars as pl
 import pytest
 
 from coact.errors import CoactError
-from coact.pipeline import analyze
-from coact.report import Evidence, build_report
+from coact.pipeline.run import analyze
+from coact.report.build import build_report
+from coact.report.evidence import Evidence
 from coact.report.figures import spec_title, untitled_axes
 from tests.tiny_run import tiny_config
 

@@ -19,16 +19,16 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
+from coact.block.graph import EDGE_SCHEMA
 from coact.errors import CoactError
-from coact.graph import EDGE_SCHEMA
-from coact.pipeline import analyze
-from coact.report.data import load_run
+from coact.pipeline.run import analyze
 from coact.report.embed import Figures
 from coact.report.feature_page import attention_page
 from coact.report.figures import spec_title, untitled_axes
 from coact.report.model import _header, build_model_report, column_groups, is_model_run
 from coact.report.pages import TokenText
 from coact.report.select import interesting_attention_features
+from coact.rundir.read import load_run
 from tests.test_report import DRAW_ALL, _parse
 from tests.tiny_run import tiny_config
 
@@ -476,7 +476,7 @@ def test_the_model_page_takes_layers_finished_by_another_process(
 ) -> None:
     """A layer finished with the run's settings but missing from layers.parquet (another
     process ran it) joins the table; one left by other settings does not."""
-    from coact.pipeline import finished_layers
+    from coact.pipeline.run import finished_layers
 
     copy = tmp_path / "shared"
     shutil.copytree(model_run, copy, symlinks=True)

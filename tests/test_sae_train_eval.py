@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coact.models import load_model
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, evaluate_sae, evaluate_saes
 from coact.sae.train import SaeTrainConfig, SaeTrainer, dense_loss, train_saes
-from coact.sites import Site
-from coact.tracing import capture
 
 
 def _planted(n: int, d: int, atoms: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -161,9 +161,9 @@ def test_train_saes_streams_from_model() -> None:
 
 def test_mlp_resid_and_the_stream_it_names_are_one_site_either_way_round() -> None:
     from coact.errors import CoactError
+    from coact.models.sites import Site
     from coact.sae.base import Sae
     from coact.sae.evaluate import check_sae_fits
-    from coact.sites import Site
 
     def sae_for(label: str) -> Sae:
         return Sae(8, 16, activation="relu", site=label)

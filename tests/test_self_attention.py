@@ -17,11 +17,7 @@ import torch
 from torch import Tensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from coact.adapters import Adapter, adapter_for
-from coact.errors import CoactError
-from coact.models import TINY_MODELS, LoadedModel, load_model, tiny_tokenizer
-from coact.sae.base import Sae
-from coact.self_attention import (
+from coact.block.self_attention import (
     ResampleConfig,
     SelfOnlyConfig,
     resample_check,
@@ -31,8 +27,12 @@ from coact.self_attention import (
     self_only_check,
     self_only_summary,
 )
-from coact.sites import Site
-from coact.tracing import attention_output_with_input, capture
+from coact.errors import CoactError
+from coact.models.adapters import Adapter, adapter_for
+from coact.models.load import TINY_MODELS, LoadedModel, load_model, tiny_tokenizer
+from coact.models.sites import Site
+from coact.models.tracing import attention_output_with_input, capture
+from coact.sae.base import Sae
 from tests.planted_model import planted_attention, random_tokens
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coact.adapters import resolve
 from coact.errors import CoactError
-from coact.models import LoadedModel, load_model
-from coact.sites import Site
-from coact.tracing import capture, next_token_loss, spliced_logits
+from coact.models.adapters import resolve
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture, next_token_loss, spliced_logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -124,8 +124,8 @@ def test_nan_activations_are_a_clear_error() -> None:
 def test_mlp_splice_and_edit_by_hand(tiny: LoadedModel) -> None:
     """Replacing the MLP output by itself is the clean pass; editing the stream the MLP
     reads changes the MLP's output to exactly MLP(norm(edited)), brute force."""
-    from coact.adapters import resolve
-    from coact.tracing import mlp_output_after_edit, mlp_spliced_logits
+    from coact.models.adapters import resolve
+    from coact.models.tracing import mlp_output_after_edit, mlp_spliced_logits
 
     lm = tiny
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))

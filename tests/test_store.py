@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import coact.store
+import coact.codes.store
+from coact.codes.store import CodeStore, sha256_file
 from coact.errors import CoactError
-from coact.store import CodeStore, sha256_file
 
 SITES = {"mlp_out.1": 12, "mlp_resid.1": 10}
 
@@ -202,13 +202,13 @@ def test_corrupt_shard_is_named(tmp_path: Path) -> None:
 def test_reads_hash_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write(tmp_path, range(2))
     calls: list[str] = []
-    real = coact.store.sha256_file
+    real = coact.codes.store.sha256_file
 
     def counting(path: Path) -> str:
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(coact.store, "sha256_file", counting)
+    monkeypatch.setattr(coact.codes.store, "sha256_file", counting)
     store = CodeStore.open(tmp_path)
     store.read_site("mlp_out.1")
     store.read_site("mlp_out.1")

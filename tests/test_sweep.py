@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coact.sweep import elbow, pareto_frontier
+from coact.connectors.sweep import elbow, pareto_frontier
 
 
 def test_frontier_drops_dominated_points() -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from coact.calibrate import CalibrateConfig
-from coact.collect import CollectConfig
-from coact.connect import ConnectConfig
+from coact.calibrate.stage import CalibrateConfig
+from coact.codes.collect import CollectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.labels import LabelsConfig
-from coact.pipeline import AnalyzeConfig
+from coact.connectors.stage import ConnectConfig
+from coact.logic.stage import LabelsConfig
+from coact.pipeline.run import AnalyzeConfig
 from coact.sae.train import SaeTrainConfig
 
 

@@ -28,6 +28,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from coact.codes.store import CodeStore
 from coact.connectors._cd import (
     cross_dense,
     cross_products,
@@ -37,7 +38,6 @@ from coact.connectors._cd import (
     symmetrise,
     transpose,
 )
-from coact.store import CodeStore
 
 Outputs = Sequence[int] | np.ndarray | None
 _TINY = 1e-12  # relative threshold for "zero" variances

@@ -15,10 +15,10 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from coact.codes.store import CodeStore
 from coact.connectors import families as fam
 from coact.connectors.families import SparseConnector, column_variance, csr_batch, dense_rows
 from coact.errors import CoactError
-from coact.store import CodeStore
 
 
 @dataclass(frozen=True)

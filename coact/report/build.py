@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from coact.errors import CoactError
 from coact.report import feature_page, pages
-from coact.report.data import RunData, load_run
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, default_decode
 from coact.report.select import (
@@ -26,6 +25,7 @@ from coact.report.select import (
     interesting_features,
 )
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
+from coact.rundir.read import RunData, load_run
 
 MARKER = ".coact-report"
 
@@ -156,7 +156,7 @@ def build_report(
 
 def _outliers_in_memory(data: RunData, evidence: Evidence, decode: Decode) -> None:
     """The outlier table of a run that lacks outliers/ (an older run), for the flags."""
-    from coact.outliers import OutlierConfig, find_outliers, run_saes
+    from coact.evidence.outliers import OutlierConfig, find_outliers, run_saes
 
     config = OutlierConfig()
     saes = run_saes(data.run_dir, list(evidence.store.sites))

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from coact.store import CodeStore
+from coact.codes.store import CodeStore
 
 Decode = Callable[[list[int]], str]
 COLOUR = (255, 127, 14)  # activation colour (orange); alpha is activation / the feature's max
@@ -43,7 +43,7 @@ def _local_tokenizer(run_dir: Path) -> Any:
     if config_path.is_file():
         model = str(json.loads(config_path.read_text()).get("model", ""))
     try:
-        from coact.models import EMBEDDED, TINY_MODELS, cache_dir, tiny_tokenizer
+        from coact.models.load import EMBEDDED, TINY_MODELS, cache_dir, tiny_tokenizer
 
         if model in TINY_MODELS:
             return tiny_tokenizer()

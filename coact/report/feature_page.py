@@ -15,9 +15,8 @@ from typing import Any
 
 import polars as pl
 
-from coact import charts
-from coact.report import figures
-from coact.report.data import RunData
+from coact.models.sites import Site
+from coact.report import charts, figures
 from coact.report.embed import Figures
 from coact.report.evidence import Evidence, context_html, contexts_table
 from coact.report.pages import (
@@ -36,7 +35,7 @@ from coact.report.pages import (
     sort_key,
 )
 from coact.report.select import attention_form
-from coact.sites import Site
+from coact.rundir.read import RunData
 
 MATTERS = 0.25  # a preceding token "matters" when ablating it removes this share or more
 

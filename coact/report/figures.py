@@ -1,4 +1,4 @@
-"""The report's charts (altair), beside those in `coact.charts`: every one has a title, a
+"""The report's charts (altair), beside those in `coact.report.charts`: every one has a title, a
 subtitle naming the tokens it rests on, and axis titles with units."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import altair as alt
 import numpy as np
 import polars as pl
 
-from coact.sites import Site
+from coact.models.sites import Site
 
 NMSE = "normalised MSE (fraction of variance unexplained)"
 FORM_UNITS = {

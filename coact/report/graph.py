@@ -10,8 +10,8 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from coact.graph import FeatureGraph
-from coact.sites import Site
+from coact.block.graph import FeatureGraph
+from coact.models.sites import Site
 
 SIGN_COLOURS = alt.Scale(domain=["adds (w > 0)", "subtracts (w < 0)"], range=["#1f77b4", "#d62728"])
 PATH_DASHES = alt.Scale(

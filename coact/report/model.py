@@ -20,15 +20,15 @@ from typing import Any
 import polars as pl
 
 from coact.errors import CoactError
-from coact.files import atomic_write
-from coact.linearity import LinearityConfig, percent_linear, relabel
+from coact.linearity.table import LinearityConfig, percent_linear, relabel
 from coact.report import figures
 from coact.report.build import _prepare, _Say, build_report
-from coact.report.data import RunData, _json, load_run
 from coact.report.embed import Figures
 from coact.report.pages import Cell, html_table, md_table, note, num, pct
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
-from coact.runs import read_run_config
+from coact.rundir.files import atomic_write
+from coact.rundir.layout import read_run_config
+from coact.rundir.read import RunData, _json, load_run
 
 SEED_TAU = LinearityConfig(tau=0.001, form="seed")  # the seed study's threshold and form
 # layers.parquet's columns as the model page names them (unknown ones keep their name)
@@ -139,7 +139,7 @@ def _add_finished_layers(model_dir: Path, table_path: Path) -> None:
     """Rewrite layers.parquet from every finished layer of the run where that adds layers
     it lacks (finished by another process, or by an earlier run stopped before its own
     table was written); rows of layers kept elsewhere (a moved run) are never dropped."""
-    from coact.pipeline import finished_layers, layers_table
+    from coact.pipeline.run import finished_layers, layers_table
 
     finished = finished_layers(model_dir)
     listed = set(pl.read_parquet(table_path)["layer"].to_list()) if table_path.is_file() else set()

@@ -19,12 +19,11 @@ from typing import Any
 
 import polars as pl
 
-from coact import charts
 from coact.errors import CoactError
-from coact.report import figures
-from coact.report.data import RunData
+from coact.models.sites import Site
+from coact.report import charts, figures
 from coact.report.embed import Figures, load_spec
-from coact.sites import Site
+from coact.rundir.read import RunData
 
 LABEL_ORDER = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
 
@@ -160,7 +159,7 @@ GRAPH_DIR = "graphs"  # under docs/: the layer graphs' edge and node tables
 
 
 class GraphWriter:
-    """Draws the layer graph of a feature (`coact.graph.feature_graph`) into a page and
+    """Draws the layer graph of a feature (`coact.block.graph.feature_graph`) into a page and
     exports its edge and node tables into docs/graphs/ (copied into the site), so the
     page can link them."""
 
@@ -180,7 +179,7 @@ class GraphWriter:
     ) -> list[str]:
         """The chart of one feature's graph and links to its exported tables; `prefix`
         leads from the page to docs/ (e.g. "../" from a feature page)."""
-        from coact.graph import feature_graph, write_graph
+        from coact.block.graph import feature_graph, write_graph
         from coact.report.graph import graph_chart
 
         tables = data.layer_tables()

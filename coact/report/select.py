@@ -11,9 +11,9 @@ from collections.abc import Iterable, Sequence
 
 import polars as pl
 
-from coact.report.data import RunData
+from coact.models.sites import Site
 from coact.report.figures import GAIN_COLUMN
-from coact.sites import Site
+from coact.rundir.read import RunData
 
 DEFAULT_FEATURES = 50
 

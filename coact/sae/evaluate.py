@@ -11,10 +11,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture, next_token_loss, spliced_logits
 from coact.sae.base import SparseAutoencoder
-from coact.sites import Site
-from coact.tracing import capture, next_token_loss, spliced_logits
 
 
 @dataclass(frozen=True)

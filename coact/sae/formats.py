@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from coact.errors import CoactError
+from coact.models.sites import Site
 from coact.sae.base import Sae
-from coact.sites import Site
 
 _SAELENS_RULES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _DL_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "JumpReluAutoEncoder", "BatchTopKSAE")

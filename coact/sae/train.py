@@ -19,10 +19,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae
-from coact.sites import Site
-from coact.tracing import capture
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
+from coact.codes.store import CodeStore
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
-from coact.runs import RunLayout
+from coact.models.sites import SITE_KINDS, Site
+from coact.rundir.files import atomic_write, finished_result
+from coact.rundir.layout import RunLayout
 from coact.sae.base import Sae, SparseAutoencoder
-from coact.sites import SITE_KINDS, Site
-from coact.store import CodeStore
 
 Decode = Callable[[list[int]], str]
 KINDS = ("first_tokens", "first_delimiter", "high_norm")
@@ -208,7 +208,7 @@ def outliers(
 ) -> dict[str, Any]:
     """The stage: write outliers.parquet and outliers.json into out_dir (reused when the
     codes, SAEs and configuration are those of a finished earlier result)."""
-    from coact.collect import sae_fingerprint
+    from coact.codes.collect import sae_fingerprint
 
     started = time.perf_counter()
     store = store if isinstance(store, CodeStore) else CodeStore.open(store)

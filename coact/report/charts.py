@@ -8,7 +8,7 @@ from pathlib import Path
 import altair as alt
 import polars as pl
 
-from coact.files import atomic_write
+from coact.rundir.files import atomic_write
 
 
 def save(chart: alt.TopLevelMixin, path_stem: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from coact.errors import CoactError
-from coact.sites import SITE_KINDS, Site
+from coact.models.sites import SITE_KINDS, Site
 
 Port = Literal["input", "output"]
 

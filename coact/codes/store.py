@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coact.errors import CoactError
-from coact.files import atomic_write, sha256_file
+from coact.rundir.files import atomic_write, sha256_file
 
 FORMAT = 1
 Shards = Iterable[int] | None  # which shards to read; None: all

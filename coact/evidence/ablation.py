@@ -33,14 +33,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from coact.collect import sae_fingerprint
+from coact.codes.collect import sae_fingerprint
+from coact.codes.store import CodeStore
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture
+from coact.rundir.files import atomic_write, finished_result
 from coact.sae.base import SparseAutoencoder
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.tracing import capture
 
 Mode = Literal["remove", "replace"]
 MODES: tuple[Mode, ...] = ("remove", "replace")

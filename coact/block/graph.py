@@ -24,8 +24,8 @@ from typing import Literal
 import polars as pl
 
 from coact.errors import CoactError
-from coact.files import atomic_write
-from coact.sites import Site, SiteKind
+from coact.models.sites import Site, SiteKind
+from coact.rundir.files import atomic_write
 
 EdgePath = Literal["skip", "attention", "mlp", "composition"]
 PATHS: tuple[EdgePath, ...] = ("skip", "attention", "mlp", "composition")

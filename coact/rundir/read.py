@@ -11,9 +11,9 @@ from typing import Any
 import polars as pl
 
 from coact.errors import CoactError
-from coact.linearity import LinearityConfig, relabel
-from coact.runs import RunLayout
-from coact.sites import Site
+from coact.linearity.table import LinearityConfig, relabel
+from coact.models.sites import Site
+from coact.rundir.layout import RunLayout
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -133,12 +133,12 @@ class RunData:
         return str((self.composition or {}).get("target") or f"resid_pre[{self.layer + 1}]")
 
     def layer_tables(self) -> Any:
-        """The block's weight tables for `coact.graph.feature_graph` (a LayerTables of the
+        """The block's weight tables for `coact.block.graph.feature_graph` (a LayerTables of the
         tables read here); None when the run has no attention or composition results."""
         if not self.has_block:
             return None
         if self._tables is None:
-            from coact.graph import LayerTables
+            from coact.block.graph import LayerTables
 
             self._tables = LayerTables(
                 self.layer,

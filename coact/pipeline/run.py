@@ -3,7 +3,7 @@ calibration of τ → logic labels → outliers and context ablation → (with `
 connectors, position scores and residual composition) → summary → report.
 
 One layer (`layer`) or several (`layers`): the layers of a model run share one set of SAEs
-and one code store (`coact.runs`), so every SAE is trained once and every activation is
+and one code store (`coact.rundir.layout`), so every SAE is trained once and every activation is
 encoded in one forward pass; each layer's stages then write into `<run>/L<layer>/`.
 Each step reuses what an earlier run of the same configuration left behind (trained SAEs,
 finished code shards, finished stage results), so a killed run resumes where it stopped.
@@ -24,26 +24,26 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from coact.ablation import AblationConfig, ablate
-from coact.block import BlockConfig, analyze_block, block_sites
-from coact.calibrate import CalibrateConfig, calibrate
-from coact.collect import CollectConfig, collect_codes, sae_fingerprint
-from coact.connect import ConnectConfig, connect
+from coact.block.stage import BlockConfig, analyze_block, block_sites
+from coact.calibrate.stage import CalibrateConfig, calibrate
+from coact.codes.collect import CollectConfig, collect_codes, sae_fingerprint
+from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
+from coact.codes.store import CodeStore
+from coact.connectors.stage import ConnectConfig, connect
 from coact.connectors.train import split_rows
-from coact.corpus import Contexts, CorpusConfig, build_contexts
 from coact.errors import CoactError
-from coact.files import atomic_write
-from coact.labels import LabelsConfig, label_run
-from coact.linearity import SEED_TAU, LinearityConfig
-from coact.models import EMBEDDED, LoadedModel, load_model
-from coact.outliers import OutlierConfig, outliers
-from coact.runs import RunLayout, read_run_config
+from coact.evidence.ablation import AblationConfig, ablate
+from coact.evidence.outliers import OutlierConfig, outliers
+from coact.linearity.table import SEED_TAU, LinearityConfig
+from coact.logic.stage import LabelsConfig, label_run
+from coact.models.load import EMBEDDED, LoadedModel, load_model
+from coact.models.sites import Site
+from coact.rundir.files import atomic_write
+from coact.rundir.layout import RunLayout, read_run_config
 from coact.sae.base import Sae
 from coact.sae.evaluate import SaeEvalConfig, SaeReport, check_sae_fits, evaluate_saes
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
-from coact.sites import Site
-from coact.store import CodeStore
 
 
 @dataclass(frozen=True)
@@ -549,7 +549,7 @@ def _analyze_layer(
     }
     _write_json(run_dir / "summary.json", summary)
     if config.report:  # last: the report reads summary.json and every stage's tables
-        from coact.report import build_report
+        from coact.report.build import build_report
 
         t0 = time.perf_counter()
         index = build_report(run_dir, decode=decode, features=config.report_features)
@@ -643,8 +643,8 @@ def report_ablation_targets(
 ) -> dict[tuple[str, int], int]:
     """(site slug, feature) → top contexts to ablate: the output features the report gives
     a page (the `features` most interesting ones, or these ids) and their top inputs."""
-    from coact.report.data import load_run
     from coact.report.select import ablation_targets, interesting_features
+    from coact.rundir.read import load_run
 
     data = load_run(run_dir)
     if isinstance(features, int):
@@ -670,7 +670,7 @@ def ablate_run(
 ) -> dict[str, Any]:
     """`coact ablate`: context ablation of a finished run's report features (or the given
     output features) and their top inputs, into <run>/evidence/."""
-    from coact.outliers import run_saes
+    from coact.evidence.outliers import run_saes
 
     settings = settings or AblationConfig()
     run = Path(run_dir)
@@ -688,7 +688,7 @@ def outliers_run(
     run_dir: str | Path, settings: OutlierConfig | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """`coact outliers`: flag a finished run's artefact features into <run>/outliers/."""
-    from coact.outliers import run_saes
+    from coact.evidence.outliers import run_saes
     from coact.report.evidence import default_decode
 
     run = Path(run_dir)

@@ -4,20 +4,20 @@ For block ℓ, from the same code store the MLP stages read:
 
     attention/connect/     attn_out[ℓ] features from resid_pre[ℓ] features at the same
                            position: every connector family and the linearity table
-                           (`coact.connect`)
+                           (`coact.connectors.stage`)
     attention/positions/   per attention feature, how much earlier positions add over the
-                           same-position fit (`coact.positions`)
+                           same-position fit (`coact.block.positions`)
     composition/           resid_pre[ℓ+1] features from resid_pre[ℓ], attn_out[ℓ] and
-                           mlp_out[ℓ] features (`coact.composition`), and decoded.parquet:
+                           mlp_out[ℓ] features (`coact.block.composition`), and decoded.parquet:
                            how close the decoded composition and the identity through the
                            SAEs come to the true next stream, on raw activations
     block.json             the headline (written last)
 
     attention/calibrate/   attention's own τ: noise and splices at attn_out[ℓ]
-                           (`coact.calibrate`), as the MLP's τ is calibrated at mlp_out[ℓ]
+                           (`coact.calibrate.stage`), as the MLP's τ is calibrated at mlp_out[ℓ]
     attention/causal/      the position score's causal counterpart: per attention feature,
                            what self-only attention and resampled earlier tokens change
-                           (`coact.self_attention`), beside the predictive score
+                           (`coact.block.self_attention`), beside the predictive score
 
 The attention connectors are fitted at the run's connect τ (the seed's, as the MLP's are)
 and read at attention's calibrated τ, in the same form; so are the position scores. A τ
@@ -38,15 +38,9 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from coact.calibrate import CalibrateConfig, calibrate
-from coact.composition import CompositionConfig, CompositionConnector, compose, decoded_check
-from coact.connect import ConnectConfig, connect
-from coact.files import atomic_write, finished_result
-from coact.linearity import LinearityConfig, percent_linear, relabel
-from coact.models import LoadedModel
-from coact.positions import PositionsConfig, positions
-from coact.sae.base import Sae, SparseAutoencoder
-from coact.self_attention import (
+from coact.block.composition import CompositionConfig, CompositionConnector, compose, decoded_check
+from coact.block.positions import PositionsConfig, positions
+from coact.block.self_attention import (
     ResampleConfig,
     SelfOnlyConfig,
     resample_check,
@@ -54,9 +48,15 @@ from coact.self_attention import (
     self_only_check,
     self_only_summary,
 )
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.tracing import capture
+from coact.calibrate.stage import CalibrateConfig, calibrate
+from coact.codes.store import CodeStore
+from coact.connectors.stage import ConnectConfig, connect
+from coact.linearity.table import LinearityConfig, percent_linear, relabel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture
+from coact.rundir.files import atomic_write, finished_result
+from coact.sae.base import Sae, SparseAutoencoder
 
 Decode = Callable[[list[int]], str]
 
@@ -236,7 +236,7 @@ def _attention_causal(
     """Self-only attention and resampled context per attention feature, joined with the
     predictive position score (`causal/causal.parquet`); the headline (`causal.json`)
     counts how often the predictive verdict and resampling agree."""
-    from coact.collect import sae_fingerprint
+    from coact.codes.collect import sae_fingerprint
 
     out = attention_dir / "causal"
     tokens = tokens[: config.causal_contexts]

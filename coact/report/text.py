@@ -222,7 +222,7 @@ def format_model_summary(summary: dict[str, Any]) -> str:
 
 
 def format_graph(graph: Any) -> str:
-    """A feature's layer graph (`coact.graph.FeatureGraph`) as one line per connection,
+    """A feature's layer graph (`coact.block.graph.FeatureGraph`) as one line per connection,
     hop by hop, strongest first: `source → target  weight  (path)`."""
     labels = {
         (row["site"], row["feature"]): f" ({row['label']})" if row["label"] else ""

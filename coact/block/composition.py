@@ -44,18 +44,18 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from coact.connect import LINEAR_MAP_ENTRIES, context_split, fit_sparse, weights_table
+from coact.codes.store import CodeStore
 from coact.connectors.exact import (
     GramStats,
     LassoPathConfig,
     linear_fit,
     mse,
 )
+from coact.connectors.stage import LINEAR_MAP_ENTRIES, context_split, fit_sparse, weights_table
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result, finite_mean, result_key
+from coact.models.sites import Site
+from coact.rundir.files import atomic_write, finished_result, finite_mean, result_key
 from coact.sae.base import SparseAutoencoder
-from coact.sites import Site
-from coact.store import CodeStore
 
 OUTPUT_FILES = tuple(
     f"composition{suffix}.parquet" for suffix in ("", "_weights", "_sweep")
@@ -439,7 +439,7 @@ def decoded_check(
     connector decoded, SAE_out.decode(W·codes + b), and the target SAE alone (the floor a
     connector predicting its codes perfectly would reach). One row per check.
 
-    `acts`: (batch, seq, d) activations as `coact.tracing.capture` returns them, at
+    `acts`: (batch, seq, d) activations as `coact.models.tracing.capture` returns them, at
     resid_pre[ℓ], attn_out[ℓ], mlp_out[ℓ], resid_pre[ℓ+1] and the connector's sources;
     `saes` for the same sites. The first `skip_first_positions` positions (BOS) are left
     out, as in SAE evaluation."""

@@ -40,7 +40,8 @@ import polars as pl
 import scipy.sparse as sp
 
 from coact.connectors.exact import LassoPathConfig
-from coact.logic import LABELS, LayerLabels, LogicConfig, label_layer
+from coact.logic.config import LABELS, LayerLabels, LogicConfig
+from coact.logic.layer import label_layer
 
 UNEXPLAINED_KINDS = ("xor", "band", "independent")
 
@@ -286,12 +287,12 @@ def connector_weights(
     path: LassoPathConfig | None = None,
     magnitude: float = 0.05,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    """The sparse linear connector exactly as `coact.connect` fits it (Gram statistics of
+    """The sparse linear connector exactly as `coact.connectors.stage` fits it (Gram statistics of
     the training contexts, the L1 path, the elbow of held-out error against mean ‖w‖₁, the
     least-squares refit on the chosen support) and its weights table, for codes that are
     not in a store. Returns the table and the chosen α with its held-out NMSE."""
-    from coact.connect import fit_sparse, weights_table
     from coact.connectors.exact import GramStats
+    from coact.connectors.stage import fit_sparse, weights_table
     from coact.connectors.train import split_rows
 
     x, y = sp.csr_matrix(x), sp.csr_matrix(y)

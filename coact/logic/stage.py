@@ -31,13 +31,15 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from coact import charts
+from coact.codes.store import CodeStore
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
-from coact.logic import LABELS, LogicConfig, hidden_targets, label_layer
-from coact.sites import Site
-from coact.store import CodeStore
+from coact.logic.config import LABELS, LogicConfig
+from coact.logic.hidden import hidden_targets
+from coact.logic.layer import label_layer
+from coact.models.sites import Site
+from coact.report import charts
+from coact.rundir.files import atomic_write, finished_result
 
 RESULT_VERSION = 1
 

@@ -44,20 +44,20 @@ import polars as pl
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from coact.connect import LINEAR_MAP_ENTRIES, context_split
+from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, linear_fit
+from coact.connectors.stage import LINEAR_MAP_ENTRIES, context_split
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result, finite_mean, result_key
-from coact.linearity import (
+from coact.linearity.table import (
     HeldoutContexts,
     LinearityConfig,
     feature_stats,
     linearity_table,
     percent_linear,
 )
-from coact.sites import Site
-from coact.store import CodeStore
+from coact.models.sites import Site
+from coact.rundir.files import atomic_write, finished_result, finite_mean, result_key
 
 Summary = Literal["previous", "decayed"]
 SUMMARIES: tuple[Summary, ...] = get_args(Summary)

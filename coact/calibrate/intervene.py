@@ -23,11 +23,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import SpliceFn, capture, next_token_loss, spliced_logits
 from coact.sae.base import Sae
 from coact.sae.evaluate import check_sae_fits
-from coact.sites import Site
-from coact.tracing import SpliceFn, capture, next_token_loss, spliced_logits
 
 NoiseKind = Literal["isotropic", "sae"]
 NOISE_KINDS: tuple[NoiseKind, ...] = ("isotropic", "sae")

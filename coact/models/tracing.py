@@ -14,10 +14,10 @@ import torch
 from nnsight import NNsight
 from torch import Tensor
 
-from coact.adapters import ModulePoint, resolve
 from coact.errors import CoactError
-from coact.models import LoadedModel
-from coact.sites import Site
+from coact.models.adapters import ModulePoint, resolve
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
 
 SpliceFn = Callable[[Tensor], Tensor]
 

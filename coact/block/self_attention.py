@@ -51,10 +51,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import attention_output_with_input, capture
 from coact.sae.base import SparseAutoencoder
-from coact.sites import Site
-from coact.tracing import attention_output_with_input, capture
 
 
 @dataclass(frozen=True)

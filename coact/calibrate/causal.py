@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from coact.connectors.families import SparseConnector, csr_batch
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture, mlp_output_after_edit
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
-from coact.sites import Site
-from coact.tracing import capture, mlp_output_after_edit
 
 Connectors = Sequence[tuple[np.ndarray, SparseConnector]]
 REQUIRED_COLUMNS = ("output", "input", "weight_refit", "standardised", "large")

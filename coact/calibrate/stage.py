@@ -15,7 +15,7 @@ never trained on (their held-out contexts):
 The calibrated τ is the largest candidate whose extra ΔCE over the all-mlp splice (paired
 by context) stays ≤ ε, for it and every smaller candidate. The linearity table is then
 relabelled at that τ with the seed's 0.001 beside it (`linearity.parquet`), and a sample of
-strong MLP connections is checked causally (`causal.parquet`, see `coact.causal`). The
+strong MLP connections is checked causally (`causal.parquet`, see `coact.calibrate.causal`). The
 headline lands in `calibrate.json`, written last.
 """
 
@@ -35,23 +35,23 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from coact import charts
-from coact.connect import CONNECTORS_FILE, load_linearity_connectors
-from coact.connectors.families import SparseBatch, SparseConnector
-from coact.errors import CoactError
-from coact.files import atomic_write, finished_result
-from coact.intervene import (
+from coact.calibrate.intervene import (
     NOISE_KINDS,
     activation_variance,
     noise_curve,
     splice_losses,
     splice_summary,
 )
-from coact.linearity import SEED_TAU, Form, LinearityConfig, percent_linear, relabel
-from coact.models import LoadedModel
+from coact.connectors.families import SparseBatch, SparseConnector
+from coact.connectors.stage import CONNECTORS_FILE, load_linearity_connectors
+from coact.errors import CoactError
+from coact.linearity.table import SEED_TAU, Form, LinearityConfig, percent_linear, relabel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture, spliced_logits
+from coact.report import charts
+from coact.rundir.files import atomic_write, finished_result
 from coact.sae.base import Sae
-from coact.sites import Site
-from coact.tracing import capture, spliced_logits
 
 Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
@@ -253,7 +253,7 @@ def _key(
     config: CalibrateConfig,
 ) -> str:  # fmt: skip
     """What a calibration depends on: model, SAEs, tokens, the connectors' result, config."""
-    from coact.collect import sae_fingerprint
+    from coact.codes.collect import sae_fingerprint
 
     connected = json.loads((connect_dir / "connect.json").read_text()).get("key", "")
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
@@ -360,7 +360,7 @@ def _causal(
     connectors: list[tuple[np.ndarray, SparseConnector]],
     config: CalibrateConfig,
 ) -> pl.DataFrame:
-    from coact.causal import CausalConfig, causal_check
+    from coact.calibrate.causal import CausalConfig, causal_check
 
     weights = pl.read_parquet(connect_dir / "weights.parquet")
     settings = CausalConfig(
@@ -395,7 +395,7 @@ def _summary(
         "linear_seed_tau": percent_linear(seed_labels),
     }
     if causal_table is not None:
-        from coact.causal import causal_summary
+        from coact.calibrate.causal import causal_summary
 
         summary["causal"] = causal_summary(causal_table)
     return summary

@@ -20,14 +20,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from coact.corpus import Contexts
+from coact.codes.corpus import Contexts
+from coact.codes.store import CodeStore
 from coact.errors import CoactError
-from coact.models import LoadedModel
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+from coact.models.tracing import capture
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.tracing import capture
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from coact.codes.store import CodeStore
 from coact.connectors.exact import (
     GramStats,
     LassoPath,
@@ -46,20 +47,19 @@ from coact.connectors.exact import (
     refit_support,
 )
 from coact.connectors.families import SparseConnector, csr_batch, dense_rows, make_connector
+from coact.connectors.formulas import formula, top_tokens_table
+from coact.connectors.sweep import elbow
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.errors import CoactError
-from coact.files import atomic_write, finished_result, finite_mean, result_key
-from coact.formulas import formula, top_tokens_table
-from coact.linearity import (
+from coact.linearity.table import (
     HeldoutContexts,
     LinearityConfig,
     feature_stats,
     linearity_table,
     percent_linear,
 )
-from coact.sites import Site
-from coact.store import CodeStore
-from coact.sweep import elbow
+from coact.models.sites import Site
+from coact.rundir.files import atomic_write, finished_result, finite_mean, result_key
 
 Decode = Callable[[list[int]], str]
 LINEAR_MAP_ENTRIES = 2**26  # dense least-squares map per chunk: 512 MiB in float64

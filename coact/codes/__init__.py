@@ -1,0 +1,2 @@
+"""Feature codes: the corpus, collection (model → activations → SAE codes) and the sparse,
+resumable, checksummed code store."""

@@ -1,0 +1,1 @@
+"""Evidence about single features: outlier (artefact) flags and context ablation."""
