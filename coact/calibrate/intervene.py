@@ -327,16 +327,7 @@ def noise_curve(
     with percentile bootstrap intervals over contexts.
     """
     skip = skip_first_positions
-    _check_tokens(tokens, skip)
-    if kind not in NOISE_KINDS:
-        raise CoactError(f"unknown noise kind {kind!r}; known: {', '.join(NOISE_KINDS)}")
-    if kind == "sae":
-        if sae is None:
-            raise CoactError("SAE-shaped noise needs an SAE for the site")
-        check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
-    for s in strengths:
-        if not math.isfinite(s) or s < 0:
-            raise CoactError(f"noise strength must be a finite number ≥ 0, got {s}")
+    _check_noise_request(lm, tokens, site, strengths, kind, sae, skip)
     variance = reference_variance
     if variance is None:
         variance = activation_variance(
@@ -354,22 +345,13 @@ def noise_curve(
     bar = tqdm(total=len(starts) * n_s, desc=f"{kind} noise at {site}")
     for b, start in enumerate(starts):
         batch = tokens[start : start + batch_size].to(lm.device)
-        clean_logits = spliced_logits(lm, batch, None, None)
-        clean = context_losses(clean_logits, batch, skip)
+        clean, ce_b, kl_b, energy_b = _noise_batch(
+            lm, batch, site, strengths, kind, sae, variance, (seed, b), skip, bar
+        )
         ce_clean.append(clean.ce)
         n_tok.append(clean.n_tokens)
         noised += batch.shape[0] * (batch.shape[1] - skip)
-        ce_b = np.zeros((batch.shape[0], n_s))
-        kl_b = np.zeros((batch.shape[0], n_s))
-        for j, strength in enumerate(strengths):
-            drawn: list[float] = []
-            noisy = _noise_splice(strength, kind, _batch_generator(seed, b), sae, variance, drawn)
-            out = ce_and_kl(
-                lm, batch, site, noisy, skip_first_positions=skip, clean_logits=clean_logits
-            )
-            ce_b[:, j], kl_b[:, j] = out.ce, out.kl
-            energy[j] += sum(drawn)
-            bar.update(1)
+        energy += energy_b
         ce_noisy.append(ce_b)
         kl.append(kl_b)
     bar.close()
@@ -379,12 +361,85 @@ def noise_curve(
     stats = bootstrap_mean_ratio(
         np.concatenate([noisy_ce - base[:, None], noisy_kl], axis=1), n, n_boot, seed, level
     )
+    return _curve_frame(site, kind, strengths, energy / noised / variance, variance, base, n, stats)
+
+
+def _check_noise_request(
+    lm: LoadedModel,
+    tokens: Tensor,
+    site: Site,
+    strengths: Sequence[float],
+    kind: NoiseKind,
+    sae: Sae | None,
+    skip: int,
+) -> None:
+    """Refuse a bad request before any forward pass: the tokens, the noise kind, an SAE
+    that fits the site for SAE-shaped noise, and finite non-negative strengths."""
+    _check_tokens(tokens, skip)
+    if kind not in NOISE_KINDS:
+        raise CoactError(f"unknown noise kind {kind!r}; known: {', '.join(NOISE_KINDS)}")
+    if kind == "sae":
+        if sae is None:
+            raise CoactError("SAE-shaped noise needs an SAE for the site")
+        check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
+    for s in strengths:
+        if not math.isfinite(s) or s < 0:
+            raise CoactError(f"noise strength must be a finite number ≥ 0, got {s}")
+
+
+def _noise_batch(
+    lm: LoadedModel,
+    batch: Tensor,
+    site: Site,
+    strengths: Sequence[float],
+    kind: NoiseKind,
+    sae: Sae | None,
+    variance: float,
+    stream: tuple[int, int],
+    skip: int,
+    bar: tqdm,
+) -> tuple[ContextLosses, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of contexts: its clean losses, then per strength (columns) the noisy
+    contexts' CE and KL from the clean pass, and the noise's summed ‖n‖². Every strength
+    draws from a fresh generator of the same (seed, batch) `stream`, so all sizes share the
+    noise directions (see `_batch_generator`); the clean logits are computed once."""
+    n_s = len(strengths)
+    clean_logits = spliced_logits(lm, batch, None, None)
+    clean = context_losses(clean_logits, batch, skip)
+    ce_b = np.zeros((batch.shape[0], n_s))
+    kl_b = np.zeros((batch.shape[0], n_s))
+    energy_b = np.zeros(n_s)
+    for j, strength in enumerate(strengths):
+        drawn: list[float] = []
+        noisy = _noise_splice(strength, kind, _batch_generator(*stream), sae, variance, drawn)
+        out = ce_and_kl(
+            lm, batch, site, noisy, skip_first_positions=skip, clean_logits=clean_logits
+        )
+        ce_b[:, j], kl_b[:, j] = out.ce, out.kl
+        energy_b[j] = sum(drawn)
+        bar.update(1)
+    return clean, ce_b, kl_b, energy_b
+
+
+def _curve_frame(
+    site: Site,
+    kind: NoiseKind,
+    strengths: Sequence[float],
+    realised_nmse: np.ndarray,
+    variance: float,
+    base: np.ndarray,
+    n: np.ndarray,
+    stats: Interval,
+) -> pl.DataFrame:
+    """The curve's table, one row per strength: `stats` holds ΔCE for the strengths, then
+    KL for them, each a point with its interval; the clean CE and counts repeat per row."""
+    n_s = len(strengths)
     return pl.DataFrame(
         {
             "site": [str(site)] * n_s,
             "kind": [kind] * n_s,
             "strength": [float(s) for s in strengths],
-            "realised_nmse": energy / noised / variance,
+            "realised_nmse": realised_nmse,
             "reference_variance": [variance] * n_s,
             "ce_clean": [float(base.sum() / n.sum())] * n_s,
             "delta_ce": stats.point[:n_s],

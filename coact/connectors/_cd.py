@@ -131,79 +131,27 @@ def _solve_one(
     scale = 2 * sd_y_inv * sd_y_inv
     order = np.empty(n_in, dtype=np.int64)
     where = np.full(n_in, -1, dtype=np.int64)
-    n_act = 0
-    for k in range(n_in):
-        if act[k]:
-            order[n_act] = k
-            where[k] = n_act
-            n_act += 1
-    s = 0.0
-    for t in range(n_act):
-        s += mu[order[t]] * w[order[t]]
+    n_act = _index_active(act, order, where)
+    s = _shift(mu, w, order, n_act)
     if screening:  # sequential strong rule: |r_k| ≥ 2λ − λ_prev joins now
-        cut = 2 * lj - lj_prev
-        for k in range(n_in):
-            if usable[k] and not act[k] and abs(rt[k] + mu[k] * s) >= cut:
-                act[k] = True
-                order[n_act] = k
-                where[k] = n_act
-                n_act += 1
+        n_act = _join(usable, act, rt, mu, s, 2 * lj - lj_prev, False, order, where, n_act)
     cap = max(16, 2 * n_act)
     g = np.empty((cap, cap))
     _gram_rows(indptr, indices, data, dense_a, inv_n, mu, order, where, g, 0, n_act)
     r_act = np.empty(cap)
-    for t in range(n_act):
-        r_act[t] = rt[order[t]] + mu[order[t]] * s
+    _fill_r_act(rt, mu, s, order, n_act, r_act)
     sweeps, gap, mse, target = 0, np.inf, m2, 0.5 * tol
     while True:
-        while n_act > 0 and sweeps < max_iter:
-            sweeps += 1
-            for t in range(n_act):
-                k = order[t]
-                old = w[k]
-                gtt = g[t, t]
-                new = _soft(r_act[t] + gtt * old, lj, gtt)
-                d = new - old
-                if d != 0.0:
-                    w[k] = new
-                    gt = g[t]
-                    for u in range(n_act):
-                        r_act[u] -= gt[u] * d
-            wc, wr, l1, dual_norm = 0.0, 0.0, 0.0, 0.0
-            for t in range(n_act):
-                k = order[t]
-                wc += w[k] * c[k]
-                wr += w[k] * r_act[t]
-                l1 += abs(w[k])
-                dual_norm = max(dual_norm, abs(r_act[t]))
-            if _gap(m2, wc, wr, l1, dual_norm, lj, scale)[0] <= target:
-                break
-            if sweeps % NEWTON_EVERY == 0:  # slow zigzag, e.g. correlation 0.9998
-                _newton(g, r_act, w, order, n_act, lj)
+        sweeps = _sweep_active(g, r_act, w, c, m2, order, n_act, lj, scale, target, sweeps,
+                               max_iter)  # fmt: skip
         _full_residual(indptr, indices, data, dense_a, inv_n, c, w, order, n_act, rt)
-        s = 0.0
-        for t in range(n_act):
-            s += mu[order[t]] * w[order[t]]
-        dual_norm, wc, wr, l1 = 0.0, 0.0, 0.0, 0.0
-        for k in range(n_in):
-            if usable[k]:
-                dual_norm = max(dual_norm, abs(rt[k] + mu[k] * s))
-        for t in range(n_act):
-            k = order[t]
-            wc += w[k] * c[k]
-            wr += w[k] * (rt[k] + mu[k] * s)
-            l1 += abs(w[k])
-        gap, mse = _gap(m2, wc, wr, l1, dual_norm, lj, scale)
+        s = _shift(mu, w, order, n_act)
+        gap, mse = _full_gap(usable, rt, mu, s, c, w, order, n_act, m2, lj, scale)
         if gap <= tol or sweeps >= max_iter:
             break
         # KKT: zero coordinates with |r_k| > λ join (strong rules are not safe).
         lo = n_act
-        for k in range(n_in):
-            if usable[k] and not act[k] and abs(rt[k] + mu[k] * s) > lj * (1 + 1e-9):
-                act[k] = True
-                order[n_act] = k
-                where[k] = n_act
-                n_act += 1
+        n_act = _join(usable, act, rt, mu, s, lj * (1 + 1e-9), True, order, where, n_act)
         if n_act == lo:
             if target < 1e-8 * tol:
                 break  # nothing moves and nothing joins: the gap is rounding
@@ -211,14 +159,130 @@ def _solve_one(
         else:
             if n_act > cap:
                 cap = max(2 * cap, n_act)
-                grown = np.empty((cap, cap))
-                grown[:lo, :lo] = g[:lo, :lo]
-                g = grown
+                g = _grown(g, lo, cap)
                 r_act = np.empty(cap)
             _gram_rows(indptr, indices, data, dense_a, inv_n, mu, order, where, g, lo, n_act)
-        for t in range(n_act):
-            r_act[t] = rt[order[t]] + mu[order[t]] * s
+        _fill_r_act(rt, mu, s, order, n_act, r_act)
     return sweeps, gap, mse, s
+
+
+@njit(cache=True)
+def _index_active(act, order, where):
+    """Slots of the inputs already active (warm start from the previous α), in input order,
+    so the dense Gram and r_act can be indexed by slot; returns their count."""
+    n_act = 0
+    for k in range(len(act)):
+        if act[k]:
+            order[n_act] = k
+            where[k] = n_act
+            n_act += 1
+    return n_act
+
+
+@njit(cache=True)
+def _shift(mu, w, order, n_act):
+    """μᵀw over the active slots: the intercept's shift, which turns A's residual into G's
+    (r_G = r_A + μ·μᵀw) without forming the centred Gram."""
+    s = 0.0
+    for t in range(n_act):
+        s += mu[order[t]] * w[order[t]]
+    return s
+
+
+@njit(cache=True)
+def _join(usable, act, rt, mu, s, cut, strict, order, where, n_act):
+    """Inactive usable inputs whose centred gradient |r_k| reaches `cut` (strictly above
+    it with `strict`) join the active set at the next slots; returns the new count. One
+    routine for the strong rule (≥ 2λ − λ_prev) and the KKT check (> λ)."""
+    for k in range(len(act)):
+        if usable[k] and not act[k]:
+            v = abs(rt[k] + mu[k] * s)
+            joins = v > cut if strict else v >= cut
+            if joins:
+                act[k] = True
+                order[n_act] = k
+                where[k] = n_act
+                n_act += 1
+    return n_act
+
+
+@njit(cache=True)
+def _fill_r_act(rt, mu, s, order, n_act, r_act):
+    """The centred gradient on the active slots, from the full A-residual: the sweeps then
+    update it in O(|A|) per step without touching rt."""
+    for t in range(n_act):
+        r_act[t] = rt[order[t]] + mu[order[t]] * s
+
+
+@njit(cache=True)
+def _grown(g, lo, cap):
+    """A cap × cap Gram buffer holding the first lo slots of g: the active set outgrew it,
+    and the rows already built are kept rather than recomputed."""
+    grown = np.empty((cap, cap))
+    grown[:lo, :lo] = g[:lo, :lo]
+    return grown
+
+
+@njit(cache=True)
+def _sweep_active(g, r_act, w, c, m2, order, n_act, lj, scale, target, sweeps, max_iter):
+    """Coordinate sweeps over the active set until its restricted duality gap is below
+    `target` or max_iter is reached, with a Newton jump every NEWTON_EVERY sweeps for slow
+    zigzags; returns the sweep count so far (it is shared across KKT rounds)."""
+    while n_act > 0 and sweeps < max_iter:
+        sweeps += 1
+        _sweep(g, r_act, w, order, n_act, lj)
+        if _active_gap(r_act, w, c, m2, order, n_act, lj, scale) <= target:
+            break
+        if sweeps % NEWTON_EVERY == 0:  # slow zigzag, e.g. correlation 0.9998
+            _newton(g, r_act, w, order, n_act, lj)
+    return sweeps
+
+
+@njit(cache=True)
+def _sweep(g, r_act, w, order, n_act, lj):
+    """One cyclic pass of soft-thresholded coordinate updates, keeping r_act = c − G w in
+    step through G's rows (covariance updates: O(|A|) per moved coordinate)."""
+    for t in range(n_act):
+        k = order[t]
+        old = w[k]
+        gtt = g[t, t]
+        new = _soft(r_act[t] + gtt * old, lj, gtt)
+        d = new - old
+        if d != 0.0:
+            w[k] = new
+            gt = g[t]
+            for u in range(n_act):
+                r_act[u] -= gt[u] * d
+
+
+@njit(cache=True)
+def _active_gap(r_act, w, c, m2, order, n_act, lj, scale):
+    """Duality gap of the problem restricted to the active set: O(|A|), cheap enough to
+    check after every sweep, unlike the full gap, which needs the whole gradient."""
+    wc, wr, l1, dual_norm = 0.0, 0.0, 0.0, 0.0
+    for t in range(n_act):
+        k = order[t]
+        wc += w[k] * c[k]
+        wr += w[k] * r_act[t]
+        l1 += abs(w[k])
+        dual_norm = max(dual_norm, abs(r_act[t]))
+    return _gap(m2, wc, wr, l1, dual_norm, lj, scale)[0]
+
+
+@njit(cache=True)
+def _full_gap(usable, rt, mu, s, c, w, order, n_act, m2, lj, scale):
+    """Duality gap of the whole problem and training MSE, from the rebuilt residual: the
+    dual norm runs over every usable input, the rest over the support only."""
+    dual_norm, wc, wr, l1 = 0.0, 0.0, 0.0, 0.0
+    for k in range(len(w)):
+        if usable[k]:
+            dual_norm = max(dual_norm, abs(rt[k] + mu[k] * s))
+    for t in range(n_act):
+        k = order[t]
+        wc += w[k] * c[k]
+        wr += w[k] * (rt[k] + mu[k] * s)
+        l1 += abs(w[k])
+    return _gap(m2, wc, wr, l1, dual_norm, lj, scale)
 
 
 @njit(cache=True)
@@ -235,11 +299,7 @@ def _newton(g, r_act, w, order, n_act, lj, max_pieces=16):
     for t in range(n_act):
         x[t] = w[order[t]]
     nzs = np.empty(n_act, dtype=np.int64)  # the non-zero slots
-    n_nz = 0
-    for t in range(n_act):
-        if x[t] != 0.0:
-            nzs[n_nz] = t
-            n_nz += 1
+    n_nz = _nonzero_slots(x, n_act, nzs)
     c_act = np.empty(n_act)  # c = r + G w on the active set
     for u in range(n_act):
         acc = r_act[u]
@@ -247,81 +307,132 @@ def _newton(g, r_act, w, order, n_act, lj, max_pieces=16):
         for i in range(n_nz):
             acc += gu[nzs[i]] * x[nzs[i]]
         c_act[u] = acc
-    # Objective on the active set: ½wᵀGw − cᵀw + λ‖w‖₁ = −½ wᵀ(c + r) + λ‖w‖₁.
-    before = 0.0
-    for t in range(n_act):
-        before += -0.5 * x[t] * (c_act[t] + r_act[t]) + lj * abs(x[t])
+    before = _objective(x, c_act, r_act, lj, n_act)
     r = r_act[:n_act].copy()
     keep = np.empty(n_act, dtype=np.int64)
     sign = np.zeros(n_act)
     gd = np.empty(n_act)
     moved = False
     for _ in range(max_pieces):
-        q = 0
-        for t in range(n_act):
-            if x[t] != 0.0:
-                keep[q] = t
-                sign[t] = 1.0 if x[t] > 0 else -1.0
-                q += 1
+        q = _signed_support(x, n_act, keep, sign)
         if q == 0:
             break
-        h = np.empty((q, q))
-        rhs = np.empty(q)
-        top = 0.0
-        for a in range(q):
-            for b in range(q):
-                h[a, b] = g[keep[a], keep[b]]
-            rhs[a] = c_act[keep[a]] - lj * sign[keep[a]]
-            top = max(top, h[a, a])
-        for a in range(q):
-            h[a, a] += 1e-12 * top
-        d = np.linalg.solve(h, rhs)
-        slope = 0.0
-        for a in range(q):
-            t = keep[a]
-            d[a] -= x[t]
-            slope += d[a] * (lj * sign[t] - r[t])  # gradient of the smooth part, this orthant
-        for u in range(n_act):
-            acc = 0.0
-            gu = g[u]
-            for a in range(q):
-                acc += gu[keep[a]] * d[a]
-            gd[u] = acc
-        curv = 0.0
-        for a in range(q):
-            curv += d[a] * gd[keep[a]]
+        d, slope = _newton_direction(g, c_act, x, r, keep, sign, q, lj)
+        curv = _curvature(g, d, keep, q, n_act, gd)
         if not (slope < 0.0 and curv > 0.0):
             break
-        step, hit = min(1.0, -slope / curv), -1
-        for a in range(q):
-            xa = x[keep[a]]
-            if d[a] * xa < 0.0 and -xa / d[a] < step:
-                step, hit = -xa / d[a], a
-        for a in range(q):
-            x[keep[a]] += step * d[a]
-        for u in range(n_act):
-            r[u] -= step * gd[u]
+        hit = _newton_step(x, r, d, gd, keep, q, n_act, slope, curv)
         moved = True
         if hit < 0:
             break
         x[keep[hit]] = 0.0
-    if not moved:
-        return
-    r_new = np.empty(n_act)
-    after = 0.0
+    if moved:
+        _accept_if_lower(g, c_act, x, nzs, r_act, w, order, n_act, lj, before)
+
+
+@njit(cache=True)
+def _nonzero_slots(x, n_act, nzs):
+    """The slots where x is non-zero, into nzs; returns their count. Products with G then
+    run over the support only."""
     n_nz = 0
     for t in range(n_act):
         if x[t] != 0.0:
             nzs[n_nz] = t
             n_nz += 1
+    return n_nz
+
+
+@njit(cache=True)
+def _objective(x, c_act, r, lj, n_act):
+    """Objective on the active set, ½xᵀGx − cᵀx + λ‖x‖₁ = −½ xᵀ(c + r) + λ‖x‖₁ with
+    r = c − G x: O(|A|) given r, so a Newton jump can be judged without another product."""
+    total = 0.0
+    for t in range(n_act):
+        total += -0.5 * x[t] * (c_act[t] + r[t]) + lj * abs(x[t])
+    return total
+
+
+@njit(cache=True)
+def _signed_support(x, n_act, keep, sign):
+    """The non-zero slots of x into keep, with their signs into sign (their orthant fixes
+    the L1 term's gradient); returns their count."""
+    q = 0
+    for t in range(n_act):
+        if x[t] != 0.0:
+            keep[q] = t
+            sign[t] = 1.0 if x[t] > 0 else -1.0
+            q += 1
+    return q
+
+
+@njit(cache=True)
+def _newton_direction(g, c_act, x, r, keep, sign, q, lj):
+    """d = (solution of G_nz z = c_nz − λ·sign) − x_nz, with a 1e-12 relative ridge so a
+    singular G_nz still solves, and the slope of the objective along d in this orthant."""
+    h = np.empty((q, q))
+    rhs = np.empty(q)
+    top = 0.0
+    for a in range(q):
+        for b in range(q):
+            h[a, b] = g[keep[a], keep[b]]
+        rhs[a] = c_act[keep[a]] - lj * sign[keep[a]]
+        top = max(top, h[a, a])
+    for a in range(q):
+        h[a, a] += 1e-12 * top
+    d = np.linalg.solve(h, rhs)
+    slope = 0.0
+    for a in range(q):
+        t = keep[a]
+        d[a] -= x[t]
+        slope += d[a] * (lj * sign[t] - r[t])  # gradient of the smooth part, this orthant
+    return d, slope
+
+
+@njit(cache=True)
+def _curvature(g, d, keep, q, n_act, gd):
+    """gd = G d on every active slot (to update r after the step) and dᵀG d, the
+    objective's curvature along d."""
+    for u in range(n_act):
+        acc = 0.0
+        gu = g[u]
+        for a in range(q):
+            acc += gu[keep[a]] * d[a]
+        gd[u] = acc
+    curv = 0.0
+    for a in range(q):
+        curv += d[a] * gd[keep[a]]
+    return curv
+
+
+@njit(cache=True)
+def _newton_step(x, r, d, gd, keep, q, n_act, slope, curv):
+    """Move x and r along d to the optimum on the segment, or to where the first input
+    reaches zero, whichever is nearer; returns that input's index in keep, or −1."""
+    step, hit = min(1.0, -slope / curv), -1
+    for a in range(q):
+        xa = x[keep[a]]
+        if d[a] * xa < 0.0 and -xa / d[a] < step:
+            step, hit = -xa / d[a], a
+    for a in range(q):
+        x[keep[a]] += step * d[a]
+    for u in range(n_act):
+        r[u] -= step * gd[u]
+    return hit
+
+
+@njit(cache=True)
+def _accept_if_lower(g, c_act, x, nzs, r_act, w, order, n_act, lj, before):
+    """Write x into w and r_act only if the objective, with r recomputed afresh as c − G x
+    (not the updated r, which drifts when G_nz is nearly singular), went below `before`."""
+    r_new = np.empty(n_act)
+    n_nz = _nonzero_slots(x, n_act, nzs)
     for u in range(n_act):  # r = c − G w afresh
         acc = c_act[u]
         gu = g[u]
         for i in range(n_nz):
             acc -= gu[nzs[i]] * x[nzs[i]]
         r_new[u] = acc
-    for t in range(n_act):
-        after += -0.5 * x[t] * (c_act[t] + r_new[t]) + lj * abs(x[t])
+    after = _objective(x, c_act, r_new, lj, n_act)
     if after < before:
         for t in range(n_act):
             w[order[t]] = x[t]
@@ -353,6 +464,16 @@ def transpose(indptr, indices, data, n_cols):
     return t_ptr, t_ind, t_val, t_src
 
 
+@njit(cache=True)
+def _csr_alloc(counts):
+    """Row pointers from per-row counts (counts[k + 1] = entries of row k), and index and
+    float64 value arrays of that size: the second pass of each two-pass CSR builder below
+    fills them."""
+    ptr = np.cumsum(counts)
+    n = ptr[len(ptr) - 1]
+    return ptr, np.empty(n, dtype=np.int64), np.empty(n)
+
+
 @njit(parallel=True, cache=True)
 def cross_products(t_ptr, t_ind, t_val, t_src, ptr, ind, val, n_cols, upper):
     """CSR parts (sorted, float64) of Mᵀ B for M given by its transpose (`transpose` of
@@ -375,9 +496,7 @@ def cross_products(t_ptr, t_ind, t_val, t_src, ptr, ind, val, n_cols, upper):
                         mark[col] = k
                         count += 1
             counts[k + 1] = count
-    out_ptr = np.cumsum(counts)
-    out_ind = np.empty(out_ptr[n_rows], dtype=np.int64)
-    out_val = np.empty(out_ptr[n_rows])
+    out_ptr, out_ind, out_val = _csr_alloc(counts)
     for blk in prange(n_blocks):
         mark = np.full(n_cols, -1, dtype=np.int64)
         acc = np.zeros(n_cols)
@@ -441,9 +560,7 @@ def dense_to_csr(d):
             if d[k, col] != 0.0:
                 count += 1
         counts[k + 1] = count
-    ptr = np.cumsum(counts)
-    ind = np.empty(ptr[n_rows], dtype=np.int64)
-    val = np.empty(ptr[n_rows])
+    ptr, ind, val = _csr_alloc(counts)
     for k in prange(n_rows):
         q = ptr[k]
         for col in range(n_cols):
@@ -465,10 +582,8 @@ def symmetrise(u_ptr, u_ind, u_val):
         for p in range(u_ptr[k], u_ptr[k + 1]):
             if u_ind[p] != k:
                 counts[u_ind[p] + 1] += 1
-    ptr = np.cumsum(counts)
+    ptr, ind, val = _csr_alloc(counts)
     fill = ptr[:-1].copy()
-    ind = np.empty(ptr[n], dtype=np.int64)
-    val = np.empty(ptr[n])
     for k in range(n):  # lower parts first: rows k' > k get column k, in increasing k
         for p in range(u_ptr[k], u_ptr[k + 1]):
             col = u_ind[p]

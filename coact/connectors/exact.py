@@ -294,84 +294,134 @@ def lasso_path(
     alive = np.flatnonzero(~dead)
     per_chunk = config.chunk_outputs or max(1, PATH_CHUNK_ENTRIES // max(stats.n_in, 1))
     chunks = [alive[i : i + per_chunk] for i in range(0, len(alive), per_chunk)]
-    yx = stats.xty.T.tocsr()  # output-major: a chunk's rows are contiguous
-    mu_y = stats.means(center)[1]
-    kept: dict[int, np.ndarray] = {}
-
-    def cross(i: int) -> np.ndarray:
-        """Chunk i's (centred) cross, output-major (m × n_in); kept if it is the only one."""
-        if i in kept:
-            return kept[i]
-        rows = outputs[chunks[i]]
-        c = yx[rows].toarray() / max(stats.n, 1) - np.multiply.outer(mu_y[rows], mu)
-        if len(chunks) == 1:
-            kept[i] = c
-        return c
-
-    if config.alphas is not None:
-        alphas = np.sort(np.asarray(config.alphas, dtype=np.float64))[::-1]
-    else:
-        tops = [
-            2 * np.abs(cross(i)[:, usable]).max(axis=1, initial=0) / var[outputs[p]]
-            for i, p in enumerate(chunks)
-        ]
-        tops_all = np.concatenate([np.zeros(0), *tops])
-        alpha_max = float(np.quantile(tops_all, config.top_quantile)) if len(tops_all) else 0.0
-        alpha_max = alpha_max * (1 + 1e-9) or 1.0
-        alphas = np.geomspace(alpha_max, alpha_max * config.alpha_min_ratio, config.n_alphas)
-    n_a, m = len(alphas), len(outputs)
-    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in alphas]
-    intercepts = np.tile(ybar[outputs], (n_a, 1))
-    n_iter, converged = np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool)
-    max_gap, unconverged = np.zeros(n_a), np.zeros(n_a, dtype=np.int64)
-    nmse = np.full((n_a, m), np.nan)
-    seconds = np.zeros(n_a)
+    cross = _ChunkCross(stats, outputs, chunks, mu, center)
+    alphas = _alpha_grid(config, cross, usable, var, outputs)
+    tally = _PathTally.start(alphas, ybar[outputs], config.tol)
     a = stats.xtx  # XᵀX = n·A, symmetric: its CSR rows are its columns
     dense_a = a.toarray() / max(stats.n, 1) if stats.n_in <= DENSE_GRAM_MAX else np.zeros((0, 0))
     a_parts = (a.indptr.astype(np.int64), a.indices.astype(np.int64), a.data, dense_a)
     sd_in = np.sqrt(np.where(usable, diag, 1.0))
-    bar = tqdm(total=len(chunks) * n_a, desc="L1 path", unit="α·chunk", disable=not progress)
+    bar = tqdm(
+        total=len(chunks) * len(alphas), desc="L1 path", unit="α·chunk", disable=not progress
+    )
     for i_chunk, pos in enumerate(chunks):
         v, out_m2 = var[outputs[pos]], m2[outputs[pos]]
         cd = _ChunkCD(a_parts, stats.n, mu, usable, sd_in, cross(i_chunk), v, out_m2, config)
-        kept.clear()
-        for i, alpha in enumerate(alphas):
-            start = time.perf_counter()
-            n_iter[i] = max(n_iter[i], cd.solve(float(alpha)))
-            seconds[i] += time.perf_counter() - start
-            converged[i] &= cd.converged
-            max_gap[i] = max(max_gap[i], float(cd.gap.max(initial=0.0)))
-            unconverged[i] += int((cd.gap > config.tol).sum())
-            indptr, rows, vals = dense_to_csr(cd.W)  # CSR of W = CSC of Wᵀ
-            parts[i].append((rows, np.repeat(pos, np.diff(indptr)), vals))
-            intercepts[i, pos] -= cd.S
-            # MSE = m2 − 2wᵀc + wᵀGw, exact from the stats (the solver's last full gradient)
-            nmse[i, pos] = cd.mse / v
-            bar.update()
+        cross.clear()
+        tally.run_chunk(cd, pos, v, bar)
     bar.close()
-    coef = []
-    for i in range(n_a):
-        rows, cols, vals = (
-            np.concatenate([np.zeros(0), *(p[t] for p in parts[i])]) for t in range(3)
+    return tally.path(stats.n_in, dead, outputs)
+
+
+class _ChunkCross:
+    """Each chunk's (centred) cross c = XᵀY/n − μȳ, output-major (m × n_in), built from
+    the stats when asked for. With a single chunk the one built for the α grid is kept for
+    the solve rather than built twice; with several, keeping them all would hold every
+    output's dense cross at once."""
+
+    def __init__(self, stats: GramStats, outputs: np.ndarray, chunks: list[np.ndarray],
+                 mu: np.ndarray, center: bool) -> None:  # fmt: skip
+        self.stats, self.outputs, self.chunks, self.mu = stats, outputs, chunks, mu
+        self.yx = stats.xty.T.tocsr()  # output-major: a chunk's rows are contiguous
+        self.mu_y = stats.means(center)[1]
+        self.kept: dict[int, np.ndarray] = {}
+
+    def __call__(self, i: int) -> np.ndarray:
+        """Chunk i's (centred) cross, output-major (m × n_in); kept if it is the only one."""
+        if i in self.kept:
+            return self.kept[i]
+        rows = self.outputs[self.chunks[i]]
+        c = self.yx[rows].toarray() / max(self.stats.n, 1) - np.multiply.outer(
+            self.mu_y[rows], self.mu
         )
-        coef.append(
-            sp.csr_matrix(
-                (vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=(stats.n_in, m)
+        if len(self.chunks) == 1:
+            self.kept[i] = c
+        return c
+
+    def clear(self) -> None:
+        """Drop the kept cross once the solver has its own copy."""
+        self.kept.clear()
+
+
+def _alpha_grid(config: LassoPathConfig, cross: _ChunkCross, usable: np.ndarray,
+                var: np.ndarray, outputs: np.ndarray) -> np.ndarray:  # fmt: skip
+    """The descending α grid: config.alphas if given (shared between calls), else log
+    spaced down from the top_quantile of the alive outputs' all-zero α (2·max_k|c_kj|/var_j),
+    nudged up so that at the first α those outputs are exactly zero."""
+    if config.alphas is not None:
+        return np.sort(np.asarray(config.alphas, dtype=np.float64))[::-1]
+    tops = [
+        2 * np.abs(cross(i)[:, usable]).max(axis=1, initial=0) / var[outputs[p]]
+        for i, p in enumerate(cross.chunks)
+    ]
+    tops_all = np.concatenate([np.zeros(0), *tops])
+    alpha_max = float(np.quantile(tops_all, config.top_quantile)) if len(tops_all) else 0.0
+    alpha_max = alpha_max * (1 + 1e-9) or 1.0
+    return np.geomspace(alpha_max, alpha_max * config.alpha_min_ratio, config.n_alphas)
+
+
+@dataclass
+class _PathTally:
+    """The path's results gathered chunk by chunk: each α's weights as COO parts (stacked
+    once at the end, not per chunk), intercepts and NMSE by output position, and over
+    chunks the most sweeps, the largest gap and the count of unconverged outputs."""
+
+    alphas: np.ndarray
+    tol: float
+    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    intercepts: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    max_gap: np.ndarray
+    unconverged: np.ndarray
+    nmse: np.ndarray
+    seconds: np.ndarray
+
+    @classmethod
+    def start(cls, alphas: np.ndarray, ybar: np.ndarray, tol: float) -> _PathTally:
+        """Empty results for len(ybar) outputs: intercepts start at ȳ (w = 0), NMSE at NaN
+        (dead outputs keep it)."""
+        n_a, m = len(alphas), len(ybar)
+        return cls(
+            alphas, tol, [[] for _ in alphas], np.tile(ybar, (n_a, 1)),
+            np.zeros(n_a, dtype=np.int64), np.ones(n_a, dtype=bool), np.zeros(n_a),
+            np.zeros(n_a, dtype=np.int64), np.full((n_a, m), np.nan), np.zeros(n_a),
+        )  # fmt: skip
+
+    def run_chunk(self, cd: _ChunkCD, pos: np.ndarray, v: np.ndarray, bar: tqdm) -> None:
+        """Solve one chunk (outputs at positions `pos`, variances v) down the whole grid,
+        warm-started α to α, recording each α's results as it goes."""
+        for i, alpha in enumerate(self.alphas):
+            start = time.perf_counter()
+            self.n_iter[i] = max(self.n_iter[i], cd.solve(float(alpha)))
+            self.seconds[i] += time.perf_counter() - start
+            self.converged[i] &= cd.converged
+            self.max_gap[i] = max(self.max_gap[i], float(cd.gap.max(initial=0.0)))
+            self.unconverged[i] += int((cd.gap > self.tol).sum())
+            indptr, rows, vals = dense_to_csr(cd.W)  # CSR of W = CSC of Wᵀ
+            self.parts[i].append((rows, np.repeat(pos, np.diff(indptr)), vals))
+            self.intercepts[i, pos] -= cd.S
+            # MSE = m2 − 2wᵀc + wᵀGw, exact from the stats (the solver's last full gradient)
+            self.nmse[i, pos] = cd.mse / v
+            bar.update()
+
+    def path(self, n_in: int, dead: np.ndarray, outputs: np.ndarray) -> LassoPath:
+        """The finished path: each α's chunk parts stacked into one n_in × m matrix."""
+        m = len(outputs)
+        coef = []
+        for i in range(len(self.alphas)):
+            rows, cols, vals = (
+                np.concatenate([np.zeros(0), *(p[t] for p in self.parts[i])]) for t in range(3)
             )
-        )
-    return LassoPath(
-        alphas,
-        coef,
-        intercepts,
-        nmse,
-        dead,
-        n_iter,
-        converged,
-        outputs,
-        max_gap,
-        unconverged,
-        seconds,
-    )
+            coef.append(
+                sp.csr_matrix(
+                    (vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=(n_in, m)
+                )
+            )
+        return LassoPath(
+            self.alphas, coef, self.intercepts, self.nmse, dead, self.n_iter, self.converged,
+            outputs, self.max_gap, self.unconverged, self.seconds,
+        )  # fmt: skip
 
 
 def mse(
