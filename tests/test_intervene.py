@@ -11,19 +11,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from coact.calibrate.intervene import (
-    NoiseKind,
-    SpliceLosses,
-    add_noise,
-    bootstrap_mean_ratio,
-    ce_and_kl,
-    next_token_kl,
-    noise_curve,
-    resample_indices,
-    sample_noise,
-    splice_summary,
-    splice_table,
-)
+from coact.calibrate.intervene import SpliceLosses, splice_summary, splice_table
+from coact.calibrate.losses import bootstrap_mean_ratio, ce_and_kl, next_token_kl, resample_indices
+from coact.calibrate.noise import NoiseKind, add_noise, noise_curve, sample_noise
 from coact.errors import CoactError
 from coact.models.adapters import resolve
 from coact.models.load import LoadedModel, load_model

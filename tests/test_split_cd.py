@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from sklearn.linear_model import Lasso
 
 from coact.connectors import exact
-from coact.connectors._cd import _csr_alloc, _join
+from coact.connectors._cd import _join
+from coact.connectors._csr import _csr_alloc
 from coact.connectors.exact import GramStats, LassoPathConfig, lasso_path
 
 

@@ -35,13 +35,8 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from coact.calibrate.intervene import (
-    NOISE_KINDS,
-    activation_variance,
-    noise_curve,
-    splice_losses,
-    splice_summary,
-)
+from coact.calibrate.intervene import splice_losses, splice_summary
+from coact.calibrate.noise import NOISE_KINDS, activation_variance, noise_curve
 from coact.connectors.families import SparseBatch, SparseConnector
 from coact.connectors.stage import CONNECTORS_FILE, load_linearity_connectors
 from coact.errors import CoactError

@@ -29,12 +29,12 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from coact.codes.store import CodeStore
-from coact.connectors._cd import (
+from coact.connectors._cd import solve_alpha
+from coact.connectors._csr import (
     cross_dense,
     cross_products,
     dense_to_csr,
     quadratic_terms,
-    solve_alpha,
     symmetrise,
     transpose,
 )
