@@ -8,9 +8,10 @@ from pathlib import Path
 from coact.codes.collect import CollectConfig, collect_codes
 from coact.codes.corpus import CorpusConfig, build_contexts
 from coact.codes.store import CodeStore
-from coact.models.load import EMBEDDED, load_model
+from coact.models.load import load_model
 from coact.models.sites import Site
-from coact.pipeline.run import AnalyzeConfig, analyze
+from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.run import analyze
 from coact.sae.base import Sae
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
@@ -19,14 +20,14 @@ from coact.sae.train import SaeTrainConfig, train_saes
 def train_sae(
     site: str | Site,
     *,
-    model: str = EMBEDDED,
-    corpus: str = "embedded",
-    tokens: int = 400_000,
-    expansion: int = 4,
-    k: int = 32,
-    ctx_len: int = 128,
-    device: str = "cpu",
-    seed: int = 0,
+    model: str = AnalyzeConfig.model,
+    corpus: str = AnalyzeConfig.corpus,
+    tokens: int = AnalyzeConfig.sae_tokens,
+    expansion: int = SaeTrainConfig.expansion,
+    k: int = SaeTrainConfig.k,
+    ctx_len: int = AnalyzeConfig.ctx_len,
+    device: str = AnalyzeConfig.device,
+    seed: int = AnalyzeConfig.seed,
     out: str | Path | None = None,
 ) -> Sae:
     """Train a TopK SAE at `site`; saved in the SAELens format when `out` is given."""
@@ -47,12 +48,12 @@ def collect(
     saes: Mapping[str | Site, str | Path | Sae],
     *,
     out: str | Path,
-    model: str = EMBEDDED,
-    corpus: str = "embedded",
-    tokens: int = 100_000,
-    ctx_len: int = 128,
-    device: str = "cpu",
-    seed: int = 0,
+    model: str = AnalyzeConfig.model,
+    corpus: str = AnalyzeConfig.corpus,
+    tokens: int = AnalyzeConfig.tokens,
+    ctx_len: int = AnalyzeConfig.ctx_len,
+    device: str = AnalyzeConfig.device,
+    seed: int = AnalyzeConfig.seed,
     config: CollectConfig | None = None,
 ) -> CodeStore:
     """Encode `tokens` of `corpus` with SAEs given as {site: SAE or path}; resumable."""

@@ -1,17 +1,32 @@
-"""The `coact` command line: thin wrappers that build configs and call the stage functions."""
+"""The `coact` command line: thin wrappers that build configs and call the stages. Every
+option's default and help come from the config dataclass field it sets (`option`), so no
+default is written twice."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, Literal
 
 import typer
 
+from coact.block.graph import feature_graph
+from coact.calibrate.stage import CalibrateConfig
+from coact.connectors.config import ConnectConfig
+from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
-from coact.models.load import EMBEDDED
+from coact.evidence.ablation import AblationConfig
+from coact.evidence.outliers import OutlierConfig
+from coact.linearity.table import LinearityConfig
+from coact.logic.config import LogicConfig
+from coact.logic.stage import LabelsConfig
+from coact.pipeline.config import AnalyzeConfig
+from coact.report.select import DEFAULT_FEATURES
+from coact.sae.train import SaeTrainConfig
+from coact.settings import default_of, help_of
 
 app = typer.Typer(
     add_completion=False,
@@ -19,83 +34,73 @@ app = typer.Typer(
     help="coact: how the SAE features a transformer block reads turn into the features it writes.",
 )
 
-ModelOpt = Annotated[
-    str, typer.Option(help=f"{EMBEDDED!r}, a tiny-* test model, a local directory or a hub id")
-]
-CorpusOpt = Annotated[
-    str, typer.Option(help="'embedded', a text file or folder, a saved dataset or a hub dataset id")
-]
-DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps")]
+
+def option(cls: Any, name: str, *flags: str, default: Any = ..., **extra: Any) -> Any:
+    """A typer option whose default and help are those of field `name` of dataclass `cls`
+    (`default` only where the command line means something else, e.g. None: the budget's)."""
+    value = default_of(cls, name) if default is ... else default
+    return typer.Option(value, *flags, help=help_of(cls, name), **extra)
+
+
+def budget_option(name: str) -> Any:
+    """An analyze option the budget sets unless given: its help names both defaults."""
+    from coact.pipeline.budgets import with_budget
+
+    full, survey = (
+        default_of(AnalyzeConfig, name),
+        getattr(with_budget(AnalyzeConfig(), "survey"), name),
+    )
+    return typer.Option(
+        None, help=f"{help_of(AnalyzeConfig, name)} [default: {full}; survey {survey}]"
+    )
+
+
+RUN = typer.Argument(..., help="run directory written by `coact analyze`")
 
 
 @app.command()
 def analyze(
-    layer: Annotated[int, typer.Option(help="block whose MLP is studied")] = 3,
-    layers: Annotated[
-        str | None,
-        typer.Option(
-            help="a model run over several blocks: 'all', '0-5' or '1,3,5' (implies --block; "
-            "SAEs and codes are shared, each layer lands in <run>/L<layer>/)"
-        ),
-    ] = None,
-    block: Annotated[
-        bool,
-        typer.Option(help="also attention connectors, position scores and residual composition"),
-    ] = False,
-    model: ModelOpt = EMBEDDED,
-    corpus: CorpusOpt = "embedded",
-    budget: Annotated[
-        str | None,
-        typer.Option(
-            help="'full' (the default for one layer) or 'survey' (the default with --layers: "
-            "40k code tokens, 120k SAE tokens, fewer evaluation contexts, no sae-connector)"
-        ),
-    ] = None,
-    tokens: Annotated[
-        int | None,
-        typer.Option(help="tokens whose feature codes are stored [default: 100000; survey 40000]"),
-    ] = None,
-    sae_tokens: Annotated[
-        int | None,
-        typer.Option(help="tokens each trained SAE sees [default: 400000; survey 120000]"),
-    ] = None,
-    ctx_len: Annotated[int, typer.Option(help="tokens per context, BOS included")] = 128,
-    device: DeviceOpt = "cpu",
-    run_dir: Annotated[str | None, typer.Option(help="default: runs/<model>-L<layer>")] = None,
-    sae_in: Annotated[
-        str | None, typer.Option(help="SAE directory for mlp_resid at --layer; trained if omitted")
-    ] = None,
-    sae_out: Annotated[
-        str | None, typer.Option(help="SAE directory for mlp_out at --layer; trained if omitted")
-    ] = None,
-    seed: int = 0,
-    no_report: Annotated[bool, typer.Option(help="skip the report site")] = False,
-    report_features: Annotated[
-        int | None,
-        typer.Option(
-            help="output features per layer that get a page of their own [default: 50; survey 10]"
-        ),
-    ] = None,
+    layer: int = option(AnalyzeConfig, "layer"),
+    layers: str | None = typer.Option(
+        None,
+        help="a model run over several blocks: 'all', '0-5' or '1,3,5' (implies --block; "
+        "SAEs and codes are shared, each layer lands in <run>/L<layer>/)",
+    ),
+    block: bool = typer.Option(
+        False, help="also attention connectors, position scores and residual composition"
+    ),
+    model: str = option(AnalyzeConfig, "model"),
+    corpus: str = option(AnalyzeConfig, "corpus"),
+    budget: str | None = typer.Option(
+        None,
+        help="'full' (the default for one layer) or 'survey' (the default with --layers: "
+        "fewer code and SAE tokens and evaluation contexts, no sae-connector)",
+    ),
+    tokens: int | None = budget_option("tokens"),
+    sae_tokens: int | None = budget_option("sae_tokens"),
+    ctx_len: int = option(AnalyzeConfig, "ctx_len"),
+    device: str = option(AnalyzeConfig, "device"),
+    run_dir: str | None = option(AnalyzeConfig, "run_dir"),
+    sae_in: str | None = option(AnalyzeConfig, "sae_in"),
+    sae_out: str | None = option(AnalyzeConfig, "sae_out"),
+    seed: int = option(AnalyzeConfig, "seed"),
+    no_report: bool = typer.Option(False, help="skip the report site and its context ablation"),
+    report_features: int | None = budget_option("report_features"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
-    from coact.pipeline.run import AnalyzeConfig, parse_layers, with_budget
+    from coact.pipeline.budgets import with_budget
+    from coact.pipeline.config import BLOCK_STAGES, parse_layers
     from coact.pipeline.run import analyze as run_analyze
     from coact.report.text import format_model_summary, format_summary
 
     config = AnalyzeConfig(
-        model=model,
-        layer=layer,
-        layers=parse_layers(layers) if layers is not None else None,
-        block=block,
-        corpus=corpus,
-        ctx_len=ctx_len,
-        seed=seed,
-        device=device,
-        run_dir=run_dir,
-        sae_in=sae_in,
-        sae_out=sae_out,
-        report=not no_report,
+        model=model, layer=layer, layers=parse_layers(layers) if layers is not None else None,
+        corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, run_dir=run_dir,
+        sae_in=sae_in, sae_out=sae_out,
+    )  # fmt: skip
+    config = config.with_stages(
+        add=BLOCK_STAGES if block else (), drop=("report", "ablate") if no_report else ()
     )
     config = with_budget(config, budget or ("survey" if config.layers else "full"))
     config = dataclasses.replace(  # what the command line names beats the budget
@@ -105,49 +110,43 @@ def analyze(
         report_features=config.report_features if report_features is None else report_features,
     )
     summary = run_analyze(config)
-    typer.echo(format_model_summary(summary) if "layers" in summary else format_summary(summary))
+    text = format_summary(summary) if hasattr(summary, "layer") else format_model_summary(summary)  # type: ignore[arg-type]
+    typer.echo(text)
 
 
 @app.command("train-sae")
 def train_sae(
-    site: Annotated[str, typer.Option(help="e.g. mlp_out[3] or mlp_resid[3]")],
-    out: Annotated[Path, typer.Option(help="directory for the SAE (SAELens format)")],
-    model: ModelOpt = EMBEDDED,
-    corpus: CorpusOpt = "embedded",
-    tokens: Annotated[int, typer.Option(help="training tokens")] = 400_000,
-    expansion: Annotated[int, typer.Option(help="width = expansion × d_model")] = 4,
-    k: Annotated[int, typer.Option(help="active latents per token")] = 32,
-    device: DeviceOpt = "cpu",
-    seed: int = 0,
+    site: str = typer.Option(..., help="e.g. mlp_out[3] or mlp_resid[3]"),
+    out: Path = typer.Option(..., help="directory for the SAE (SAELens format)"),
+    model: str = option(AnalyzeConfig, "model"),
+    corpus: str = option(AnalyzeConfig, "corpus"),
+    tokens: int = option(AnalyzeConfig, "sae_tokens"),
+    expansion: int = option(SaeTrainConfig, "expansion"),
+    k: int = option(SaeTrainConfig, "k"),
+    device: str = option(AnalyzeConfig, "device"),
+    seed: int = option(AnalyzeConfig, "seed"),
 ) -> None:
     """Train a TopK SAE on one site and save it in the SAELens format."""
     from coact import api
 
     sae = api.train_sae(
-        site,
-        model=model,
-        corpus=corpus,
-        tokens=tokens,
-        expansion=expansion,
-        k=k,
-        device=device,
-        seed=seed,
-        out=out,
-    )
+        site, model=model, corpus=corpus, tokens=tokens, expansion=expansion, k=k,
+        device=device, seed=seed, out=out,
+    )  # fmt: skip
     typer.echo(f"saved SAE for {site} (width {sae.width}, k {sae.k}) to {out}")
 
 
 @app.command()
 def collect(
-    sae: Annotated[
-        list[str], typer.Option(help="SITE=PATH, repeatable, e.g. mlp_out[3]=runs/x/sae/mlp_out.3")
-    ],
-    out: Annotated[Path, typer.Option(help="directory of the code store")],
-    model: ModelOpt = EMBEDDED,
-    corpus: CorpusOpt = "embedded",
-    tokens: Annotated[int, typer.Option(help="tokens to encode")] = 100_000,
-    device: DeviceOpt = "cpu",
-    seed: int = 0,
+    sae: list[str] = typer.Option(
+        ..., help="SITE=PATH, repeatable, e.g. mlp_out[3]=runs/x/sae/mlp_out.3"
+    ),
+    out: Path = typer.Option(..., help="directory of the code store"),
+    model: str = option(AnalyzeConfig, "model"),
+    corpus: str = option(AnalyzeConfig, "corpus"),
+    tokens: int = option(AnalyzeConfig, "tokens"),
+    device: str = option(AnalyzeConfig, "device"),
+    seed: int = option(AnalyzeConfig, "seed"),
 ) -> None:
     """Encode a corpus into sparse feature codes with the given SAEs (resumable)."""
     from coact import api
@@ -166,154 +165,128 @@ def collect(
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
 
 
-def _run_config(run: Path) -> dict[str, object]:
+def _run_config(run: Path) -> AnalyzeConfig:
     from coact.rundir.layout import read_run_config
 
-    return read_run_config(run)
+    return AnalyzeConfig.from_dict(read_run_config(run))
 
 
-def _codes(run: Path) -> Path:
-    from coact.rundir.layout import RunLayout
+def _decode(model: str) -> Any:
+    """The model's tokenizer as a decode function, or None (top tokens shown as ids)."""
+    try:
+        from coact.models.load import load_model
 
-    return RunLayout.of(run).codes
+        tokenizer = load_model(model).tokenizer
+    except CoactError:
+        typer.echo("model not available: top tokens are shown as ids", err=True)
+        return None
+    return lambda ids: str(tokenizer.decode(ids))
 
 
 @app.command()
 def connect(
-    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
-    in_site: Annotated[str | None, typer.Option(help="default: mlp_resid[LAYER]")] = None,
-    out_site: Annotated[str | None, typer.Option(help="default: mlp_out[LAYER]")] = None,
-    n_alphas: Annotated[int, typer.Option(help="points on the α grid")] = 20,
-    magnitude: Annotated[
-        float, typer.Option(help="standardised |w| above which a weight counts as large")
-    ] = 0.05,
-    tau: Annotated[float, typer.Option(help="linearity threshold on d(j)")] = 0.001,
-    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
-    mlp_epochs: Annotated[
-        int, typer.Option(help="most epochs of the mlp fit (it stops early)")
-    ] = 10,
-    no_stability: Annotated[bool, typer.Option(help="skip the two-halves refit")] = False,
-    device: DeviceOpt = "cpu",
+    run: Path = RUN,
+    in_site: str | None = typer.Option(None, help="default: mlp_resid[LAYER]"),
+    out_site: str | None = typer.Option(None, help="default: mlp_out[LAYER]"),
+    n_alphas: int = option(LassoPathConfig, "n_alphas"),
+    magnitude: float = option(ConnectConfig, "magnitude"),
+    tau: float = option(LinearityConfig, "tau"),
+    form: str = option(LinearityConfig, "form"),
+    mlp_epochs: int = option(ConnectConfig, "mlp_epochs"),
+    stability: bool = option(ConnectConfig, "stability", "--stability/--no-stability"),
+    device: str = option(AnalyzeConfig, "device"),
 ) -> None:
     """Sparse linear connectors (L1 path, frontier, elbow, stability) and the linearity
     table, from a run's feature codes; writes <run>/connect/."""
-    from coact.connectors.exact import LassoPathConfig
-    from coact.connectors.stage import ConnectConfig
     from coact.connectors.stage import connect as run_connect
-    from coact.linearity.table import LinearityConfig
+    from coact.models.sites import SitePair
+    from coact.report.text import format_connect
+    from coact.rundir.layout import RunLayout
 
     cfg = _run_config(run)
-    layer = cfg.get("layer")
-    config = ConnectConfig(
-        in_site=in_site or f"mlp_resid[{layer}]",
-        out_site=out_site or f"mlp_out[{layer}]",
-        path=LassoPathConfig(n_alphas=n_alphas),
-        magnitude=magnitude,
-        stability=not no_stability,
-        mlp_epochs=mlp_epochs,
-        linearity=LinearityConfig(tau=tau, form=_form(form)),
-        seed=int(str(cfg.get("seed", 0))),
-        device=device,
-    )
-    decode = None
-    try:
-        from coact.models.load import load_model
-
-        tokenizer = load_model(str(cfg["model"])).tokenizer
-        decode = lambda ids: str(tokenizer.decode(ids))  # noqa: E731
-    except CoactError:
-        typer.echo("model not available: top tokens are shown as ids", err=True)
-    summary = run_connect(_codes(run), config, run / "connect", decode=decode)
-    from coact.report.text import format_connect
-
-    typer.echo(format_connect(summary))
+    pair = SitePair.of(in_site or f"mlp_resid[{cfg.layer}]", out_site or f"mlp_out[{cfg.layer}]")
+    config = dataclasses.replace(
+        cfg.connect, path=LassoPathConfig(n_alphas=n_alphas), magnitude=magnitude,
+        stability=stability, mlp_epochs=mlp_epochs,
+        linearity=LinearityConfig(tau=tau, form=_form(form)), seed=cfg.seed, device=device,
+    )  # fmt: skip
+    layout = RunLayout.of(run)
+    result = run_connect(layout.codes, pair, layout.connect.path, config, _decode(cfg.model))
+    typer.echo(format_connect(result))
 
 
 @app.command()
 def calibrate(
-    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
-    tolerance: Annotated[
-        float, typer.Option(help="ε: extra ΔCE over the mlp splice allowed, nats per token")
-    ] = 0.01,
-    contexts: Annotated[int, typer.Option(help="held-out contexts to measure on")] = 16,
-    form: Annotated[str, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")] = "seed",
-    no_causal: Annotated[bool, typer.Option(help="skip the causal check of connections")] = False,
+    run: Path = RUN,
+    tolerance: float = option(CalibrateConfig, "tolerance"),
+    contexts: int = option(CalibrateConfig, "contexts"),
+    form: str = option(CalibrateConfig, "form"),
+    causal: bool = option(CalibrateConfig, "causal", "--causal/--no-causal"),
 ) -> None:
     """Calibrate τ against the model's next-token loss (noise curves, splices, causal
     check); everything else in the run is reused. Writes <run>/calibrate/."""
-    import dataclasses
-
-    from coact.pipeline.run import AnalyzeConfig
     from coact.pipeline.run import analyze as run_analyze
     from coact.report.text import format_calibrate
 
-    config = AnalyzeConfig.from_dict(_run_config(run))
+    config = _run_config(run)
     settings = dataclasses.replace(
-        config.calibrate_settings,
-        tolerance=tolerance,
-        contexts=contexts,
-        form=_form(form),
-        causal=not no_causal,
+        config.calibrate, tolerance=tolerance, contexts=contexts, form=_form(form), causal=causal
     )
     config = dataclasses.replace(
-        config, run_dir=str(run), connect=True, calibrate=True, calibrate_settings=settings
+        config, run_dir=str(run), calibrate=settings, stages=("connect", "calibrate")
     )
     summary = run_analyze(config)
-    typer.echo(format_calibrate(summary["calibrate"]))
+    assert summary.calibrate is not None  # type: ignore[union-attr]
+    typer.echo(format_calibrate(summary.calibrate))  # type: ignore[union-attr]
 
 
 @app.command()
 def logic(
-    run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
-    max_inputs: Annotated[int, typer.Option(help="inputs per feature (at most 4)")] = 3,
-    no_sae_connector: Annotated[
-        bool, typer.Option(help="skip the sae-connector's hidden latents")
-    ] = False,
+    run: Path = typer.Argument(..., help="run directory with connect/ results"),
+    max_inputs: int = option(LogicConfig, "max_inputs"),
+    sae_connector: bool = option(
+        LabelsConfig, "sae_connector", "--sae-connector/--no-sae-connector"
+    ),
 ) -> None:
     """Label each output feature's computation (OR, AND, A-AND-NOT-B, WEIGHTED-SUM,
     UNEXPLAINED) with a confidence, from co-activation statistics; writes <run>/logic/."""
-    import dataclasses
-
-    from coact.logic.config import LogicConfig
-    from coact.logic.stage import LabelsConfig, label_run
+    from coact.logic.stage import label_run
+    from coact.models.sites import SitePair
     from coact.report.text import format_logic
+    from coact.rundir.layout import RunLayout
 
     cfg = _run_config(run)
-    layer = cfg.get("layer")
     if not 1 <= max_inputs <= 4:
         raise CoactError(f"--max-inputs must be 1 to 4, got {max_inputs}")
-    config = LabelsConfig(
-        in_site=f"mlp_resid[{layer}]",
-        out_site=f"mlp_out[{layer}]",
-        logic=dataclasses.replace(LogicConfig(), max_inputs=max_inputs),
-        sae_connector=not no_sae_connector,
-        seed=int(str(cfg.get("seed", 0))),
+    config = dataclasses.replace(
+        cfg.logic,
+        logic=dataclasses.replace(cfg.logic.logic, max_inputs=max_inputs),
+        sae_connector=sae_connector,
+        seed=cfg.seed,
     )
-    summary = label_run(_codes(run), run / "connect", run / "logic", config)
-    typer.echo(format_logic(summary))
+    layout = RunLayout.of(run)
+    pair = SitePair.mlp(cfg.layer)
+    result = label_run(layout.codes, pair, layout.connect.path, layout.logic.path, config)
+    typer.echo(format_logic(result))
 
 
 @app.command()
 def report(
-    run: Annotated[
-        Path, typer.Argument(help="run directory written by `coact analyze` (or a model run's)")
-    ],
-    out: Annotated[Path | None, typer.Option(help="default: <run>/report")] = None,
-    features: Annotated[
-        int | None,
-        typer.Option(
-            help="how many of the most interesting output features get a page (default 50; "
-            "for a model run, its --report-features)"
-        ),
-    ] = None,
-    feature: Annotated[
-        list[int] | None,
-        typer.Option(help="an output feature to give a page (repeatable; replaces --features)"),
-    ] = None,
-    keep_layer_reports: Annotated[
-        bool,
-        typer.Option(help="model run: reuse each layer's report that is newer than its results"),
-    ] = False,
+    run: Path = typer.Argument(
+        ..., help="run directory written by `coact analyze` (or a model run's)"
+    ),
+    out: Path | None = typer.Option(None, help="default: <run>/report"),
+    features: int | None = typer.Option(
+        None,
+        help=f"how many of the most interesting output features get a page (default "
+        f"{DEFAULT_FEATURES}; for a model run, its --report-features)",
+    ),
+    feature: list[int] | None = typer.Option(
+        None, help="an output feature to give a page (repeatable; replaces --features)"
+    ),
+    keep_layer_reports: bool = typer.Option(
+        False, help="model run: reuse each layer's report that is newer than its results"
+    ),
 ) -> None:
     """Markdown pages, altair charts and an offline mkdocs-material site from a run;
     prints the path of the built site's index.html. For a model run (`coact analyze
@@ -333,152 +306,121 @@ def report(
 
 @app.command()
 def ablate(
-    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
-    features: Annotated[
-        int, typer.Option(help="ablate the report's N most interesting output features")
-    ] = 50,
-    feature: Annotated[
-        list[int] | None,
-        typer.Option(help="an output feature to ablate (repeatable; replaces --features)"),
-    ] = None,
-    contexts: Annotated[int, typer.Option(help="top contexts per output feature")] = 4,
-    inputs: Annotated[int, typer.Option(help="top inputs of each output also ablated")] = 2,
-    input_contexts: Annotated[int, typer.Option(help="top contexts per input")] = 2,
-    window: Annotated[int, typer.Option(help="preceding tokens ablated, one at a time")] = 8,
-    mode: Annotated[
-        list[str] | None, typer.Option(help="remove and/or replace (repeatable; default both)")
-    ] = None,
-    filler: Annotated[str, typer.Option(help="replace mode's token (if it is one token)")] = " ",
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 64,
-    device: DeviceOpt = "cpu",
+    run: Path = RUN,
+    features: int = typer.Option(
+        default_of(AnalyzeConfig, "report_features"),
+        help="ablate the report's N most interesting output features",
+    ),
+    feature: list[int] | None = typer.Option(
+        None, help="an output feature to ablate (repeatable; replaces --features)"
+    ),
+    contexts: int = option(AblationConfig, "contexts"),
+    inputs: int = option(AblationConfig, "inputs_per_feature"),
+    input_contexts: int = option(AblationConfig, "input_contexts"),
+    window: int = option(AblationConfig, "window"),
+    mode: list[str] | None = option(
+        AblationConfig, "modes", default=None, show_default="remove, replace"
+    ),
+    filler: str = option(AblationConfig, "filler"),
+    batch_size: int = option(AblationConfig, "batch_size"),
+    device: str = option(AnalyzeConfig, "device"),
 ) -> None:
     """Context ablation: remove or replace each token before a feature's top activations,
     rerun the model up to the site and re-encode; writes <run>/evidence/ablation.parquet."""
-    from coact.evidence.ablation import MODES, AblationConfig
-    from coact.pipeline.run import ablate_run
+    from coact.evidence.ablation import MODES
+    from coact.pipeline.commands import ablate_run
     from coact.report.text import format_ablation
 
     modes = tuple(mode or MODES)
     if bad := [m for m in modes if m not in MODES]:
         raise CoactError(f"unknown --mode {bad}; use remove or replace")
     settings = AblationConfig(
-        contexts=contexts,
-        input_contexts=input_contexts,
-        inputs_per_feature=inputs,
-        window=window,
-        modes=modes,  # type: ignore[arg-type]
-        filler=filler,
-        batch_size=batch_size,
-    )
+        contexts=contexts, input_contexts=input_contexts, inputs_per_feature=inputs,
+        window=window, modes=modes, filler=filler, batch_size=batch_size,  # type: ignore[arg-type]
+    )  # fmt: skip
     result = ablate_run(run, settings, list(feature) if feature else features, device=device)
     typer.echo(format_ablation(result))
 
 
 @app.command()
 def outliers(
-    run: Annotated[Path, typer.Argument(help="run directory written by `coact analyze`")],
-    first_positions: Annotated[
-        int, typer.Option(help="positions below this are a context's first tokens")
-    ] = 4,
-    norm_factor: Annotated[
-        float, typer.Option(help="a norm above this × the site's median is very high")
-    ] = 10.0,
-    share: Annotated[
-        float, typer.Option(help="flag when at least this share of active tokens is one kind")
-    ] = 0.5,
-    min_active: Annotated[int, typer.Option(help="features active on fewer are not judged")] = 10,
+    run: Path = RUN,
+    first_positions: int = option(OutlierConfig, "first_positions"),
+    norm_factor: float = option(OutlierConfig, "norm_factor"),
+    share: float = option(OutlierConfig, "share"),
+    min_active: int = option(OutlierConfig, "min_active"),
 ) -> None:
     """Flag artefact features (firing mostly on the first tokens, the first delimiter or
-    tokens of very high norm) of both sites; writes <run>/outliers/outliers.parquet."""
-    from coact.evidence.outliers import OutlierConfig
-    from coact.pipeline.run import outliers_run
+    tokens of very high norm) of the layer's sites; writes <run>/outliers/outliers.parquet."""
+    from coact.pipeline.commands import outliers_run
     from coact.report.text import format_outliers
 
     settings = OutlierConfig(
-        first_positions=first_positions,
-        norm_factor=norm_factor,
-        share=share,
+        first_positions=first_positions, norm_factor=norm_factor, share=share,
         min_active=min_active,
-    )
+    )  # fmt: skip
     typer.echo(format_outliers(outliers_run(run, settings)))
 
 
 @app.command()
 def linearity(
-    run: Annotated[Path, typer.Argument(help="run directory with connect/ results")],
-    tau: Annotated[
-        float | None,
-        typer.Option(help="threshold on d(j); default: the calibrated τ, else the seed's 0.001"),
-    ] = None,
-    form: Annotated[
-        str | None, typer.Option(help="form of d(j) τ applies to: raw, fvu or seed")
-    ] = None,
+    run: Path = typer.Argument(..., help="run directory with connect/ results"),
+    tau: float | None = typer.Option(
+        None, help="threshold on d(j); default: the calibrated τ, else the seed's 0.001"
+    ),
+    form: str | None = typer.Option(None, help=help_of(LinearityConfig, "form")),
 ) -> None:
     """Re-read the linearity table at another τ or form (no refitting) and print the share."""
-    from coact.linearity.table import SEED_TAU, LinearityConfig, percent_linear, relabel
-    from coact.report.text import format_share
-
-    path = run / "connect" / "features.parquet"
-    if not path.is_file():
-        raise CoactError(f"no linearity table at {path}; run `coact connect {run}` first")
     import polars as pl
 
-    calibrated = run / "calibrate" / "calibrate.json"
-    if tau is None and calibrated.is_file():
-        headline = json.loads(calibrated.read_text())
-        tau, form = float(headline["tau"]), form or str(headline["form"])
-        typer.echo(f"calibrated τ = {tau:.4g} ({form} form), from {calibrated}")
-    tau = SEED_TAU if tau is None else tau
-    form = form or "seed"
-    table = relabel(pl.read_parquet(path), LinearityConfig(tau=tau, form=_form(form)))
+    from coact.calibrate.stage import CalibrateResult
+    from coact.linearity.table import percent_linear, relabel
+    from coact.report.text import format_share
+    from coact.rundir.layout import RunLayout
+
+    layout = RunLayout.of(run)
+    if not layout.connect.features.is_file():
+        raise CoactError(
+            f"no linearity table at {layout.connect.features}; run `coact connect {run}` first"
+        )
+    calibrated = CalibrateResult.read(layout.calibrate.result) if tau is None else None
+    if calibrated is not None:
+        tau, form = calibrated.tau, form or calibrated.form
+        typer.echo(f"calibrated τ = {tau:.4g} ({form} form), from {layout.calibrate.result}")
+    tau = default_of(LinearityConfig, "tau") if tau is None else tau
+    form = form or default_of(LinearityConfig, "form")
+    assert tau is not None and form is not None
+    at = LinearityConfig(tau=tau, form=_form(form))
+    table = relabel(pl.read_parquet(layout.connect.features), at)
     typer.echo(format_share(percent_linear(table), tau, form).strip())
+
+
+GRAPH = inspect.signature(feature_graph).parameters
 
 
 @app.command()
 def graph(
-    run: Annotated[Path, typer.Argument(help="a layer run with block results (--block)")],
-    site: Annotated[str, typer.Argument(help="the chosen feature's site, e.g. 'mlp_out[3]'")],
-    feature: Annotated[int, typer.Argument(help="the chosen feature's index at that site")],
-    top: Annotated[int, typer.Option(help="strongest connections kept per feature and hop")] = 3,
-    depth: Annotated[int, typer.Option(help="hops walked from the chosen feature")] = 2,
-    direction: Annotated[
-        str, typer.Option(help="in (what feeds it), out (what it feeds) or both")
-    ] = "in",
-    out: Annotated[Path | None, typer.Option(help="default: <run>/graph/")] = None,
+    run: Path = typer.Argument(..., help="a layer run with block results (--block)"),
+    site: str = typer.Argument(..., help="the chosen feature's site, e.g. 'mlp_out[3]'"),
+    feature: int = typer.Argument(..., help="the chosen feature's index at that site"),
+    top: int = typer.Option(
+        GRAPH["top"].default, help="strongest connections kept per feature and hop"
+    ),
+    depth: int = typer.Option(GRAPH["depth"].default, help="hops walked from the chosen feature"),
+    direction: str = typer.Option(
+        GRAPH["direction"].default, help="in (what feeds it), out (what it feeds) or both"
+    ),
+    out: Path | None = typer.Option(None, help="default: <run>/graph/"),
 ) -> None:
     """The layer graph of one feature: the connections that feed it (or that it feeds)
     through the skip path, attention, the MLP and the composition of the next stream.
     Writes its edge and node tables (parquet and CSV) and the chart (SVG, PNG)."""
-    from coact.block.graph import feature_graph, write_graph
-    from coact.report import charts
-    from coact.report.graph import graph_chart
+    from coact.report.graph import write_feature_graph
     from coact.report.text import format_graph
-    from coact.rundir.read import load_run
 
-    data = load_run(run)
-    tables = data.layer_tables()
-    if tables is None:
-        raise CoactError(
-            f"{run} has no attention or composition results; run "
-            f"`coact analyze --layer {data.layer} --block --run-dir {run}` first"
-        )
-    found = feature_graph(
-        tables,
-        site,
-        feature,
-        top=top,
-        depth=depth,
-        direction=direction,  # type: ignore[arg-type]
-    )
-    paths = write_graph(found, out or run / "graph")
-    csv = paths["edges"].with_suffix(".csv")
-    found.edges.write_csv(csv)
-    chart, _ = graph_chart(found)
-    drawn = charts.save(
-        chart, paths["edges"].with_name(paths["edges"].name.replace("_edges.parquet", ""))
-    )
+    found, written = write_feature_graph(run, site, feature, top, depth, direction, out)
     typer.echo(format_graph(found))
-    typer.echo("wrote " + ", ".join(str(p) for p in [*paths.values(), csv, *drawn]))
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 def _form(form: str) -> Literal["raw", "fvu", "seed"]:

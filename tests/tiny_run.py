@@ -9,10 +9,10 @@ from typing import Any
 
 from coact.calibrate.stage import CalibrateConfig
 from coact.codes.collect import CollectConfig
+from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.connectors.stage import ConnectConfig
 from coact.logic.stage import LabelsConfig
-from coact.pipeline.run import AnalyzeConfig
+from coact.pipeline.config import AnalyzeConfig
 from coact.sae.train import SaeTrainConfig
 
 
@@ -28,11 +28,10 @@ def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
         "run_dir": str(run_dir),
         "sae": SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
         "collect": CollectConfig(forward_batch=8, shard_contexts=16),
-        "connect_settings": ConnectConfig(
-            "", "", path=LassoPathConfig(n_alphas=6), mlp_hidden=64, mlp_epochs=2, progress=False
+        "connect": ConnectConfig(
+            path=LassoPathConfig(n_alphas=6), mlp_hidden=64, mlp_epochs=2, progress=False
         ),
-        "calibrate_settings": CalibrateConfig(
-            layer=-1,
+        "calibrate": CalibrateConfig(
             contexts=4,
             strengths=(0.0, 0.3),
             n_taus=2,
@@ -40,7 +39,7 @@ def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
             causal_connections=5,
             progress=False,
         ),
-        "labels_settings": LabelsConfig("", "", sae_hidden=32, sae_epochs=1, progress=False),
+        "logic": LabelsConfig(sae_hidden=32, sae_epochs=1, progress=False),
     }
     settings.update(overrides)
     return AnalyzeConfig(**settings)

@@ -22,18 +22,16 @@ squares on every input as the ceiling. Everything lands in `out_dir`:
     composition_weights.parquet  connections at the chosen α: source site, in feature, out
                                  feature, L1 weight and its refit
     composition_sweep.parquet    one row per α, as connect's sweep.parquet
-    composition.json             the headline (written last: its presence marks completion)
+    composition.json             the headline (`CompositionResult`, written last: it marks
+                                 completion)
 
-`decoded_check` tests the same story in activation space, on raw activations of a few
-evaluation contexts: does the identity survive the SAEs, and how much of the next stream
-does the decoded connector give back?
+`coact.block.decoded` tests the same story in activation space.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,26 +39,19 @@ from typing import Any
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-import torch
-from torch import Tensor
 
 from coact.codes.store import CodeStore
-from coact.connectors.exact import (
-    GramStats,
-    LassoPathConfig,
-    linear_fit,
-    mse,
-)
-from coact.connectors.stage import LINEAR_MAP_ENTRIES, context_split, fit_sparse, weights_table
+from coact.connectors.exact import GramStats, LassoPathConfig, linear_fit, mse
+from coact.connectors.linearity_fits import LINEAR_MAP_ENTRIES
+from coact.connectors.sparse import SparseFit, context_split, fit_sparse, weights_table
 from coact.errors import CoactError
+from coact.linearity.table import finite_mean
 from coact.models.sites import Site
-from coact.rundir.files import atomic_write, finished_result, finite_mean, result_key
-from coact.sae.base import SparseAutoencoder
+from coact.rundir.files import atomic_write
+from coact.rundir.layout import CompositionFiles
+from coact.rundir.results import Result, result_key
 
-OUTPUT_FILES = tuple(
-    f"composition{suffix}.parquet" for suffix in ("", "_weights", "_sweep")
-)  # fmt: skip
-RESULT_VERSION = 1  # bumped when what compose writes changes: older results are redone
+RESULT_VERSION = 2  # bumped when what compose writes changes: older results are redone
 
 
 def default_sources(layer: int) -> tuple[Site, ...]:
@@ -69,10 +60,32 @@ def default_sources(layer: int) -> tuple[Site, ...]:
 
 
 @dataclass(frozen=True)
+class CompositionSites:
+    """What is composed: the `target` stream's features from its `sources`' features."""
+
+    sources: tuple[Site, ...]
+    target: Site
+
+    def __post_init__(self) -> None:
+        if not self.sources or len(set(self.sources)) != len(self.sources):
+            raise CoactError(f"composition sources must be distinct and non-empty: {self.sources}")
+        if self.target in self.sources:
+            raise CoactError(f"the composition target {self.target} is also one of its sources")
+
+    @classmethod
+    def of_layer(
+        cls, layer: int, sources: Sequence[str] | None = None, target: str | None = None
+    ) -> CompositionSites:
+        """Block ℓ's identity, resid_pre[ℓ+1] from resid_pre[ℓ], attn_out[ℓ] and
+        mlp_out[ℓ], unless other sites are named."""
+        return cls(
+            default_sources(layer) if sources is None else tuple(Site.parse(s) for s in sources),
+            Site("resid_pre", layer + 1) if target is None else Site.parse(target),
+        )
+
+
+@dataclass(frozen=True)
 class CompositionConfig:
-    layer: int  # block ℓ: its sources compose resid_pre[ℓ+1]
-    sources: tuple[str, ...] | None = None  # None: resid_pre[ℓ], attn_out[ℓ], mlp_out[ℓ]
-    target: str | None = None  # None: resid_pre[ℓ+1]
     heldout_fraction: float = 0.1  # of contexts, as in connect
     seed: int = 0
     path: LassoPathConfig = field(default_factory=LassoPathConfig)
@@ -80,21 +93,38 @@ class CompositionConfig:
     least_squares_chunk_outputs: int | None = None  # None: as many as fit LINEAR_MAP_ENTRIES
     progress: bool = True
 
-    def source_sites(self) -> tuple[Site, ...]:
-        if self.sources is None:
-            return default_sources(self.layer)
-        sites = tuple(Site.parse(s) for s in self.sources)
-        if not sites or len(set(sites)) != len(sites):
-            raise CoactError(f"composition sources must be distinct and non-empty: {self.sources}")
-        return sites
 
-    def target_site(self) -> Site:
-        target = (
-            Site("resid_pre", self.layer + 1) if self.target is None else Site.parse(self.target)
-        )
-        if target in self.source_sites():
-            raise CoactError(f"the composition target {target} is also one of its sources")
-        return target
+@dataclass(frozen=True, kw_only=True)
+class CompositionResult(Result):
+    """How much of the next stream's features a sparse mix of the sources' features
+    explains (held-out R²), and each source's share of the variance."""
+
+    key: str
+    layer: int
+    sources: tuple[str, ...]
+    source_keys: dict[str, str]  # column suffix → site
+    source_widths: tuple[int, ...]
+    target: str
+    target_width: int
+    directory: str
+    tokens_train: int
+    tokens_heldout: int
+    alive: int
+    dead: int
+    alpha: float
+    alpha_index: int
+    n_alphas: int
+    path_converged: bool
+    r2_sparse: float
+    r2_refit: float
+    r2_ls: float
+    r2_ls_train: float
+    variance_share_ls: dict[str, float]  # per source site, training tokens
+    variance_share_ls_heldout: dict[str, float]
+    variance_share_refit: dict[str, float]
+    weights_per_output: float
+    weights_per_output_by_source: dict[str, float]
+    timings: dict[str, float]
 
 
 def source_keys(sources: Sequence[Site]) -> list[str]:
@@ -105,25 +135,51 @@ def source_keys(sources: Sequence[Site]) -> list[str]:
 
 
 def compose(
-    store: CodeStore | str | Path, config: CompositionConfig, out_dir: str | Path
-) -> dict[str, Any]:
+    store: CodeStore | str | Path,
+    sites: CompositionSites,
+    out_dir: str | Path,
+    config: CompositionConfig = CompositionConfig(),
+) -> CompositionResult:
     """Fit, measure and write the tables; return (and write to composition.json) the
-    headline. A finished result for the same codes and config is reused, not recomputed."""
-    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
-    sources, target = config.source_sites(), config.target_site()
-    if missing := [s.slug for s in (*sources, target) if s.slug not in store.sites]:
-        raise CoactError(f"sites {', '.join(missing)} are not in the code store {store.directory}")
+    headline. A finished result for the same codes, sites and config is reused."""
+    store = CodeStore.of(store)
+    store.require(s.slug for s in (*sites.sources, sites.target))
     if not 0 < config.heldout_fraction < 1:
         raise CoactError(f"heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
-    out_dir = Path(out_dir)
-    key = result_key(store.fingerprint, config, RESULT_VERSION)
-    done = out_dir / "composition.json"
-    if (previous := finished_result(done, key, OUTPUT_FILES)) is not None:
+    files = CompositionFiles(Path(out_dir))
+    inputs = [store.fingerprint, [str(s) for s in sites.sources], str(sites.target)]
+    key = result_key(inputs, config, RESULT_VERSION)
+    if (previous := CompositionResult.finished(files.result, key, files.tables)) is not None:
         return previous
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files.path.mkdir(parents=True, exist_ok=True)
+    composed = _compose(store, sites, config)
+    written = {files.features: composed.table, files.weights: composed.weights}
+    written[files.sweep] = composed.sparse.sweep
+    for path, frame in written.items():
+        atomic_write(path, frame.write_parquet)
+    result = _result(composed, key, sites, files)
+    result.write(files.result)
+    return result
+
+
+@dataclass
+class _Composed:
+    """What `compose` fitted and measured, before it writes."""
+
+    sparse: SparseFit
+    table: pl.DataFrame
+    weights: pl.DataFrame
+    widths: list[int]
+    var: np.ndarray
+    tokens_train: int
+    tokens_heldout: int
+    timings: dict[str, float]
+
+
+def _compose(store: CodeStore, sites: CompositionSites, config: CompositionConfig) -> _Composed:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-
+    sources, target = sites.sources, sites.target
     blocks = [store.read_site(s.slug) for s in sources]
     widths = [b.shape[1] for b in blocks]
     offsets = np.concatenate([[0], np.cumsum(widths)])
@@ -135,12 +191,12 @@ def compose(
     timings["gram_s"] = time.perf_counter() - clock
 
     sparse = fit_sparse(stats, stats_held, config.path, config.magnitude, config.progress)
-    path, held_nmse, sweep, chosen = sparse.path, sparse.held_nmse, sparse.sweep, sparse.chosen
-    coef, refit, refit_intercepts = sparse.coef, sparse.refit, sparse.refit_intercepts
     timings["path_s"] = sparse.path_s
 
     clock = time.perf_counter()
-    weights = _weights_table(coef, refit, stats, config.magnitude, sources, offsets, target)
+    weights = _weights_table(
+        sparse.coef, sparse.refit, stats, config.magnitude, sources, offsets, target
+    )
     timings["refit_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -150,57 +206,60 @@ def compose(
     clock = time.perf_counter()
     var, var_held = stats.y_var(), stats_held.y_var()
     fit = _Fit(
-        r2_sparse=1 - held_nmse[chosen],
-        r2_refit=_r2(mse(stats_held, refit, refit_intercepts), var_held),
-        r2_refit_train=_r2(mse(stats, refit, refit_intercepts), var),
-        shares_refit=variance_shares(stats, refit, offsets),
-        intercept=path.intercepts[chosen],
-        intercept_refit=refit_intercepts,
+        r2_sparse=1 - sparse.held_nmse[sparse.chosen],
+        r2_refit=_r2(mse(stats_held, sparse.refit, sparse.refit_intercepts), var_held),
+        r2_refit_train=_r2(mse(stats, sparse.refit, sparse.refit_intercepts), var),
+        shares_refit=variance_shares(stats, sparse.refit, offsets),
+        intercept=sparse.path.intercepts[sparse.chosen],
+        intercept_refit=sparse.refit_intercepts,
     )
-    table = _features_table(fit, ceiling, coef, offsets, var, var_held, sources)
+    table = _features_table(fit, ceiling, sparse.coef, offsets, var, var_held, sources)
     timings["tables_s"] = time.perf_counter() - clock
+    return _Composed(sparse, table, weights, widths, var, len(train), len(held), timings)
 
-    for name, frame in {"": table, "_weights": weights, "_sweep": sweep}.items():
-        atomic_write(out_dir / f"composition{name}.parquet", frame.write_parquet)
+
+def _result(
+    composed: _Composed, key: str, sites: CompositionSites, files: CompositionFiles
+) -> CompositionResult:
+    sparse, table, var = composed.sparse, composed.table, composed.var
+    path, chosen = sparse.path, sparse.chosen
     alive = var > 0
     n_alive = max(int(alive.sum()), 1)
-    named = dict(zip(source_keys(sources), map(str, sources), strict=True))
-    summary = {
-        "key": key,
-        "layer": config.layer,
-        "sources": [str(s) for s in sources],
-        "source_keys": named,
-        "source_widths": widths,
-        "target": str(target),
-        "target_width": int(y.shape[1]),
-        "directory": str(out_dir),
-        "tokens_train": len(train),
-        "tokens_heldout": len(held),
-        "alive": int(alive.sum()),
-        "dead": int((~alive).sum()),
-        "alpha": float(path.alphas[chosen]),
-        "alpha_index": int(chosen),
-        "n_alphas": len(path.alphas),
-        "path_converged": bool(path.converged.all()),
-        "r2_sparse": finite_mean(table["r2_sparse"]),
-        "r2_refit": finite_mean(table["r2_refit"]),
-        "r2_ls": finite_mean(table["r2_ls"]),
-        "r2_ls_train": finite_mean(table["r2_ls_train"]),
-        "variance_share_ls": {s: finite_mean(table[f"share_ls_{k}"]) for k, s in named.items()},
-        "variance_share_ls_heldout": {
-            s: finite_mean(table[f"share_ls_heldout_{k}"]) for k, s in named.items()
-        },
-        "variance_share_refit": {
-            s: finite_mean(table[f"share_refit_{k}"]) for k, s in named.items()
-        },
-        "weights_per_output": float(coef.nnz / n_alive),
-        "weights_per_output_by_source": {
+    named = dict(zip(source_keys(sites.sources), map(str, sites.sources), strict=True))
+
+    def per_source(column: str) -> dict[str, float]:
+        return {s: finite_mean(table[f"{column}_{k}"]) for k, s in named.items()}
+
+    return CompositionResult(
+        key=key,
+        layer=sites.target.layer - 1,
+        sources=tuple(str(s) for s in sites.sources),
+        source_keys=named,
+        source_widths=tuple(composed.widths),
+        target=str(sites.target),
+        target_width=len(var),
+        directory=str(files.path),
+        tokens_train=composed.tokens_train,
+        tokens_heldout=composed.tokens_heldout,
+        alive=int(alive.sum()),
+        dead=int((~alive).sum()),
+        alpha=float(path.alphas[chosen]),
+        alpha_index=int(chosen),
+        n_alphas=len(path.alphas),
+        path_converged=bool(path.converged.all()),
+        r2_sparse=finite_mean(table["r2_sparse"]),
+        r2_refit=finite_mean(table["r2_refit"]),
+        r2_ls=finite_mean(table["r2_ls"]),
+        r2_ls_train=finite_mean(table["r2_ls_train"]),
+        variance_share_ls=per_source("share_ls"),
+        variance_share_ls_heldout=per_source("share_ls_heldout"),
+        variance_share_refit=per_source("share_refit"),
+        weights_per_output=float(sparse.coef.nnz / n_alive),
+        weights_per_output_by_source={
             s: float(table[f"weights_{k}"].sum() / n_alive) for k, s in named.items()
         },
-        "timings": timings,
-    }
-    atomic_write(done, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
-    return summary
+        timings=composed.timings,
+    )
 
 
 def variance_shares(
@@ -343,164 +402,3 @@ def _weights_table(
         "standardised",
         "large",
     )
-
-
-# ---------------------------------------------------------------- the decoded check
-
-
-@dataclass(frozen=True, eq=False)
-class CompositionConnector:
-    """target codes ≈ [codes of each source, side by side] @ weights + intercepts."""
-
-    sources: tuple[Site, ...]
-    widths: tuple[int, ...]
-    target: Site
-    weights: sp.csr_matrix | np.ndarray  # (Σ widths, n_out)
-    intercepts: np.ndarray  # (n_out,)
-
-    def __post_init__(self) -> None:
-        if self.weights.shape != (sum(self.widths), len(self.intercepts)):
-            raise CoactError(
-                f"composition weights of shape {self.weights.shape} do not fit sources of "
-                f"widths {self.widths} and {len(self.intercepts)} outputs"
-            )
-
-    @property
-    def layer(self) -> int:
-        return self.target.layer - 1
-
-    @classmethod
-    def load(cls, out_dir: str | Path, refit: bool = True) -> CompositionConnector:
-        """The connector `compose` chose: refitted weights on its support (or the L1 ones)."""
-        out_dir = Path(out_dir)
-        done = out_dir / "composition.json"
-        if not done.is_file():
-            raise CoactError(f"no composition result in {out_dir}; run the composition stage")
-        head = json.loads(done.read_text())
-        sources = tuple(Site.parse(s) for s in head["sources"])
-        widths = tuple(int(w) for w in head["source_widths"])
-        offsets = dict(zip(map(str, sources), np.cumsum([0, *widths[:-1]]), strict=True))
-        weights = pl.read_parquet(out_dir / "composition_weights.parquet")
-        features = pl.read_parquet(out_dir / "composition.parquet").sort("feature")
-        rows = weights["in_feature"].to_numpy() + np.array(
-            [offsets[s] for s in weights["source_site"].to_list()], dtype=np.int64
-        )
-        values = weights["weight_refit" if refit else "weight"].to_numpy()
-        shape = (sum(widths), int(head["target_width"]))
-        matrix = sp.csr_matrix((values, (rows, weights["out_feature"].to_numpy())), shape=shape)
-        intercepts = features["intercept_refit" if refit else "intercept"].to_numpy()
-        return cls(sources, widths, Site.parse(head["target"]), matrix, intercepts)
-
-    def predict(self, codes: Sequence[Any]) -> np.ndarray:
-        """Target codes (tokens × n_out) from each source's codes, in `sources` order
-        (dense arrays, tensors or sparse matrices)."""
-        blocks = [sp.csr_matrix(_numpy(c)) if not sp.issparse(c) else c for c in codes]
-        x = sp.hstack(blocks, format="csr")
-        out = x @ self.weights
-        out = out.toarray() if sp.issparse(out) else np.asarray(out)
-        return out + self.intercepts
-
-
-def least_squares_connector(
-    codes: Mapping[Site, Any], target: Site, target_codes: Any
-) -> CompositionConnector:
-    """Least squares (with intercept, no L1) from the sources' codes, in the mapping's
-    order, to the target's: the dense ceiling as a connector, for small sites and tests."""
-    sources = tuple(codes)
-    blocks = [sp.csr_matrix(_numpy(c)) if not sp.issparse(c) else c for c in codes.values()]
-    x, y = sp.hstack(blocks, format="csr"), sp.csr_matrix(_numpy(target_codes))
-    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x, y)
-    weights, intercepts = linear_fit(stats)
-    widths = tuple(block.shape[1] for block in blocks)
-    return CompositionConnector(sources, widths, target, weights, intercepts)
-
-
-CHECKS = {
-    "identity_raw": "resid_pre[ℓ] + attn_out[ℓ] + mlp_out[ℓ], raw activations",
-    "identity_decoded": "the same sum of each site's SAE reconstruction",
-    "composition_decoded": "the target SAE's decoding of the composition connector's codes",
-    "target_sae": "the target SAE's own reconstruction of resid_pre[ℓ+1]",
-}
-
-
-@torch.no_grad()
-def decoded_check(
-    acts: Mapping[Site, Tensor],
-    saes: Mapping[Site, SparseAutoencoder],
-    connector: CompositionConnector | None,
-    *,
-    layer: int | None = None,
-    skip_first_positions: int = 1,
-    batch_tokens: int = 256,
-) -> pl.DataFrame:
-    """FVU against the true resid_pre[ℓ+1] (Σ‖x − x̂‖² / Σ‖x − mean x‖² over tokens) of:
-    the identity on raw activations (≈ 0 unless the sites are read wrong), the identity
-    through the SAEs (what three reconstruction errors cost together), the composition
-    connector decoded, SAE_out.decode(W·codes + b), and the target SAE alone (the floor a
-    connector predicting its codes perfectly would reach). One row per check.
-
-    `acts`: (batch, seq, d) activations as `coact.models.tracing.capture` returns them, at
-    resid_pre[ℓ], attn_out[ℓ], mlp_out[ℓ], resid_pre[ℓ+1] and the connector's sources;
-    `saes` for the same sites. The first `skip_first_positions` positions (BOS) are left
-    out, as in SAE evaluation."""
-    if layer is None:
-        if connector is None:
-            raise CoactError("decoded_check needs a layer or a composition connector")
-        layer = connector.layer
-    identity = (*default_sources(layer), Site("resid_pre", layer + 1))
-    target = identity[-1] if connector is None else connector.target
-    needed = dict.fromkeys([*identity, target, *(connector.sources if connector else ())])
-    if missing := [str(s) for s in needed if s not in acts]:
-        raise CoactError(f"decoded check: no activations for {', '.join(missing)}")
-    if missing := [str(s) for s in needed if s not in saes]:
-        raise CoactError(f"decoded check: no SAE for {', '.join(missing)}")
-    flat = {s: acts[s][:, skip_first_positions:].reshape(-1, acts[s].shape[-1]) for s in needed}
-    n_tokens = flat[target].shape[0]
-    if n_tokens == 0:
-        raise CoactError("decoded check: no tokens left after the skipped positions")
-    checks = [*CHECKS] if connector is not None else [c for c in CHECKS if "composition" not in c]
-    reference = {c: identity[-1] if c.startswith("identity") else target for c in checks}
-    sse = dict.fromkeys(checks, 0.0)
-    sums = {s: torch.zeros(flat[s].shape[-1], dtype=torch.float64) for s in {identity[-1], target}}
-    squares = dict.fromkeys(sums, 0.0)
-    for start in range(0, n_tokens, batch_tokens):
-        part = {s: v[start : start + batch_tokens] for s, v in flat.items()}
-        for site in sums:
-            truth = part[site].double()
-            sums[site] += truth.sum(0).cpu()
-            squares[site] += float(truth.pow(2).sum())
-
-        def recon(site: Site, part: dict[Site, Tensor] = part) -> Tensor:
-            return saes[site].decode(saes[site].encode(part[site])).double()
-
-        guesses = {
-            "identity_raw": sum((part[s].double() for s in identity[:-1]), torch.zeros(())),
-            "identity_decoded": sum((recon(s) for s in identity[:-1]), torch.zeros(())),
-            "target_sae": recon(target),
-        }
-        if connector is not None:
-            codes = [saes[s].encode(part[s]) for s in connector.sources]
-            predicted = torch.as_tensor(connector.predict(codes)).to(part[target])
-            guesses["composition_decoded"] = saes[target].decode(predicted).double()
-        for name in checks:
-            error = guesses[name] - part[reference[name]].double()
-            sse[name] += float(error.pow(2).sum())
-    spread = {s: squares[s] - float(sums[s].pow(2).sum()) / n_tokens for s in sums}
-    return pl.DataFrame(
-        {
-            "check": checks,
-            "what": [CHECKS[c] for c in checks],
-            "fvu": [
-                sse[c] / spread[reference[c]] if spread[reference[c]] > 0 else float("nan")
-                for c in checks
-            ],
-            "mse": [sse[c] / n_tokens for c in checks],
-            "tokens": [n_tokens] * len(checks),
-        }
-    )
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)

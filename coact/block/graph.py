@@ -26,6 +26,7 @@ import polars as pl
 from coact.errors import CoactError
 from coact.models.sites import Site, SiteKind
 from coact.rundir.files import atomic_write
+from coact.rundir.layout import GraphFiles
 
 EdgePath = Literal["skip", "attention", "mlp", "composition"]
 PATHS: tuple[EdgePath, ...] = ("skip", "attention", "mlp", "composition")
@@ -283,14 +284,18 @@ def feature_graph(
     )
 
 
-def write_graph(
-    graph: FeatureGraph, out_dir: str | Path, stem: str | None = None
-) -> dict[str, Path]:
-    """<stem>_edges.parquet and <stem>_nodes.parquet (stem: graph_<site>_<feature>)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"graph_{Site.parse(graph.site).slug}_{graph.feature}"
-    paths = {"edges": out_dir / f"{stem}_edges.parquet", "nodes": out_dir / f"{stem}_nodes.parquet"}
+def write_graph(graph: FeatureGraph, out_dir: str | Path) -> dict[str, Path]:
+    """The graph's edge table (parquet and CSV) and node table, named by its feature
+    (`coact.rundir.layout.GraphFiles`)."""
+    files = GraphFiles(Path(out_dir))
+    files.path.mkdir(parents=True, exist_ok=True)
+    slug = Site.parse(graph.site).slug
+    paths = {
+        "edges": files.edges(slug, graph.feature),
+        "nodes": files.nodes(slug, graph.feature),
+        "csv": files.edges_csv(slug, graph.feature),
+    }
     atomic_write(paths["edges"], graph.edges.write_parquet)
     atomic_write(paths["nodes"], graph.nodes.write_parquet)
+    atomic_write(paths["csv"], graph.edges.write_csv)
     return paths

@@ -54,6 +54,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import attention_output_with_input, capture
+from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 
 
@@ -112,10 +113,36 @@ def self_only_check(
     return tally.table("self_active", "self_only_fvu")
 
 
-def self_only_summary(table: pl.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
-    """Alive features (active at least once), the percent of them whose self_only_fvu is
-    ≤ threshold (attention not needed beyond the token itself) and their median fvu."""
-    return _summary(table, "self_only_fvu", "self_only", threshold)
+@dataclass(frozen=True, kw_only=True)
+class SelfOnlySummary(Result):
+    """Alive features (active at least once), how many (and what percent) of them keep
+    self_only_fvu ≤ threshold (attention not needed beyond the token itself), and their
+    median fvu."""
+
+    features: int
+    alive: int
+    threshold: float
+    self_only: int
+    percent_self_only: float
+    median_self_only_fvu: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResampleSummary(Result):
+    """Alive features, how many (and what percent) keep resample_fvu ≤ threshold (the
+    content of earlier tokens not needed), and their median fvu."""
+
+    features: int
+    alive: int
+    threshold: float
+    context_free: int
+    percent_context_free: float
+    median_resample_fvu: float
+
+
+def self_only_summary(table: pl.DataFrame, threshold: float = 0.5) -> SelfOnlySummary:
+    """The headline of `self_only_check`'s table."""
+    return SelfOnlySummary(**_summary(table, "self_only_fvu", "self_only", threshold))
 
 
 def resample_donors(n_contexts: int, seed: int = 0) -> Tensor:
@@ -189,10 +216,9 @@ def resample_check(
     return tally.table("resample_active", "resample_fvu")
 
 
-def resample_summary(table: pl.DataFrame, threshold: float = 0.5) -> dict[str, Any]:
-    """Alive features (active at least once), the percent of them whose resample_fvu is
-    ≤ threshold (the content of earlier tokens not needed) and their median fvu."""
-    return _summary(table, "resample_fvu", "context_free", threshold)
+def resample_summary(table: pl.DataFrame, threshold: float = 0.5) -> ResampleSummary:
+    """The headline of `resample_check`'s table."""
+    return ResampleSummary(**_summary(table, "resample_fvu", "context_free", threshold))
 
 
 class _Tally:

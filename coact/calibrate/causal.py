@@ -33,6 +33,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture, mlp_output_after_edit
+from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
 
@@ -132,9 +133,20 @@ def causal_check(
     return pl.DataFrame([row for _, row in sorted(rows, key=lambda r: r[0])], schema=SCHEMA)
 
 
-def causal_summary(table: pl.DataFrame) -> dict[str, Any]:
+@dataclass(frozen=True, kw_only=True)
+class CausalSummary(Result):
     """How many connections were checked and judged, and the share of judged ones whose
-    sign, size, and both agree with the prediction (NaN when none is judged)."""
+    sign, size (within the band) and both agree with the prediction (NaN when none is)."""
+
+    connections: int
+    judged: int
+    share_sign_agrees: float
+    share_size_agrees: float
+    share_both_agree: float
+
+
+def causal_summary(table: pl.DataFrame) -> CausalSummary:
+    """The headline of a causal check's table (`causal_check`)."""
     judged = table.filter(pl.col("judged"))
     n = judged.height
 
@@ -142,13 +154,13 @@ def causal_summary(table: pl.DataFrame) -> dict[str, Any]:
         return float(mask.sum()) / n if n else float("nan")
 
     sign, size = judged["sign_agrees"], judged["size_agrees"]
-    return {
-        "connections": table.height,
-        "judged": n,
-        "share_sign_agrees": share(sign),
-        "share_size_agrees": share(size),
-        "share_both_agree": share(sign & size),
-    }
+    return CausalSummary(
+        connections=table.height,
+        judged=n,
+        share_sign_agrees=share(sign),
+        share_size_agrees=share(size),
+        share_both_agree=share(sign & size),
+    )
 
 
 def _check_columns(weights: pl.DataFrame) -> None:

@@ -16,17 +16,17 @@ The calibrated τ is the largest candidate whose extra ΔCE over the all-mlp spl
 by context) stays ≤ ε, for it and every smaller candidate. The linearity table is then
 relabelled at that τ with the seed's 0.001 beside it (`linearity.parquet`), and a sample of
 strong MLP connections is checked causally (`causal.parquet`, see `coact.calibrate.causal`). The
-headline lands in `calibrate.json`, written last.
+headline (`CalibrateResult`) lands in `calibrate.json`, written last. The report draws
+the curves.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,52 +35,90 @@ import polars as pl
 import torch
 from torch import Tensor
 
+from coact.calibrate.causal import CausalSummary
 from coact.calibrate.intervene import splice_losses, splice_summary
 from coact.calibrate.noise import NOISE_KINDS, activation_variance, noise_curve
 from coact.connectors.families import SparseBatch, SparseConnector
-from coact.connectors.stage import CONNECTORS_FILE, load_linearity_connectors
+from coact.connectors.linearity_fits import load_linearity_connectors
+from coact.connectors.stage import ConnectResult
 from coact.errors import CoactError
-from coact.linearity.table import SEED_TAU, Form, LinearityConfig, percent_linear, relabel
+from coact.linearity.table import (
+    SEED_TAU,
+    Form,
+    LinearityConfig,
+    LinearShare,
+    percent_linear,
+    relabel,
+)
 from coact.models.load import LoadedModel
-from coact.models.sites import Site
+from coact.models.sites import SitePair
 from coact.models.tracing import capture, spliced_logits
-from coact.report import charts
-from coact.rundir.files import atomic_write, finished_result
+from coact.rundir.files import atomic_write
+from coact.rundir.layout import CalibrateFiles, ConnectFiles
+from coact.rundir.results import Result, result_key
 from coact.sae.base import Sae
+from coact.settings import setting
 
 Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
-RESULT_VERSION = 2  # bumped when what calibrate writes changes: older results are redone
+RESULT_VERSION = 3  # bumped when what calibrate writes changes: older results are redone
 
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    layer: int
-    in_site: str = ""  # what the connectors read; "" is the MLP's input at `layer`
-    out_site: str = ""  # what they predict and the splices replace; "" is the MLP's output
-    contexts: int = 16  # calibration contexts, from the connectors' held-out ones (each
-    # costs a full forward pass per strength and per splice: raise it on a GPU)
+    # calibration contexts, from the connectors' held-out ones (each costs a full forward
+    # pass per strength and per splice: raise it on a GPU)
+    contexts: int = setting(16, "held-out contexts to measure on")
     batch_size: int = 8
     strengths: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     noise_kinds: tuple[str, ...] = ("isotropic", "sae")
     n_taus: int = 6  # candidate thresholds: quantiles of d over the alive features
-    tolerance: float = 0.01  # ε: extra ΔCE over the all-mlp splice, nats per token
-    form: Form = "seed"  # the form of d that τ applies to (as in the linearity table)
+    tolerance: float = setting(0.01, "ε: extra ΔCE over the mlp splice allowed, nats per token")
+    form: Form = setting("seed", "form of d(j) τ applies to: raw, fvu or seed")
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
     skip_first_positions: int = 1  # BOS: never encoded, never spliced
-    causal: bool = True
+    causal: bool = setting(True, "the causal check of strong connections")
     causal_connections: int = 50
     progress: bool = True
 
 
-def calibrated_sites(config: CalibrateConfig) -> tuple[Site, Site]:
-    """(site the connectors read, site they predict): the MLP's pair unless the config
-    names another one (e.g. resid_pre[ℓ] → attn_out[ℓ] for attention)."""
-    in_site = Site.parse(config.in_site) if config.in_site else Site("mlp_resid", config.layer)
-    out_site = Site.parse(config.out_site) if config.out_site else Site("mlp_out", config.layer)
-    return in_site, out_site
+@dataclass(frozen=True, kw_only=True)
+class SpliceFigures(Result):
+    """One splice's cost: ΔCE over the clean model with its 95 % interval, KL, CE
+    recovered (against zero ablation) and the spliced CE, in nats per token."""
+
+    delta_ce: float
+    delta_ce_low: float
+    delta_ce_high: float
+    kl: float
+    ce_recovered: float
+    ce_spliced: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateResult(Result):
+    """The calibrated τ, the splices it rests on, the linear shares at it and at the
+    seed's τ, and the causal check of strong connections (MLP pairs only)."""
+
+    key: str
+    in_site: str
+    out_site: str
+    directory: str
+    config: CalibrateConfig
+    tau: float
+    tolerance: float
+    form: Form
+    n_contexts: int
+    n_tokens: int
+    ce_clean: float
+    splices: dict[str, SpliceFigures]  # sae, linear, mlp, zero
+    linear_calibrated: LinearShare
+    linear_seed_tau: LinearShare
+    causal: CausalSummary | None
+    reference_variance: float
+    timings: dict[str, float]
 
 
 def candidate_taus(d: np.ndarray, n_taus: int) -> np.ndarray:
@@ -170,44 +208,82 @@ def _replace_after(out: Tensor, new: Tensor, skip: int) -> Tensor:
 
 def calibrate(
     lm: LoadedModel,
+    pair: SitePair,
     sae_in: Sae,
     sae_out: Sae,
     tokens: Tensor,
     connect_dir: str | Path,
     out_dir: str | Path,
-    config: CalibrateConfig,
-) -> dict[str, Any]:
-    """Measure noise curves and splices, pick τ, relabel, check connections; write tables."""
-    connect_dir, out_dir = Path(connect_dir), Path(out_dir)
-    features_path = connect_dir / "features.parquet"
-    if not features_path.is_file():
-        raise CoactError(f"no linearity table at {features_path}; run `coact connect` first")
-    features = pl.read_parquet(features_path)
-    connectors = load_linearity_connectors(connect_dir / CONNECTORS_FILE, str(lm.device))
+    config: CalibrateConfig = CalibrateConfig(),
+) -> CalibrateResult:
+    """Measure noise curves and splices at `pair.out_site`, pick τ, relabel, check
+    connections (MLP pairs); write the tables and return (and write) the headline."""
+    connected, files = ConnectFiles(Path(connect_dir)), CalibrateFiles(Path(out_dir))
+    if not connected.features.is_file():
+        raise CoactError(f"no linearity table at {connected.features}; run `coact connect` first")
+    features = pl.read_parquet(connected.features)
+    connectors = load_linearity_connectors(connected.connectors, str(lm.device))
     tokens = tokens[: config.contexts]
     skip = config.skip_first_positions
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] <= skip + 1:
         raise CoactError(f"calibration needs a batch of contexts, got {tuple(tokens.shape)}")
-    key = _key(lm, sae_in, sae_out, tokens, connect_dir, config)
-    done = out_dir / "calibrate.json"
-    required = ("noise.parquet", "splices.parquet", "linearity.parquet", "noise.png")
-    if (previous := finished_result(done, key, required)) is not None:
+    key = _key(lm, pair, sae_in, sae_out, tokens, connected, config)
+    if (previous := CalibrateResult.finished(files.result, key, files.tables)) is not None:
         return previous
-    out_dir.mkdir(parents=True, exist_ok=True)
-    site_in, site_out = calibrated_sites(config)
+    files.path.mkdir(parents=True, exist_ok=True)
+    measured = _measure(lm, pair, sae_in, sae_out, tokens, features, connectors, connected, config)
+    calibrated = relabel(features, LinearityConfig(tau=measured.tau, form=config.form))
+    seed_labels = relabel(features, LinearityConfig(tau=SEED_TAU, form=config.form))
+    table = calibrated.select("feature", "d", "d_fvu", "d_seed", "status", "verdict").with_columns(
+        seed_status=seed_labels["status"], seed_verdict=seed_labels["verdict"]
+    )
+    atomic_write(files.noise, measured.noise.write_parquet)
+    atomic_write(files.splices, measured.splices.write_parquet)
+    atomic_write(files.linearity, table.write_parquet)
+    if measured.causal is not None:
+        atomic_write(files.causal, measured.causal.write_parquet)
+    result = _result(measured, key, pair, files, config, tokens, calibrated, seed_labels)
+    result.write(files.result)
+    return result
+
+
+@dataclass
+class _Measured:
+    """What calibration measured in the model: curves, splices, τ, the causal table."""
+
+    noise: pl.DataFrame
+    splices: pl.DataFrame
+    tau: float
+    variance: float
+    causal: pl.DataFrame | None
+    timings: dict[str, float]
+
+
+def _measure(
+    lm: LoadedModel,
+    pair: SitePair,
+    sae_in: Sae,
+    sae_out: Sae,
+    tokens: Tensor,
+    features: pl.DataFrame,
+    connectors: list[tuple[np.ndarray, SparseConnector]],
+    connected: ConnectFiles,
+    config: CalibrateConfig,
+) -> _Measured:
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    skip = config.skip_first_positions
     with forward_clock(lm) as forward_s:
         clock = time.perf_counter()
         variance = activation_variance(
-            lm, tokens, site_out, batch_size=config.batch_size, skip_first_positions=skip
+            lm, tokens, pair.out_site, batch_size=config.batch_size, skip_first_positions=skip
         )
         kinds = config.noise_kinds
-        noise = pl.concat([_noise(lm, tokens, sae_out, variance, k, config) for k in kinds])
+        noise = pl.concat([_noise(lm, pair, tokens, sae_out, variance, k, config) for k in kinds])
         timings["noise_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        splices = _splices(lm, sae_in, sae_out, tokens, features, connectors, config)
+        splices = _splices(lm, pair, sae_in, sae_out, tokens, features, connectors, config)
         splices = _with_implied_nmse(splices, features, sae_out, variance, config.form)
         timings["splices_s"] = time.perf_counter() - clock
         extra = splices.filter(pl.col("tau").is_not_null())
@@ -216,52 +292,35 @@ def calibrate(
         )
 
         causal_table = None
-        if config.causal and site_out.kind == "mlp_out" and site_in.kind == "mlp_resid":
+        if config.causal and pair == SitePair.mlp(pair.out_site.layer):
             clock = time.perf_counter()
-            causal_table = _causal(lm, sae_in, sae_out, tokens, connect_dir, connectors, config)
+            causal_table = _causal(lm, pair, sae_in, sae_out, tokens, connected, connectors, config)
             timings["causal_s"] = time.perf_counter() - clock
     timings["forward_s"] = forward_s[0]
     timings["total_s"] = time.perf_counter() - started
-
-    calibrated = relabel(features, LinearityConfig(tau=tau, form=config.form))
-    seed_labels = relabel(features, LinearityConfig(tau=SEED_TAU, form=config.form))
-    table = calibrated.select("feature", "d", "d_fvu", "d_seed", "status", "verdict").with_columns(
-        seed_status=seed_labels["status"], seed_verdict=seed_labels["verdict"]
-    )
-    atomic_write(out_dir / "noise.parquet", noise.write_parquet)
-    atomic_write(out_dir / "splices.parquet", splices.write_parquet)
-    atomic_write(out_dir / "linearity.parquet", table.write_parquet)
-    if causal_table is not None:
-        atomic_write(out_dir / "causal.parquet", causal_table.write_parquet)
-    charts.save(charts.noise_curves(noise, str(site_out)), out_dir / "noise")
-    charts.save(charts.threshold_curve(splices, tau, config.tolerance), out_dir / "threshold")
-    summary = _summary(config, tau, tokens, splices, calibrated, seed_labels, causal_table)
-    summary.update(key=key, directory=str(out_dir), timings=timings, reference_variance=variance)
-    atomic_write(
-        out_dir / "calibrate.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
-    )
-    return summary
+    return _Measured(noise, splices, tau, variance, causal_table, timings)
 
 
 def _key(
-    lm: LoadedModel, sae_in: Sae, sae_out: Sae, tokens: Tensor, connect_dir: Path,
-    config: CalibrateConfig,
+    lm: LoadedModel, pair: SitePair, sae_in: Sae, sae_out: Sae, tokens: Tensor,
+    connected: ConnectFiles, config: CalibrateConfig,
 ) -> str:  # fmt: skip
-    """What a calibration depends on: model, SAEs, tokens, the connectors' result, config."""
+    """What a calibration depends on: model, sites, SAEs, tokens, the connectors' result
+    and the config."""
     from coact.codes.collect import sae_fingerprint
 
-    connected = json.loads((connect_dir / "connect.json").read_text()).get("key", "")
-    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
-    text = json.dumps(
-        [lm.fingerprint(), sae_fingerprint(sae_in), sae_fingerprint(sae_out), connected,
-         hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(), settings, RESULT_VERSION],
-        sort_keys=True,
-    )  # fmt: skip
-    return hashlib.sha256(text.encode()).hexdigest()
+    fitted = ConnectResult.read(connected.result)
+    inputs = [
+        lm.fingerprint(), str(pair.in_site), str(pair.out_site), sae_fingerprint(sae_in),
+        sae_fingerprint(sae_out), fitted.key if fitted is not None else "",
+        hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+    ]  # fmt: skip
+    return result_key(inputs, config, RESULT_VERSION)
 
 
 def _splices(
     lm: LoadedModel,
+    pair: SitePair,
     sae_in: Sae,
     sae_out: Sae,
     tokens: Tensor,
@@ -277,7 +336,7 @@ def _splices(
     taus = candidate_taus(d[alive], config.n_taus)
     masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
     names = ["sae", "linear", "mlp", *masks, "zero"]
-    site_in, site_out = calibrated_sites(config)
+    site_in, site_out = pair.in_site, pair.out_site
 
     def spliced(batch: Tensor) -> Callable[[str], Tensor]:
         stream = capture(lm, batch, [site_in])[site_in]
@@ -308,13 +367,13 @@ def _splices(
 
 
 def _noise(
-    lm: LoadedModel, tokens: Tensor, sae_out: Sae, variance: float, kind: str,
+    lm: LoadedModel, pair: SitePair, tokens: Tensor, sae_out: Sae, variance: float, kind: str,
     config: CalibrateConfig,
 ) -> pl.DataFrame:  # fmt: skip
     if kind not in NOISE_KINDS:
         raise CoactError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}")
     return noise_curve(
-        lm, tokens, calibrated_sites(config)[1], config.strengths, kind,
+        lm, tokens, pair.out_site, config.strengths, kind,
         sae=sae_out, batch_size=config.batch_size, seed=config.seed,
         skip_first_positions=config.skip_first_positions, n_boot=config.n_boot,
         level=config.level, reference_variance=variance,
@@ -348,52 +407,63 @@ def _with_implied_nmse(
 
 def _causal(
     lm: LoadedModel,
+    pair: SitePair,
     sae_in: Sae,
     sae_out: Sae,
     tokens: Tensor,
-    connect_dir: Path,
+    connected: ConnectFiles,
     connectors: list[tuple[np.ndarray, SparseConnector]],
     config: CalibrateConfig,
 ) -> pl.DataFrame:
     from coact.calibrate.causal import CausalConfig, causal_check
 
-    weights = pl.read_parquet(connect_dir / "weights.parquet")
+    weights = pl.read_parquet(connected.weights)
     settings = CausalConfig(
         connections=config.causal_connections,
         batch_size=config.batch_size,
         skip_first_positions=config.skip_first_positions,
     )
-    return causal_check(lm, config.layer, sae_in, sae_out, tokens, weights, connectors, settings)
+    layer = pair.out_site.layer
+    return causal_check(lm, layer, sae_in, sae_out, tokens, weights, connectors, settings)
 
 
-def _summary(
+def _result(
+    measured: _Measured,
+    key: str,
+    pair: SitePair,
+    files: CalibrateFiles,
     config: CalibrateConfig,
-    tau: float,
     tokens: Tensor,
-    splices: pl.DataFrame,
     calibrated: pl.DataFrame,
     seed_labels: pl.DataFrame,
-    causal_table: pl.DataFrame | None,
-) -> dict[str, Any]:
-    rows = {r["splice"]: r for r in splices.iter_rows(named=True)}
-    keep = ("delta_ce", "delta_ce_low", "delta_ce_high", "kl", "ce_recovered", "ce_spliced")
-    summary: dict[str, Any] = {
-        "config": asdict(config),
-        "tau": tau,
-        "tolerance": config.tolerance,
-        "form": config.form,
-        "n_contexts": int(tokens.shape[0]),
-        "n_tokens": int(rows["zero"]["n_tokens"]),
-        "ce_clean": float(rows["zero"]["ce_clean"]),
-        "splices": {k: {c: rows[k][c] for c in keep} for k in ("sae", "linear", "mlp", "zero")},
-        "linear_calibrated": percent_linear(calibrated),
-        "linear_seed_tau": percent_linear(seed_labels),
+) -> CalibrateResult:
+    from coact.calibrate.causal import causal_summary
+
+    rows = {r["splice"]: r for r in measured.splices.iter_rows(named=True)}
+    fields = ("delta_ce", "delta_ce_low", "delta_ce_high", "kl", "ce_recovered", "ce_spliced")
+    splices = {
+        name: SpliceFigures(**{f: rows[name][f] for f in fields})
+        for name in ("sae", "linear", "mlp", "zero")
     }
-    if causal_table is not None:
-        from coact.calibrate.causal import causal_summary
+    return CalibrateResult(
+        key=key,
+        in_site=str(pair.in_site),
+        out_site=str(pair.out_site),
+        directory=str(files.path),
+        config=config,
+        tau=measured.tau,
+        tolerance=config.tolerance,
+        form=config.form,
+        n_contexts=int(tokens.shape[0]),
+        n_tokens=int(rows["zero"]["n_tokens"]),
+        ce_clean=float(rows["zero"]["ce_clean"]),
+        splices=splices,
+        linear_calibrated=percent_linear(calibrated),
+        linear_seed_tau=percent_linear(seed_labels),
+        causal=causal_summary(measured.causal) if measured.causal is not None else None,
+        reference_variance=measured.variance,
+        timings=measured.timings,
+    )
 
-        summary["causal"] = causal_summary(causal_table)
-    return summary
 
-
-__all__ = ["CalibrateConfig", "calibrate", "candidate_taus", "pick_tau"]
+__all__ = ["CalibrateConfig", "CalibrateResult", "calibrate", "candidate_taus", "pick_tau"]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from coact.errors import CoactError
 from coact.rundir.files import atomic_write, sha256_file
+from coact.rundir.layout import CodesFiles
 
 FORMAT = 1
 Shards = Iterable[int] | None  # which shards to read; None: all
@@ -62,9 +63,23 @@ class CodeStore:
         self._verified: set[str] = set()  # files hashed by this instance: read without rehash
 
     @classmethod
+    def of(cls, store: CodeStore | str | Path) -> CodeStore:
+        """`store` itself, or the store in that directory."""
+        return store if isinstance(store, CodeStore) else cls.open(store)
+
+    def require(self, slugs: Iterable[str]) -> None:
+        """One clear error when a site a stage reads is not in the store."""
+        if missing := [slug for slug in slugs if slug not in self.sites]:
+            raise CoactError(
+                f"site{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"{'are' if len(missing) > 1 else 'is'} not in the code store {self.directory}; "
+                f"it has {sorted(self.sites)}"
+            )
+
+    @classmethod
     def open(cls, directory: str | Path) -> CodeStore:
         directory = Path(directory)
-        path = directory / "manifest.json"
+        path = CodesFiles(directory).manifest
         if not path.is_file():
             raise CoactError(f"no feature codes in {directory} (manifest.json missing)")
         try:
@@ -97,7 +112,7 @@ class CodeStore:
         directory = Path(directory)
         site_entries = {k: {"width": int(sites[k])} for k in sorted(sites)}
         key = {"fingerprint": fingerprint, "sites": site_entries, "values_dtype": values_dtype}
-        if not (directory / "manifest.json").is_file():
+        if not CodesFiles(directory).manifest.is_file():
             directory.mkdir(parents=True, exist_ok=True)
             store = cls(directory, {"format": FORMAT, "meta": dict(meta or {}), **key})
             store._set_shards([])
@@ -165,7 +180,7 @@ class CodeStore:
             payloads[slug] = {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "values": cast}
         files: dict[str, str] = {}
         for folder, payload in payloads.items():
-            relative = f"{folder}/shard-{index:05d}.safetensors"
+            relative = CodesFiles.shard(folder, index)
             path = self.directory / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, partial(save_file, payload))
@@ -178,7 +193,7 @@ class CodeStore:
         self.manifest["shards"] = sorted(shards, key=lambda s: int(s["index"]))
         self.manifest["n_tokens"] = sum(int(s["n_tokens"]) for s in shards)
         text = json.dumps(self.manifest, sort_keys=True, indent=1)
-        atomic_write(self.directory / "manifest.json", lambda tmp: tmp.write_text(text))
+        atomic_write(CodesFiles(self.directory).manifest, lambda tmp: tmp.write_text(text))
 
     def _checked(self, relative: str, expected: str) -> Path:
         path = self.directory / relative
@@ -196,7 +211,7 @@ class CodeStore:
             self._checked(relative, digest)
 
     def _load(self, shard: dict[str, Any], folder: str) -> dict[str, torch.Tensor]:
-        relative = f"{folder}/shard-{int(shard['index']):05d}.safetensors"
+        relative = CodesFiles.shard(folder, int(shard["index"]))
         return load_file(str(self._checked(relative, shard["files"].get(relative, "?"))))
 
     def iter_site(self, slug: str, shards: Shards = None) -> Iterator[tuple[int, sp.csr_matrix]]:

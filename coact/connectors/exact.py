@@ -38,6 +38,7 @@ from coact.connectors._csr import (
     symmetrise,
     transpose,
 )
+from coact.settings import setting
 
 Outputs = Sequence[int] | np.ndarray | None
 _TINY = 1e-12  # relative threshold for "zero" variances
@@ -206,7 +207,7 @@ class LassoPathConfig:
     `alphas` to share a grid between calls on different outputs (e.g. one process per
     output range)."""
 
-    n_alphas: int = 20
+    n_alphas: int = setting(20, "points on the α grid")
     alpha_min_ratio: float = 1e-2
     top_quantile: float = 0.99  # of the outputs' own all-zero α: the grid's first α
     alphas: tuple[float, ...] | None = None

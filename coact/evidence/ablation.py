@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +39,11 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
-from coact.rundir.files import atomic_write, finished_result
+from coact.rundir.files import atomic_write
+from coact.rundir.layout import AblationFiles
+from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
+from coact.settings import setting
 
 Mode = Literal["remove", "replace"]
 MODES: tuple[Mode, ...] = ("remove", "replace")
@@ -69,13 +72,14 @@ COLUMNS = {
 
 @dataclass(frozen=True)
 class AblationConfig:
-    contexts: int = 4  # top contexts ablated per feature asked for
-    input_contexts: int = 2  # per input feature ablated alongside (see inputs_per_feature)
-    inputs_per_feature: int = 2  # the pipeline also ablates each shown output's top inputs
-    window: int = 8  # preceding tokens ablated, one at a time
-    modes: tuple[Mode, ...] = MODES
-    filler: str = " "  # replace mode's token: this text if it is one token, else pad / EOS
-    batch_size: int = 64  # sequences per forward pass
+    contexts: int = setting(4, "top contexts per output feature")
+    input_contexts: int = setting(2, "top contexts per input")
+    inputs_per_feature: int = setting(2, "top inputs of each output also ablated")
+    window: int = setting(8, "preceding tokens ablated, one at a time")
+    modes: tuple[Mode, ...] = setting(MODES, "remove and/or replace")
+    # replace mode's token: this text if it is one token, else pad / EOS
+    filler: str = setting(" ", "replace mode's token (if it is one token)")
+    batch_size: int = setting(64, "sequences per forward pass")
     first_position: int = 1  # positions before it (BOS) are never ablated
     progress: bool = True
 
@@ -247,6 +251,24 @@ def ablation_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True, kw_only=True)
+class AblationResult(Result):
+    """What the context ablation covered, the filler it used, and how well the rerun's
+    clean activations match the store (a check that the rerun reads the same site)."""
+
+    key: str
+    directory: str
+    features: int
+    contexts: int
+    sequences: int
+    rows: int
+    filler_id: int
+    filler: str | None
+    max_clean_mismatch: float
+    config: AblationConfig
+    seconds: float
+
+
 def ablate(
     lm: LoadedModel,
     saes: Mapping[Site, SparseAutoencoder],
@@ -257,7 +279,7 @@ def ablate(
     *,
     tokens: Tensor | None = None,
     decode: Decode | None = None,
-) -> dict[str, Any]:
+) -> AblationResult:
     """Ablate the preceding tokens of each wanted feature's top contexts.
 
     `wanted` maps (site slug, feature) → how many top contexts; `saes` holds each site's
@@ -266,8 +288,49 @@ def ablate(
     Writes `ablation.parquet` and then `ablation.json` (the headline) into `out_dir`;
     a finished result with the same key is reused."""
     started = time.perf_counter()
-    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
-    out = Path(out_dir)
+    store = CodeStore.of(store)
+    files = AblationFiles(Path(out_dir))
+    sites = _check(lm, saes, store, wanted, config)
+    filler = neutral_token(lm.tokenizer, config.filler)
+    used = {s: saes[s] for s in sites}
+    key = ablation_key(lm, store, used, wanted, config, filler)
+    if (previous := AblationResult.finished(files.result, key, files.tables)) is not None:
+        return previous
+    bos = lm.tokenizer.bos_token_id
+    bos = lm.tokenizer.eos_token_id if bos is None else bos
+    plan = _plan(store, sites, wanted, ContextTokens(store, bos, tokens), config, filler)
+    values = _rerun(lm, saes, sites, plan, filler, config)
+    text = _TokenText(decode)
+    table = _table(plan, values, filler, text)
+    files.path.mkdir(parents=True, exist_ok=True)
+    atomic_write(files.ablation, partial(_write_parquet, table))
+    clean = plan.clean(values)
+    mismatch = [abs(it["stored"] - clean[i]) for i, it in enumerate(plan.items)]
+    result = AblationResult(
+        key=key,
+        directory=str(files.path),
+        features=len(wanted),
+        contexts=len(plan.items),
+        sequences=len(plan.runs),
+        rows=table.height,
+        filler_id=filler,
+        filler=text(filler),
+        max_clean_mismatch=float(max(mismatch, default=0.0)),
+        config=config,
+        seconds=time.perf_counter() - started,
+    )
+    result.write(files.result)
+    return result
+
+
+def _check(
+    lm: LoadedModel,
+    saes: Mapping[Site, SparseAutoencoder],
+    store: CodeStore,
+    wanted: Mapping[tuple[str, int], int],
+    config: AblationConfig,
+) -> set[Site]:
+    """The sites asked for, each with an SAE, in the store and known to the model."""
     sites = {Site.parse(slug) for slug, _ in wanted}
     if missing := sorted(str(s) for s in sites if s not in saes):
         raise CoactError(f"no SAE for the sites {missing}: cannot encode their activations")
@@ -279,19 +342,31 @@ def ablate(
         raise CoactError(f"ablation modes {config.modes} must be among {MODES}")
     if config.window < 1 or config.batch_size < 1:
         raise CoactError("ablation window and batch size must be at least 1")
-    filler = neutral_token(lm.tokenizer, config.filler)
-    used = {s: saes[s] for s in sites}
-    key = ablation_key(lm, store, used, wanted, config, filler)
-    done = out / "ablation.json"
-    if (previous := finished_result(done, key, ["ablation.parquet"])) is not None:
-        return previous
+    return sites
 
-    bos = lm.tokenizer.bos_token_id
-    bos = lm.tokenizer.eos_token_id if bos is None else bos
-    context_tokens = ContextTokens(store, bos, tokens)
-    items: list[dict[str, Any]] = []
-    token_rows: list[np.ndarray] = []  # each item's context, as token ids
-    runs: list[Variant] = []
+
+@dataclass
+class _Plan:
+    """Every (feature, top context) item, its context's tokens, and the sequences to run."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    token_rows: list[np.ndarray] = field(default_factory=list)  # each item's context
+    runs: list[Variant] = field(default_factory=list)
+
+    def clean(self, values: np.ndarray) -> dict[int, float]:
+        """Each item's activation on its clean context."""
+        return {r.item: float(v) for r, v in zip(self.runs, values, strict=True) if r.mode is None}
+
+
+def _plan(
+    store: CodeStore,
+    sites: set[Site],
+    wanted: Mapping[tuple[str, int], int],
+    context_tokens: ContextTokens,
+    config: AblationConfig,
+    filler: int,
+) -> _Plan:
+    plan = _Plan()
     for s in sorted(sites):
         csc = store.read_site(s.slug).tocsc()
         csc.sort_indices()
@@ -304,65 +379,73 @@ def ablate(
             rows, values = csc.indices[lo:hi], csc.data[lo:hi].astype(np.float64)
             for rank, (row, value) in enumerate(top_rows(rows, values, context_tokens.context, k)):
                 ctx, pos = int(context_tokens.context[row]), int(context_tokens.position[row])
-                item = len(items)
-                items.append(
+                item = len(plan.items)
+                plan.items.append(
                     {"site": s.slug, "feature": feature, "rank": rank + 1, "context": ctx,
                      "position": pos, "stored": value}
                 )  # fmt: skip
-                token_rows.append(context_tokens(ctx))
-                runs += variants(
-                    item,
-                    token_rows[item],
-                    pos,
-                    config.window,
-                    config.modes,
-                    filler,
+                plan.token_rows.append(context_tokens(ctx))
+                plan.runs += variants(
+                    item, plan.token_rows[item], pos, config.window, config.modes, filler,
                     config.first_position,
-                )
+                )  # fmt: skip
+    return plan
 
+
+def _rerun(
+    lm: LoadedModel,
+    saes: Mapping[Site, SparseAutoencoder],
+    sites: set[Site],
+    plan: _Plan,
+    filler: int,
+    config: AblationConfig,
+) -> np.ndarray:
+    """The feature's value at the activating token of every planned sequence."""
     bar = tqdm(
-        total=len(runs),
+        total=len(plan.runs),
         desc="ablating contexts",
         unit="seq",
         disable=not config.progress,
         file=sys.stderr,
     )
-    values = np.zeros(len(runs))
+    values = np.zeros(len(plan.runs))
     for s in sorted(sites):
-        chosen = [i for i, r in enumerate(runs) if items[r.item]["site"] == s.slug]
+        chosen = [i for i, r in enumerate(plan.runs) if plan.items[r.item]["site"] == s.slug]
         if not chosen:
             continue
-        picked = [runs[i] for i in chosen]
+        picked = [plan.runs[i] for i in chosen]
+        features = [int(plan.items[r.item]["feature"]) for r in picked]
         values[chosen] = feature_values(
-            lm,
-            s,
-            saes[s],
-            picked,
-            [int(items[r.item]["feature"]) for r in picked],
-            filler,
-            config.batch_size,
-            bar.update,
+            lm, s, saes[s], picked, features, filler, config.batch_size, bar.update
         )
     bar.close()
+    return values
 
-    clean = {r.item: float(v) for r, v in zip(runs, values, strict=True) if r.mode is None}
-    texts: dict[int, str] = {}
 
-    def text(token_id: int) -> str | None:
-        if decode is None:
+class _TokenText:
+    """A token id's text, decoded once (None without a decode function)."""
+
+    def __init__(self, decode: Decode | None) -> None:
+        self.decode, self.texts = decode, dict[int, str]()
+
+    def __call__(self, token_id: int) -> str | None:
+        if self.decode is None:
             return None
-        if token_id not in texts:
-            texts[token_id] = decode([token_id])
-        return texts[token_id]
+        if token_id not in self.texts:
+            self.texts[token_id] = self.decode([token_id])
+        return self.texts[token_id]
 
+
+def _table(plan: _Plan, values: np.ndarray, filler: int, text: _TokenText) -> pl.DataFrame:
+    """One row per ablated sequence: the clean and ablated activation and the drop."""
+    clean = plan.clean(values)
     records = []
-    for r, v in zip(runs, values, strict=True):
+    for r, v in zip(plan.runs, values, strict=True):
         if r.mode is None:
             continue
-        it = items[r.item]
-        c = clean[r.item]
+        it, c = plan.items[r.item], clean[r.item]
         at = int(it["position"]) - r.offset
-        ids = token_rows[r.item]
+        ids = plan.token_rows[r.item]
         ablated_id = int(ids[at])
         records.append(
             {
@@ -381,26 +464,7 @@ def ablate(
                 "drop_fraction": (c - float(v)) / c if c > 0 else float("nan"),
             }
         )
-    table = pl.DataFrame(records, schema=COLUMNS)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "ablation.parquet", partial(_write_parquet, table))
-    mismatch = [abs(it["stored"] - clean[i]) for i, it in enumerate(items)]
-    headline = {
-        "key": key,
-        "directory": str(out),
-        "features": len(wanted),
-        "contexts": len(items),
-        "sequences": len(runs),
-        "rows": table.height,
-        "filler_id": filler,
-        "filler": text(filler),
-        "max_clean_mismatch": float(max(mismatch, default=0.0)),
-        "config": {k: v for k, v in asdict(config).items() if k != "progress"},
-        "seconds": time.perf_counter() - started,
-    }
-    text_out = json.dumps(headline, indent=2, default=str)
-    atomic_write(done, lambda tmp: tmp.write_text(text_out))
-    return headline
+    return pl.DataFrame(records, schema=COLUMNS)
 
 
 def _write_parquet(table: pl.DataFrame, path: Path) -> None:

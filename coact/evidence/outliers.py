@@ -20,11 +20,9 @@ finished result is reused).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,14 @@ import torch
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.models.sites import SITE_KINDS, Site
-from coact.rundir.files import atomic_write, finished_result
-from coact.rundir.layout import RunLayout
+from coact.rundir.files import atomic_write, read_json
+from coact.rundir.layout import CONFIG, OutlierFiles, RunLayout
+from coact.rundir.results import Result, result_key
 from coact.sae.base import Sae, SparseAutoencoder
+from coact.settings import setting
 
 Decode = Callable[[list[int]], str]
+RESULT_VERSION = 2  # bumped when what outliers writes changes: older results are redone
 KINDS = ("first_tokens", "first_delimiter", "high_norm")
 NAMES = {
     "first_tokens": "first tokens",
@@ -52,12 +53,39 @@ NAMES = {
 
 @dataclass(frozen=True)
 class OutlierConfig:
-    first_positions: int = 4  # positions below this are a context's first tokens
+    first_positions: int = setting(4, "positions below this are a context's first tokens")
     delimiters: str = "\n.,"  # a delimiter token is made only of these (spaces aside)
-    norm_factor: float = 10.0  # a norm above this × the site's median is very high
-    share: float = 0.5  # flagged when at least this share of its active tokens is one kind
-    min_active: int = 10  # features active on fewer tokens are not judged
-    sites: tuple[str, ...] | None = None  # site slugs to judge; None: every site in the store
+    norm_factor: float = setting(10.0, "a norm above this × the site's median is very high")
+    share: float = setting(0.5, "flag when at least this share of active tokens is one kind")
+    min_active: int = setting(10, "features active on fewer tokens are not judged")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutlierSiteSummary(Result):
+    """One site's alive and judged features, how many are flagged and why, each kind's
+    base rate among its tokens, and how token norms were read."""
+
+    alive: int
+    judged: int
+    flagged: int
+    first_tokens: int
+    first_delimiter: int
+    high_norm: int
+    base_rates: dict[str, float | None]
+    norm: str  # "sae reconstruction" or "unknown"
+    median_norm: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutliersResult(Result):
+    """Per site, the features flagged as artefacts (`outliers.parquet` has every feature)."""
+
+    key: str
+    directory: str
+    tokens: int
+    sites: dict[str, OutlierSiteSummary]
+    config: OutlierConfig
+    seconds: float
 
 
 def is_delimiter(text: str, chars: str = "\n.,") -> bool:
@@ -160,13 +188,14 @@ def find_outliers(
     config: OutlierConfig = OutlierConfig(),
     decode: Decode | None = None,
     saes: Mapping[str, SparseAutoencoder] | None = None,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Every site's features with their shares and flags, and per site a headline."""
+    sites: Sequence[str] | None = None,
+) -> tuple[pl.DataFrame, dict[str, OutlierSiteSummary]]:
+    """Every site's features (of `sites`, slugs; default every site in the store) with
+    their shares and flags, and per site a headline."""
     tokens = store.read_tokens()
-    frames, sites = [], {}
-    wanted = store.sites if config.sites is None else config.sites
-    if missing := [slug for slug in wanted if slug not in store.sites]:
-        raise CoactError(f"sites {missing} are not in the code store {store.directory}")
+    frames, summaries = [], {}
+    wanted = list(store.sites if sites is None else sites)
+    store.require(wanted)
     for slug in sorted(wanted, key=_site_order):
         codes = store.read_site(slug)
         sae = (saes or {}).get(slug)
@@ -177,19 +206,19 @@ def find_outliers(
             table.with_columns(pl.lit(slug).alias("site")).select("site", pl.all().exclude("site"))
         )
         alive = table.filter(pl.col("n_active") > 0)
-        sites[slug] = {
-            "alive": alive.height,
-            "judged": alive.filter(pl.col("n_active") >= config.min_active).height,
-            "flagged": int(table["outlier"].sum()),
+        summaries[slug] = OutlierSiteSummary(
+            alive=alive.height,
+            judged=alive.filter(pl.col("n_active") >= config.min_active).height,
+            flagged=int(table["outlier"].sum()),
             **{kind: int(table[f"is_{kind}"].sum()) for kind in KINDS},
-            "base_rates": {
+            base_rates={
                 kind: (None if mask is None else float(mask.mean()) if len(mask) else 0.0)
                 for kind, mask in kinds.items()
             },
-            "norm": "sae reconstruction" if norms is not None else "unknown",
-            "median_norm": float(np.median(norms)) if norms is not None and len(norms) else None,
-        }
-    return pl.concat(frames), sites
+            norm="sae reconstruction" if norms is not None else "unknown",
+            median_norm=float(np.median(norms)) if norms is not None and len(norms) else None,
+        )
+    return pl.concat(frames), summaries
 
 
 def _site_order(slug: str) -> tuple[int, int]:
@@ -203,40 +232,39 @@ def outliers(
     out_dir: str | Path,
     config: OutlierConfig = OutlierConfig(),
     *,
+    sites: Sequence[str] | None = None,
     decode: Decode | None = None,
     saes: Mapping[str, SparseAutoencoder] | None = None,
-) -> dict[str, Any]:
+) -> OutliersResult:
     """The stage: write outliers.parquet and outliers.json into out_dir (reused when the
-    codes, SAEs and configuration are those of a finished earlier result)."""
+    codes, sites, SAEs and configuration are those of a finished earlier result)."""
     from coact.codes.collect import sae_fingerprint
 
     started = time.perf_counter()
-    store = store if isinstance(store, CodeStore) else CodeStore.open(store)
-    out = Path(out_dir)
-    payload = {
+    store = CodeStore.of(store)
+    files = OutlierFiles(Path(out_dir))
+    inputs = {
         "store": [store.manifest.get("fingerprint"), store.n_tokens],
+        "sites": None if sites is None else list(sites),
         "saes": {k: sae_fingerprint(v) for k, v in sorted((saes or {}).items())},
         "decode": decode is not None,
-        "config": asdict(config),
     }
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    done = out / "outliers.json"
-    if (previous := finished_result(done, key, ["outliers.parquet"])) is not None:
+    key = result_key(inputs, config, RESULT_VERSION, ignore=())
+    if (previous := OutliersResult.finished(files.result, key, files.tables)) is not None:
         return previous
-    table, sites = find_outliers(store, config, decode, saes)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "outliers.parquet", partial(_write_parquet, table))
-    headline = {
-        "key": key,
-        "directory": str(out),
-        "tokens": store.n_tokens,
-        "sites": sites,
-        "config": asdict(config),
-        "seconds": time.perf_counter() - started,
-    }
-    text = json.dumps(headline, indent=2, default=str)
-    atomic_write(done, lambda tmp: tmp.write_text(text))
-    return headline
+    table, summaries = find_outliers(store, config, decode, saes, sites)
+    files.path.mkdir(parents=True, exist_ok=True)
+    atomic_write(files.outliers, partial(_write_parquet, table))
+    result = OutliersResult(
+        key=key,
+        directory=str(files.path),
+        tokens=store.n_tokens,
+        sites=summaries,
+        config=config,
+        seconds=time.perf_counter() - started,
+    )
+    result.write(files.result)
+    return result
 
 
 def _write_parquet(table: pl.DataFrame, path: Path) -> None:
@@ -245,13 +273,11 @@ def _write_parquet(table: pl.DataFrame, path: Path) -> None:
 
 def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dict[str, Sae]:
     """A run's SAEs by site slug: those its config names (sae_in / sae_out), else the ones
-    it trained (<run>/sae/<slug>); a site whose SAE is not on this machine is left out."""
+    it trained (<shared>/sae/<slug>); a site whose SAE is not on this machine is left out."""
     from coact.sae.formats import load_sae
 
     run = Path(run_dir)
-    config: dict[str, Any] = {}
-    if (run / "config.json").is_file():
-        config = json.loads((run / "config.json").read_text())
+    config = read_json(run / CONFIG) or {}
     layer = config.get("layer")
     given = {}
     if layer is not None:
@@ -260,9 +286,10 @@ def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dic
             Site("mlp_out", int(layer)).slug: config.get("sae_out"),
         }
     wanted = list(slugs) if slugs is not None else list(given)
+    layout = RunLayout.of(run, config)
     found: dict[str, Sae] = {}
     for slug in wanted:
-        source = given.get(slug) or RunLayout.of(run, config).sae / slug
+        source = given.get(slug) or layout.sae_dir(slug)
         try:
             found[slug] = load_sae(source, device=device)
         except (CoactError, OSError):  # a missing or unreadable SAE: norms are unknown

@@ -16,13 +16,16 @@ nonlinear beyond doubt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+
+from coact.rundir.results import Result
+from coact.settings import setting
 
 Form = Literal["raw", "fvu", "seed"]
 SEED_TAU = 0.001
@@ -30,8 +33,9 @@ SEED_TAU = 0.001
 
 @dataclass(frozen=True)
 class LinearityConfig:
-    tau: float = SEED_TAU
-    form: Form = "seed"  # the seed's τ = 0.001 was set on seed-normalised MSE
+    tau: float = setting(SEED_TAU, "linearity threshold on d(j)")
+    # the seed's τ = 0.001 was set on seed-normalised MSE
+    form: Form = setting("seed", "form of d(j) τ applies to: raw, fvu or seed")
     n_boot: int = 500  # bootstrap replicates over held-out contexts
     level: float = 0.95  # of every interval
     seed: int = 0
@@ -151,7 +155,27 @@ def _with_verdict(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:
     )
 
 
-def percent_linear(table: pl.DataFrame) -> dict[str, float]:
+@dataclass(frozen=True, kw_only=True)
+class LinearShare(Result):
+    """Alive features that are linear at one τ (dead ones counted apart); with d's noise
+    floor, the share linear beyond doubt and the share not nonlinear beyond doubt, which
+    bracket it, and how many features the mlp fits better (or worse) beyond the noise."""
+
+    percent_linear: float
+    linear: int
+    nonlinear: int
+    dead: int
+    alive: int
+    confident_linear: int | None = None
+    confident_nonlinear: int | None = None
+    undecided: int | None = None
+    percent_linear_confident: float | None = None
+    percent_linear_possible: float | None = None
+    mlp_gain_beyond_noise: int | None = None
+    mlp_loss_beyond_noise: int | None = None
+
+
+def percent_linear(table: pl.DataFrame) -> LinearShare:
     """Share of alive features that are linear (dead ones are counted apart). With a
     verdict column, what d's noise floor allows: the share that is linear beyond doubt
     (`percent_linear_confident`) and the share not nonlinear beyond doubt
@@ -161,29 +185,35 @@ def percent_linear(table: pl.DataFrame) -> dict[str, float]:
     (A bootstrap interval of the share itself is biased where many features sit near τ:
     resampling pushes each one across τ with probability near one half.)"""
     counts = dict(table.group_by("status").len().iter_rows())
-    linear, nonlinear, dead = (counts.get(k, 0) for k in ("linear", "nonlinear", "dead"))
+    linear, nonlinear, dead = (int(counts.get(k, 0)) for k in ("linear", "nonlinear", "dead"))
     alive = linear + nonlinear
-    share: dict[str, float] = {
-        "percent_linear": 100.0 * linear / alive if alive else float("nan"),
-        "linear": linear,
-        "nonlinear": nonlinear,
-        "dead": dead,
-        "alive": alive,
-    }
-    if "verdict" in table.columns:
-        verdicts = dict(table.group_by("verdict").len().iter_rows())
-        sure, unsure = verdicts.get("linear", 0), verdicts.get("undecided", 0)
-        share["confident_linear"] = sure
-        share["confident_nonlinear"] = verdicts.get("nonlinear", 0)
-        share["undecided"] = unsure
-        share["percent_linear_confident"] = 100.0 * sure / alive if alive else float("nan")
-        share["percent_linear_possible"] = (
-            100.0 * (sure + unsure) / alive if alive else float("nan")
-        )
-        low, high = table["d_low"].to_numpy(), table["d_high"].to_numpy()  # NaN when dead
-        share["mlp_gain_beyond_noise"] = int(np.sum(low > 0))
-        share["mlp_loss_beyond_noise"] = int(np.sum(high < 0))
-    return share
+    percent = lambda n: 100.0 * n / alive if alive else float("nan")  # noqa: E731
+    share = LinearShare(
+        percent_linear=percent(linear), linear=linear, nonlinear=nonlinear, dead=dead,
+        alive=alive,
+    )  # fmt: skip
+    if "verdict" not in table.columns:
+        return share
+    verdicts = dict(table.group_by("verdict").len().iter_rows())
+    sure, unsure = int(verdicts.get("linear", 0)), int(verdicts.get("undecided", 0))
+    low, high = table["d_low"].to_numpy(), table["d_high"].to_numpy()  # NaN when dead
+    return replace(
+        share,
+        confident_linear=sure,
+        confident_nonlinear=int(verdicts.get("nonlinear", 0)),
+        undecided=unsure,
+        percent_linear_confident=percent(sure),
+        percent_linear_possible=percent(sure + unsure),
+        mlp_gain_beyond_noise=int(np.sum(low > 0)),
+        mlp_loss_beyond_noise=int(np.sum(high < 0)),
+    )
+
+
+def finite_mean(values: Any) -> float:
+    """Mean over the finite entries (dead features give NaN), NaN when there are none."""
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
 
 
 def relabel(table: pl.DataFrame, config: LinearityConfig) -> pl.DataFrame:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from coact.settings import setting
+
 LABELS = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
 SUM, OR, AND, AND_NOT, UNEXPLAINED, DEAD = range(6)
 _LEVEL_SILENT, _LEVEL_MIXED, _LEVEL_FIRES, _LEVEL_UNSEEN = 0, 1, 2, -1
@@ -17,7 +19,8 @@ _REASON_LABEL = (DEAD, UNEXPLAINED, UNEXPLAINED, AND_NOT, AND, OR, SUM, SUM, UNE
 
 @dataclass(frozen=True)
 class LogicConfig:
-    max_inputs: int = 3  # k: inputs per target (at most 4: 16 truth-table rows)
+    # k: inputs per target (at most 4: 16 truth-table rows)
+    max_inputs: int = setting(3, "inputs per feature (at most 4)")
     floor: float = 0.1  # active above floor × the feature's median active value
     min_standardised: float = 0.05  # candidate inputs: |w|·sd(x_i)/sd(y) at least this...
     relative_cut: float = 0.2  # ...and at least this share of the target's strongest

@@ -67,3 +67,38 @@ class Site:
             f"cannot read site {text!r}; write it as KIND[LAYER] with KIND one of "
             f"{', '.join(SITE_KINDS)}"
         )
+
+
+@dataclass(frozen=True)
+class SitePair:
+    """What a stage connects: the site whose features are read (`in_site`) and the site
+    whose features are predicted from them (`out_site`), e.g. ``mlp_resid[3] → mlp_out[3]``."""
+
+    in_site: Site
+    out_site: Site
+
+    def __str__(self) -> str:
+        return f"{self.in_site} → {self.out_site}"
+
+    @classmethod
+    def of(cls, in_site: str | Site, out_site: str | Site) -> SitePair:
+        """A pair from sites or their names (``"mlp_resid[3]"``, ``"mlp_out.3"``)."""
+        return cls(_site(in_site), _site(out_site))
+
+    @classmethod
+    def mlp(cls, layer: int) -> SitePair:
+        """The MLP of block `layer`: the residual stream it reads → its output."""
+        return cls(Site("mlp_resid", layer), Site("mlp_out", layer))
+
+    @classmethod
+    def attention(cls, layer: int) -> SitePair:
+        """Attention of block `layer`: the block's input stream → attention's output."""
+        return cls(Site("resid_pre", layer), Site("attn_out", layer))
+
+    @property
+    def slugs(self) -> tuple[str, str]:
+        return self.in_site.slug, self.out_site.slug
+
+
+def _site(site: str | Site) -> Site:
+    return site if isinstance(site, Site) else Site.parse(site)

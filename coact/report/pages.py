@@ -193,8 +193,7 @@ class GraphWriter:
         except CoactError as error:
             return [f"No layer graph of `{site}` #{feature}: {error}.", ""]
         paths = write_graph(graph, self.dir)
-        csv = paths["edges"].with_suffix(".csv")
-        graph.edges.write_csv(csv)
+        csv = paths["csv"]
         chart, caption = graph_chart(graph)
         links = " · ".join(
             f"[{what}]({prefix}{GRAPH_DIR}/{path.name})"

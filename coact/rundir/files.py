@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import asdict
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from coact.errors import CoactError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -20,36 +20,37 @@ def sha256_file(path: str | Path) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a synced temp file + rename: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write via a synced temporary file + rename: a crash leaves the old file or the new
+    one. The temporary name is unique (in the target's folder, so the rename is atomic),
+    so two writers of one file never write into each other's temporary file."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as synced:
+            os.fsync(synced.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def finished_result(done: Path, key: str, required: Iterable[str] = ()) -> dict[str, Any] | None:
-    """The headline a stage wrote last (`done`), if it carries `key` and every `required`
-    file beside it exists: a finished result to reuse. Otherwise None, and `done` is
-    removed so an interrupted run is redone rather than half-reused."""
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("key") == key and all((done.parent / f).is_file() for f in required):
-            return dict(previous)
-    done.unlink(missing_ok=True)
-    return None
+def write_json(path: Path, payload: Any) -> None:
+    """`payload` as indented JSON, written atomically (values JSON lacks become strings)."""
+    text = json.dumps(payload, indent=2, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def result_key(codes: str, config: Any, version: int, ignore: Iterable[str] = ("progress",)) -> str:
-    """What a stage's result depends on: the codes' fingerprint, its (dataclass) config
-    without the fields that only change how it runs or is shown, and its result version."""
-    relevant = {k: v for k, v in asdict(config).items() if k not in set(ignore)}
-    text = json.dumps({"codes": codes, "config": relevant, "version": version}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def finite_mean(values: Any) -> float:
-    """Mean over the finite entries (dead features give NaN), NaN when there are none."""
-    a = np.asarray(values, dtype=float)
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if len(a) else float("nan")
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when the file is missing, one clear error when it
+    is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CoactError(f"corrupt {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise CoactError(f"corrupt {path}: expected a JSON object")
+    return data

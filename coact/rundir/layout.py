@@ -1,9 +1,21 @@
-"""Where a run keeps what it shares: its SAEs, their evaluations and the code store.
+"""Every file name of a run directory, in one place: stages and the report ask here for
+paths, nothing else spells a file name.
 
-A single-layer run keeps them in its own directory. The layers of a whole-model run
-(`coact analyze --layers …`) share one set, kept in the model run's directory, so every
-SAE is trained once and every activation is encoded in one pass; each layer's directory
-names that shared directory in its config.json (`shared_dir`, relative to the layer's).
+A run directory holds a config, a summary and one folder per stage. Each stage folder has
+its headline JSON (written last, so its presence marks the stage finished) and its tables.
+A single-layer run keeps what its layers would share (SAEs, their evaluations, the code
+store) in its own directory; the layers of a model run (`coact analyze --layers …`) share
+one set in the model run's directory, and each layer's `config.json` names it
+(`shared_dir`, relative to the layer's directory).
+
+    <run>/config.json  summary.json  block.json  layers.parquet (a model run)  L<ℓ>/
+    <shared>/sae/<site>/  sae_eval/<site>.json  codes/
+    <run>/connect/  calibrate/  logic/  outliers/  evidence/
+    <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
+    <run>/composition/  report/  graph/
+
+Formats defined elsewhere keep their own names: an SAE directory follows SAELens, sparsify
+or dictionary_learning (`coact.sae.formats`), a model directory Hugging Face's.
 """
 
 from __future__ import annotations
@@ -11,16 +23,302 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from coact.errors import CoactError
+
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """A stage's folder: `result` is its headline JSON, `tables` what must exist beside it
+    for a finished result to be reused."""
+
+    path: Path
+    result_name: ClassVar[str] = ""
+    table_names: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def result(self) -> Path:
+        return self.path / self.result_name
+
+    @property
+    def tables(self) -> tuple[Path, ...]:
+        return tuple(self.path / name for name in self.table_names)
+
+    def table(self, stem: str) -> Path:
+        return self.path / f"{stem}.parquet"
+
+
+@dataclass(frozen=True)
+class ConnectFiles(StageFiles):
+    """`connect`: the α sweep, connections, linearity table, top tokens, the mlp's curve,
+    d's per-context error sums and the fitted connectors."""
+
+    result_name: ClassVar[str] = "connect.json"
+    table_names: ClassVar[tuple[str, ...]] = (
+        "sweep.parquet", "weights.parquet", "features.parquet", "top_tokens.parquet",
+        "mlp_curve.parquet", "linearity_contexts.npz", "linearity_connectors.safetensors",
+    )  # fmt: skip
+
+    @property
+    def sweep(self) -> Path:
+        return self.table("sweep")
+
+    @property
+    def weights(self) -> Path:
+        return self.table("weights")
+
+    @property
+    def features(self) -> Path:
+        return self.table("features")
+
+    @property
+    def top_tokens(self) -> Path:
+        return self.table("top_tokens")
+
+    @property
+    def mlp_curve(self) -> Path:
+        return self.table("mlp_curve")
+
+    @property
+    def heldout_contexts(self) -> Path:
+        return self.path / "linearity_contexts.npz"
+
+    @property
+    def connectors(self) -> Path:
+        return self.path / "linearity_connectors.safetensors"
+
+
+@dataclass(frozen=True)
+class CalibrateFiles(StageFiles):
+    """`calibrate`: noise curves, splices, the table at the calibrated τ, the causal check."""
+
+    result_name: ClassVar[str] = "calibrate.json"
+    table_names: ClassVar[tuple[str, ...]] = (
+        "noise.parquet",
+        "splices.parquet",
+        "linearity.parquet",
+    )
+
+    @property
+    def noise(self) -> Path:
+        return self.table("noise")
+
+    @property
+    def splices(self) -> Path:
+        return self.table("splices")
+
+    @property
+    def linearity(self) -> Path:
+        return self.table("linearity")
+
+    @property
+    def causal(self) -> Path:
+        return self.table("causal")
+
+
+@dataclass(frozen=True)
+class LogicFiles(StageFiles):
+    """`logic`: labels, truth tables, co-activation modes, the sae-connector's latents."""
+
+    result_name: ClassVar[str] = "logic.json"
+    table_names: ClassVar[tuple[str, ...]] = (
+        "features.parquet", "truth_tables.parquet", "clusters.parquet",
+    )  # fmt: skip
+
+    @property
+    def features(self) -> Path:
+        return self.table("features")
+
+    @property
+    def truth_tables(self) -> Path:
+        return self.table("truth_tables")
+
+    @property
+    def clusters(self) -> Path:
+        return self.table("clusters")
+
+    @property
+    def hidden(self) -> Path:
+        return self.table("hidden")
+
+
+@dataclass(frozen=True)
+class OutlierFiles(StageFiles):
+    """`outliers`: per site and feature, its artefact shares and flag."""
+
+    result_name: ClassVar[str] = "outliers.json"
+    table_names: ClassVar[tuple[str, ...]] = ("outliers.parquet",)
+
+    @property
+    def outliers(self) -> Path:
+        return self.table("outliers")
+
+
+@dataclass(frozen=True)
+class AblationFiles(StageFiles):
+    """`ablate`: the activation when each preceding token is removed or replaced."""
+
+    result_name: ClassVar[str] = "ablation.json"
+    table_names: ClassVar[tuple[str, ...]] = ("ablation.parquet",)
+
+    @property
+    def ablation(self) -> Path:
+        return self.table("ablation")
+
+
+@dataclass(frozen=True)
+class PositionsFiles(StageFiles):
+    """`positions`: per attention feature, the gain from earlier positions."""
+
+    result_name: ClassVar[str] = "positions.json"
+    table_names: ClassVar[tuple[str, ...]] = ("positions.parquet",)
+
+    @property
+    def positions(self) -> Path:
+        return self.table("positions")
+
+
+@dataclass(frozen=True)
+class AttentionCausalFiles(StageFiles):
+    """`attention_causal`: per attention feature, self-only attention and resampled context."""
+
+    result_name: ClassVar[str] = "causal.json"
+    table_names: ClassVar[tuple[str, ...]] = ("causal.parquet",)
+
+    @property
+    def causal(self) -> Path:
+        return self.table("causal")
+
+
+@dataclass(frozen=True)
+class CompositionFiles(StageFiles):
+    """`composition`: the next stream from the block's sources, and the decoded check."""
+
+    result_name: ClassVar[str] = "composition.json"
+    table_names: ClassVar[tuple[str, ...]] = (
+        "composition.parquet", "composition_weights.parquet", "composition_sweep.parquet",
+    )  # fmt: skip
+
+    @property
+    def features(self) -> Path:
+        return self.table("composition")
+
+    @property
+    def weights(self) -> Path:
+        return self.table("composition_weights")
+
+    @property
+    def sweep(self) -> Path:
+        return self.table("composition_sweep")
+
+    @property
+    def decoded(self) -> Path:
+        return self.table("decoded")
+
+
+@dataclass(frozen=True)
+class CodesFiles:
+    """The code store: a manifest, the token table's shards and each site's CSR shards."""
+
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"
+
+    @staticmethod
+    def shard(folder: str, index: int) -> str:
+        """A shard's path relative to the store (the manifest records it so)."""
+        return f"{folder}/shard-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The report: markdown pages in `docs/`, the built site in `site/` (staged aside in
+    `site.tmp` and swapped in whole), and a marker that says the folder is a report's."""
+
+    path: Path
+    marker_name: ClassVar[str] = ".coact-report"
+
+    @property
+    def docs(self) -> Path:
+        return self.path / "docs"
+
+    @property
+    def site(self) -> Path:
+        return self.path / "site"
+
+    @property
+    def staging(self) -> Path:
+        return self.path / "site.tmp"
+
+    @property
+    def index(self) -> Path:
+        return self.site / "index.html"
+
+    @property
+    def marker(self) -> Path:
+        return self.path / self.marker_name
+
+    @property
+    def mkdocs(self) -> Path:
+        return self.path / "mkdocs.yml"
+
+
+@dataclass(frozen=True)
+class GraphFiles:
+    """`coact graph`: one feature's layer graph, as edge and node tables and a chart."""
+
+    path: Path
+
+    def stem(self, slug: str, feature: int) -> Path:
+        return self.path / f"graph_{slug}_{feature}"
+
+    def edges(self, slug: str, feature: int) -> Path:
+        return self.path / f"graph_{slug}_{feature}_edges.parquet"
+
+    def nodes(self, slug: str, feature: int) -> Path:
+        return self.path / f"graph_{slug}_{feature}_nodes.parquet"
+
+    def edges_csv(self, slug: str, feature: int) -> Path:
+        return self.path / f"graph_{slug}_{feature}_edges.csv"
 
 
 @dataclass(frozen=True)
 class RunLayout:
+    """Where everything of one run lives (a single layer, a model run or one of its layers)."""
+
     run_dir: Path
     shared_dir: Path  # holds sae/, sae_eval/ and codes/
 
+    @classmethod
+    def of(cls, run_dir: str | Path, config: dict[str, Any] | None = None) -> RunLayout:
+        """The layout a run's config.json (or the given config) records."""
+        run = Path(run_dir)
+        if config is None:
+            path = run / CONFIG
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        shared = config.get("shared_dir")
+        return cls(run, (run / shared) if shared else run)
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / CONFIG
+
+    @property
+    def summary(self) -> Path:
+        return self.run_dir / SUMMARY
+
+    @property
+    def block(self) -> Path:
+        """The block stages' headline (attention, positions, composition)."""
+        return self.run_dir / "block.json"
+
+    # what the layers share
     @property
     def codes(self) -> Path:
         return self.shared_dir / "codes"
@@ -33,20 +331,77 @@ class RunLayout:
     def sae_eval(self) -> Path:
         return self.shared_dir / "sae_eval"
 
-    @classmethod
-    def of(cls, run_dir: str | Path, config: dict[str, Any] | None = None) -> RunLayout:
-        """The layout a run's config.json (or the given config) records."""
-        run = Path(run_dir)
-        if config is None:
-            path = run / "config.json"
-            config = json.loads(path.read_text()) if path.is_file() else {}
-        shared = config.get("shared_dir")
-        return cls(run, (run / shared) if shared else run)
+    def sae_dir(self, slug: str) -> Path:
+        return self.sae / slug
+
+    def train_log(self, slug: str) -> Path:
+        return self.sae / slug / "train_log.json"
+
+    def sae_evaluation(self, slug: str) -> Path:
+        return self.sae_eval / f"{slug}.json"
+
+    # one folder per stage
+    @property
+    def connect(self) -> ConnectFiles:
+        return ConnectFiles(self.run_dir / "connect")
+
+    @property
+    def calibrate(self) -> CalibrateFiles:
+        return CalibrateFiles(self.run_dir / "calibrate")
+
+    @property
+    def logic(self) -> LogicFiles:
+        return LogicFiles(self.run_dir / "logic")
+
+    @property
+    def outliers(self) -> OutlierFiles:
+        return OutlierFiles(self.run_dir / "outliers")
+
+    @property
+    def ablation(self) -> AblationFiles:
+        return AblationFiles(self.run_dir / "evidence")
+
+    @property
+    def attention_connect(self) -> ConnectFiles:
+        return ConnectFiles(self.run_dir / "attention" / "connect")
+
+    @property
+    def attention_calibrate(self) -> CalibrateFiles:
+        return CalibrateFiles(self.run_dir / "attention" / "calibrate")
+
+    @property
+    def positions(self) -> PositionsFiles:
+        return PositionsFiles(self.run_dir / "attention" / "positions")
+
+    @property
+    def attention_causal(self) -> AttentionCausalFiles:
+        return AttentionCausalFiles(self.run_dir / "attention" / "causal")
+
+    @property
+    def composition(self) -> CompositionFiles:
+        return CompositionFiles(self.run_dir / "composition")
+
+    @property
+    def report(self) -> ReportFiles:
+        return ReportFiles(self.run_dir / "report")
+
+    @property
+    def graph(self) -> GraphFiles:
+        return GraphFiles(self.run_dir / "graph")
+
+    # a model run
+    @property
+    def layers_table(self) -> Path:
+        return self.run_dir / "layers.parquet"
+
+    def layer_dir(self, layer: int) -> Path:
+        """A model run's layer: an ordinary run directory inside the model run's."""
+        return self.run_dir / f"L{layer}"
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """A run's config.json, or one clear error saying the directory is not a run."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CoactError(f"{run_dir} is not a run directory (no config.json); run `coact analyze`")
     return dict(json.loads(path.read_text()))

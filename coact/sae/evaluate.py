@@ -14,6 +14,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss, spliced_logits
+from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 
 
@@ -44,6 +45,15 @@ class SaeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ce_recovered": self.ce_recovered}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaeEvaluation(Result):
+    """A saved evaluation (`<shared>/sae_eval/<site>.json`): reused while its key (model,
+    SAE weights, evaluation tokens, site, settings) is unchanged."""
+
+    key: str
+    report: SaeReport
 
 
 def check_sae_fits(

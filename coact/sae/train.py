@@ -23,14 +23,15 @@ from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
 from coact.sae.base import Sae
+from coact.settings import setting
 
 
 @dataclass(frozen=True)
 class SaeTrainConfig:
     """Defaults sized so two SAEs on SmolLM2 train in a few CPU minutes."""
 
-    expansion: int = 4  # width = expansion × d_model
-    k: int = 32
+    expansion: int = setting(4, "width = expansion × d_model")
+    k: int = setting(32, "active latents per token")
     batch_tokens: int = 1024
     buffer_contexts: int = 128
     forward_batch: int = 16  # contexts per forward pass while filling the buffer

@@ -1,0 +1,34 @@
+"""How `connect` fits: the held-out split, the L1 path, the mlp beside least squares and
+the linearity threshold it is read at first (its own module: the fits and the stage both
+read it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from coact.connectors.exact import LassoPathConfig
+from coact.linearity.table import LinearityConfig
+from coact.settings import setting
+
+
+@dataclass(frozen=True)
+class ConnectConfig:
+    heldout_fraction: float = 0.1  # of contexts, for every held-out figure
+    seed: int = 0
+    path: LassoPathConfig = field(default_factory=LassoPathConfig)
+    magnitude: float = setting(0.05, "standardised |w| above which a weight counts as large")
+    stability: bool = setting(True, "refit on two disjoint halves of the training contexts")
+    mlp_hidden: int = 1024  # hidden units of the mlp used for linearity (beside the skip)
+    mlp_epochs: int = setting(10, "most epochs of the mlp fit (it stops early)")
+    mlp_patience: int = 2
+    mlp_lr: float = 1e-3
+    w2_magnitude: float = 0.1  # |W2| above which an mlp weight counts as large (raw)
+    linearity_chunk_outputs: int | None = None  # None: as many as fit LINEAR_MAP_ENTRIES
+    batch_tokens: int = 1024
+    device: str = "cpu"
+    linearity: LinearityConfig = field(default_factory=LinearityConfig)
+    layer_norm: float = 1.0  # for the seed's normalisation; see linearity.seed_scale
+    min_layer_norm: float = 1.0
+    formula_terms: int = 5
+    top_tokens: int = 5
+    progress: bool = True

@@ -1,0 +1,81 @@
+"""Stages rerun on a finished run directory by their own command (`coact ablate`,
+`coact outliers`): the run's config says which model, codes and SAEs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coact.codes.store import CodeStore
+from coact.errors import CoactError
+from coact.evidence.ablation import AblationConfig, AblationResult, ablate
+from coact.evidence.outliers import OutlierConfig, OutliersResult, outliers, run_saes
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.shared import layer_sites
+from coact.rundir.layout import RunLayout, read_run_config
+
+
+def report_ablation_targets(
+    run_dir: Path, features: int | list[int], settings: AblationConfig
+) -> dict[tuple[str, int], int]:
+    """(site slug, feature) → top contexts to ablate: the output features the report gives
+    a page (the `features` most interesting ones, or these ids) and their top inputs."""
+    from coact.report.select import ablation_targets, interesting_features
+    from coact.rundir.read import load_run
+
+    data = load_run(run_dir)
+    if isinstance(features, int):
+        if data.features is None:
+            raise CoactError(f"{run_dir} has no linearity table: run `coact connect` first")
+        outputs = list(interesting_features(data, features))
+    else:
+        outputs = [int(j) for j in features]
+    return ablation_targets(
+        data,
+        outputs,
+        settings.contexts,
+        settings.inputs_per_feature,
+        settings.input_contexts,
+    )
+
+
+def ablate_run(
+    run_dir: str | Path,
+    settings: AblationConfig | None = None,
+    features: int | list[int] = 50,
+    device: str = "cpu",
+) -> AblationResult:
+    """`coact ablate`: context ablation of a finished run's report features (or the given
+    output features) and their top inputs, into <run>/evidence/."""
+    settings = settings or AblationConfig()
+    layout = RunLayout.of(run_dir)
+    config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    wanted = report_ablation_targets(layout.run_dir, features, settings)
+    lm = load_model(config.model, device=device, seed=config.seed)
+    store = CodeStore.open(layout.codes)
+    found = run_saes(layout.run_dir, sorted({slug for slug, _ in wanted}), device=device)
+    saes = {Site.parse(slug): sae for slug, sae in found.items()}
+    decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
+    return ablate(lm, saes, store, wanted, layout.ablation.path, settings, decode=decode)
+
+
+def outliers_run(
+    run_dir: str | Path, settings: OutlierConfig | None = None, device: str = "cpu"
+) -> OutliersResult:
+    """`coact outliers`: flag a finished run's artefact features into <run>/outliers/."""
+    import polars as pl
+
+    from coact.report.evidence import default_decode
+
+    layout = RunLayout.of(run_dir)
+    config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    store = CodeStore.open(layout.codes)
+    slugs = [site.slug for site in layer_sites(config, config.layer)]
+    top = layout.connect.top_tokens
+    decode = default_decode(layout.run_dir, pl.read_parquet(top) if top.is_file() else None)
+    saes = run_saes(layout.run_dir, slugs, device=device)
+    return outliers(
+        store, layout.outliers.path, settings or OutlierConfig(), sites=slugs, decode=decode,
+        saes=saes,
+    )  # fmt: skip
