@@ -11,8 +11,8 @@ import vl_convert
 
 from coact.block.graph import LayerTables, feature_graph, write_graph
 from coact.errors import CoactError
-from coact.report.figures import spec_title, untitled_axes
-from coact.report.graph import graph_chart
+from coact.report.charts.base import spec_title, untitled_axes
+from coact.report.charts.graph import graph_chart
 
 
 def _connect(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:

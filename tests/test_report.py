@@ -17,8 +17,8 @@ import pytest
 from coact.errors import CoactError
 from coact.pipeline.run import analyze
 from coact.report.build import build_report
+from coact.report.charts.base import spec_title, untitled_axes
 from coact.report.evidence import Evidence
-from coact.report.figures import spec_title, untitled_axes
 from tests.tiny_run import tiny_config
 
 LAYER_CHARTS = {

@@ -22,9 +22,9 @@ from polars.testing import assert_frame_equal
 from coact.block.graph import EDGE_SCHEMA
 from coact.errors import CoactError
 from coact.pipeline.run import analyze
+from coact.report.charts.base import spec_title, untitled_axes
 from coact.report.embed import Figures
 from coact.report.feature_page import attention_page
-from coact.report.figures import spec_title, untitled_axes
 from coact.report.model import _header, build_model_report, column_groups, is_model_run
 from coact.report.pages import TokenText
 from coact.report.select import interesting_attention_features

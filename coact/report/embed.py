@@ -15,7 +15,7 @@ import altair as alt
 import vl_convert
 
 from coact.errors import CoactError
-from coact.report.figures import spec_title
+from coact.report.charts.base import spec_title
 
 Chart = alt.TopLevelMixin | Mapping[str, Any]
 MAX_SVG_BYTES = 400_000  # a larger static fallback is written as PNG instead

@@ -16,7 +16,9 @@ from typing import Any
 import polars as pl
 
 from coact.models.sites import Site
-from coact.report import charts, figures
+from coact.report.charts import base as base_charts
+from coact.report.charts import evidence as evidence_charts
+from coact.report.charts import logic as logic_charts
 from coact.report.embed import Figures
 from coact.report.evidence import Evidence, context_html, contexts_table
 from coact.report.pages import (
@@ -166,7 +168,7 @@ def _evidence_part(
         contexts_table(top, vmax, name),
         "",
         fig.figure(
-            figures.activation_histogram(values, name, evidence.n_tokens),
+            evidence_charts.activation_histogram(values, name, evidence.n_tokens),
             f"{prefix}-{j}-histogram",
             "Read: the spread of its activations; a long right tail means the top contexts "
             "above are exceptional, a bump near zero means it mostly fires weakly.",
@@ -425,7 +427,7 @@ def _logic_section(
         frame, total = evidence.coactive(data.in_slug, data.out_slug, inputs, j)
         if frame.height:
             title = f"out {j} against its inputs: {describe_label(lab)}"
-            spec = charts.coactivation(frame, inputs, j, title).to_dict()
+            spec = logic_charts.coactivation(frame, inputs, j, title).to_dict()
             spec["title"]["subtitle"] = (
                 f"{frame.height:,} of the {total:,} tokens where an input or the target is "
                 "active (evenly spaced; activations in code units)"
@@ -443,7 +445,7 @@ def _logic_section(
         if modes.filter(pl.col("cluster") >= 0).height:
             out.append(
                 fig.figure(
-                    charts.cluster_summary(modes, f"out {j}: co-activation modes"),
+                    logic_charts.cluster_summary(modes, f"out {j}: co-activation modes"),
                     f"out-{j}-modes",
                     "Read: each row is a typical pattern of input activations (HDBSCAN mode) "
                     "where the target fires, or where its inputs fire but it does not.",
@@ -668,7 +670,7 @@ def _attention_connector(
             and data.ablation.filter(pl.col("site") == Site.parse(in_site).slug).height > 0,
         ),
     ]  # fmt: skip
-    column = figures.D_COLUMN.get(form, "d_seed")
+    column = base_charts.D_COLUMN.get(form, "d_seed")
     verdict = row.get("verdict") or row.get("status")
     at = f"τ = {num(tau)} ({form} form, {where})" if tau is not None else f"its τ ({form} form)"
     out += [
@@ -700,7 +702,7 @@ def _position_score(
 
     p = data.positions
     form = attention_form(data)
-    column = figures.GAIN_COLUMN.get(form, "gain_seed")
+    column = base_charts.GAIN_COLUMN.get(form, "gain_seed")
     ranked = position_ranking(data, form)["feature"].to_list()
     rank = f"rank {ranked.index(j) + 1} of {len(ranked)}" if j in ranked else "not ranked"
     verdict = str(position.get("verdict") or position.get("status"))
@@ -883,7 +885,7 @@ def ablation_section(data: RunData, slug: str, j: int, name: str, fig: Figures) 
         "earlier token, so a drop under removal alone points at position, not content.",
         "",
         fig.figure(
-            figures.ablation_drops(rows, name, filler),
+            evidence_charts.ablation_drops(rows, name, filler),
             f"{slug.replace('.', '-').replace('_', '-')}-{j}-ablation",
             "Read: a red cell is a token the feature needs (the activation falls without it); "
             "a row with no red cell fires on the activating token itself or on longer context.",

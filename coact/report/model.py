@@ -21,8 +21,8 @@ import polars as pl
 
 from coact.errors import CoactError
 from coact.linearity.table import LinearityConfig, percent_linear, relabel
-from coact.report import figures
 from coact.report.build import _prepare, _Say, build_report
+from coact.report.charts import model as model_charts
 from coact.report.embed import Figures
 from coact.report.pages import Cell, html_table, md_table, note, num, pct
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
@@ -526,7 +526,7 @@ def _charts(table: pl.DataFrame, runs: Mapping[int, RunData], fig: Figures) -> l
     if shares.height:
         out.append(
             fig.figure(
-                figures.layer_shares(shares),
+                model_charts.layer_shares(shares),
                 "layer-shares",
                 "Read: how much of each layer's computation is linear (MLP, attention) and how "
                 "much of attention needs no earlier position; compare layers on the dashed "
@@ -550,7 +550,7 @@ def _charts(table: pl.DataFrame, runs: Mapping[int, RunData], fig: Figures) -> l
         ).filter(pl.col("r2").is_not_null())
         out.append(
             fig.figure(
-                figures.layer_composition(composition, r2),
+                model_charts.layer_composition(composition, r2),
                 "layer-composition",
                 "Read: which source each layer's next-stream features come from; a growing "
                 "MLP or attention bar means that layer writes more of what the next one reads.",
@@ -574,7 +574,7 @@ def _charts(table: pl.DataFrame, runs: Mapping[int, RunData], fig: Figures) -> l
         )
         out.append(
             fig.figure(
-                figures.layer_decoded(decoded),
+                model_charts.layer_decoded(decoded),
                 "layer-decoded",
                 "Read: identity_raw near 0 confirms the captured sites add up; the gap between "
                 "composition_decoded and target_sae is what the sparse composition loses.",

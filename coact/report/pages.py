@@ -21,7 +21,12 @@ import polars as pl
 
 from coact.errors import CoactError
 from coact.models.sites import Site
-from coact.report import charts, figures
+from coact.report.charts import base as base_charts
+from coact.report.charts import block as block_charts
+from coact.report.charts import calibrate as calibrate_charts
+from coact.report.charts import connect as connect_charts
+from coact.report.charts import logic as logic_charts
+from coact.report.charts import sae as sae_charts
 from coact.report.embed import Figures, load_spec
 from coact.rundir.read import RunData
 
@@ -312,7 +317,7 @@ def index_page(data: RunData, fig: Figures, n_pages: int, model: str | None = No
     if data.sae_logs:
         out.append(
             fig.figure(
-                figures.sae_training(data.sae_logs),
+                sae_charts.sae_training(data.sae_logs),
                 "sae-training",
                 "Read: FVU should fall and level off, and the dead share stay small; a curve "
                 "still falling at the end means the SAE saw too few tokens.",
@@ -498,7 +503,7 @@ def layer_page(
         if data.mlp_curve is not None and data.mlp_curve.height:
             out.append(
                 fig.figure(
-                    figures.mlp_curve(data.mlp_curve, c.get("tokens_train")),
+                    connect_charts.mlp_curve(data.mlp_curve, c.get("tokens_train")),
                     "mlp-curve",
                     "Read: the validation loss should level off where training stopped; a gap "
                     "that widens means the mlp overfits, a curve still falling means more epochs "
@@ -508,7 +513,7 @@ def layer_page(
         if data.sweep is not None and data.sweep.height:
             out.append(
                 fig.figure(
-                    figures.lasso_path(data.sweep, held),
+                    connect_charts.lasso_path(data.sweep, held),
                     "lasso-path",
                     "Read: held-out loss falls as α shrinks and more weights join; where it stops "
                     "falling, more weights only fit noise.",
@@ -524,7 +529,7 @@ def layer_page(
         rows = [(name, float(v)) for name, v in families if v is not None]
         out.append(
             fig.figure(
-                figures.family_losses(rows, held),
+                connect_charts.family_losses(rows, held),
                 "families",
                 "Read: the gap between least squares and the mlp is what nonlinearity adds on "
                 "average; the sparse connector trades loss for a few readable weights.",
@@ -535,7 +540,7 @@ def layer_page(
         if data.sweep is not None and data.sweep.height:
             out.append(
                 fig.figure(
-                    figures.pareto(data.sweep, held),
+                    connect_charts.pareto(data.sweep, held),
                     "pareto",
                     "Read: points on the grey frontier are the best trade-offs; the diamond (the "
                     "elbow) is where more weight stops buying much lower loss.",
@@ -575,7 +580,7 @@ def linearity_section(data: RunData, fig: Figures) -> list[str]:
         taus[f"τ = {tau_cal:.3g} (calibrated)"] = tau_cal
     out.append(
         fig.figure(
-            figures.d_distribution(f, form, taus, int(c["tokens_heldout"])),
+            connect_charts.d_distribution(f, form, taus, int(c["tokens_heldout"])),
             "d-distribution",
             "Read: features left of a dashed τ are linear at that τ; colour shows whether d's "
             "95% interval lies wholly below τ (linear), above it (nonlinear) or across it.",
@@ -655,7 +660,9 @@ def _attention_threshold(data: RunData, fig: Figures) -> list[str]:
     if k is None or splices is None or not splices.filter(pl.col("tau").is_not_null()).height:
         return []
     spec = load_spec(directory / "threshold.vl.json")
-    chart = spec or charts.threshold_curve(splices, float(k["tau"]), float(k["tolerance"]))
+    chart = spec or calibrate_charts.threshold_curve(
+        splices, float(k["tau"]), float(k["tolerance"])
+    )
     line = (
         f"Attention's τ = {float(k['tau']):.3g} is calibrated like the MLP's, at "
         f"`{data.attn_out_site}`: the largest threshold whose splice (least squares for the "
@@ -704,7 +711,7 @@ def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> lis
         ]
         out.append(
             fig.figure(
-                figures.family_losses(
+                connect_charts.family_losses(
                     [(n, float(v)) for n, v in families if v is not None],
                     held,
                     "Attention connector families",
@@ -718,7 +725,7 @@ def attention_section(data: RunData, fig: Figures, token_text: TokenText) -> lis
         if data.attention_features is not None:
             out.append(
                 fig.figure(
-                    figures.d_distribution(
+                    connect_charts.d_distribution(
                         data.attention_features, form, {f"τ = {tau:.3g} ({where})": tau}, held
                     ),
                     "attention-d-distribution",
@@ -797,7 +804,7 @@ def _causal_part(data: RunData, fig: Figures) -> list[str]:
         if "gain_fvu" in table.columns:
             out.append(
                 fig.figure(
-                    figures.position_causal(
+                    block_charts.position_causal(
                         table, float(r["threshold"]), int(c["contexts"]), int(c.get("targets", 8))
                     ),
                     "position-causal",
@@ -835,13 +842,13 @@ def _positions_part(
     out = ["### Which attention features need earlier positions", ""]
     out.append(
         fig.figure(
-            figures.position_gains(table, form, tau, p.get("tokens_heldout")),
+            block_charts.position_gains(table, form, tau, p.get("tokens_heldout")),
             "position-gains",
             "Read: features right of τ gain from earlier positions (attention moves "
             "information to them); those left of 0 gain nothing, the wider fit only overfits.",
         )
     )
-    column = figures.GAIN_COLUMN.get(form, "gain_seed")
+    column = base_charts.GAIN_COLUMN.get(form, "gain_seed")
     top = position_ranking(data, form).head(10)
     verdicts: dict[int, str] = {}
     if data.attention_features is not None:
@@ -971,7 +978,7 @@ def composition_section(data: RunData, fig: Figures, graphs: GraphWriter | None)
     if data.composition_table is not None:
         out.append(
             fig.figure(
-                figures.composition_shares(data.composition_table, sources, target),
+                block_charts.composition_shares(data.composition_table, sources, target),
                 "composition-shares",
                 "Read: the colours split what the fit explains of each feature among the "
                 "sources; a wide block of one colour means many features come mostly from "
@@ -981,7 +988,7 @@ def composition_section(data: RunData, fig: Figures, graphs: GraphWriter | None)
     if data.composition_sweep is not None and data.composition_sweep.height:
         out.append(
             fig.figure(
-                figures.lasso_path(
+                connect_charts.lasso_path(
                     data.composition_sweep, int(c["tokens_heldout"]), "Residual composition"
                 ),
                 "composition-lasso-path",
@@ -1086,7 +1093,9 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
         spec = load_spec(directory / "noise.vl.json")
         out.append(
             fig.figure(
-                spec if spec is not None else charts.noise_curves(data.noise, data.out_site),
+                spec
+                if spec is not None
+                else calibrate_charts.noise_curves(data.noise, data.out_site),
                 "noise",
                 "Read: how many nats of next-token loss each size of error costs; if the "
                 "SAE-shaped curve lies above the isotropic one, error along feature directions "
@@ -1095,7 +1104,9 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
         )
     if data.splices is not None and data.splices.filter(pl.col("tau").is_not_null()).height:
         spec = load_spec(directory / "threshold.vl.json")
-        chart = spec or charts.threshold_curve(data.splices, float(k["tau"]), float(k["tolerance"]))
+        chart = spec or calibrate_charts.threshold_curve(
+            data.splices, float(k["tau"]), float(k["tolerance"])
+        )
         out.append(
             fig.figure(
                 chart,
@@ -1107,7 +1118,7 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
     if data.splices is not None and data.splices.height:
         out.append(
             fig.figure(
-                figures.splices(data.splices),
+                calibrate_charts.splices(data.splices),
                 "splices",
                 "Read: a splice near zero costs the model nothing; compare linear and mlp with "
                 "the SAE's own reconstruction (the floor) and with zero ablation (the ceiling).",
@@ -1144,7 +1155,7 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
         ca = k.get("causal") or {}
         out.append(
             fig.figure(
-                figures.causal(data.causal),
+                calibrate_charts.causal(data.causal),
                 "causal",
                 "Read: points on the diagonal are connections whose formula predicts the model's "
                 "own change; points in the wrong quadrant have the wrong sign.",
@@ -1168,7 +1179,7 @@ def logic_section(data: RunData, fig: Figures, pages: set[int]) -> list[str]:
         return [*out, note("Features were not labelled: `coact logic RUN` labels them."), ""]
     out.append(
         fig.figure(
-            figures.label_counts(g["counts"], g.get("hidden_counts"), g.get("tokens")),
+            logic_charts.label_counts(g["counts"], g.get("hidden_counts"), g.get("tokens")),
             "label-counts",
             "Read: how many features each computation explains; UNEXPLAINED features fire "
             "mostly without their inputs or follow no clean rule.",

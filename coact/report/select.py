@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import polars as pl
 
 from coact.models.sites import Site
-from coact.report.figures import GAIN_COLUMN
+from coact.report.charts.base import GAIN_COLUMN
 from coact.rundir.read import RunData
 
 DEFAULT_FEATURES = 50

@@ -1,94 +1,41 @@
-"""Charts of a run's results (altair): each with a title, axis units and the tokens it
-rests on in its subtitle, saved as vega-lite JSON (interactive) and PNG (static)."""
+"""Charts of the logic labels: counts per label, co-activation scatter, truth tables and
+co-activation modes."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 
 import altair as alt
 import polars as pl
 
-from coact.rundir.files import atomic_write
+from coact.report.charts.base import chart_title, to_pandas
 
 
-def save(chart: alt.TopLevelMixin, path_stem: Path) -> list[Path]:
-    """`<stem>.vl.json` and `<stem>.png`, each written atomically (a dot in the stem stays)."""
-    spec = chart.to_json()
-    paths = [path_stem.with_name(path_stem.name + ext) for ext in (".vl.json", ".png")]
-    atomic_write(paths[0], lambda tmp: tmp.write_text(spec))
-    atomic_write(paths[1], lambda tmp: chart.save(str(tmp), format="png", scale_factor=2))
-    return paths
-
-
-def _title(text: str, subtitle: str) -> alt.TitleParams:
-    return alt.TitleParams(text, subtitle=subtitle, anchor="start")
-
-
-def noise_curves(noise: pl.DataFrame, site: str) -> alt.LayerChart:
-    """ΔCE against the noise's realised normalised MSE, one line per kind, with intervals."""
-    data = noise.filter(pl.col("realised_nmse") > 0).to_pandas()
-    n_tokens, n_contexts = int(noise["n_tokens"][0]), int(noise["n_contexts"][0])
-    base = alt.Chart(data).encode(
-        x=alt.X(
-            "realised_nmse:Q",
-            scale=alt.Scale(type="log"),
-            title="noise MSE / variance of the site (normalised MSE)",
-        ),
-        color=alt.Color("kind:N", title="noise"),
+def label_counts(
+    counts: Mapping[str, int], hidden: Mapping[str, int] | None, n_tokens: int | None
+) -> alt.LayerChart:
+    """Features per logic label (and sae-connector hidden latents), symlog axis."""
+    rows = [{"label": k, "targets": "output features", "count": int(v)} for k, v in counts.items()]
+    if hidden:
+        rows += [
+            {"label": k, "targets": "hidden latents", "count": int(v)} for k, v in hidden.items()
+        ]
+    frame = to_pandas(pl.DataFrame(rows))
+    base = alt.Chart(frame).encode(
+        y=alt.Y("label:N", title="logic label", sort=list(counts)),
+        yOffset=alt.YOffset("targets:N"),
+        x=alt.X("count:Q", title="features (count, symlog axis)", scale=alt.Scale(type="symlog")),
     )
-    band = base.mark_area(opacity=0.2).encode(
-        y=alt.Y("delta_ce_low:Q", title="ΔCE, next-token loss (nats per token)"),
-        y2="delta_ce_high:Q",
+    bars = base.mark_bar().encode(
+        color=alt.Color("targets:N", title="targets"), tooltip=["label:N", "targets:N", "count:Q"]
     )
-    line = base.mark_line(point=True).encode(
-        y="delta_ce:Q",
-        tooltip=["kind:N", "strength:Q", "realised_nmse:Q", "delta_ce:Q", "kl:Q"],
-    )
-    return (band + line).properties(
+    text = base.mark_text(align="left", dx=3).encode(text="count:Q")
+    seen = f"{n_tokens:,} tokens" if n_tokens else "the stored tokens"
+    return (bars + text).properties(
         width=420,
-        height=260,
-        title=_title(
-            f"Noise at {site}: how much loss each kind of error costs",
-            f"SAE-shaped noise lies along active decoder directions; bands: 95% bootstrap "
-            f"over {n_contexts} contexts, {n_tokens:,} tokens",
-        ),
-    )
-
-
-def threshold_curve(splices: pl.DataFrame, tau: float, tolerance: float) -> alt.LayerChart:
-    """Extra ΔCE over the all-mlp splice against τ, the tolerance ε and the chosen τ."""
-    rows = splices.filter(pl.col("tau").is_not_null())
-    n_tokens, n_contexts = int(rows["n_tokens"][0]), int(rows["n_contexts"][0])
-    data = rows.to_pandas()
-    base = alt.Chart(data).encode(
-        x=alt.X("features_linear:Q", title="features given linear predictions (τ rising →)")
-    )
-    band = base.mark_area(opacity=0.2).encode(
-        y=alt.Y("extra_delta_ce_low:Q", title="extra ΔCE over the mlp splice (nats per token)"),
-        y2="extra_delta_ce_high:Q",
-    )
-    line = base.mark_line(point=True).encode(
-        y="extra_delta_ce:Q",
-        tooltip=["splice:N", "tau:Q", "features_linear:Q", "extra_delta_ce:Q", "extra_kl:Q"],
-    )
-    eps = (
-        alt.Chart(pl.DataFrame({"y": [tolerance]}).to_pandas())
-        .mark_rule(strokeDash=[4, 4], color="firebrick")
-        .encode(y="y:Q")
-    )
-    chosen = rows.filter(pl.col("tau") == tau)
-    mark = (
-        alt.Chart(chosen.to_pandas())
-        .mark_point(shape="diamond", size=150, filled=True, color="black")
-        .encode(x="features_linear:Q", y="extra_delta_ce:Q")
-    )
-    return (band + line + eps + mark).properties(
-        width=420,
-        height=260,
-        title=_title(
-            f"Calibrating τ: the diamond is τ = {tau:.3g}, dashed line ε = {tolerance:g} nats",
-            f"linear predictions for features with d ≤ τ, mlp for the rest; bands: 95% "
-            f"bootstrap over {n_contexts} contexts, {n_tokens:,} tokens",
+        title=chart_title(
+            "Logic labels: which computation explains each feature",
+            f"labels from co-activation counts over {seen}",
         ),
     )
 
@@ -114,7 +61,7 @@ def coactivation(
                 color=color,
             )
         )
-        return chart.properties(width=320, height=260, title=_title(title, subtitle))
+        return chart.properties(width=320, height=260, title=chart_title(title, subtitle))
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     panels = [
         alt.Chart(frame)
@@ -128,7 +75,7 @@ def coactivation(
         for a, b in pairs
     ]
     rows = [alt.hconcat(*panels[i : i + 3]) for i in range(0, len(panels), 3)]
-    return alt.vconcat(*rows).properties(title=_title(title, subtitle))
+    return alt.vconcat(*rows).properties(title=chart_title(title, subtitle))
 
 
 def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
@@ -155,7 +102,7 @@ def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
     tokens = int(table["count"].sum()) if table.height else 0
     return (heat + text).properties(
         width=160,
-        title=_title(
+        title=chart_title(
             title,
             f"truth table over {tokens:,} tokens; rows with fewer than the "
             "minimum tokens are unobserved",
@@ -193,5 +140,7 @@ def cluster_summary(clusters: pl.DataFrame, title: str) -> alt.TopLevelMixin:
     tokens = int(clusters["size"].sum()) if clusters.height else 0
     return (heat + text).properties(
         width=220,
-        title=_title(title, f"modes found among {tokens:,} sampled tokens (noise points left out)"),
+        title=chart_title(
+            title, f"modes found among {tokens:,} sampled tokens (noise points left out)"
+        ),
     )
