@@ -18,7 +18,7 @@ def sae_training(logs: Mapping[str, TrainLog]) -> alt.HConcatChart:
         fvu = list(log.fvu)
         if not fvu:
             continue
-        seen = float(log.tokens_seen or len(fvu))
+        seen = float(log.tokens_seen)
         step_tokens = seen / len(fvu)
         dead = list(log.dead_fraction) or [float("nan")] * len(fvu)
         frames.append(
