@@ -85,8 +85,8 @@ def test_hand_built_feature_depends_on_the_token_two_back(hand, tmp_path: Path) 
     config = AblationConfig(contexts=4, window=4, batch_size=5, progress=False)
     headline = ablate(lm, {SITE: sae}, store_dir, {(SITE.slug, 0): 4}, tmp_path, config)
     table = pl.read_parquet(tmp_path / "ablation.parquet")
-    assert headline["contexts"] == 2  # it fires in two contexts only
-    assert headline["max_clean_mismatch"] < 1e-5
+    assert headline.contexts == 2  # it fires in two contexts only
+    assert headline.max_clean_mismatch < 1e-5
     assert set(table["context"]) == {0, 2}
     assert sorted(set(zip(table["context"], table["position"], strict=True))) == [(0, 7), (2, 12)]
     assert table["clean"].to_numpy() == pytest.approx(SCALE, rel=1e-4)  # RMSNorm eps
@@ -120,10 +120,10 @@ def test_finished_result_is_reused_and_a_new_config_redone(hand, tmp_path: Path)
     wanted = {(SITE.slug, 0): 1}
     first = ablate(lm, {SITE: sae}, store_dir, wanted, tmp_path, config)
     again = ablate(lm, {SITE: sae}, store_dir, wanted, tmp_path, config)
-    assert again["key"] == first["key"] and again["seconds"] == first["seconds"]  # reused
+    assert again.key == first.key and again.seconds == first.seconds  # reused
     other = ablate(lm, {SITE: sae}, store_dir, wanted, tmp_path, AblationConfig(window=3))
-    assert other["key"] != first["key"]
-    assert json.loads((tmp_path / "ablation.json").read_text())["key"] == other["key"]
+    assert other.key != first.key
+    assert json.loads((tmp_path / "ablation.json").read_text())["key"] == other.key
 
 
 def test_variants_never_touch_bos_and_shift_on_remove() -> None:

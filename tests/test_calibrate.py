@@ -36,9 +36,11 @@ def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
     from coact.calibrate.stage import CalibrateConfig, calibrate
     from coact.codes.collect import CollectConfig, collect_codes
     from coact.codes.corpus import Contexts
+    from coact.connectors.config import ConnectConfig
     from coact.connectors.exact import LassoPathConfig
-    from coact.connectors.stage import ConnectConfig, connect
-    from coact.pipeline.run import calibration_tokens
+    from coact.connectors.stage import connect
+    from coact.models.sites import SitePair
+    from coact.pipeline.shared import calibration_tokens
     from tests.planted_model import planted_attention, planted_model, random_tokens
 
     plant = (planted_attention if attention else planted_model)(kind)  # type: ignore[operator]
@@ -50,19 +52,18 @@ def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
         CollectConfig(forward_batch=16, shard_contexts=32),
     )  # fmt: skip
     linking = ConnectConfig(
-        str(site_in), str(site_out), heldout_fraction=0.25, path=LassoPathConfig(n_alphas=6),
-        mlp_hidden=32, mlp_epochs=30, mlp_lr=1e-2, batch_tokens=128, progress=False,
+        heldout_fraction=0.25, path=LassoPathConfig(n_alphas=6), mlp_hidden=32, mlp_epochs=30,
+        mlp_lr=1e-2, batch_tokens=128, progress=False,
     )  # fmt: skip
-    connect(store, linking, tmp_path / "connect")
+    pair = SitePair(site_in, site_out)
+    connect(store, pair, tmp_path / "connect", linking)
     held = calibration_tokens(contexts, store, linking)
     config = CalibrateConfig(
-        layer=plant.layer, contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False,
-        in_site=str(site_in) if attention else "", out_site=str(site_out) if attention else "",
-        **settings,
-    )  # fmt: skip
+        contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False, **settings
+    )
     out = tmp_path / "calibrate"
     summary = calibrate(
-        plant.lm, plant.sae_in, plant.sae_out, held, tmp_path / "connect", out, config
+        plant.lm, pair, plant.sae_in, plant.sae_out, held, tmp_path / "connect", out, config
     )
     return summary, out
 
@@ -80,18 +81,19 @@ def test_linear_plant_splices_back_the_clean_model_and_is_all_linear(tmp_path) -
     assert abs(splices["linear"]["delta_ce"]) < 1e-4 and splices["linear"]["kl"] < 1e-5
     assert splices["zero"]["ce_recovered"] == 0.0 and splices["linear"]["ce_recovered"] > 0.99
     # Every candidate τ stays within ε, so τ is the largest: every alive feature is linear.
-    assert summary["linear_calibrated"]["percent_linear"] == 100.0
+    assert summary.linear_calibrated.percent_linear == 100.0
     taus = pl.read_parquet(out / "splices.parquet")["tau"].drop_nulls()
-    assert summary["tau"] == taus.max()
+    assert summary.tau == taus.max()
     noise = pl.read_parquet(out / "noise.parquet").filter(pl.col("strength") == 0.0)
     assert noise.height == 2 and (noise["delta_ce"] == 0.0).all()
-    causal = summary["causal"]
-    assert causal["judged"] > 0 and causal["share_both_agree"] == 1.0
-    assert summary["n_tokens"] == 24 * 22 and (out / "calibrate.json").is_file()
-    for chart in ("noise", "threshold"):
-        spec = json.loads((out / f"{chart}.vl.json").read_text())
+    causal = summary.causal
+    assert causal is not None and causal.judged > 0 and causal.share_both_agree == 1.0
+    assert summary.n_tokens == 24 * 22 and (out / "calibrate.json").is_file()
+    # the report draws the stage's curves from its tables
+    for drawn in _charts(summary, out, tmp_path).values():
+        spec = json.loads(drawn[0].read_text())
         assert "tokens" in spec["title"]["subtitle"]  # every figure states what it rests on
-        assert (out / f"{chart}.png").stat().st_size > 10_000
+        assert drawn[1].stat().st_size > 10_000
 
 
 def test_attention_plant_is_calibrated_at_attn_out(tmp_path) -> None:
@@ -107,7 +109,27 @@ def test_attention_plant_is_calibrated_at_attn_out(tmp_path) -> None:
     assert abs(splices["sae"]["delta_ce"]) < 1e-5 and splices["sae"]["kl"] < 1e-6
     assert abs(splices["linear"]["delta_ce"]) < 1e-4 and splices["linear"]["kl"] < 1e-5
     assert splices["zero"]["kl"] > 1e-4  # zeroing the planted attention changes the model
-    assert summary["linear_calibrated"]["percent_linear"] == 100.0
-    assert "causal" not in summary and not (out / "causal.parquet").exists()
-    spec = json.loads((out / "noise.vl.json").read_text())
+    assert summary.linear_calibrated.percent_linear == 100.0
+    assert summary.causal is None and not (out / "causal.parquet").exists()
+    spec = json.loads(_charts(summary, out, tmp_path)["noise"][0].read_text())
     assert "attn_out[1]" in json.dumps(spec)  # the curves name the site they were taken at
+
+
+def _charts(summary, out, tmp_path):
+    """The report's noise and threshold charts of a calibration, drawn from its tables."""
+    import polars as pl
+
+    from coact.report.charts import calibrate as calibrate_charts
+    from coact.report.charts.base import save
+
+    noise, splices = (
+        pl.read_parquet(out / "noise.parquet"),
+        pl.read_parquet(out / "splices.parquet"),
+    )
+    return {
+        "noise": save(calibrate_charts.noise_curves(noise, summary.out_site), tmp_path / "noise"),
+        "threshold": save(
+            calibrate_charts.threshold_curve(splices, summary.tau, summary.tolerance),
+            tmp_path / "threshold",
+        ),
+    }

@@ -99,8 +99,8 @@ def test_linear_plant_every_judged_connection_agrees(linear, linear_table) -> No
     np.testing.assert_allclose(judged["actual_mean"], judged["predicted_mean"], rtol=1e-4)
     np.testing.assert_allclose(judged["corr"], 1.0, atol=1e-6)
     summary = causal_summary(linear_table)
-    assert summary["connections"] == linear_table.height == judged.height + 1
-    assert summary["share_both_agree"] == 1.0
+    assert summary.connections == linear_table.height == judged.height + 1
+    assert summary.share_both_agree == 1.0
     assert linear_table["predicted_mlp_mean"].is_nan().all()
 
 
@@ -120,7 +120,7 @@ def test_threshold_plant_fails_size_for_and_outputs(threshold, threshold_table) 
     # Ablating one input of an AND removes less than the linear formula says.
     failed = ands.filter(~pl.col("size_agrees"))
     assert (failed["actual_mean"].abs() < 0.5 * failed["predicted_mean"].abs()).all()
-    assert causal_summary(threshold_table)["share_size_agrees"] < 1.0
+    assert causal_summary(threshold_table).share_size_agrees < 1.0
 
 
 def test_actual_change_by_brute_force(threshold, threshold_table, tokens) -> None:

@@ -15,12 +15,11 @@ import torch
 
 from coact.block.composition import (
     CompositionConfig,
-    CompositionConnector,
+    CompositionSites,
     compose,
-    decoded_check,
-    least_squares_connector,
     variance_shares,
 )
+from coact.block.decoded import CompositionConnector, decoded_check, least_squares_connector
 from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, LassoPathConfig, linear_fit
 from coact.connectors.train import split_rows
@@ -71,13 +70,14 @@ def store(tmp_path_factory) -> CodeStore:
     return CodeStore.open(writer.directory)
 
 
-CONFIG = CompositionConfig(layer=1, path=LassoPathConfig(n_alphas=15), progress=False)
+SITES = CompositionSites.of_layer(1)
+CONFIG = CompositionConfig(path=LassoPathConfig(n_alphas=15), progress=False)
 
 
 @pytest.fixture(scope="module")
 def result(store, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("composition")
-    return compose(store, CONFIG, out), out
+    return compose(store, SITES, out, CONFIG), out
 
 
 def _split() -> tuple[np.ndarray, np.ndarray]:
@@ -88,16 +88,16 @@ def test_writes_tables_and_headline(result) -> None:
     summary, out = result
     for name in ("composition", "composition_weights", "composition_sweep"):
         assert (out / f"{name}.parquet").is_file()
-    assert json.loads((out / "composition.json").read_text()) == summary
+    assert json.loads((out / "composition.json").read_text()) == summary.to_dict()
     sweep = pl.read_parquet(out / "composition_sweep.parquet")
     assert sweep.height == 15 and sweep["chosen"].sum() == 1
-    assert sweep.filter(pl.col("chosen"))["alpha"].item() == summary["alpha"]
-    assert summary["sources"] == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]
-    assert summary["target"] == "resid_pre[2]" and (summary["alive"], summary["dead"]) == (W, 1)
-    assert summary["tokens_train"] + summary["tokens_heldout"] == N
-    assert summary["r2_ls"] == pytest.approx(1.0, abs=1e-9)
-    assert set(summary["variance_share_ls"]) == set(summary["sources"])
-    assert sum(summary["variance_share_ls"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert sweep.filter(pl.col("chosen"))["alpha"].item() == summary.alpha
+    assert summary.sources == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]
+    assert summary.target == "resid_pre[2]" and (summary.alive, summary.dead) == (W, 1)
+    assert summary.tokens_train + summary.tokens_heldout == N
+    assert summary.r2_ls == pytest.approx(1.0, abs=1e-9)
+    assert set(summary.variance_share_ls) == set(summary.sources)
+    assert sum(summary.variance_share_ls.values()) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_recovers_planted_support_and_coefficients(result) -> None:
@@ -127,7 +127,7 @@ def test_recovers_planted_support_and_coefficients(result) -> None:
                 for i, k in enumerate(("resid_pre", "attn_out", "mlp_out"))}  # fmt: skip
     for key, counts in expected.items():
         assert features[f"weights_{key}"].to_list() == counts
-    assert summary["weights_per_output"] == pytest.approx((3 * W + len(CROSS)) / W)
+    assert summary.weights_per_output == pytest.approx((3 * W + len(CROSS)) / W)
 
 
 def test_variance_shares_equal_the_planted_ones(store, result) -> None:
@@ -208,7 +208,7 @@ def test_shares_add_up_to_r2_of_least_squares_against_numpy() -> None:
 def test_a_finished_result_is_reused(store, result) -> None:
     summary, out = result
     stamp = (out / "composition_weights.parquet").stat().st_mtime_ns
-    assert compose(store, CONFIG, out) == summary
+    assert compose(store, SITES, out, CONFIG) == summary
     assert (out / "composition_weights.parquet").stat().st_mtime_ns == stamp
 
 
@@ -224,10 +224,12 @@ def test_connector_loads_and_predicts_the_refit(store, result) -> None:
 def test_bad_sites_are_one_clear_error(store, tmp_path) -> None:
     missing = r"resid_pre\.4, attn_out\.4, mlp_out\.4, resid_pre\.5 are not in the code"
     with pytest.raises(CoactError, match=missing):
-        compose(store, CompositionConfig(layer=4, progress=False), tmp_path / "c")
+        compose(
+            store, CompositionSites.of_layer(4), tmp_path / "c", CompositionConfig(progress=False)
+        )
     assert not (tmp_path / "c").exists()
     with pytest.raises(CoactError, match="also one of its sources"):
-        CompositionConfig(layer=1, target="mlp_out[1]").target_site()
+        CompositionSites.of_layer(1, target="mlp_out[1]")
 
 
 # ------------------------------------------------------- the decoded check, real models
@@ -296,8 +298,8 @@ def test_compose_on_tiny_model_codes_feeds_the_decoded_check(traced, tmp_path) -
     tokens = {"context": rows // 23, "position": rows % 23 + 1, "token_id": rows % 7,
               "doc": rows // 23}  # fmt: skip
     writer.write_shard(0, tokens, {s.slug: sp.csr_matrix(c) for s, c in codes.items()})
-    summary = compose(writer.directory, CompositionConfig(layer=1, progress=False), tmp_path / "o")
-    assert 0 < summary["r2_ls_train"] <= 1 and summary["weights_per_output"] > 0
+    summary = compose(writer.directory, SITES, tmp_path / "o", CompositionConfig(progress=False))
+    assert 0 < summary.r2_ls_train <= 1 and summary.weights_per_output > 0
     connector = CompositionConnector.load(tmp_path / "o")
     table = decoded_check({s: a[32:] for s, a in acts.items()}, saes, connector)
     fvu = dict(table.select("check", "fvu").iter_rows())

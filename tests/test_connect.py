@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from coact.cli import app
 from coact.codes.store import CodeStore
+from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.connectors.stage import ConnectConfig, connect
+from coact.connectors.stage import connect
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
+from coact.models.sites import SitePair
 
 N, CTX, N_IN = 8000, 20, 24
 SUPPORT = {0: {0: 1.0, 5: 0.8}, 1: {6: 1.5, 7: -0.7, 8: 0.6}, 2: {9: 2.0}}
@@ -57,9 +59,8 @@ def store(tmp_path_factory) -> CodeStore:
     return CodeStore.open(directory)
 
 
+PAIR = SitePair.of("mlp_resid[1]", "mlp_out[1]")
 CONFIG = ConnectConfig(
-    "mlp_resid[1]",
-    "mlp_out[1]",
     path=LassoPathConfig(n_alphas=12),
     mlp_hidden=32,
     mlp_epochs=15,
@@ -70,29 +71,29 @@ CONFIG = ConnectConfig(
 
 
 @pytest.fixture(scope="module")
-def result(store, tmp_path_factory) -> tuple[dict, object]:
+def result(store, tmp_path_factory) -> tuple[object, object]:
     out = tmp_path_factory.mktemp("connect")
-    return connect(store, CONFIG, out, decode=lambda ids: f"t{ids[0]}"), out
+    return connect(store, PAIR, out, CONFIG, decode=lambda ids: f"t{ids[0]}"), out
 
 
 def test_writes_every_table_and_the_headline(result) -> None:
     summary, out = result
     for name in ("sweep", "weights", "features", "top_tokens", "mlp_curve"):
         assert (out / f"{name}.parquet").is_file()
-    assert json.loads((out / "connect.json").read_text())["alpha"] == summary["alpha"]
+    assert json.loads((out / "connect.json").read_text())["alpha"] == summary.alpha
     sweep = pl.read_parquet(out / "sweep.parquet")
     assert sweep.height == 12 and sweep["chosen"].sum() == 1
     chosen = sweep.filter(pl.col("chosen"))
-    assert chosen["on_frontier"].item() and chosen["alpha"].item() == summary["alpha"]
-    assert summary["tokens_train"] + summary["tokens_heldout"] == N
+    assert chosen["on_frontier"].item() and chosen["alpha"].item() == summary.alpha
+    assert summary.tokens_train + summary.tokens_heldout == N
 
 
 def test_linearity_labels_planted_outputs(result) -> None:
     summary, out = result
     features = pl.read_parquet(out / "features.parquet")
     assert features["status"].to_list() == ["linear"] * 3 + ["nonlinear", "dead"]
-    assert (summary["linear"], summary["nonlinear"], summary["dead"]) == (3, 1, 1)
-    assert summary["percent_linear"] == pytest.approx(75.0)  # dead is not in the denominator
+    assert (summary.share.linear, summary.share.nonlinear, summary.share.dead) == (3, 1, 1)
+    assert summary.share.percent_linear == pytest.approx(75.0)  # dead is not in the denominator
     d_fvu = features["d_fvu"].to_numpy()
     assert d_fvu[3] > 0.3 and np.all(np.abs(d_fvu[:3]) < 1e-3)
 
@@ -138,13 +139,13 @@ def test_top_tokens_are_the_largest_activations(store, result) -> None:
 def test_a_finished_result_is_reused(store, result) -> None:
     summary, out = result
     stamp = (out / "weights.parquet").stat().st_mtime_ns
-    again = connect(store, CONFIG, out)
+    again = connect(store, PAIR, out, CONFIG)
     assert again == summary and (out / "weights.parquet").stat().st_mtime_ns == stamp
 
 
 def test_unknown_site_is_one_clear_error(store, tmp_path) -> None:
     with pytest.raises(CoactError, match=r"attn_out\.1 is not in the code store"):
-        connect(store, ConnectConfig("attn_out[1]", "mlp_out[1]"), tmp_path / "c")
+        connect(store, SitePair.of("attn_out[1]", "mlp_out[1]"), tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
@@ -170,8 +171,8 @@ def test_heldout_contexts_add_up_to_d_and_bound_it(result) -> None:
     summary, out = result
     features = pl.read_parquet(out / "features.parquet")
     contexts = HeldoutContexts.load(out / "linearity_contexts.npz")
-    assert contexts.tokens.sum() == summary["tokens_heldout"]
-    assert len(contexts.tokens) == summary["heldout_contexts"]
+    assert contexts.tokens.sum() == summary.tokens_heldout
+    assert len(contexts.tokens) == summary.heldout_contexts
     # One pass over the held-out tokens gives the same d as the two separate MSEs.
     d = contexts.diff.sum(0) / contexts.tokens.sum()
     np.testing.assert_allclose(d, features["d"].to_numpy(), atol=1e-5)
@@ -181,17 +182,17 @@ def test_heldout_contexts_add_up_to_d_and_bound_it(result) -> None:
     ).all()
     # The AND output's gain is far beyond the noise; the exact-linear ones carry none.
     assert features["verdict"].to_list()[3:] == ["nonlinear", "dead"]
-    assert summary["mlp_gain_beyond_noise"] >= 1
-    low, high = summary["percent_linear_confident"], summary["percent_linear_possible"]
-    assert low <= summary["percent_linear"] <= high
+    assert summary.share.mlp_gain_beyond_noise >= 1
+    low, high = summary.share.percent_linear_confident, summary.share.percent_linear_possible
+    assert low <= summary.share.percent_linear <= high
 
 
 def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_path) -> None:
     from dataclasses import replace
 
     summary, out = result
-    chunked = connect(store, replace(CONFIG, linearity_chunk_outputs=2), tmp_path / "chunked")
-    assert chunked["linearity_output_chunks"] == 3 and summary["linearity_output_chunks"] == 1
+    chunked = connect(store, PAIR, tmp_path / "chunked", replace(CONFIG, linearity_chunk_outputs=2))
+    assert chunked.linearity_output_chunks == 3 and summary.linearity_output_chunks == 1
     one, many = (pl.read_parquet(d / "features.parquet") for d in (out, tmp_path / "chunked"))
     np.testing.assert_allclose(many["mse_linear"], one["mse_linear"], rtol=1e-9, atol=1e-12)
     assert many["status"].to_list() == one["status"].to_list()
@@ -201,7 +202,7 @@ def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_pat
 
 def test_saved_connectors_predict_what_the_table_measured(store, result) -> None:
     from coact.connectors.families import csr_batch
-    from coact.connectors.stage import load_linearity_connectors
+    from coact.connectors.linearity_fits import load_linearity_connectors
 
     _, out = result
     (outputs, mlp), *rest = load_linearity_connectors(out / "linearity_connectors.safetensors")
@@ -224,6 +225,6 @@ def test_a_result_missing_a_file_is_redone(store, result, tmp_path) -> None:
     shutil.copytree(out, copy)
     (copy / "linearity_connectors.safetensors").unlink()
     stamp = (copy / "weights.parquet").stat().st_mtime_ns
-    connect(store, CONFIG, copy)
+    connect(store, PAIR, copy, CONFIG)
     assert (copy / "linearity_connectors.safetensors").is_file()
     assert (copy / "weights.parquet").stat().st_mtime_ns != stamp

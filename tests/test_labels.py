@@ -11,16 +11,20 @@ from typer.testing import CliRunner
 
 from coact.cli import app
 from coact.codes.store import CodeStore
+from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.connectors.stage import ConnectConfig, connect
+from coact.connectors.stage import connect
 from coact.errors import CoactError
 from coact.logic.planted import PlantedConfig, planted_circuits, score_labels
 from coact.logic.stage import LabelsConfig, describe, label_run
+from coact.models.sites import SitePair
+from coact.report.charts import logic as logic_charts
+from coact.report.charts.base import save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANT = PlantedConfig(n_tokens=30_000, n_inputs=96, seed=3)
-SETTINGS = LabelsConfig("mlp_resid[1]", "mlp_out[1]", sae_hidden=32, sae_epochs=1,
-                        progress=False)  # fmt: skip
+PAIR = SitePair.of("mlp_resid[1]", "mlp_out[1]")
+SETTINGS = LabelsConfig(sae_hidden=32, sae_epochs=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,11 @@ def run(tmp_path_factory):
     writer.write_shard(0, tokens, {"mlp_resid.1": circuits.x, "mlp_out.1": circuits.y})
     store = CodeStore.open(root / "codes")
     linking = ConnectConfig(
-        "mlp_resid[1]", "mlp_out[1]", path=LassoPathConfig(n_alphas=12), stability=False,
-        mlp_hidden=16, mlp_epochs=1, progress=False,
+        path=LassoPathConfig(n_alphas=12), stability=False, mlp_hidden=16, mlp_epochs=1,
+        progress=False,
     )  # fmt: skip
-    connect(store, linking, root / "connect")
-    summary = label_run(store, root / "connect", root / "logic", SETTINGS)
+    connect(store, PAIR, root / "connect", linking)
+    summary = label_run(store, PAIR, root / "connect", root / "logic", SETTINGS)
     return circuits, store, root, summary
 
 
@@ -51,15 +55,21 @@ def test_planted_labels_through_the_stage(run) -> None:
     score = score_labels(circuits, features)
     assert score.accuracy >= 0.95 and score.f1 >= 0.95
     truth = dict(circuits.truth.select("output", "label").iter_rows())
-    assert summary["counts"]["DEAD"] == sum(v == "DEAD" for v in truth.values())
-    assert sum(summary["counts"].values()) == circuits.y.shape[1]
+    assert summary.counts["DEAD"] == sum(v == "DEAD" for v in truth.values())
+    assert sum(summary.counts.values()) == circuits.y.shape[1]
     for name in ("truth_tables", "clusters", "hidden"):
         assert (root / "logic" / f"{name}.parquet").is_file()
     hidden = pl.read_parquet(root / "logic" / "hidden.parquet")
     assert hidden.height > 0 and hidden["outputs"].list.len().max() == SETTINGS.sae_outputs
-    for pngs in summary["charts"].values():
-        assert all((root / "logic" / "charts").joinpath(p.split("/")[-1]).is_file() for p in pngs)
-    assert json.loads((root / "logic" / "logic.json").read_text())["counts"] == summary["counts"]
+    # the report draws the most confident feature's truth table from the stage's tables
+    tables = pl.read_parquet(root / "logic" / "truth_tables.parquet")
+    for label in summary.most_confident:
+        best = features.filter(pl.col("label") == label).sort("confidence", descending=True)
+        if best.height and best["inputs"].list.len()[0] >= 1:
+            j = int(best["output"][0])
+            chart = logic_charts.truth_table(tables.filter(pl.col("output") == j), label)
+            assert save(chart, root / f"truth-{j}")[1].stat().st_size > 1_000
+    assert json.loads((root / "logic" / "logic.json").read_text())["counts"] == summary.counts
 
 
 def test_describe_reads_like_the_seed() -> None:
@@ -73,9 +83,9 @@ def test_describe_reads_like_the_seed() -> None:
 def test_a_finished_result_is_reused_and_the_cli_prints_it(run, tmp_path) -> None:
     _, store, root, summary = run
     stamp = (root / "logic" / "features.parquet").stat().st_mtime_ns
-    assert label_run(store, root / "connect", root / "logic", SETTINGS) == summary
+    assert label_run(store, PAIR, root / "connect", root / "logic", SETTINGS) == summary
     assert (root / "logic" / "features.parquet").stat().st_mtime_ns == stamp
     with pytest.raises(CoactError, match="no connections"):
-        label_run(store, tmp_path / "nothing", tmp_path / "logic", SETTINGS)
+        label_run(store, PAIR, tmp_path / "nothing", tmp_path / "logic", SETTINGS)
     bad = CliRunner().invoke(app, ["logic", str(root), "--max-inputs", "7"])
     assert bad.exit_code != 0

@@ -25,7 +25,7 @@ def test_hand_computed_table_and_share() -> None:
     assert math.isclose(d_fvu[0], 0.0005 / 0.5) and math.isclose(d_fvu[1], 0.02 / 0.2)
     assert math.isnan(d_fvu[2])
     share = percent_linear(table)
-    assert share == {"percent_linear": 100 * 2 / 3, "linear": 2, "nonlinear": 1, "dead": 1,
+    assert {k: v for k, v in share.to_dict().items() if v is not None} == {"percent_linear": 100 * 2 / 3, "linear": 2, "nonlinear": 1, "dead": 1,
                      "alive": 3}  # fmt: skip
 
 
@@ -46,7 +46,7 @@ def test_seed_normalisation_by_hand() -> None:
 def test_all_dead_layer_has_no_share() -> None:
     table = linearity_table(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3, dtype=int))
     share = percent_linear(table)
-    assert math.isnan(share["percent_linear"]) and share["dead"] == 3 and share["alive"] == 0
+    assert math.isnan(share.percent_linear) and share.dead == 3 and share.alive == 0
 
 
 def test_feature_stats_by_hand() -> None:
@@ -93,15 +93,15 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_tau() -> None:
     assert table["verdict"].to_list() == ["linear", "nonlinear", "undecided", "dead"]
     np.testing.assert_allclose(table["d_low"][:2].to_numpy(), [0.0001, 0.01])
     share = percent_linear(table)
-    assert (share["confident_linear"], share["confident_nonlinear"], share["undecided"]) == (
+    assert (share.confident_linear, share.confident_nonlinear, share.undecided) == (
         1,
         1,
         1,
     )
-    assert share["mlp_gain_beyond_noise"] == 2 and share["mlp_loss_beyond_noise"] == 0
+    assert share.mlp_gain_beyond_noise == 2 and share.mlp_loss_beyond_noise == 0
     # Feature 2 could be either: between 1/3 and 2/3 of the alive features are linear.
-    assert share["percent_linear_confident"] == pytest.approx(100 / 3)
-    assert share["percent_linear_possible"] == pytest.approx(200 / 3)
+    assert share.percent_linear_confident == pytest.approx(100 / 3)
+    assert share.percent_linear_possible == pytest.approx(200 / 3)
     # Just above feature 1's d (τ = 0.011; at exactly 0.01 its bootstrap replicates sit
     # within rounding of τ) both tight features are confidently linear; the noisy one is not.
     looser = relabel(table, LinearityConfig(tau=0.011, form="raw"))

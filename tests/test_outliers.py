@@ -113,9 +113,9 @@ def test_hand_counted_shares_and_flags(tmp_path: Path) -> None:
     assert not rows[3]["outlier"]  # one active token: below min_active, not judged
     assert rows[4]["n_active"] == 0 and np.isnan(rows[4]["share_first_tokens"])
     site = sites["mlp_out.1"]
-    assert site["alive"] == 4 and site["judged"] == 3 and site["flagged"] == 2
-    assert site["first_tokens"] == 1 and site["first_delimiter"] == 1 and site["high_norm"] == 0
-    assert site["base_rates"]["first_tokens"] == pytest.approx(6 / 16)
+    assert site.alive == 4 and site.judged == 3 and site.flagged == 2
+    assert site.first_tokens == 1 and site.first_delimiter == 1 and site.high_norm == 0
+    assert site.base_rates["first_tokens"] == pytest.approx(6 / 16)
     # with min_active 1, feature 3 is flagged for its norm
     table, _ = find_outliers(store, OutlierConfig(min_active=1), _decode, {"mlp_out.1": _sae()})
     assert table.filter(pl.col("feature") == 3)["reason"][0] == "high norm 100%"
@@ -126,8 +126,8 @@ def test_unknown_text_and_norm_degrade_to_unknown(tmp_path: Path) -> None:
     assert table["share_first_delimiter"].is_nan().all()
     assert table["share_high_norm"].is_nan().all()
     assert table.filter(pl.col("feature") == 0)["outlier"][0]  # first tokens still judged
-    assert sites["mlp_out.1"]["norm"] == "unknown"
-    assert sites["mlp_out.1"]["base_rates"]["high_norm"] is None
+    assert sites["mlp_out.1"].norm == "unknown"
+    assert sites["mlp_out.1"].base_rates["high_norm"] is None
 
 
 def test_stage_writes_parquet_then_headline_and_reuses_it(tmp_path: Path) -> None:
@@ -135,9 +135,9 @@ def test_stage_writes_parquet_then_headline_and_reuses_it(tmp_path: Path) -> Non
     out = tmp_path / "outliers"
     first = outliers(store, out, OutlierConfig(min_active=2), decode=_decode)
     assert (out / "outliers.parquet").is_file()
-    assert json.loads((out / "outliers.json").read_text())["key"] == first["key"]
+    assert json.loads((out / "outliers.json").read_text())["key"] == first.key
     assert pl.read_parquet(out / "outliers.parquet").height == WIDTH
     again = outliers(store, out, OutlierConfig(min_active=2), decode=_decode)
-    assert again["seconds"] == first["seconds"]  # reused, not recomputed
+    assert again.seconds == first.seconds  # reused, not recomputed
     other = outliers(store, out, OutlierConfig(min_active=3), decode=_decode)
-    assert other["key"] != first["key"]
+    assert other.key != first.key

@@ -15,12 +15,14 @@ import pytest
 from coact.calibrate.stage import CalibrateConfig
 from coact.codes.collect import CollectConfig
 from coact.codes.store import CodeStore
+from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.connectors.stage import ConnectConfig
 from coact.errors import CoactError
 from coact.linearity.table import LinearityConfig, relabel
 from coact.pipeline import run as pipeline
-from coact.pipeline.run import AnalyzeConfig, analyze, parse_layers, with_budget
+from coact.pipeline.budgets import with_budget
+from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig, parse_layers
+from coact.pipeline.run import analyze
 from coact.rundir.layout import RunLayout
 from coact.sae.train import SaeTrainConfig
 
@@ -38,7 +40,8 @@ def _config(tmp_path: Path, **overrides: object) -> AnalyzeConfig:
         "run_dir": str(tmp_path / "run"),
         "sae": SMALL_SAE,
         "collect": CollectConfig(forward_batch=8, shard_contexts=16),
-        "report": False,  # tests/test_report.py builds reports
+        # tests/test_report.py builds reports
+        "stages": ("connect", "calibrate", "logic", "outliers"),
     }
     base.update(overrides)
     return AnalyzeConfig(**base)  # type: ignore[arg-type]
@@ -46,11 +49,11 @@ def _config(tmp_path: Path, **overrides: object) -> AnalyzeConfig:
 
 def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
     summary = analyze(_config(tmp_path))
-    assert summary["saes_trained_now"] == ["mlp_resid[1]", "mlp_out[1]"]
-    assert sorted(summary["saes_evaluated_now"]) == ["mlp_out[1]", "mlp_resid[1]"]
+    assert summary.saes_trained_now == ["mlp_resid[1]", "mlp_out[1]"]
+    assert sorted(summary.saes_evaluated_now) == ["mlp_out[1]", "mlp_resid[1]"]
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk["tokens"] == summary["tokens"] >= 2_000
+    assert on_disk["tokens"] == summary.tokens >= 2_000
     for site in ("mlp_resid[1]", "mlp_out[1]"):
         s = on_disk["sites"][site]
         assert 0 < s["fve"] <= 1 and 0 < s["l0"] <= 8 and 0 <= s["dead_fraction"] <= 1
@@ -58,12 +61,13 @@ def test_analyze_tiny_writes_summary_codes_and_saes(tmp_path: Path) -> None:
         assert (run / "sae" / site.replace("[", ".").rstrip("]") / "cfg.json").is_file()
     store = CodeStore.open(run / "codes")
     store.verify()
-    assert store.read_site("mlp_out.1").shape == (summary["tokens"], 4 * 64)
+    assert store.read_site("mlp_out.1").shape == (summary.tokens, 4 * 64)
     tokens = store.read_tokens()
-    assert tokens.height == summary["tokens"] and tokens["position"].min() == 1
+    assert tokens.height == summary.tokens and tokens["position"].min() == 1
     connected = on_disk["connect"]
-    assert connected["alive"] + connected["dead"] == 4 * 64
-    assert connected["linear"] + connected["nonlinear"] == connected["alive"]
+    share = connected["share"]
+    assert share["alive"] + share["dead"] == 4 * 64
+    assert share["linear"] + share["nonlinear"] == share["alive"]
     for name in ("sweep", "weights", "features", "top_tokens", "mlp_curve"):
         assert (run / "connect" / f"{name}.parquet").is_file()
     # The CLI stage on the same run reuses the finished result and prints the headline.
@@ -85,19 +89,19 @@ def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
     (run / "codes" / "manifest.json").write_text(json.dumps(manifest))
     shard.unlink()
     summary = analyze(_config(tmp_path))
-    assert summary["saes_trained_now"] == []  # reused, not retrained
-    assert summary["saes_evaluated_now"] == []  # same SAEs, same tokens: reports reused
-    assert summary["sites"] == first["sites"]
+    assert summary.saes_trained_now == []  # reused, not retrained
+    assert summary.saes_evaluated_now == []  # same SAEs, same tokens: reports reused
+    assert summary.sites == first.sites
     assert weights.read_bytes() == first_sae
     assert shard.read_bytes() == first_codes
 
 
-SMALL_CONNECT = ConnectConfig("", "", path=LassoPathConfig(n_alphas=6), mlp_hidden=32,
-                              mlp_epochs=1, stability=False, progress=False)  # fmt: skip
+SMALL_CONNECT = ConnectConfig(path=LassoPathConfig(n_alphas=6), mlp_hidden=32, mlp_epochs=1,
+                              stability=False, progress=False)  # fmt: skip
 SMALL_CALIBRATE = CalibrateConfig(
-    layer=-1, contexts=4, strengths=(0.0, 0.3), n_taus=2, n_boot=50, causal_connections=0,
-    progress=False,
-)  # fmt: skip
+    contexts=4, strengths=(0.0, 0.3), n_taus=2, n_boot=50, causal_connections=0, progress=False
+)
+BLOCK_RUN = ("connect", "calibrate", *BLOCK_STAGES)  # the block's stages, no logic or outliers
 
 
 def test_parse_layers() -> None:
@@ -117,21 +121,21 @@ def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> 
     assert survey.sae.batch_tokens == 512 and survey.sae_tokens // 512 >= 200  # still ≥ 200 steps
     assert survey.sae.dead_after_tokens < survey.sae_tokens
     assert survey.eval_contexts < base.eval_contexts
-    assert survey.calibrate_settings.contexts < base.calibrate_settings.contexts
-    assert len(survey.calibrate_settings.strengths) < len(base.calibrate_settings.strengths)
-    assert 0.0 in survey.calibrate_settings.strengths  # the clean point stays on every curve
-    path = survey.block_settings.composition_settings.path
+    assert survey.calibrate.contexts < base.calibrate.contexts
+    assert len(survey.calibrate.strengths) < len(base.calibrate.strengths)
+    assert 0.0 in survey.calibrate.strengths  # the clean point stays on every curve
+    path = survey.block.composition.path
     assert path.n_alphas < 20 and path.alpha_min_ratio > 0.01
-    assert not survey.labels_settings.sae_connector and survey.report_features == 10
-    assert not survey.connect_settings.stability
+    assert not survey.logic.sae_connector and survey.report_features == 10
+    assert not survey.connect.stability
     assert survey.sae_group > base.sae_group  # fewer forward passes over the training tokens
-    assert survey.calibrate_settings.noise_kinds == ("isotropic",)
-    ablation, full_ablation = survey.ablation_settings, base.ablation_settings
+    assert survey.calibrate.noise_kinds == ("isotropic",)
+    ablation, full_ablation = survey.ablation, base.ablation
     assert ablation.contexts < full_ablation.contexts
     assert ablation.inputs_per_feature < full_ablation.inputs_per_feature
-    block, full_block = survey.block_settings, base.block_settings
-    assert block.causal_contexts < full_block.causal_contexts
-    assert block.resample.targets < full_block.resample.targets
+    block, full_block = survey.block, base.block
+    assert block.causal.contexts < full_block.causal.contexts
+    assert block.causal.resample.targets < full_block.causal.resample.targets
     assert 1 < len(block.positions.ridge) < len(full_block.positions.ridge)  # λ still chosen
     assert survey.layers == "all" and survey.sae.k == base.sae.k  # what is studied is unchanged
     with pytest.raises(CoactError, match="unknown budget"):
@@ -141,60 +145,59 @@ def test_survey_budget_cuts_every_costly_setting_and_full_keeps_the_config() -> 
 def test_block_single_layer_writes_attention_positions_and_composition(tmp_path: Path) -> None:
     summary = analyze(
         _config(
-            tmp_path, block=True, connect_settings=SMALL_CONNECT,
-            calibrate_settings=SMALL_CALIBRATE, labels=False, outliers=False,
+            tmp_path, stages=BLOCK_RUN, connect=SMALL_CONNECT, calibrate=SMALL_CALIBRATE,
         )
     )  # fmt: skip
     run = tmp_path / "run"
-    assert set(summary["sites"]) == {
+    assert set(summary.sites) == {
         "mlp_resid[1]", "mlp_out[1]", "resid_pre[1]", "attn_out[1]", "resid_pre[2]"
     }  # fmt: skip
-    block = summary["block"]
+    block = summary.block
     # attention has its own τ, calibrated at attn_out as the MLP's is at mlp_out
-    assert block["mlp_tau"] == summary["calibrate"]["tau"]
+    assert block.mlp_tau == summary.calibrate.tau
     attention_calibration = json.loads((run / "attention/calibrate/calibrate.json").read_text())
-    assert block["tau"] == attention_calibration["tau"] == block["attention_calibration"]["tau"]
+    assert block.tau == attention_calibration["tau"] == block.attention_calibration.tau
     assert set(attention_calibration["splices"]) == {"sae", "linear", "mlp", "zero"}
-    attention, scored = block["attention"], block["positions"]
-    assert (attention["in_site"], attention["out_site"]) == ("resid_pre[1]", "attn_out[1]")
-    assert attention["tau"] == block["tau"] == scored["tau"]
+    attention, scored, at_tau = block.attention, block.positions, block.attention_share
+    assert (attention.in_site, attention.out_site) == ("resid_pre[1]", "attn_out[1]")
+    assert block.tau == scored.tau  # the share at attention's τ is block.attention_share
     # the connectors are fitted at the connect stage's τ and relabelled at attention's own
     fitted = json.loads((run / "attention" / "connect" / "connect.json").read_text())
     assert fitted["tau"] == SMALL_CONNECT.linearity.tau
     relabelled = relabel(
         pl.read_parquet(run / "attention" / "connect" / "features.parquet"),
-        LinearityConfig(tau=block["tau"], form=block["form"]),
+        LinearityConfig(tau=block.tau, form=block.form),
     )
-    assert attention["linear"] == (relabelled["status"] == "linear").sum()
+    assert at_tau.linear == (relabelled["status"] == "linear").sum()
     # the causal checks beside the predictive score, one row per attention feature
-    causal = block["attention_causal"]
+    causal = block.attention_causal
     table = pl.read_parquet(run / "attention" / "causal" / "causal.parquet")
-    assert table.height == attention["alive"] + attention["dead"]
+    assert table.height == at_tau.alive + at_tau.dead
     assert {"self_only_fvu", "resample_fvu", "position_status", "gain_fvu"} <= set(table.columns)
-    counted = sum(causal["agreement"].values())
+    counted = sum(causal.agreement.values())
     alive_both = table.filter(
         pl.col("position_status").is_in(["same_position", "needs_context"])
         & pl.col("resample_fvu").is_finite()
     )
     assert counted == alive_both.height > 0
-    assert 0 <= causal["resample"]["percent_context_free"] <= 100
-    assert attention["linear"] + attention["nonlinear"] == attention["alive"]
-    assert 0 <= scored["percent_same_position"] <= 100
+    assert 0 <= causal.resample.percent_context_free <= 100
+    assert at_tau.linear + at_tau.nonlinear == at_tau.alive
+    assert 0 <= scored.share.percent_same_position <= 100
     # the same held-out split: where validation chose no ridge, the same-position fit is
     # connect's least squares
-    assert scored["tokens_heldout"] == attention["tokens_heldout"]
+    assert scored.tokens_heldout == attention.tokens_heldout
     lin = pl.read_parquet(run / "attention" / "connect" / "features.parquet").sort("feature")
     pos = pl.read_parquet(run / "attention" / "positions" / "positions.parquet").sort("feature")
     unridged = ((lin["status"] != "dead") & (pos["ridge_same"] == 0)).to_numpy()
     assert np.allclose(
         lin["mse_linear"].to_numpy()[unridged], pos["mse_same"].to_numpy()[unridged], rtol=1e-6
     )
-    composed = block["composition"]
-    assert composed["sources"] == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]
-    assert composed["target"] == "resid_pre[2]"
+    composed = block.composition
+    assert composed.sources == ["resid_pre[1]", "attn_out[1]", "mlp_out[1]"]
+    assert composed.target == "resid_pre[2]"
     # the model's own identity resid_pre[2] = resid_pre[1] + attn_out[1] + mlp_out[1]
-    assert composed["decoded_fvu"]["identity_raw"] < 1e-8
-    assert 0 < composed["decoded_fvu"]["identity_decoded"] < 1
+    assert block.decoded_fvu["identity_raw"] < 1e-8
+    assert 0 < block.decoded_fvu["identity_decoded"] < 1
     assert json.loads((run / "block.json").read_text())["composition"]["target"] == "resid_pre[2]"
     # `coact graph`: the next stream's most strongly fed feature, walked back two hops
     composition = pl.read_parquet(run / "composition" / "composition_weights.parquet")
@@ -220,15 +223,15 @@ def test_model_run_shares_saes_and_codes_across_layers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(
-        tmp_path, model="tiny-gpt-neox", layers=(0, 1), connect_settings=SMALL_CONNECT,
-        calibrate_settings=SMALL_CALIBRATE, labels=False, outliers=False,
+        tmp_path, model="tiny-gpt-neox", layers=(0, 1), connect=SMALL_CONNECT,
+        calibrate=SMALL_CALIBRATE, stages=BLOCK_RUN,
     )  # fmt: skip
     summary = analyze(config)
     model = tmp_path / "run"
-    assert summary["layers"] == [0, 1]
+    assert summary.layers == [0, 1]
     # parallel residual: mlp_resid[ℓ] is resid_pre[ℓ], so one SAE serves both names, and
     # resid_pre[1] (layer 0's next stream, layer 1's input) is trained once
-    assert sorted(summary["saes_trained_now"]) == sorted(
+    assert sorted(summary.saes_trained_now) == sorted(
         ["resid_pre[0]", "attn_out[0]", "mlp_out[0]", "resid_pre[1]", "attn_out[1]",
          "mlp_out[1]", "resid_pre[2]"]
     )  # fmt: skip
@@ -255,7 +258,7 @@ def test_model_run_shares_saes_and_codes_across_layers(
         fitted = json.loads((model / f"L{row['layer']}" / "connect/connect.json").read_text())
         assert row["mlp_nmse_linear"] == fitted["heldout_nmse_linear"]
         assert row["mlp_percent_mlp_gain"] == pytest.approx(
-            100 * fitted["mlp_gain_beyond_noise"] / fitted["alive"]
+            100 * fitted["share"]["mlp_gain_beyond_noise"] / fitted["share"]["alive"]
         )
         scored = json.loads(
             (model / f"L{row['layer']}" / "attention/positions/positions.json").read_text()
@@ -274,19 +277,19 @@ def test_model_run_shares_saes_and_codes_across_layers(
     # and the whole run resumes without training or collecting anything again, nor
     # rerunning a finished layer; a layer without its summary.json is the only one rerun
     rerun: list[int] = []
-    layer_stages = pipeline._analyze_layer
+    layer_stages = pipeline.run_layer
 
-    def recorded(layer_config: AnalyzeConfig, *args: Any) -> dict[str, Any]:
+    def recorded(layer_config: AnalyzeConfig, *args: Any) -> Any:
         rerun.append(layer_config.layer)
         return layer_stages(layer_config, *args)
 
-    monkeypatch.setattr(pipeline, "_analyze_layer", recorded)
+    monkeypatch.setattr(pipeline, "run_layer", recorded)
     resumed = analyze(config)
-    assert resumed["saes_trained_now"] == [] and rerun == []
-    assert resumed["layers_finished_before"] == [0, 1]
+    assert resumed.saes_trained_now == [] and rerun == []
+    assert resumed.layers_finished_before == [0, 1]
     assert pl.read_parquet(model / "layers.parquet").equals(table)
     (model / "L1" / "summary.json").unlink()
-    assert analyze(config)["layers_finished_before"] == [0] and rerun == [1]
+    assert analyze(config).layers_finished_before == [0] and rerun == [1]
     assert pl.read_parquet(model / "layers.parquet").equals(table)
 
 
@@ -369,30 +372,27 @@ def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
         ctx_len=64,
         sae=SaeTrainConfig(k=32, buffer_contexts=64, batch_tokens=256),
         # 2,304 features from ~2,700 tokens is underdetermined: keep the path short.
-        connect_settings=ConnectConfig(
-            "",
-            "",
+        connect=ConnectConfig(
             path=LassoPathConfig(n_alphas=4, alpha_min_ratio=0.3),
             stability=False,
             mlp_hidden=64,
             mlp_epochs=1,
         ),
         # Every calibration splice is a full forward pass of the real model: keep few.
-        calibrate_settings=CalibrateConfig(
-            layer=-1, contexts=2, strengths=(0.0, 0.3), n_taus=1, n_boot=100,
-            causal_connections=5,
+        calibrate=CalibrateConfig(
+            contexts=2, strengths=(0.0, 0.3), n_taus=1, n_boot=100, causal_connections=5
         ),
     )  # fmt: skip
     summary = analyze(config)
-    calibrated = summary["calibrate"]
-    assert calibrated["n_contexts"] == 2 and calibrated["splices"]["zero"]["ce_recovered"] == 0
-    assert 0 <= calibrated["linear_calibrated"]["percent_linear"] <= 100
-    resid = summary["sites"]["mlp_resid[2]"]
-    assert resid["fve"] > 0.5, resid
-    assert resid["ce_clean"] < resid["ce_spliced"] < resid["ce_ablated"]
-    assert 0.0 < resid["ce_recovered"] <= 1.0
-    assert summary["tokens"] >= 3_000
+    calibrated = summary.calibrate
+    assert calibrated.n_contexts == 2 and calibrated.splices["zero"].ce_recovered == 0
+    assert 0 <= calibrated.linear_calibrated.percent_linear <= 100
+    resid = summary.sites["mlp_resid[2]"]
+    assert resid.fve > 0.5, resid
+    assert resid.ce_clean < resid.ce_spliced < resid.ce_ablated
+    assert 0.0 < resid.ce_recovered <= 1.0
+    assert summary.tokens >= 3_000
     assert CodeStore.open(tmp_path / "run" / "codes").read_site("mlp_resid.2").nnz > 0
-    connected = summary["connect"]
-    assert connected["alive"] + connected["dead"] == 2304 and connected["alive"] > 0
-    assert 0 <= connected["percent_linear"] <= 100
+    connected = summary.connect.share
+    assert connected.alive + connected.dead == 2304 and connected.alive > 0
+    assert 0 <= connected.percent_linear <= 100

@@ -12,11 +12,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from coact.block.positions import PositionsConfig, context_summaries, positions, shift_operator
+from coact.block.position_fits import PositionsConfig, context_summaries, shift_operator
+from coact.block.positions import positions
 from coact.codes.store import CodeStore
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.linearity.table import LinearityConfig
+from coact.models.sites import SitePair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +43,7 @@ def _tiny_table() -> tuple[pl.DataFrame, sp.csr_matrix]:
 
 def test_summaries_by_hand() -> None:
     tokens, x = _tiny_table()
-    config = PositionsConfig("resid_pre[1]", "attn_out[1]", decay=0.5, window=2)
+    config = PositionsConfig(decay=0.5, window=2)
     got = context_summaries(x, tokens, config)
     assert set(got) == {"previous", "decayed"} and all(sp.isspmatrix_csr(m) for m in got.values())
     d = x.toarray()
@@ -88,10 +90,8 @@ def _planted_result(kind: str, tmp_path) -> tuple[dict, pl.DataFrame]:
     codes_in[:, 1:] = torch.from_numpy(x).reshape(160, 23, -1)
     expected = plant.rule(codes_in)[:, 1:].reshape(-1, y.shape[1]).numpy()
     np.testing.assert_allclose(y, expected, atol=1e-4)
-    config = PositionsConfig(
-        str(site_in), str(site_out), heldout_fraction=0.25, linearity=LINEARITY, progress=False
-    )
-    summary = positions(store, config, tmp_path / "positions")
+    config = PositionsConfig(heldout_fraction=0.25, linearity=LINEARITY, progress=False)
+    summary = positions(store, SitePair(site_in, site_out), tmp_path / "positions", config)
     return summary, pl.read_parquet(tmp_path / "positions" / "positions.parquet")
 
 
@@ -116,10 +116,10 @@ def test_previous_token_copy_needs_context(previous) -> None:
     # The previous token alone carries it; the decayed summary alone adds next to nothing.
     np.testing.assert_allclose(alive["gain_previous_alone_fvu"], alive["gain_fvu"], atol=1e-6)
     assert (alive["gain_decayed_alone_fvu"] < 0.1 * alive["gain_fvu"]).all()
-    assert summary["percent_same_position"] == 0.0 and summary["needs_context"] == 32
-    assert summary["confident_needs_context"] == 32 and summary["carriers"]["previous"] == 32
-    assert summary["percent_same_position_confident"] == 0.0
-    top = summary["top"]
+    assert summary.share.percent_same_position == 0.0 and summary.share.needs_context == 32
+    assert summary.share.confident_needs_context == 32 and summary.carriers["previous"] == 32
+    assert summary.share.percent_same_position_confident == 0.0
+    top = summary.top
     assert len(top) == 10 and top[0]["gain_fvu"] == pytest.approx(alive["gain_fvu"].max())
     assert [t["gain_fvu"] for t in top] == sorted((t["gain_fvu"] for t in top), reverse=True)
 
@@ -131,9 +131,9 @@ def test_position_local_attention_is_same_position(current) -> None:
     assert (alive["gain_fvu"].abs() < 1e-6).all(), alive["gain_fvu"].abs().max()
     assert set(alive["verdict"]) == {"same_position"}
     assert alive["carrier"].null_count() == 32
-    assert summary["percent_same_position"] == 100.0
-    assert summary["percent_same_position_confident"] == 100.0
-    assert summary["tokens"] == summary["tokens_train"] + summary["tokens_heldout"] == 160 * 23
+    assert summary.share.percent_same_position == 100.0
+    assert summary.share.percent_same_position_confident == 100.0
+    assert summary.tokens == summary.tokens_train + summary.tokens_heldout == 160 * 23
 
 
 # -- brute force, reuse, bad input ----------------------------------------------------------
@@ -170,17 +170,15 @@ def _synthetic_store(directory, n_contexts: int = N_CTX) -> CodeStore:
     return CodeStore.open(directory)
 
 
-SYNTHETIC = PositionsConfig(
-    "resid_pre[2]", "attn_out[2]", heldout_fraction=0.2, window=3, linearity=LINEARITY,
-    progress=False,
-)  # fmt: skip
+PAIR = SitePair.of("resid_pre[2]", "attn_out[2]")
+SYNTHETIC = PositionsConfig(heldout_fraction=0.2, window=3, linearity=LINEARITY, progress=False)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[CodeStore, dict, pl.DataFrame, object]:
     store = _synthetic_store(tmp_path_factory.mktemp("codes"))
     out = tmp_path_factory.mktemp("positions")
-    summary = positions(store, SYNTHETIC, out)
+    summary = positions(store, PAIR, out, SYNTHETIC)
     return store, summary, pl.read_parquet(out / "positions.parquet"), out
 
 
@@ -220,7 +218,7 @@ def test_least_squares_without_ridge_is_brute_force_lstsq(synthetic, tmp_path) -
     """With one candidate, λ = 0: the fits are plain least squares on all training contexts."""
     store = synthetic[0]
     config = PositionsConfig(**{**SYNTHETIC.__dict__, "ridge": (0.0,)})
-    summary = positions(store, config, tmp_path / "ls")
+    summary = positions(store, PAIR, tmp_path / "ls", config)
     table = pl.read_parquet(tmp_path / "ls" / "positions.parquet")
     designs, y = _designs(store, config)
     train, held = split_rows(len(y), 0.2, 0, store.read_tokens()["context"].to_numpy())
@@ -232,7 +230,7 @@ def test_least_squares_without_ridge_is_brute_force_lstsq(synthetic, tmp_path) -
     ):
         expected = _ridge_heldout(designs[name], y, train, held, 0.0)
         np.testing.assert_allclose(table[column].to_numpy()[:3], expected[:3], atol=1e-9)
-    assert summary["ridge"]["validation_tokens"] == 0
+    assert summary.ridge.validation_tokens == 0
     assert (table["ridge_same"] == 0).all() and (table["ridge_context"] == 0).all()
 
 
@@ -257,12 +255,12 @@ def test_fits_are_brute_force_ridge_at_the_validated_lambda(synthetic) -> None:
         np.testing.assert_allclose(table[f"ridge_{name}"].to_numpy()[alive], chosen[name])
         # the dead output takes the candidate best on average over the others
         assert table[f"ridge_{name}"][3] == grid[np.argmin(nmse.mean(axis=1))]
-        counts = summary["ridge"]["outputs_per_candidate"][name]
+        counts = summary.ridge.outputs_per_candidate[name]
         assert sum(counts.values()) == N_OUT
         np.testing.assert_allclose(
-            summary["ridge"]["validation_nmse_per_candidate"][name], nmse.mean(axis=1), rtol=1e-6
+            summary.ridge.validation_nmse_per_candidate[name], nmse.mean(axis=1), rtol=1e-6
         )
-    assert summary["ridge"]["validation_tokens"] == len(val)
+    assert summary.ridge.validation_tokens == len(val)
 
     def refit(name: str, rel: np.ndarray) -> np.ndarray:
         return np.array(
@@ -280,12 +278,12 @@ def test_fits_are_brute_force_ridge_at_the_validated_lambda(synthetic) -> None:
     }
     for column, values in expected.items():
         np.testing.assert_allclose(table[column].to_numpy()[alive], values, rtol=1e-6, atol=1e-9)
-    assert summary["tokens_heldout"] == len(held) and summary["inputs_context"] == 3 * N_IN
+    assert summary.tokens_heldout == len(held) and summary.inputs_context == 3 * N_IN
     # Known answers: 0 same-position, 1 the previous token, 2 further back, 3 dead.
     assert table["status"].to_list() == [
         "same_position", "needs_context", "needs_context", "dead",
     ]  # fmt: skip
-    assert table["verdict"].to_list()[3] == "dead" and summary["dead"] == 1
+    assert table["verdict"].to_list()[3] == "dead" and summary.share.dead == 1
     assert table["carrier"].to_list() == [None, "previous", "decayed", None]
     gain = table["gain"].to_numpy()
     np.testing.assert_allclose(gain, table["mse_same"] - table["mse_context"])
@@ -313,26 +311,26 @@ def test_ridge_keeps_a_weak_earlier_position_signal_that_least_squares_overfits(
     writer.write_shard(0, tokens, {"resid_pre.2": sp.csr_matrix(x), "attn_out.2": sp.csr_matrix(y)})
     store = CodeStore.open(tmp_path / "codes")
     base = {**SYNTHETIC.__dict__, "linearity": LinearityConfig(tau=0.0, form="fvu", n_boot=100)}
-    plain = positions(store, PositionsConfig(**{**base, "ridge": (0.0,)}), tmp_path / "ls")
-    ridged = positions(store, PositionsConfig(**base), tmp_path / "ridge")
-    assert ridged["ridge"]["outputs_per_candidate"]["context"]["0"] < n_out
-    assert plain["needs_context"] <= n_out // 2 < ridged["needs_context"]
-    assert ridged["heldout_nmse_context"] < ridged["heldout_nmse_same"]
-    assert plain["heldout_nmse_context"] > ridged["heldout_nmse_context"]
+    plain = positions(store, PAIR, tmp_path / "ls", PositionsConfig(**{**base, "ridge": (0.0,)}))
+    ridged = positions(store, PAIR, tmp_path / "ridge", PositionsConfig(**base))
+    assert ridged.ridge.outputs_per_candidate["context"]["0"] < n_out
+    assert plain.share.needs_context <= n_out // 2 < ridged.share.needs_context
+    assert ridged.heldout_nmse_context < ridged.heldout_nmse_same
+    assert plain.heldout_nmse_context > ridged.heldout_nmse_context
 
 
 def test_output_chunks_and_sparse_gram_give_the_same_table(
     synthetic, tmp_path, monkeypatch
 ) -> None:
     """Chunks of outputs, and the sparse Gram used above DENSE_GRAM inputs, change nothing."""
-    import coact.block.positions as module
+    import coact.block.position_fits as module
 
     store, _, table, _ = synthetic
     config = PositionsConfig(**{**SYNTHETIC.__dict__, "chunk_outputs": 1})
-    summary = positions(store, config, tmp_path / "chunks")
-    assert summary["output_chunks"] == N_OUT
+    summary = positions(store, PAIR, tmp_path / "chunks", config)
+    assert summary.output_chunks == N_OUT
     monkeypatch.setattr(module, "DENSE_GRAM", 0)
-    positions(store, SYNTHETIC, tmp_path / "sparse")
+    positions(store, PAIR, tmp_path / "sparse", SYNTHETIC)
     for name in ("chunks", "sparse"):
         again = pl.read_parquet(tmp_path / name / "positions.parquet")
         for column in ("mse_same", "mse_context", "mse_with_previous", "gain_low", "gain_high"):
@@ -341,29 +339,29 @@ def test_output_chunks_and_sparse_gram_give_the_same_table(
 
 def test_a_finished_result_is_reused(synthetic, monkeypatch, tmp_path) -> None:
     store, summary, _, out = synthetic
-    import coact.block.positions as module
+    import coact.block.position_fits as module
 
     def refit(*args, **kwargs):
         raise AssertionError("refitted a finished result")
 
     monkeypatch.setattr(module, "linear_fit", refit)
-    assert positions(store, SYNTHETIC, out) == summary
-    assert json.loads((out / "positions.json").read_text())["key"] == summary["key"]
+    assert positions(store, PAIR, out, SYNTHETIC) == summary
+    assert json.loads((out / "positions.json").read_text())["key"] == summary.key
     copy = shutil.copytree(out, tmp_path / "copy")
     with pytest.raises(AssertionError, match="refitted"):  # another config is redone
-        positions(store, PositionsConfig(**{**SYNTHETIC.__dict__, "decay": 0.25}), copy)
+        positions(store, PAIR, copy, PositionsConfig(**{**SYNTHETIC.__dict__, "decay": 0.25}))
     assert not (copy / "positions.json").exists()  # the stale headline is gone
 
 
 def test_bad_input_is_a_clear_error(synthetic, tmp_path) -> None:
     store = synthetic[0]
     with pytest.raises(CoactError, match=r"site mlp_out\.2 is not in the code store"):
-        positions(store, PositionsConfig("resid_pre[2]", "mlp_out[2]"), tmp_path / "a")
+        positions(store, SitePair.of("resid_pre[2]", "mlp_out[2]"), tmp_path / "a")
     small = _synthetic_store(tmp_path / "small", n_contexts=3)
     with pytest.raises(CoactError, match="too few contexts"):
-        positions(small, SYNTHETIC, tmp_path / "b")
+        positions(small, PAIR, tmp_path / "b", SYNTHETIC)
     for bad in ({"summaries": ("next",)}, {"summaries": ()}, {"decay": 0.0}, {"window": 0},
                 {"ridge": ()}, {"ridge": (-1.0,)}, {"validation_fraction": 1.0}):  # fmt: skip
         with pytest.raises(CoactError):
-            PositionsConfig("resid_pre[2]", "attn_out[2]", **bad)  # type: ignore[arg-type]
+            PositionsConfig(**bad)  # type: ignore[arg-type]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -221,9 +221,9 @@ def test_one_token_contexts_are_self_only() -> None:
     np.testing.assert_allclose(alive["kept"].to_numpy(), 1.0, rtol=1e-6)
     assert alive["self_active"].to_list() == alive["active"].to_list()
     summary = self_only_summary(table)
-    assert summary["alive"] == alive.height
-    assert summary["percent_self_only"] == 100.0
-    assert summary["median_self_only_fvu"] == pytest.approx(0.0, abs=1e-6)
+    assert summary.alive == alive.height
+    assert summary.percent_self_only == 100.0
+    assert summary.median_self_only_fvu == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bad_inputs_are_errors() -> None:
@@ -246,7 +246,7 @@ def test_summary_on_a_hand_made_table() -> None:
         }
     )
     summary = self_only_summary(table)
-    assert summary == {
+    assert summary.to_dict() == {
         "features": 3,
         "alive": 2,
         "threshold": 0.5,
@@ -254,9 +254,9 @@ def test_summary_on_a_hand_made_table() -> None:
         "percent_self_only": 50.0,
         "median_self_only_fvu": pytest.approx(0.35),
     }
-    assert self_only_summary(table, threshold=0.7)["percent_self_only"] == 100.0
+    assert self_only_summary(table, threshold=0.7).percent_self_only == 100.0
     dead = self_only_summary(table.filter(pl.col("active") == 0))
-    assert dead["alive"] == 0 and math.isnan(dead["percent_self_only"])
+    assert dead.alive == 0 and math.isnan(dead.percent_self_only)
 
 
 # Resampled context.
@@ -377,7 +377,7 @@ def test_planted_position_local_attention_survives_resampling() -> None:
     np.testing.assert_allclose(alive["kept"].to_numpy(), 1.0, rtol=1e-6)
     assert alive["resample_active"].to_list() == alive["active"].to_list()
     summary = resample_summary(table)
-    assert summary["context_free"] == 32 and summary["percent_context_free"] == 100.0
+    assert summary.context_free == 32 and summary.percent_context_free == 100.0
 
 
 def test_planted_previous_token_attention_is_lost_by_resampling() -> None:
@@ -397,7 +397,7 @@ def test_planted_previous_token_attention_is_lost_by_resampling() -> None:
     assert abs(float(np.median(fvu)) - 2.0) < 0.25
     assert (alive["kept"].to_numpy() < 0.6).all()
     summary = resample_summary(table)
-    assert summary["context_free"] == 0 and summary["median_resample_fvu"] > 1.5
+    assert summary.context_free == 0 and summary.median_resample_fvu > 1.5
 
 
 def test_sink_heads_fail_self_only_but_survive_resampling() -> None:
@@ -446,7 +446,7 @@ def test_resample_summary_on_a_hand_made_table() -> None:
             "resample_fvu": [0.1, 1.9, math.nan, 0.5],
         }
     )
-    assert resample_summary(table) == {
+    assert resample_summary(table).to_dict() == {
         "features": 4,
         "alive": 3,
         "threshold": 0.5,
@@ -454,7 +454,7 @@ def test_resample_summary_on_a_hand_made_table() -> None:
         "percent_context_free": pytest.approx(200 / 3),
         "median_resample_fvu": 0.5,
     }
-    assert resample_summary(table, threshold=0.05)["context_free"] == 0
+    assert resample_summary(table, threshold=0.05).context_free == 0
     dead = resample_summary(table.filter(pl.col("active") == 0))
-    assert dead["alive"] == 0 and math.isnan(dead["percent_context_free"])
-    assert math.isnan(dead["median_resample_fvu"])
+    assert dead.alive == 0 and math.isnan(dead.percent_context_free)
+    assert math.isnan(dead.median_resample_fvu)

@@ -101,9 +101,9 @@ class CompositionResult(Result):
 
     key: str
     layer: int
-    sources: tuple[str, ...]
+    sources: list[str]
     source_keys: dict[str, str]  # column suffix → site
-    source_widths: tuple[int, ...]
+    source_widths: list[int]
     target: str
     target_width: int
     directory: str
@@ -233,9 +233,9 @@ def _result(
     return CompositionResult(
         key=key,
         layer=sites.target.layer - 1,
-        sources=tuple(str(s) for s in sites.sources),
+        sources=[str(s) for s in sites.sources],
         source_keys=named,
-        source_widths=tuple(composed.widths),
+        source_widths=list(composed.widths),
         target=str(sites.target),
         target_width=len(var),
         directory=str(files.path),

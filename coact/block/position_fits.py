@@ -120,7 +120,7 @@ def context_summaries(
 class RidgeChoice(Result):
     """The λ candidates, how many outputs took each per fit, and their validation NMSE."""
 
-    candidates: tuple[float, ...]
+    candidates: list[float]
     outputs_per_candidate: dict[str, dict[str, int]]
     validation_nmse_per_candidate: dict[str, list[float]]
     validation_tokens: int
@@ -198,7 +198,7 @@ class Ridge:
             for name, curve in self.validation_nmse.items()
         }
         return RidgeChoice(
-            candidates=tuple(config.ridge),
+            candidates=list(config.ridge),
             outputs_per_candidate=chosen,
             validation_nmse_per_candidate=nmse,
             validation_tokens=validation_tokens,

@@ -115,7 +115,7 @@ class PositionsResult(Result):
     in_site: str
     out_site: str
     directory: str
-    summaries: tuple[str, ...]
+    summaries: list[str]
     decay: float
     window: int
     inputs_same: int
@@ -253,7 +253,7 @@ def _result(
         in_site=str(pair.in_site),
         out_site=str(pair.out_site),
         directory=str(files.path),
-        summaries=tuple(config.summaries),
+        summaries=list(config.summaries),
         decay=config.decay,
         window=config.window,
         inputs_same=scored.inputs_same,
