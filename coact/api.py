@@ -12,7 +12,7 @@ from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.run import analyze
-from coact.sae.base import Sae
+from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
 
@@ -45,7 +45,7 @@ def train_sae(
 
 
 def collect(
-    saes: Mapping[str | Site, str | Path | Sae],
+    saes: Mapping[str | Site, str | Path | SparseAutoencoder],
     *,
     out: str | Path,
     model: str = AnalyzeConfig.model,
@@ -60,7 +60,7 @@ def collect(
     lm = load_model(model, device=device, seed=seed)
     resolved = {
         (s if isinstance(s, Site) else Site.parse(s)): (
-            v if isinstance(v, Sae) else load_sae(v, device=device)
+            v if isinstance(v, SparseAutoencoder) else load_sae(v, device=device)
         )
         for s, v in saes.items()
     }

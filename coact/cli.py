@@ -151,9 +151,9 @@ def collect(
     """Encode a corpus into sparse feature codes with the given SAEs (resumable)."""
     from coact import api
     from coact.models.sites import Site
-    from coact.sae.base import Sae
+    from coact.sae.base import SparseAutoencoder
 
-    pairs: dict[str | Site, str | Path | Sae] = {}
+    pairs: dict[str | Site, str | Path | SparseAutoencoder] = {}
     for item in sae:
         if "=" not in item:
             raise CoactError(f"--sae expects SITE=PATH, got {item!r}")

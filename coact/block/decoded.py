@@ -18,6 +18,7 @@ from torch import Tensor
 
 from coact.block.composition import CompositionResult, default_sources
 from coact.connectors.exact import GramStats, linear_fit
+from coact.connectors.interface import LinearConnector
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
@@ -29,19 +30,19 @@ from coact.sae.base import SparseAutoencoder
 
 @dataclass(frozen=True, eq=False)
 class CompositionConnector:
-    """target codes ≈ [codes of each source, side by side] @ weights + intercepts."""
+    """target codes ≈ [codes of each source, side by side] → a linear connector (Σ widths
+    inputs) of the exact path: which sites feed it, in which order, and their widths."""
 
     sources: tuple[Site, ...]
     widths: tuple[int, ...]
     target: Site
-    weights: sp.csr_matrix | np.ndarray  # (Σ widths, n_out)
-    intercepts: np.ndarray  # (n_out,)
+    linear: LinearConnector
 
     def __post_init__(self) -> None:
-        if self.weights.shape != (sum(self.widths), len(self.intercepts)):
+        if self.linear.n_in != sum(self.widths):
             raise CoactError(
-                f"composition weights of shape {self.weights.shape} do not fit sources of "
-                f"widths {self.widths} and {len(self.intercepts)} outputs"
+                f"composition weights of {self.linear.n_in} inputs do not fit sources of "
+                f"widths {self.widths}"
             )
 
     @property
@@ -67,16 +68,14 @@ class CompositionConnector:
         shape = (sum(widths), head.target_width)
         matrix = sp.csr_matrix((values, (rows, weights["out_feature"].to_numpy())), shape=shape)
         intercepts = features["intercept_refit" if refit else "intercept"].to_numpy()
-        return cls(sources, widths, Site.parse(head.target), matrix, intercepts)
+        linear = LinearConnector(matrix, intercepts)
+        return cls(sources, widths, Site.parse(head.target), linear)
 
     def predict(self, codes: Sequence[Any]) -> np.ndarray:
         """Target codes (tokens × n_out) from each source's codes, in `sources` order
         (dense arrays, tensors or sparse matrices)."""
         blocks = [sp.csr_matrix(_numpy(c)) if not sp.issparse(c) else c for c in codes]
-        x = sp.hstack(blocks, format="csr")
-        out = x @ self.weights
-        out = out.toarray() if sp.issparse(out) else np.asarray(out)
-        return out + self.intercepts
+        return self.linear.predict(sp.hstack(blocks, format="csr"))
 
 
 def least_squares_connector(
@@ -88,9 +87,8 @@ def least_squares_connector(
     blocks = [sp.csr_matrix(_numpy(c)) if not sp.issparse(c) else c for c in codes.values()]
     x, y = sp.hstack(blocks, format="csr"), sp.csr_matrix(_numpy(target_codes))
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x, y)
-    weights, intercepts = linear_fit(stats)
     widths = tuple(block.shape[1] for block in blocks)
-    return CompositionConnector(sources, widths, target, weights, intercepts)
+    return CompositionConnector(sources, widths, target, LinearConnector(*linear_fit(stats)))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import SpliceFn, capture, spliced_logits
-from coact.sae.base import Sae
+from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
 
 NoiseKind = Literal["isotropic", "sae"]
@@ -75,7 +75,7 @@ def sample_noise(
     kind: NoiseKind,
     *,
     generator: torch.Generator,
-    sae: Sae | None = None,
+    sae: SparseAutoencoder | None = None,
     reference_variance: float,
 ) -> Tensor:
     """Noise n for activations x (..., d) with mean ‖n‖² over tokens ≈ strength × variance.
@@ -127,7 +127,7 @@ def add_noise(
     kind: NoiseKind,
     *,
     generator: torch.Generator,
-    sae: Sae | None = None,
+    sae: SparseAutoencoder | None = None,
     reference_variance: float,
 ) -> Tensor:
     """x + n (see `sample_noise`); strength 0 returns x itself, so ΔCE is exactly 0."""
@@ -150,7 +150,7 @@ def _noise_splice(
     strength: float,
     kind: NoiseKind,
     generator: torch.Generator,
-    sae: Sae | None,
+    sae: SparseAutoencoder | None,
     variance: float,
     drawn: list[float],
 ) -> SpliceFn:
@@ -177,7 +177,7 @@ def noise_curve(
     strengths: Sequence[float],
     kind: NoiseKind,
     *,
-    sae: Sae | None = None,
+    sae: SparseAutoencoder | None = None,
     batch_size: int = 8,
     seed: int = 0,
     skip_first_positions: int = 1,
@@ -237,7 +237,7 @@ def _check_noise_request(
     site: Site,
     strengths: Sequence[float],
     kind: NoiseKind,
-    sae: Sae | None,
+    sae: SparseAutoencoder | None,
     skip: int,
 ) -> None:
     """Refuse a bad request before any forward pass: the tokens, the noise kind, an SAE
@@ -260,7 +260,7 @@ def _noise_batch(
     site: Site,
     strengths: Sequence[float],
     kind: NoiseKind,
-    sae: Sae | None,
+    sae: SparseAutoencoder | None,
     variance: float,
     stream: tuple[int, int],
     skip: int,

@@ -56,7 +56,7 @@ from coact.models.tracing import capture, spliced_logits
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import CalibrateFiles, ConnectFiles
 from coact.rundir.results import Result, result_key
-from coact.sae.base import Sae
+from coact.sae.base import SparseAutoencoder
 from coact.settings import setting
 
 Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
@@ -209,8 +209,8 @@ def _replace_after(out: Tensor, new: Tensor, skip: int) -> Tensor:
 def calibrate(
     lm: LoadedModel,
     pair: SitePair,
-    sae_in: Sae,
-    sae_out: Sae,
+    sae_in: SparseAutoencoder,
+    sae_out: SparseAutoencoder,
     tokens: Tensor,
     connect_dir: str | Path,
     out_dir: str | Path,
@@ -262,8 +262,8 @@ class _Measured:
 def _measure(
     lm: LoadedModel,
     pair: SitePair,
-    sae_in: Sae,
-    sae_out: Sae,
+    sae_in: SparseAutoencoder,
+    sae_out: SparseAutoencoder,
     tokens: Tensor,
     features: pl.DataFrame,
     connectors: list[tuple[np.ndarray, SparseConnector]],
@@ -302,9 +302,14 @@ def _measure(
 
 
 def _key(
-    lm: LoadedModel, pair: SitePair, sae_in: Sae, sae_out: Sae, tokens: Tensor,
-    connected: ConnectFiles, config: CalibrateConfig,
-) -> str:  # fmt: skip
+    lm: LoadedModel,
+    pair: SitePair,
+    sae_in: SparseAutoencoder,
+    sae_out: SparseAutoencoder,
+    tokens: Tensor,
+    connected: ConnectFiles,
+    config: CalibrateConfig,
+) -> str:
     """What a calibration depends on: model, sites, SAEs, tokens, the connectors' result
     and the config."""
     from coact.codes.collect import sae_fingerprint
@@ -321,8 +326,8 @@ def _key(
 def _splices(
     lm: LoadedModel,
     pair: SitePair,
-    sae_in: Sae,
-    sae_out: Sae,
+    sae_in: SparseAutoencoder,
+    sae_out: SparseAutoencoder,
     tokens: Tensor,
     features: pl.DataFrame,
     connectors: list[tuple[np.ndarray, SparseConnector]],
@@ -367,9 +372,14 @@ def _splices(
 
 
 def _noise(
-    lm: LoadedModel, pair: SitePair, tokens: Tensor, sae_out: Sae, variance: float, kind: str,
+    lm: LoadedModel,
+    pair: SitePair,
+    tokens: Tensor,
+    sae_out: SparseAutoencoder,
+    variance: float,
+    kind: str,
     config: CalibrateConfig,
-) -> pl.DataFrame:  # fmt: skip
+) -> pl.DataFrame:
     if kind not in NOISE_KINDS:
         raise CoactError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}")
     return noise_curve(
@@ -380,7 +390,9 @@ def _noise(
     )  # fmt: skip
 
 
-def _splice_fn(name: str, decoded: dict[str, Tensor], sae_out: Sae, skip: int) -> Splice:
+def _splice_fn(
+    name: str, decoded: dict[str, Tensor], sae_out: SparseAutoencoder, skip: int
+) -> Splice:
     if name == "zero":
         return lambda out: _replace_after(out, torch.zeros_like(out), skip)
     if name == "sae":
@@ -389,7 +401,11 @@ def _splice_fn(name: str, decoded: dict[str, Tensor], sae_out: Sae, skip: int) -
 
 
 def _with_implied_nmse(
-    splices: pl.DataFrame, features: pl.DataFrame, sae_out: Sae, variance: float, form: Form
+    splices: pl.DataFrame,
+    features: pl.DataFrame,
+    sae_out: SparseAutoencoder,
+    variance: float,
+    form: Form,
 ) -> pl.DataFrame:
     """Per τ: Σ over the features it calls linear of d_raw(j)·‖decoder row j‖², over the
     site's variance: the extra normalised MSE that splice adds if feature errors are
@@ -408,8 +424,8 @@ def _with_implied_nmse(
 def _causal(
     lm: LoadedModel,
     pair: SitePair,
-    sae_in: Sae,
-    sae_out: Sae,
+    sae_in: SparseAutoencoder,
+    sae_out: SparseAutoencoder,
     tokens: Tensor,
     connected: ConnectFiles,
     connectors: list[tuple[np.ndarray, SparseConnector]],

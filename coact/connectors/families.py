@@ -9,13 +9,18 @@ transposed batch); later layers are small and dense.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from coact.rundir.files import atomic_write
 
 FAMILIES = ("linear", "relu", "mlp", "two-relu", "sae-connector")
 TWO_LAYER = frozenset({"mlp", "two-relu", "sae-connector"})
@@ -98,22 +103,6 @@ class _SparseTimesDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return _bag(transpose(ctx.batch, ctx.n_in), grad.contiguous()), None
-
-
-@runtime_checkable
-class Connector(Protocol):
-    """What the pipeline needs from a connector: input codes in (a sparse batch), predicted
-    output codes out, its L1 penalty, and its first layer as width × n_in."""
-
-    n_in: int
-    n_out: int
-    family: str
-
-    def forward(self, x: Batch) -> Tensor: ...
-
-    def l1_penalty(self) -> Tensor: ...
-
-    def first_layer_weight(self) -> Tensor: ...
 
 
 class SparseConnector(nn.Module):
@@ -212,6 +201,66 @@ class SparseConnector(nn.Module):
         """‖W1‖₁, plus mean ‖h‖₁ of the last batch for the sae-connector (equal weights);
         the trainer weights the two terms separately (alpha, alpha_hidden)."""
         return self.weight_l1() + self.hidden_l1()
+
+    # the interface every connector shares (`coact.connectors.interface.Connector`)
+    @torch.no_grad()
+    def predict(self, codes: sp.spmatrix, batch: int = 4096) -> np.ndarray:
+        """Predicted output codes (tokens × n_out), a batch of rows at a time."""
+        x = sp.csr_matrix(codes, dtype=np.float32)
+        device = str(self.weight_in.device)
+        parts = [
+            self(csr_batch(x, np.arange(i, min(i + batch, x.shape[0])), device)).cpu().numpy()
+            for i in range(0, x.shape[0], batch)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_out), np.float32)
+
+    def weights(self) -> np.ndarray:
+        """The first layer, n_in × width (the layer that reads the input features)."""
+        return self.weight_in.detach().cpu().numpy()
+
+    def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """Its parameters and fixed skip, keyed for one safetensors file."""
+        tensors = {
+            f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+        }
+        if self.skip_weight is not None and self.skip_bias is not None:
+            tensors[f"{prefix}skip_weight"] = self.skip_weight.cpu().contiguous()
+            tensors[f"{prefix}skip_bias"] = self.skip_bias.cpu().contiguous()
+        return tensors
+
+    def describe(self) -> dict[str, str]:
+        """What rebuilds it: the family and the shapes (safetensors metadata are strings)."""
+        hidden = "" if self.hidden is None else str(self.hidden)
+        bias = str(self.bias_in is not None)
+        return {"family": self.family, "n_in": str(self.n_in), "n_out": str(self.n_out),
+                "hidden": hidden, "bias": bias}  # fmt: skip
+
+    @classmethod
+    def from_tensors(
+        cls, meta: dict[str, str], tensors: dict[str, Tensor], prefix: str = "", device: str = "cpu"
+    ) -> SparseConnector:
+        """The inverse of `to_tensors` + `describe`."""
+        hidden = int(meta["hidden"]) if meta.get("hidden") else None
+        connector = cls(
+            meta["family"], int(meta["n_in"]), int(meta["n_out"]), hidden=hidden,
+            bias=meta.get("bias", "True") == "True",
+        )  # fmt: skip
+        connector.load_state_dict({k: tensors[f"{prefix}{k}"] for k in connector.state_dict()})
+        if f"{prefix}skip_weight" in tensors:
+            connector.skip_weight = tensors[f"{prefix}skip_weight"].to(device)
+            connector.skip_bias = tensors[f"{prefix}skip_bias"].to(device)
+        return connector.to(device).eval().requires_grad_(False)
+
+    def save(self, path: str | Path) -> None:
+        meta = {"kind": "sparse", **self.describe()}
+        tensors = self.to_tensors()
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> SparseConnector:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            return cls.from_tensors(dict(f.metadata()), tensors, device=device)
 
 
 def column_variance(y: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import GramStats, linear_fit, mse
-from coact.connectors.families import SparseConnector, csr_batch, dense_rows, make_connector
+from coact.connectors.families import SparseConnector, csr_batch, dense_rows
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
 from coact.linearity.table import HeldoutContexts
@@ -46,14 +46,11 @@ def save_linearity_connectors(
     """Each chunk's outputs and mlp (its fixed skip is the least-squares map), so later
     stages (splicing, causal checks) predict with exactly the fits the table rests on."""
     tensors: dict[str, torch.Tensor] = {}
+    meta = {"chunks": str(len(connectors))}
     for k, (outputs, connector) in enumerate(connectors):
         tensors[f"{k}.outputs"] = torch.as_tensor(outputs, dtype=torch.int64)
-        for name, value in connector.state_dict().items():
-            tensors[f"{k}.{name}"] = value.detach().cpu().contiguous()
-        assert connector.skip_weight is not None and connector.skip_bias is not None
-        tensors[f"{k}.skip_weight"] = connector.skip_weight.cpu().contiguous()
-        tensors[f"{k}.skip_bias"] = connector.skip_bias.cpu().contiguous()
-    meta = {"chunks": str(len(connectors))}
+        tensors.update(connector.to_tensors(prefix=f"{k}."))
+        meta.update({f"{k}.{name}": v for name, v in connector.describe().items()})
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -66,20 +63,12 @@ def load_linearity_connectors(
         raise CoactError(f"no fitted connectors at {path}; run `coact connect` first")
     out = []
     with safe_open(str(path), framework="pt") as f:
-        n_chunks = int(f.metadata()["chunks"])
-        for k in range(n_chunks):
-            weight_in = f.get_tensor(f"{k}.weight_in")
-            skip = f.get_tensor(f"{k}.skip_weight")
-            connector = make_connector(
-                "mlp", skip.shape[0], skip.shape[1], hidden=weight_in.shape[1]
-            )
-            connector.load_state_dict(
-                {name: f.get_tensor(f"{k}.{name}") for name in connector.state_dict()}
-            )
-            connector.skip_weight = skip.to(device)
-            connector.skip_bias = f.get_tensor(f"{k}.skip_bias").to(device)
-            outputs = f.get_tensor(f"{k}.outputs").numpy()
-            out.append((outputs, connector.to(device).eval().requires_grad_(False)))
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for k in range(int(meta["chunks"])):
+        prefix = f"{k}."
+        described = {m[len(prefix) :]: v for m, v in meta.items() if m.startswith(prefix)}
+        connector = SparseConnector.from_tensors(described, tensors, prefix, device)
+        out.append((tensors[f"{k}.outputs"].numpy(), connector))
     return out
 
 

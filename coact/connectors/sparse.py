@@ -21,6 +21,7 @@ from coact.connectors.exact import (
     lasso_path,
     refit_support,
 )
+from coact.connectors.interface import LinearConnector
 from coact.connectors.sweep import elbow
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
@@ -63,6 +64,11 @@ class SparseFit:
     refit: sp.csc_matrix  # least squares on the same support
     refit_intercepts: np.ndarray
     path_s: float  # seconds for the path and its sweep (the refit is cheap beside it)
+
+    @property
+    def connector(self) -> LinearConnector:
+        """The chosen connector: least squares on the support the L1 path chose."""
+        return LinearConnector(self.refit, self.refit_intercepts)
 
 
 def fit_sparse(

@@ -38,7 +38,7 @@ from coact.models.sites import SITE_KINDS, Site
 from coact.rundir.files import atomic_write, read_json
 from coact.rundir.layout import CONFIG, OutlierFiles, RunLayout
 from coact.rundir.results import Result, result_key
-from coact.sae.base import Sae, SparseAutoencoder
+from coact.sae.base import SparseAutoencoder
 from coact.settings import setting
 
 Decode = Callable[[list[int]], str]
@@ -111,7 +111,7 @@ def reconstruction_norms(
     codes: sp.csr_matrix, sae: SparseAutoencoder, chunk: int = 8192
 ) -> np.ndarray:
     """‖decode(c)‖ per token row, from the sparse codes (no dense codes matrix)."""
-    if isinstance(sae, Sae):
+    if isinstance(sae, SparseAutoencoder):
         w_dec = sae.W_dec.detach().to("cpu", torch.float32).numpy()
         b_dec = sae.b_dec.detach().to("cpu", torch.float32).numpy()
     else:  # any SparseAutoencoder: decode the identity to get its linear map
@@ -271,7 +271,9 @@ def _write_parquet(table: pl.DataFrame, path: Path) -> None:
     table.write_parquet(path)
 
 
-def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dict[str, Sae]:
+def run_saes(
+    run_dir: str | Path, slugs: Any = None, device: str = "cpu"
+) -> dict[str, SparseAutoencoder]:
     """A run's SAEs by site slug: those its config names (sae_in / sae_out), else the ones
     it trained (<shared>/sae/<slug>); a site whose SAE is not on this machine is left out."""
     from coact.sae.formats import load_sae
@@ -287,7 +289,7 @@ def run_saes(run_dir: str | Path, slugs: Any = None, device: str = "cpu") -> dic
         }
     wanted = list(slugs) if slugs is not None else list(given)
     layout = RunLayout.of(run, config)
-    found: dict[str, Sae] = {}
+    found: dict[str, SparseAutoencoder] = {}
     for slug in wanted:
         source = given.get(slug) or layout.sae_dir(slug)
         try:

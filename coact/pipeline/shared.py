@@ -26,7 +26,7 @@ from coact.models.sites import Site
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.rundir.files import write_json
 from coact.rundir.layout import RunLayout
-from coact.sae.base import Sae
+from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import (
     SaeEvalConfig,
     SaeEvaluation,
@@ -45,7 +45,7 @@ class Shared:
     """What the layers of a run share: SAEs, their evaluations, the code store."""
 
     layout: RunLayout
-    saes: dict[Site, Sae]
+    saes: dict[Site, SparseAutoencoder]
     given: dict[Site, str | None]
     reports: dict[Site, SaeReport]
     store: CodeStore
@@ -80,7 +80,7 @@ def prepare(
         for s in sites
         if s.kind == "mlp_resid" and lm.adapter.parallel and Site("resid_pre", s.layer) in sites
     }
-    saes: dict[Site, Sae] = {}
+    saes: dict[Site, SparseAutoencoder] = {}
     for site, source in given.items():
         if source is not None:
             saes[site] = load_sae(source, device=config.device)
@@ -157,7 +157,7 @@ def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
 
 
 def _evaluations(
-    lm: LoadedModel, saes: dict[Site, Sae], tokens: Any, layout: RunLayout
+    lm: LoadedModel, saes: dict[Site, SparseAutoencoder], tokens: Any, layout: RunLayout
 ) -> tuple[dict[Site, SaeReport], list[str]]:
     """Each SAE's report, reused when the model, the SAE's weights and the evaluation
     tokens are those of a finished earlier evaluation (its file carries their key)."""
@@ -197,7 +197,7 @@ def _trained_saes(
     sites: list[Site],
     config: AnalyzeConfig,
     layout: RunLayout,
-) -> tuple[dict[Site, Sae], list[str]]:
+) -> tuple[dict[Site, SparseAutoencoder], list[str]]:
     """Reuse SAEs an earlier run trained with the same recipe; train the rest together, at
     most `config.sae_group` per pass over the model (each is saved when its pass ends)."""
     recipe = {
@@ -206,7 +206,7 @@ def _trained_saes(
         "train": asdict(config.sae),
     }
     recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-    found: dict[Site, Sae] = {}
+    found: dict[Site, SparseAutoencoder] = {}
     for site in sites:
         if layout.sae_dir(site.slug).is_dir():
             try:

@@ -17,12 +17,20 @@ Activation = Literal["relu", "topk", "jumprelu"]
 
 @runtime_checkable
 class SparseAutoencoder(Protocol):
-    """What the pipeline needs from an SAE: codes in, activations out, and its shape."""
+    """What the pipeline needs from an SAE: codes in, activations out, its shape, and its
+    dictionary (the decoder rows W_dec, width × d_in, and bias b_dec): noise along active
+    features, reconstruction norms and implied errors read the dictionary itself."""
 
     d_in: int
     width: int
     site: str | None
     metadata: dict[str, Any]
+
+    @property
+    def W_dec(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
 
     def encode(self, x: Tensor) -> Tensor: ...
 
