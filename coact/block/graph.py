@@ -19,14 +19,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
 from coact.errors import CoactError
 from coact.models.sites import Site, SiteKind
 from coact.rundir.files import atomic_write
-from coact.rundir.layout import GraphFiles
+from coact.rundir.layout import (
+    CompositionFiles,
+    ConnectFiles,
+    GraphFiles,
+    LogicFiles,
+    StageFiles,
+)
 
 EdgePath = Literal["skip", "attention", "mlp", "composition"]
 PATHS: tuple[EdgePath, ...] = ("skip", "attention", "mlp", "composition")
@@ -87,24 +93,28 @@ class LayerTables:
         <mlp_dir>/weights.parquet, <attention_dir>/weights.parquet and, per labelled site,
         <logic_dir>/features.parquet."""
 
-        def load(directory: str | Path | None, name: str) -> pl.DataFrame | None:
-            if directory is None:
+        def load(path: Path | None) -> pl.DataFrame | None:
+            if path is None:
                 return None
-            path = Path(directory) / name
             if not path.is_file():
                 raise CoactError(f"no weight table at {path}; run that stage first")
             return pl.read_parquet(path)
 
+        def inside(directory: str | Path | None, files: type[StageFiles]) -> Any:
+            return None if directory is None else files(Path(directory))
+
         labels = {
             site: frame
             for site, d in (logic_dirs or {}).items()
-            if (frame := load(d, "features.parquet")) is not None
+            if (frame := load(LogicFiles(Path(d)).features)) is not None
         }
+        composed = inside(composition_dir, CompositionFiles)
+        mlp, attention = inside(mlp_dir, ConnectFiles), inside(attention_dir, ConnectFiles)
         return cls(
             layer,
-            load(composition_dir, "composition_weights.parquet"),
-            load(mlp_dir, "weights.parquet"),
-            load(attention_dir, "weights.parquet"),
+            load(composed.weights if composed else None),
+            load(mlp.weights if mlp else None),
+            load(attention.weights if attention else None),
             labels,
             weight,
         )
