@@ -202,7 +202,7 @@ def test_linearity_by_chunks_of_outputs_matches_one_chunk(store, result, tmp_pat
 
 def test_saved_connectors_predict_what_the_table_measured(store, result) -> None:
     from coact.connectors.families import csr_batch
-    from coact.connectors.linearity_fits import load_linearity_connectors
+    from coact.linearity.fits import load_linearity_connectors
 
     _, out = result
     (outputs, mlp), *rest = load_linearity_connectors(out / "linearity_connectors.safetensors")

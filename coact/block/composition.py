@@ -42,9 +42,9 @@ import scipy.sparse as sp
 
 from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, LassoPathConfig, linear_fit, mse
-from coact.connectors.linearity_fits import LINEAR_MAP_ENTRIES
 from coact.connectors.sparse import SparseFit, context_split, fit_sparse, weights_table
 from coact.errors import CoactError
+from coact.linearity.fits import LINEAR_MAP_ENTRIES
 from coact.linearity.table import finite_mean
 from coact.models.sites import Site
 from coact.rundir.files import atomic_write

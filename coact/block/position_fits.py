@@ -15,9 +15,9 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from coact.connectors.exact import GramStats, linear_fit
-from coact.connectors.linearity_fits import LINEAR_MAP_ENTRIES
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
+from coact.linearity.fits import LINEAR_MAP_ENTRIES
 from coact.linearity.table import HeldoutContexts, LinearityConfig, finite_mean
 from coact.rundir.results import Result
 

@@ -39,9 +39,9 @@ from coact.calibrate.causal import CausalSummary
 from coact.calibrate.intervene import splice_losses, splice_summary
 from coact.calibrate.noise import NOISE_KINDS, activation_variance, noise_curve
 from coact.connectors.families import SparseBatch, SparseConnector
-from coact.connectors.linearity_fits import load_linearity_connectors
 from coact.connectors.stage import ConnectResult
 from coact.errors import CoactError
+from coact.linearity.fits import load_linearity_connectors
 from coact.linearity.table import (
     SEED_TAU,
     Form,

@@ -36,11 +36,6 @@ from coact.codes.store import CodeStore
 from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import GramStats
 from coact.connectors.formulas import formula, top_tokens_table
-from coact.connectors.linearity_fits import (
-    LinearityFits,
-    linearity_fits,
-    save_linearity_connectors,
-)
 from coact.connectors.sparse import (
     SparseFit,
     context_split,
@@ -49,6 +44,11 @@ from coact.connectors.sparse import (
     weights_table,
 )
 from coact.errors import CoactError
+from coact.linearity.fits import (
+    LinearityFits,
+    linearity_fits,
+    save_linearity_connectors,
+)
 from coact.linearity.table import (
     Form,
     LinearShare,
