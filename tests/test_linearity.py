@@ -25,7 +25,8 @@ def test_hand_computed_table_and_share() -> None:
     assert math.isclose(d_fvu[0], 0.0005 / 0.5) and math.isclose(d_fvu[1], 0.02 / 0.2)
     assert math.isnan(d_fvu[2])
     share = percent_linear(table)
-    assert {k: v for k, v in share.to_dict().items() if v is not None} == {"percent_linear": 100 * 2 / 3, "linear": 2, "nonlinear": 1, "dead": 1,
+    given = {k: v for k, v in share.to_dict().items() if v is not None}
+    assert given == {"percent_linear": 100 * 2 / 3, "linear": 2, "nonlinear": 1, "dead": 1,
                      "alive": 3}  # fmt: skip
 
 
