@@ -11,7 +11,6 @@ from coact.codes.store import CodeStore
 from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
-from coact.pipeline.run import analyze
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
@@ -70,15 +69,3 @@ def collect(
         CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed), lm.tokenizer
     )
     return collect_codes(lm, contexts, resolved, out, config or CollectConfig())
-
-
-__all__ = [
-    "AnalyzeConfig",
-    "CodeStore",
-    "Site",
-    "analyze",
-    "collect",
-    "load_model",
-    "load_sae",
-    "train_sae",
-]

@@ -11,7 +11,7 @@ import torch
 
 from coact.calibrate import causal
 from coact.calibrate.causal import CausalConfig, causal_check, causal_summary, sample_connections
-from coact.connectors.families import make_connector
+from coact.connectors.families import SparseConnector
 from coact.errors import CoactError
 from coact.models.tracing import capture
 from tests.planted_model import PlantedModel, planted_model, random_tokens
@@ -150,7 +150,7 @@ def test_connector_predictions_per_chunk(linear, tokens) -> None:
     chunks = [np.arange(0, n_out, 2), np.arange(1, n_out, 2)]  # interleaved outputs
     connectors = []
     for outputs in chunks:
-        connector = make_connector("mlp", n_in, len(outputs), hidden=3)
+        connector = SparseConnector("mlp", n_in, len(outputs), hidden=3)
         connector.set_linear_skip(linear.B[outputs].T, torch.zeros(len(outputs)))
         connectors.append((outputs, connector.eval().requires_grad_(False)))
     second = connectors[1][1].weight_out

@@ -12,12 +12,12 @@ import torch
 from coact.codes.store import CodeStore
 from coact.connectors.families import (
     FAMILIES,
-    Connector,
     SparseBatch,
+    SparseConnector,
     csr_batch,
     loss_terms,
-    make_connector,
 )
+from coact.connectors.interface import Connector
 from coact.connectors.train import (
     ConnectorTrainConfig,
     per_output_mse,
@@ -108,7 +108,7 @@ def test_sparse_first_layer_equals_dense_reference(family: str) -> None:
     x.eliminate_zeros()
     x.sort_indices()
     assert np.diff(x.indptr).min() == 0  # some rows are empty: their bags must sum to 0
-    net = make_connector(family, 300, 7, hidden=11, seed=4)
+    net = SparseConnector(family, 300, 7, hidden=11, seed=4)
     assert isinstance(net, Connector)
     with torch.no_grad():
         for p in net.parameters():
@@ -184,12 +184,12 @@ def test_loss_by_hand() -> None:
     x = sp.csr_matrix(np.array([[1, 0], [0, 1], [1, 1]], np.float32))
     y = torch.tensor([[1, 0, 0], [0, 1, 0], [2, 1, 0]], dtype=torch.float32)
     weights = torch.tensor([1 / (2 / 3), 1 / (2 / 9), 0.0])  # the dead column counts for 0
-    linear = make_connector("linear", 2, 3, bias=False)
+    linear = SparseConnector("linear", 2, 3, bias=False)
     with torch.no_grad():
         linear.weight_in.copy_(torch.tensor([[1.0, 0, 0], [0, 2, 0]]))
     nmse, l1 = (t.item() for t in loss_terms(linear, csr_batch(x), y, weights, alpha=0.1))
     assert nmse == pytest.approx(1.75) and l1 == pytest.approx(0.3)
-    sae = make_connector("sae-connector", 2, 3, hidden=2, bias=False)
+    sae = SparseConnector("sae-connector", 2, 3, hidden=2, bias=False)
     with torch.no_grad():
         sae.weight_in.copy_(torch.tensor([[1.0, 0], [0, 2]]))
         sae.weight_out.copy_(torch.tensor([[1.0, 0], [0, 1], [0, 0]]))

@@ -292,10 +292,10 @@ def test_layer_without_standardised_column_ranks_by_effect() -> None:
 def test_hidden_latents_of_an_sae_connector() -> None:
     import torch
 
-    from coact.connectors.families import make_connector
+    from coact.connectors.families import SparseConnector
 
     x, _ = _layer()
-    connector = make_connector("sae-connector", 6, 2, hidden=3)
+    connector = SparseConnector("sae-connector", 6, 2, hidden=3)
     with torch.no_grad():  # hidden unit 0 = ReLU(a + b − 1.3): an AND of inputs 0 and 1
         connector.weight_in.zero_()
         connector.weight_in[[0, 1], 0] = 1.0

@@ -54,7 +54,7 @@ from coact.block.position_fits import (
     validation_split,
 )
 from coact.codes.store import CodeStore
-from coact.connectors.sparse import context_split
+from coact.connectors.sparse import read_pair
 from coact.linearity.table import (
     Form,
     LinearShare,
@@ -181,9 +181,7 @@ class _Scored:
 def _score(store: CodeStore, pair: SitePair, config: PositionsConfig) -> _Scored:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
-    tokens = store.read_tokens()
-    groups, train, held = context_split(tokens, config.heldout_fraction, config.seed, store)
+    x, y, tokens, groups, train, held = read_pair(store, pair, config.heldout_fraction, config.seed)
     x = sp.csr_matrix(x, dtype=np.float64)
     context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
     shifts = [shift_operator(context, position, config.lags(s)) for s in config.summaries]

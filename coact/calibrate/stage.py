@@ -231,7 +231,8 @@ def calibrate(
     if (previous := CalibrateResult.finished(files.result, key, files.tables)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
-    measured = _measure(lm, pair, sae_in, sae_out, tokens, features, connectors, connected, config)
+    setup = _Setup(lm, pair, sae_in, sae_out, tokens, connected, features, connectors, config)
+    measured = _measure(setup)
     calibrated = relabel(features, LinearityConfig(tau=measured.tau, form=config.form))
     seed_labels = relabel(features, LinearityConfig(tau=SEED_TAU, form=config.form))
     table = calibrated.select("feature", "d", "d_fvu", "d_seed", "status", "verdict").with_columns(
@@ -247,6 +248,21 @@ def calibrate(
     return result
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every measurement of one calibration reads."""
+
+    lm: LoadedModel
+    pair: SitePair
+    sae_in: SparseAutoencoder
+    sae_out: SparseAutoencoder
+    tokens: Tensor
+    connected: ConnectFiles
+    features: pl.DataFrame  # the linearity table
+    connectors: list[tuple[np.ndarray, SparseConnector]]  # the fits it rests on
+    config: CalibrateConfig
+
+
 @dataclass
 class _Measured:
     """What calibration measured in the model: curves, splices, τ, the causal table."""
@@ -259,32 +275,23 @@ class _Measured:
     timings: dict[str, float]
 
 
-def _measure(
-    lm: LoadedModel,
-    pair: SitePair,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
-    features: pl.DataFrame,
-    connectors: list[tuple[np.ndarray, SparseConnector]],
-    connected: ConnectFiles,
-    config: CalibrateConfig,
-) -> _Measured:
+def _measure(setup: _Setup) -> _Measured:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    skip = config.skip_first_positions
+    lm, pair, config = setup.lm, setup.pair, setup.config
     with forward_clock(lm) as forward_s:
         clock = time.perf_counter()
         variance = activation_variance(
-            lm, tokens, pair.out_site, batch_size=config.batch_size, skip_first_positions=skip
-        )
-        kinds = config.noise_kinds
-        noise = pl.concat([_noise(lm, pair, tokens, sae_out, variance, k, config) for k in kinds])
+            lm, setup.tokens, pair.out_site, batch_size=config.batch_size,
+            skip_first_positions=config.skip_first_positions,
+        )  # fmt: skip
+        noise = pl.concat([_noise(setup, variance, kind) for kind in config.noise_kinds])
         timings["noise_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        splices = _splices(lm, pair, sae_in, sae_out, tokens, features, connectors, config)
-        splices = _with_implied_nmse(splices, features, sae_out, variance, config.form)
+        splices = _with_implied_nmse(
+            _splices(setup), setup.features, setup.sae_out, variance, config.form
+        )
         timings["splices_s"] = time.perf_counter() - clock
         extra = splices.filter(pl.col("tau").is_not_null())
         tau = pick_tau(
@@ -294,7 +301,7 @@ def _measure(
         causal_table = None
         if config.causal and pair == SitePair.mlp(pair.out_site.layer):
             clock = time.perf_counter()
-            causal_table = _causal(lm, pair, sae_in, sae_out, tokens, connected, connectors, config)
+            causal_table = _causal(setup)
             timings["causal_s"] = time.perf_counter() - clock
     timings["forward_s"] = forward_s[0]
     timings["total_s"] = time.perf_counter() - started
@@ -323,25 +330,18 @@ def _key(
     return result_key(inputs, config, RESULT_VERSION)
 
 
-def _splices(
-    lm: LoadedModel,
-    pair: SitePair,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
-    features: pl.DataFrame,
-    connectors: list[tuple[np.ndarray, SparseConnector]],
-    config: CalibrateConfig,
-) -> pl.DataFrame:
+def _splices(setup: _Setup) -> pl.DataFrame:
     """CE and KL of every splice per context, then token-weighted means with intervals;
     the τ rows also carry their extra ΔCE over the all-mlp splice, paired by context."""
+    lm, features, config = setup.lm, setup.features, setup.config
+    sae_in, sae_out, connectors = setup.sae_in, setup.sae_out, setup.connectors
     skip = config.skip_first_positions
     d = features[_COLUMN[config.form]].to_numpy().astype(float)
     alive = (features["status"] != "dead").to_numpy()
     taus = candidate_taus(d[alive], config.n_taus)
     masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
     names = ["sae", "linear", "mlp", *masks, "zero"]
-    site_in, site_out = pair.in_site, pair.out_site
+    site_in, site_out = setup.pair.in_site, setup.pair.out_site
 
     def spliced(batch: Tensor) -> Callable[[str], Tensor]:
         stream = capture(lm, batch, [site_in])[site_in]
@@ -356,7 +356,7 @@ def _splices(
         )
 
     losses = splice_losses(
-        lm, tokens, names, spliced, batch_size=config.batch_size, skip_first_positions=skip,
+        lm, setup.tokens, names, spliced, batch_size=config.batch_size, skip_first_positions=skip,
         progress=config.progress,
     )  # fmt: skip
     frame = splice_summary(
@@ -371,20 +371,13 @@ def _splices(
     )
 
 
-def _noise(
-    lm: LoadedModel,
-    pair: SitePair,
-    tokens: Tensor,
-    sae_out: SparseAutoencoder,
-    variance: float,
-    kind: str,
-    config: CalibrateConfig,
-) -> pl.DataFrame:
+def _noise(setup: _Setup, variance: float, kind: str) -> pl.DataFrame:
+    config = setup.config
     if kind not in NOISE_KINDS:
         raise CoactError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}")
     return noise_curve(
-        lm, tokens, pair.out_site, config.strengths, kind,
-        sae=sae_out, batch_size=config.batch_size, seed=config.seed,
+        setup.lm, setup.tokens, setup.pair.out_site, config.strengths, kind,
+        sae=setup.sae_out, batch_size=config.batch_size, seed=config.seed,
         skip_first_positions=config.skip_first_positions, n_boot=config.n_boot,
         level=config.level, reference_variance=variance,
     )  # fmt: skip
@@ -421,26 +414,20 @@ def _with_implied_nmse(
     return splices.with_columns(pl.Series("implied_extra_nmse", implied, dtype=pl.Float64))
 
 
-def _causal(
-    lm: LoadedModel,
-    pair: SitePair,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
-    connected: ConnectFiles,
-    connectors: list[tuple[np.ndarray, SparseConnector]],
-    config: CalibrateConfig,
-) -> pl.DataFrame:
+def _causal(setup: _Setup) -> pl.DataFrame:
     from coact.calibrate.causal import CausalConfig, causal_check
 
-    weights = pl.read_parquet(connected.weights)
+    config = setup.config
+    weights = pl.read_parquet(setup.connected.weights)
     settings = CausalConfig(
         connections=config.causal_connections,
         batch_size=config.batch_size,
         skip_first_positions=config.skip_first_positions,
     )
-    layer = pair.out_site.layer
-    return causal_check(lm, layer, sae_in, sae_out, tokens, weights, connectors, settings)
+    return causal_check(
+        setup.lm, setup.pair.out_site.layer, setup.sae_in, setup.sae_out, setup.tokens,
+        weights, setup.connectors, settings,
+    )  # fmt: skip
 
 
 def _result(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -25,6 +26,7 @@ from coact.connectors.interface import LinearConnector
 from coact.connectors.sweep import elbow
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
+from coact.models.sites import SitePair
 
 
 def context_split(
@@ -37,6 +39,24 @@ def context_split(
         raise CoactError(f"the code store {store.directory} has too few contexts to hold any out")
     train, held = split_rows(len(groups), heldout_fraction, seed, groups)
     return groups, train, held
+
+
+class PairCodes(NamedTuple):
+    """A pair's codes, the token table and the held-out split by context (`context_split`)."""
+
+    x: sp.csr_matrix
+    y: sp.csr_matrix
+    tokens: pl.DataFrame
+    groups: np.ndarray
+    train: np.ndarray
+    held: np.ndarray
+
+
+def read_pair(store: CodeStore, pair: SitePair, heldout_fraction: float, seed: int) -> PairCodes:
+    """What every fit on a pair reads first: both sites' codes and the shared split."""
+    x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
+    tokens = store.read_tokens()
+    return PairCodes(x, y, tokens, *context_split(tokens, heldout_fraction, seed, store))
 
 
 def standardised(coef: sp.spmatrix, stats: GramStats, outputs: np.ndarray) -> sp.coo_matrix:

@@ -38,8 +38,8 @@ from coact.connectors.exact import GramStats
 from coact.connectors.formulas import formula, top_tokens_table
 from coact.connectors.sparse import (
     SparseFit,
-    context_split,
     fit_sparse,
+    read_pair,
     stability,
     weights_table,
 )
@@ -156,9 +156,7 @@ class _Fitted:
 def _fit(store: CodeStore, pair: SitePair, config: ConnectConfig) -> _Fitted:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
-    tokens = store.read_tokens()
-    groups, train, held = context_split(tokens, config.heldout_fraction, config.seed, store)
+    x, y, tokens, groups, train, held = read_pair(store, pair, config.heldout_fraction, config.seed)
     x_train, y_train = x[train], y[train]  # sliced once: the halves refit reads them again
     stats = GramStats.empty(x.shape[1], y.shape[1]).add(x_train, y_train)
     stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])

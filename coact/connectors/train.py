@@ -222,7 +222,7 @@ def train_connector(
     variance = column_variance(y, train)
     weights = torch.from_numpy(_ratio(np.ones_like(variance), variance)).nan_to_num(0.0)
     weights = weights.float().to(c.device)
-    connector = fam.make_connector(
+    connector = fam.SparseConnector(
         c.family, x.shape[1], y.shape[1], hidden=c.hidden, bias=c.bias, seed=c.seed
     ).to(c.device)
     if skip is not None:

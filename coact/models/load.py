@@ -194,29 +194,16 @@ def tiny_model(
     torch.manual_seed(seed)
     vocab = 259
     common: dict[str, Any] = {"vocab_size": vocab, "bos_token_id": 2, "eos_token_id": 0}
+    shape = {"hidden_size": d_model, "intermediate_size": 4 * d_model,
+             "num_hidden_layers": n_layers, "num_attention_heads": 4,
+             "max_position_embeddings": 512, **common}  # fmt: skip
     model: PreTrainedModel
     config: PretrainedConfig
     if kind == "tiny-llama":
-        config = LlamaConfig(
-            hidden_size=d_model,
-            intermediate_size=4 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
+        config = LlamaConfig(num_key_value_heads=2, **shape)
         model = LlamaForCausalLM(config)
     elif kind in ("tiny-gpt-neox", "tiny-gpt-neox-sequential"):
-        config = GPTNeoXConfig(
-            hidden_size=d_model,
-            intermediate_size=4 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            use_parallel_residual=kind == "tiny-gpt-neox",
-            **common,
-        )
+        config = GPTNeoXConfig(use_parallel_residual=kind == "tiny-gpt-neox", **shape)
         model = GPTNeoXForCausalLM(config)
     elif kind == "tiny-gpt2":
         config = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=512, **common)

@@ -125,7 +125,8 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     run = LayerRun(config, lm, shared, layout)
     timings = dict(shared.timings) if config.shared_dir is None else {}
     for stage in stages_of(config):
-        print(f"coact: layer {config.layer}, {stage.name}", file=sys.stderr)
+        print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
+              file=sys.stderr)  # fmt: skip
         t0 = time.perf_counter()
         run.results[stage.name] = stage(run)
         timings[f"{stage.name}_s"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 from typing import Any
 
 from torch import Tensor
@@ -73,18 +74,23 @@ class LayerRun:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a layer: `needs` names the stages whose results it reads, `settings`
-    picks its settings from the run's config, `outputs` is its folder's files."""
+    """One stage of a layer: `needs` names the stages whose results it reads; `settings`
+    is the field of the run's config that holds its settings and `outputs` the field of the
+    run's layout that names its files (dotted paths, e.g. "block.positions")."""
 
     name: str
     needs: tuple[str, ...]
-    settings: Callable[[AnalyzeConfig], Any]
-    outputs: Callable[[RunLayout], Any]
+    settings: str
+    outputs: str
     run: Callable[[LayerRun, Any], Result]  # (the layer, its settings) → its result
     result: type[Result]
 
     def __call__(self, run: LayerRun) -> Result:
-        return self.run(run, self.settings(run.config))
+        return self.run(run, attrgetter(self.settings)(run.config))
+
+    def files(self, layout: RunLayout) -> Any:
+        """Where it writes (a `coact.rundir.layout` StageFiles)."""
+        return attrgetter(self.outputs)(layout)
 
 
 def _connect(run: LayerRun, settings: Any) -> Result:
@@ -161,48 +167,22 @@ def _ablate(run: LayerRun, settings: Any) -> Result:
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage("connect", (), "connect", "connect", _connect, ConnectResult),
+    Stage("calibrate", ("connect",), "calibrate", "calibrate", _calibrate, CalibrateResult),
+    Stage("logic", ("connect",), "logic", "logic", _logic, LogicResult),
+    Stage("attention", (), "attention_connect", "attention_connect", _attention, ConnectResult),
     Stage(
-        "connect", needs=(), settings=lambda c: c.connect, outputs=lambda at: at.connect,
-        run=_connect, result=ConnectResult,
+        "attention_calibrate", ("attention",), "calibrate", "attention_calibrate",
+        _attention_calibrate, CalibrateResult,
     ),
+    Stage("positions", (), "block.positions", "positions", _positions, PositionsResult),
     Stage(
-        "calibrate", needs=("connect",), settings=lambda c: c.calibrate,
-        outputs=lambda at: at.calibrate, run=_calibrate, result=CalibrateResult,
+        "attention_causal", (), "block.causal", "attention_causal", _attention_causal,
+        AttentionCausalResult,
     ),
-    Stage(
-        "logic", needs=("connect",), settings=lambda c: c.logic, outputs=lambda at: at.logic,
-        run=_logic, result=LogicResult,
-    ),
-    Stage(
-        "attention", needs=(), settings=lambda c: c.attention_connect,
-        outputs=lambda at: at.attention_connect, run=_attention, result=ConnectResult,
-    ),
-    Stage(
-        "attention_calibrate", needs=("attention",), settings=lambda c: c.calibrate,
-        outputs=lambda at: at.attention_calibrate, run=_attention_calibrate,
-        result=CalibrateResult,
-    ),
-    Stage(
-        "positions", needs=(), settings=lambda c: c.block.positions,
-        outputs=lambda at: at.positions, run=_positions, result=PositionsResult,
-    ),
-    Stage(
-        "attention_causal", needs=(), settings=lambda c: c.block.causal,
-        outputs=lambda at: at.attention_causal, run=_attention_causal,
-        result=AttentionCausalResult,
-    ),
-    Stage(
-        "composition", needs=(), settings=lambda c: c.block.composition,
-        outputs=lambda at: at.composition, run=_composition, result=ComposedBlock,
-    ),
-    Stage(
-        "outliers", needs=(), settings=lambda c: c.outliers, outputs=lambda at: at.outliers,
-        run=_outliers, result=OutliersResult,
-    ),
-    Stage(
-        "ablate", needs=("connect",), settings=lambda c: c.ablation,
-        outputs=lambda at: at.ablation, run=_ablate, result=AblationResult,
-    ),
+    Stage("composition", (), "block.composition", "composition", _composition, ComposedBlock),
+    Stage("outliers", (), "outliers", "outliers", _outliers, OutliersResult),
+    Stage("ablate", ("connect",), "ablation", "ablation", _ablate, AblationResult),
 )  # fmt: skip
 
 

@@ -31,6 +31,18 @@ CONFIG = "config.json"
 SUMMARY = "summary.json"
 
 
+class Table:
+    """A stage's table: `<stage folder>/<stem>.parquet`, read as an attribute."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+
+    def __get__(self, files: StageFiles | None, owner: type) -> Path:
+        if files is None:
+            raise AttributeError(f"{owner.__name__}'s tables are read on an instance")
+        return files.table(self.stem)
+
+
 @dataclass(frozen=True)
 class StageFiles:
     """A stage's folder: `result` is its headline JSON, `tables` what must exist beside it
@@ -63,25 +75,15 @@ class ConnectFiles(StageFiles):
         "mlp_curve.parquet", "linearity_contexts.npz", "linearity_connectors.safetensors",
     )  # fmt: skip
 
-    @property
-    def sweep(self) -> Path:
-        return self.table("sweep")
+    sweep = Table("sweep")
 
-    @property
-    def weights(self) -> Path:
-        return self.table("weights")
+    weights = Table("weights")
 
-    @property
-    def features(self) -> Path:
-        return self.table("features")
+    features = Table("features")
 
-    @property
-    def top_tokens(self) -> Path:
-        return self.table("top_tokens")
+    top_tokens = Table("top_tokens")
 
-    @property
-    def mlp_curve(self) -> Path:
-        return self.table("mlp_curve")
+    mlp_curve = Table("mlp_curve")
 
     @property
     def heldout_contexts(self) -> Path:
@@ -103,21 +105,13 @@ class CalibrateFiles(StageFiles):
         "linearity.parquet",
     )
 
-    @property
-    def noise(self) -> Path:
-        return self.table("noise")
+    noise = Table("noise")
 
-    @property
-    def splices(self) -> Path:
-        return self.table("splices")
+    splices = Table("splices")
 
-    @property
-    def linearity(self) -> Path:
-        return self.table("linearity")
+    linearity = Table("linearity")
 
-    @property
-    def causal(self) -> Path:
-        return self.table("causal")
+    causal = Table("causal")
 
 
 @dataclass(frozen=True)
@@ -129,21 +123,13 @@ class LogicFiles(StageFiles):
         "features.parquet", "truth_tables.parquet", "clusters.parquet",
     )  # fmt: skip
 
-    @property
-    def features(self) -> Path:
-        return self.table("features")
+    features = Table("features")
 
-    @property
-    def truth_tables(self) -> Path:
-        return self.table("truth_tables")
+    truth_tables = Table("truth_tables")
 
-    @property
-    def clusters(self) -> Path:
-        return self.table("clusters")
+    clusters = Table("clusters")
 
-    @property
-    def hidden(self) -> Path:
-        return self.table("hidden")
+    hidden = Table("hidden")
 
 
 @dataclass(frozen=True)
@@ -153,9 +139,7 @@ class OutlierFiles(StageFiles):
     result_name: ClassVar[str] = "outliers.json"
     table_names: ClassVar[tuple[str, ...]] = ("outliers.parquet",)
 
-    @property
-    def outliers(self) -> Path:
-        return self.table("outliers")
+    outliers = Table("outliers")
 
 
 @dataclass(frozen=True)
@@ -165,9 +149,7 @@ class AblationFiles(StageFiles):
     result_name: ClassVar[str] = "ablation.json"
     table_names: ClassVar[tuple[str, ...]] = ("ablation.parquet",)
 
-    @property
-    def ablation(self) -> Path:
-        return self.table("ablation")
+    ablation = Table("ablation")
 
 
 @dataclass(frozen=True)
@@ -177,9 +159,7 @@ class PositionsFiles(StageFiles):
     result_name: ClassVar[str] = "positions.json"
     table_names: ClassVar[tuple[str, ...]] = ("positions.parquet",)
 
-    @property
-    def positions(self) -> Path:
-        return self.table("positions")
+    positions = Table("positions")
 
 
 @dataclass(frozen=True)
@@ -189,9 +169,7 @@ class AttentionCausalFiles(StageFiles):
     result_name: ClassVar[str] = "causal.json"
     table_names: ClassVar[tuple[str, ...]] = ("causal.parquet",)
 
-    @property
-    def causal(self) -> Path:
-        return self.table("causal")
+    causal = Table("causal")
 
 
 @dataclass(frozen=True)
@@ -203,21 +181,13 @@ class CompositionFiles(StageFiles):
         "composition.parquet", "composition_weights.parquet", "composition_sweep.parquet",
     )  # fmt: skip
 
-    @property
-    def features(self) -> Path:
-        return self.table("composition")
+    features = Table("composition")
 
-    @property
-    def weights(self) -> Path:
-        return self.table("composition_weights")
+    weights = Table("composition_weights")
 
-    @property
-    def sweep(self) -> Path:
-        return self.table("composition_sweep")
+    sweep = Table("composition_sweep")
 
-    @property
-    def decoded(self) -> Path:
-        return self.table("decoded")
+    decoded = Table("decoded")
 
 
 @dataclass(frozen=True)

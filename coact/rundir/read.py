@@ -27,7 +27,7 @@ from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.summary import RunSummary, SiteSummary
 from coact.rundir.files import read_json
 from coact.rundir.layout import CodesFiles, RunLayout
-from coact.rundir.results import from_dict
+from coact.rundir.results import Result, from_dict
 from coact.sae.evaluate import SaeEvaluation, SaeReport
 from coact.sae.train import TrainLog
 
@@ -192,65 +192,65 @@ def load_run(run_dir: str | Path) -> RunData:
     return data
 
 
+def _load(data: RunData, name: str, result: Result | None, tables: dict[str, Path]) -> None:
+    """A stage's result into `data.<name>` and, where it finished (its json is written
+    last), its tables into the fields `tables` names."""
+    setattr(data, name, result)
+    if result is not None:
+        for field_name, path in tables.items():
+            setattr(data, field_name, _parquet(path))
+
+
 def _load_mlp(data: RunData) -> None:
-    """connect/, calibrate/ and logic/: each stage's json is written last, so its tables
-    are read only where it finished."""
-    layout = data.layout
-    if data.connect is not None:
-        c = layout.connect
-        data.sweep, data.weights = _parquet(c.sweep), _parquet(c.weights)
-        data.features, data.top_tokens = _parquet(c.features), _parquet(c.top_tokens)
-        data.mlp_curve = _parquet(c.mlp_curve)
-    data.calibrate = CalibrateResult.read(layout.calibrate.result)
-    if data.calibrate is not None:
-        k = layout.calibrate
-        data.noise, data.splices = _parquet(k.noise), _parquet(k.splices)
-        data.calibrated, data.causal = _parquet(k.linearity), _parquet(k.causal)
-    data.logic = LogicResult.read(layout.logic.result)
-    if data.logic is not None:
-        g = layout.logic
-        data.labels, data.truth_tables = _parquet(g.features), _parquet(g.truth_tables)
-        data.clusters, data.hidden = _parquet(g.clusters), _parquet(g.hidden)
+    """connect/, calibrate/ and logic/."""
+    c, k, g = data.layout.connect, data.layout.calibrate, data.layout.logic
+    _load(data, "connect", data.connect, {
+        "sweep": c.sweep, "weights": c.weights, "features": c.features,
+        "top_tokens": c.top_tokens, "mlp_curve": c.mlp_curve,
+    })  # fmt: skip
+    _load(data, "calibrate", CalibrateResult.read(k.result), {
+        "noise": k.noise, "splices": k.splices, "calibrated": k.linearity, "causal": k.causal,
+    })  # fmt: skip
+    _load(data, "logic", LogicResult.read(g.result), {
+        "labels": g.features, "truth_tables": g.truth_tables, "clusters": g.clusters,
+        "hidden": g.hidden,
+    })  # fmt: skip
 
 
 def _load_evidence(data: RunData) -> None:
-    layout = data.layout
-    data.outlier_summary = OutliersResult.read(layout.outliers.result)
-    if data.outlier_summary is not None:
-        data.outliers = _parquet(layout.outliers.outliers)
-    data.ablation_summary = AblationResult.read(layout.ablation.result)
-    if data.ablation_summary is not None:
-        data.ablation = _parquet(layout.ablation.ablation)
+    o, a = data.layout.outliers, data.layout.ablation
+    _load(data, "outlier_summary", OutliersResult.read(o.result), {"outliers": o.outliers})
+    _load(data, "ablation_summary", AblationResult.read(a.result), {"ablation": a.ablation})
 
 
 def _load_block(data: RunData) -> None:
     """The block stages' results, at the τ attention is read at (block.json's)."""
     layout = data.layout
+    a, k = layout.attention_connect, layout.attention_calibrate
     data.block = BlockResult.read(layout.block)
-    data.attention = ConnectResult.read(layout.attention_connect.result)
-    data.attention_calibration = CalibrateResult.read(layout.attention_calibrate.result)
-    if data.attention_calibration is not None:
-        data.attention_splices = _parquet(layout.attention_calibrate.splices)
+    _load(data, "attention_calibration", CalibrateResult.read(k.result), {
+        "attention_splices": k.splices,
+    })  # fmt: skip
+    _load(data, "attention", ConnectResult.read(a.result), {
+        "attention_features": a.features, "attention_weights": a.weights,
+        "attention_top_tokens": a.top_tokens,
+    })  # fmt: skip
     if data.attention is not None:
-        a = layout.attention_connect
         data.attention_share = data.block.attention_share if data.block else data.attention.share
-        data.attention_features = _parquet(a.features)
         if data.attention_features is not None and data.block is not None:
             at = LinearityConfig(tau=data.block.tau, form=data.block.form)
             data.attention_features = relabel(data.attention_features, at)
-        data.attention_weights = _parquet(a.weights)
-        data.attention_top_tokens = _parquet(a.top_tokens)
-    data.attention_causal = AttentionCausalResult.read(layout.attention_causal.result)
-    if data.attention_causal is not None:
-        data.attention_causal_table = _parquet(layout.attention_causal.causal)
-    data.positions = PositionsResult.read(layout.positions.result)
-    if data.positions is not None:
-        data.positions_table = _parquet(layout.positions.positions)
-    data.composition = CompositionResult.read(layout.composition.result)
-    if data.composition is not None:
-        c = layout.composition
-        data.composition_table, data.composition_weights = _parquet(c.features), _parquet(c.weights)
-        data.composition_sweep, data.decoded = _parquet(c.sweep), _parquet(c.decoded)
+    causal, scored, c = layout.attention_causal, layout.positions, layout.composition
+    _load(data, "attention_causal", AttentionCausalResult.read(causal.result), {
+        "attention_causal_table": causal.causal,
+    })  # fmt: skip
+    _load(data, "positions", PositionsResult.read(scored.result), {
+        "positions_table": scored.positions,
+    })  # fmt: skip
+    _load(data, "composition", CompositionResult.read(c.result), {
+        "composition_table": c.features, "composition_weights": c.weights,
+        "composition_sweep": c.sweep, "decoded": c.decoded,
+    })  # fmt: skip
 
 
 def _load_saes(data: RunData) -> None:
