@@ -77,7 +77,7 @@ def attention_causal(
     digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()
     inputs = [lm.fingerprint(), sae_fingerprint(sae_out), layer, digest]
     key = result_key(inputs, quiet, RESULT_VERSION)
-    if (previous := AttentionCausalResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := AttentionCausalResult.finished(files, key)) is not None:
         return previous
     self_only = self_only_check(lm, sae_out, tokens, layer, config.self_only)
     resampled = resample_check(lm, sae_out, tokens, layer, config.resample)

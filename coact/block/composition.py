@@ -149,7 +149,7 @@ def compose(
     files = CompositionFiles(Path(out_dir))
     inputs = [store.fingerprint, [str(s) for s in sites.sources], str(sites.target)]
     key = result_key(inputs, config, RESULT_VERSION)
-    if (previous := CompositionResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := CompositionResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
     composed = _compose(store, sites, config)

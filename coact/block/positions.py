@@ -151,7 +151,7 @@ def positions(
     files = PositionsFiles(Path(out_dir))
     inputs = [store.fingerprint, str(pair.in_site), str(pair.out_site)]
     key = result_key(inputs, config, RESULT_VERSION, ("progress", "chunk_outputs"))
-    if (previous := PositionsResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := PositionsResult.finished(files, key)) is not None:
         return previous
     scored = _score(store, pair, config)
     files.path.mkdir(parents=True, exist_ok=True)

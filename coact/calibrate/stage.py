@@ -228,7 +228,7 @@ def calibrate(
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] <= skip + 1:
         raise CoactError(f"calibration needs a batch of contexts, got {tuple(tokens.shape)}")
     key = _key(lm, pair, sae_in, sae_out, tokens, connected, config)
-    if (previous := CalibrateResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := CalibrateResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
     setup = _Setup(lm, pair, sae_in, sae_out, tokens, connected, features, connectors, config)

@@ -116,7 +116,7 @@ def connect(
     files = ConnectFiles(Path(out_dir))
     inputs = [store.fingerprint, str(pair.in_site), str(pair.out_site)]
     key = result_key(inputs, config, RESULT_VERSION)
-    if (previous := ConnectResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := ConnectResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
     fitted = _fit(store, pair, config)

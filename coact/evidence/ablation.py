@@ -294,7 +294,7 @@ def ablate(
     filler = neutral_token(lm.tokenizer, config.filler)
     used = {s: saes[s] for s in sites}
     key = ablation_key(lm, store, used, wanted, config, filler)
-    if (previous := AblationResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := AblationResult.finished(files, key)) is not None:
         return previous
     bos = lm.tokenizer.bos_token_id
     bos = lm.tokenizer.eos_token_id if bos is None else bos

@@ -250,7 +250,7 @@ def outliers(
         "decode": decode is not None,
     }
     key = result_key(inputs, config, RESULT_VERSION, ignore=())
-    if (previous := OutliersResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := OutliersResult.finished(files, key)) is not None:
         return previous
     table, summaries = find_outliers(store, config, decode, saes, sites)
     files.path.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def label_run(
     digest = hashlib.sha256(connected.weights.read_bytes()).hexdigest()
     inputs = [store.fingerprint, digest, str(pair.in_site), str(pair.out_site)]
     key = result_key(inputs, config, RESULT_VERSION)
-    if (previous := LogicResult.finished(files.result, key, files.tables)) is not None:
+    if (previous := LogicResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

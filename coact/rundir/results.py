@@ -14,6 +14,7 @@ from typing import Any, Self
 
 from coact.errors import CoactError
 from coact.rundir.files import read_json, write_json
+from coact.rundir.layout import StageFiles
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,12 +47,13 @@ class Result:
             ) from None
 
     @classmethod
-    def finished(cls, path: Path, key: str, required: Iterable[Path] = ()) -> Self | None:
-        """The result a stage wrote last, if it carries `key` and every `required` file
-        exists: a finished result to reuse. Otherwise None, and `path` is removed so an
-        interrupted or outdated result is redone rather than half-reused."""
+    def finished(cls, files: StageFiles, key: str) -> Self | None:
+        """The result a stage wrote last, if it carries `key` and every table beside it
+        exists: a finished result to reuse. Otherwise None, and the stale headline is
+        removed: an interrupted or outdated result is redone, not half-reused."""
+        path = files.result
         data = read_json(path) if path.is_file() else None
-        if data is not None and data.get("key") == key and all(p.is_file() for p in required):
+        if data is not None and data.get("key") == key and all(p.is_file() for p in files.tables):
             try:
                 return cls.from_dict(data)
             except (TypeError, ValueError):
