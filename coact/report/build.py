@@ -3,11 +3,10 @@ site (`<out>/site/index.html`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,21 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from coact.errors import CoactError
-from coact.report import feature_page, pages
+from coact.report.attention_page import attention_page
 from coact.report.embed import Figures
-from coact.report.evidence import Decode, Evidence, default_decode
+from coact.report.evidence import Decode, Evidence, TokenText, default_decode
+from coact.report.feature_page import feature_page
+from coact.report.features_table import all_features_page
+from coact.report.layer_graphs import GraphWriter
+from coact.report.layer_page import layer_page
+from coact.report.names import (
+    FEATURES_DIR,
+    attention_page_name,
+    feature_page_name,
+    layer_page_name,
+    model_link,
+)
+from coact.report.run_page import index_page
 from coact.report.select import (
     DEFAULT_FEATURES,
     attention_page_count,
@@ -25,9 +36,10 @@ from coact.report.select import (
     interesting_features,
 )
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
+from coact.rundir.layout import ReportFiles
 from coact.rundir.read import RunData, load_run
 
-MARKER = ".coact-report"
+Featured = dict[int, list[str]]  # feature → why it has a page
 
 
 def build_report(
@@ -52,134 +64,171 @@ def build_report(
     logic/, ...) are skipped with a note."""
     started = time.perf_counter()
     data = load_run(run_dir)
-    featured: dict[int, list[str]] = {}
-    if features is None or isinstance(features, int):
-        count = DEFAULT_FEATURES if features is None else int(features)
-    else:
-        count = len(dict.fromkeys(int(j) for j in features))
-    if data.features is not None:
-        if features is None or isinstance(features, int):
-            featured = interesting_features(data, count)
-        else:
-            width = data.features.height
-            bad = [int(j) for j in features if not 0 <= int(j) < width]
-            if bad:
-                raise CoactError(f"features {bad} are not output features (0 to {width - 1})")
-            featured = {int(j): ["asked for"] for j in dict.fromkeys(features)}
-    out = (Path(out_dir) if out_dir is not None else data.run_dir / "report").resolve()
-    _prepare(out)
-    docs = out / "docs"
-    say = _Say(progress)
-
-    attention = interesting_attention_features(data, attention_page_count(count))
-    evidence = None
-    if data.has_codes and (featured or attention or data.outliers is None):
-        say(f"reading feature codes from {data.layout.codes}")
-        if decode is None:
-            decode = default_decode(data.run_dir, data.top_tokens)
-        evidence = Evidence(data.layout.codes, decode)
-        if data.outliers is None:
-            say("flagging outlier features (the run has no outliers/; nothing is written)")
-            _outliers_in_memory(data, evidence, decode)
-    pages_with = set(featured)
-
-    write_assets(docs)
-    layer_name = pages.layer_page_name(data)
-    token_text = pages.TokenText(data.top_tokens, data.attention_top_tokens)
-    graphs = pages.GraphWriter(docs) if data.has_block else None  # tables in docs/graphs/
-    site = out / "site"  # where the pages will be: links to the model report start there
-    feature_dir = docs / "features"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    feature_figures = Figures(feature_dir)
-    feature_model = pages.model_link(data, site / "features")
-    # the attention pages first: the layer page links those that exist
-    bar = {"unit": "page", "disable": not progress, "file": sys.stderr}
-    for j, reasons in tqdm(attention.items(), desc="attention pages", **bar):
-        text = feature_page.attention_page(
-            data, j, reasons, evidence, feature_figures, token_text, graphs, feature_model
-        )
-        (feature_dir / f"{pages.attention_page_name(j)}.md").write_text(text, encoding="utf-8")
-
-    say("writing the run and layer pages")
-    root_figures = Figures(docs)  # the run's and the layer's charts: docs/charts/
-    model = pages.model_link(data, site)
-    (docs / "index.md").write_text(
-        pages.index_page(data, root_figures, len(featured), model=model), encoding="utf-8"
+    featured, count = _featured(data, features)
+    report = ReportFiles(
+        (Path(out_dir) if out_dir is not None else data.layout.report.path).resolve()
     )
-    (docs / f"{layer_name}.md").write_text(
-        pages.layer_page(
-            data, root_figures, featured, pages_with,
-            token_text=token_text, graphs=graphs, model=model,
-        ),
-        encoding="utf-8",
-    )  # fmt: skip
-    (docs / "features.md").write_text(pages.all_features_page(data, pages_with), encoding="utf-8")
-
-    for j, reasons in tqdm(featured.items(), desc="feature pages", **bar):
-        text = feature_page.feature_page(
-            data, j, reasons, evidence, feature_figures, token_text, graphs, feature_model
-        )
-        (feature_dir / f"{pages.feature_page_name(j)}.md").write_text(text, encoding="utf-8")
-
-    nav: list[Any] = [
-        {"Run": "index.md"},
-        {f"Layer {data.layer}": f"{layer_name}.md"},
-        {"All features": "features.md"},
-    ]
-    if featured:
-        nav.append(
-            {
-                "Feature pages": [
-                    {_nav_title(data, j): f"features/{pages.feature_page_name(j)}.md"}
-                    for j in featured
-                ]
-            }
-        )
-    if attention:
-        nav.append(
-            {
-                "Attention feature pages": [
-                    {f"attn {j}": f"features/{pages.attention_page_name(j)}.md"} for j in attention
-                ]
-            }
-        )
+    prepare(report)
+    say = Say(progress)
+    attention = interesting_attention_features(data, attention_page_count(count))
+    evidence = _evidence(data, decode, bool(featured or attention), say)
+    write_assets(report.docs)
+    pages = _Pages(data, report, evidence, progress)
+    pages.attention(attention)  # first: the layer page links those that exist
+    say("writing the run and layer pages")
+    pages.run_and_layer(featured)
+    pages.features(featured)
     config = mkdocs_config(
         f"coact: {data.model}, layer {data.layer}",
-        nav,
+        _nav(data, featured, attention),
         description=f"{data.in_site} → {data.out_site}",
     )
     say("building the site (mkdocs, strict)")
-    index = build_site(write_config(out, config))
+    index = build_site(write_config(report.path, config))
     say(f"report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
 
 
+def _featured(data: RunData, features: Sequence[int] | int | None) -> tuple[Featured, int]:
+    """The output features that get a page, each with why, and how many were asked for
+    (attention pages are counted from it); asked-for ids must be output features."""
+    if features is None or isinstance(features, int):
+        count = DEFAULT_FEATURES if features is None else int(features)
+        return (interesting_features(data, count) if data.features is not None else {}), count
+    count = len(dict.fromkeys(int(j) for j in features))
+    if data.features is None:
+        return {}, count
+    width = data.features.height
+    bad = [int(j) for j in features if not 0 <= int(j) < width]
+    if bad:
+        raise CoactError(f"features {bad} are not output features (0 to {width - 1})")
+    return {int(j): ["asked for"] for j in dict.fromkeys(features)}, count
+
+
+def _evidence(data: RunData, decode: Decode | None, pages: bool, say: Say) -> Evidence | None:
+    """The code store's evidence where pages (or the outlier flags of a run without an
+    outlier table) need it; None without codes."""
+    if not data.has_codes or not (pages or data.outliers is None):
+        return None
+    say(f"reading feature codes from {data.layout.codes}")
+    if decode is None:
+        decode = default_decode(data.run_dir, data.top_tokens)
+    evidence = Evidence(data.layout.codes, decode)
+    if data.outliers is None:
+        folder = data.layout.outliers.path.name
+        say(f"flagging outlier features (the run has no {folder}/; nothing is written)")
+        _outliers_in_memory(data, evidence, decode)
+    return evidence
+
+
 def _outliers_in_memory(data: RunData, evidence: Evidence, decode: Decode) -> None:
     """The outlier table of a run that lacks outliers/ (an older run), for the flags."""
-    from coact.evidence.outliers import OutlierConfig, find_outliers, run_saes
+    from coact.evidence.outliers import OutlierConfig, OutliersResult, find_outliers, run_saes
 
+    started = time.perf_counter()
     config = OutlierConfig()
     saes = run_saes(data.run_dir, list(evidence.store.sites))
     table, sites = find_outliers(evidence.store, config, decode, saes)
     data.outliers = table
-    data.outlier_summary = {"sites": sites, "config": dataclasses.asdict(config)}
+    data.outlier_summary = OutliersResult(
+        key="",  # in memory only: never written, never reused
+        directory="",
+        tokens=evidence.n_tokens,
+        sites=sites,
+        config=config,
+        seconds=time.perf_counter() - started,
+    )
     data._flags = None
 
 
-def _prepare(out: Path) -> None:
-    """out/ is new, or a report directory of ours: its docs/ are rewritten from scratch."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+class _Pages:
+    """Writes a run's markdown pages into the report's docs/: what every page shares (the
+    top tokens, the layer graphs, the charts' folders, the link to a model report) is
+    set up once here."""
+
+    def __init__(
+        self, data: RunData, report: ReportFiles, evidence: Evidence | None, progress: bool
+    ) -> None:
+        self.data, self.docs, self.evidence = data, report.docs, evidence
+        self.site = report.site  # where the pages will be: links to the model report start there
+        self.token_text = TokenText(data.top_tokens, data.attention_top_tokens)
+        self.graphs = GraphWriter(self.docs) if data.has_block else None  # docs/graphs/
+        self.feature_dir = self.docs / FEATURES_DIR
+        self.feature_dir.mkdir(parents=True, exist_ok=True)
+        self.feature_figures = Figures(self.feature_dir)
+        self.feature_model = model_link(data, self.site / FEATURES_DIR)
+        self.bar: dict[str, Any] = {"unit": "page", "disable": not progress, "file": sys.stderr}
+
+    def _write(self, name: str, text: str) -> None:
+        (self.docs / name).write_text(text, encoding="utf-8")
+
+    def attention(self, attention: Mapping[int, list[str]]) -> None:
+        """One page per attention feature, under features/."""
+        for j, reasons in tqdm(attention.items(), desc="attention pages", **self.bar):
+            text = attention_page(
+                self.data, j, reasons, self.evidence, self.feature_figures, self.token_text,
+                self.graphs, self.feature_model,
+            )  # fmt: skip
+            self._write(f"{FEATURES_DIR}/{attention_page_name(j)}.md", text)
+
+    def run_and_layer(self, featured: Featured) -> None:
+        """The run's page, the layer page and the table of all features."""
+        data = self.data
+        figures = Figures(self.docs)  # the run's and the layer's charts: docs/charts/
+        model = model_link(data, self.site)
+        self._write("index.md", index_page(data, figures, len(featured), model=model))
+        text = layer_page(
+            data, figures, featured, set(featured),
+            token_text=self.token_text, graphs=self.graphs, model=model,
+        )  # fmt: skip
+        self._write(f"{layer_page_name(data)}.md", text)
+        self._write("features.md", all_features_page(data, set(featured)))
+
+    def features(self, featured: Featured) -> None:
+        """One page per featured output feature, under features/."""
+        for j, reasons in tqdm(featured.items(), desc="feature pages", **self.bar):
+            text = feature_page(
+                self.data, j, reasons, self.evidence, self.feature_figures, self.token_text,
+                self.graphs, self.feature_model,
+            )  # fmt: skip
+            self._write(f"{FEATURES_DIR}/{feature_page_name(j)}.md", text)
+
+
+def _nav(data: RunData, featured: Featured, attention: Mapping[int, list[str]]) -> list[Any]:
+    """The site's navigation: the run, the layer, all features, then the feature pages."""
+    nav: list[Any] = [
+        {"Run": "index.md"},
+        {f"Layer {data.layer}": f"{layer_page_name(data)}.md"},
+        {"All features": "features.md"},
+    ]
+    if featured:
+        pages = [
+            {_nav_title(data, j): f"{FEATURES_DIR}/{feature_page_name(j)}.md"} for j in featured
+        ]
+        nav.append({"Feature pages": pages})
+    if attention:
+        pages = [{f"attn {j}": f"{FEATURES_DIR}/{attention_page_name(j)}.md"} for j in attention]
+        nav.append({"Attention feature pages": pages})
+    return nav
+
+
+def prepare(report: ReportFiles) -> None:
+    """The report folder is new, or a report folder of ours: its docs/ are rewritten from
+    scratch; anything else is refused, so no one's files are overwritten."""
+    out = report.path
+    if out.exists() and any(out.iterdir()) and not report.marker.is_file():
         raise CoactError(
-            f"{out} exists and is not a coact report directory (no {MARKER}); "
+            f"{out} exists and is not a coact report directory (no {report.marker.name}); "
             "pass an empty or new directory"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by coact.report.build_report\n")
-    shutil.rmtree(out / "docs", ignore_errors=True)
-    (out / "docs").mkdir()
+    report.marker.write_text("written by coact.report.build_report\n")
+    shutil.rmtree(report.docs, ignore_errors=True)
+    report.docs.mkdir()
 
 
 def _nav_title(data: RunData, j: int) -> str:
+    """A feature page's title in the navigation: 'out j (LABEL)'."""
     if data.labels is not None:
         hit = data.labels.filter(pl.col("output") == j)
         if hit.height:
@@ -187,7 +236,9 @@ def _nav_title(data: RunData, j: int) -> str:
     return f"out {j}"
 
 
-class _Say:
+class Say:
+    """Progress lines on stderr ('coact report: …'), or nothing when progress is off."""
+
     def __init__(self, on: bool) -> None:
         self.on = on
 

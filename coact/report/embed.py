@@ -23,7 +23,7 @@ MAX_SVG_ROWS = 500  # charts of more data rows (scatter plots) go straight to PN
 
 
 def to_spec(chart: Chart) -> dict[str, Any]:
-    """A vega-lite spec (dict) from an altair chart or a spec (e.g. a saved `.vl.json`)."""
+    """A vega-lite spec (dict) from an altair chart or a spec."""
     if isinstance(chart, Mapping):
         return dict(chart)
     return dict(chart.to_dict())
@@ -76,10 +76,3 @@ def _rows(spec: Mapping[str, Any]) -> int:
     if isinstance(data, Mapping) and isinstance(data.get("values"), list):
         rows += len(data["values"])
     return rows
-
-
-def load_spec(path: Path) -> dict[str, Any] | None:
-    """A saved vega-lite spec (`<stem>.vl.json`), or None when it is not there."""
-    if not path.is_file():
-        return None
-    return dict(json.loads(path.read_text()))

@@ -1,11 +1,11 @@
 """Feature evidence from the code store: top activating contexts (the tokens around each
 maximum, the activating token marked, activation shown by colour), activation histograms,
-co-activations of a feature's inputs, and the decode function that turns ids into text."""
+co-activations of a feature's inputs, the decode function that turns ids into text, and
+the top tokens `connect` stored per feature."""
 
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ import polars as pl
 import scipy.sparse as sp
 
 from coact.codes.store import CodeStore
+from coact.rundir.files import read_json
+from coact.rundir.layout import RunLayout
 
 Decode = Callable[[list[int]], str]
 COLOUR = (255, 127, 14)  # activation colour (orange); alpha is activation / the feature's max
@@ -38,10 +40,9 @@ def default_decode(run_dir: str | Path, top_tokens: pl.DataFrame | None = None) 
 
 
 def _local_tokenizer(run_dir: Path) -> Any:
-    config_path = run_dir / "config.json"
-    model = ""
-    if config_path.is_file():
-        model = str(json.loads(config_path.read_text()).get("model", ""))
+    """The tokenizer of the run's model where it is on this machine, else None."""
+    config = read_json(RunLayout(run_dir, run_dir).config) or {}
+    model = str(config.get("model", ""))
     try:
         from coact.models.load import EMBEDDED, TINY_MODELS, cache_dir, tiny_tokenizer
 
@@ -223,3 +224,28 @@ def contexts_table(contexts: Sequence[Context], vmax: float, label: str) -> str:
         f"<th>context ({html.escape(label)}; outlined: the activating token)</th></tr></thead>"
     )
     return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
+
+
+class TokenText:
+    """A feature's top tokens as stored by `connect` (top_tokens.parquet), e.g.
+    `' call' ×4, 'call'`, HTML escaped."""
+
+    def __init__(self, *top_tokens: pl.DataFrame | None) -> None:
+        self.groups: dict[tuple[str, int], list[str]] = {}
+        for table in top_tokens:
+            if table is None:
+                continue
+            for r in table.sort(["feature", "rank"]).iter_rows(named=True):
+                slug = str(r.get("site") or "")
+                text = r.get("token")
+                shown = repr(text) if text is not None else f"⟨{r['token_id']}⟩"
+                self.groups.setdefault((slug, int(r["feature"])), []).append(shown)
+
+    def __call__(self, slug: str, feature: int) -> str:
+        tokens = self.groups.get((slug, int(feature)))
+        if not tokens:
+            return "–"
+        counts: dict[str, int] = {}
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+        return ", ".join(html.escape(t) + (f" ×{n}" if n > 1 else "") for t, n in counts.items())

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import polars as pl
 
+from coact.linearity.table import SEED_TAU, Form, LinearShare
 from coact.models.sites import Site
 from coact.report.charts.base import GAIN_COLUMN
 from coact.rundir.read import RunData
@@ -88,9 +89,26 @@ def interesting_features(data: RunData, n: int = DEFAULT_FEATURES) -> dict[int, 
     return picked
 
 
+def attention_reading(data: RunData) -> tuple[float, Form]:
+    """The τ and form attention's shares and position gains are read at: block.json's
+    (attention's own calibrated τ, else the MLP's), else the τ the attention connectors or
+    the position score were fitted at; the seed's without any of them."""
+    for result in (data.block, data.attention, data.positions):
+        if result is not None:
+            return result.tau, result.form
+    return SEED_TAU, "seed"
+
+
 def attention_form(data: RunData) -> str:
     """The form (raw, fvu, seed) attention's d and position gains are read in."""
-    return str((data.attention or data.block or data.positions or {}).get("form", "seed"))
+    return attention_reading(data)[1]
+
+
+def attention_share(data: RunData) -> LinearShare | None:
+    """Attention's linear share at the τ it is read at (as fitted where block.json lacks it)."""
+    if data.attention_share is not None:
+        return data.attention_share
+    return data.attention.share if data.attention is not None else None
 
 
 def position_ranking(data: RunData, form: str | None = None) -> pl.DataFrame:

@@ -14,10 +14,12 @@ import yaml
 
 from coact.errors import CoactError
 from coact.report.assets import SCRIPT, STYLE, vega_bundle
+from coact.rundir.layout import ReportFiles
 
 VEGA_JS = "assets/javascripts/vega.js"
 COACT_JS = "assets/javascripts/coact.js"
 COACT_CSS = "assets/stylesheets/coact.css"
+RELATIVE = ReportFiles(Path())  # the report folder's names, as mkdocs.yml (inside it) gives them
 
 
 def write_assets(docs: Path) -> None:
@@ -36,8 +38,8 @@ def mkdocs_config(
     return {
         "site_name": site_name,
         "site_description": description,
-        "docs_dir": "docs",
-        "site_dir": "site",
+        "docs_dir": RELATIVE.docs.as_posix(),
+        "site_dir": RELATIVE.site.as_posix(),
         "use_directory_urls": False,
         "theme": {"name": "material", "font": False, "features": ["navigation.top"]},
         "plugins": ["search"] if search else [],
@@ -54,7 +56,8 @@ def mkdocs_config(
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> Path:
-    path = out_dir / "mkdocs.yml"
+    """The report's mkdocs.yml in `out_dir`; its path, for `build_site`."""
+    path = ReportFiles(out_dir).mkdocs
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
@@ -66,8 +69,8 @@ def build_site(config_file: Path) -> Path:
     from mkdocs.config import load_config
     from mkdocs.exceptions import MkDocsException
 
-    out_dir = config_file.parent
-    final, staging = out_dir / "site", out_dir / "site.tmp"
+    report = ReportFiles(config_file.parent)
+    final, staging = report.site, report.staging
     shutil.rmtree(staging, ignore_errors=True)
     messages = _Collect()
     logger = logging.getLogger("mkdocs")
@@ -90,7 +93,7 @@ def build_site(config_file: Path) -> Path:
     (staging / "404.html").unlink(missing_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    return final / "index.html"
+    return report.index
 
 
 class _Collect(logging.Handler):

@@ -1,0 +1,213 @@
+"""The parts that output and attention feature pages share: the links line, a connector's
+formula, its inputs with their top tokens and contexts, where the feature fires (top
+contexts and histogram), and d in its three forms."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import polars as pl
+
+from coact.models.sites import Site
+from coact.report.ablation_section import input_needs
+from coact.report.charts import evidence as evidence_charts
+from coact.report.embed import Figures
+from coact.report.evidence import Evidence, context_html, contexts_table
+from coact.report.markdown import Cell, html_table, md_table, num, pct, sort_key
+from coact.report.names import layer_page_name, model_backlink
+from coact.report.outlier_marks import outlier_cell, outlier_mark
+from coact.rundir.read import RunData
+
+TokenTexts = Callable[[str, int], str]  # (site slug, feature) → its top tokens, HTML
+
+
+def page_links(data: RunData, model: str | None) -> str:
+    """A feature page's links: its layer, every feature, the model report (if any)."""
+    return (
+        f"[Layer {data.layer}](../{layer_page_name(data)}.md) · [all features](../features.md)"
+        + model_backlink(model)
+    )
+
+
+def table_row(table: pl.DataFrame | None, j: int, column: str = "feature") -> dict[str, Any] | None:
+    """Feature j's row of a per-feature table; None without the table or the row."""
+    if table is None:
+        return None
+    hit = table.filter(pl.col(column) == j)
+    return hit.row(0, named=True) if hit.height else None
+
+
+def formula_part(row: Mapping[str, Any], name: str) -> list[str]:
+    """A connector's formula (`name = …`) and its summary: held-out loss, terms, verdict."""
+    formula = str(row.get("formula") or f"{name} = 0")
+    stored, _, terms = formula.partition(" = ")
+    if terms and stored != name:  # connect names every target "out j"
+        formula = f"{name} = {terms}"
+    headers = ["held-out NMSE (sparse)", "terms", "intercept", "stable terms"]
+    cells = [
+        num(row.get("nmse_sparse")),
+        num(row.get("n_terms")),
+        num(row.get("intercept")),
+        pct(row.get("stable_share"), 0),
+        str(row.get("verdict") or row.get("status")),
+        num(row.get("active_count")),
+    ]
+    table = md_table([*headers, "linear verdict", "active tokens"], [cells])
+    return ["```text", formula, "```", "", table, ""]
+
+
+def mse_text(row: Mapping[str, Any]) -> str:
+    """The held-out MSE of least squares and of the mlp, and the feature's variance."""
+    return (
+        f"MSE of least squares {num(row.get('mse_linear'))}, of the mlp "
+        f"{num(row.get('mse_mlp'))} (held-out tokens, code units²; variance "
+        f"{num(row.get('variance'))})."
+    )
+
+
+def verdict_text(row: Mapping[str, Any]) -> str:
+    """The linear verdict in bold, and the status at the point estimate where they differ
+    in kind (the verdict reads d's interval, the status d itself)."""
+    verdict = row.get("verdict") or row.get("status")
+    return f"**{verdict}**" + (
+        f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."
+    )
+
+
+def d_table(row: Mapping[str, Any]) -> str:
+    """d in its three forms, each with its 95% interval over contexts."""
+    rows = []
+    for name, col in (("raw", "d"), ("/ variance", "d_fvu"), ("seed form", "d_seed")):
+        rows.append(
+            [
+                f"d ({name})",
+                num(row.get(col)),
+                f"[{num(row.get(col + '_low'))}, {num(row.get(col + '_high'))}]",
+            ]
+        )
+    return md_table(["d(j) = MSE_lin − MSE_mlp", "value", "95% interval over contexts"], rows)
+
+
+def evidence_part(
+    evidence: Evidence, slug: str, j: int, name: str, prefix: str, fig: Figures
+) -> list[str]:
+    """A feature's top contexts from the code store and the histogram of its activations
+    (chart `<prefix>-<j>-histogram`)."""
+    top = evidence.top_contexts(slug, j, k=8)
+    vmax = top[0].activation if top else 0.0
+    values = evidence.activations(slug, j)
+    return [
+        f"The {len(top)} largest activations of {name}, one per context; colour: its "
+        f"activation on each token relative to its maximum {vmax:.3g} (hover for values).",
+        "",
+        contexts_table(top, vmax, name),
+        "",
+        fig.figure(
+            evidence_charts.activation_histogram(values, name, evidence.n_tokens),
+            f"{prefix}-{j}-histogram",
+            "Read: the spread of its activations; a long right tail means the top contexts "
+            "above are exceptional, a bump near zero means it mostly fires weakly.",
+        ),
+        "",
+    ]
+
+
+def inputs_part(
+    data: RunData,
+    weights_table: pl.DataFrame | None,
+    j: int,
+    in_site: str,
+    evidence: Evidence | None,
+    token_text: TokenTexts,
+    *,
+    lab: Mapping[str, Any] | None = None,
+    logic: bool = False,
+    needs: bool = False,
+) -> list[str]:
+    """The inputs table of output j of a connector (`weights_table`: its weights.parquet)
+    reading `in_site`: its strongest terms, then (`logic`: a labelled site) the inputs its
+    logic label `lab` added, each with its top tokens and contexts; `needs`: a column of
+    what each input needs (context ablation)."""
+    weights = pl.DataFrame()
+    if weights_table is not None:
+        weights = weights_table.filter(pl.col("output") == j).sort(
+            pl.col("weight_refit").abs(), descending=True
+        )
+    inputs = [int(i) for i in weights["input"].to_list()] if weights.height else []
+    extra = [int(i) for i in (lab or {}).get("inputs") or [] if int(i) not in inputs]
+    shown = inputs[:6] + extra
+    if not shown:
+        return ["It has no inputs in the sparse connector.", ""]
+    by_input = {int(r["input"]): r for r in weights.iter_rows(named=True)} if weights.height else {}
+    row = _InputRows(data, in_site, evidence, token_text, needs)
+    headers = ["input", "refit weight", "standardised", "stable", "from", "top tokens"]
+    headers += ["top contexts", *(["artefact?"] if data.outliers is not None else [])]
+    headers += ["needs (ablation)"] if needs else []
+    return [
+        _inputs_intro(in_site, logic, needs),
+        "",
+        html_table(headers, [row(i, by_input.get(i)) for i in shown], sortable=False),
+        "",
+    ]
+
+
+def _inputs_intro(in_site: str, logic: bool, needs: bool) -> str:
+    """What the inputs table shows, and (`needs`) how to read its ablation column."""
+    return (
+        f"Inputs are features of `{in_site}`: the connector's terms by |refitted weight| "
+        "(standardised: |w|·std(in)/std(out); stable: kept with the same sign when refitted on "
+        "each half of the tokens)"
+        + (", then inputs the logic stage added" if logic else "")
+        + ". Their top tokens and top "
+        "contexts (colour: the input's own activation) show what each reads"
+        + (
+            "; *needs*: per top context, the preceding token whose replacement (context "
+            "ablation) lowers the input most, how far back, and the share lost."
+            if needs
+            else "."
+        )
+    )
+
+
+class _InputRows:
+    """One row of an inputs table per input: its weight, top tokens and top contexts."""
+
+    def __init__(
+        self,
+        data: RunData,
+        in_site: str,
+        evidence: Evidence | None,
+        token_text: TokenTexts,
+        needs: bool,
+    ) -> None:
+        self.data, self.evidence, self.token_text, self.needs = data, evidence, token_text, needs
+        self.slug = Site.parse(in_site).slug
+
+    def _examples(self, i: int) -> str:
+        """The input's three top contexts, coloured by its own activation."""
+        if self.evidence is None or self.slug not in self.evidence.store.sites:
+            return ""
+        contexts = self.evidence.top_contexts(self.slug, i, k=3, before=8, after=2)
+        vmax = contexts[0].activation if contexts else 0.0
+        return "<br>".join(context_html(c, vmax) for c in contexts)
+
+    def __call__(self, i: int, w: Mapping[str, Any] | None) -> list[Cell]:
+        data, slug = self.data, self.slug
+        where = "connector" if w is not None else "logic (added from co-activations)"
+        cells: list[Cell] = []
+        if data.outliers is not None:
+            cells.append(outlier_cell(data, slug, i))
+        if self.needs:
+            cells.append((input_needs(data, i, slug), None))
+        return [
+            (f"in {i}{outlier_mark(data, slug, i)}", i),
+            (num(w["weight_refit"]) if w else "–", sort_key(w["weight_refit"]) if w else ""),
+            (num(w["standardised"]) if w else "–", sort_key(w["standardised"]) if w else ""),
+            (num(w.get("in_both")) if w else "–", None),
+            (html.escape(where), None),
+            (self.token_text(slug, i), None),
+            (self._examples(i) or "–", None),
+            *cells,
+        ]
