@@ -22,11 +22,12 @@ from polars.testing import assert_frame_equal
 from coact.block.graph import EDGE_SCHEMA
 from coact.errors import CoactError
 from coact.pipeline.run import analyze
+from coact.report.attention_page import attention_page
 from coact.report.charts.base import spec_title, untitled_axes
 from coact.report.embed import Figures
-from coact.report.feature_page import attention_page
-from coact.report.model import _header, build_model_report, column_groups, is_model_run
-from coact.report.pages import TokenText
+from coact.report.evidence import TokenText
+from coact.report.model import build_model_report, is_model_run
+from coact.report.model_columns import column_groups, column_header
 from coact.report.select import interesting_attention_features
 from coact.rundir.read import load_run
 from tests.test_report import DRAW_ALL, _parse
@@ -107,13 +108,13 @@ def test_model_page_sets_every_layer_and_column_side_by_side(
     assert "tiny-llama" in text and ">Layers side by side<" in text
     tables = {tuple(h): rows for h, rows in _tables(index)}
     for group in column_groups(layers.columns).values():
-        headers = ("layer", *(_header(c) for c in group))
+        headers = ("layer", *(column_header(c) for c in group))
         assert headers in tables, (headers, list(tables))
         rows = tables[headers]
         assert [r[0] for r in rows] == [str(ell) for ell in LAYERS]
         assert all(len(r) == len(headers) and "–" not in r for r in rows), rows
     shown = {h for headers in tables for h in headers}
-    assert {_header(c) for c in layers.columns} <= shown
+    assert {column_header(c) for c in layers.columns} <= shown
     assert any(c.startswith("composition_share_") for c in layers.columns)
     assert any(c.startswith("decoded_fvu_") for c in layers.columns)
     assert "The seed study" in text and "same position" in text
@@ -476,7 +477,7 @@ def test_the_model_page_takes_layers_finished_by_another_process(
 ) -> None:
     """A layer finished with the run's settings but missing from layers.parquet (another
     process ran it) joins the table; one left by other settings does not."""
-    from coact.pipeline.run import finished_layers
+    from coact.pipeline.model_table import finished_layers
 
     copy = tmp_path / "shared"
     shutil.copytree(model_run, copy, symlinks=True)
