@@ -16,14 +16,12 @@ from coact.report.embed import Figures
 from coact.report.evidence import Evidence
 from coact.report.feature_parts import (
     TokenTexts,
-    d_table,
     evidence_part,
     formula_part,
     inputs_part,
-    mse_text,
+    linearity_part,
     page_links,
     table_row,
-    verdict_text,
 )
 from coact.report.layer_graphs import GraphWriter
 from coact.report.markdown import finite, md_table, note, num, pct, token
@@ -186,17 +184,16 @@ def _connector(
     ]
     column = base_charts.D_COLUMN.get(form, "d_seed")
     at = f"τ = {num(tau)} ({form} form, {where})" if tau is not None else f"its τ ({form} form)"
-    out += [
+    d = (
+        f"d ({form} form) = {num(row.get(column))}, 95% interval "
+        f"[{num(row.get(column + '_low'))}, {num(row.get(column + '_high'))}]"
+    )
+    return [
+        *out,
         "### Linearity at attention's τ",
         "",
-        f"{mse_text(row)} d ({form} form) = {num(row.get(column))}, 95% interval "
-        f"[{num(row.get(column + '_low'))}, {num(row.get(column + '_high'))}]; at attention's "
-        f"{at}: {verdict_text(row)}",
-        "",
-        d_table(row),
-        "",
+        *linearity_part(row, f"{d}; at attention's {at}: "),
     ]
-    return out
 
 
 def _position_score(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from coact.rundir.layout import ReportFiles
 from coact.rundir.read import RunData, load_run
 
 Featured = dict[int, list[str]]  # feature → why it has a page
+PageWriter = Callable[..., str]  # feature_page or attention_page
+NameOf = Callable[[int], str]  # a feature's page name
 
 
 def build_report(
@@ -74,10 +76,11 @@ def build_report(
     evidence = _evidence(data, decode, bool(featured or attention), say)
     write_assets(report.docs)
     pages = _Pages(data, report, evidence, progress)
-    pages.attention(attention)  # first: the layer page links those that exist
+    # the attention pages first: the layer page links those that exist
+    pages.feature_pages(attention, "attention", attention_page, attention_page_name)
     say("writing the run and layer pages")
     pages.run_and_layer(featured)
-    pages.features(featured)
+    pages.feature_pages(featured, "feature", feature_page, feature_page_name)
     config = mkdocs_config(
         f"coact: {data.model}, layer {data.layer}",
         _nav(data, featured, attention),
@@ -162,14 +165,16 @@ class _Pages:
     def _write(self, name: str, text: str) -> None:
         (self.docs / name).write_text(text, encoding="utf-8")
 
-    def attention(self, attention: Mapping[int, list[str]]) -> None:
-        """One page per attention feature, under features/."""
-        for j, reasons in tqdm(attention.items(), desc="attention pages", **self.bar):
-            text = attention_page(
+    def feature_pages(
+        self, chosen: Mapping[int, list[str]], what: str, page: PageWriter, name: NameOf
+    ) -> None:
+        """One page per chosen feature (output or attention), under features/."""
+        for j, reasons in tqdm(chosen.items(), desc=f"{what} pages", **self.bar):
+            text = page(
                 self.data, j, reasons, self.evidence, self.feature_figures, self.token_text,
                 self.graphs, self.feature_model,
             )  # fmt: skip
-            self._write(f"{FEATURES_DIR}/{attention_page_name(j)}.md", text)
+            self._write(f"{FEATURES_DIR}/{name(j)}.md", text)
 
     def run_and_layer(self, featured: Featured) -> None:
         """The run's page, the layer page and the table of all features."""
@@ -183,15 +188,6 @@ class _Pages:
         )  # fmt: skip
         self._write(f"{layer_page_name(data)}.md", text)
         self._write("features.md", all_features_page(data, set(featured)))
-
-    def features(self, featured: Featured) -> None:
-        """One page per featured output feature, under features/."""
-        for j, reasons in tqdm(featured.items(), desc="feature pages", **self.bar):
-            text = feature_page(
-                self.data, j, reasons, self.evidence, self.feature_figures, self.token_text,
-                self.graphs, self.feature_model,
-            )  # fmt: skip
-            self._write(f"{FEATURES_DIR}/{feature_page_name(j)}.md", text)
 
 
 def _nav(data: RunData, featured: Featured, attention: Mapping[int, list[str]]) -> list[Any]:

@@ -16,14 +16,12 @@ from coact.report.evidence import Evidence
 from coact.report.feature_logic import logic_section
 from coact.report.feature_parts import (
     TokenTexts,
-    d_table,
     evidence_part,
     formula_part,
     inputs_part,
-    mse_text,
+    linearity_part,
     page_links,
     table_row,
-    verdict_text,
 )
 from coact.report.layer_graphs import GraphWriter
 from coact.report.markdown import md_table, note, num
@@ -118,14 +116,7 @@ def _graph_section(data: RunData, j: int, graphs: GraphWriter, fig: Figures) -> 
 def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:
     """d with its intervals, the verdict at the connect stage's τ and at the calibrated
     and the seed's τ."""
-    out = [
-        "## Linearity",
-        "",
-        f"{mse_text(row)} Verdict at the connect stage's τ: {verdict_text(row)}",
-        "",
-        d_table(row),
-        "",
-    ]
+    out = ["## Linearity", "", *linearity_part(row, "Verdict at the connect stage's τ: ")]
     r = table_row(data.calibrated, j)
     if r is not None:
         tau, form = data.tau()

@@ -58,25 +58,24 @@ def formula_part(row: Mapping[str, Any], name: str) -> list[str]:
     return ["```text", formula, "```", "", table, ""]
 
 
-def mse_text(row: Mapping[str, Any]) -> str:
-    """The held-out MSE of least squares and of the mlp, and the feature's variance."""
-    return (
+def linearity_part(row: Mapping[str, Any], verdict_at: str) -> list[str]:
+    """A connector's fit of one feature: the held-out MSE of least squares and of the mlp,
+    the feature's variance, `verdict_at` (what the verdict is read at) with the verdict in
+    bold (and the status at the point estimate, which reads d itself, where the verdict
+    reads d's interval), and d in its three forms."""
+    verdict = row.get("verdict") or row.get("status")
+    point = f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."
+    return [
         f"MSE of least squares {num(row.get('mse_linear'))}, of the mlp "
         f"{num(row.get('mse_mlp'))} (held-out tokens, code units²; variance "
-        f"{num(row.get('variance'))})."
-    )
+        f"{num(row.get('variance'))}). {verdict_at}**{verdict}**{point}",
+        "",
+        _d_table(row),
+        "",
+    ]
 
 
-def verdict_text(row: Mapping[str, Any]) -> str:
-    """The linear verdict in bold, and the status at the point estimate where they differ
-    in kind (the verdict reads d's interval, the status d itself)."""
-    verdict = row.get("verdict") or row.get("status")
-    return f"**{verdict}**" + (
-        f" ({row.get('status')} at the point estimate)." if row.get("verdict") else "."
-    )
-
-
-def d_table(row: Mapping[str, Any]) -> str:
+def _d_table(row: Mapping[str, Any]) -> str:
     """d in its three forms, each with its 95% interval over contexts."""
     rows = []
     for name, col in (("raw", "d"), ("/ variance", "d_fvu"), ("seed form", "d_seed")):
