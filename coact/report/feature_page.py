@@ -28,7 +28,7 @@ from coact.report.markdown import md_table, note, num
 from coact.report.outlier_marks import outlier_text, outlier_warning
 from coact.rundir.read import RunData
 
-CAUSAL_COLUMNS = {  # calibrate's causal.parquet: the columns a feature page shows, as headed
+CAUSAL_COLUMNS = {  # the causal check's table: the columns a feature page shows, as headed
     "weight_refit": "refit weight",
     "n_tokens": "tokens",
     "actual_mean": "actual change",

@@ -28,6 +28,7 @@ from coact.sae.evaluate import SaeEvaluation, SaeReport
 
 SEED_LINEARITY = LinearityConfig(tau=0.001, form="seed")  # the seed study's τ and form
 CHECKS = ("identity_raw", "identity_decoded", "composition_decoded", "target_sae")
+LAYERS_TABLE = RunLayout(Path(), Path()).layers_table.name  # as the page names it
 Bracket = tuple[float | None, float | None, float | None]  # percent, at least, at most
 
 
@@ -253,7 +254,7 @@ def _charts(table: pl.DataFrame, runs: Mapping[int, RunData], fig: Figures) -> l
     out += _composition_chart(table, fig)
     out += _decoded_chart(table, fig)
     if not out:
-        return [note("layers.parquet has no shares to chart."), ""]
+        return [note(f"{LAYERS_TABLE} has no shares to chart."), ""]
     return [*out, ""]
 
 
