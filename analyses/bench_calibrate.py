@@ -25,8 +25,10 @@ import torch
 from coact.calibrate.stage import calibrate
 from coact.codes.store import CodeStore
 from coact.models.load import load_model
-from coact.models.sites import Site
-from coact.pipeline.run import AnalyzeConfig, calibration_tokens, run_contexts
+from coact.models.sites import SitePair
+from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.shared import calibration_tokens, run_contexts
+from coact.rundir.layout import RunLayout
 from coact.sae.formats import load_sae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,44 +39,39 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "smollm2-135m-L3")
     parser.add_argument("--out", type=Path, default=ROOT / "analyses/results/bench_calibrate.json")
     args = parser.parse_args()
-    config = AnalyzeConfig.from_dict(json.loads((args.run / "config.json").read_text()))
+    layout = RunLayout.of(args.run)
+    config = AnalyzeConfig.from_dict(json.loads(layout.config.read_text())).resolved()
     lm = load_model(config.model, device=config.device, seed=config.seed)
-    saes = {
-        kind: load_sae(args.run / "sae" / Site(kind, config.layer).slug, device=config.device)
-        for kind in ("mlp_resid", "mlp_out")
-    }
+    pair = SitePair.mlp(config.layer)
+    sae_in, sae_out = (  # the SAEs the run was given, else those it trained
+        load_sae(given or layout.sae_dir(site.slug), device=config.device)
+        for given, site in ((config.sae_in, pair.in_site), (config.sae_out, pair.out_site))
+    )
     _, code_part = run_contexts(config, lm)
-    store = CodeStore.open(args.run / "codes")
-    connect_settings = dataclasses.replace(config.connect_settings, seed=config.seed)
-    tokens = calibration_tokens(code_part, store, connect_settings)
-    settings = dataclasses.replace(config.calibrate_settings, layer=config.layer, seed=config.seed)
+    store = CodeStore.open(layout.codes)
+    tokens = calibration_tokens(code_part, store, config.connect)
+    settings = config.calibrate
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         summary = calibrate(
-            lm,
-            saes["mlp_resid"],
-            saes["mlp_out"],
-            tokens,
-            args.run / "connect",
-            Path(tmp),
-            settings,
+            lm, pair, sae_in, sae_out, tokens, layout.connect.path, Path(tmp), settings
         )
     wall = time.perf_counter() - started
-    timings = summary["timings"]
+    timings = summary.timings
     result = {
         "benchmark": "bench_calibrate",
         "run": str(args.run),
         "model": lm.name,
         "layer": config.layer,
-        "contexts": summary["n_contexts"],
-        "tokens": summary["n_tokens"],
+        "contexts": summary.n_contexts,
+        "tokens": summary.n_tokens,
         "settings": dataclasses.asdict(settings),
         "seconds_total": timings["total_s"],
         "seconds_forward": timings["forward_s"],
         "forward_share": timings["forward_s"] / timings["total_s"],
         "seconds_by_part": {k: v for k, v in timings.items() if k not in ("total_s", "forward_s")},
         "seconds_wall_with_loading": wall,
-        "tau": summary["tau"],
+        "tau": summary.tau,
         "machine": {
             "cpu_count": torch.get_num_threads(),
             "torch": torch.__version__,

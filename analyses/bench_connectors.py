@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -60,10 +60,12 @@ from coact.connectors.families import (
     make_connector,
 )
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
+from coact.models.sites import SitePair
+from coact.rundir.layout import CodesFiles, RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "smollm2-135m-L3"
-SITES = ("mlp_resid.3", "mlp_out.3")
+SITES = SitePair.mlp(3).slugs  # ("mlp_resid.3", "mlp_out.3")
 HELDOUT_FRACTION = 0.1
 SEED = 0
 EQUAL_LOSS_RTOL = 1e-3  # "equal or lower" held-out loss: within 0.1 %
@@ -162,6 +164,112 @@ def _warm_up() -> None:
     train_connector(x, y, config, groups=groups)
 
 
+def _exact(
+    x: sp.csr_matrix, y: sp.csr_matrix, train: np.ndarray, held: np.ndarray, n_alphas: int
+) -> tuple[dict[str, Any], Any, np.ndarray, GramStats]:
+    """One exact fit, timed by part: (times, path, held-out NMSE per α, training stats)."""
+    n_in, n_out = x.shape[1], y.shape[1]
+    t_start = time.perf_counter()
+    stats = GramStats.empty(n_in, n_out).add(x[train], y[train])
+    t_train = time.perf_counter()
+    stats_held = GramStats.empty(n_in, n_out).add(x[held], y[held])
+    t_gram = time.perf_counter()
+    path = lasso_path(stats, LassoPathConfig(n_alphas=n_alphas))
+    t_path = time.perf_counter()
+    held_nmse = heldout_nmse(path, stats_held)  # from the held-out sums: no token re-read
+    t_eval = time.perf_counter()
+    parts: dict[str, Any] = {"total": t_eval - t_start, "gram_stats": t_gram - t_start}
+    parts.update(gram_stats_train=t_train - t_start, gram_stats_heldout=t_gram - t_train)
+    parts.update(path=t_path - t_gram, heldout_eval=t_eval - t_path)
+    parts["path_per_alpha"] = path.seconds.tolist()
+    return parts, path, held_nmse, stats
+
+
+def _exact_part(
+    path: Any,
+    held_nmse: np.ndarray,
+    exact_times: list[dict[str, Any]],
+    partial_s: float,
+    n_alphas: int,
+) -> dict[str, Any]:
+    """The exact path's figures: best-of times by part, convergence, losses per α."""
+    best = min(exact_times, key=lambda t: t["total"])
+    return {
+        "n_alphas": n_alphas,
+        "alphas": path.alphas.tolist(),
+        "seconds": best["total"],
+        "seconds_gram_stats": best["gram_stats"],
+        "seconds_gram_stats_train": best["gram_stats_train"],
+        "seconds_gram_stats_heldout": best["gram_stats_heldout"],
+        "seconds_path": best["path"],
+        "seconds_heldout_eval": best["heldout_eval"],
+        "seconds_all_repeats": [t["total"] for t in exact_times],
+        "seconds_parts_all_repeats": [
+            {k: v for k, v in t.items() if k != "path_per_alpha"} for t in exact_times
+        ],
+        "seconds_solver_per_alpha": best["path_per_alpha"],
+        "seconds_path_down_to_sgd_alpha_only": partial_s,
+        "tol_duality_gap": LassoPathConfig().tol,
+        "converged_per_alpha": path.converged.tolist(),
+        "unconverged_outputs_per_alpha": path.unconverged.tolist(),
+        "max_gap_per_alpha": path.max_gap.tolist(),
+        "max_sweeps_per_alpha": path.n_iter.tolist(),
+        "heldout_nmse_per_alpha": np.nanmean(held_nmse, axis=1).tolist(),
+        "train_nmse_per_alpha": np.nanmean(path.nmse, axis=1).tolist(),
+        "nonzero_weights_per_alpha": [int(c.nnz) for c in path.coef],
+    }
+
+
+def _sgd_part(
+    fit: Any, config: ConnectorTrainConfig, i: int, alpha: float, sgd_times: list[float]
+) -> dict[str, Any]:
+    w_sgd = fit.connector.weight_in.detach().double()
+    return {
+        "family": "linear",
+        "alpha_index": i,
+        "alpha_exact_units": alpha,
+        "alpha_sgd_units": config.alpha,
+        "alpha_conversion": "alpha_sgd = alpha_exact / n_alive (mean vs sum over outputs)",
+        "epochs": config.epochs,
+        "steps": len(fit.loss_nmse),
+        "batch_tokens": config.batch_tokens,
+        "lr": config.lr,
+        "optimizer": "Adam",
+        "seconds": min(sgd_times),
+        "seconds_all_repeats": sgd_times,
+        "weights_above_1e-6": int((w_sgd.abs() > 1e-6).sum()),
+    }
+
+
+def _heldout_compared(fit: Any, exact_at: np.ndarray) -> dict[str, Any]:
+    """Held-out NMSE of both fits at the SGD α, over the outputs both give a finite one."""
+    sgd_held = fit.heldout_nmse
+    both = np.isfinite(sgd_held) & np.isfinite(exact_at)
+    return {
+        "outputs_compared": int(both.sum()),
+        "exact": float(exact_at[both].mean()),
+        "sgd": float(sgd_held[both].mean()),
+        "exact_own_total": float(np.nanmean(exact_at)),
+        "sgd_own_total": fit.heldout_nmse_total,
+    }
+
+
+def _objectives(path: Any, i: int, fit: Any, alpha_sgd: float) -> dict[str, Any]:
+    """Training objectives in the trainer's units: mean alive NMSE + α_sgd‖W‖₁."""
+    exact_train_nmse = float(np.nanmean(path.nmse[i]))
+    exact_l1 = float(abs(path.coef[i]).sum())
+    sgd_l1 = float(fit.connector.weight_in.detach().double().abs().sum())
+    return {
+        "units": "mean alive train NMSE + alpha_sgd * sum|W|",
+        "exact": exact_train_nmse + alpha_sgd * exact_l1,
+        "exact_train_nmse": exact_train_nmse,
+        "exact_l1": exact_l1,
+        "sgd": fit.train_nmse_total + alpha_sgd * sgd_l1,
+        "sgd_train_nmse": fit.train_nmse_total,
+        "sgd_l1": sgd_l1,
+    }
+
+
 def path_vs_sgd(
     x: sp.csr_matrix,
     y: sp.csr_matrix,
@@ -174,47 +282,24 @@ def path_vs_sgd(
 ) -> dict[str, Any]:
     """Exact path and SGD fit alternately, `repeats` times each; times are best of them
     (the fits are deterministic, so losses come from the first)."""
-    n, n_in, n_out = x.shape[0], x.shape[1], y.shape[1]
+    n = x.shape[0]
     _warm_up()
     sharing = Sharing()
     train, held = split_rows(n, HELDOUT_FRACTION, SEED, groups)
-
-    def exact() -> tuple[dict[str, Any], Any, np.ndarray, GramStats]:
-        t_start = time.perf_counter()
-        stats = GramStats.empty(n_in, n_out).add(x[train], y[train])
-        t_train = time.perf_counter()
-        stats_held = GramStats.empty(n_in, n_out).add(x[held], y[held])
-        t_gram = time.perf_counter()
-        path = lasso_path(stats, LassoPathConfig(n_alphas=n_alphas))
-        t_path = time.perf_counter()
-        held_nmse = heldout_nmse(path, stats_held)  # from the held-out sums: no token re-read
-        t_eval = time.perf_counter()
-        parts: dict[str, Any] = {"total": t_eval - t_start, "gram_stats": t_gram - t_start}
-        parts.update(gram_stats_train=t_train - t_start, gram_stats_heldout=t_gram - t_train)
-        parts.update(path=t_path - t_gram, heldout_eval=t_eval - t_path)
-        parts["path_per_alpha"] = path.seconds.tolist()
-        return parts, path, held_nmse, stats
-
-    exact_times, sgd_times, partial_times = [], [], []
-    parts, path, exact_held, stats = exact()
-    exact_times.append(parts)
+    parts, path, exact_held, stats = _exact(x, y, train, held, n_alphas)
+    exact_times, sgd_times, partial_times = [parts], [], []
     i = pick if pick >= 0 else n_alphas // 2
     alpha = float(path.alphas[i])
     n_alive = int((column_variance(y, train) > 0).sum())  # as train_connector counts them
     alpha_sgd = alpha / n_alive
-    config = ConnectorTrainConfig(
-        family="linear",
-        alpha=alpha_sgd,
-        epochs=epochs,
-        heldout_fraction=HELDOUT_FRACTION,
-        seed=SEED,
-        progress=False,
-    )
+    config = ConnectorTrainConfig(family="linear", alpha=alpha_sgd, epochs=epochs,
+                                  heldout_fraction=HELDOUT_FRACTION, seed=SEED,
+                                  progress=False)  # fmt: skip
     down_to_i = LassoPathConfig(alphas=tuple(float(a) for a in path.alphas[: i + 1]))
     fit = None
     for r in range(repeats):
         if r:
-            exact_times.append(exact()[0])
+            exact_times.append(_exact(x, y, train, held, n_alphas)[0])
         start = time.perf_counter()
         fitted = train_connector(x, y, config, groups=groups)
         sgd_times.append(time.perf_counter() - start)
@@ -227,17 +312,11 @@ def path_vs_sgd(
     if not np.array_equal(fit.heldout_rows, held):
         raise RuntimeError("SGD and the exact path held out different tokens")
     shared = sharing.stop()
-    best = min(exact_times, key=lambda t: t["total"])
-    exact_s, sgd_s, partial_s = best["total"], min(sgd_times), min(partial_times)
+    exact = _exact_part(path, exact_held, exact_times, min(partial_times), n_alphas)
+    exact_s, sgd_s, partial_s = exact["seconds"], min(sgd_times), min(partial_times)
 
-    sgd_held, exact_at = fit.heldout_nmse, exact_held[i]
-    both = np.isfinite(sgd_held) & np.isfinite(exact_at)
-    sgd_loss, exact_loss = float(sgd_held[both].mean()), float(exact_at[both].mean())
-    w_sgd = fit.connector.weight_in.detach().double()
-    # Training objectives in the trainer's units: mean alive NMSE + α_sgd‖W‖₁.
-    exact_train_nmse = float(np.nanmean(path.nmse[i]))
-    exact_l1 = float(abs(path.coef[i]).sum())
-    sgd_l1 = float(w_sgd.abs().sum())
+    compared = _heldout_compared(fit, exact_held[i])
+    sgd_loss, exact_loss = compared["sgd"], compared["exact"]
     faster = exact_s < sgd_s
     not_worse = exact_loss <= sgd_loss * (1 + EQUAL_LOSS_RTOL)
     return {
@@ -246,67 +325,16 @@ def path_vs_sgd(
         "train_tokens": len(train),
         "heldout_tokens": len(held),
         "heldout_contexts": len(np.unique(groups[held])),
-        "n_in": n_in,
-        "n_out": n_out,
+        "n_in": x.shape[1],
+        "n_out": y.shape[1],
         "input_nonzeros_per_token": x.nnz / n,
         "output_nonzeros_per_token": y.nnz / n,
         "alive_outputs_exact": int((~path.dead).sum()),
         "alive_outputs_sgd": n_alive,
-        "exact": {
-            "n_alphas": n_alphas,
-            "alphas": path.alphas.tolist(),
-            "seconds": exact_s,
-            "seconds_gram_stats": best["gram_stats"],
-            "seconds_gram_stats_train": best["gram_stats_train"],
-            "seconds_gram_stats_heldout": best["gram_stats_heldout"],
-            "seconds_path": best["path"],
-            "seconds_heldout_eval": best["heldout_eval"],
-            "seconds_all_repeats": [t["total"] for t in exact_times],
-            "seconds_parts_all_repeats": [
-                {k: v for k, v in t.items() if k != "path_per_alpha"} for t in exact_times
-            ],
-            "seconds_solver_per_alpha": best["path_per_alpha"],
-            "seconds_path_down_to_sgd_alpha_only": partial_s,
-            "tol_duality_gap": LassoPathConfig().tol,
-            "converged_per_alpha": path.converged.tolist(),
-            "unconverged_outputs_per_alpha": path.unconverged.tolist(),
-            "max_gap_per_alpha": path.max_gap.tolist(),
-            "max_sweeps_per_alpha": path.n_iter.tolist(),
-            "heldout_nmse_per_alpha": np.nanmean(exact_held, axis=1).tolist(),
-            "train_nmse_per_alpha": np.nanmean(path.nmse, axis=1).tolist(),
-            "nonzero_weights_per_alpha": [int(c.nnz) for c in path.coef],
-        },
-        "sgd": {
-            "family": "linear",
-            "alpha_index": i,
-            "alpha_exact_units": alpha,
-            "alpha_sgd_units": alpha_sgd,
-            "alpha_conversion": "alpha_sgd = alpha_exact / n_alive (mean vs sum over outputs)",
-            "epochs": epochs,
-            "steps": len(fit.loss_nmse),
-            "batch_tokens": config.batch_tokens,
-            "lr": config.lr,
-            "optimizer": "Adam",
-            "seconds": sgd_s,
-            "seconds_all_repeats": sgd_times,
-            "weights_above_1e-6": int((w_sgd.abs() > 1e-6).sum()),
-        },
-        "heldout_nmse_at_sgd_alpha": {
-            "outputs_compared": int(both.sum()),
-            "exact": exact_loss,
-            "sgd": sgd_loss,
-            "exact_own_total": float(np.nanmean(exact_at)),
-            "sgd_own_total": fit.heldout_nmse_total,
-        },
-        "train_objective_at_sgd_alpha": {
-            "units": "mean alive train NMSE + alpha_sgd * sum|W|",
-            "exact": exact_train_nmse + alpha_sgd * exact_l1,
-            "exact_train_nmse": exact_train_nmse,
-            "exact_l1": exact_l1,
-            "sgd": fit.train_nmse_total + alpha_sgd * sgd_l1,
-            "sgd_train_nmse": fit.train_nmse_total,
-            "sgd_l1": sgd_l1,
-        },
+        "exact": exact,
+        "sgd": _sgd_part(fit, config, i, alpha, sgd_times),
+        "heldout_nmse_at_sgd_alpha": compared,
+        "train_objective_at_sgd_alpha": _objectives(path, i, fit, alpha_sgd),
         "ratio_sgd_time_over_exact_time": sgd_s / exact_s,
         "ratio_sgd_time_over_exact_time_one_alpha": sgd_s / partial_s,
         "heldout_nmse_sgd_minus_exact": sgd_loss - exact_loss,
@@ -473,10 +501,12 @@ def sparse_vs_dense(
 # --- main --------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small random problem, no run dir")
-    parser.add_argument("--codes", default=str(RUN / "codes"), help="code store of the run")
+    parser.add_argument(
+        "--codes", default=str(RunLayout.of(RUN).codes), help="code store of the run"
+    )
     parser.add_argument("--alphas", type=int, default=20, help="values of α on the path")
     parser.add_argument("--alpha-index", type=int, default=-1, help="SGD's α (default: middle)")
     parser.add_argument("--epochs", type=int, default=5, help="SGD epochs at that α")
@@ -490,83 +520,83 @@ def main() -> None:
         default=None,
         help="run one comparison and replace only its part of the existing JSON",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    began = time.perf_counter()
+
+class Problem(NamedTuple):
+    """The codes both comparisons run on, and how much of each comparison to run."""
+
+    x: sp.csr_matrix
+    y: sp.csr_matrix
+    groups: np.ndarray
+    source: str
+    widths: list[int]
+    families: list[str]
+    repeats: int
+    fit_repeats: int
+
+
+def problem(args: argparse.Namespace) -> Problem:
     if args.quick:
         x, y, groups = synthetic_problem(20_000, 512, 512, 8, seed=SEED)
         source = "synthetic: 20,000 tokens, 512 → 512 features, 8 active inputs per token"
-        widths, families, repeats = [2304], ["linear", "mlp"], min(args.repeats, 3)
-        fit_repeats = 1
-    else:
-        codes = Path(args.codes)
-        if not (codes / "manifest.json").exists():
-            print(
-                f"no code store at {codes}: create it with `just analyze 3` "
-                "(or run with --quick for a synthetic problem)",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-        x, y, groups = load_codes(codes)
-        source = f"{codes.relative_to(ROOT) if codes.is_relative_to(ROOT) else codes}: {SITES}"
-        widths, families, repeats = [2304, 16384], ["linear", "mlp"], args.repeats
-        fit_repeats = args.fit_repeats
-    real_density = x.nnz / (x.shape[0] * x.shape[1])
-
-    if args.out:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.gettempdir()) / "bench_connectors.quick.json"
-    else:
-        out = ROOT / "analyses" / "results" / "bench_connectors.json"
-    result: dict[str, Any] = {}
-    if args.only is not None and out.exists():
-        result = json.loads(out.read_text())
-        if result.get("quick") != args.quick or result.get("source") != source:
-            sys.exit(f"{out} holds another problem: rerun both parts (drop --only)")
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-    if args.only in (None, "path"):
-        print(f"target 1: exact L1 path ({args.alphas} α) vs one SGD fit, on {source}", flush=True)
-        first = path_vs_sgd(x, y, groups, n_alphas=args.alphas, pick=args.alpha_index,
-                            epochs=args.epochs, repeats=fit_repeats)  # fmt: skip
-        first["measured_at"] = stamp
-        result["exact_path_vs_sgd"] = first
-        held = first["heldout_nmse_at_sgd_alpha"]
+        return Problem(x, y, groups, source, [2304], ["linear", "mlp"], min(args.repeats, 3), 1)
+    codes = Path(args.codes)
+    if not CodesFiles(codes).manifest.exists():
         print(
-            f"  exact {first['exact']['seconds']:.1f} s (path {first['exact']['seconds_path']:.1f}"
-            f" s), SGD {first['sgd']['seconds']:.1f} s ({args.epochs} epochs): "
-            f"SGD/exact time {first['ratio_sgd_time_over_exact_time']:.2f}×; held-out NMSE at "
-            f"α = {first['sgd']['alpha_exact_units']:.4g}: exact {held['exact']:.4f}, "
-            f"SGD {held['sgd']:.4f}",
-            flush=True,
+            f"no code store at {codes}: create it with `just analyze 3` "
+            "(or run with --quick for a synthetic problem)",
+            file=sys.stderr,
         )
-    if args.only in (None, "steps"):
-        print("target 2: sparse- vs dense-input SGD step (batch 1024)", flush=True)
-        densities = {"1%": 0.01, "codes": real_density}
-        second = sparse_vs_dense(widths, densities, families, 2304, 1024, 2, repeats)
-        second["measured_at"] = stamp
-        result["sparse_vs_dense_step"] = second
+        sys.exit(2)
+    x, y, groups = load_codes(codes)
+    source = f"{codes.relative_to(ROOT) if codes.is_relative_to(ROOT) else codes}: {SITES}"
+    families = ["linear", "mlp"]
+    return Problem(x, y, groups, source, [2304, 16384], families, args.repeats, args.fit_repeats)
 
-    result.update(
-        benchmark="bench_connectors",
-        quick=args.quick,
-        source=source,
-        machine={
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "scipy": scipy.__version__,
-            "numba": numba.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        seconds_total=time.perf_counter() - began,
+
+def out_path(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.quick:
+        return Path(tempfile.gettempdir()) / "bench_connectors.quick.json"
+    return ROOT / "analyses" / "results" / "bench_connectors.json"
+
+
+def run_path(args: argparse.Namespace, data: Problem, stamp: str) -> dict[str, Any]:
+    print(f"target 1: exact L1 path ({args.alphas} α) vs one SGD fit, on {data.source}", flush=True)
+    first = path_vs_sgd(data.x, data.y, data.groups, n_alphas=args.alphas,
+                        pick=args.alpha_index, epochs=args.epochs,
+                        repeats=data.fit_repeats)  # fmt: skip
+    first["measured_at"] = stamp
+    held = first["heldout_nmse_at_sgd_alpha"]
+    print(
+        f"  exact {first['exact']['seconds']:.1f} s (path {first['exact']['seconds_path']:.1f}"
+        f" s), SGD {first['sgd']['seconds']:.1f} s ({args.epochs} epochs): "
+        f"SGD/exact time {first['ratio_sgd_time_over_exact_time']:.2f}×; held-out NMSE at "
+        f"α = {first['sgd']['alpha_exact_units']:.4g}: exact {held['exact']:.4f}, "
+        f"SGD {held['sgd']:.4f}",
+        flush=True,
     )
+    return first
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "numba": numba.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def note_sharing(result: dict[str, Any]) -> None:
+    """Whether other processes shared the machine while the parts were timed."""
     parts = [result[k] for k in ("exact_path_vs_sgd", "sparse_vs_dense_step") if k in result]
     others = [
         part["machine_sharing"]["other_processes_cores"]
@@ -582,10 +612,9 @@ def main() -> None:
         if others
         else "unknown (no /proc/stat)"
     )
-    first_keys = ["benchmark", "quick", "source", "machine", "exact_path_vs_sgd"]
-    result = {k: result[k] for k in [*first_keys, *result] if k in result}  # stable order
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+
+
+def print_targets(result: dict[str, Any]) -> None:
     if "exact_path_vs_sgd" in result:
         t1 = result["exact_path_vs_sgd"]["target"]
         print(
@@ -600,6 +629,46 @@ def main() -> None:
             f"{'met' if second['target']['met_everywhere'] else 'NOT met everywhere'}"
         )
     print(f"machine shared: {result['shared_machine']} ({result['shared_machine_note']})")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    began = time.perf_counter()
+    data = problem(args)
+    real_density = data.x.nnz / (data.x.shape[0] * data.x.shape[1])
+
+    out = out_path(args)
+    result: dict[str, Any] = {}
+    if args.only is not None and out.exists():
+        result = json.loads(out.read_text())
+        if result.get("quick") != args.quick or result.get("source") != data.source:
+            sys.exit(f"{out} holds another problem: rerun both parts (drop --only)")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    if args.only in (None, "path"):
+        result["exact_path_vs_sgd"] = run_path(args, data, stamp)
+    if args.only in (None, "steps"):
+        print("target 2: sparse- vs dense-input SGD step (batch 1024)", flush=True)
+        densities = {"1%": 0.01, "codes": real_density}
+        second = sparse_vs_dense(data.widths, densities, data.families, 2304, 1024, 2, data.repeats)
+        second["measured_at"] = stamp
+        result["sparse_vs_dense_step"] = second
+
+    result.update(
+        benchmark="bench_connectors",
+        quick=args.quick,
+        source=data.source,
+        machine=machine(),
+        seconds_total=time.perf_counter() - began,
+    )
+    note_sharing(result)
+    first_keys = ["benchmark", "quick", "source", "machine", "exact_path_vs_sgd"]
+    result = {k: result[k] for k in [*first_keys, *result] if k in result}  # stable order
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    print_targets(result)
     print(f"wrote {out} in {math.ceil(time.perf_counter() - began)} s")
 
 

@@ -43,10 +43,12 @@ import polars as pl
 from coact.logic.config import LABELS, LogicConfig
 from coact.logic.layer import label_layer
 from coact.logic.planted import PlantedConfig, connector_weights, planted_circuits, run_planted
+from coact.models.sites import SitePair
+from coact.rundir.layout import CodesFiles, RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "smollm2-135m-L3"
-SITES = ("mlp_resid.3", "mlp_out.3")
+SITES = SitePair.mlp(3).slugs  # ("mlp_resid.3", "mlp_out.3")
 TARGET_ACCURACY, TARGET_F1, TARGET_SECONDS = 0.95, 0.95, 60.0
 STRESS: dict[str, dict[str, Any]] = {  # changes to the default PlantedConfig
     "fewer tokens (20,000)": {"n_tokens": 20_000},
@@ -159,8 +161,9 @@ def timing(n_tokens: int, width: int, logic: LogicConfig, real: bool) -> dict[st
         f"{result['seconds']:.1f} s; accuracy {score.accuracy:.3f}, F1 {score.f1:.3f}",
         flush=True,
     )
-    weights_path, codes = RUN / "connect" / "weights.parquet", RUN / "codes"
-    if real and weights_path.is_file() and (codes / "manifest.json").is_file():
+    layout = RunLayout.of(RUN)
+    weights_path, codes = layout.connect.weights, layout.codes
+    if real and weights_path.is_file() and CodesFiles(codes).manifest.is_file():
         from coact.codes.store import CodeStore
 
         store = CodeStore.open(codes)

@@ -54,14 +54,18 @@ import polars as pl
 import torch
 
 from coact.codes.store import CodeStore
-from coact.connectors.stage import ConnectConfig
+from coact.connectors.config import ConnectConfig
+from coact.connectors.stage import ConnectResult
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
 from coact.linearity.table import LinearityConfig, percent_linear, relabel, seed_scale
 from coact.models.load import load_model
-from coact.models.sites import Site
-from coact.pipeline.run import AnalyzeConfig, analyze
+from coact.models.sites import SitePair
+from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.run import analyze
+from coact.pipeline.summary import RunSummary
 from coact.rundir.files import atomic_write
+from coact.rundir.layout import RunLayout
 from coact.sae.formats import load_sae
 from coact.sae.train import SaeTrainConfig
 
@@ -72,7 +76,7 @@ SEED_MODEL = "eleutherai/pythia-70m-deduped"
 SEED_PERCENT = {1: 78.8, 2: 95.9, 3: 97.8, 4: 98.0, 5: 98.9}  # τ = 0.001, seed form, alive
 SEED_TAU = 0.001
 SENSITIVITY_TAUS = (1e-4, 1e-3, 1e-2)
-_CONNECT_DEFAULTS = ConnectConfig(in_site="", out_site="")
+_CONNECT_DEFAULTS = ConnectConfig()
 
 
 def model_slug(model: str) -> str:
@@ -145,13 +149,23 @@ def output_norm(sae_path: str, codes: Any, n_tokens: int, seed: int, device: str
 @dataclass
 class LayerResult:
     layer: int
-    run_dir: Path
-    summary: dict[str, Any]
+    summary: RunSummary
+    seed_model: bool  # the seed's own model: its percentages are the reference
     norm: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.summary.run_dir)
 
-def run_analyze(args: argparse.Namespace, layer: int, run_root: Path) -> Any:
+    @property
+    def connect(self) -> ConnectResult:
+        if self.summary.connect is None:
+            raise CoactError(f"layer {self.layer}: the run has no connect result")
+        return self.summary.connect
+
+
+def run_analyze(args: argparse.Namespace, layer: int, run_root: Path) -> RunSummary:
     slug = model_slug(args.model)
     run_dir = run_root / f"{slug}-L{layer}"
     sae_in = sae_source(args.sae_in_template, layer)
@@ -172,27 +186,27 @@ def run_analyze(args: argparse.Namespace, layer: int, run_root: Path) -> Any:
         sae_in=sae_in,
         sae_out=sae_out,
         sae=train,
-        connect=True,
-        connect_settings=ConnectConfig(
-            in_site="",
-            out_site="",
+        connect=ConnectConfig(
             progress=False,
             mlp_hidden=args.linearity_hidden,
             mlp_epochs=args.linearity_epochs,
             linearity=LinearityConfig(tau=args.tau, form="seed"),
         ),
-        calibrate=args.calibrate,
     )
-    return analyze(config)
+    if not args.calibrate:
+        config = config.with_stages(drop=("calibrate",))
+    summary = analyze(config)
+    assert isinstance(summary, RunSummary)  # one layer, not a model run
+    return summary
 
 
 def fit_families(
     args: argparse.Namespace, result: LayerResult, min_norm: float
 ) -> tuple[list[dict[str, Any]], list[pl.DataFrame]]:
-    store = CodeStore.open(result.run_dir / "codes")
+    store = CodeStore.open(result.layout.codes)
     layer = result.layer
-    x = store.read_site(Site("mlp_resid", layer).slug)
-    y = store.read_site(Site("mlp_out", layer).slug)
+    in_slug, out_slug = SitePair.mlp(layer).slugs
+    x, y = store.read_site(in_slug), store.read_site(out_slug)
     groups = store.read_tokens()["context"].to_numpy()
     rows, curves = [], []
     for family in FAMILIES:
@@ -252,23 +266,23 @@ def fit_families(
 def linearity_rows(result: LayerResult, min_norm: float, tau: float) -> tuple[dict, dict]:
     """% linear in the seed form (with this layer's norm) and in the fvu form, by relabelling
     the connect stage's per-feature table (no refitting)."""
-    table = pl.read_parquet(result.run_dir / "connect" / "features.parquet")
+    table = pl.read_parquet(result.layout.connect.features)
     scale = seed_scale(result.norm, min_norm)
     table = table.with_columns((pl.col("d") * scale).alias("d_seed"))
     seed = percent_linear(relabel(table, LinearityConfig(tau=tau, form="seed")))
     fvu = percent_linear(relabel(table, LinearityConfig(tau=tau, form="fvu")))
     raw = percent_linear(relabel(table, LinearityConfig(tau=tau, form="raw")))
-    reference = SEED_PERCENT.get(result.layer) if result.summary["is_seed_model"] else None
+    reference = SEED_PERCENT.get(result.layer) if result.seed_model else None
     row = {
         "layer": result.layer,
-        "alive": seed["alive"],
-        "dead": seed["dead"],
+        "alive": seed.alive,
+        "dead": seed.dead,
         "tau": tau,
-        "linear_seed": seed["linear"],
-        "percent_linear_seed": seed["percent_linear"],
-        "linear_fvu": fvu["linear"],
-        "percent_linear_fvu": fvu["percent_linear"],
-        "percent_linear_raw": raw["percent_linear"],
+        "linear_seed": seed.linear,
+        "percent_linear_seed": seed.percent_linear,
+        "linear_fvu": fvu.linear,
+        "percent_linear_fvu": fvu.percent_linear,
+        "percent_linear_raw": raw.percent_linear,
         "layer_norm": result.norm,
         "min_layer_norm": min_norm,
         "seed_scale": scale,
@@ -276,9 +290,9 @@ def linearity_rows(result: LayerResult, min_norm: float, tau: float) -> tuple[di
     }
     sensitivity = {
         form: {
-            f"{t:g}": percent_linear(relabel(table, LinearityConfig(tau=t, form=form)))[
-                "percent_linear"
-            ]
+            f"{t:g}": percent_linear(
+                relabel(table, LinearityConfig(tau=t, form=form))
+            ).percent_linear
             for t in SENSITIVITY_TAUS
         }
         for form in ("seed", "fvu")
@@ -527,53 +541,60 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise CoactError("--lr must be positive and --tau non-negative")
 
 
-def replicate(args: argparse.Namespace) -> dict[str, Any]:
-    started = time.perf_counter()
-    check_numbers(args)
-    layers = parse_layers(args.layers)
-    run_root = Path(args.run_root)
-    out = Path(args.results_root) / model_slug(args.model)
-    seed_model = is_seed_model(args.model)
-
-    for layer in layers:  # template mistakes surface before any work is done
+def check_model(args: argparse.Namespace, layers: list[int]) -> str:
+    """Stop on template mistakes, layers the model lacks and a k wider than the trained
+    SAEs before any work is done; return the model's name."""
+    for layer in layers:
         sae_source(args.sae_in_template, layer)
         sae_source(args.sae_out_template, layer)
     print(f"loading {args.model} to check layers {layers} ...", flush=True)
     lm = load_model(args.model, device="cpu", seed=args.seed)
     for layer in layers:
-        for kind in ("mlp_resid", "mlp_out"):
-            lm.adapter.check(Site(kind, layer))
+        pair = SitePair.mlp(layer)
+        for site in (pair.in_site, pair.out_site):
+            lm.adapter.check(site)
     width = args.sae_expansion * lm.adapter.d_model
     if not (args.sae_in_template and args.sae_out_template) and args.sae_k > width:
         raise CoactError(f"--sae-k {args.sae_k} exceeds the trained SAEs' width {width}")
-    model_name = lm.name
-    del lm
+    return lm.name
 
-    results: list[LayerResult] = []
-    for i, layer in enumerate(layers, 1):
-        print(f"[{i}/{len(layers)}] layer {layer}: SAEs, codes, L1 path, linearity", flush=True)
-        t0 = time.perf_counter()
-        summary = run_analyze(args, layer, run_root)
-        summary["is_seed_model"] = seed_model
-        result = LayerResult(layer, Path(summary["run_dir"]), summary)
-        result.seconds["analyze_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store = CodeStore.open(result.run_dir / "codes")
-        codes = store.read_site(Site("mlp_out", layer).slug)
-        sae_out = summary["sites"][str(Site("mlp_out", layer))]["sae"]
-        result.norm = output_norm(sae_out, codes, args.norm_tokens, args.seed, args.device)
-        result.seconds["norm_s"] = time.perf_counter() - t0
-        c = summary["connect"]
-        print(
-            f"  layer {layer}: {c['alive']} alive / {c['dead']} dead output features, "
-            f"chosen α {c['alpha']:.3g}, held-out NMSE linear {c['heldout_nmse_linear']:.4f} "
-            f"vs mlp {c['heldout_nmse_mlp']:.4f}, output norm {result.norm:.3f} "
-            f"({result.seconds['analyze_s']:.0f} s)",
-            flush=True,
-        )
-        results.append(result)
 
-    min_norm = min(r.norm for r in results)
+def analyze_layer(
+    args: argparse.Namespace, layer: int, run_root: Path, seed_model: bool
+) -> LayerResult:
+    """The layer's run (SAEs, codes, L1 path, linearity) and its output norm."""
+    t0 = time.perf_counter()
+    result = LayerResult(layer, run_analyze(args, layer, run_root), seed_model)
+    result.seconds["analyze_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_site = SitePair.mlp(layer).out_site
+    codes = CodeStore.open(result.layout.codes).read_site(out_site.slug)
+    sae_out = result.summary.sites[str(out_site)].sae
+    result.norm = output_norm(sae_out, codes, args.norm_tokens, args.seed, args.device)
+    result.seconds["norm_s"] = time.perf_counter() - t0
+    c = result.connect
+    print(
+        f"  layer {layer}: {c.share.alive} alive / {c.share.dead} dead output features, "
+        f"chosen α {c.alpha:.3g}, held-out NMSE linear {c.heldout_nmse_linear:.4f} "
+        f"vs mlp {c.heldout_nmse_mlp:.4f}, output norm {result.norm:.3f} "
+        f"({result.seconds['analyze_s']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+@dataclass
+class Tables:
+    """What the layers give together: family fits, % linear, τ sensitivity, α sweeps."""
+
+    families: pl.DataFrame
+    curves: pl.DataFrame
+    percent: pl.DataFrame
+    sweep: pl.DataFrame
+    sensitivity: dict[str, Any]
+
+
+def layer_tables(args: argparse.Namespace, results: list[LayerResult], min_norm: float) -> Tables:
     family_rows: list[dict[str, Any]] = []
     curves: list[pl.DataFrame] = []
     percent_rows, sensitivity, sweeps = [], {}, []
@@ -591,83 +612,123 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
         row, sens = linearity_rows(result, min_norm, args.tau)
         percent_rows.append(row)
         sensitivity[str(result.layer)] = sens
-        sweep = pl.read_parquet(result.run_dir / "connect" / "sweep.parquet")
+        sweep = pl.read_parquet(result.layout.connect.sweep)
         sweeps.append(
             sweep.with_columns(
                 pl.lit(result.layer, dtype=pl.Int64).alias("layer"),
-                pl.lit(result.summary["connect"]["alpha"]).alias("chosen_alpha"),
+                pl.lit(result.connect.alpha).alias("chosen_alpha"),
             ).select("layer", pl.all().exclude("layer"))
         )
+    return Tables(
+        families=pl.DataFrame(family_rows),
+        curves=pl.concat(curves),
+        percent=pl.DataFrame(percent_rows, schema_overrides={"seed_reference_percent": pl.Float64}),
+        sweep=pl.concat(sweeps),
+        sensitivity=sensitivity,
+    )
 
-    families = pl.DataFrame(family_rows)
-    percent = pl.DataFrame(percent_rows, schema_overrides={"seed_reference_percent": pl.Float64})
-    sweep_all = pl.concat(sweeps)
+
+def write_tables(out: Path, tables: Tables, model_name: str, args: argparse.Namespace) -> list[str]:
+    """The parquet tables and the charts; returns the charts' file names."""
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet(out / "families.parquet", families)
-    write_parquet(out / "family_curves.parquet", pl.concat(curves))
-    write_parquet(out / "percent_linear.parquet", percent)
-    write_parquet(out / "sweep.parquet", sweep_all)
-
+    write_parquet(out / "families.parquet", tables.families)
+    write_parquet(out / "family_curves.parquet", tables.curves)
+    write_parquet(out / "percent_linear.parquet", tables.percent)
+    write_parquet(out / "sweep.parquet", tables.sweep)
     charts = {
-        "families.png": chart_families(families, model_name, args.epochs, args.hidden),
-        "percent_linear.png": chart_percent(percent, model_name, args.tau),
-        "sweep.png": chart_sweep(sweep_all, model_name),
+        "families.png": chart_families(tables.families, model_name, args.epochs, args.hidden),
+        "percent_linear.png": chart_percent(tables.percent, model_name, args.tau),
+        "sweep.png": chart_sweep(tables.sweep, model_name),
     }
     for name, chart in charts.items():
         chart.save(str(out / name), scale_factor=2)
+    return sorted(charts)
+
+
+def budgets(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "corpus": args.corpus,
+        "tokens": args.tokens,
+        "sae_tokens": args.sae_tokens,
+        "ctx_len": args.ctx_len,
+        "seed": args.seed,
+        "device": args.device,
+        "sae_in_template": args.sae_in_template,
+        "sae_out_template": args.sae_out_template,
+        "sae_expansion": args.sae_expansion,
+        "sae_k": args.sae_k,
+        "family_epochs": args.epochs,
+        "family_hidden": args.hidden,
+        "family_lr": args.lr,
+        "family_batch_tokens": args.batch_tokens,
+        "family_bias": not args.no_bias,
+        "final_loss_steps": args.final_steps,
+        "tau": args.tau,
+        "linearity_mlp_epochs": args.linearity_epochs,
+        "linearity_mlp_hidden": args.linearity_hidden,
+        "norm_tokens": args.norm_tokens,
+    }
+
+
+def connect_detail(connect: ConnectResult) -> dict[str, Any]:
+    """The connect headline as this script has always written it: flat, the linear share's
+    figures beside the fit's, without the directory."""
+    detail: dict[str, Any] = {}
+    for key, value in connect.to_dict().items():
+        if key == "share":
+            detail.update(value)
+        elif key != "directory":
+            detail[key] = value
+    return detail
+
+
+def layer_detail(result: LayerResult, sensitivity: dict[str, Any]) -> dict[str, Any]:
+    summary = result.summary
+    saes = ("sae", "width", "fve", "l0", "dead_fraction", "ce_recovered")
+    return {
+        "run_dir": summary.run_dir,
+        "tokens": summary.tokens,
+        "layer_norm": result.norm,
+        "saes": {
+            site: {k: getattr(info, k, None) for k in saes} for site, info in summary.sites.items()
+        },
+        "connect": connect_detail(result.connect),
+        "tau_sensitivity": sensitivity,
+        "calibrate": summary.calibrate.to_dict() if summary.calibrate else None,
+        "logic": summary.logic.counts if summary.logic else None,
+        "seconds": result.seconds,
+    }
+
+
+def replicate(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    check_numbers(args)
+    layers = parse_layers(args.layers)
+    run_root = Path(args.run_root)
+    out = Path(args.results_root) / model_slug(args.model)
+    seed_model = is_seed_model(args.model)
+    model_name = check_model(args, layers)
+
+    results: list[LayerResult] = []
+    for i, layer in enumerate(layers, 1):
+        print(f"[{i}/{len(layers)}] layer {layer}: SAEs, codes, L1 path, linearity", flush=True)
+        results.append(analyze_layer(args, layer, run_root, seed_model))
+    min_norm = min(r.norm for r in results)
+    tables = layer_tables(args, results, min_norm)
+    charts = write_tables(out, tables, model_name, args)
 
     summary = {
         "model": model_name,
         "layers": layers,
         "seed_reference": SEED_PERCENT if seed_model else None,
-        "budgets": {
-            "corpus": args.corpus,
-            "tokens": args.tokens,
-            "sae_tokens": args.sae_tokens,
-            "ctx_len": args.ctx_len,
-            "seed": args.seed,
-            "device": args.device,
-            "sae_in_template": args.sae_in_template,
-            "sae_out_template": args.sae_out_template,
-            "sae_expansion": args.sae_expansion,
-            "sae_k": args.sae_k,
-            "family_epochs": args.epochs,
-            "family_hidden": args.hidden,
-            "family_lr": args.lr,
-            "family_batch_tokens": args.batch_tokens,
-            "family_bias": not args.no_bias,
-            "final_loss_steps": args.final_steps,
-            "tau": args.tau,
-            "linearity_mlp_epochs": args.linearity_epochs,
-            "linearity_mlp_hidden": args.linearity_hidden,
-            "norm_tokens": args.norm_tokens,
-        },
+        "budgets": budgets(args),
         "min_layer_norm": min_norm,
         "layers_detail": {
-            str(r.layer): {
-                "run_dir": str(r.run_dir),
-                "tokens": r.summary["tokens"],
-                "layer_norm": r.norm,
-                "saes": {
-                    site: {
-                        k: info.get(k)
-                        for k in ("sae", "width", "fve", "l0", "dead_fraction", "ce_recovered")
-                    }
-                    for site, info in r.summary["sites"].items()
-                },
-                "connect": {
-                    k: v for k, v in r.summary["connect"].items() if k not in ("directory",)
-                },
-                "tau_sensitivity": sensitivity[str(r.layer)],
-                "calibrate": r.summary.get("calibrate"),
-                "logic": (r.summary.get("logic") or {}).get("counts"),
-                "seconds": r.seconds,
-            }
-            for r in results
+            str(r.layer): layer_detail(r, tables.sensitivity[str(r.layer)]) for r in results
         },
-        "percent_linear": percent.to_dicts(),
-        "families": families.to_dicts(),
-        "charts": sorted(charts),
+        "percent_linear": tables.percent.to_dicts(),
+        "families": tables.families.to_dicts(),
+        "charts": charts,
         "runtime_s": time.perf_counter() - started,
         "machine": {
             "python": platform.python_version(),
@@ -677,7 +738,7 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     write_json(out / "summary.json", summary)
-    print_tables(percent, families, args.tau)
+    print_tables(tables.percent, tables.families, args.tau)
     print(f"\nwrote {out} in {summary['runtime_s']:.0f} s", flush=True)
     return summary
 

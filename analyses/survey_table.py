@@ -3,7 +3,8 @@ headline figures as JSON: what docs/pipeline.md quotes for the embedded default.
 
     python analyses/survey_table.py runs/smollm2-135m-L0-29
 
-reads `<run>/layers.parquet` and each layer's `summary.json`, prints the table (shares at
+reads the run's layer table (`layers.parquet`), its summary and each layer's (the file
+names come from `coact.rundir.layout.RunLayout`), prints the table (shares at
 each site's calibrated τ and at the seed's 0.001, the fits' held-out NMSE, the causal
 position checks, the composition) and writes analyses/results/survey_<model>.json.
 """
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from coact.errors import CoactError
+from coact.pipeline.summary import ModelSummary, RunSummary
+from coact.rundir.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,21 +75,19 @@ def headline(run: Path, table: pl.DataFrame) -> dict[str, Any]:
         values = table[column].drop_nulls()
         return [float(values.min()), float(values.max())] if len(values) else None
 
-    summary = (
-        json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    )
+    layout = RunLayout.of(run)
+    summary = ModelSummary.read(layout.summary)
     layer_seconds = {}
-    for row in table.iter_rows(named=True):
-        path = run / f"L{row['layer']}" / "summary.json"
-        if path.is_file():
-            timings = json.loads(path.read_text()).get("timings", {})
-            layer_seconds[str(row["layer"])] = timings.get("total_s")
+    for layer in table["layer"].to_list():
+        layer_summary = RunSummary.read(RunLayout.of(layout.layer_dir(layer)).summary)
+        if layer_summary is not None:
+            layer_seconds[str(layer)] = layer_summary.timings.get("total_s")
     return {
         "run": str(run),
-        "model": summary.get("model"),
+        "model": summary.model if summary else None,
         "layers": table["layer"].to_list(),
-        "tokens": summary.get("tokens"),
-        "shared_timings_s": summary.get("timings"),
+        "tokens": summary.tokens if summary else None,
+        "shared_timings_s": summary.timings if summary else None,
         "layer_seconds": layer_seconds,
         "ranges": {c: span(c) for c in table.columns if c not in ("layer", "form")},
     }
@@ -95,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a model run directory")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default: analyses/results/)")
     args = parser.parse_args(argv)
-    path = args.run / "layers.parquet"
+    path = RunLayout.of(args.run).layers_table
     if not path.is_file():
-        print(f"survey_table: no layers.parquet in {args.run}", file=sys.stderr)
+        print(f"survey_table: no {path.name} in {args.run}", file=sys.stderr)
         return 2
     table = pl.read_parquet(path)
-    result = headline(args.run, table)
+    try:
+        result = headline(args.run, table)
+    except CoactError as error:
+        print(f"survey_table: {error}", file=sys.stderr)
+        return 2
     name = str(result.get("model") or args.run.name).replace("/", "_")
     out = args.out or ROOT / "analyses" / "results" / f"survey_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
