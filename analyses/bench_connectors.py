@@ -54,10 +54,10 @@ from torch import Tensor, nn
 from coact.codes.store import CodeStore
 from coact.connectors.exact import GramStats, LassoPathConfig, heldout_nmse, lasso_path
 from coact.connectors.families import (
+    SparseConnector,
     column_variance,
     csr_batch,
     default_hidden,
-    make_connector,
 )
 from coact.connectors.train import ConnectorTrainConfig, split_rows, train_connector
 from coact.models.sites import SitePair
@@ -403,7 +403,7 @@ def step_pair(
         "dense": lambda rows: torch.from_numpy(x[rows].toarray()),
     }
     models: dict[str, nn.Module] = {
-        "sparse": make_connector(family, n_in, n_out, hidden=hidden, bias=True, seed=SEED),
+        "sparse": SparseConnector(family, n_in, n_out, hidden=hidden, bias=True, seed=SEED),
         "dense": DenseConnector(family, n_in, n_out, hidden),
     }
     optimizers = {name: _adam(model) for name, model in models.items()}

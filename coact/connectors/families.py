@@ -278,18 +278,6 @@ def dense_rows(y: sp.csr_matrix, rows: np.ndarray, device: str | torch.device = 
     return torch.from_numpy(y[rows].toarray().astype(np.float32)).to(device)
 
 
-def make_connector(
-    family: str,
-    n_in: int,
-    n_out: int,
-    *,
-    hidden: int | None = None,
-    bias: bool = True,
-    seed: int = 0,
-) -> SparseConnector:
-    return SparseConnector(family, n_in, n_out, hidden=hidden, bias=bias, seed=seed)
-
-
 def loss_terms(
     connector: SparseConnector,
     x: SparseBatch,

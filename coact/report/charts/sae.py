@@ -54,7 +54,7 @@ def sae_training(logs: Mapping[str, TrainLog]) -> alt.HConcatChart:
         .encode(x=x, y=alt.Y("dead:Q", title="dead latents (% of width)"), color=colour)
         .properties(width=220, height=200)
     )
-    total = max((float(log.get("tokens_seen", 0)) for log in logs.values()), default=0.0)
+    total = max((float(log.tokens_seen) for log in logs.values()), default=0.0)
     return alt.hconcat(fvu, dead).properties(
         title=chart_title(
             "SAE training: reconstruction error and dead latents",
