@@ -163,6 +163,7 @@ class _Pages:
         self.bar: dict[str, Any] = {"unit": "page", "disable": not progress, "file": sys.stderr}
 
     def _write(self, name: str, text: str) -> None:
+        """One page's markdown at `name` under docs/."""
         (self.docs / name).write_text(text, encoding="utf-8")
 
     def feature_pages(

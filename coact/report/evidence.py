@@ -111,11 +111,13 @@ class Evidence:
         return self.column(slug, feature)[1]
 
     def text(self, token_id: int) -> str:
+        """A token's text, decoded once per id."""
         if token_id not in self._text:
             self._text[token_id] = self._decode([token_id])
         return self._text[token_id]
 
     def _window(self, row: int, before: int, after: int) -> tuple[int, int]:
+        """The rows [lo, hi) around `row`, never crossing into another context."""
         ctx = self._context[row]
         if self._sorted:
             start = int(np.searchsorted(self._context, ctx, "left"))
@@ -242,6 +244,7 @@ class TokenText:
                 self.groups.setdefault((slug, int(r["feature"])), []).append(shown)
 
     def __call__(self, slug: str, feature: int) -> str:
+        """The feature's top tokens, repeats counted (`×n`); '–' when none are stored."""
         tokens = self.groups.get((slug, int(feature)))
         if not tokens:
             return "–"

@@ -193,6 +193,7 @@ class _InputRows:
         return "<br>".join(context_html(c, vmax) for c in contexts)
 
     def __call__(self, i: int, w: Mapping[str, Any] | None) -> list[Cell]:
+        """Input i's cells; `w`: its connector weights, None for an input logic added."""
         data, slug = self.data, self.slug
         where = "connector" if w is not None else "logic (added from co-activations)"
         cells: list[Cell] = []

@@ -73,6 +73,7 @@ class _Rows:
             self.calibrated = dict(zip(c["feature"].to_list(), c["verdict"].to_list(), strict=True))
 
     def __call__(self, r: dict[str, Any]) -> list[Cell]:
+        """The cells of the feature whose linearity row is `r`."""
         data, j = self.data, int(r["feature"])
         shown = feature_link(j, self.pages, self.prefix) + outlier_mark(data, data.out_slug, j)
         lab = self.labels.get(j, {})

@@ -147,6 +147,7 @@ def seed_table(runs: Mapping[int, RunData]) -> str:
     """Per layer and site: % of alive features linear (same position) at τ = 0.001."""
 
     def cell(share: LinearShare | None) -> str:
+        """'78.8% of 2,900 (75.0–80.1%)': the share, of alive, and its bracket."""
         if share is None:
             return "–"
         shown = f"{share.percent_linear:.1f}% of {share.alive:,}"

@@ -32,6 +32,7 @@ def attention_page_name(feature: int) -> str:
 
 
 def layer_page_name(data: RunData) -> str:
+    """The layer page (docs/layer-<ℓ>.md)."""
     return f"layer-{data.layer}"
 
 

@@ -85,6 +85,7 @@ class _Rows:
             )
 
     def __call__(self, r: dict[str, Any]) -> list[Cell]:
+        """The cells of the feature whose position-score row is `r`."""
         data, slug, column = self.data, self.slug, self.column
         j = int(r["feature"])
         previous, decayed = r.get("gain_previous_alone_fvu"), r.get("gain_decayed_alone_fvu")
