@@ -26,6 +26,7 @@ from coact.report.attention_page import attention_page
 from coact.report.charts.base import spec_title, untitled_axes
 from coact.report.embed import Figures
 from coact.report.evidence import TokenText
+from coact.report.feature_parts import PageParts
 from coact.report.model import build_model_report, is_model_run
 from coact.report.model_columns import column_groups, column_header
 from coact.report.select import interesting_attention_features
@@ -437,13 +438,14 @@ def test_attention_pages_skip_what_the_run_lacks(model_run: Path, tmp_path: Path
     most = alive.sort(["active_count", "feature"], descending=[True, False])["feature"]
     assert list(picked) == [int(j) for j in most.head(2)]
     j = next(iter(picked))
-    text = attention_page(data, j, picked[j], None, Figures(tmp_path / "a"), text_of)
+    text = attention_page(PageParts(data, None, Figures(tmp_path / "a"), text_of), j, picked[j])
     assert "No position score" in text and "No causal check of attention" in text
     assert "No codes of this site" in text and ">Layer graph<" not in text
     assert "## Same-position connector" in text and "d (seed form) = " in text
     assert "The largest activations of" in text  # connect's stored top tokens instead
     data.attention_features = data.attention_weights = data.attention_top_tokens = None
-    text = attention_page(data, j, ["asked for"], None, Figures(tmp_path / "b"), TokenText())
+    parts = PageParts(data, None, Figures(tmp_path / "b"), TokenText())
+    text = attention_page(parts, j, ["asked for"])
     assert "No same-position connector" in text and "artefact?" in text
     # a run without attention results (or asked for no pages) gets no attention pages
     assert interesting_attention_features(data, 0) == {}

@@ -66,7 +66,7 @@ from coact.linearity.table import (
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import PositionsFiles
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, pair_head, result_key
 
 RESULT_VERSION = 4  # bumped when what positions writes changes: older results are redone
 TOP = 10  # most position-dependent features in the headline
@@ -247,10 +247,7 @@ def _result(
     columns += ["carrier", "active_count"]
     needing = table.filter(pl.col("verdict") == "needs_context")
     return PositionsResult(
-        key=key,
-        in_site=str(pair.in_site),
-        out_site=str(pair.out_site),
-        directory=str(files.path),
+        **pair_head(key, pair, files),
         summaries=list(config.summaries),
         decay=config.decay,
         window=config.window,

@@ -121,14 +121,13 @@ def causal_check(
     if sample.is_empty():
         return pl.DataFrame(schema=SCHEMA)
     places = _connector_places(connectors, sample["output"].to_numpy(), sae_in.width)
-    clean = _clean_pass(lm, layer, sae_in, sae_out, tokens, sample, config)
+    model = _Model(lm, layer, sae_in, sae_out, tokens)
+    clean = _clean_pass(model, sample, config)
     rows: list[tuple[int, dict[str, Any]]] = []
     inputs = np.unique(sample["input"].to_numpy())
     for i in tqdm(inputs, desc="causal check", unit="input", disable=not config.progress):
         part = sample.filter(pl.col("input") == i)
-        found = _check_input(
-            lm, layer, sae_in, sae_out, tokens, clean, int(i), part, connectors, places, config
-        )
+        found = _check_input(model, clean, int(i), part, connectors, places, config)
         rows.extend(zip(part["rank"].to_list(), found, strict=True))
     return pl.DataFrame([row for _, row in sorted(rows, key=lambda r: r[0])], schema=SCHEMA)
 
@@ -203,17 +202,22 @@ def _connector_places(
     return places
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What every pass of the check runs: the model, its layer, both SAEs, the contexts."""
+
+    lm: LoadedModel
+    layer: int
+    sae_in: SparseAutoencoder
+    sae_out: SparseAutoencoder
+    tokens: Tensor
+
+
 @torch.no_grad()
-def _clean_pass(
-    lm: LoadedModel,
-    layer: int,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
-    sample: pl.DataFrame,
-    config: CausalConfig,
-) -> _Clean:
+def _clean_pass(model: _Model, sample: pl.DataFrame, config: CausalConfig) -> _Clean:
     """Input codes (all features, sparse) and the sampled outputs' codes, once."""
+    lm, layer, tokens = model.lm, model.layer, model.tokens
+    sae_in, sae_out = model.sae_in, model.sae_out
     skip = config.skip_first_positions
     outputs = np.unique(sample["output"].to_numpy())
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
@@ -232,11 +236,7 @@ def _clean_pass(
 
 
 def _check_input(
-    lm: LoadedModel,
-    layer: int,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
+    model: _Model,
     clean: _Clean,
     i: int,
     part: pl.DataFrame,
@@ -252,9 +252,7 @@ def _check_input(
     code = column_i[rows]
     actual = np.zeros((0, len(outputs)))
     if len(rows):
-        actual = _actual_change(
-            lm, layer, sae_in, sae_out, tokens, clean, i, rows, code, config.batch_size
-        )[:, columns]
+        actual = _actual_change(model, clean, i, rows, code, config.batch_size)[:, columns]
     weight = part["weight_refit"].to_numpy()
     formula = -code[:, None] * weight[None, :]
     lsq = mlp = np.full((len(rows), len(outputs)), np.nan)
@@ -268,19 +266,12 @@ def _check_input(
 
 @torch.no_grad()
 def _actual_change(
-    lm: LoadedModel,
-    layer: int,
-    sae_in: SparseAutoencoder,
-    sae_out: SparseAutoencoder,
-    tokens: Tensor,
-    clean: _Clean,
-    i: int,
-    rows: np.ndarray,
-    code: np.ndarray,
-    batch_size: int,
+    model: _Model, clean: _Clean, i: int, rows: np.ndarray, code: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """Δ codes of the sampled outputs (tokens where i fires × outputs), running the model
     only on the contexts that contain i, `batch_size` contexts per pass."""
+    lm, layer, tokens = model.lm, model.layer, model.tokens
+    sae_in, sae_out = model.sae_in, model.sae_out
     skip = tokens.shape[1] - clean.n_positions
     context, position = np.divmod(rows, clean.n_positions)
     direction = _decoder_row(sae_in, i, lm.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -121,22 +121,10 @@ def _randn(shape: Sequence[int] | torch.Size, generator: torch.Generator) -> Ten
     return torch.randn(tuple(shape), generator=generator, device=generator.device)
 
 
-def add_noise(
-    x: Tensor,
-    strength: float,
-    kind: NoiseKind,
-    *,
-    generator: torch.Generator,
-    sae: SparseAutoencoder | None = None,
-    reference_variance: float,
-) -> Tensor:
-    """x + n (see `sample_noise`); strength 0 returns x itself, so ΔCE is exactly 0."""
-    if strength == 0:
-        return x
-    n = sample_noise(
-        x, strength, kind, generator=generator, sae=sae, reference_variance=reference_variance
-    )
-    return x + n
+def add_noise(x: Tensor, strength: float, kind: NoiseKind, **noise: Any) -> Tensor:
+    """x + n, `noise` the keywords of `sample_noise`; strength 0 returns x itself, so
+    ΔCE is exactly 0."""
+    return x if strength == 0 else x + sample_noise(x, strength, kind, **noise)
 
 
 def _batch_generator(seed: int, batch: int) -> torch.Generator:

@@ -55,7 +55,7 @@ from coact.models.sites import SitePair
 from coact.models.tracing import capture, spliced_logits
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import CalibrateFiles, ConnectFiles
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, pair_head, result_key
 from coact.sae.base import SparseAutoencoder
 from coact.settings import setting
 
@@ -449,10 +449,7 @@ def _result(
         for name in ("sae", "linear", "mlp", "zero")
     }
     return CalibrateResult(
-        key=key,
-        in_site=str(pair.in_site),
-        out_site=str(pair.out_site),
-        directory=str(files.path),
+        **pair_head(key, pair, files),
         config=config,
         tau=measured.tau,
         tolerance=config.tolerance,

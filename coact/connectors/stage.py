@@ -60,7 +60,7 @@ from coact.linearity.table import (
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import ConnectFiles
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, pair_head, result_key
 
 Decode = Callable[[list[int]], str]
 RESULT_VERSION = 3  # bumped when what connect writes changes: older results are redone
@@ -224,10 +224,7 @@ def _result(
         float(weights["in_both"].to_numpy().mean()) if config.stability and len(weights) else None
     )
     return ConnectResult(
-        key=key,
-        in_site=str(pair.in_site),
-        out_site=str(pair.out_site),
-        directory=str(files.path),
+        **pair_head(key, pair, files),
         tokens_train=len(fitted.train),
         tokens_heldout=len(fitted.held),
         alpha=float(path.alphas[chosen]),

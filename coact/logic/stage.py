@@ -36,7 +36,7 @@ from coact.logic.layer import label_layer
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import ConnectFiles, LogicFiles
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, pair_head, result_key
 from coact.settings import setting
 
 RESULT_VERSION = 2
@@ -110,10 +110,7 @@ def label_run(
         hidden_counts = _counts(hidden)
         timings["label_hidden_s"] = time.perf_counter() - clock
     result = LogicResult(
-        key=key,
-        in_site=str(pair.in_site),
-        out_site=str(pair.out_site),
-        directory=str(files.path),
+        **pair_head(key, pair, files),
         tokens=int(x.shape[0]),
         counts=_counts(labels.features),
         hidden_counts=hidden_counts,

@@ -15,6 +15,7 @@ from coact.report.charts import base as base_charts
 from coact.report.embed import Figures
 from coact.report.evidence import Evidence
 from coact.report.feature_parts import (
+    PageParts,
     TokenTexts,
     evidence_part,
     formula_part,
@@ -40,20 +41,13 @@ POSITION_VERDICTS = {
 CARRIERS = {"previous": "the previous token", "decayed": "further back (the decayed sum)"}
 
 
-def attention_page(
-    data: RunData,
-    j: int,
-    reasons: Sequence[str],
-    evidence: Evidence | None,
-    fig: Figures,
-    token_text: TokenTexts,
-    graphs: GraphWriter | None = None,
-    model: str | None = None,
-) -> str:
+def attention_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
     """One attention feature of a block run (a feature of data.attn_out_site): where it
     fires, the same-position connector from data.attn_in_site (formula, inputs, d at
     attention's τ), the position score, the causal check of earlier tokens and its layer
     graph (drawn by `graphs`). Parts the run lacks are left out with a note."""
+    data, evidence, fig, token_text = parts.data, parts.evidence, parts.fig, parts.token_text
+    graphs, model = parts.graphs, parts.model
     site, slug, name = data.attn_out_site, Site.parse(data.attn_out_site).slug, f"attn {j}"
     row = table_row(data.attention_features, j)
     position = table_row(data.positions_table, j)

@@ -18,6 +18,7 @@ from coact.report.attention_page import attention_page
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, TokenText, default_decode
 from coact.report.feature_page import feature_page
+from coact.report.feature_parts import PageParts
 from coact.report.features_table import all_features_page
 from coact.report.layer_graphs import GraphWriter
 from coact.report.layer_page import layer_page
@@ -40,7 +41,7 @@ from coact.rundir.layout import ReportFiles
 from coact.rundir.read import RunData, load_run
 
 Featured = dict[int, list[str]]  # feature → why it has a page
-PageWriter = Callable[..., str]  # feature_page or attention_page
+PageWriter = Callable[[PageParts, int, list[str]], str]  # feature_page or attention_page
 NameOf = Callable[[int], str]  # a feature's page name
 
 
@@ -170,12 +171,12 @@ class _Pages:
         self, chosen: Mapping[int, list[str]], what: str, page: PageWriter, name: NameOf
     ) -> None:
         """One page per chosen feature (output or attention), under features/."""
+        parts = PageParts(
+            self.data, self.evidence, self.feature_figures, self.token_text, self.graphs,
+            self.feature_model,
+        )  # fmt: skip
         for j, reasons in tqdm(chosen.items(), desc=f"{what} pages", **self.bar):
-            text = page(
-                self.data, j, reasons, self.evidence, self.feature_figures, self.token_text,
-                self.graphs, self.feature_model,
-            )  # fmt: skip
-            self._write(f"{FEATURES_DIR}/{name(j)}.md", text)
+            self._write(f"{FEATURES_DIR}/{name(j)}.md", page(parts, j, reasons))
 
     def run_and_layer(self, featured: Featured) -> None:
         """The run's page, the layer page and the table of all features."""

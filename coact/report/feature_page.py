@@ -12,10 +12,9 @@ import polars as pl
 
 from coact.report.ablation_section import ablation_section
 from coact.report.embed import Figures
-from coact.report.evidence import Evidence
 from coact.report.feature_logic import logic_section
 from coact.report.feature_parts import (
-    TokenTexts,
+    PageParts,
     evidence_part,
     formula_part,
     inputs_part,
@@ -42,19 +41,12 @@ CAUSAL_COLUMNS = {  # the causal check's table: the columns a feature page shows
 }
 
 
-def feature_page(
-    data: RunData,
-    j: int,
-    reasons: Sequence[str],
-    evidence: Evidence | None,
-    fig: Figures,
-    token_text: TokenTexts,
-    graphs: GraphWriter | None = None,
-    model: str | None = None,
-) -> str:
+def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
     """One output feature: formula, inputs with their examples, its layer graph (block
     runs, drawn by `graphs`), top contexts, histogram, linearity, logic label with its
     truth table and co-activations, causal check. `model`: a link to the model report."""
+    data, evidence, fig, token_text = parts.data, parts.evidence, parts.fig, parts.token_text
+    graphs, model = parts.graphs, parts.model
     row = table_row(data.features, j)
     assert row is not None
     lab = table_row(data.labels, j, "output")

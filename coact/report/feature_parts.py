@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -15,6 +16,7 @@ from coact.report.ablation_section import input_needs
 from coact.report.charts import evidence as evidence_charts
 from coact.report.embed import Figures
 from coact.report.evidence import Evidence, context_html, contexts_table
+from coact.report.layer_graphs import GraphWriter
 from coact.report.markdown import Cell, html_table, md_table, num, pct, sort_key
 from coact.report.names import layer_page_name, model_backlink
 from coact.report.outlier_marks import outlier_cell, outlier_mark
@@ -211,3 +213,17 @@ class _InputRows:
             (self._examples(i) or "–", None),
             *cells,
         ]
+
+
+@dataclass(frozen=True)
+class PageParts:
+    """What a feature page reads besides its feature: the run, the code store's evidence
+    (None without codes), where its charts go, the token texts, the layer graphs' writer
+    (block runs) and the link to a model report."""
+
+    data: RunData
+    evidence: Evidence | None
+    fig: Figures
+    token_text: TokenTexts
+    graphs: GraphWriter | None = None
+    model: str | None = None

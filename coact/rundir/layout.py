@@ -21,13 +21,15 @@ or dictionary_learning (`coact.sae.formats`), a model directory Hugging Face's.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from coact.errors import CoactError
 
 CONFIG = "config.json"
+F = TypeVar("F")
 SUMMARY = "summary.json"
 
 
@@ -258,6 +260,21 @@ class GraphFiles:
         return self.path / f"graph_{slug}_{feature}_edges.csv"
 
 
+class Under(Generic[F]):
+    """A path of a run, `<run>/<parts>` (or `<shared>/<parts>`), read as an attribute of
+    its layout and handed out as `files` (a Path, or a stage's files)."""
+
+    def __init__(self, files: Callable[[Path], F], *parts: str, shared: bool = False) -> None:
+        self.files, self.parts, self.shared = files, parts, shared
+
+    def __get__(self, layout: RunLayout | None, owner: type) -> F:
+        if layout is None:
+            raise AttributeError("a run's paths are read on its layout")
+        return self.files(
+            (layout.shared_dir if self.shared else layout.run_dir).joinpath(*self.parts)
+        )
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Where everything of one run lives (a single layer, a model run or one of its layers)."""
@@ -275,31 +292,26 @@ class RunLayout:
         shared = config.get("shared_dir")
         return cls(run, (run / shared) if shared else run)
 
-    @property
-    def config(self) -> Path:
-        return self.run_dir / CONFIG
-
-    @property
-    def summary(self) -> Path:
-        return self.run_dir / SUMMARY
-
-    @property
-    def block(self) -> Path:
-        """The block stages' headline (attention, positions, composition)."""
-        return self.run_dir / "block.json"
-
-    # what the layers share
-    @property
-    def codes(self) -> Path:
-        return self.shared_dir / "codes"
-
-    @property
-    def sae(self) -> Path:
-        return self.shared_dir / "sae"
-
-    @property
-    def sae_eval(self) -> Path:
-        return self.shared_dir / "sae_eval"
+    # the run's own files, its stages' folders, and (`shared=True`) what its layers share
+    config = Under(Path, CONFIG)
+    summary = Under(Path, SUMMARY)
+    block = Under(Path, "block.json")  # the block stages' headline
+    layers_table = Under(Path, "layers.parquet")  # a model run's layers side by side
+    codes = Under(Path, "codes", shared=True)
+    sae = Under(Path, "sae", shared=True)
+    sae_eval = Under(Path, "sae_eval", shared=True)
+    connect = Under(ConnectFiles, "connect")
+    calibrate = Under(CalibrateFiles, "calibrate")
+    logic = Under(LogicFiles, "logic")
+    outliers = Under(OutlierFiles, "outliers")
+    ablation = Under(AblationFiles, "evidence")
+    attention_connect = Under(ConnectFiles, "attention", "connect")
+    attention_calibrate = Under(CalibrateFiles, "attention", "calibrate")
+    positions = Under(PositionsFiles, "attention", "positions")
+    attention_causal = Under(AttentionCausalFiles, "attention", "causal")
+    composition = Under(CompositionFiles, "composition")
+    report = Under(ReportFiles, "report")
+    graph = Under(GraphFiles, "graph")
 
     def sae_dir(self, slug: str) -> Path:
         return self.sae / slug
@@ -309,60 +321,6 @@ class RunLayout:
 
     def sae_evaluation(self, slug: str) -> Path:
         return self.sae_eval / f"{slug}.json"
-
-    # one folder per stage
-    @property
-    def connect(self) -> ConnectFiles:
-        return ConnectFiles(self.run_dir / "connect")
-
-    @property
-    def calibrate(self) -> CalibrateFiles:
-        return CalibrateFiles(self.run_dir / "calibrate")
-
-    @property
-    def logic(self) -> LogicFiles:
-        return LogicFiles(self.run_dir / "logic")
-
-    @property
-    def outliers(self) -> OutlierFiles:
-        return OutlierFiles(self.run_dir / "outliers")
-
-    @property
-    def ablation(self) -> AblationFiles:
-        return AblationFiles(self.run_dir / "evidence")
-
-    @property
-    def attention_connect(self) -> ConnectFiles:
-        return ConnectFiles(self.run_dir / "attention" / "connect")
-
-    @property
-    def attention_calibrate(self) -> CalibrateFiles:
-        return CalibrateFiles(self.run_dir / "attention" / "calibrate")
-
-    @property
-    def positions(self) -> PositionsFiles:
-        return PositionsFiles(self.run_dir / "attention" / "positions")
-
-    @property
-    def attention_causal(self) -> AttentionCausalFiles:
-        return AttentionCausalFiles(self.run_dir / "attention" / "causal")
-
-    @property
-    def composition(self) -> CompositionFiles:
-        return CompositionFiles(self.run_dir / "composition")
-
-    @property
-    def report(self) -> ReportFiles:
-        return ReportFiles(self.run_dir / "report")
-
-    @property
-    def graph(self) -> GraphFiles:
-        return GraphFiles(self.run_dir / "graph")
-
-    # a model run
-    @property
-    def layers_table(self) -> Path:
-        return self.run_dir / "layers.parquet"
 
     def layer_dir(self, layer: int) -> Path:
         """A model run's layer: an ordinary run directory inside the model run's."""

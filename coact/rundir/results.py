@@ -10,9 +10,10 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 from coact.errors import CoactError
+from coact.models.sites import SitePair
 from coact.rundir.files import read_json, write_json
 from coact.rundir.layout import StageFiles
 
@@ -60,6 +61,22 @@ class Result:
                 pass  # written by another version: redone below
         path.unlink(missing_ok=True)
         return None
+
+
+class PairHead(TypedDict):
+    """What every result of a stage on a site pair starts with: its key, the pair and
+    the folder of its tables."""
+
+    key: str
+    in_site: str
+    out_site: str
+    directory: str
+
+
+def pair_head(key: str, pair: SitePair, files: StageFiles) -> PairHead:
+    return PairHead(
+        key=key, in_site=str(pair.in_site), out_site=str(pair.out_site), directory=str(files.path)
+    )
 
 
 def from_dict(cls: Any, data: Mapping[str, Any]) -> Any:

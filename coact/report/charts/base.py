@@ -39,6 +39,14 @@ def chart_title(text: str, subtitle: str | list[str]) -> alt.TitleParams:
     return alt.TitleParams(text, subtitle=subtitle, anchor="start")
 
 
+def titled(
+    chart: Any, text: str, subtitle: str | list[str], width: int, height: int | None = None
+) -> Any:
+    """`chart` at this size with its title and the subtitle saying what it rests on."""
+    size = {"width": width} if height is None else {"width": width, "height": height}
+    return chart.properties(**size, title=chart_title(text, subtitle))
+
+
 def to_pandas(data: pl.DataFrame) -> Any:
     return data.to_pandas()
 

@@ -15,8 +15,8 @@ from coact.report.charts.base import (
     FORM_UNITS,
     GAIN_COLUMN,
     SOURCE_COLOURS,
-    chart_title,
     stacked_rects,
+    titled,
     to_pandas,
 )
 
@@ -72,17 +72,16 @@ def position_causal(
         .mark_rule(strokeDash=[5, 3], color="black")
         .encode(y="at:Q")
     )
-    return (points + rule).properties(
-        width=420,
-        height=320,
-        title=chart_title(
-            "Predicted against caused: does each attention feature use earlier tokens?",
-            [
-                f"{alive.height:,} features alive in both; resampling on {contexts} held-out "
-                f"contexts × {targets} target positions; dashed: FVU {threshold:g}",
-                "above the line: the code changes when earlier tokens come from another text",
-            ],
-        ),
+    return titled(
+        points + rule,
+        "Predicted against caused: does each attention feature use earlier tokens?",
+        [
+            f"{alive.height:,} features alive in both; resampling on {contexts} held-out "
+            f"contexts × {targets} target positions; dashed: FVU {threshold:g}",
+            "above the line: the code changes when earlier tokens come from another text",
+        ],
+        420,
+        320,
     )
 
 
@@ -141,17 +140,16 @@ def position_gains(
     )
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
     above = int((gains > tau).sum())
-    return (bars + rules + text).properties(
-        width=480,
-        height=260,
-        title=chart_title(
-            "What earlier positions add to each attention feature (dashed: 0 and τ)",
-            [
-                f"{len(gains):,} alive features, {above:,} with a gain above τ; least squares "
-                f"without L1 on {held}",
-                "left of 0: the wider fit does worse on held-out tokens (it overfits)",
-            ],
-        ),
+    return titled(
+        bars + rules + text,
+        "What earlier positions add to each attention feature (dashed: 0 and τ)",
+        [
+            f"{len(gains):,} alive features, {above:,} with a gain above τ; least squares "
+            f"without L1 on {held}",
+            "left of 0: the wider fit does worse on held-out tokens (it overfits)",
+        ],
+        480,
+        260,
     )
 
 
@@ -221,17 +219,16 @@ def composition_shares(
         .encode(x="at:Q")
     )
     grouped = ", ".join(f"{s} {c:,}" for s, c in zip(sources, counts, strict=True))
-    return (bars + rules).properties(
-        width=560,
-        height=260,
-        title=chart_title(
-            f"Where each {target} feature comes from: variance share per source",
-            [
-                f"least squares on every source, training tokens; bars average {per_bin} "
-                f"feature{'s' if per_bin > 1 else ''}; the stack's height is the fit's R²",
-                f"features the source explains most: {grouped}",
-            ],
-        ),
+    return titled(
+        bars + rules,
+        f"Where each {target} feature comes from: variance share per source",
+        [
+            f"least squares on every source, training tokens; bars average {per_bin} "
+            f"feature{'s' if per_bin > 1 else ''}; the stack's height is the fit's R²",
+            f"features the source explains most: {grouped}",
+        ],
+        560,
+        260,
     )
 
 

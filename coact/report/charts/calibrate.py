@@ -7,7 +7,7 @@ import altair as alt
 import numpy as np
 import polars as pl
 
-from coact.report.charts.base import chart_title, to_pandas
+from coact.report.charts.base import chart_title, titled, to_pandas
 
 
 def noise_curves(noise: pl.DataFrame, site: str) -> alt.LayerChart:
@@ -22,23 +22,21 @@ def noise_curves(noise: pl.DataFrame, site: str) -> alt.LayerChart:
         ),
         color=alt.Color("kind:N", title="noise"),
     )
-    band = base.mark_area(opacity=0.2).encode(
-        y=alt.Y("delta_ce_low:Q", title="ΔCE, next-token loss (nats per token)"),
-        y2="delta_ce_high:Q",
+    tooltip = ["kind:N", "strength:Q", "realised_nmse:Q", "delta_ce:Q", "kl:Q"]
+    return titled(
+        _with_band(base, "delta_ce", "ΔCE, next-token loss (nats per token)", tooltip),
+        f"Noise at {site}: how much loss each kind of error costs",
+        f"SAE-shaped noise lies along active decoder directions; bands: 95% bootstrap "
+        f"over {n_contexts} contexts, {n_tokens:,} tokens",
+        420,
+        260,
     )
-    line = base.mark_line(point=True).encode(
-        y="delta_ce:Q",
-        tooltip=["kind:N", "strength:Q", "realised_nmse:Q", "delta_ce:Q", "kl:Q"],
-    )
-    return (band + line).properties(
-        width=420,
-        height=260,
-        title=chart_title(
-            f"Noise at {site}: how much loss each kind of error costs",
-            f"SAE-shaped noise lies along active decoder directions; bands: 95% bootstrap "
-            f"over {n_contexts} contexts, {n_tokens:,} tokens",
-        ),
-    )
+
+
+def _with_band(base: alt.Chart, y: str, title: str, tooltip: list[str]) -> alt.LayerChart:
+    """A curve of `y` with its interval (`<y>_low` to `<y>_high`) as a band beneath."""
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y(f"{y}_low:Q", title=title), y2=f"{y}_high:Q")
+    return band + base.mark_line(point=True).encode(y=f"{y}:Q", tooltip=tooltip)
 
 
 def threshold_curve(splices: pl.DataFrame, tau: float, tolerance: float) -> alt.LayerChart:
@@ -49,13 +47,9 @@ def threshold_curve(splices: pl.DataFrame, tau: float, tolerance: float) -> alt.
     base = alt.Chart(data).encode(
         x=alt.X("features_linear:Q", title="features given linear predictions (τ rising →)")
     )
-    band = base.mark_area(opacity=0.2).encode(
-        y=alt.Y("extra_delta_ce_low:Q", title="extra ΔCE over the mlp splice (nats per token)"),
-        y2="extra_delta_ce_high:Q",
-    )
-    line = base.mark_line(point=True).encode(
-        y="extra_delta_ce:Q",
-        tooltip=["splice:N", "tau:Q", "features_linear:Q", "extra_delta_ce:Q", "extra_kl:Q"],
+    tooltip = ["splice:N", "tau:Q", "features_linear:Q", "extra_delta_ce:Q", "extra_kl:Q"]
+    curve = _with_band(
+        base, "extra_delta_ce", "extra ΔCE over the mlp splice (nats per token)", tooltip
     )
     eps = (
         alt.Chart(pl.DataFrame({"y": [tolerance]}).to_pandas())
@@ -68,14 +62,13 @@ def threshold_curve(splices: pl.DataFrame, tau: float, tolerance: float) -> alt.
         .mark_point(shape="diamond", size=150, filled=True, color="black")
         .encode(x="features_linear:Q", y="extra_delta_ce:Q")
     )
-    return (band + line + eps + mark).properties(
-        width=420,
-        height=260,
-        title=chart_title(
-            f"Calibrating τ: the diamond is τ = {tau:.3g}, dashed line ε = {tolerance:g} nats",
-            f"linear predictions for features with d ≤ τ, mlp for the rest; bands: 95% "
-            f"bootstrap over {n_contexts} contexts, {n_tokens:,} tokens",
-        ),
+    return titled(
+        curve + eps + mark,
+        f"Calibrating τ: the diamond is τ = {tau:.3g}, dashed line ε = {tolerance:g} nats",
+        f"linear predictions for features with d ≤ τ, mlp for the rest; bands: 95% "
+        f"bootstrap over {n_contexts} contexts, {n_tokens:,} tokens",
+        420,
+        260,
     )
 
 
@@ -157,12 +150,11 @@ def causal(table: pl.DataFrame) -> alt.LayerChart:
         .encode(x="v:Q", y="v:Q")
     )
     tokens = int(frame["n_tokens"].sum()) if frame.height else 0
-    return (diagonal + points).properties(
-        width=360,
-        height=300,
-        title=chart_title(
-            "Causal check: ablating a strong input, does the output move as the formula says?",
-            f"{frame.height} connections judged, mean change over {tokens:,} tokens where the "
-            "input fires; dashed: actual = predicted",
-        ),
+    return titled(
+        diagonal + points,
+        "Causal check: ablating a strong input, does the output move as the formula says?",
+        f"{frame.height} connections judged, mean change over {tokens:,} tokens where the "
+        "input fires; dashed: actual = predicted",
+        360,
+        300,
     )

@@ -15,8 +15,8 @@ from coact.report.charts.base import (
     FORM_UNITS,
     NMSE,
     VERDICT_COLOURS,
-    chart_title,
     stacked_rects,
+    titled,
     to_pandas,
 )
 
@@ -43,14 +43,13 @@ def mlp_curve(curve: pl.DataFrame, tokens_train: int | None) -> alt.LayerChart:
         lines = lines.encode(detail="chunk:N")
         points = points.encode(detail="chunk:N")
     seen = f"{tokens_train:,} training tokens" if tokens_train else "the training tokens"
-    return (lines + points).properties(
-        width=460,
-        height=240,
-        title=chart_title(
-            "mlp connector (no L1): training and validation loss",
-            f"{seen}; validation on the 10% of training contexts held back for early stopping"
-            + (f"; {chunks} output chunks" if chunks > 1 else ""),
-        ),
+    return titled(
+        lines + points,
+        "mlp connector (no L1): training and validation loss",
+        f"{seen}; validation on the 10% of training contexts held back for early stopping"
+        + (f"; {chunks} output chunks" if chunks > 1 else ""),
+        460,
+        240,
     )
 
 
@@ -86,13 +85,12 @@ def lasso_path(
     )
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
     alpha = float(chosen["alpha"][0]) if chosen.height else float("nan")
-    return (lines + rule).properties(
-        width=460,
-        height=240,
-        title=chart_title(
-            f"{what}: loss along the L1 path (dashed: chosen α = {alpha:.3g})",
-            f"exact coordinate-descent path, {sweep.height} values of α; {held}",
-        ),
+    return titled(
+        lines + rule,
+        f"{what}: loss along the L1 path (dashed: chosen α = {alpha:.3g})",
+        f"exact coordinate-descent path, {sweep.height} values of α; {held}",
+        460,
+        240,
     )
 
 
@@ -110,17 +108,16 @@ def family_losses(
     bars = base.mark_bar().encode(tooltip=["family:N", "nmse:Q"])
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("nmse:Q", format=".3f"))
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
-    return (bars + text).properties(
-        width=420,
-        title=chart_title(
-            f"{what}: held-out loss (lower explains more)",
-            f"mean over alive output features, {held}"
-            + (
-                " (sae-connector: its own held-out split)"
-                if any(r[0] == "sae-connector" for r in rows)
-                else ""
-            ),
+    return titled(
+        bars + text,
+        f"{what}: held-out loss (lower explains more)",
+        f"mean over alive output features, {held}"
+        + (
+            " (sae-connector: its own held-out split)"
+            if any(r[0] == "sae-connector" for r in rows)
+            else ""
         ),
+        420,
     )
 
 
@@ -166,13 +163,12 @@ def pareto(sweep: pl.DataFrame, tokens_heldout: int | None) -> alt.LayerChart:
         .encode(x=x, y=y, text="label:N")
     )
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
-    return (line + points + mark + label).properties(
-        width=460,
-        height=260,
-        title=chart_title(
-            "Pareto frontier of the L1 path: the diamond is the elbow, the chosen α",
-            f"one point per α ({sweep.height}); {held}",
-        ),
+    return titled(
+        line + points + mark + label,
+        "Pareto frontier of the L1 path: the diamond is the elbow, the chosen α",
+        f"one point per α ({sweep.height}); {held}",
+        460,
+        260,
     )
 
 
@@ -226,17 +222,16 @@ def d_distribution(
             .encode(x="tau:Q", y=alt.value(0), text="name:N")
         )
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
-    return alt.layer(*layers).properties(
-        width=480,
-        height=260,
-        title=chart_title(
-            "Per-feature loss difference d(j): what the mlp adds over linear (dashed: τ)",
-            [
-                f"{len(values):,} alive features with d > 0 on {held} "
-                f"({n_nonpositive:,} with d ≤ 0 are off the log axis)",
-                "colour: the verdict at the connect stage's τ",
-            ],
-        ),
+    return titled(
+        alt.layer(*layers),
+        "Per-feature loss difference d(j): what the mlp adds over linear (dashed: τ)",
+        [
+            f"{len(values):,} alive features with d > 0 on {held} "
+            f"({n_nonpositive:,} with d ≤ 0 are off the log axis)",
+            "colour: the verdict at the connect stage's τ",
+        ],
+        480,
+        260,
     )
 
 

@@ -4,11 +4,12 @@ co-activation modes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import altair as alt
 import polars as pl
 
-from coact.report.charts.base import chart_title, to_pandas
+from coact.report.charts.base import chart_title, titled, to_pandas
 
 
 def label_counts(
@@ -31,12 +32,11 @@ def label_counts(
     )
     text = base.mark_text(align="left", dx=3).encode(text="count:Q")
     seen = f"{n_tokens:,} tokens" if n_tokens else "the stored tokens"
-    return (bars + text).properties(
-        width=420,
-        title=chart_title(
-            "Logic labels: which computation explains each feature",
-            f"labels from co-activation counts over {seen}",
-        ),
+    return titled(
+        bars + text,
+        "Logic labels: which computation explains each feature",
+        f"labels from co-activation counts over {seen}",
+        420,
     )
 
 
@@ -52,30 +52,25 @@ def coactivation(
     subtitle = f"{len(frame):,} tokens where an input or the target is active (code units)"
     if len(names) <= 2:  # one input: against the target itself; two: against each other
         y_name = names[1] if len(names) == 2 else out
-        chart = (
-            alt.Chart(frame)
-            .mark_circle(size=14, opacity=0.6)
-            .encode(
-                x=alt.X(f"{names[0]}:Q", title=f"{names[0]} activation"),
-                y=alt.Y(f"{y_name}:Q", title=f"{y_name} activation"),
-                color=color,
-            )
-        )
+        chart = _scatter(frame, names[0], y_name, color, 14)
         return chart.properties(width=320, height=260, title=chart_title(title, subtitle))
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-    panels = [
-        alt.Chart(frame)
-        .mark_circle(size=10, opacity=0.6)
-        .encode(
-            x=alt.X(f"{a}:Q", title=f"{a} activation"),
-            y=alt.Y(f"{b}:Q", title=f"{b} activation"),
-            color=color,
-        )
-        .properties(width=180, height=160)
-        for a, b in pairs
-    ]
+    panels = [_scatter(frame, a, b, color, 10).properties(width=180, height=160) for a, b in pairs]
     rows = [alt.hconcat(*panels[i : i + 3]) for i in range(0, len(panels), 3)]
     return alt.vconcat(*rows).properties(title=chart_title(title, subtitle))
+
+
+def _scatter(frame: Any, x: str, y: str, color: alt.Color, size: int) -> alt.Chart:
+    """Activation of `x` against `y`, one dot per token, coloured by the target."""
+    return (
+        alt.Chart(frame)
+        .mark_circle(size=size, opacity=0.6)
+        .encode(
+            x=alt.X(f"{x}:Q", title=f"{x} activation"),
+            y=alt.Y(f"{y}:Q", title=f"{y} activation"),
+            color=color,
+        )
+    )
 
 
 def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
@@ -100,13 +95,12 @@ def truth_table(table: pl.DataFrame, title: str) -> alt.LayerChart:
         .transform_calculate(quantity="'P(target active)'")
     )
     tokens = int(table["count"].sum()) if table.height else 0
-    return (heat + text).properties(
-        width=160,
-        title=chart_title(
-            title,
-            f"truth table over {tokens:,} tokens; rows with fewer than the "
-            "minimum tokens are unobserved",
-        ),
+    return titled(
+        heat + text,
+        title,
+        f"truth table over {tokens:,} tokens; rows with fewer than the "
+        "minimum tokens are unobserved",
+        160,
     )
 
 
@@ -138,9 +132,9 @@ def cluster_summary(clusters: pl.DataFrame, title: str) -> alt.TopLevelMixin:
     )
     text = base.mark_text().encode(text=alt.Text("centroid:Q", format=".2f"))
     tokens = int(clusters["size"].sum()) if clusters.height else 0
-    return (heat + text).properties(
-        width=220,
-        title=chart_title(
-            title, f"modes found among {tokens:,} sampled tokens (noise points left out)"
-        ),
+    return titled(
+        heat + text,
+        title,
+        f"modes found among {tokens:,} sampled tokens (noise points left out)",
+        220,
     )

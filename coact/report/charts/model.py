@@ -5,7 +5,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from coact.report.charts.base import SOURCE_COLOURS, chart_title, to_pandas
+from coact.report.charts.base import SOURCE_COLOURS, chart_title, titled, to_pandas
 
 
 def layer_shares(frame: pl.DataFrame) -> alt.LayerChart:
@@ -60,17 +60,16 @@ def layer_shares(frame: pl.DataFrame) -> alt.LayerChart:
                      alt.Tooltip("high:Q", format=".1f"), alt.Tooltip("tau:Q", format=".3g")],
         )
     )  # fmt: skip
-    return (band + lines + points).properties(
-        width=460,
-        height=260,
-        title=chart_title(
-            "Linear and same-position shares per layer",
-            [
-                "solid: at each layer's own τ (calibrated where calibration ran), band: the "
-                "share beyond the noise floor (at least – at most);",
-                "dashed: at the seed's τ = 0.001 (seed form), one threshold for every layer",
-            ],
-        ),
+    return titled(
+        band + lines + points,
+        "Linear and same-position shares per layer",
+        [
+            "solid: at each layer's own τ (calibrated where calibration ran), band: the "
+            "share beyond the noise floor (at least – at most);",
+            "dashed: at the seed's τ = 0.001 (seed form), one threshold for every layer",
+        ],
+        460,
+        260,
     )
 
 
@@ -100,14 +99,13 @@ def layer_composition(frame: pl.DataFrame, r2: pl.DataFrame) -> alt.LayerChart:
         .mark_tick(color="black", thickness=2, size=30)
         .encode(x=x, y="r2:Q", tooltip=["layer:O", alt.Tooltip("r2:Q", format=".3f")])
     )
-    return (bars + ticks).properties(
-        width=460,
-        height=260,
-        title=chart_title(
-            "Residual composition per layer: which source the next stream's features come from",
-            "bars: mean variance share per source (least squares, training tokens; they add "
-            "up to its R²); black tick: the sparse fit's held-out R²",
-        ),
+    return titled(
+        bars + ticks,
+        "Residual composition per layer: which source the next stream's features come from",
+        "bars: mean variance share per source (least squares, training tokens; they add "
+        "up to its R²); black tick: the sparse fit's held-out R²",
+        460,
+        260,
     )
 
 
