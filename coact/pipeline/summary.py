@@ -4,7 +4,7 @@ against these classes (tests/test_summary_schema.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from coact.block.stage import BlockResult
 from coact.calibrate.stage import CalibrateResult
@@ -17,25 +17,17 @@ from coact.sae.evaluate import SaeReport
 
 
 @dataclass(frozen=True, kw_only=True)
-class SiteSummary(Result):
+class SiteSummary(SaeReport, Result):
     """One site's SAE: where it came from, its width and its evaluation on held-out
     contexts (FVE, L0, dead latents, next-token loss clean / spliced / zero-ablated)."""
 
     sae: str  # the path given (--sae-in/--sae-out) or the trained one
     width: int
-    site: str
-    n_tokens: int
-    fve: float
-    l0: float
-    dead_fraction: float
-    ce_clean: float
-    ce_spliced: float
-    ce_ablated: float
-    ce_recovered: float
 
     @classmethod
     def of(cls, sae: str, width: int, report: SaeReport) -> SiteSummary:
-        return cls(sae=sae, width=width, **report.to_dict())
+        evaluated = {k: v for k, v in asdict(report).items() if k != "ce_recovered"}
+        return cls(sae=sae, width=width, **evaluated)
 
 
 @dataclass(frozen=True, kw_only=True)

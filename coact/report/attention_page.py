@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from coact.models.sites import Site
+from coact.report import feature_parts
 from coact.report.ablation_section import ablation_section
 from coact.report.charts import base as base_charts
 from coact.report.embed import Figures
@@ -17,11 +18,6 @@ from coact.report.evidence import Evidence
 from coact.report.feature_parts import (
     PageParts,
     TokenTexts,
-    evidence_part,
-    formula_part,
-    inputs_part,
-    linearity_part,
-    page_links,
     table_row,
 )
 from coact.report.layer_graphs import GraphWriter
@@ -61,7 +57,7 @@ def attention_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         f"# {name}",
         "",
         f"Feature {j} of `{site}` (written by the attention of block {data.layer}). Shown "
-        f"because: {'; '.join(reasons)}. " + page_links(data, model),
+        f"because: {'; '.join(reasons)}. " + feature_parts.page_links(data, model),
         "",
         md_table(
             ["feature", "site", "active tokens", "artefact? (outlier flag)"],
@@ -118,7 +114,7 @@ def _evidence(
         tokens = token_text(slug, j)
         out += [f"Its top tokens (the attention connector's top_tokens): {tokens}.", ""]
     if evidence is not None and slug in evidence.store.sites:
-        out += evidence_part(evidence, slug, j, name, "attn", fig)
+        out += feature_parts.evidence_part(evidence, slug, j, name, "attn", fig)
     else:
         codes = data.layout.codes.name
         note_text = f"No codes of this site in the run ({codes}/): no contexts or histogram."
@@ -173,8 +169,10 @@ def _connector(
         "if it read no other position): the sparse linear connector at the chosen α, its "
         "coefficients refitted by least squares on its inputs:",
         "",
-        *formula_part(row, name),
-        *inputs_part(data, data.attention_weights, j, in_site, evidence, token_text, needs=ablated),
+        *feature_parts.formula_part(row, name),
+        *feature_parts.inputs_part(
+            data, data.attention_weights, j, in_site, evidence, token_text, needs=ablated
+        ),
     ]
     column = base_charts.D_COLUMN.get(form, "d_seed")
     at = f"τ = {num(tau)} ({form} form, {where})" if tau is not None else f"its τ ({form} form)"
@@ -186,7 +184,7 @@ def _connector(
         *out,
         "### Linearity at attention's τ",
         "",
-        *linearity_part(row, f"{d}; at attention's {at}: "),
+        *feature_parts.linearity_part(row, f"{d}; at attention's {at}: "),
     ]
 
 

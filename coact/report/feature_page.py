@@ -10,16 +10,12 @@ from typing import Any
 
 import polars as pl
 
+from coact.report import feature_parts
 from coact.report.ablation_section import ablation_section
 from coact.report.embed import Figures
 from coact.report.feature_logic import logic_section
 from coact.report.feature_parts import (
     PageParts,
-    evidence_part,
-    formula_part,
-    inputs_part,
-    linearity_part,
-    page_links,
     table_row,
 )
 from coact.report.layer_graphs import GraphWriter
@@ -57,7 +53,7 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         f"# {title}",
         "",
         f"Feature {j} of `{data.out_site}` (written by the MLP of block {data.layer}). "
-        f"Shown because: {'; '.join(reasons)}. " + page_links(data, model),
+        f"Shown because: {'; '.join(reasons)}. " + feature_parts.page_links(data, model),
         "",
     ]
     out += outlier_warning(data, data.out_slug, j, f"out {j}", "formula and label")
@@ -67,10 +63,10 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         "The sparse linear connector at the chosen α, its coefficients refitted by least squares "
         "on its inputs:",
         "",
-        *formula_part(row, f"out {j}"),
+        *feature_parts.formula_part(row, f"out {j}"),
         "## Inputs",
         "",
-        *inputs_part(
+        *feature_parts.inputs_part(
             data, data.weights, j, data.in_site, evidence, token_text,
             lab=lab, logic=True, needs=data.ablation is not None,
         ),
@@ -82,7 +78,7 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         codes = data.layout.codes.name
         out += [note(f"No feature codes in the run ({codes}/): no contexts or histogram."), ""]
     else:
-        out += evidence_part(evidence, data.out_slug, j, f"out {j}", "out", fig)
+        out += feature_parts.evidence_part(evidence, data.out_slug, j, f"out {j}", "out", fig)
     out += ablation_section(data, data.out_slug, j, f"out {j}", fig)
     out += _linearity_section(data, j, row)
     out += logic_section(data, j, lab, evidence, fig)
@@ -108,7 +104,11 @@ def _graph_section(data: RunData, j: int, graphs: GraphWriter, fig: Figures) -> 
 def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:
     """d with its intervals, the verdict at the connect stage's τ and at the calibrated
     and the seed's τ."""
-    out = ["## Linearity", "", *linearity_part(row, "Verdict at the connect stage's τ: ")]
+    out = [
+        "## Linearity",
+        "",
+        *feature_parts.linearity_part(row, "Verdict at the connect stage's τ: "),
+    ]
     r = table_row(data.calibrated, j)
     if r is not None:
         tau, form = data.tau()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -36,15 +36,16 @@ class SaeReport:
     ce_clean: float
     ce_spliced: float
     ce_ablated: float
+    # (CE_ablated − CE_spliced) / (CE_ablated − CE_clean); 1 is a perfect splice
+    ce_recovered: float = field(init=False)
 
-    @property
-    def ce_recovered(self) -> float:
-        """(CE_ablated − CE_spliced) / (CE_ablated − CE_clean); 1 is a perfect splice."""
+    def __post_init__(self) -> None:
         gap = self.ce_ablated - self.ce_clean
-        return (self.ce_ablated - self.ce_spliced) / gap if gap != 0 else float("nan")
+        recovered = (self.ce_ablated - self.ce_spliced) / gap if gap != 0 else float("nan")
+        object.__setattr__(self, "ce_recovered", recovered)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ce_recovered": self.ce_recovered}
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -124,3 +124,27 @@ def stacked_rects(
                 bottom += n
     schema = {"lo": pl.Float64, "hi": pl.Float64, "y0": pl.Int64, "y1": pl.Int64}
     return pl.DataFrame(rows, schema={**schema, "count": pl.Int64, "verdict": pl.String})
+
+
+def stacked_bars(
+    frame: pl.DataFrame,
+    x: alt.X,
+    y_title: str,
+    color: alt.Color,
+    tooltip: list[Any],
+    x2: str = "hi:Q",
+) -> alt.Chart:
+    """A stacked histogram's rectangles: `x` to `x2` wide, y0 to y1 high (`stacked_rects`)."""
+    return (
+        alt.Chart(to_pandas(frame))
+        .mark_rect()
+        .encode(x=x, x2=x2, y=alt.Y("y0:Q", title=y_title), y2="y1:Q", color=color, tooltip=tooltip)
+    )
+
+
+def verdict_colour(scale: alt.Scale) -> alt.Color:
+    """Colour by the verdict d's (or the gain's) 95 % interval gives against τ."""
+    return alt.Color("verdict:N", title="verdict (95% interval vs τ)", scale=scale)
+
+
+VERDICT_TOOLTIP = ["lo:Q", "hi:Q", "count:Q", "verdict:N"]

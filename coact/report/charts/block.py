@@ -15,9 +15,12 @@ from coact.report.charts.base import (
     FORM_UNITS,
     GAIN_COLUMN,
     SOURCE_COLOURS,
+    VERDICT_TOOLTIP,
+    stacked_bars,
     stacked_rects,
     titled,
     to_pandas,
+    verdict_colour,
 )
 
 POSITION_COLOURS = alt.Scale(
@@ -107,26 +110,15 @@ def position_gains(
         for sign in (-1.0, 1.0)
         if span[0] <= sign * 10.0**k <= span[1]
     ]
-    bars = (
-        alt.Chart(to_pandas(frame))
-        .mark_rect()
-        .encode(
-            x=alt.X(
-                "lo:Q",
-                title=f"gain from earlier positions, MSE_same − MSE_context, "
-                f"{FORM_UNITS.get(form, form)}, symlog",
-                scale=x_scale,
-                axis=alt.Axis(values=sorted(ticks), format="~g"),
-            ),
-            x2="hi:Q",
-            y=alt.Y("y0:Q", title="attention output features"),
-            y2="y1:Q",
-            color=alt.Color(
-                "verdict:N", title="verdict (95% interval vs τ)", scale=POSITION_COLOURS
-            ),
-            tooltip=["lo:Q", "hi:Q", "count:Q", "verdict:N"],
-        )
+    x = alt.X(
+        "lo:Q",
+        title=f"gain from earlier positions, MSE_same − MSE_context, "
+        f"{FORM_UNITS.get(form, form)}, symlog",
+        scale=x_scale,
+        axis=alt.Axis(values=sorted(ticks), format="~g"),
     )
+    colour = verdict_colour(POSITION_COLOURS)
+    bars = stacked_bars(frame, x, "attention output features", colour, VERDICT_TOOLTIP)
     marks = pl.DataFrame({"at": [0.0, tau], "name": ["no gain", f"τ = {tau:.3g}"]})
     rules = (
         alt.Chart(to_pandas(marks))
@@ -191,28 +183,21 @@ def composition_shares(
                 "share": pl.Float64, "source": pl.String, "features": pl.Int64},
     )  # fmt: skip
     counts = [int((dominant == g).sum()) for g in range(len(kinds))]
-    bars = (
-        alt.Chart(to_pandas(frame))
-        .mark_rect()
-        .encode(
-            x=alt.X(
-                "x0:Q",
-                title=f"alive {target} features, grouped by the source that explains most, "
-                "ranked within each group (count)",
-                scale=alt.Scale(domain=[0, max(n, 1)], nice=False),
-            ),
-            x2="x1:Q",
-            y=alt.Y("y0:Q", title="share of the feature's variance, cov(ŷ_s, y) / var(y)"),
-            y2="y1:Q",
-            color=alt.Color(
-                "source:N",
-                title="source",
-                scale=alt.Scale(domain=list(sources), range=SOURCE_COLOURS[: len(sources)]),
-                sort=list(sources),
-            ),
-            tooltip=["source:N", alt.Tooltip("share:Q", format=".3f"), "features:Q"],
-        )
+    x = alt.X(
+        "x0:Q",
+        title=f"alive {target} features, grouped by the source that explains most, "
+        "ranked within each group (count)",
+        scale=alt.Scale(domain=[0, max(n, 1)], nice=False),
     )
+    colour = alt.Color(
+        "source:N",
+        title="source",
+        scale=alt.Scale(domain=list(sources), range=SOURCE_COLOURS[: len(sources)]),
+        sort=list(sources),
+    )
+    tooltip = ["source:N", alt.Tooltip("share:Q", format=".3f"), "features:Q"]
+    y_title = "share of the feature's variance, cov(ŷ_s, y) / var(y)"
+    bars = stacked_bars(frame, x, y_title, colour, tooltip, x2="x1:Q")
     rules = (
         alt.Chart(to_pandas(pl.DataFrame({"at": boundaries}, schema={"at": pl.Float64})))
         .mark_rule(color="black", strokeDash=[2, 2])

@@ -15,9 +15,12 @@ from coact.report.charts.base import (
     FORM_UNITS,
     NMSE,
     VERDICT_COLOURS,
+    VERDICT_TOOLTIP,
+    stacked_bars,
     stacked_rects,
     titled,
     to_pandas,
+    verdict_colour,
 )
 
 
@@ -192,20 +195,8 @@ def d_distribution(
     values = d[ok]
     frame = _stacked_bins(values, alive[verdict].to_numpy()[ok], bins)
     x = alt.X("lo:Q", title=f"d(j) = MSE_lin − MSE_mlp, {FORM_UNITS.get(form, form)}, log")
-    bars = (
-        alt.Chart(to_pandas(frame))
-        .mark_rect()
-        .encode(
-            x=x.scale(type="log"),
-            x2="hi:Q",
-            y=alt.Y("y0:Q", title="output features"),
-            y2="y1:Q",
-            color=alt.Color(
-                "verdict:N", title="verdict (95% interval vs τ)", scale=VERDICT_COLOURS
-            ),
-            tooltip=["lo:Q", "hi:Q", "count:Q", "verdict:N"],
-        )
-    )
+    colour = verdict_colour(VERDICT_COLOURS)
+    bars = stacked_bars(frame, x.scale(type="log"), "output features", colour, VERDICT_TOOLTIP)
     tau_frame = pl.DataFrame({"name": list(taus), "tau": [float(v) for v in taus.values()]})
     tau_frame = tau_frame.filter(pl.col("tau") > 0)
     rules = (
