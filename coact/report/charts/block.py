@@ -11,17 +11,7 @@ import numpy as np
 import polars as pl
 
 from coact.models.sites import Site
-from coact.report.charts.base import (
-    FORM_UNITS,
-    GAIN_COLUMN,
-    SOURCE_COLOURS,
-    VERDICT_TOOLTIP,
-    stacked_bars,
-    stacked_rects,
-    titled,
-    to_pandas,
-    verdict_colour,
-)
+from coact.report.charts import base as shared
 
 POSITION_COLOURS = alt.Scale(
     domain=["same_position", "undecided", "needs_context"], range=["#2ca02c", "#bcbd22", "#d62728"]
@@ -47,7 +37,7 @@ def position_causal(
         "active",
     )
     points = (
-        alt.Chart(to_pandas(alive))
+        alt.Chart(shared.to_pandas(alive))
         .mark_circle(size=30, opacity=0.6)
         .encode(
             x=alt.X(
@@ -71,11 +61,11 @@ def position_causal(
         )
     )  # fmt: skip
     rule = (
-        alt.Chart(to_pandas(pl.DataFrame({"at": [threshold]})))
+        alt.Chart(shared.to_pandas(pl.DataFrame({"at": [threshold]})))
         .mark_rule(strokeDash=[5, 3], color="black")
         .encode(y="at:Q")
     )
-    return titled(
+    return shared.titled(
         points + rule,
         "Predicted against caused: does each attention feature use earlier tokens?",
         [
@@ -94,7 +84,7 @@ def position_gains(
     """Histogram of each attention feature's gain from earlier positions (MSE of the
     same-position fit − MSE of the fit with context) on a symlog axis, so losses (< 0, the
     wider fit overfits) show beside gains, stacked by verdict, with τ as a rule."""
-    column = GAIN_COLUMN.get(form, "gain_seed")
+    column = shared.GAIN_COLUMN.get(form, "gain_seed")
     alive = table.filter(pl.col("status") != "dead")
     gains = alive[column].to_numpy().astype(float)
     kinds = alive["verdict" if "verdict" in alive.columns else "status"].to_numpy()
@@ -113,26 +103,28 @@ def position_gains(
     x = alt.X(
         "lo:Q",
         title=f"gain from earlier positions, MSE_same − MSE_context, "
-        f"{FORM_UNITS.get(form, form)}, symlog",
+        f"{shared.FORM_UNITS.get(form, form)}, symlog",
         scale=x_scale,
         axis=alt.Axis(values=sorted(ticks), format="~g"),
     )
-    colour = verdict_colour(POSITION_COLOURS)
-    bars = stacked_bars(frame, x, "attention output features", colour, VERDICT_TOOLTIP)
+    colour = shared.verdict_colour(POSITION_COLOURS)
+    bars = shared.stacked_bars(
+        frame, x, "attention output features", colour, shared.VERDICT_TOOLTIP
+    )
     marks = pl.DataFrame({"at": [0.0, tau], "name": ["no gain", f"τ = {tau:.3g}"]})
     rules = (
-        alt.Chart(to_pandas(marks))
+        alt.Chart(shared.to_pandas(marks))
         .mark_rule(strokeDash=[5, 3], color="black")
         .encode(x=alt.X("at:Q", scale=x_scale), tooltip=["name:N", "at:Q"])
     )
     text = (
-        alt.Chart(to_pandas(marks.filter(pl.col("at") > 0)))
+        alt.Chart(shared.to_pandas(marks.filter(pl.col("at") > 0)))
         .mark_text(align="left", dx=4, dy=4, baseline="top")
         .encode(x=alt.X("at:Q", scale=x_scale), y=alt.value(0), text="name:N")
     )
     held = f"{tokens_heldout:,} held-out tokens" if tokens_heldout else "held-out tokens"
     above = int((gains > tau).sum())
-    return titled(
+    return shared.titled(
         bars + rules + text,
         "What earlier positions add to each attention feature (dashed: 0 and τ)",
         [
@@ -192,19 +184,19 @@ def composition_shares(
     colour = alt.Color(
         "source:N",
         title="source",
-        scale=alt.Scale(domain=list(sources), range=SOURCE_COLOURS[: len(sources)]),
+        scale=alt.Scale(domain=list(sources), range=shared.SOURCE_COLOURS[: len(sources)]),
         sort=list(sources),
     )
     tooltip = ["source:N", alt.Tooltip("share:Q", format=".3f"), "features:Q"]
     y_title = "share of the feature's variance, cov(ŷ_s, y) / var(y)"
-    bars = stacked_bars(frame, x, y_title, colour, tooltip, x2="x1:Q")
+    bars = shared.stacked_bars(frame, x, y_title, colour, tooltip, x2="x1:Q")
     rules = (
-        alt.Chart(to_pandas(pl.DataFrame({"at": boundaries}, schema={"at": pl.Float64})))
+        alt.Chart(shared.to_pandas(pl.DataFrame({"at": boundaries}, schema={"at": pl.Float64})))
         .mark_rule(color="black", strokeDash=[2, 2])
         .encode(x="at:Q")
     )
     grouped = ", ".join(f"{s} {c:,}" for s, c in zip(sources, counts, strict=True))
-    return titled(
+    return shared.titled(
         bars + rules,
         f"Where each {target} feature comes from: variance share per source",
         [
@@ -223,7 +215,7 @@ def _symlog_bins(
     """Bins even on a symlog axis (constant `scale_c`), one rectangle per bin and verdict,
     stacked; and the axis' extent, for its ticks."""
     if not len(gains):
-        return stacked_rects(gains, kinds, (), np.zeros(1)), (0.0, 1.0)
+        return shared.stacked_rects(gains, kinds, (), np.zeros(1)), (0.0, 1.0)
     t = np.sign(gains) * np.log1p(np.abs(gains) / scale_c)
     lo, hi = float(t.min()), float(t.max())
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
@@ -231,4 +223,4 @@ def _symlog_bins(
     edges = np.sign(edges_t) * scale_c * np.expm1(np.abs(edges_t))
     which = np.clip(np.searchsorted(edges_t, t, side="right") - 1, 0, bins - 1)
     order = ("same_position", "undecided", "needs_context")
-    return stacked_rects(which, kinds, order, edges), (float(edges[0]), float(edges[-1]))
+    return shared.stacked_rects(which, kinds, order, edges), (float(edges[0]), float(edges[-1]))
