@@ -44,7 +44,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import polars as pl
 import torch
 
 from coact.codes.store import CodeStore
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.stage import ConnectResult
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
@@ -76,7 +76,6 @@ SEED_MODEL = "eleutherai/pythia-70m-deduped"
 SEED_PERCENT = {1: 78.8, 2: 95.9, 3: 97.8, 4: 98.0, 5: 98.9}  # τ = 0.001, seed form, alive
 SEED_TAU = 0.001
 SENSITIVITY_TAUS = (1e-4, 1e-3, 1e-2)
-_CONNECT_DEFAULTS = ConnectConfig()
 
 
 def model_slug(model: str) -> str:
@@ -188,8 +187,7 @@ def run_analyze(args: argparse.Namespace, layer: int, run_root: Path) -> RunSumm
         sae=train,
         connect=ConnectConfig(
             progress=False,
-            mlp_hidden=args.linearity_hidden,
-            mlp_epochs=args.linearity_epochs,
+            mlp=replace(MLP_FIT, hidden=args.linearity_hidden, epochs=args.linearity_epochs),
             linearity=LinearityConfig(tau=args.tau, form="seed"),
         ),
     )
@@ -497,13 +495,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--linearity-epochs",
         type=int,
-        default=_CONNECT_DEFAULTS.mlp_epochs,
+        default=MLP_FIT.epochs,
         help="linearity test (connect stage): epochs of the mlp that starts from least squares",
     )
     parser.add_argument(
         "--linearity-hidden",
         type=int,
-        default=_CONNECT_DEFAULTS.mlp_hidden,
+        default=MLP_FIT.hidden,
         help="linearity test (connect stage): hidden units of that mlp",
     )
     parser.add_argument(

@@ -15,14 +15,15 @@ import typer
 
 from coact.block.graph import feature_graph
 from coact.calibrate.stage import CalibrateConfig
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
+from coact.connectors.train import ConnectorTrainConfig
 from coact.errors import CoactError
 from coact.evidence.ablation import AblationConfig
 from coact.evidence.outliers import OutlierConfig
 from coact.linearity.table import LinearityConfig
 from coact.logic.config import LogicConfig
-from coact.logic.stage import LabelsConfig
+from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.report.select import DEFAULT_FEATURES
 from coact.sae.train import SaeTrainConfig
@@ -192,7 +193,7 @@ def connect(
     magnitude: float = option(ConnectConfig, "magnitude"),
     tau: float = option(LinearityConfig, "tau"),
     form: str = option(LinearityConfig, "form"),
-    mlp_epochs: int = option(ConnectConfig, "mlp_epochs"),
+    mlp_epochs: int = option(ConnectorTrainConfig, "epochs", default=MLP_FIT.epochs),
     stability: bool = option(ConnectConfig, "stability", "--stability/--no-stability"),
     device: str = option(AnalyzeConfig, "device"),
 ) -> None:
@@ -207,7 +208,7 @@ def connect(
     pair = SitePair.of(in_site or f"mlp_resid[{cfg.layer}]", out_site or f"mlp_out[{cfg.layer}]")
     config = dataclasses.replace(
         cfg.connect, path=LassoPathConfig(n_alphas=n_alphas), magnitude=magnitude,
-        stability=stability, mlp_epochs=mlp_epochs,
+        stability=stability, mlp=dataclasses.replace(cfg.connect.mlp, epochs=mlp_epochs),
         linearity=LinearityConfig(tau=tau, form=_form(form)), seed=cfg.seed, device=device,
     )  # fmt: skip
     layout = RunLayout.of(run)
@@ -244,8 +245,10 @@ def calibrate(
 def logic(
     run: Path = typer.Argument(..., help="run directory with connect/ results"),
     max_inputs: int = option(LogicConfig, "max_inputs"),
-    sae_connector: bool = option(
-        LabelsConfig, "sae_connector", "--sae-connector/--no-sae-connector"
+    sae_connector: bool = typer.Option(
+        default_of(LabelsConfig, "sae_connector") is not None,
+        "--sae-connector/--no-sae-connector",
+        help=help_of(LabelsConfig, "sae_connector"),
     ),
 ) -> None:
     """Label each output feature's computation (OR, AND, A-AND-NOT-B, WEIGHTED-SUM,
@@ -261,7 +264,7 @@ def logic(
     config = dataclasses.replace(
         cfg.logic,
         logic=dataclasses.replace(cfg.logic.logic, max_inputs=max_inputs),
-        sae_connector=sae_connector,
+        sae_connector=(cfg.logic.sae_connector or SAE_CONNECTOR) if sae_connector else None,
         seed=cfg.seed,
     )
     layout = RunLayout.of(run)

@@ -31,12 +31,14 @@ def test_pick_tau_is_the_largest_with_every_smaller_one_within_tolerance() -> No
 def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
     """Planted model → codes → connectors → calibration, all at test size; with
     `attention`, the plant is a block's attention and calibration runs at attn_out."""
+    from dataclasses import replace
+
     import torch
 
     from coact.calibrate.stage import CalibrateConfig, calibrate
     from coact.codes.collect import CollectConfig, collect_codes
     from coact.codes.corpus import Contexts
-    from coact.connectors.config import ConnectConfig
+    from coact.connectors.config import MLP_FIT, ConnectConfig
     from coact.connectors.exact import LassoPathConfig
     from coact.connectors.stage import connect
     from coact.models.sites import SitePair
@@ -52,8 +54,8 @@ def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
         CollectConfig(forward_batch=16, shard_contexts=32),
     )  # fmt: skip
     linking = ConnectConfig(
-        heldout_fraction=0.25, path=LassoPathConfig(n_alphas=6), mlp_hidden=32, mlp_epochs=30,
-        mlp_lr=1e-2, batch_tokens=128, progress=False,
+        heldout_fraction=0.25, path=LassoPathConfig(n_alphas=6), progress=False,
+        mlp=replace(MLP_FIT, hidden=32, epochs=30, lr=1e-2, batch_tokens=128),
     )  # fmt: skip
     pair = SitePair(site_in, site_out)
     connect(store, pair, tmp_path / "connect", linking)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from coact.cli import app
 from coact.codes.store import CodeStore
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.connectors.stage import connect
 from coact.connectors.train import split_rows
@@ -62,10 +63,7 @@ def store(tmp_path_factory) -> CodeStore:
 PAIR = SitePair.of("mlp_resid[1]", "mlp_out[1]")
 CONFIG = ConnectConfig(
     path=LassoPathConfig(n_alphas=12),
-    mlp_hidden=32,
-    mlp_epochs=15,
-    mlp_lr=1e-2,
-    batch_tokens=256,
+    mlp=replace(MLP_FIT, hidden=32, epochs=15, lr=1e-2, batch_tokens=256),
     progress=False,
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -11,12 +12,12 @@ from typer.testing import CliRunner
 
 from coact.cli import app
 from coact.codes.store import CodeStore
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.connectors.stage import connect
 from coact.errors import CoactError
 from coact.logic.planted import PlantedConfig, planted_circuits, score_labels
-from coact.logic.stage import LabelsConfig, describe, label_run
+from coact.logic.stage import SAE_CONNECTOR, LabelsConfig, describe, label_run
 from coact.models.sites import SitePair
 from coact.report.charts import logic as logic_charts
 from coact.report.charts.base import save
@@ -24,7 +25,7 @@ from coact.report.charts.base import save
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANT = PlantedConfig(n_tokens=30_000, n_inputs=96, seed=3)
 PAIR = SitePair.of("mlp_resid[1]", "mlp_out[1]")
-SETTINGS = LabelsConfig(sae_hidden=32, sae_epochs=1, progress=False)
+SETTINGS = LabelsConfig(sae_connector=replace(SAE_CONNECTOR, hidden=32, epochs=1), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def run(tmp_path_factory):
     writer.write_shard(0, tokens, {"mlp_resid.1": circuits.x, "mlp_out.1": circuits.y})
     store = CodeStore.open(root / "codes")
     linking = ConnectConfig(
-        path=LassoPathConfig(n_alphas=12), stability=False, mlp_hidden=16, mlp_epochs=1,
+        path=LassoPathConfig(n_alphas=12), stability=False,
+        mlp=replace(MLP_FIT, hidden=16, epochs=1),
         progress=False,
     )  # fmt: skip
     connect(store, PAIR, root / "connect", linking)

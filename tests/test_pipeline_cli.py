@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from coact.calibrate.stage import CalibrateConfig
 from coact.codes.collect import CollectConfig
 from coact.codes.store import CodeStore
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.errors import CoactError
 from coact.linearity.table import LinearityConfig, relabel
@@ -96,8 +97,8 @@ def test_analyze_resumes_and_reuses_saes(tmp_path: Path) -> None:
     assert shard.read_bytes() == first_codes
 
 
-SMALL_CONNECT = ConnectConfig(path=LassoPathConfig(n_alphas=6), mlp_hidden=32, mlp_epochs=1,
-                              stability=False, progress=False)  # fmt: skip
+SMALL_CONNECT = ConnectConfig(path=LassoPathConfig(n_alphas=6), stability=False, progress=False,
+                              mlp=replace(MLP_FIT, hidden=32, epochs=1))  # fmt: skip
 SMALL_CALIBRATE = CalibrateConfig(
     contexts=4, strengths=(0.0, 0.3), n_taus=2, n_boot=50, causal_connections=0, progress=False
 )
@@ -375,8 +376,7 @@ def test_analyze_real_smollm2_few_thousand_tokens(tmp_path: Path) -> None:
         connect=ConnectConfig(
             path=LassoPathConfig(n_alphas=4, alpha_min_ratio=0.3),
             stability=False,
-            mlp_hidden=64,
-            mlp_epochs=1,
+            mlp=replace(MLP_FIT, hidden=64, epochs=1),
         ),
         # Every calibration splice is a full forward pass of the real model: keep few.
         calibrate=CalibrateConfig(

@@ -4,14 +4,15 @@ tests that need a real run directory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from coact.calibrate.stage import CalibrateConfig
 from coact.codes.collect import CollectConfig
-from coact.connectors.config import ConnectConfig
+from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
-from coact.logic.stage import LabelsConfig
+from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.sae.train import SaeTrainConfig
 
@@ -29,7 +30,9 @@ def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
         "sae": SaeTrainConfig(k=8, buffer_contexts=16, batch_tokens=128),
         "collect": CollectConfig(forward_batch=8, shard_contexts=16),
         "connect": ConnectConfig(
-            path=LassoPathConfig(n_alphas=6), mlp_hidden=64, mlp_epochs=2, progress=False
+            path=LassoPathConfig(n_alphas=6),
+            mlp=replace(MLP_FIT, hidden=64, epochs=2),
+            progress=False,
         ),
         "calibrate": CalibrateConfig(
             contexts=4,
@@ -39,7 +42,9 @@ def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
             causal_connections=5,
             progress=False,
         ),
-        "logic": LabelsConfig(sae_hidden=32, sae_epochs=1, progress=False),
+        "logic": LabelsConfig(
+            sae_connector=replace(SAE_CONNECTOR, hidden=32, epochs=1), progress=False
+        ),
     }
     settings.update(overrides)
     return AnalyzeConfig(**settings)

@@ -7,8 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coact.connectors.exact import LassoPathConfig
+from coact.connectors.train import ConnectorTrainConfig
 from coact.linearity.table import LinearityConfig
 from coact.settings import setting
+
+# at most 10 epochs: it stops early when held-back training contexts stop gaining
+MLP_FIT = ConnectorTrainConfig(
+    family="mlp", hidden=1024, lr=1e-3, epochs=10, patience=2, batch_tokens=1024
+)
 
 
 @dataclass(frozen=True)
@@ -18,13 +24,11 @@ class ConnectConfig:
     path: LassoPathConfig = field(default_factory=LassoPathConfig)
     magnitude: float = setting(0.05, "standardised |w| above which a weight counts as large")
     stability: bool = setting(True, "refit on two disjoint halves of the training contexts")
-    mlp_hidden: int = 1024  # hidden units of the mlp used for linearity (beside the skip)
-    mlp_epochs: int = setting(10, "most epochs of the mlp fit (it stops early)")
-    mlp_patience: int = 2
-    mlp_lr: float = 1e-3
+    # the mlp fitted beside least squares for linearity (its skip is the least-squares map);
+    # its split, seed, device and outputs are set by the stage
+    mlp: ConnectorTrainConfig = MLP_FIT
     w2_magnitude: float = 0.1  # |W2| above which an mlp weight counts as large (raw)
     linearity_chunk_outputs: int | None = None  # None: as many as fit LINEAR_MAP_ENTRIES
-    batch_tokens: int = 1024
     device: str = "cpu"
     linearity: LinearityConfig = field(default_factory=LinearityConfig)
     layer_norm: float = 1.0  # for the seed's normalisation; see linearity.seed_scale

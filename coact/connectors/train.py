@@ -19,6 +19,7 @@ from coact.codes.store import CodeStore
 from coact.connectors import families as fam
 from coact.connectors.families import SparseConnector, column_variance, csr_batch, dense_rows
 from coact.errors import CoactError
+from coact.settings import setting
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ConnectorTrainConfig:
     alpha_hidden: float = 0.0  # weight of mean ‖h‖₁ (sae-connector)
     lr: float = 1e-3
     batch_tokens: int = 1024
-    epochs: int = 1
+    epochs: int = setting(1, "most epochs of the fit (it stops early with `patience`)")
     steps: int | None = None  # set: exactly this many steps (epochs cycle), epochs ignored
     patience: int | None = None  # set: stop after this many epochs without validation gain
     validation_fraction: float = 0.1  # of training contexts, watched when patience is set

@@ -5,7 +5,7 @@ so later stages (splicing, causal checks) predict with exactly these fits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import GramStats, linear_fit, mse
 from coact.connectors.families import SparseConnector, csr_batch, dense_rows
-from coact.connectors.train import ConnectorTrainConfig, train_connector
+from coact.connectors.train import train_connector
 from coact.errors import CoactError
 from coact.linearity.table import HeldoutContexts
 from coact.rundir.files import atomic_write
@@ -95,22 +95,15 @@ def linearity_fits(
         w_lin, b_lin = linear_fit(stats, outputs=outputs)
         mse_linear[outputs] = mse(stats_held, w_lin, b_lin, outputs)
         whole = len(outputs) == y.shape[1]
+        settings = replace(
+            config.mlp, heldout_fraction=config.heldout_fraction, seed=config.seed,
+            device=config.device, outputs=None if whole else tuple(int(j) for j in outputs),
+            progress=config.progress,
+        )  # fmt: skip
         mlp = train_connector(
             x,
             y,
-            ConnectorTrainConfig(
-                family="mlp",
-                hidden=config.mlp_hidden,
-                lr=config.mlp_lr,
-                epochs=config.mlp_epochs,
-                patience=config.mlp_patience,
-                batch_tokens=config.batch_tokens,
-                heldout_fraction=config.heldout_fraction,
-                seed=config.seed,
-                device=config.device,
-                outputs=None if whole else tuple(int(j) for j in outputs),
-                progress=config.progress,
-            ),
+            settings,
             groups=groups,
             skip=(w_lin, b_lin),
         )
@@ -118,7 +111,7 @@ def linearity_fits(
             raise RuntimeError("the mlp and the linear fits held out different tokens")
         mse_mlp[outputs] = mlp.heldout_mse
         y_chunk = y if whole else sp.csr_matrix(y[:, outputs])
-        part = _heldout_contexts(mlp.connector, x, y_chunk, held, groups, config.batch_tokens)
+        part = _heldout_contexts(mlp.connector, x, y_chunk, held, groups, config.mlp.batch_tokens)
         diffs.append(part.diff)
         tokens = part.tokens
         assert mlp.connector.weight_out is not None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,18 @@ from coact.settings import setting
 RESULT_VERSION = 2
 
 
+SAE_CONNECTOR = ConnectorTrainConfig(
+    family="sae-connector", hidden=512, alpha_hidden=1e-3, epochs=3
+)
+
+
 @dataclass(frozen=True)
 class LabelsConfig:
     logic: LogicConfig = field(default_factory=LogicConfig)
-    sae_connector: bool = setting(True, "also fit an sae-connector and label its hidden latents")
-    sae_hidden: int = 512
-    sae_alpha_hidden: float = 1e-3  # L1 on the hidden activation
-    sae_epochs: int = 3
+    # an mlp with L1 on its hidden activation; None: none (its seed and device: the stage's)
+    sae_connector: ConnectorTrainConfig | None = setting(
+        SAE_CONNECTOR, "also fit an sae-connector and label its hidden latents"
+    )
     sae_outputs: int = 3  # strongest second-layer weights listed per hidden latent
     top_per_label: int = 5  # most confident features per label in the headline
     seed: int = 0
@@ -103,7 +108,7 @@ def label_run(
         atomic_write(path, frame.write_parquet)
 
     hidden_counts = None
-    if config.sae_connector:
+    if config.sae_connector is not None:
         clock = time.perf_counter()
         hidden = _hidden_labels(store, x, y, config)
         atomic_write(files.hidden, hidden.write_parquet)
@@ -160,18 +165,14 @@ def _hidden_labels(
 ) -> pl.DataFrame:
     """Fit an sae-connector (mlp with L1 on its hidden activation) and label its latents."""
     groups = store.read_tokens()["context"].to_numpy()
+    assert config.sae_connector is not None
+    settings = replace(
+        config.sae_connector, seed=config.seed, device=config.device, progress=config.progress
+    )
     fit = train_connector(
         x,
         y,
-        ConnectorTrainConfig(
-            family="sae-connector",
-            hidden=config.sae_hidden,
-            alpha_hidden=config.sae_alpha_hidden,
-            epochs=config.sae_epochs,
-            seed=config.seed,
-            device=config.device,
-            progress=config.progress,
-        ),
+        settings,
         groups=groups,
     )
     hidden, table = hidden_targets(fit.connector, x)

@@ -46,7 +46,7 @@ def with_budget(config: AnalyzeConfig, budget: str) -> AnalyzeConfig:
         ),
         ablation=replace(config.ablation, contexts=2, input_contexts=1, inputs_per_feature=1),
         connect=replace(config.connect, stability=False),
-        logic=replace(config.logic, sae_connector=False),
+        logic=replace(config.logic, sae_connector=None),
         block=replace(
             block,
             decoded=replace(block.decoded, contexts=8),
