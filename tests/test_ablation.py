@@ -128,7 +128,7 @@ def test_finished_result_is_reused_and_a_new_config_redone(hand, tmp_path: Path)
 
 def test_variants_never_touch_bos_and_shift_on_remove() -> None:
     tokens = np.arange(10, 20)
-    got = variants(0, tokens, 3, window=5, modes=("remove", "replace"), filler=99)
+    got = variants(0, tokens, 3, AblationConfig(window=5, modes=("remove", "replace")), filler=99)
     assert [(v.mode, v.offset) for v in got] == [
         (None, 0), ("remove", 1), ("replace", 1), ("remove", 2), ("replace", 2)
     ]  # fmt: skip

@@ -30,7 +30,6 @@ squares on every input as the ceiling. Everything lands in `out_dir`:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from coact.linearity.table import finite_mean
 from coact.models.sites import Site
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import CompositionFiles
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, Timings, result_key
 
 RESULT_VERSION = 2  # bumped when what compose writes changes: older results are redone
 
@@ -177,44 +176,42 @@ class _Composed:
 
 
 def _compose(store: CodeStore, sites: CompositionSites, config: CompositionConfig) -> _Composed:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    sources, target = sites.sources, sites.target
-    blocks = [store.read_site(s.slug) for s in sources]
-    widths = [b.shape[1] for b in blocks]
-    offsets = np.concatenate([[0], np.cumsum(widths)])
-    x = sp.csr_matrix(sp.hstack(blocks, format="csr"))
-    y = store.read_site(target.slug)
-    _, train, held = context_split(store.read_tokens(), config.heldout_fraction, config.seed, store)
-    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
-    stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
-    timings["gram_s"] = time.perf_counter() - clock
+    timings = Timings()
+    with timings.part("gram"):
+        sources, target = sites.sources, sites.target
+        blocks = [store.read_site(s.slug) for s in sources]
+        widths = [b.shape[1] for b in blocks]
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+        x = sp.csr_matrix(sp.hstack(blocks, format="csr"))
+        y = store.read_site(target.slug)
+        _, train, held = context_split(
+            store.read_tokens(), config.heldout_fraction, config.seed, store
+        )
+        stats = GramStats.empty(x.shape[1], y.shape[1]).add(x[train], y[train])
+        stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
 
     sparse = fit_sparse(stats, stats_held, config.path, config.magnitude, config.progress)
     timings["path_s"] = sparse.path_s
 
-    clock = time.perf_counter()
-    weights = _weights_table(
-        sparse.coef, sparse.refit, stats, config.magnitude, sources, offsets, target
-    )
-    timings["refit_s"] = time.perf_counter() - clock
+    with timings.part("refit"):
+        weights = _weights_table(
+            sparse.coef, sparse.refit, stats, config.magnitude, sources, offsets, target
+        )
 
-    clock = time.perf_counter()
-    ceiling = _least_squares(stats, stats_held, offsets, config.least_squares_chunk_outputs)
-    timings["least_squares_s"] = time.perf_counter() - clock
+    with timings.part("least_squares"):
+        ceiling = _least_squares(stats, stats_held, offsets, config.least_squares_chunk_outputs)
 
-    clock = time.perf_counter()
-    var, var_held = stats.y_var(), stats_held.y_var()
-    fit = _Fit(
-        r2_sparse=1 - sparse.held_nmse[sparse.chosen],
-        r2_refit=_r2(mse(stats_held, sparse.refit, sparse.refit_intercepts), var_held),
-        r2_refit_train=_r2(mse(stats, sparse.refit, sparse.refit_intercepts), var),
-        shares_refit=variance_shares(stats, sparse.refit, offsets),
-        intercept=sparse.path.intercepts[sparse.chosen],
-        intercept_refit=sparse.refit_intercepts,
-    )
-    table = _features_table(fit, ceiling, sparse.coef, offsets, var, var_held, sources)
-    timings["tables_s"] = time.perf_counter() - clock
+    with timings.part("tables"):
+        var, var_held = stats.y_var(), stats_held.y_var()
+        fit = _Fit(
+            r2_sparse=1 - sparse.held_nmse[sparse.chosen],
+            r2_refit=_r2(mse(stats_held, sparse.refit, sparse.refit_intercepts), var_held),
+            r2_refit_train=_r2(mse(stats, sparse.refit, sparse.refit_intercepts), var),
+            shares_refit=variance_shares(stats, sparse.refit, offsets),
+            intercept=sparse.path.intercepts[sparse.chosen],
+            intercept_refit=sparse.refit_intercepts,
+        )
+        table = _features_table(fit, ceiling, sparse.coef, offsets, var, var_held, sources)
     return _Composed(sparse, table, weights, widths, var, len(train), len(held), timings)
 
 

@@ -32,7 +32,6 @@ sparse: summaries are CSR products with a shift operator, never tokens × n_in d
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from coact.linearity.table import (
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import PositionsFiles
-from coact.rundir.results import Result, pair_head, result_key
+from coact.rundir.results import Result, Timings, pair_head, result_key
 
 RESULT_VERSION = 4  # bumped when what positions writes changes: older results are redone
 TOP = 10  # most position-dependent features in the headline
@@ -179,38 +178,36 @@ class _Scored:
 
 
 def _score(store: CodeStore, pair: SitePair, config: PositionsConfig) -> _Scored:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    x, y, tokens, groups, train, held = read_pair(store, pair, config.heldout_fraction, config.seed)
-    x = sp.csr_matrix(x, dtype=np.float64)
-    context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
-    shifts = [shift_operator(context, position, config.lags(s)) for s in config.summaries]
-    n_in, n_aug = x.shape[1], x.shape[1] * (1 + len(shifts))
+    timings = Timings()
+    with timings.part("stats"):
+        x, y, tokens, groups, train, held = read_pair(
+            store, pair, config.heldout_fraction, config.seed
+        )
+        x = sp.csr_matrix(x, dtype=np.float64)
+        context, position = tokens["context"].to_numpy(), tokens["position"].to_numpy()
+        shifts = [shift_operator(context, position, config.lags(s)) for s in config.summaries]
+        n_in, n_aug = x.shape[1], x.shape[1] * (1 + len(shifts))
 
-    def augmented(rows: np.ndarray) -> sp.csr_matrix:
-        """[current | summaries…] of these rows: each summary is S[rows] @ x, sparse."""
-        return sp.csr_matrix(sp.hstack([x[rows], *(s[rows] @ x for s in shifts)], format="csr"))
+        def augmented(rows: np.ndarray) -> sp.csr_matrix:
+            """[current | summaries…] of these rows: each summary is S[rows] @ x, sparse."""
+            return sp.csr_matrix(sp.hstack([x[rows], *(s[rows] @ x for s in shifts)], format="csr"))
 
-    blocks = {"current": np.arange(n_in)}
-    for k, name in enumerate(config.summaries, start=1):
-        blocks[name] = np.arange(k * n_in, (k + 1) * n_in)
-    fit_rows, val_rows = validation_split(train, groups, config)
-    stats = train_stats(augmented, y, fit_rows, n_aug, config)
-    timings["stats_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    ridge = Ridge.constant(config.ridge[0], y.shape[1])
-    if len(val_rows):
-        ridge = choose_ridge(stats, augmented(val_rows), y[val_rows], blocks, config)
-        stats = add_stats(stats, train_stats(augmented, y, val_rows, n_aug, config))
-    timings["ridge_s"] = time.perf_counter() - clock
+        blocks = {"current": np.arange(n_in)}
+        for k, name in enumerate(config.summaries, start=1):
+            blocks[name] = np.arange(k * n_in, (k + 1) * n_in)
+        fit_rows, val_rows = validation_split(train, groups, config)
+        stats = train_stats(augmented, y, fit_rows, n_aug, config)
+    with timings.part("ridge"):
+        ridge = Ridge.constant(config.ridge[0], y.shape[1])
+        if len(val_rows):
+            ridge = choose_ridge(stats, augmented(val_rows), y[val_rows], blocks, config)
+            stats = add_stats(stats, train_stats(augmented, y, val_rows, n_aug, config))
 
-    clock = time.perf_counter()
-    fits = position_fits(stats, augmented(held), y[held], groups[held], blocks, config, ridge)
-    timings["fits_s"] = time.perf_counter() - clock
+    with timings.part("fits"):
+        fits = position_fits(stats, augmented(held), y[held], groups[held], blocks, config, ridge)
 
-    clock = time.perf_counter()
-    table, share = _table(fits, y, ridge, config)
-    timings["tables_s"] = time.perf_counter() - clock
+    with timings.part("tables"):
+        table, share = _table(fits, y, ridge, config)
     return _Scored(
         table, share, fits, ridge, len(val_rows), n_in, n_aug, x.shape[0], len(train),
         len(held), timings,

@@ -60,7 +60,7 @@ from coact.linearity.table import (
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import ConnectFiles
-from coact.rundir.results import Result, pair_head, result_key
+from coact.rundir.results import Result, Timings, pair_head, result_key
 
 Decode = Callable[[list[int]], str]
 RESULT_VERSION = 3  # bumped when what connect writes changes: older results are redone
@@ -154,29 +154,28 @@ class _Fitted:
 
 
 def _fit(store: CodeStore, pair: SitePair, config: ConnectConfig) -> _Fitted:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    x, y, tokens, groups, train, held = read_pair(store, pair, config.heldout_fraction, config.seed)
-    x_train, y_train = x[train], y[train]  # sliced once: the halves refit reads them again
-    stats = GramStats.empty(x.shape[1], y.shape[1]).add(x_train, y_train)
-    stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
-    timings["gram_s"] = time.perf_counter() - clock
+    timings = Timings()
+    with timings.part("gram"):
+        x, y, tokens, groups, train, held = read_pair(
+            store, pair, config.heldout_fraction, config.seed
+        )
+        x_train, y_train = x[train], y[train]  # sliced once: the halves refit reads them again
+        stats = GramStats.empty(x.shape[1], y.shape[1]).add(x_train, y_train)
+        stats_held = GramStats.empty(x.shape[1], y.shape[1]).add(x[held], y[held])
 
     sparse = fit_sparse(stats, stats_held, config.path, config.magnitude, config.progress)
     timings["path_s"] = sparse.path_s
 
-    clock = time.perf_counter()
-    weights = weights_table(sparse.coef, sparse.refit, stats, config.magnitude)
-    if config.stability:
-        weights = stability(
-            weights, x_train, y_train, groups[train], sparse, config.seed, config.path,
-            config.progress,
-        )  # fmt: skip
-    timings["stability_s"] = time.perf_counter() - clock
+    with timings.part("stability"):
+        weights = weights_table(sparse.coef, sparse.refit, stats, config.magnitude)
+        if config.stability:
+            weights = stability(
+                weights, x_train, y_train, groups[train], sparse, config.seed, config.path,
+                config.progress,
+            )  # fmt: skip
 
-    clock = time.perf_counter()
-    fits = linearity_fits(x, y, stats, stats_held, groups, held, config)
-    timings["linearity_s"] = time.perf_counter() - clock
+    with timings.part("linearity"):
+        fits = linearity_fits(x, y, stats, stats_held, groups, held, config)
     return _Fitted(x, y, tokens, train, held, stats, sparse, weights, fits, timings)
 
 

@@ -109,23 +109,17 @@ def neutral_token(tokenizer: Any, filler: str = " ") -> int:
 
 
 def variants(
-    item: int,
-    tokens: np.ndarray,
-    position: int,
-    window: int,
-    modes: Sequence[Mode],
-    filler: int,
-    first_position: int = 1,
+    item: int, tokens: np.ndarray, position: int, config: AblationConfig, filler: int
 ) -> list[Variant]:
-    """The clean context cut after `position`, then for each of the `window` tokens before
-    it (never before `first_position`) one variant per mode."""
+    """The clean context cut after `position`, then for each of the `config.window` tokens
+    before it (never before `config.first_position`) one variant per mode."""
     prefix = np.asarray(tokens[: position + 1], dtype=np.int64)
     out = [Variant(item, None, 0, prefix, position)]
-    for offset in range(1, window + 1):
+    for offset in range(1, config.window + 1):
         at = position - offset
-        if at < first_position:
+        if at < config.first_position:
             break
-        for mode in modes:
+        for mode in config.modes:
             if mode == "remove":
                 out.append(Variant(item, mode, offset, np.delete(prefix, at), position - 1))
             elif mode == "replace":
@@ -385,10 +379,7 @@ def _plan(
                      "position": pos, "stored": value}
                 )  # fmt: skip
                 plan.token_rows.append(context_tokens(ctx))
-                plan.runs += variants(
-                    item, plan.token_rows[item], pos, config.window, config.modes, filler,
-                    config.first_position,
-                )  # fmt: skip
+                plan.runs += variants(item, plan.token_rows[item], pos, config, filler)
     return plan
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypedDict
 
@@ -77,6 +79,16 @@ def pair_head(key: str, pair: SitePair, files: StageFiles) -> PairHead:
     return PairHead(
         key=key, in_site=str(pair.in_site), out_site=str(pair.out_site), directory=str(files.path)
     )
+
+
+class Timings(dict[str, float]):
+    """Seconds per part of a stage, as its result reports them (`<part>_s`)."""
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self[f"{name}_s"] = time.perf_counter() - started
 
 
 def from_dict(cls: Any, data: Mapping[str, Any]) -> Any:
