@@ -52,7 +52,7 @@ def budget_option(name: str) -> Any:
         getattr(with_budget(AnalyzeConfig(), "survey"), name),
     )
     return typer.Option(
-        None, help=f"{help_of(AnalyzeConfig, name)} [default: {full}; survey {survey}]"
+        None, help=f"{help_of(AnalyzeConfig, name)} (default {full}; survey {survey})"
     )
 
 
@@ -85,7 +85,9 @@ def analyze(
     sae_in: str | None = option(AnalyzeConfig, "sae_in"),
     sae_out: str | None = option(AnalyzeConfig, "sae_out"),
     seed: int = option(AnalyzeConfig, "seed"),
-    no_report: bool = typer.Option(False, help="skip the report site and its context ablation"),
+    no_report: bool = typer.Option(
+        False, "--no-report", help="skip the report site and its context ablation"
+    ),
     report_features: int | None = budget_option("report_features"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
