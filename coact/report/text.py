@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from coact.rundir.layout import RunLayout
+
 if TYPE_CHECKING:
     from coact.block.graph import FeatureGraph
     from coact.block.stage import BlockResult
@@ -40,7 +42,8 @@ def format_summary(summary: RunSummary) -> str:
     ]
     lines += [write(result) for result, write in parts if result is not None]  # type: ignore[operator]
     lines.append(f"  total time {summary.timings['total_s']:.0f} s")
-    lines.append(f"  run directory: {summary.run_dir}  (summary.json inside)")
+    inside = RunLayout.of(summary.run_dir).summary.name
+    lines.append(f"  run directory: {summary.run_dir}  ({inside} inside)")
     if summary.report:
         lines.append(f"  report: {summary.report}  (open it in a browser)")
     return "\n".join(lines)
@@ -204,8 +207,6 @@ def format_model_summary(summary: ModelSummary) -> str:
     """One line per layer of a model run, then where everything is."""
     import polars as pl
 
-    from coact.rundir.layout import RunLayout
-
     lines = [f"coact analyze: {summary.model}, layers {summary.layers}"]
     try:
         table = pl.read_parquet(RunLayout.of(summary.run_dir).layers_table)
@@ -214,7 +215,9 @@ def format_model_summary(summary: ModelSummary) -> str:
     if table is not None:
         lines += _layer_lines(table)
     lines.append(f"  total time {summary.timings['total_s']:.0f} s")
-    lines.append(f"  run directory: {summary.run_dir}  (layers.parquet, L<layer>/ inside)")
+    model = RunLayout.of(summary.run_dir)
+    inside = f"{model.layers_table.name}, {model.layer_dir('<layer>').name}/"
+    lines.append(f"  run directory: {summary.run_dir}  ({inside} inside)")
     if summary.report:
         lines.append(f"  report: {summary.report}  (open it in a browser)")
     return "\n".join(lines)

@@ -322,9 +322,11 @@ class RunLayout:
     def sae_evaluation(self, slug: str) -> Path:
         return self.sae_eval / f"{slug}.json"
 
-    def layer_dir(self, layer: int) -> Path:
+    layer_name: ClassVar[str] = "L{layer}"
+
+    def layer_dir(self, layer: int | str) -> Path:
         """A model run's layer: an ordinary run directory inside the model run's."""
-        return self.run_dir / f"L{layer}"
+        return self.run_dir / self.layer_name.format(layer=layer)
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
