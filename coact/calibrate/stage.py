@@ -55,7 +55,7 @@ from coact.models.sites import SitePair
 from coact.models.tracing import capture, spliced_logits
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import CalibrateFiles, ConnectFiles
-from coact.rundir.results import Result, pair_head, result_key
+from coact.rundir.results import Result, Timings, pair_head, result_key
 from coact.sae.base import SparseAutoencoder
 from coact.settings import setting
 
@@ -276,23 +276,21 @@ class _Measured:
 
 
 def _measure(setup: _Setup) -> _Measured:
-    timings: dict[str, float] = {}
+    timings = Timings()
     started = time.perf_counter()
     lm, pair, config = setup.lm, setup.pair, setup.config
     with forward_clock(lm) as forward_s:
-        clock = time.perf_counter()
-        variance = activation_variance(
-            lm, setup.tokens, pair.out_site, batch_size=config.batch_size,
-            skip_first_positions=config.skip_first_positions,
-        )  # fmt: skip
-        noise = pl.concat([_noise(setup, variance, kind) for kind in config.noise_kinds])
-        timings["noise_s"] = time.perf_counter() - clock
+        with timings.part("noise"):
+            variance = activation_variance(
+                lm, setup.tokens, pair.out_site, batch_size=config.batch_size,
+                skip_first_positions=config.skip_first_positions,
+            )  # fmt: skip
+            noise = pl.concat([_noise(setup, variance, kind) for kind in config.noise_kinds])
 
-        clock = time.perf_counter()
-        splices = _with_implied_nmse(
-            _splices(setup), setup.features, setup.sae_out, variance, config.form
-        )
-        timings["splices_s"] = time.perf_counter() - clock
+        with timings.part("splices"):
+            splices = _with_implied_nmse(
+                _splices(setup), setup.features, setup.sae_out, variance, config.form
+            )
         extra = splices.filter(pl.col("tau").is_not_null())
         tau = pick_tau(
             extra["tau"].to_numpy(), extra["extra_delta_ce"].to_numpy(), config.tolerance
@@ -300,9 +298,8 @@ def _measure(setup: _Setup) -> _Measured:
 
         causal_table = None
         if config.causal and pair == SitePair.mlp(pair.out_site.layer):
-            clock = time.perf_counter()
-            causal_table = _causal(setup)
-            timings["causal_s"] = time.perf_counter() - clock
+            with timings.part("causal"):
+                causal_table = _causal(setup)
     timings["forward_s"] = forward_s[0]
     timings["total_s"] = time.perf_counter() - started
     return _Measured(noise, splices, tau, variance, causal_table, timings)

@@ -21,7 +21,6 @@ that starts from it, both without L1). Everything lands in `<run>/connect/`
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +149,7 @@ class _Fitted:
     sparse: SparseFit
     weights: pl.DataFrame
     linearity: LinearityFits
-    timings: dict[str, float]
+    timings: Timings
 
 
 def _fit(store: CodeStore, pair: SitePair, config: ConnectConfig) -> _Fitted:
@@ -188,19 +187,18 @@ class _Tables(NamedTuple):
 def _tables(
     fitted: _Fitted, config: ConnectConfig, decode: Decode | None, pair: SitePair
 ) -> _Tables:
-    clock = time.perf_counter()
-    sparse, fits = fitted.sparse, fitted.linearity
-    active, _, variance = feature_stats(fitted.y)
-    table = linearity_table(
-        fits.mse_linear, fits.mse_mlp, variance, active, **_norms(config),
-        config=config.linearity, contexts=fits.contexts,
-    )  # fmt: skip
-    features = _features_table(
-        table, sparse.refit, sparse.refit_intercepts, sparse.held_nmse[sparse.chosen],
-        fitted.weights, fits.w2_large, config,
-    )  # fmt: skip
-    top = _top_tokens(fitted.x, fitted.y, fitted.tokens, sparse.coef, config, decode, pair)
-    fitted.timings["tables_s"] = time.perf_counter() - clock
+    with fitted.timings.part("tables"):
+        sparse, fits = fitted.sparse, fitted.linearity
+        active, _, variance = feature_stats(fitted.y)
+        table = linearity_table(
+            fits.mse_linear, fits.mse_mlp, variance, active, **_norms(config),
+            config=config.linearity, contexts=fits.contexts,
+        )  # fmt: skip
+        features = _features_table(
+            table, sparse.refit, sparse.refit_intercepts, sparse.held_nmse[sparse.chosen],
+            fitted.weights, fits.w2_large, config,
+        )  # fmt: skip
+        top = _top_tokens(fitted.x, fitted.y, fitted.tokens, sparse.coef, config, decode, pair)
     return _Tables(table, features, top)
 
 

@@ -18,7 +18,6 @@ first-layer weights; outputs: their strongest second-layer weights). Everything 
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from coact.logic.layer import label_layer
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import ConnectFiles, LogicFiles
-from coact.rundir.results import Result, pair_head, result_key
+from coact.rundir.results import Result, Timings, pair_head, result_key
 from coact.settings import setting
 
 RESULT_VERSION = 2
@@ -96,24 +95,22 @@ def label_run(
     if (previous := LogicResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    timings = Timings()
 
-    clock = time.perf_counter()
-    x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
-    weights = pl.read_parquet(connected.weights)
-    labels = label_layer(x, y, weights, config.logic, progress=config.progress)
-    timings["label_outputs_s"] = time.perf_counter() - clock
+    with timings.part("label_outputs"):
+        x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
+        weights = pl.read_parquet(connected.weights)
+        labels = label_layer(x, y, weights, config.logic, progress=config.progress)
     tables = (labels.features, labels.truth_tables, labels.clusters)
     for path, frame in zip(files.tables, tables, strict=True):
         atomic_write(path, frame.write_parquet)
 
     hidden_counts = None
     if config.sae_connector is not None:
-        clock = time.perf_counter()
-        hidden = _hidden_labels(store, x, y, config)
-        atomic_write(files.hidden, hidden.write_parquet)
-        hidden_counts = _counts(hidden)
-        timings["label_hidden_s"] = time.perf_counter() - clock
+        with timings.part("label_hidden"):
+            hidden = _hidden_labels(store, x, y, config)
+            atomic_write(files.hidden, hidden.write_parquet)
+            hidden_counts = _counts(hidden)
     result = LogicResult(
         **pair_head(key, pair, files),
         tokens=int(x.shape[0]),

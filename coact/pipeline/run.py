@@ -18,8 +18,11 @@ import sys
 import time
 from dataclasses import asdict
 
+import polars as pl
+
 from coact.block.stage import BlockResult, ComposedBlock
 from coact.errors import CoactError
+from coact.linearity.table import percent_linear, relabel
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
@@ -29,6 +32,7 @@ from coact.pipeline.stages import LayerRun, stages_of
 from coact.pipeline.summary import CodesSummary, ModelSummary, RunSummary, SiteSummary
 from coact.rundir.files import atomic_write, write_json
 from coact.rundir.layout import RunLayout
+from coact.rundir.results import Timings
 
 
 def analyze(config: AnalyzeConfig) -> RunSummary | ModelSummary:
@@ -123,13 +127,12 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     if config.shared_dir is not None:  # a model run's layer: its own config names the share
         write_json(layout.config, asdict(config))
     run = LayerRun(config, lm, shared, layout)
-    timings = dict(shared.timings) if config.shared_dir is None else {}
+    timings = Timings(shared.timings if config.shared_dir is None else {})
     for stage in stages_of(config):
         print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
               file=sys.stderr)  # fmt: skip
-        t0 = time.perf_counter()
-        run.results[stage.name] = stage(run)
-        timings[f"{stage.name}_s"] = time.perf_counter() - t0
+        with timings.part(stage.name):
+            run.results[stage.name] = stage(run)
     block = _block(run)
     if block is not None:
         block.write(layout.block)
@@ -139,9 +142,8 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     if config.runs("report"):  # last: the report reads summary.json and every stage's tables
         from coact.report.build import build_report
 
-        t0 = time.perf_counter()
-        index = build_report(layout.run_dir, decode=run.decode, features=config.report_features)
-        timings["report_s"] = time.perf_counter() - t0
+        with timings.part("report"):
+            index = build_report(layout.run_dir, decode=run.decode, features=config.report_features)
         summary = dataclasses.replace(summary, report=str(index), timings=timings)
         summary.write(layout.summary)
     return summary
@@ -156,10 +158,6 @@ def _block(run: LayerRun) -> BlockResult | None:
     composed: ComposedBlock | None = run.result("composition")
     share = None
     if attention is not None:
-        import polars as pl
-
-        from coact.linearity.table import percent_linear, relabel
-
         features = pl.read_parquet(run.layout.attention_connect.features)
         share = percent_linear(relabel(features, at))
     return BlockResult(

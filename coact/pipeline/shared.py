@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from coact.models.sites import Site
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.rundir.files import write_json
 from coact.rundir.layout import RunLayout
+from coact.rundir.results import Timings
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import (
     SaeEvalConfig,
@@ -90,26 +90,23 @@ def prepare(
     train_part, code_part = run_contexts(config, lm)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(layout.config, asdict(config))
-    timings: dict[str, float] = {}
+    timings = Timings()
     trained_now: list[str] = []
     if to_train:
-        t0 = time.perf_counter()
-        trained, trained_now = _trained_saes(lm, train_part, to_train, config, layout)
-        saes.update(trained)
-        timings["train_saes_s"] = time.perf_counter() - t0
+        with timings.part("train_saes"):
+            trained, trained_now = _trained_saes(lm, train_part, to_train, config, layout)
+            saes.update(trained)
     for site, same in alias.items():
         if site not in saes:
             saes[site] = saes[same]
 
-    t0 = time.perf_counter()
-    eval_tokens = code_part.tokens[: config.eval_contexts]
-    reports, evaluated_now = _evaluations(lm, saes, eval_tokens, layout)
-    timings["evaluate_saes_s"] = time.perf_counter() - t0
+    with timings.part("evaluate_saes"):
+        eval_tokens = code_part.tokens[: config.eval_contexts]
+        reports, evaluated_now = _evaluations(lm, saes, eval_tokens, layout)
 
-    t0 = time.perf_counter()
-    ordered = {site: saes[site] for site in sites}
-    store = collect_codes(lm, code_part, ordered, layout.codes, config.collect)
-    timings["collect_s"] = time.perf_counter() - t0
+    with timings.part("collect"):
+        ordered = {site: saes[site] for site in sites}
+        store = collect_codes(lm, code_part, ordered, layout.codes, config.collect)
     return Shared(
         layout, saes, given, reports, store, code_part, trained_now, evaluated_now, timings
     )
