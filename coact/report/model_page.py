@@ -13,7 +13,7 @@ import polars as pl
 
 from coact.block.positions import PositionShare
 from coact.codes.store import CodeStore
-from coact.linearity.table import LinearityConfig, LinearShare, percent_linear, relabel
+from coact.linearity.table import SEED_TAU, LinearityConfig, LinearShare, percent_linear, relabel
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.summary import ModelSummary
 from coact.report.charts import model as model_charts
@@ -26,7 +26,7 @@ from coact.rundir.layout import CodesFiles, RunLayout
 from coact.rundir.read import RunData
 from coact.sae.evaluate import SaeEvaluation, SaeReport
 
-SEED_LINEARITY = LinearityConfig(tau=0.001, form="seed")  # the seed study's τ and form
+SEED_LINEARITY = LinearityConfig(tau=SEED_TAU, form="seed")  # the seed study's τ and form
 CHECKS = ("identity_raw", "identity_decoded", "composition_decoded", "target_sae")
 LAYERS_TABLE = RunLayout(Path(), Path()).layers_table.name  # as the page names it
 Bracket = tuple[float | None, float | None, float | None]  # percent, at least, at most
