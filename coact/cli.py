@@ -235,9 +235,9 @@ def calibrate(
     settings = dataclasses.replace(
         config.calibrate, tolerance=tolerance, contexts=contexts, form=_form(form), causal=causal
     )
-    config = dataclasses.replace(
-        config, run_dir=str(run), calibrate=settings, stages=("connect", "calibrate")
-    )
+    config = dataclasses.replace(config, run_dir=str(run), calibrate=settings).with_stages(
+        add=("connect", "calibrate")
+    )  # the run's other stages are rerun too, each reusing its finished result
     summary = run_analyze(config)
     assert summary.calibrate is not None  # type: ignore[union-attr]
     typer.echo(format_calibrate(summary.calibrate))  # type: ignore[union-attr]

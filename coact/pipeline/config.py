@@ -70,7 +70,13 @@ class AnalyzeConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
         """The config a run wrote to config.json (keys it lacks take today's defaults)."""
-        return from_dict(cls, data)
+        try:
+            return from_dict(cls, data)
+        except (TypeError, ValueError) as error:
+            raise CoactError(
+                f"the run's config.json was written by another version of coact ({error}); "
+                "rerun `coact analyze` into a new run directory"
+            ) from None
 
     def runs(self, stage: str) -> bool:
         return stage in self.stages

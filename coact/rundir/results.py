@@ -108,7 +108,9 @@ def _value(hint: Any, value: Any) -> Any:
     if value is None:
         return None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):  # e.g. an on/off flag where settings now stand
+            raise TypeError(f"{getattr(hint, '__name__', hint)} settings expected, found {value!r}")
         return from_dict(hint, value)
     if origin in (types.UnionType, typing.Union):
         options = [a for a in args if a is not type(None)]
