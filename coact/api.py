@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from coact.codes.collect import CollectConfig, collect_codes
-from coact.codes.corpus import CorpusConfig, build_contexts
+from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
 from coact.codes.store import CodeStore
-from coact.models.load import load_model
+from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.sae.base import Sae, SparseAutoencoder
@@ -31,11 +31,7 @@ def train_sae(
 ) -> Sae:
     """Train a TopK SAE at `site`; saved in the SAELens format when `out` is given."""
     where = site if isinstance(site, Site) else Site.parse(site)
-    lm = load_model(model, device=device, seed=seed)
-    lm.adapter.check(where)
-    contexts = build_contexts(
-        CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed), lm.tokenizer
-    )
+    lm, contexts = _model_and_contexts([where], model, corpus, tokens, ctx_len, device, seed)
     config = SaeTrainConfig(expansion=expansion, k=k, seed=seed)
     sae, _ = train_saes(lm, contexts.tokens, [where], config)[where]
     if out is not None:
@@ -56,16 +52,22 @@ def collect(
     config: CollectConfig | None = None,
 ) -> CodeStore:
     """Encode `tokens` of `corpus` with SAEs given as {site: SAE or path}; resumable."""
-    lm = load_model(model, device=device, seed=seed)
     resolved = {
         (s if isinstance(s, Site) else Site.parse(s)): (
             v if isinstance(v, SparseAutoencoder) else load_sae(v, device=device)
         )
         for s, v in saes.items()
     }
-    for site in resolved:
-        lm.adapter.check(site)
-    contexts = build_contexts(
-        CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed), lm.tokenizer
-    )
+    lm, contexts = _model_and_contexts(list(resolved), model, corpus, tokens, ctx_len, device, seed)
     return collect_codes(lm, contexts, resolved, out, config or CollectConfig())
+
+
+def _model_and_contexts(
+    sites: list[Site], model: str, corpus: str, tokens: int, ctx_len: int, device: str, seed: int
+) -> tuple[LoadedModel, Contexts]:
+    """The model (every site checked against it) and `tokens` of `corpus` in contexts."""
+    lm = load_model(model, device=device, seed=seed)
+    for site in sites:
+        lm.adapter.check(site)
+    settings = CorpusConfig(source=corpus, ctx_len=ctx_len, n_tokens=tokens, seed=seed)
+    return lm, build_contexts(settings, lm.tokenizer)
