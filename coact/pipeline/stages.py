@@ -148,10 +148,9 @@ def _composition(run: LayerRun, settings: Any) -> Result:
 
 
 def _outliers(run: LayerRun, settings: Any) -> Result:
-    slugs = [site.slug for site in layer_sites(run.config, run.layer)]
     saes = {site.slug: run.shared.saes[site] for site in layer_sites(run.config, run.layer)}
     return outliers(
-        run.shared.store, run.layout.outliers.path, settings, sites=slugs,
+        run.shared.store, run.layout.outliers.path, settings, sites=list(saes),
         decode=run.decode, saes=saes,
     )  # fmt: skip
 
