@@ -7,7 +7,9 @@ cache directory, so later loads take seconds instead of a conversion.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -67,8 +69,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model(spec: str = EMBEDDED, *, device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """Load `spec`: 'smollm2-135m', a tiny-* test model, a local directory or a hub id."""
+def load_model(
+    spec: str = EMBEDDED, *, device: str = "cpu", seed: int = 0, reinit_seed: int | None = None
+) -> LoadedModel:
+    """Load `spec`: 'smollm2-135m', a tiny-* test model, a local directory or a hub id;
+    with `reinit_seed`, the same architecture with its weights re-initialised (a control)."""
+    if reinit_seed is not None:
+        return reinitialised(load_model(spec, device=device, seed=seed), reinit_seed)
     if spec in ("embedded", EMBEDDED):
         model, tokenizer = _load_pretrained(str(embedded_model_dir()))
         name = EMBEDDED
@@ -96,6 +103,23 @@ def load_model(spec: str = EMBEDDED, *, device: str = "cpu", seed: int = 0) -> L
     except (RuntimeError, AssertionError) as error:
         raise CoactError(f"cannot move the model to device {device!r}: {error}") from None
     return LoadedModel(name, model.eval(), tokenizer, adapter)
+
+
+def reinitialised(lm: LoadedModel, seed: int) -> LoadedModel:
+    """A copy of `lm` with every weight drawn anew by the architecture's own init
+    (`init_weights`, seeded, on the CPU so every device gets the same draw), tied weights
+    tied again and the tokenizer unchanged: the control a headline is measured against.
+    `lm` itself is left as it was."""
+    model = copy.deepcopy(lm.model).to("cpu")  # type: ignore[arg-type]
+    # transformers skips modules and tensors marked as loaded; a control re-draws them all
+    for item in itertools.chain(model.modules(), model.parameters(), model.buffers()):
+        item.__dict__.pop("_is_hf_initialized", None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.init_weights()
+    model.to(lm.device)
+    name = f"{lm.name} re-initialised (seed {seed})"
+    return LoadedModel(name, model.eval(), lm.tokenizer, adapter_for(model))
 
 
 def _load_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
