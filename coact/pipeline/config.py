@@ -39,7 +39,9 @@ class AnalyzeConfig:
     layer: int = setting(3, "block whose MLP is studied")
     layers: tuple[int, ...] | str | None = None  # a model run over these layers, or "all"
     corpus: str = setting(
-        "embedded", "'embedded', a text file or folder, a saved dataset or a hub dataset id"
+        "embedded",
+        "'embedded' (Python's docs + WikiText-2 prose, half the tokens each), 'embedded-docs', "
+        "'embedded-prose', a text file or folder, a saved dataset or a hub dataset id",
     )
     tokens: int = setting(100_000, "tokens whose feature codes are stored")
     sae_tokens: int = setting(400_000, "tokens each trained SAE sees (when none is given)")
