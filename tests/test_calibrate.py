@@ -31,6 +31,12 @@ def test_pick_tau_is_the_largest_with_every_smaller_one_within_tolerance() -> No
 def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
     """Planted model → codes → connectors → calibration, all at test size; with
     `attention`, the plant is a block's attention and calibration runs at attn_out."""
+    summary, out, _, _ = calibrated_plant(kind, tmp_path, attention, **settings)
+    return summary, out
+
+
+def calibrated_plant(kind: str, tmp_path, attention: bool = False, **settings):
+    """`_calibrated`, also handing back the plant and the held-out contexts it was given."""
     from dataclasses import replace
 
     import torch
@@ -61,13 +67,14 @@ def _calibrated(kind: str, tmp_path, attention: bool = False, **settings):
     connect(store, pair, tmp_path / "connect", linking)
     held = calibration_tokens(contexts, store, linking)
     config = CalibrateConfig(
-        contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False, **settings
+        **{"contexts": 24, "strengths": (0.0, 0.3, 3.0), "n_boot": 200, "progress": False}
+        | settings
     )
     out = tmp_path / "calibrate"
     summary = calibrate(
         plant.lm, pair, plant.sae_in, plant.sae_out, held, tmp_path / "connect", out, config
     )
-    return summary, out
+    return summary, out, plant, held
 
 
 def test_linear_plant_splices_back_the_clean_model_and_is_all_linear(tmp_path) -> None:

@@ -15,9 +15,11 @@ never trained on (their held-out contexts):
 The calibrated τ is the largest candidate whose extra ΔCE over the all-mlp splice (paired
 by context) stays ≤ ε, for it and every smaller candidate. The linearity table is then
 relabelled at that τ with the seed's 0.001 beside it (`linearity.parquet`), and a sample of
-strong MLP connections is checked causally (`causal.parquet`, see `coact.calibrate.causal`). The
-headline (`CalibrateResult`) lands in `calibrate.json`, written last. The report draws
-the curves.
+strong MLP connections is checked causally (`causal.parquet`, see `coact.calibrate.causal`).
+Whether τ is powered (the site's total effect, ε as a share of it, the half-width of the
+extra ΔCE at τ, with held-out contexts added until it is ≤ ε/2) is measured last, see
+`coact.calibrate.power`. The headline (`CalibrateResult`) lands in `calibrate.json`,
+written last. The report draws the curves.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ import torch
 from torch import Tensor
 
 from coact.calibrate.causal import CausalSummary
-from coact.calibrate.intervene import splice_losses, splice_summary
+from coact.calibrate.intervene import SplicedLogits, SpliceLosses, splice_losses, splice_summary
 from coact.calibrate.noise import NOISE_KINDS, activation_variance, noise_curve
+from coact.calibrate.power import (
+    CalibrationPower,
+    PairedLosses,
+    add_until_powered,
+    epsilon_share,
+    paired_losses,
+)
 from coact.connectors.families import SparseBatch, SparseConnector
 from coact.connectors.stage import ConnectResult
 from coact.errors import CoactError
@@ -61,7 +70,7 @@ from coact.settings import setting
 
 Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
-RESULT_VERSION = 3  # bumped when what calibrate writes changes: older results are redone
+RESULT_VERSION = 4  # bumped when what calibrate writes changes: older results are redone
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,9 @@ class CalibrateConfig:
     # calibration contexts, from the connectors' held-out ones (each costs a full forward
     # pass per strength and per splice: raise it on a GPU)
     contexts: int = setting(16, "held-out contexts to measure on")
+    # τ's power: held-out contexts past `contexts` are added, batch_size at a time, until
+    # the extra ΔCE's 95 % half-width at τ is ≤ ε/2 (two forward passes per context)
+    max_contexts: int = setting(64, "cap on held-out contexts used to power τ (half-width ≤ ε/2)")
     batch_size: int = 8
     strengths: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     noise_kinds: tuple[str, ...] = ("isotropic", "sae")
@@ -119,6 +131,7 @@ class CalibrateResult(Result):
     causal: CausalSummary | None
     reference_variance: float
     timings: dict[str, float]
+    power: CalibrationPower | None = None  # None in results written before it was measured
 
 
 def candidate_taus(d: np.ndarray, n_taus: int) -> np.ndarray:
@@ -223,15 +236,19 @@ def calibrate(
         raise CoactError(f"no linearity table at {connected.features}; run `coact connect` first")
     features = pl.read_parquet(connected.features)
     connectors = load_linearity_connectors(connected.connectors, str(lm.device))
-    tokens = tokens[: config.contexts]
     skip = config.skip_first_positions
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] <= skip + 1:
         raise CoactError(f"calibration needs a batch of contexts, got {tuple(tokens.shape)}")
-    key = _key(lm, pair, sae_in, sae_out, tokens, connected, config)
+    pool = tokens[: max(config.contexts, config.max_contexts)]  # what τ's power may add
+    key = _key(lm, pair, sae_in, sae_out, pool, connected, config)
     if (previous := CalibrateResult.finished(files, key)) is not None:
         return previous
     files.path.mkdir(parents=True, exist_ok=True)
-    setup = _Setup(lm, pair, sae_in, sae_out, tokens, connected, features, connectors, config)
+    setup = _Setup(
+        lm, pair, sae_in, sae_out, pool[: config.contexts], pool, int(tokens.shape[0]),
+        connected, features, connectors, config,
+    )  # fmt: skip
+    tokens = setup.tokens
     measured = _measure(setup)
     calibrated = relabel(features, LinearityConfig(tau=measured.tau, form=config.form))
     seed_labels = relabel(features, LinearityConfig(tau=SEED_TAU, form=config.form))
@@ -256,7 +273,9 @@ class _Setup:
     pair: SitePair
     sae_in: SparseAutoencoder
     sae_out: SparseAutoencoder
-    tokens: Tensor
+    tokens: Tensor  # the contexts τ is picked on
+    pool: Tensor  # those, then the held-out contexts τ's power may add, up to the cap
+    available: int  # held-out contexts calibration was handed
     connected: ConnectFiles
     features: pl.DataFrame  # the linearity table
     connectors: list[tuple[np.ndarray, SparseConnector]]  # the fits it rests on
@@ -272,6 +291,7 @@ class _Measured:
     tau: float
     variance: float
     causal: pl.DataFrame | None
+    power: CalibrationPower
     timings: dict[str, float]
 
 
@@ -288,13 +308,16 @@ def _measure(setup: _Setup) -> _Measured:
             noise = pl.concat([_noise(setup, variance, kind) for kind in config.noise_kinds])
 
         with timings.part("splices"):
+            table, losses = _splices(setup)
             splices = _with_implied_nmse(
-                _splices(setup), setup.features, setup.sae_out, variance, config.form
+                table, setup.features, setup.sae_out, variance, config.form
             )
         extra = splices.filter(pl.col("tau").is_not_null())
         tau = pick_tau(
             extra["tau"].to_numpy(), extra["extra_delta_ce"].to_numpy(), config.tolerance
         )
+        with timings.part("power"):
+            power = _power(setup, splices, losses, tau)
 
         causal_table = None
         if config.causal and pair == SitePair.mlp(pair.out_site.layer):
@@ -302,7 +325,7 @@ def _measure(setup: _Setup) -> _Measured:
                 causal_table = _causal(setup)
     timings["forward_s"] = forward_s[0]
     timings["total_s"] = time.perf_counter() - started
-    return _Measured(noise, splices, tau, variance, causal_table, timings)
+    return _Measured(noise, splices, tau, variance, causal_table, power, timings)
 
 
 def _key(
@@ -327,22 +350,25 @@ def _key(
     return result_key(inputs, config, RESULT_VERSION)
 
 
-def _splices(setup: _Setup) -> pl.DataFrame:
-    """CE and KL of every splice per context, then token-weighted means with intervals;
-    the τ rows also carry their extra ΔCE over the all-mlp splice, paired by context."""
-    lm, features, config = setup.lm, setup.features, setup.config
-    sae_in, sae_out, connectors = setup.sae_in, setup.sae_out, setup.connectors
-    skip = config.skip_first_positions
-    d = features[_COLUMN[config.form]].to_numpy().astype(float)
+def _linear_masks(setup: _Setup, taus: np.ndarray) -> dict[str, Tensor]:
+    """Per candidate τ ("tau i"): the output features whose predictions are linear's (the
+    dead ones and those with d ≤ τ); the rest take the mlp connector's."""
+    features, form = setup.features, setup.config.form
+    d = features[_COLUMN[form]].to_numpy().astype(float)
     alive = (features["status"] != "dead").to_numpy()
-    taus = candidate_taus(d[alive], config.n_taus)
-    masks = {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
-    names = ["sae", "linear", "mlp", *masks, "zero"]
+    return {f"tau {i}": torch.as_tensor(~alive | (d <= t)) for i, t in enumerate(taus)}
+
+
+def _splicer(setup: _Setup, masks: dict[str, Tensor]) -> SplicedLogits:
+    """Per batch: the connectors' predictions decoded once (linear, mlp, and each mask's
+    mix), then the logits under any named splice."""
+    lm, sae_in, sae_out = setup.lm, setup.sae_in, setup.sae_out
+    skip = setup.config.skip_first_positions
     site_in, site_out = setup.pair.in_site, setup.pair.out_site
 
     def spliced(batch: Tensor) -> Callable[[str], Tensor]:
         stream = capture(lm, batch, [site_in])[site_in]
-        predicted = _predict(sae_in.encode(stream), connectors, sae_out.width)
+        predicted = _predict(sae_in.encode(stream), setup.connectors, sae_out.width)
         decoded = {"linear": predicted.linear, "mlp": predicted.mlp}
         decoded.update(
             {k: torch.where(m, predicted.linear, predicted.mlp) for k, m in masks.items()}
@@ -352,19 +378,71 @@ def _splices(setup: _Setup) -> pl.DataFrame:
             lm, batch, site_out, _splice_fn(name, decoded, sae_out, skip)
         )
 
+    return spliced
+
+
+def _splices(setup: _Setup) -> tuple[pl.DataFrame, SpliceLosses]:
+    """CE and KL of every splice per context, then token-weighted means with intervals;
+    the τ rows also carry their extra ΔCE over the all-mlp splice, paired by context."""
+    lm, features, config = setup.lm, setup.features, setup.config
+    skip = config.skip_first_positions
+    d = features[_COLUMN[config.form]].to_numpy().astype(float)
+    alive = (features["status"] != "dead").to_numpy()
+    taus = candidate_taus(d[alive], config.n_taus)
+    masks = _linear_masks(setup, taus)
+    names = ["sae", "linear", "mlp", *masks, "zero"]
     losses = splice_losses(
-        lm, setup.tokens, names, spliced, batch_size=config.batch_size, skip_first_positions=skip,
-        progress=config.progress,
+        lm, setup.tokens, names, _splicer(setup, masks), batch_size=config.batch_size,
+        skip_first_positions=skip, progress=config.progress,
     )  # fmt: skip
     frame = splice_summary(
         losses, reference="mlp", n_boot=config.n_boot, seed=config.seed, level=config.level
     )
     tau_of = {name: float(t) for name, t in zip(masks, taus, strict=True)}
     linear_count = {name: int(mask.sum()) - int((~alive).sum()) for name, mask in masks.items()}
-    return frame.insert_column(
+    frame = frame.insert_column(
         1, pl.Series("tau", [tau_of.get(k) for k in names], dtype=pl.Float64)
     ).insert_column(
         2, pl.Series("features_linear", [linear_count.get(k) for k in names], dtype=pl.Int64)
+    )
+    return frame, losses
+
+
+def _power(
+    setup: _Setup, splices: pl.DataFrame, losses: SpliceLosses, tau: float
+) -> CalibrationPower:
+    """The site's total effect and ε's share of it; then the extra ΔCE at the chosen τ
+    over the mlp splice, on the calibration contexts and, while its half-width is above
+    ε/2, on held-out contexts added a batch at a time (the τ picked stays the one picked)."""
+    config = setup.config
+    zero = splices.row(by_predicate=pl.col("splice") == "zero", named=True)
+    chosen = splices.row(by_predicate=pl.col("tau") == tau, named=True)["splice"]
+    mlp, at_tau = losses.ce[:, losses.column("mlp")], losses.ce[:, losses.column(chosen)]
+    first = PairedLosses(at_tau - mlp, losses.n_tokens)
+    spliced = _splicer(setup, {"tau": _linear_masks(setup, np.array([tau]))["tau 0"]})
+
+    def more(lo: int, hi: int) -> PairedLosses:
+        return paired_losses(
+            setup.lm, setup.pool[lo:hi], spliced, "tau", "mlp", batch_size=config.batch_size,
+            skip_first_positions=config.skip_first_positions,
+        )  # fmt: skip
+
+    cap = max(len(first), int(setup.pool.shape[0]))
+    target = config.tolerance / 2
+    run = add_until_powered(
+        first, more, target=target, cap=cap, step=config.batch_size, level=config.level
+    )
+    total = float(zero["delta_ce"])
+    return CalibrationPower(
+        total_effect=total,
+        epsilon_share=epsilon_share(config.tolerance, total),
+        extra_delta_ce=run.extra_delta_ce,
+        halfwidth=run.halfwidth,
+        target_halfwidth=target,
+        n_contexts_used=run.n_contexts,
+        n_contexts_cap=cap,
+        n_contexts_available=setup.available,
+        powered=run.powered,
     )
 
 
@@ -460,6 +538,7 @@ def _result(
         causal=causal_summary(measured.causal) if measured.causal is not None else None,
         reference_variance=measured.variance,
         timings=measured.timings,
+        power=measured.power,
     )
 
 
