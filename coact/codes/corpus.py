@@ -64,6 +64,9 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 @dataclass(frozen=True)
 class CorpusConfig:
+    """Which text (`source`: "embedded", "embedded-docs", "embedded-prose", a path or a hub
+    id; the module docstring says what each is) becomes how many contexts of what length."""
+
     source: str = EMBEDDED
     ctx_len: int = 128
     n_tokens: int = 200_000  # tokens wanted, BOS excluded
