@@ -223,6 +223,7 @@ def calibrate(
     run: Path = RUN,
     tolerance: float = option(CalibrateConfig, "tolerance"),
     contexts: int = option(CalibrateConfig, "contexts"),
+    max_contexts: int = option(CalibrateConfig, "max_contexts"),
     form: str = option(CalibrateConfig, "form"),
     causal: bool = option(CalibrateConfig, "causal", "--causal/--no-causal"),
 ) -> None:
@@ -233,8 +234,9 @@ def calibrate(
 
     config = _run_config(run)
     settings = dataclasses.replace(
-        config.calibrate, tolerance=tolerance, contexts=contexts, form=_form(form), causal=causal
-    )
+        config.calibrate, tolerance=tolerance, contexts=contexts, form=_form(form), causal=causal,
+        max_contexts=max_contexts,
+    )  # fmt: skip
     config = dataclasses.replace(config, run_dir=str(run), calibrate=settings).with_stages(
         add=("connect", "calibrate")
     )  # the run's other stages are rerun too, each reusing its finished result

@@ -180,3 +180,23 @@ def test_power_adds_held_out_contexts_and_agrees_with_a_one_shot_calibration(tmp
     by_hand = _zero_ablation_by_hand(plant.lm, held[:24], plant.layer, skip=1)
     assert abs(by_hand) > 1e-3 and whole.power.total_effect == pytest.approx(by_hand, rel=1e-4)
     assert by_hand < 0 and math.isnan(whole.power.epsilon_share)
+    _check_words(grown, whole)
+
+
+def _check_words(underpowered, powered) -> None:
+    """The CLI's line and the layer page's paragraph say powered or underpowered, and why."""
+    import dataclasses
+
+    from coact.report.calibration_section import power_paragraph
+    from coact.report.text import format_calibrate
+
+    assert "τ is underpowered: the 95% half-width" in format_calibrate(underpowered)
+    assert underpowered.power is not None and powered.power is not None
+    text = power_paragraph(underpowered.power, 8, 5e-4)
+    assert "τ is underpowered" in text and "after all 24 held-out contexts" in text
+    assert "is no share of it" in text  # zeroing the planted MLP lowers the loss
+    shown = dataclasses.replace(powered.power, powered=True, epsilon_share=0.25)
+    text = power_paragraph(shown, 24, 5e-4)
+    assert "τ is powered" in text and "25.0%" in text and "underpowered" not in text
+    line = format_calibrate(dataclasses.replace(powered, power=shown))
+    assert "powered (≤ ε/2)" in line and "ε is 25.0% of it" in line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from coact.calibrate.power import CalibrationPower
 from coact.calibrate.stage import CalibrateResult
 from coact.report.charts import calibrate as calibrate_charts
 from coact.report.embed import Figures
@@ -47,6 +48,8 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
     threshold = threshold_figure(fig, data.splices, k, "threshold")
     if threshold is not None:
         out.append(threshold)
+    if k.power is not None:
+        out += [power_paragraph(k.power, k.n_contexts, k.tolerance), ""]
     if data.splices is not None and data.splices.height:
         out += _splices_part(data.splices, fig)
     if data.causal is not None and data.causal.height:
@@ -67,6 +70,27 @@ def calibration_section(data: RunData, fig: Figures) -> list[str]:
             ]
     out.append("")
     return out
+
+
+def power_paragraph(p: CalibrationPower, n_contexts: int, tolerance: float) -> str:
+    """Is τ powered: the site's total effect, ε as a share of it, the extra ΔCE's
+    half-width at τ against ε/2, in words."""
+    if p.epsilon_share == p.epsilon_share:  # not NaN
+        share = f"ε = {tolerance:g} nats is {pct(p.epsilon_share)} of it"
+    else:
+        share = f"zeroing it does not raise the loss, so ε = {tolerance:g} nats is no share of it"
+    verdict = (
+        f"The half-width is within ε/2 = {p.target_halfwidth:.4g}: τ is powered."
+        if p.powered
+        else f"τ is underpowered: {p.shortfall()}."
+    )
+    return (
+        f"**Power.** Zeroing the site costs {p.total_effect:+.4f} nats per token (its total "
+        f"effect, on the {n_contexts} calibration contexts); {share}. At τ the extra ΔCE over "
+        f"the mlp splice is {p.extra_delta_ce:+.4f} ± {p.halfwidth:.4f} nats (95 % t-interval "
+        f"over {p.n_contexts_used} contexts, paired by context; contexts are added until the "
+        f"half-width is ≤ ε/2, up to {p.n_contexts_cap}). {verdict}"
+    )
 
 
 def _splices_part(splices: pl.DataFrame, fig: Figures) -> list[str]:

@@ -10,6 +10,7 @@ from coact.rundir.layout import RunLayout
 if TYPE_CHECKING:
     from coact.block.graph import FeatureGraph
     from coact.block.stage import BlockResult
+    from coact.calibrate.power import CalibrationPower
     from coact.calibrate.stage import CalibrateResult, SpliceFigures
     from coact.connectors.stage import ConnectResult
     from coact.evidence.ablation import AblationResult
@@ -99,6 +100,21 @@ def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+def _power(p: CalibrationPower, site: str) -> str:
+    """τ's power in one line: the site's total effect, ε's share of it, the half-width."""
+    share = (
+        f"ε is {100 * p.epsilon_share:.1f}% of it"
+        if p.epsilon_share == p.epsilon_share  # not NaN
+        else "it does not raise the loss, so ε is no share of it"
+    )
+    verdict = "powered (≤ ε/2)" if p.powered else f"τ is underpowered: {p.shortfall()}"
+    return (
+        f"  power: zeroing {site} costs {p.total_effect:+.4f} nats ({share}); extra ΔCE at τ "
+        f"{p.extra_delta_ce:+.4f} ± {p.halfwidth:.4f} (95%, {p.n_contexts_used} contexts): "
+        f"{verdict}"
+    )
+
+
 def format_calibrate(c: CalibrateResult) -> str:
     """Calibrated τ, the spliced losses, the relabelled share and the causal agreement."""
     cal, seed = c.linear_calibrated, c.linear_seed_tau
@@ -106,6 +122,7 @@ def format_calibrate(c: CalibrateResult) -> str:
         f"  calibration ({c.n_contexts} held-out contexts, {c.n_tokens:,} tokens): "
         f"τ = {c.tau:.3g} ({c.form} form), the largest whose extra ΔCE over the mlp "
         f"splice stays ≤ ε = {c.tolerance:g} nats",
+        *([_power(c.power, c.out_site)] if c.power is not None else []),
         f"  spliced MLP output (clean CE {c.ce_clean:.3f} nats): "
         + "; ".join(_splice(k, c.splices[k]) for k in ("sae", "linear", "mlp", "zero")),
         f"  linear share at calibrated τ: {cal.percent_linear:.1f}% of {cal.alive:,} alive "
