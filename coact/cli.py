@@ -89,6 +89,7 @@ def analyze(
         False, "--no-report", help="skip the report site and its context ablation"
     ),
     report_features: int | None = budget_option("report_features"),
+    control: bool = option(AnalyzeConfig, "control", "--control/--no-control"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
@@ -100,7 +101,7 @@ def analyze(
     config = AnalyzeConfig(
         model=model, layer=layer, layers=parse_layers(layers) if layers is not None else None,
         corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, run_dir=run_dir,
-        sae_in=sae_in, sae_out=sae_out,
+        sae_in=sae_in, sae_out=sae_out, control=control,
     )  # fmt: skip
     config = config.with_stages(
         add=BLOCK_STAGES if block else (), drop=("report", "ablate") if no_report else ()

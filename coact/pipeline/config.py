@@ -64,6 +64,12 @@ class AnalyzeConfig:
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     report_features: int = setting(50, "output features per layer that get a page of their own")
+    control: bool = setting(
+        False,
+        "also run the control: the same model re-initialised (seeded), SAEs trained by the "
+        "same recipe on the same tokens, the headline stages (connect, logic, jacobian), "
+        "into <run>/control/",
+    )
 
     def __post_init__(self) -> None:
         if unknown := [s for s in self.stages if s not in STAGE_NAMES]:

@@ -26,6 +26,7 @@ from coact.linearity.table import percent_linear, relabel
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
+from coact.pipeline.control import run_control
 from coact.pipeline.model_table import finished_layers, layers_table
 from coact.pipeline.shared import Shared, layer_sites, prepare
 from coact.pipeline.stages import LayerRun, stages_of
@@ -58,6 +59,8 @@ def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
     started = time.perf_counter()
     if config.sae_in or config.sae_out:
         raise CoactError("--sae-in / --sae-out name one layer's SAEs; give them with --layer")
+    if config.control:
+        raise CoactError("--control runs with --layer (one layer); a model run has no control yet")
     config = config.with_stages(add=BLOCK_STAGES).resolved()
     stages_of(config)
     lm = load_model(config.model, device=config.device, seed=config.seed)
@@ -136,8 +139,12 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     block = _block(run)
     if block is not None:
         block.write(layout.block)
+    control = None
+    if config.control:  # the same headline stages on the re-initialised model
+        with timings.part("control"):
+            control = run_control(run, run_layer)
     timings["total_s"] = time.perf_counter() - started
-    summary = _summary(run, block, timings)
+    summary = dataclasses.replace(_summary(run, block, timings), control=control)
     summary.write(layout.summary)
     if config.runs("report"):  # last: the report reads summary.json and every stage's tables
         from coact.report.build import build_report

@@ -12,6 +12,7 @@ from coact.connectors.stage import ConnectResult
 from coact.evidence.ablation import AblationResult
 from coact.evidence.outliers import OutliersResult
 from coact.logic.stage import LogicResult
+from coact.pipeline.control_figures import ControlSummary
 from coact.rundir.results import Result
 from coact.sae.evaluate import SaeReport
 
@@ -58,6 +59,7 @@ class RunSummary(Result):
     block: BlockResult | None = None
     outliers: OutliersResult | None = None
     ablation: AblationResult | None = None
+    control: ControlSummary | None = None  # the headlines beside the re-initialised model's
     timings: dict[str, float]
     report: str | None = None  # the report's index.html
 

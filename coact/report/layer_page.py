@@ -11,6 +11,7 @@ from coact.report.attention_section import attention_section
 from coact.report.calibration_section import calibration_section
 from coact.report.composition_section import composition_section
 from coact.report.connectors_section import connectors_section, linearity_section
+from coact.report.control_section import control_section
 from coact.report.embed import Figures
 from coact.report.evidence import TokenText
 from coact.report.features_table import features_table
@@ -43,6 +44,7 @@ def layer_page(
         f"[Back to the run](index.md) · [all features](features.md){model_backlink(model)}",
         "",
     ]
+    out += control_section(data)
     out += connectors_section(data, fig)
     out += linearity_section(data, fig)
     out += calibration_section(data, fig)

@@ -42,6 +42,10 @@ def format_summary(summary: RunSummary) -> str:
         (summary.ablation, format_ablation),
     ]
     lines += [write(result) for result, write in parts if result is not None]  # type: ignore[operator]
+    if summary.control is not None:
+        from coact.report.control_section import format_control
+
+        lines.append(format_control(summary.control))
     lines.append(f"  total time {summary.timings['total_s']:.0f} s")
     inside = RunLayout.of(summary.run_dir).summary.name
     lines.append(f"  run directory: {summary.run_dir}  ({inside} inside)")

@@ -12,7 +12,7 @@ one set in the model run's directory, and each layer's `config.json` names it
     <shared>/sae/<site>/  sae_eval/<site>.json  codes/
     <run>/connect/  calibrate/  logic/  outliers/  evidence/
     <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
-    <run>/composition/  report/  graph/
+    <run>/composition/  report/  graph/  control/ (a run directory: the control)  causal/
 
 Formats defined elsewhere keep their own names: an SAE directory follows SAELens, sparsify
 or dictionary_learning (`coact.sae.formats`), a model directory Hugging Face's.
@@ -175,6 +175,17 @@ class AttentionCausalFiles(StageFiles):
 
 
 @dataclass(frozen=True)
+class CausalFiles(StageFiles):
+    """A control run's causal check of its strong connections (it runs no calibrate
+    stage, whose check this is elsewhere): the table and its headline."""
+
+    result_name: ClassVar[str] = "causal.json"
+    table_names: ClassVar[tuple[str, ...]] = ("causal.parquet",)
+
+    causal = Table("causal")
+
+
+@dataclass(frozen=True)
 class CompositionFiles(StageFiles):
     """`composition`: the next stream from the block's sources, and the decoded check."""
 
@@ -312,6 +323,8 @@ class RunLayout:
     composition = Under(CompositionFiles, "composition")
     report = Under(ReportFiles, "report")
     graph = Under(GraphFiles, "graph")
+    control = Under(Path, "control")  # the control run (re-initialised model): a run directory
+    causal = Under(CausalFiles, "causal")  # a control run's causal check
 
     def sae_dir(self, slug: str) -> Path:
         return self.sae / slug
