@@ -58,8 +58,9 @@ def flatten(
     batches: Sequence[tuple[TokenJacobians, np.ndarray]], n_in: int, n_contexts: int
 ) -> Entries:
     """`batches` pairs each TokenJacobians with the context of each of its tokens."""
-    names = ("pair_output", "pair_context", "pair_pre", "entry_pair", "entry_input")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*names, "entry_jacobian", "entry_code")}
+    names: tuple[str, ...] = ("pair_output", "pair_context", "pair_pre")
+    names += ("entry_pair", "entry_input", "entry_jacobian", "entry_code")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     fires = np.zeros(n_in, dtype=np.int64)
     offset = 0
     for found, context in batches:

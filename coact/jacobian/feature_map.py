@@ -50,6 +50,7 @@ class TokenJacobians:
     outputs: Tensor  # (N, k_out) int64 active output features
     pre: Tensor  # (N, k_out) their pre-activations g_j(c)
     jacobian: Tensor  # (N, k_out, k_in) ∂g_j/∂c_i
+    pushed: Tensor  # (N, k_in, d) J_block · W_dec[i]: ∂(block output)/∂c_i
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class FeatureMap:
         read = _encoder_columns(self.sae_out, out_idx)  # (N, d, k_out)
         jacobian = torch.einsum("nad,ndo->noa", pushed, read) * (out_idx >= 0)[..., None]
         pre_active = pre.gather(1, out_idx.clamp(min=0)) * (out_idx >= 0)
-        return TokenJacobians(in_idx, in_val, out_idx, pre_active, jacobian)
+        return TokenJacobians(in_idx, in_val, out_idx, pre_active, jacobian, pushed)
 
 
 def _active(codes: Tensor) -> tuple[Tensor, Tensor]:

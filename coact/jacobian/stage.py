@@ -24,7 +24,7 @@ from coact.jacobian.connections import connection_table, jacobian_formulas, stro
 from coact.jacobian.entries import Entries, flatten
 from coact.jacobian.feature_map import FeatureMap, TokenJacobians, mlp_block
 from coact.jacobian.paths import ablation_paths
-from coact.jacobian.score import ScoreConfig, linearity_scores
+from coact.jacobian.score import InputSlopes, ScoreConfig, linearity_scores
 from coact.models.load import LoadedModel
 from coact.models.sites import SitePair
 from coact.models.tracing import capture
@@ -94,10 +94,10 @@ def jacobian(
     if (previous := JacobianResult.finished(files, key)) is not None:
         return previous
     feature_map = FeatureMap(mlp_block(lm, layer), sae_in, sae_out)
-    entries, streams = _measure(lm, pair, feature_map, tokens, config)
+    entries, slopes, streams = _measure(lm, pair, feature_map, tokens, config)
     every = connection_table(entries, sae_in.width, min_tokens=1)
     stored = strongest(every.filter(pl.col("n_tokens") >= config.min_tokens), config.per_output)
-    features = _features(entries, stored, sae_in.width, sae_out.width, config)
+    features = _features(entries, slopes, stored, sae_in.width, sae_out.width, config)
     agreement = None
     if causal is not None:
         n = min(causal_contexts or tokens.shape[0], tokens.shape[0])
@@ -148,9 +148,11 @@ def _inputs(
 def _measure(
     lm: LoadedModel, pair: SitePair, feature_map: FeatureMap, tokens: Tensor,
     config: JacobianConfig,
-) -> tuple[Entries, Tensor]:  # fmt: skip
-    """The flattened Jacobians, and the streams the MLP read (tokens × d_model)."""
-    skip, d = config.skip_first_positions, lm.adapter.d_model
+) -> tuple[Entries, np.ndarray, Tensor]:  # fmt: skip
+    """The flattened Jacobians, the cross-fitted input slopes (`InputSlopes`) and the
+    streams the MLP read (tokens × d_model)."""
+    inputs = InputSlopes(feature_map.sae_in.width, d := lm.adapter.d_model)
+    skip = config.skip_first_positions
     batches: list[tuple[TokenJacobians, np.ndarray]] = []
     streams: list[Tensor] = []
     starts = range(0, tokens.shape[0], config.batch_size)
@@ -159,8 +161,19 @@ def _measure(
         stream = capture(lm, batch, [pair.in_site])[pair.in_site][:, skip:]
         contexts = np.repeat(np.arange(start, start + batch.shape[0]), stream.shape[1])
         streams.append(stream.reshape(-1, d).float())
-        batches.append((feature_map.token_jacobians(streams[-1]), contexts))
-    return flatten(batches, feature_map.sae_in.width, tokens.shape[0]), torch.cat(streams)
+        found = feature_map.token_jacobians(streams[-1])
+        inputs.add(found, contexts)
+        batches.append((dataclasses.replace(found, pushed=found.pushed[:0]), contexts))
+    entries = flatten(batches, feature_map.sae_in.width, tokens.shape[0])
+    slopes = inputs.cross_fitted(_encoder(feature_map))
+    return entries, slopes, torch.cat(streams)
+
+
+def _encoder(feature_map: FeatureMap) -> Tensor:
+    weight = getattr(feature_map.sae_out, "W_enc", None)
+    if not isinstance(weight, Tensor):
+        raise CoactError("the output SAE has no linear encoder (W_enc); load it with coact")
+    return weight
 
 
 def _agreement(
@@ -180,9 +193,10 @@ def _agreement(
 
 
 def _features(
-    entries: Entries, stored: pl.DataFrame, n_in: int, n_out: int, config: JacobianConfig
-) -> pl.DataFrame:
-    scores = linearity_scores(entries, n_in, n_out, config.score)
+    entries: Entries, slopes: np.ndarray, stored: pl.DataFrame, n_in: int, n_out: int,
+    config: JacobianConfig,
+) -> pl.DataFrame:  # fmt: skip
+    scores = linearity_scores(entries, slopes, n_out, config.score)
     formulas = jacobian_formulas(stored, n_in, n_out)
     return scores.with_columns(
         jacobian_formula=pl.Series([formulas.get(j) for j in range(n_out)], dtype=pl.String)
