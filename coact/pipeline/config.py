@@ -16,6 +16,7 @@ from coact.connectors.config import ConnectConfig
 from coact.errors import CoactError
 from coact.evidence.ablation import AblationConfig
 from coact.evidence.outliers import OutlierConfig
+from coact.jacobian.stage import JacobianConfig
 from coact.logic.stage import LabelsConfig
 from coact.models.load import EMBEDDED
 from coact.rundir.results import from_dict
@@ -24,11 +25,11 @@ from coact.settings import setting
 
 # every stage of a layer, in data-flow order; the report is built last, from all of them
 STAGE_NAMES = (
-    "connect", "calibrate", "logic", "attention", "attention_calibrate", "positions",
+    "connect", "calibrate", "jacobian", "logic", "attention", "attention_calibrate", "positions",
     "attention_causal", "composition", "outliers", "ablate", "report",
 )  # fmt: skip
 BLOCK_STAGES = ("attention", "attention_calibrate", "positions", "attention_causal", "composition")
-DEFAULT_STAGES = ("connect", "calibrate", "logic", "outliers", "ablate", "report")
+DEFAULT_STAGES = ("connect", "calibrate", "jacobian", "logic", "outliers", "ablate", "report")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class AnalyzeConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     logic: LabelsConfig = field(default_factory=LabelsConfig)
     block: BlockConfig = field(default_factory=BlockConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)

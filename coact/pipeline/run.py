@@ -207,6 +207,7 @@ def _summary(run: LayerRun, block: BlockResult | None, timings: dict[str, float]
         ),
         connect=run.result("connect"),
         calibrate=run.result("calibrate"),
+        jacobian=run.result("jacobian"),
         logic=run.result("logic"),
         block=block,
         outliers=run.result("outliers"),

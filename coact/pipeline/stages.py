@@ -23,6 +23,7 @@ from coact.connectors.stage import ConnectResult, connect
 from coact.errors import CoactError
 from coact.evidence.ablation import AblationResult, ablate
 from coact.evidence.outliers import OutliersResult, outliers
+from coact.jacobian.stage import JacobianResult, jacobian
 from coact.linearity.table import LinearityConfig
 from coact.logic.stage import LogicResult, label_run
 from coact.models.load import LoadedModel
@@ -107,6 +108,16 @@ def _calibrate(run: LayerRun, settings: Any) -> Result:
     )  # fmt: skip
 
 
+def _jacobian(run: LayerRun, settings: Any) -> Result:
+    pair, saes = SitePair.mlp(run.layer), run.shared.saes
+    causal = run.layout.calibrate.causal if run.config.runs("calibrate") else None
+    return jacobian(
+        run.lm, pair, saes[pair.in_site], saes[pair.out_site], run.eval_tokens,
+        run.layout.jacobian.path, settings, causal=causal,
+        causal_contexts=run.config.calibrate.contexts,
+    )  # fmt: skip
+
+
 def _logic(run: LayerRun, settings: Any) -> Result:
     pair, layout = SitePair.mlp(run.layer), run.layout
     return label_run(run.shared.store, pair, layout.connect.path, layout.logic.path, settings)
@@ -168,6 +179,7 @@ def _ablate(run: LayerRun, settings: Any) -> Result:
 STAGES: tuple[Stage, ...] = (
     Stage("connect", (), "connect", "connect", _connect, ConnectResult),
     Stage("calibrate", ("connect",), "calibrate", "calibrate", _calibrate, CalibrateResult),
+    Stage("jacobian", (), "jacobian", "jacobian", _jacobian, JacobianResult),
     Stage("logic", ("connect",), "logic", "logic", _logic, LogicResult),
     Stage("attention", (), "attention_connect", "attention_connect", _attention, ConnectResult),
     Stage(

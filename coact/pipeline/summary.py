@@ -11,6 +11,7 @@ from coact.calibrate.stage import CalibrateResult
 from coact.connectors.stage import ConnectResult
 from coact.evidence.ablation import AblationResult
 from coact.evidence.outliers import OutliersResult
+from coact.jacobian.stage import JacobianResult
 from coact.logic.stage import LogicResult
 from coact.pipeline.control_figures import ControlSummary
 from coact.rundir.results import Result
@@ -55,6 +56,7 @@ class RunSummary(Result):
     codes: CodesSummary
     connect: ConnectResult | None = None
     calibrate: CalibrateResult | None = None
+    jacobian: JacobianResult | None = None
     logic: LogicResult | None = None
     block: BlockResult | None = None
     outliers: OutliersResult | None = None

@@ -10,7 +10,7 @@ one set in the model run's directory, and each layer's `config.json` names it
 
     <run>/config.json  summary.json  block.json  layers.parquet (a model run)  L<ℓ>/
     <shared>/sae/<site>/  sae_eval/<site>.json  codes/
-    <run>/connect/  calibrate/  logic/  outliers/  evidence/
+    <run>/connect/  calibrate/  jacobian/  logic/  outliers/  evidence/
     <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
     <run>/composition/  report/  graph/  control/ (a run directory: the control)  causal/
 
@@ -132,6 +132,25 @@ class LogicFiles(StageFiles):
     clusters = Table("clusters")
 
     hidden = Table("hidden")
+
+
+@dataclass(frozen=True)
+class JacobianFiles(StageFiles):
+    """`jacobian`: the block's own Jacobian per connection, per output feature its
+    linearity score and formula, and the three-way agreement of strong connections."""
+
+    result_name: ClassVar[str] = "jacobian.json"
+    table_names: ClassVar[tuple[str, ...]] = (
+        "connections.parquet",
+        "features.parquet",
+        "agreement.parquet",
+    )
+
+    connections = Table("connections")
+
+    features = Table("features")
+
+    agreement = Table("agreement")
 
 
 @dataclass(frozen=True)
@@ -314,6 +333,7 @@ class RunLayout:
     connect = Under(ConnectFiles, "connect")
     calibrate = Under(CalibrateFiles, "calibrate")
     logic = Under(LogicFiles, "logic")
+    jacobian = Under(JacobianFiles, "jacobian")
     outliers = Under(OutlierFiles, "outliers")
     ablation = Under(AblationFiles, "evidence")
     attention_connect = Under(ConnectFiles, "attention", "connect")
