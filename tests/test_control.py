@@ -14,6 +14,8 @@ import pytest
 
 from coact.calibrate.causal import CausalSummary
 from coact.codes.store import CodeStore
+from coact.jacobian.agreement import Agreement
+from coact.jacobian.stage import JacobianResult
 from coact.linearity.table import LinearityConfig, LinearShare, relabel
 from coact.logic.stage import LabelsConfig, LogicResult
 from coact.pipeline.config import AnalyzeConfig
@@ -21,9 +23,11 @@ from coact.pipeline.control import control_config
 from coact.pipeline.control_figures import (
     NMSE_TOLERANCE,
     causal_figures,
+    jacobian_figures,
     judge,
     label_figures,
     share_figure,
+    spearman_interval,
     wilson,
 )
 from coact.pipeline.run import analyze
@@ -130,6 +134,61 @@ def test_causal_shares_become_percents_judged_by_wilson() -> None:
     assert causal_figures(real, nobody) == {}
 
 
+def test_spearman_interval_by_hand() -> None:
+    # ρ = 0.5 over 28 pairs: atanh 0.54931 ± 1.96·sqrt(1.06 / 25) = ± 0.40359
+    low, high = spearman_interval(0.5, 28)
+    assert low == pytest.approx(math.tanh(0.54931 - 0.40359), abs=1e-4)
+    assert high == pytest.approx(math.tanh(0.54931 + 0.40359), abs=1e-4)
+    assert low == pytest.approx(0.1447, abs=1e-3) and high == pytest.approx(0.7412, abs=1e-3)
+    assert all(math.isnan(v) for v in spearman_interval(0.5, 3))
+    assert all(math.isnan(v) for v in spearman_interval(1.0, 30))
+
+
+def _agreement(judged: int, share: float, rho: float) -> Agreement:
+    shares = dict.fromkeys(
+        ("connector_sign", "connector_size", "jacobian_sign", "jacobian_size",
+         "weight_jacobian_sign", "weight_jacobian_size", "first_order_size", "threshold_size",
+         "map_matches_ablation"), share,
+    )  # fmt: skip
+    ranks = dict.fromkeys(
+        ("connector_spearman", "jacobian_spearman", "weight_jacobian_spearman"), rho
+    )
+    return Agreement(judged=judged, **shares, **ranks)
+
+
+def _jacobian(linear: float, median: float, agreement: Agreement | None) -> JacobianResult:
+    return JacobianResult(
+        key="k", in_site="a", out_site="b", directory="d", tokens=1, contexts=1, connections=1,
+        features_scored=200, max_nonlinearity=0.1, share_linear=linear,
+        share_nonlinear=1 - linear, share_uncertain=0.0, median_nonlinearity=median,
+        agreement=agreement,
+    )  # fmt: skip
+
+
+def test_jacobian_score_and_agreement_beside_the_control() -> None:
+    real = _jacobian(0.9, 0.05, _agreement(28, 0.9, 0.8))
+    control = _jacobian(0.5, 0.06, _agreement(28, 0.5, 0.5))
+    figures = jacobian_figures(real, control)
+    linear = figures["jacobian_share_linear"]
+    assert (linear.value, linear.control) == (90.0, 50.0) and linear.informative
+    assert linear.control_low == pytest.approx(100 * wilson(100, 200)[0])
+    median = figures["jacobian_median_nonlinearity"]
+    assert median.tolerance == NMSE_TOLERANCE and median.informative  # 0.01 > 5 % of 0.06
+    sign = figures["agreement_jacobian_sign"]
+    assert sign.control_high == pytest.approx(100 * wilson(14, 28)[1]) and sign.informative
+    rho = figures["agreement_jacobian_spearman"]
+    assert (rho.control_low, rho.control_high) == spearman_interval(0.5, 28)
+    assert rho.informative  # 0.8 > 0.741
+    assert len(figures) == 2 + 4 + 2
+    close = jacobian_figures(_jacobian(0.52, 0.0601, None), control)  # inside 43.1–56.9 %
+    assert not close["jacobian_share_linear"].informative
+    assert not close["jacobian_median_nonlinearity"].informative
+    # without the causal check on either side, only the linearity score is compared
+    assert set(jacobian_figures(real, _jacobian(0.5, 0.06, None))) == {
+        "jacobian_share_linear", "jacobian_median_nonlinearity",
+    }  # fmt: skip
+
+
 def test_control_config_keeps_the_headline_stages_and_trains_its_saes(tmp_path: Path) -> None:
     config = AnalyzeConfig(
         run_dir=str(tmp_path), control=True, sae_in="given", sae_out="given",
@@ -146,17 +205,17 @@ def test_control_config_keeps_the_headline_stages_and_trains_its_saes(tmp_path: 
 
 def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) -> None:
     run = tmp_path / "run"
-    config = tiny_config(run, stages=("connect", "calibrate", "logic"), control=True)
+    config = tiny_config(run, stages=("connect", "calibrate", "jacobian", "logic"), control=True)
     summary = analyze(config)
     assert isinstance(summary, RunSummary) and summary.control is not None
     c = summary.control
-    assert not c.reused and c.stages == ["connect", "logic"]
+    assert not c.reused and c.stages == ["connect", "logic", "jacobian"]
     # an ordinary run directory: its own SAEs, codes, stage results and summary
     control = RunLayout.of(run / "control")
     assert control.run_dir == RunLayout.of(run).control
     for path in (control.config, control.summary, control.connect.result, control.logic.result,
-                 control.causal.result, control.sae_dir("mlp_out.1") / "cfg.json",
-                 control.codes / "manifest.json"):  # fmt: skip
+                 control.jacobian.result, control.causal.result, control.codes / "manifest.json",
+                 control.sae_dir("mlp_out.1") / "cfg.json"):  # fmt: skip
         assert path.is_file(), path
     assert not control.calibrate.result.exists() and not control.report.path.exists()
     own = RunSummary.read(control.summary)
@@ -175,6 +234,12 @@ def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) 
     expected |= {f"labels_{k}" for k in summary.logic.counts if k != "DEAD"}  # type: ignore[union-attr]
     if calibrated.causal and calibrated.causal.judged and c.causal and c.causal.judged:
         expected |= {"causal_sign", "causal_size", "causal_both"}
+    assert summary.jacobian is not None and c.jacobian is not None
+    expected |= {"jacobian_share_linear", "jacobian_median_nonlinearity"}
+    # the control's jacobian judged its agreement on the control's own causal check
+    assert c.jacobian.agreement is not None and c.causal is not None
+    assert c.jacobian.agreement.judged == c.causal.judged
+    expected |= set(jacobian_figures(summary.jacobian, c.jacobian))
     assert set(c.figures) == expected
     # the control's share at the calibrated τ is its own table read at the run's τ, by hand
     at = relabel(

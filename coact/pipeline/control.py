@@ -30,6 +30,7 @@ from coact.pipeline.control_figures import (
     HeadlineVsControl,
     causal_figures,
     connector_figures,
+    jacobian_figures,
     label_figures,
     linearity_figures,
 )
@@ -38,7 +39,7 @@ from coact.pipeline.stages import STAGES, LayerRun
 from coact.pipeline.summary import RunSummary
 from coact.rundir.files import atomic_write, read_json
 from coact.rundir.layout import RunLayout
-from coact.rundir.results import Result, result_key
+from coact.rundir.results import Result, Timings, result_key
 
 CONTROL_STAGES = ("connect", "logic", "jacobian")  # the headline stages a control reruns
 CAUSAL_VERSION = 1
@@ -152,7 +153,11 @@ def run_control(run: LayerRun, run_layer: RunLayer) -> ControlSummary:
         sites = layer_sites(config, config.layer)
         shared = prepare(config, lm, sites, dict.fromkeys(sites), _layout(config))
         layer = LayerRun(config, lm, shared, _layout(config))
-        causal = None if settings is None else _check_causal(layer, settings)
+        causal, parts = None, Timings(shared.timings)  # the control's summary.json has them
+        if settings is not None:
+            with parts.part("connect_and_causal"):  # connect's rerun below is then reused
+                causal = _check_causal(layer, settings)
+        shared.timings = parts
         control = run_layer(config, lm, shared, started)
     timings = dict(control.timings)
     timings["control_s"] = time.perf_counter() - started
@@ -166,6 +171,7 @@ def run_control(run: LayerRun, run_layer: RunLayer) -> ControlSummary:
         form=run.result("calibrate").form if run.result("calibrate") else None,
         connect=control.connect,
         logic=control.logic,
+        jacobian=control.jacobian,
         causal=causal.summary if causal else None,
         figures=headline_figures(run, control, causal.summary if causal else None),
         timings=timings,
@@ -188,6 +194,8 @@ def headline_figures(
         figures |= label_figures(run.result("logic"), control.logic)
     if calibrated is not None and calibrated.causal is not None and causal is not None:
         figures |= causal_figures(calibrated.causal, causal)
+    if run.result("jacobian") is not None and control.jacobian is not None:
+        figures |= jacobian_figures(run.result("jacobian"), control.jacobian)
     return figures
 
 

@@ -15,6 +15,7 @@ import polars as pl
 from coact.calibrate.causal import CausalSummary
 from coact.calibrate.stage import CalibrateResult
 from coact.connectors.stage import ConnectResult
+from coact.jacobian.stage import JacobianResult
 from coact.linearity.table import SEED_TAU, LinearityConfig, LinearShare, percent_linear, relabel
 from coact.logic.stage import LogicResult
 from coact.rundir.results import Result
@@ -23,6 +24,18 @@ Z95 = 1.959964  # two-sided 95 % normal quantile of the Wilson interval
 NMSE_TOLERANCE = 0.05  # connector NMSE / FVU: relative difference within which two read the same
 NOISE_FLOOR = "the control's share beyond d's noise floor (95 % bootstrap over contexts)"
 WILSON = "Wilson 95 % interval of the control's proportion"
+FISHER = "95 % interval of the control's Spearman ρ (Fisher z, variance 1.06 / (n − 3))"
+# the agreement of strong connections the jacobian stage adds: its shares and correlations
+AGREEMENT_SHARES = {
+    "jacobian_sign": "Jacobian's sign agrees with the ablation",
+    "jacobian_size": "Jacobian's size within 2× of the ablation",
+    "weight_jacobian_sign": "connector weight's sign agrees with the mean Jacobian",
+    "weight_jacobian_size": "connector weight within 2× of the mean Jacobian",
+}
+AGREEMENT_RANKS = {
+    "jacobian_spearman": "Spearman ρ of the Jacobian's prediction and the ablation",
+    "weight_jacobian_spearman": "Spearman ρ of connector weight and mean Jacobian",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +70,7 @@ class ControlSummary(Result):
     form: str | None
     connect: ConnectResult | None = None
     logic: LogicResult | None = None
+    jacobian: JacobianResult | None = None
     causal: CausalSummary | None = None  # the control's causal check (the run's settings)
     figures: dict[str, HeadlineVsControl]
     timings: dict[str, float]  # the control run's own (SAE training, collection, stages)
@@ -77,6 +91,15 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     # at 0 and n the bound is exactly 0 or 1 (rounding would move it off)
     low = 0.0 if successes <= 0 else max(0.0, centre - half)
     return low, 1.0 if successes >= n else min(1.0, centre + half)
+
+
+def spearman_interval(rho: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """A 95 % interval of Spearman's ρ over n pairs: Fisher's z with the variance
+    1.06 / (n − 3) of Fieller, Hartley and Pearson (NaN for n ≤ 3 or |ρ| = 1)."""
+    if n <= 3 or not abs(rho) < 1:
+        return math.nan, math.nan
+    centre, half = math.atanh(rho), z * math.sqrt(1.06 / (n - 3))
+    return math.tanh(centre - half), math.tanh(centre + half)
 
 
 def judge(
@@ -199,4 +222,51 @@ def causal_figures(real: CausalSummary, control: CausalSummary) -> dict[str, Hea
             f"causal check: {words[key]} (of judged strong connections)",
             100 * value, 100 * other, (100 * lo, 100 * hi), WILSON,
         )  # fmt: skip
+    return out
+
+
+def jacobian_figures(real: JacobianResult, control: JacobianResult) -> dict[str, HeadlineVsControl]:
+    """The jacobian stage's linearity score (the share of scored features it calls linear,
+    the median nonlinearity) and its agreement of strong connections."""
+    out: dict[str, HeadlineVsControl] = {}
+    n = control.features_scored
+    if real.features_scored and n:
+        lo, hi = wilson(round(control.share_linear * n), n)
+        out["jacobian_share_linear"] = _figure(
+            "Jacobian linearity score: features linear (of scored features)",
+            100 * real.share_linear, 100 * control.share_linear, (100 * lo, 100 * hi), WILSON,
+        )  # fmt: skip
+    medians = (real.median_nonlinearity, control.median_nonlinearity)
+    if all(math.isfinite(v) for v in medians):
+        basis = f"relative tolerance {100 * NMSE_TOLERANCE:g} %"
+        out["jacobian_median_nonlinearity"] = _figure(
+            "Jacobian linearity score: median nonlinearity", *medians, None, basis, unit=""
+        )
+    if real.agreement is not None and control.agreement is not None:
+        out |= _agreement_figures(real, control)
+    return out
+
+
+def _agreement_figures(
+    real: JacobianResult, control: JacobianResult
+) -> dict[str, HeadlineVsControl]:
+    """Agreement shares (Wilson) and rank correlations (Fisher z) of strong connections."""
+    a, b = real.agreement, control.agreement
+    assert a is not None and b is not None
+    out: dict[str, HeadlineVsControl] = {}
+    if not a.judged or not b.judged:
+        return out
+    for name, words in AGREEMENT_SHARES.items():
+        value, other = getattr(a, name), getattr(b, name)
+        if math.isfinite(value) and math.isfinite(other):
+            lo, hi = wilson(round(other * b.judged), b.judged)
+            out[f"agreement_{name}"] = _figure(
+                f"{words} (of judged strong connections)", 100 * value, 100 * other,
+                (100 * lo, 100 * hi), WILSON,
+            )  # fmt: skip
+    for name, words in AGREEMENT_RANKS.items():
+        value, other = getattr(a, name), getattr(b, name)
+        interval = spearman_interval(other, b.judged)
+        if math.isfinite(value) and all(math.isfinite(v) for v in interval):
+            out[f"agreement_{name}"] = _figure(words, value, other, interval, FISHER, unit="")
     return out

@@ -111,6 +111,8 @@ def _calibrate(run: LayerRun, settings: Any) -> Result:
 def _jacobian(run: LayerRun, settings: Any) -> Result:
     pair, saes = SitePair.mlp(run.layer), run.shared.saes
     causal = run.layout.calibrate.causal if run.config.runs("calibrate") else None
+    if causal is None and run.layout.causal.causal.is_file():  # a control's own causal check
+        causal = run.layout.causal.causal
     return jacobian(
         run.lm, pair, saes[pair.in_site], saes[pair.out_site], run.eval_tokens,
         run.layout.jacobian.path, settings, causal=causal,
