@@ -117,6 +117,9 @@ def test_site_has_index_layer_and_feature_pages(site: Path) -> None:
     assert ">Attention<" not in layer and ">Residual composition<" not in layer
     assert not any(">Layer graph<" in p.read_text() for p in pages)
     assert not (site / "graphs").exists() and "the model report" not in index
+    # the jacobian stage's sections, with the run's own figures
+    assert ">How far to trust this<" in layer and ">The block's own Jacobian<" in layer
+    assert "Three-way agreement of strong connections" in layer
 
 
 def test_every_page_linked_from_the_layer_page_exists(site: Path) -> None:

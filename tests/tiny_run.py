@@ -12,6 +12,7 @@ from coact.calibrate.stage import CalibrateConfig
 from coact.codes.collect import CollectConfig
 from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
+from coact.jacobian.stage import JacobianConfig
 from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.sae.train import SaeTrainConfig
@@ -42,6 +43,7 @@ def tiny_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
             causal_connections=5,
             progress=False,
         ),
+        "jacobian": JacobianConfig(progress=False),
         "logic": LabelsConfig(
             sae_connector=replace(SAE_CONNECTOR, hidden=32, epochs=1), progress=False
         ),

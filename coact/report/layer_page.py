@@ -15,6 +15,7 @@ from coact.report.control_section import control_section
 from coact.report.embed import Figures
 from coact.report.evidence import TokenText
 from coact.report.features_table import features_table
+from coact.report.jacobian_section import jacobian_section, trust_section
 from coact.report.layer_graphs import GraphWriter
 from coact.report.logic_section import logic_section
 from coact.report.markdown import note
@@ -44,10 +45,12 @@ def layer_page(
         f"[Back to the run](index.md) · [all features](features.md){model_backlink(model)}",
         "",
     ]
+    out += trust_section(data)
     out += control_section(data)
     out += connectors_section(data, fig)
     out += linearity_section(data, fig)
     out += calibration_section(data, fig)
+    out += jacobian_section(data)
     out += logic_section(data, fig, pages)
     if data.has_block:
         out += attention_section(data, fig, token_text)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from coact.connectors.stage import ConnectResult
     from coact.evidence.ablation import AblationResult
     from coact.evidence.outliers import OutliersResult
+    from coact.jacobian.stage import JacobianResult
     from coact.linearity.table import LinearShare
     from coact.logic.stage import LogicResult
     from coact.pipeline.summary import ModelSummary, RunSummary
@@ -36,6 +37,7 @@ def format_summary(summary: RunSummary) -> str:
     parts = [
         (summary.connect, format_connect),
         (summary.calibrate, format_calibrate),
+        (summary.jacobian, format_jacobian),
         (summary.logic, format_logic),
         (summary.block, format_block),
         (summary.outliers, format_outliers),
@@ -146,6 +148,29 @@ def format_calibrate(c: CalibrateResult) -> str:
         f"  calibration took {t['total_s']:.0f} s, {100 * t['forward_s'] / t['total_s']:.0f}% "
         f"of it in forward passes; tables: {c.directory}"
     )
+    return "\n".join(lines)
+
+
+def format_jacobian(j: JacobianResult) -> str:
+    """The connector-free linearity score and the three-way agreement, in a few lines."""
+    lines = [
+        f"  block's own Jacobian ({j.tokens:,} held-out tokens): of {j.features_scored:,} "
+        f"scored features {100 * j.share_linear:.1f}% linear, {100 * j.share_nonlinear:.1f}% "
+        f"nonlinear, {100 * j.share_uncertain:.1f}% uncertain (one slope per connection "
+        f"misses ≤ {100 * j.max_nonlinearity:g}% of the first-order account; median "
+        f"{100 * j.median_nonlinearity:.0f}%)"
+    ]
+    a = j.agreement
+    if a is not None:
+        lines.append(
+            f"  three-way agreement on {a.judged} judged strong connections (size within 2× of "
+            f"the ablation): Jacobian {100 * a.jacobian_size:.0f}%, connector "
+            f"{100 * a.connector_size:.0f}%; ranks (Spearman) {a.jacobian_spearman:.2f} vs "
+            f"{a.connector_spearman:.2f}; where the Jacobian misses: first order vs the exact "
+            f"map {100 * a.first_order_size:.0f}% agree, the output SAE's threshold "
+            f"{100 * a.threshold_size:.0f}%; exact map = model's ablation on "
+            f"{100 * a.map_matches_ablation:.0f}%"
+        )
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from coact.connectors.stage import ConnectResult
 from coact.errors import CoactError
 from coact.evidence.ablation import AblationResult
 from coact.evidence.outliers import OutliersResult
+from coact.jacobian.stage import JacobianResult
 from coact.linearity.table import LinearityConfig, LinearShare, relabel
 from coact.logic.stage import LogicResult
 from coact.models.sites import Site
@@ -62,6 +63,9 @@ class RunData:
     splices: pl.DataFrame | None = None
     calibrated: pl.DataFrame | None = None  # calibrate/linearity.parquet
     causal: pl.DataFrame | None = None
+    jacobian: JacobianResult | None = None
+    jacobian_features: pl.DataFrame | None = None  # jacobian/features.parquet
+    agreement: pl.DataFrame | None = None  # jacobian/agreement.parquet
     logic: LogicResult | None = None
     labels: pl.DataFrame | None = None
     truth_tables: pl.DataFrame | None = None
@@ -210,6 +214,10 @@ def _load_mlp(data: RunData) -> None:
     })  # fmt: skip
     _load(data, "calibrate", CalibrateResult.read(k.result), {
         "noise": k.noise, "splices": k.splices, "calibrated": k.linearity, "causal": k.causal,
+    })  # fmt: skip
+    j = data.layout.jacobian
+    _load(data, "jacobian", JacobianResult.read(j.result), {
+        "jacobian_features": j.features, "agreement": j.agreement,
     })  # fmt: skip
     _load(data, "logic", LogicResult.read(g.result), {
         "labels": g.features, "truth_tables": g.truth_tables, "clusters": g.clusters,
