@@ -32,9 +32,10 @@ from coact.pipeline.control_figures import (
 )
 from coact.pipeline.run import analyze
 from coact.pipeline.summary import RunSummary
-from coact.report.control_section import UNINFORMATIVE, format_control
+from coact.report.control_section import UNINFORMATIVE, control_section, format_control
 from coact.report.text import format_summary
 from coact.rundir.layout import RunLayout
+from coact.rundir.read import load_run
 from tests.tiny_run import tiny_config
 
 
@@ -262,6 +263,12 @@ def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) 
     text = format_summary(summary)
     assert "(control " in text and format_control(c) in text
     assert (UNINFORMATIVE in text) == bool(c.uninformative)
+    # the layer page's table: one row per figure, the uninformative ones said in words
+    page = "\n".join(control_section(load_run(run)))
+    assert "## Headline vs control" in page
+    assert all(f"| {f.label} |" in page for f in c.figures.values())
+    assert page.count(f"**no**, {UNINFORMATIVE}") == len(c.uninformative)
+    assert "No control" in "\n".join(control_section(load_run(control.run_dir)))
 
     # a finished control is read back, not rerun
     before = control.summary.read_bytes()
