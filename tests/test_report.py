@@ -120,6 +120,7 @@ def test_site_has_index_layer_and_feature_pages(site: Path) -> None:
     # the jacobian stage's sections, with the run's own figures
     assert ">How far to trust this<" in layer and ">The block's own Jacobian<" in layer
     assert "Three-way agreement of strong connections" in layer
+    assert all("From the block's own Jacobian" in p.read_text() for p in pages)
 
 
 def test_every_page_linked_from_the_layer_page_exists(site: Path) -> None:

@@ -13,6 +13,7 @@ import polars as pl
 from coact.report import feature_parts
 from coact.report.ablation_section import ablation_section
 from coact.report.embed import Figures
+from coact.report.feature_jacobian import agreement_part, jacobian_formula, jacobian_verdict
 from coact.report.feature_logic import logic_section
 from coact.report.feature_parts import (
     PageParts,
@@ -64,6 +65,7 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         "on its inputs:",
         "",
         *feature_parts.formula_part(row, f"out {j}"),
+        *jacobian_formula(data, j),
         "## Inputs",
         "",
         *feature_parts.inputs_part(
@@ -117,7 +119,7 @@ def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[st
             f"seed's τ = 0.001: {r['seed_verdict']}.",
             "",
         ]
-    return out
+    return out + jacobian_verdict(data, j)
 
 
 def _causal_section(data: RunData, j: int) -> list[str]:
@@ -147,4 +149,4 @@ def _causal_section(data: RunData, j: int) -> list[str]:
         md_table(["input", *CAUSAL_COLUMNS.values()], table),
         "",
     ]
-    return out
+    return out + agreement_part(data, j)
