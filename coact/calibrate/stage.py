@@ -92,7 +92,7 @@ class CalibrateConfig:
     seed: int = 0
     skip_first_positions: int = 1  # BOS: never encoded, never spliced
     causal: bool = setting(True, "the causal check of strong connections")
-    causal_connections: int = 50
+    causal_connections: int = 200  # judged ones set the three-way agreement's power
     progress: bool = True
 
 
