@@ -202,6 +202,11 @@ def test_control_config_keeps_the_headline_stages_and_trains_its_saes(tmp_path: 
     assert (control.sae, control.sae_tokens, control.tokens, control.corpus, control.seed) == (
         config.sae, config.sae_tokens, config.tokens, config.corpus, config.seed,
     )  # fmt: skip
+    # the default stages bring the jacobian stage too, in data-flow order
+    everything = control_config(AnalyzeConfig(run_dir=str(tmp_path)), RunLayout.of(tmp_path))
+    assert everything.stages == ("connect", "jacobian", "logic")
+    only_logic = AnalyzeConfig(run_dir=str(tmp_path), stages=("connect", "logic", "report"))
+    assert control_config(only_logic, RunLayout.of(tmp_path)).stages == ("connect", "logic")
 
 
 def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) -> None:
@@ -210,7 +215,7 @@ def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) 
     summary = analyze(config)
     assert isinstance(summary, RunSummary) and summary.control is not None
     c = summary.control
-    assert not c.reused and c.stages == ["connect", "logic", "jacobian"]
+    assert not c.reused and c.stages == ["connect", "jacobian", "logic"]
     # an ordinary run directory: its own SAEs, codes, stage results and summary
     control = RunLayout.of(run / "control")
     assert control.run_dir == RunLayout.of(run).control

@@ -24,7 +24,7 @@ from coact.calibrate.causal import CausalConfig, CausalSummary, causal_check, ca
 from coact.linearity.fits import load_linearity_connectors
 from coact.models.load import LoadedModel, reinitialised
 from coact.models.sites import SitePair
-from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.config import STAGE_NAMES, AnalyzeConfig
 from coact.pipeline.control_figures import (
     ControlSummary,
     HeadlineVsControl,
@@ -61,14 +61,12 @@ def control_config(config: AnalyzeConfig, layout: RunLayout) -> AnalyzeConfig:
     has (and what they read), SAEs trained by the same recipe (none given: no published SAE
     fits a re-initialised model), and no control of its own."""
     wanted = {name for name in config.stages if name in CONTROL_STAGES} | {"connect"}
-    records = {stage.name: stage for stage in STAGES}
-    kept = [
-        name
-        for name in CONTROL_STAGES
-        if name in wanted and all(n in wanted for n in getattr(records.get(name), "needs", ()))
-    ]
+    needs = {stage.name: stage.needs for stage in STAGES}
+    kept = tuple(
+        name for name in STAGE_NAMES if name in wanted and set(needs[name]) <= wanted
+    )  # in data-flow order
     return dataclasses.replace(
-        config, control=False, stages=tuple(kept), run_dir=str(layout.control), shared_dir=None,
+        config, control=False, stages=kept, run_dir=str(layout.control), shared_dir=None,
         sae_in=None, sae_out=None,
     )  # fmt: skip
 
