@@ -66,9 +66,9 @@ def calibrated_plant(kind: str, tmp_path, attention: bool = False, **settings):
     pair = SitePair(site_in, site_out)
     connect(store, pair, tmp_path / "connect", linking)
     held = calibration_tokens(contexts, store, linking)
-    config = CalibrateConfig(
-        **{"contexts": 24, "strengths": (0.0, 0.3, 3.0), "n_boot": 200, "progress": False}
-        | settings
+    config = replace(
+        CalibrateConfig(contexts=24, strengths=(0.0, 0.3, 3.0), n_boot=200, progress=False),
+        **settings,
     )
     out = tmp_path / "calibrate"
     summary = calibrate(

@@ -198,5 +198,8 @@ def _check_words(underpowered, powered) -> None:
     shown = dataclasses.replace(powered.power, powered=True, epsilon_share=0.25)
     text = power_paragraph(shown, 24, 5e-4)
     assert "τ is powered" in text and "25.0%" in text and "underpowered" not in text
+    assert "rules out no splice" not in text
+    whole_effect = dataclasses.replace(shown, epsilon_share=1.5)
+    assert "rules out no splice" in power_paragraph(whole_effect, 24, 5e-4)
     line = format_calibrate(dataclasses.replace(powered, power=shown))
     assert "powered (≤ ε/2)" in line and "ε is 25.0% of it" in line

@@ -77,6 +77,8 @@ def power_paragraph(p: CalibrationPower, n_contexts: int, tolerance: float) -> s
     half-width at τ against ε/2, in words."""
     if p.epsilon_share == p.epsilon_share:  # not NaN
         share = f"ε = {tolerance:g} nats is {pct(p.epsilon_share)} of it"
+        if p.epsilon_share >= 1:
+            share += ", as much as zeroing it costs: ε rules out no splice"
     else:
         share = f"zeroing it does not raise the loss, so ε = {tolerance:g} nats is no share of it"
     verdict = (
@@ -87,7 +89,7 @@ def power_paragraph(p: CalibrationPower, n_contexts: int, tolerance: float) -> s
     return (
         f"**Power.** Zeroing the site costs {p.total_effect:+.4f} nats per token (its total "
         f"effect, on the {n_contexts} calibration contexts); {share}. At τ the extra ΔCE over "
-        f"the mlp splice is {p.extra_delta_ce:+.4f} ± {p.halfwidth:.4f} nats (95 % t-interval "
+        f"the mlp splice is {p.extra_delta_ce:+.3g} ± {p.halfwidth:.3g} nats (95 % t-interval "
         f"over {p.n_contexts_used} contexts, paired by context; contexts are added until the "
         f"half-width is ≤ ε/2, up to {p.n_contexts_cap}). {verdict}"
     )

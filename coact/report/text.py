@@ -116,7 +116,7 @@ def _power(p: CalibrationPower, site: str) -> str:
     verdict = "powered (≤ ε/2)" if p.powered else f"τ is underpowered: {p.shortfall()}"
     return (
         f"  power: zeroing {site} costs {p.total_effect:+.4f} nats ({share}); extra ΔCE at τ "
-        f"{p.extra_delta_ce:+.4f} ± {p.halfwidth:.4f} (95%, {p.n_contexts_used} contexts): "
+        f"{p.extra_delta_ce:+.3g} ± {p.halfwidth:.3g} (95%, {p.n_contexts_used} contexts): "
         f"{verdict}"
     )
 
