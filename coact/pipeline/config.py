@@ -54,6 +54,9 @@ class AnalyzeConfig:
     shared_dir: str | None = None  # set on a model run's layers: where sae/ and codes/ live
     sae_in: str | None = setting(None, "SAE directory for mlp_resid at --layer; trained if omitted")
     sae_out: str | None = setting(None, "SAE directory for mlp_out at --layer; trained if omitted")
+    # corpus tokens before the stored codes' contexts; None: the SAE training tokens (none
+    # when both SAEs are given). Given SAEs then still see codes from unseen tokens.
+    code_offset_tokens: int | None = None
     stages: tuple[str, ...] = DEFAULT_STAGES  # which stages run (see STAGE_NAMES)
     sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
     sae_group: int = 16  # SAEs trained together in one pass over the model (bounds memory)

@@ -113,27 +113,31 @@ def prepare(
 
 
 def run_contexts(config: AnalyzeConfig, lm: LoadedModel) -> tuple[Contexts, Contexts]:
-    """(contexts that train the SAEs, contexts whose codes are stored): the same corpus
-    slices on every call, so a later stage (calibration) can rebuild them."""
+    """(contexts that train the SAEs, contexts whose codes are stored: after the training
+    ones, or after `code_offset_tokens`): the same corpus slices on every call, so a later
+    stage (calibration) can rebuild them."""
     per_context = config.ctx_len - 1
     n_code_ctx = -(-config.tokens // per_context)
     training = config.sae_in is None or config.sae_out is None
     n_train_ctx = -(-config.sae_tokens // per_context) if training else 0
+    offset = config.code_offset_tokens
+    n_skip_ctx = n_train_ctx if offset is None else -(-offset // per_context)
     contexts = build_contexts(
         CorpusConfig(
             source=config.corpus,
             ctx_len=config.ctx_len,
-            n_tokens=(n_train_ctx + n_code_ctx) * per_context,
+            n_tokens=(max(n_train_ctx, n_skip_ctx) + n_code_ctx) * per_context,
             seed=config.seed,
         ),
         lm.tokenizer,
     )
-    if contexts.tokens.shape[0] <= n_train_ctx:
+    if contexts.tokens.shape[0] <= max(n_train_ctx, n_skip_ctx):
         raise CoactError(
             f"corpus {config.corpus!r} gave {contexts.n_tokens} tokens, all needed to train the "
-            f"SAEs ({config.sae_tokens}); lower --sae-tokens or use a larger corpus"
+            f"SAEs ({config.sae_tokens}) or skipped before the codes; lower --sae-tokens or use "
+            "a larger corpus"
         )
-    return _slice(contexts, 0, n_train_ctx), _slice(contexts, n_train_ctx, contexts.tokens.shape[0])
+    return _slice(contexts, 0, n_train_ctx), _slice(contexts, n_skip_ctx, contexts.tokens.shape[0])
 
 
 def calibration_tokens(code_part: Contexts, store: CodeStore, connect: ConnectConfig) -> Any:
