@@ -34,9 +34,11 @@ bench:
     {{python}} analyses/bench_collect.py
     {{python}} analyses/bench_sae_train.py
 
-# Build the project's documentation into site/ (benchmark figures redrawn from analyses/results/).
+# Build the project's documentation into site/ (benchmark and convergence figures redrawn from
+# analyses/results/).
 docs:
     {{python}} analyses/plot_benchmarks.py
+    {{python}} analyses/plot_convergence.py
     mkdocs build --strict
 
 # The report in headless Chromium (Debian's /usr/bin/chromium; skips without it).

@@ -290,8 +290,8 @@ def quick_config() -> AnalyzeConfig:
             progress=False,
         ),
         calibrate=CalibrateConfig(
-            contexts=4, strengths=(0.0, 0.3), n_taus=2, n_boot=100, causal_connections=5,
-            progress=False,
+            contexts=4, max_contexts=4, strengths=(0.0, 0.3), noise_kinds=("isotropic",),
+            n_taus=2, n_boot=100, causal_connections=5, progress=False,
         ),
         jacobian=JacobianConfig(progress=False),
     )  # fmt: skip
@@ -437,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     if previous is not None and previous.get("quick") == quick:  # keep the other ladder's
         old = {k: Ladder.from_dict(v) for k, v in previous.get("ladders", {}).items()}
         ladders.update(old)
+    budgets = {"code": ("tokens", plan.code_ladder), "sae": ("sae_tokens", plan.sae_ladder)}
+    for name, (budget, planned) in budgets.items():
+        if name not in ladders:  # a ladder not run yet is listed with its budgets
+            ladders[name] = ladder_result(budget, getattr(base, budget), planned, [], {})
 
     def write(ladder: Ladder) -> None:
         ladders["code" if ladder.budget == "tokens" else "sae"] = ladder

@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, default=CHART)
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args(argv)
+    if not args.results.is_file():
+        print(f"plot_convergence: {args.results} missing, the chart and page are left as they are")
+        return 0
     draw(args.results, args.chart, args.page)
     return 0
 
