@@ -30,6 +30,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def device() -> str:
+    """Where device-aware tests run their models: `COACT_TEST_DEVICE` (default cpu), so
+    the same tests check a GPU when one is there (COACT_TEST_DEVICE=cuda)."""
+    name = os.environ.get("COACT_TEST_DEVICE", "cpu")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail(f"COACT_TEST_DEVICE={name}, but torch sees no CUDA device")
+    return name
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The embedded real model (fetched and converted once per machine, then cached)."""
     return load_model("smollm2-135m")

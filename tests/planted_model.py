@@ -97,13 +97,15 @@ def planted_model(
     and_threshold: float = 1.5,
     seed: int = 0,
     model: str = "tiny-llama",
+    device: str = "cpu",
 ) -> PlantedModel:
     """Build the plant. Input feature k fires on about a share U(rates) of tokens (measured
     on random tokens), its median active code is 1; the last `dead_inputs` features never
     fire and no output reads them. Linear plant: each output reads 1–3 inputs with weights
     in [0.5, 1.5] (B ≥ 0, so codes stay ≥ 0). Threshold plant, by output j mod 3: a sum of
     1–2 inputs (θ = 0), an AND of two (weights 1, 1, θ = `and_threshold`), an A-AND-NOT-B
-    (weights 1, −1, θ = 0)."""
+    (weights 1, −1, θ = 0). Built on the CPU, then moved with its SAEs to `device` (the
+    returned B and θ stay on the CPU)."""
     lm = load_model(model, seed=seed)
     if getattr(lm, "_nnsight", None) is not None:
         raise RuntimeError("the nnsight view was made before the modules were replaced")
@@ -128,6 +130,9 @@ def planted_model(
     _replace(lm.model, lm.adapter.mlp_path(layer), mlp)
     lm.model.eval().requires_grad_(False)
     _calibrate(lm, layer, sae_in, live, rates, gen, seed)
+    if device != "cpu":  # the planted MLP holds both SAEs: they move with it
+        B, theta = B.clone(), None if theta is None else theta.clone()
+        lm.model.to(device)
     return PlantedModel(lm, layer, sae_in, sae_out, B, theta, mlp)
 
 

@@ -47,13 +47,13 @@ def tokens() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def linear() -> PlantedModel:
-    return planted_model("linear", dead_inputs=1)
+def linear(device) -> PlantedModel:
+    return planted_model("linear", dead_inputs=1, device=device)
 
 
 @pytest.fixture(scope="module")
-def threshold() -> PlantedModel:
-    return planted_model("threshold", dead_inputs=1)
+def threshold(device) -> PlantedModel:
+    return planted_model("threshold", dead_inputs=1, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def threshold_table(threshold, tokens) -> pl.DataFrame:
 @pytest.mark.parametrize(
     ("kind", "in_kind"), [("linear", "exact"), ("threshold", "exact"), ("linear", "random")]
 )
-def test_planted_identity_holds(kind, in_kind, tokens) -> None:
+def test_planted_identity_holds(kind, in_kind, tokens, device) -> None:
     """The out-site codes read from the model are the rule applied to the in-site codes."""
-    plant = planted_model(kind, in_kind=in_kind)
+    plant = planted_model(kind, in_kind=in_kind, device=device)
     site_in, site_out = plant.sites
     acts = capture(plant.lm, tokens, [site_in, site_out])
     codes_in = plant.sae_in.encode(acts[site_in])
@@ -171,7 +171,7 @@ def test_connector_predictions_per_chunk(linear, tokens) -> None:
     codes = codes[codes[:, odd["input"]] > 0]
     ablated = codes.clone()
     ablated[:, odd["input"]] = 0
-    w1 = connectors[1][1].weight_in
+    w1 = connectors[1][1].weight_in.to(codes.device)  # the connectors stay on the CPU
     hidden_change = torch.relu(ablated @ w1) - torch.relu(codes @ w1)
     expected = odd["predicted_mean"] + 0.5 * float(hidden_change.sum(1).mean())
     assert odd["predicted_mlp_mean"] == pytest.approx(expected, rel=1e-4)

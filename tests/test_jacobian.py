@@ -16,6 +16,7 @@ from coact.jacobian.entries import Entries
 from coact.jacobian.feature_map import FeatureMap, mlp_block
 from coact.jacobian.score import ScoreConfig, _nonlinearity
 from coact.jacobian.stage import JacobianConfig, jacobian
+from coact.models.load import load_model
 from coact.models.sites import Site, SitePair
 from coact.models.tracing import capture
 from coact.sae.base import Sae
@@ -37,14 +38,16 @@ def _topk_sae(d: int, width: int, k: int, seed: int) -> Sae:
 
 
 @pytest.fixture(scope="module")
-def real_map(tiny):
-    """A tiny real model's MLP between two random TopK SAEs, and the stream it reads."""
-    layer, d = 1, tiny.adapter.d_model
+def real_map(tiny, device):
+    """A tiny real model's MLP between two random TopK SAEs, and the stream it reads (on
+    the test device)."""
+    lm = tiny if device == "cpu" else load_model(tiny.name, device=device)
+    layer, d = 1, lm.adapter.d_model
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
-    acts = capture(tiny, random_tokens(2, 12, seed=1), sites)
+    acts = capture(lm, random_tokens(2, 12, seed=1), sites)
     stream, out = (acts[s][:, 1:].reshape(-1, d) for s in sites)
-    fmap = FeatureMap(mlp_block(tiny, layer), _topk_sae(d, 24, 4, 0), _topk_sae(d, 20, 5, 1))
-    return fmap, stream, out
+    sae_in, sae_out = _topk_sae(d, 24, 4, 0).to(device), _topk_sae(d, 20, 5, 1).to(device)
+    return FeatureMap(mlp_block(lm, layer), sae_in, sae_out), stream, out
 
 
 def test_map_reproduces_the_output_saes_pre_activations(real_map) -> None:
@@ -77,16 +80,16 @@ def test_jacobian_matches_finite_differences(real_map) -> None:
     assert checked == 3 * 4 * 5
 
 
-def _run(kind: str, tmp_path):
-    plant = planted_model(kind, dead_inputs=1)
+def _run(kind: str, tmp_path, device: str = "cpu"):
+    plant = planted_model(kind, dead_inputs=1, device=device)
     tokens = random_tokens(40, 32, seed=3)
     pair = SitePair.mlp(plant.layer)
     result = jacobian(plant.lm, pair, plant.sae_in, plant.sae_out, tokens, tmp_path, CONFIG)
     return plant, result, pl.read_parquet(tmp_path / "features.parquet")
 
 
-def test_planted_linear_mlp_scores_linear(tmp_path) -> None:
-    plant, result, features = _run("linear", tmp_path)
+def test_planted_linear_mlp_scores_linear(tmp_path, device) -> None:
+    plant, result, features = _run("linear", tmp_path, device)
     scored = features.filter(pl.col("jacobian_verdict") != "too few tokens")
     assert scored.height >= 28
     assert (scored["jacobian_verdict"] == "linear").all()
@@ -99,9 +102,9 @@ def test_planted_linear_mlp_scores_linear(tmp_path) -> None:
     np.testing.assert_allclose(conns["jacobian_std"].to_numpy(), 0, atol=1e-3)
 
 
-def test_planted_and_gates_score_nonlinear(tmp_path) -> None:
+def test_planted_and_gates_score_nonlinear(tmp_path, device) -> None:
     """Threshold plant, by output j mod 3: sums (linear), ANDs (gated), A-AND-NOT-B."""
-    _, _, features = _run("threshold", tmp_path)
+    _, _, features = _run("threshold", tmp_path, device)
     rule = features["output"].to_numpy() % 3
     verdict = features["jacobian_verdict"].to_numpy()
     score = features["nonlinearity"].to_numpy()
@@ -173,13 +176,13 @@ def test_agreement_by_hand() -> None:
     assert summary.jacobian_spearman == pytest.approx(1.0)
 
 
-def test_agreement_with_the_causal_check_on_a_linear_plant(tmp_path) -> None:
+def test_agreement_with_the_causal_check_on_a_linear_plant(tmp_path, device) -> None:
     """Exact SAEs and a linear MLP: the Jacobian predicts every ablation exactly, and the
     exact map's code change is the model's."""
     from coact.calibrate.causal import CausalConfig, causal_check
     from tests.test_causal import _weights
 
-    plant = planted_model("linear", dead_inputs=1)
+    plant = planted_model("linear", dead_inputs=1, device=device)
     tokens = random_tokens(12, 24, seed=7)
     table = causal_check(
         plant.lm, plant.layer, plant.sae_in, plant.sae_out, tokens, _weights(plant),

@@ -195,12 +195,12 @@ def _predict(
 ) -> _Predictor:
     rows = codes.reshape(-1, codes.shape[-1]).float()
     flat = _sparse_rows(rows)
-    linear = torch.zeros(rows.shape[0], n_out)
-    mlp = torch.zeros(rows.shape[0], n_out)
+    linear = torch.zeros(rows.shape[0], n_out, device=codes.device)  # decoded on that device
+    mlp = torch.zeros(rows.shape[0], n_out, device=codes.device)
     for outputs, connector in connectors:
-        index = torch.as_tensor(outputs)
-        linear[:, index] = connector.skip_prediction(flat).cpu()
-        mlp[:, index] = connector(flat).cpu()
+        index = torch.as_tensor(outputs, device=codes.device)
+        linear[:, index] = connector.skip_prediction(flat).to(codes.device)
+        mlp[:, index] = connector(flat).to(codes.device)
     shape = (*codes.shape[:-1], n_out)
     return _Predictor(linear.reshape(shape), mlp.reshape(shape))
 
@@ -371,7 +371,10 @@ def _splicer(setup: _Setup, masks: dict[str, Tensor]) -> SplicedLogits:
         predicted = _predict(sae_in.encode(stream), setup.connectors, sae_out.width)
         decoded = {"linear": predicted.linear, "mlp": predicted.mlp}
         decoded.update(
-            {k: torch.where(m, predicted.linear, predicted.mlp) for k, m in masks.items()}
+            {
+                k: torch.where(m.to(predicted.linear.device), predicted.linear, predicted.mlp)
+                for k, m in masks.items()
+            }
         )
         decoded = {k: sae_out.decode(v) for k, v in decoded.items()}
         return lambda name: spliced_logits(

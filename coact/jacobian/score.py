@@ -57,7 +57,7 @@ class InputSlopes:
         self.counts = torch.zeros(2, n_in, dtype=torch.float64)
 
     def add(self, found: TokenJacobians, contexts: np.ndarray) -> None:
-        half = torch.as_tensor(contexts % 2)
+        half = torch.as_tensor(contexts % 2, device=found.inputs.device)
         live = found.inputs >= 0
         for h in (0, 1):
             rows = live & (half == h)[:, None]

@@ -24,11 +24,12 @@ def hidden_targets(
     if not isinstance(connector, SparseConnector) or connector.hidden is None:
         raise ValueError("hidden_targets needs a two-layer connector (mlp, sae-connector, ...)")
     x = sp.csr_matrix(x, dtype=np.float32)
+    device = str(connector.weight_in.device)  # the batches go where the fit lives
     parts = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_tokens):
             rows = np.arange(start, min(start + batch_tokens, x.shape[0]))
-            h = torch.relu(connector.first_layer(csr_batch(x, rows))).cpu().numpy()
+            h = torch.relu(connector.first_layer(csr_batch(x, rows, device))).cpu().numpy()
             parts.append(sp.csr_matrix(h))
     hidden = sp.csr_matrix(sp.vstack(parts), dtype=np.float32)
     w1 = connector.weight_in.detach().cpu().numpy().astype(np.float64)  # n_in × hidden
