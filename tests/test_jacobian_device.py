@@ -38,6 +38,8 @@ def _close(a: pl.Series, b: pl.Series) -> None:
 
 def _same(cpu: Tables, cuda: Tables) -> None:
     (r_cpu, c_cpu, f_cpu), (r_gpu, c_gpu, f_gpu) = cpu, cuda
+    # stored in order of total attribution: ties (planted weights) may break either way
+    c_cpu, c_gpu = (c.sort("output", "input") for c in (c_cpu, c_gpu))
     assert r_cpu.key == r_gpu.key  # same model, SAEs and tokens: the same inputs
     assert (r_cpu.tokens, r_cpu.connections) == (r_gpu.tokens, r_gpu.connections)
     assert (r_cpu.features_scored, r_cpu.share_linear) == (
@@ -65,7 +67,23 @@ def test_plants_give_the_cpu_tables_on_cuda(kind, tmp_path) -> None:
             plant.lm, pair, plant.sae_in, plant.sae_out, tokens, tmp_path / device, CONFIG
         )
         found[device] = (result, *_tables(tmp_path / device))
-    _same(found["cpu"], found["cuda"])
+    _alike(found["cpu"], found["cuda"])
+
+
+def _alike(cpu: Tables, cuda: Tables) -> None:
+    """The plants' output SAE is ReLU on orthonormal rows: where the rule gives 0, float
+    rounding leaves codes of ~1e-7 that count as active on one device and not the other
+    (seen on an H200: 70 vs 73 tokens for one connection), so counts agree to a few
+    percent and the slopes, scores and verdicts agree closely, not bit for bit."""
+    (r_cpu, c_cpu, f_cpu), (r_gpu, c_gpu, f_gpu) = cpu, cuda
+    assert r_cpu.key == r_gpu.key and r_cpu.tokens == r_gpu.tokens
+    both = c_cpu.join(c_gpu, on=["output", "input"], suffix="_gpu")
+    assert both.height >= 0.95 * max(c_cpu.height, c_gpu.height)
+    np.testing.assert_allclose(both["n_tokens"], both["n_tokens_gpu"], rtol=0.05, atol=2)
+    np.testing.assert_allclose(both["jacobian_mean"], both["jacobian_mean_gpu"], atol=0.05)
+    verdicts = (f["jacobian_verdict"].to_numpy() for f in (f_cpu, f_gpu))
+    assert np.mean(np.equal(*verdicts)) >= 0.95
+    assert abs(r_cpu.share_linear - r_gpu.share_linear) <= 0.05
 
 
 def _topk_sae(d: int, width: int, k: int, seed: int, site: str) -> Sae:

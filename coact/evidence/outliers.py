@@ -111,10 +111,10 @@ def reconstruction_norms(
     codes: sp.csr_matrix, sae: SparseAutoencoder, chunk: int = 8192
 ) -> np.ndarray:
     """‖decode(c)‖ per token row, from the sparse codes (no dense codes matrix)."""
-    if isinstance(sae, SparseAutoencoder):
+    if isinstance(getattr(sae, "W_dec", None), torch.Tensor):  # on any device
         w_dec = sae.W_dec.detach().to("cpu", torch.float32).numpy()
         b_dec = sae.b_dec.detach().to("cpu", torch.float32).numpy()
-    else:  # any SparseAutoencoder: decode the identity to get its linear map
+    else:  # decode the identity to get its linear map
         b_dec = sae.decode(torch.zeros(1, sae.width)).detach().cpu().float().numpy()[0]
         w_dec = sae.decode(torch.eye(sae.width)).detach().cpu().float().numpy() - b_dec
     out = np.empty(codes.shape[0], dtype=np.float64)
