@@ -126,6 +126,9 @@ class Step(Result):
     reused: bool  # a finished step read back, not rerun
     tau: float | None  # the calibrated τ
     figures: dict[str, FigureValue]
+    heldout_tokens: int | None = None  # the connectors' held-out tokens (d is measured on)
+    mlp_epochs_run: int | None = None  # how the mlp fit d compares with least squares ran
+    mlp_best_epoch: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,6 +360,7 @@ def run_step(config: AnalyzeConfig, budget: int) -> Step:
         result = analyze(config)
         assert isinstance(result, RunSummary)
         summary = result
+    connect = summary.connect
     return Step(
         budget=budget, run_dir=str(config.run_dir), tokens=summary.tokens,
         sae_tokens=config.sae_tokens,
@@ -364,6 +368,9 @@ def run_step(config: AnalyzeConfig, budget: int) -> Step:
         seconds=summary.timings.get("total_s", math.nan), timings=dict(summary.timings),
         reused=reused, tau=summary.calibrate.tau if summary.calibrate is not None else None,
         figures=figures_of(summary),
+        heldout_tokens=connect.tokens_heldout if connect is not None else None,
+        mlp_epochs_run=connect.mlp_epochs_run if connect is not None else None,
+        mlp_best_epoch=connect.mlp_best_epoch if connect is not None else None,
     )  # fmt: skip
 
 

@@ -92,6 +92,10 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.1f} %" if unit == "%" else f"{value:.4g}"
 
 
+def _n(count: int | None) -> str:
+    return "n/a" if count is None else f"{count:,}"
+
+
 def _k(budget: int) -> str:
     return f"{budget // 1000}k" if budget % 1000 == 0 else f"{budget:,}"
 
@@ -129,14 +133,17 @@ def _tally(metas: dict[str, dict[str, str]], verdicts: dict[str, Any]) -> str:
 def _steps_table(ladder: str, data: dict[str, Any]) -> list[str]:
     lines = [
         f"| {BUDGET_NAMES[ladder]} | codes stored (tokens) | SAE tokens | codes start at "
-        "(corpus token) | calibrated τ | seconds (the run's total) |",
-        "|---|---|---|---|---|---|",
+        "(corpus token) | held-out tokens | mlp epochs run (best) | calibrated τ | seconds "
+        "(the run's total) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in data["steps"]:
         tau = f"{s['tau']:.3g}" if s["tau"] is not None else "n/a"
         lines.append(
             f"| {_k(s['budget'])} | {s['tokens']:,} | {s['sae_tokens']:,} | "
-            f"{s['code_offset_tokens']:,} | {tau} | {s['seconds']:.0f} |"
+            f"{s['code_offset_tokens']:,} | {_n(s.get('heldout_tokens'))} | "
+            f"{_n(s.get('mlp_epochs_run'))} ({_n(s.get('mlp_best_epoch'))}) | {tau} | "
+            f"{s['seconds']:.0f} |"
         )
     return lines
 
