@@ -210,6 +210,17 @@ def page(study: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {m['label']}: {m['basis']}" for m in study["figures"].values()]
+    lines += [
+        "",
+        "Settled says the last doubling did not move a figure beyond its own uncertainty; "
+        "a wide interval (d's noise-floor bracket can span tens of points) lets a figure "
+        "settle while it still moves a lot, so each verdict below gives the move and the "
+        "interval. The step tables give the mlp fit's epochs (the most, and the latest "
+        "best, over its output chunks): when the best is the last one run, a fit stopped at "
+        "its epoch cap still improving, and the mlp's NMSE and d (hence the linear shares "
+        "and how often the mlp beats least squares) depend on that cap as well as on the "
+        "tokens.",
+    ]
     lines += ["", "![Convergence](convergence.png)", ""]
     for ladder, data in study["ladders"].items():
         lines += _ladder_section(study, ladder, data)
