@@ -281,3 +281,12 @@ def test_analyze_with_control_on_a_tiny_model(tmp_path: Path, one_thread: None) 
     assert again.control is not None and again.control.reused  # type: ignore[union-attr]
     assert again.control.figures == c.figures  # type: ignore[union-attr]
     assert control.summary.read_bytes() == before
+
+
+def test_a_model_run_asks_for_one_layer_before_anything_loads(tmp_path: Path) -> None:
+    from coact.errors import CoactError
+
+    config = AnalyzeConfig(model="tiny-llama", layers=(0, 1), control=True, run_dir=str(tmp_path))
+    with pytest.raises(CoactError, match="--control runs with --layer"):
+        analyze(config)
+    assert not any(tmp_path.iterdir())
