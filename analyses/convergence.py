@@ -33,6 +33,7 @@ docs/convergence.md (`plot_convergence.py` redraws both from the JSON).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -129,6 +130,8 @@ class Step(Result):
     heldout_tokens: int | None = None  # the connectors' held-out tokens (d is measured on)
     mlp_epochs_run: int | None = None  # how the mlp fit d compares with least squares ran
     mlp_best_epoch: int | None = None
+    # connect's and calibrate's own seconds, measured when they ran (kept when reused)
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,7 +374,22 @@ def run_step(config: AnalyzeConfig, budget: int) -> Step:
         heldout_tokens=connect.tokens_heldout if connect is not None else None,
         mlp_epochs_run=connect.mlp_epochs_run if connect is not None else None,
         mlp_best_epoch=connect.mlp_best_epoch if connect is not None else None,
+        stage_seconds=_stage_seconds(summary),
     )  # fmt: skip
+
+
+def _stage_seconds(summary: RunSummary) -> dict[str, float]:
+    """Seconds connect and calibrate measured themselves (a reused stage keeps them)."""
+    out: dict[str, float] = {}
+    if summary.connect is not None:
+        out["connect"] = sum(summary.connect.timings.values())
+    if summary.calibrate is not None:
+        parts = summary.calibrate.timings
+        total = parts.get("total_s")
+        out["calibrate"] = (
+            total if total is not None else sum(v for k, v in parts.items() if k != "forward_s")
+        )
+    return out
 
 
 def ladder_result(

@@ -92,6 +92,11 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.1f} %" if unit == "%" else f"{value:.4g}"
 
 
+def _s(step: dict[str, Any], stage: str) -> str:
+    seconds = step.get("stage_seconds", {}).get(stage)
+    return "n/a" if seconds is None else f"{seconds:.0f}"
+
+
 def _n(count: int | None) -> str:
     return "n/a" if count is None else f"{count:,}"
 
@@ -134,8 +139,8 @@ def _steps_table(ladder: str, data: dict[str, Any]) -> list[str]:
     lines = [
         f"| {BUDGET_NAMES[ladder]} | codes stored (tokens) | SAE tokens | codes start at "
         "(corpus token) | held-out tokens | mlp epochs run (best) | calibrated τ | seconds "
-        "(the run's total) |",
-        "|---|---|---|---|---|---|---|---|",
+        "(the run's last call) | connect s | calibrate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in data["steps"]:
         tau = f"{s['tau']:.3g}" if s["tau"] is not None else "n/a"
@@ -143,7 +148,7 @@ def _steps_table(ladder: str, data: dict[str, Any]) -> list[str]:
             f"| {_k(s['budget'])} | {s['tokens']:,} | {s['sae_tokens']:,} | "
             f"{s['code_offset_tokens']:,} | {_n(s.get('heldout_tokens'))} | "
             f"{_n(s.get('mlp_epochs_run'))} ({_n(s.get('mlp_best_epoch'))}) | {tau} | "
-            f"{s['seconds']:.0f} |"
+            f"{s['seconds']:.0f} | {_s(s, 'connect')} | {_s(s, 'calibrate')} |"
         )
     return lines
 
@@ -158,6 +163,13 @@ def _ladder_section(study: dict[str, Any], ladder: str, data: dict[str, Any]) ->
     else:
         lines += [f"Steps run: {', '.join(_k(b) for b in ran)} {BUDGET_NAMES[ladder]}.", ""]
         lines += [*_steps_table(ladder, data), ""]
+    if ran:
+        lines += [
+            "Seconds are the run's last call's, on 2 shared CPU cores: a step resumed after a "
+            "stop counts only what that call redid (a first step's include training its "
+            "SAEs); connect and calibrate give their own, measured when they ran.",
+            "",
+        ]
     for budget, error in data["failed"].items():
         lines += [f"The {_k(int(budget))} step stopped: {error}", ""]
     if missing:
@@ -228,6 +240,9 @@ def page(study: dict[str, Any]) -> str:
         "Numbers: `analyses/results/convergence.json` (every step's figures with their "
         "intervals, budgets and seconds, and every verdict); `python "
         "analyses/plot_convergence.py` redraws this page and the chart from it.",
+        "",
+        "The code-token ladder to 400k, measured on a GPU: "
+        "[Convergence on a GPU](convergence-gpu.md).",
         "",
     ]
     return "\n".join(lines)
