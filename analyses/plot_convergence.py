@@ -89,7 +89,7 @@ def chart(study: dict[str, Any]) -> alt.FacetChart:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.1f} %" if unit == "%" else f"{value:.4g}"
+    return f"{value:.2f} %" if unit == "%" else f"{value:.4g}"
 
 
 def _s(step: dict[str, Any], stage: str) -> str:
@@ -111,10 +111,8 @@ def sentence(name: str, meta: dict[str, str], ladder: str, v: dict[str, Any]) ->
     head = f"- **{meta['label']}**: {BUDGET_NAMES[ladder]} {_k(a)} → {_k(b)}"
     if v["settled"] is None:
         return f"{head}: not judged (a value is missing)."
-    moved = (
-        f"moved it from {_fmt(v['previous'], unit)} to {_fmt(v['last'], unit)} "
-        f"({v['move']:+.2f}{' points' if unit == '%' else ''})"
-    )
+    move = f"{v['move']:+.2f} points" if unit == "%" else f"{v['move']:+.3g}"
+    moved = f"moved it from {_fmt(v['previous'], unit)} to {_fmt(v['last'], unit)} ({move})"
     verdict = "**settled**" if v["settled"] else "**not settled**"
     if v["tolerance"] is not None:
         larger = max(abs(v["previous"]), abs(v["last"]))
@@ -227,9 +225,12 @@ def page(study: dict[str, Any]) -> str:
         "Settled says the last doubling did not move a figure beyond its own uncertainty; "
         "a wide interval (d's noise-floor bracket can span tens of points) lets a figure "
         "settle while it still moves a lot, so each verdict below gives the move and the "
-        "interval. The step tables give the mlp fit's epochs (the most, and the latest "
-        "best, over its output chunks): when the best is the last one run, a fit stopped at "
-        "its epoch cap still improving, and the mlp's NMSE and d (hence the linear shares "
+        "interval; near 0 % or 100 % a Wilson interval is tight on the near side, so one "
+        "feature of thousands crossing over can read as a move out of it. The step tables "
+        "give the mlp "
+        "fit's epochs (the most, and the latest best, over its output chunks): when the best "
+        "is the last one run, a fit stopped at its epoch cap still improving, and the mlp's "
+        "NMSE and d (hence the linear shares "
         "and how often the mlp beats least squares) depend on that cap as well as on the "
         "tokens.",
     ]
