@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +82,7 @@ def analyze(
     sae_tokens: int | None = budget_option("sae_tokens"),
     ctx_len: int = option(AnalyzeConfig, "ctx_len"),
     device: str = option(AnalyzeConfig, "device"),
+    dtype: str = option(AnalyzeConfig, "dtype"),
     run_dir: str | None = option(AnalyzeConfig, "run_dir"),
     sae_in: str | None = option(AnalyzeConfig, "sae_in"),
     sae_out: str | None = option(AnalyzeConfig, "sae_out"),
@@ -100,8 +102,8 @@ def analyze(
 
     config = AnalyzeConfig(
         model=model, layer=layer, layers=parse_layers(layers) if layers is not None else None,
-        corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, run_dir=run_dir,
-        sae_in=sae_in, sae_out=sae_out, control=control,
+        corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, dtype=dtype,
+        run_dir=run_dir, sae_in=sae_in, sae_out=sae_out, control=control,
     )  # fmt: skip
     config = config.with_stages(
         add=BLOCK_STAGES if block else (), drop=("report", "ablate") if no_report else ()
@@ -437,23 +439,73 @@ def _form(form: str) -> Literal["raw", "fvu", "seed"]:
     return form  # type: ignore[return-value]
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors, usage errors and file-system faults become one to three
+    lines on stderr and exit status 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False, prog_name="coact")
     except CoactError as error:
-        print(f"coact: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error))
     except (typer.Abort, KeyboardInterrupt):
         print("coact: interrupted; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
+    except OSError as error:
+        _fail(file_fault(error))
+    except Exception as error:
+        lines = usage_lines(error)
+        if lines is None:
+            raise
+        print("\n".join(lines), file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+
+def _fail(message: str) -> None:
+    print(f"coact: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def file_fault(error: OSError) -> str:
+    """A file-system fault as one line: what could not be done to which path, and why."""
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error)
+    fixes = {
+        "EACCES": "make it writable or choose another --run-dir",
+        "EROFS": "the file system is read-only; choose another --run-dir",
+        "ENOTDIR": "a file stands where a directory is needed; move it or choose another path",
+        "EEXIST": "a file stands where a directory is needed; move it or choose another path",
+        "ENOSPC": "free some space and re-run the same command to resume",
+    }
+    import errno
+
+    fix = fixes.get(errno.errorcode.get(error.errno or 0, ""), "check the path and its rights")
+    return f"cannot use{where}: {reason}; {fix}"
+
+
+def usage_lines(error: BaseException) -> list[str] | None:
+    """A command-line usage error (typer's vendored click, or click itself) as at most
+    three lines: what was wrong, the valid form and where the help is; None for anything
+    else. No-arguments help has already been printed, so it adds nothing."""
+    kinds: list[type] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            kinds.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            continue
+    if not isinstance(error, tuple(kinds)) or getattr(error, "exit_code", 1) == 0:
+        return None
+    if type(error).__name__ == "NoArgsIsHelpError":
+        return []
+    message = str(error.format_message()).strip().splitlines()[0]  # type: ignore[attr-defined]
+    ctx = getattr(error, "ctx", None)
+    if ctx is None:
+        return [f"coact: error: {message}"]
+    usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), ctx.get_usage().strip())
+    return [
+        f"coact: error: {message}",
+        " ".join(usage.split()),
+        f"Try '{ctx.command_path} --help' for help.",
+    ]
 
 
 __all__ = ["app", "main"]

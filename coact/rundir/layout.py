@@ -317,8 +317,7 @@ class RunLayout:
         """The layout a run's config.json (or the given config) records."""
         run = Path(run_dir)
         if config is None:
-            path = run / CONFIG
-            config = json.loads(path.read_text()) if path.is_file() else {}
+            config = read_run_config(run) if (run / CONFIG).is_file() else {}
         shared = config.get("shared_dir")
         return cls(run, (run / shared) if shared else run)
 
@@ -363,8 +362,21 @@ class RunLayout:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run's config.json, or one clear error saying the directory is not a run."""
-    path = Path(run_dir) / CONFIG
+    """A run's config.json, or one clear error saying why the directory is not a run (a
+    file, no config.json, or a config.json that is not a JSON object)."""
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise CoactError(f"{run} is a file, not a run directory; give the run's directory")
+    path = run / CONFIG
     if not path.is_file():
         raise CoactError(f"{run_dir} is not a run directory (no config.json); run `coact analyze`")
-    return dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CoactError(
+            f"corrupt {path} ({error}); restore it or rerun `coact analyze` into a new "
+            "run directory"
+        ) from None
+    if not isinstance(data, dict):
+        raise CoactError(f"corrupt {path}: expected a JSON object; restore it or rerun analyze")
+    return dict(data)
