@@ -34,8 +34,8 @@ def mlp_block(lm: LoadedModel, layer: int) -> BlockFn:
     norm = resolve(lm.model, lm.adapter.mlp_input_point(layer).path)
     mlp = resolve(lm.model, lm.adapter.mlp_path(layer))
 
-    def block(x: Tensor) -> Tensor:
-        return mlp(norm(x))
+    def block(x: Tensor) -> Tensor:  # a bfloat16 model computes in bfloat16, read as float32
+        return mlp(norm(x.to(lm.dtype))).float()
 
     return block
 

@@ -114,7 +114,11 @@ class Adapter:
         if self.family not in {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}:
             raise CoactError(f"self-only attention is not implemented for family {self.family!r}")
         attn = resolve(model, self.attn_path(layer))
-        x = resolve(model, self.attn_norm_path(layer))(resid_pre)
+        weights = next(model.parameters()).dtype  # a bfloat16 model reads bfloat16
+        x = resolve(model, self.attn_norm_path(layer))(resid_pre.to(weights))
+        return self._own_values(model, attn, x).float()
+
+    def _own_values(self, model: nn.Module, attn: Any, x: Tensor) -> Tensor:
         config: Any = model.config
         n_heads = int(config.num_attention_heads)
         if self.family == "gpt_neox":  # fused output is per head [q_h | k_h | v_h]

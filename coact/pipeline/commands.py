@@ -52,7 +52,7 @@ def ablate_run(
     layout = RunLayout.of(run_dir)
     config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
     wanted = report_ablation_targets(layout.run_dir, features, settings)
-    lm = load_model(config.model, device=device, seed=config.seed)
+    lm = load_model(config.model, device=device, seed=config.seed, dtype=config.dtype)
     store = CodeStore.open(layout.codes)
     found = run_saes(layout.run_dir, sorted({slug for slug, _ in wanted}), device=device)
     saes = {Site.parse(slug): sae for slug, sae in found.items()}

@@ -18,7 +18,7 @@ from coact.evidence.ablation import AblationConfig
 from coact.evidence.outliers import OutlierConfig
 from coact.jacobian.stage import JacobianConfig
 from coact.logic.stage import LabelsConfig
-from coact.models.load import EMBEDDED
+from coact.models.load import DTYPES, EMBEDDED
 from coact.rundir.results import from_dict
 from coact.sae.train import SaeTrainConfig
 from coact.settings import setting
@@ -50,6 +50,9 @@ class AnalyzeConfig:
     ctx_len: int = setting(128, "tokens per context, BOS included")
     seed: int = setting(0, "seed of the corpus sample and of every fit")
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:1, mps")
+    dtype: str = setting(
+        "float32", "the model's weights: float32, or bfloat16 (halves memory; for GPUs)"
+    )
     run_dir: str | None = setting(None, "default: runs/<model>-L<layer> (or -L<first>-<last>)")
     shared_dir: str | None = None  # set on a model run's layers: where sae/ and codes/ live
     sae_in: str | None = setting(None, "SAE directory for mlp_resid at --layer; trained if omitted")
@@ -77,6 +80,8 @@ class AnalyzeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CoactError(f"unknown dtype {self.dtype!r}: choose {' or '.join(DTYPES)}")
         if unknown := [s for s in self.stages if s not in STAGE_NAMES]:
             raise CoactError(f"unknown stages {unknown}: choose among {', '.join(STAGE_NAMES)}")
 

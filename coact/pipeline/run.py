@@ -44,7 +44,7 @@ def analyze(config: AnalyzeConfig) -> RunSummary | ModelSummary:
     started = time.perf_counter()
     config = config.resolved()
     stages_of(config)  # a stage asked for without what it reads stops here, before loading
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = load_model(config.model, device=config.device, seed=config.seed, dtype=config.dtype)
     run_dir = config.resolved_run_dir()
     sites = layer_sites(config, config.layer)
     given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
@@ -63,7 +63,7 @@ def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
         raise CoactError("--control runs with --layer (one layer); a model run has no control yet")
     config = config.with_stages(add=BLOCK_STAGES).resolved()
     stages_of(config)
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = load_model(config.model, device=config.device, seed=config.seed, dtype=config.dtype)
     layers = _model_layers(config, lm)
     config = dataclasses.replace(config, layers=tuple(layers))
     model = RunLayout(config.resolved_run_dir(), config.resolved_run_dir())
