@@ -204,8 +204,13 @@ def test_hand_computed_dictionary_learning(tmp_path: Path) -> None:
     trainer = {"dict_class": "AutoEncoder", "activation_dim": 2, "dict_size": 3}
     (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
     sae = load_sae(tmp_path)
-    assert sae.encode(TINY_X).tolist() == TINY_CODES["standard"]
-    assert sae.decode(torch.tensor(TINY_CODES["standard"])).tolist() == TINY_DECODED
+    # from_pretrained folds the decoder column norms [1, 1, √2] into the encoder: latent 2's
+    # code 1 becomes √2 and its decoder row [1, 1] becomes [1, 1]/√2, so x̂ is unchanged.
+    root2 = 2.0**0.5
+    folded = [[2.0, 0.0, root2], [0.0, 2.0, 0.0]]
+    np.testing.assert_allclose(sae.encode(TINY_X).numpy(), folded, rtol=1e-6)
+    np.testing.assert_allclose(sae.decode(torch.tensor(folded)).numpy(), TINY_DECODED, rtol=1e-6)
+    assert sae.metadata["decoder_norms"].startswith("folded into the encoder")
 
 
 # --- dictionary_learning ---------------------------------------------------------------------
@@ -274,6 +279,11 @@ def _dl_forward(state: dict[str, torch.Tensor], dict_class: str, x: torch.Tensor
         codes = np.maximum(pre_jump * (pre_jump > s["threshold"]), 0)
         return codes, lambda f: f @ s["W_dec"] + s["b_dec"]
     bias = s["bias"] if dict_class == "AutoEncoder" else s["b_dec"]
+    if dict_class == "AutoEncoder":  # from_pretrained(normalize_decoder=True) folds the norms
+        norms = np.linalg.norm(s["decoder.weight"], axis=0)
+        s["decoder.weight"] = s["decoder.weight"] / norms
+        s["encoder.weight"] = s["encoder.weight"] * norms[:, None]
+        s["encoder.bias"] = s["encoder.bias"] * norms
     post_relu = np.maximum((_np(x) - bias) @ s["encoder.weight"].T + s["encoder.bias"], 0)
     if dict_class == "AutoEncoder":
         codes = post_relu
@@ -457,13 +467,38 @@ def test_save_then_load_reproduces_the_sae(
         ("attn_out[1]", "blocks.1.hook_attn_out"),
         ("resid_mid[0]", "blocks.0.hook_resid_mid"),
         ("mlp_in[2]", "blocks.2.ln2.hook_normalized"),
-        ("mlp_resid[2]", "blocks.2.mlp_resid"),
     ],
 )
 def test_saved_hook_name_follows_site(tmp_path: Path, site: str, hook: str) -> None:
     out = save_saelens(_random_sae("relu", site=site), tmp_path / "sae")
-    assert json.loads((out / "cfg.json").read_text())["hook_name"] == hook
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == hook
     assert load_sae(out).site == site
+
+
+@pytest.mark.parametrize(
+    ("kind", "hook"),
+    [("resid_pre", "blocks.2.hook_resid_pre"), ("resid_mid", "blocks.2.hook_resid_mid")],
+)
+def test_mlp_resid_saves_the_real_hook(tmp_path: Path, kind: str, hook: str) -> None:
+    """mlp_resid is no TransformerLens hook: parallel models read hook_resid_pre, sequential
+    ones hook_resid_mid; coact's own name stays in coact_site."""
+    sae = _random_sae("relu", site="mlp_resid[2]")
+    out = save_saelens(sae, tmp_path / "a", mlp_resid_kind=kind)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == hook
+    assert cfg["coact_site"] == "mlp_resid[2]" and load_sae(out).site == "mlp_resid[2]"
+    sae = _random_sae("relu", site="mlp_resid[2]")
+    sae.metadata["mlp_resid_kind"] = kind  # the same, told by the SAE's own metadata
+    cfg = json.loads((save_saelens(sae, tmp_path / "b") / "cfg.json").read_text())
+    assert cfg["hook_name"] == hook
+
+
+def test_mlp_resid_without_its_kind_writes_no_hook(tmp_path: Path) -> None:
+    out = save_saelens(_random_sae("relu", site="mlp_resid[2]"), tmp_path / "sae")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert "hook_name" not in cfg and "hook_name" not in cfg["metadata"]
+    assert cfg["coact_site"] == "mlp_resid[2]"
 
 
 def test_save_without_site_writes_no_hook_name(tmp_path: Path) -> None:
@@ -509,7 +544,7 @@ def test_failed_save_leaves_the_old_directory(tmp_path: Path, monkeypatch, failu
         real_replace(src, dst)
 
     if failure == "writing":
-        monkeypatch.setattr("coact.sae.formats.save_file", broken_write)
+        monkeypatch.setattr("coact.sae.formats.saelens.save_file", broken_write)
     else:
         monkeypatch.setattr(os, "replace", broken_rename)
     with pytest.raises(OSError, match="disk full"):
@@ -620,12 +655,14 @@ def test_sparsify_skip_connection(tmp_path: Path) -> None:
     weights = _write_sparsify(tmp_path / "layers.1", skip_connection=True)
     weights["W_skip"] = torch.zeros(D_IN, D_IN)
     save_file(weights, str(tmp_path / "layers.1" / "sae.safetensors"))
-    assert "skip connection" in _error(tmp_path / "layers.1")
+    message = _error(tmp_path / "layers.1")
+    assert "skip transcoder" in message and "read_sparsify" in message
 
 
 def test_sparsify_transcoder(tmp_path: Path) -> None:
     _write_sparsify(tmp_path / "layers.1", transcode=True)
-    assert "transcoders are unsupported" in _error(tmp_path / "layers.1")
+    message = _error(tmp_path / "layers.1")
+    assert "is a sparsify transcoder" in message and "not an SAE" in message
 
 
 def test_hub_source_offline(monkeypatch) -> None:
