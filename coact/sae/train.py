@@ -139,25 +139,11 @@ class SaeTrainer:
         denom = (x - x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / denom
         log.tokens_seen += x.shape[0]
-        fired = torch.zeros(sae.width, dtype=torch.bool, device=x.device)
-        fired[indices[values.detach() > 0]] = True
-        self.last_fired[fired] = log.tokens_seen
-        dead = (log.tokens_seen - self.last_fired) > config.dead_after_tokens
-        auxk = torch.zeros((), device=x.device)
+        dead = mark_fired(
+            self.last_fired, indices, values, log.tokens_seen, config.dead_after_tokens
+        )
         n_dead = int(dead.sum())
-        if n_dead > 0:
-            k_aux = min(self.k_aux, n_dead)
-            with torch.no_grad():
-                dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
-                aux_indices = dead_pre.topk(k_aux, dim=-1, sorted=False).indices
-            # Where fewer than k_aux dead latents are positive, topk also returns live ones;
-            # as in the dense rule they contribute zero.
-            aux_pre = gather_pre(centred, sae.W_enc, sae.b_enc, aux_indices, pre)
-            aux_values = torch.relu(aux_pre) * dead[aux_indices]
-            target = error.detach()
-            aux_recon = sparse_decode(aux_indices, aux_values, sae.W_dec)
-            auxk = (target - aux_recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
-            auxk = torch.nan_to_num(auxk, nan=0.0)
+        auxk = auxk_loss(centred, sae.W_enc, sae.b_enc, sae.W_dec, pre, dead, error, self.k_aux)
         loss = fvu + config.auxk_alpha * auxk
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,6 +186,38 @@ def dense_loss(trainer: SaeTrainer, batch: torch.Tensor, tokens_seen: int) -> to
     target = error.detach()
     auxk = (target - aux).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
     return fvu + config.auxk_alpha * auxk
+
+
+def mark_fired(
+    last_fired: Tensor, indices: Tensor, values: Tensor, tokens_seen: int, dead_after: int
+) -> Tensor:
+    """Record (in place) which latents fired in this batch; the dead mask: latents silent
+    for more than `dead_after` tokens (shared by the SAE and transcoder trainers)."""
+    fired = torch.zeros(last_fired.shape[0], dtype=torch.bool, device=last_fired.device)
+    fired[indices[values.detach() > 0]] = True
+    last_fired[fired] = tokens_seen
+    return (tokens_seen - last_fired) > dead_after
+
+
+def auxk_loss(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, pre: Tensor, dead: Tensor,
+    error: Tensor, k_aux: int,
+) -> Tensor:  # fmt: skip
+    """AuxK dead-latent revival: the `k_aux` largest dead latents reconstruct the live ones'
+    error, normalised like FVU (zero when none is dead). Only the chosen latents are touched."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return torch.zeros((), device=x.device)
+    with torch.no_grad():
+        dead_pre = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        aux_indices = dead_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False).indices
+    # Where fewer than k_aux dead latents are positive, topk also returns live ones;
+    # as in the dense rule they contribute zero.
+    aux_values = torch.relu(gather_pre(x, W_enc, b_enc, aux_indices, pre)) * dead[aux_indices]
+    target = error.detach()
+    aux_recon = sparse_decode(aux_indices, aux_values, W_dec)
+    auxk = (target - aux_recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+    return torch.nan_to_num(auxk, nan=0.0)
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
