@@ -1,0 +1,135 @@
+"""Skip transcoders: the trainer recovers a planted sparse map plus a linear skip, its
+sparse step has the dense loss's gradients, scales fold away, and the sparsify format
+round-trips through coact and through sparsify itself."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from coact.sae.train import SaeTrainConfig
+from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
+from coact.transcoder.model import SkipTranscoder
+from coact.transcoder.train import TranscoderTrainer
+
+STEPS = 300
+
+
+class _Plant:
+    """y = Σ_top-k ReLU(x·e_j + b_j) d_j + S x + c, with x Gaussian: a sparse map and a
+    linear skip, each known."""
+
+    def __init__(self, d: int, m: int, k: int, gen: torch.Generator) -> None:
+        self.k = k
+        self.enc = F.normalize(torch.randn(d, m, generator=gen), dim=0)
+        self.bias = -0.5 * torch.ones(m)
+        self.dec = F.normalize(torch.randn(m, d, generator=gen), dim=-1) * 3
+        self.skip = 0.5 * torch.randn(d, d, generator=gen) / d**0.5
+        self.offset = torch.randn(d, generator=gen)
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, self.enc.shape[0], generator=gen)
+        values, idx = torch.relu(x @ self.enc + self.bias).topk(self.k, dim=-1)
+        codes = torch.zeros(n, self.enc.shape[1]).scatter_(-1, idx, values)
+        return x, codes @ self.dec + x @ self.skip.T + self.offset
+
+
+def _fvu(y: torch.Tensor, pred: torch.Tensor) -> float:
+    return float((y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+def test_trainer_recovers_a_planted_sparse_map_and_its_skip(one_thread: None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    d, m, k = 16, 24, 3
+    plant = _Plant(d, m, k, gen)
+    config = SaeTrainConfig(expansion=2, k=k, lr=1e-2, dead_after_tokens=5_000)
+    trainer = TranscoderTrainer(*plant.sample(512, gen), config, gen)
+    for _ in range(STEPS):
+        trainer.step(*plant.sample(512, gen))
+    tc = trainer.finish()
+    x, y = plant.sample(4096, gen)
+    assert _fvu(y, tc(x)) < 0.05
+    # the skip path carries the planted linear map (the latents only the sparse part)
+    error = (tc.W_skip - plant.skip).norm() / plant.skip.norm()
+    assert error < 0.25, f"skip path off by {error:.2f} of its norm"
+    # each planted output direction is written by some latent
+    cosine = F.normalize(tc.W_dec, dim=-1) @ F.normalize(plant.dec, dim=-1).T
+    found = float((cosine.max(0).values > 0.9).float().mean())
+    assert found > 0.8, f"only {found:.2f} of the planted latents found"
+    # a transcoder without skip explains less of the same map at the same k
+    plain = TranscoderTrainer(*plant.sample(512, gen), config, gen, skip=False)
+    for _ in range(STEPS):
+        plain.step(*plant.sample(512, gen))
+    assert _fvu(y, plain.finish()(x)) > _fvu(y, tc(x)) + 0.02
+
+
+def _dense_loss(trainer: TranscoderTrainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The step's FVU written with full-width codes (no dead latents: AuxK is zero)."""
+    tc = trainer.tc
+    xs, ys = x / trainer.x_scale, y / trainer.y_scale
+    return (ys - tc(xs)).pow(2).sum() / (ys - ys.mean(0)).pow(2).sum()
+
+
+def test_sparse_step_has_the_gradients_of_the_dense_loss() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 12, generator=gen)
+    y = torch.tanh(x @ torch.randn(12, 12, generator=gen)) + 1
+    trainer = TranscoderTrainer(x, y, SaeTrainConfig(expansion=4, k=3), gen)
+    with torch.no_grad():
+        trainer.tc.W_dec.normal_(generator=gen)  # away from the zero start
+        trainer.tc.W_skip.normal_(generator=gen)
+    for _ in range(3):
+        tc = trainer.tc
+        tc.zero_grad()
+        _dense_loss(trainer, x, y).backward()
+        dense = {name: p.grad.clone() for name, p in tc.named_parameters() if p.grad is not None}
+        held, trainer.optimizer.step = trainer.optimizer.step, lambda: None
+        trainer.step(x, y)
+        trainer.optimizer.step = held
+        assert set(dense) == {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}
+        for name, grad in dense.items():
+            got = dict(tc.named_parameters())[name].grad
+            torch.testing.assert_close(got, grad, rtol=1e-4, atol=1e-6, msg=name)
+        trainer.optimizer.step()
+
+
+def test_scales_fold_into_the_weights() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, y = 40 * torch.randn(512, 8, generator=gen), 0.01 * torch.randn(512, 8, generator=gen)
+    trainer = TranscoderTrainer(x, y, SaeTrainConfig(expansion=2, k=4), gen)
+    trainer.step(x, y)
+    with torch.no_grad():
+        scaled = trainer.tc(x / trainer.x_scale) * trainer.y_scale
+        codes = trainer.tc.encode(x / trainer.x_scale)
+    tc = trainer.finish()
+    torch.testing.assert_close(tc.encode(x), codes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tc(x), scaled, atol=1e-5, rtol=1e-4)
+
+
+def _random_transcoder(gen: torch.Generator, skip: bool = True) -> SkipTranscoder:
+    tc = SkipTranscoder(8, 8, 32, 4, skip=skip, layer=2, metadata={"tokens": 7})
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return tc.requires_grad_(False)
+
+
+def test_sparsify_format_round_trips_through_coact_and_sparsify(tmp_path) -> None:
+    from sparsify import SparseCoder
+
+    gen = torch.Generator().manual_seed(2)
+    tc = _random_transcoder(gen)
+    folder = save_transcoder(tc, tmp_path / hookpoint(2))
+    back = load_transcoder(folder)
+    x = torch.randn(64, 8, generator=gen)
+    torch.testing.assert_close(back(x), tc(x))
+    assert (back.layer, back.k, back.width, back.metadata["tokens"]) == (2, 4, 32, 7)
+    theirs = SparseCoder.load_from_disk(folder)
+    assert theirs.cfg.transcode and theirs.cfg.skip_connection
+    out = theirs(x)
+    torch.testing.assert_close(out.sae_out, tc(x), atol=1e-5, rtol=1e-5)
+    # and a transcoder sparsify saved itself loads in coact with the same outputs
+    theirs.save_to_disk(tmp_path / "theirs" / hookpoint(5))
+    mine = load_transcoder(tmp_path / "theirs" / hookpoint(5))
+    assert mine.layer == 5
+    torch.testing.assert_close(mine(x), out.sae_out, atol=1e-5, rtol=1e-5)
