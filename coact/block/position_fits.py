@@ -12,13 +12,13 @@ from typing import Literal, get_args
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from coact.connectors.exact import GramStats, linear_fit
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.linearity.fits import LINEAR_MAP_ENTRIES
 from coact.linearity.table import HeldoutContexts, LinearityConfig, finite_mean
+from coact.progress import tqdm
 from coact.rundir.results import Result
 
 Summary = Literal["previous", "decayed"]

@@ -48,12 +48,12 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import attention_output_with_input, capture
+from coact.progress import tqdm
 from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 

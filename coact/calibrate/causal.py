@@ -26,13 +26,13 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.connectors.families import SparseConnector, csr_batch
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture, mlp_output_after_edit
+from coact.progress import tqdm
 from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits

@@ -18,7 +18,6 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.calibrate.losses import (
     _check_tokens,
@@ -30,6 +29,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import SpliceFn, spliced_logits
+from coact.progress import tqdm
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.codes.corpus import Contexts
 from coact.codes.store import CodeStore
@@ -26,6 +25,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
+from coact.progress import tqdm
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
 

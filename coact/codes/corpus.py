@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from coact.codes.prose import prose_documents
 from coact.errors import CoactError
+from coact.progress import tqdm
 
 EMBEDDED = "embedded"  # documentation and prose, mixed by the rule above
 EMBEDDED_DOCS = "embedded-docs"  # Python's documentation alone (the old embedded corpus)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from coact.codes.store import CodeStore
 from coact.connectors._cd import solve_alpha
@@ -38,6 +37,7 @@ from coact.connectors._csr import (
     symmetrise,
     transpose,
 )
+from coact.progress import tqdm
 from coact.settings import setting
 
 Outputs = Sequence[int] | np.ndarray | None

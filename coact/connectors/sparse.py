@@ -11,7 +11,6 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from coact.codes.store import CodeStore
 from coact.connectors.exact import (
@@ -27,6 +26,7 @@ from coact.connectors.sweep import elbow
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
 from coact.models.sites import SitePair
+from coact.progress import tqdm
 
 
 def context_split(

@@ -29,7 +29,6 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from coact.codes.store import CodeStore
 from coact.connectors.config import ConnectConfig
@@ -57,6 +56,7 @@ from coact.linearity.table import (
     percent_linear,
 )
 from coact.models.sites import SitePair
+from coact.progress import tqdm
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import ConnectFiles
 from coact.rundir.results import Result, Timings, pair_head, result_key

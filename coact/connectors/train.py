@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from coact.codes.store import CodeStore
 from coact.connectors import families as fam
 from coact.connectors.families import SparseConnector, column_variance, csr_batch, dense_rows
 from coact.errors import CoactError
+from coact.progress import tqdm
 from coact.settings import setting
 
 

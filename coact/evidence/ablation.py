@@ -31,7 +31,6 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.codes.collect import sae_fingerprint
 from coact.codes.store import CodeStore
@@ -39,6 +38,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
+from coact.progress import tqdm
 from coact.rundir.files import atomic_write
 from coact.rundir.layout import AblationFiles
 from coact.rundir.results import Result

@@ -15,7 +15,6 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.codes.collect import sae_fingerprint
 from coact.errors import CoactError
@@ -28,6 +27,7 @@ from coact.jacobian.score import InputSlopes, ScoreConfig, linearity_scores
 from coact.models.load import LoadedModel
 from coact.models.sites import SitePair
 from coact.models.tracing import capture
+from coact.progress import tqdm
 from coact.rundir.files import atomic_write, sha256_file
 from coact.rundir.layout import JacobianFiles
 from coact.rundir.results import Result, pair_head, result_key

@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from coact.connectors.config import ConnectConfig
 from coact.connectors.exact import GramStats, linear_fit, mse
@@ -22,6 +21,7 @@ from coact.connectors.families import SparseConnector, csr_batch, dense_rows
 from coact.connectors.train import train_connector
 from coact.errors import CoactError
 from coact.linearity.table import HeldoutContexts
+from coact.progress import tqdm
 from coact.rundir.files import atomic_write
 
 LINEAR_MAP_ENTRIES = 2**26  # dense least-squares map per chunk: 512 MiB in float64

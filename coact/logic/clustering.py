@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from coact.logic.config import LogicConfig
 from coact.logic.counts import _Codes, _Counts, _Events
+from coact.progress import tqdm
 
 # --- clusters ----------------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from tqdm.auto import tqdm
 
 from coact.errors import CoactError
+from coact.progress import tqdm
 from coact.report.attention_page import attention_page
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, TokenText, default_decode

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss, spliced_logits
+from coact.progress import tqdm
 from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
+from coact.progress import tqdm
 from coact.sae.base import Sae
 from coact.settings import setting
 
