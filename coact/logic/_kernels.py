@@ -48,9 +48,12 @@ def _advance(x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, 
 
 @njit(parallel=True, cache=True)
 def _count_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, targets, inputs,
-                  n_tokens, n, act, ysum, ysum_act, sxy, sxx):  # fmt: skip
+                  n_tokens, n, act, ysum, ysum_act, sxy, sxx, x_unit, x_edges, mom,
+                  bins):  # fmt: skip
     """Per target and truth-table row (rows ≠ 0 fully; row 0 only where y > 0): tokens,
-    target-active tokens, Σy, Σy when active; per input Σxy and Σx² on its one-input row."""
+    target-active tokens, Σy, Σy when active; per input on its one-input row: Σxy and Σx²,
+    the moments of (x / unit, y) where the target is active (n, Σx..Σx⁴, Σy, Σxy, Σx²y, Σy²)
+    and per tertile of x (edges x_edges) tokens, active tokens, Σy and Σy²."""
     n_targets = inputs.shape[0]
     for t in prange(n_targets):
         k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
@@ -66,7 +69,8 @@ def _count_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, ta
                 continue  # inputs below their floors only: counted with the empty row later
             n[t, code] += 1
             ysum[t, code] += yv
-            if yv > floor_t:
+            on = yv > floor_t
+            if on:
                 act[t, code] += 1
                 ysum_act[t, code] += yv
             if code != 0 and code & (code - 1) == 0:
@@ -75,20 +79,59 @@ def _count_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, ta
                     j += 1
                 sxy[t, j] += xs[j] * yv
                 sxx[t, j] += xs[j] * xs[j]
+                b = 0
+                if xs[j] > x_edges[cols[j], 0]:
+                    b = 1
+                if xs[j] > x_edges[cols[j], 1]:
+                    b = 2
+                bins[t, j, b, 0] += 1
+                bins[t, j, b, 2] += yv
+                bins[t, j, b, 3] += yv * yv
+                if on:
+                    bins[t, j, b, 1] += 1
+                    u = xs[j] / x_unit[cols[j]]
+                    m = mom[t, j]
+                    m[0] += 1
+                    m[1] += u
+                    m[2] += u * u
+                    m[3] += u * u * u
+                    m[4] += u * u * u * u
+                    m[5] += yv
+                    m[6] += u * yv
+                    m[7] += u * u * yv
+                    m[8] += yv * yv
+
+
+@njit(cache=True)
+def _flush(sums, t, part):
+    """Close a context's part sums (a, b) into Σa, Σb, Σa², Σb², Σab at sums[t, 1:6]."""
+    a, b = part[0], part[1]
+    sums[t, 1] += a
+    sums[t, 2] += b
+    sums[t, 3] += a * a
+    sums[t, 4] += b * b
+    sums[t, 5] += a * b
+    part[0], part[1] = 0.0, 0.0
 
 
 @njit(parallel=True, cache=True)
 def _events_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, targets, inputs,
-                   n_tokens, beta, beta_ok, stride, offsets, points, values, additive):  # fmt: skip
-    """Additivity sums per target (count, Σnum, Σden, Σnum², Σden², Σnum·den) and a
-    systematic sample (every stride-th token) of the input vectors where the target fires
-    (kind 0) and where some input fires but the target does not (kind 1)."""
+                   n_tokens, beta, beta_ok, stride, offsets, points, values, additive, ratio,
+                   context):  # fmt: skip
+    """Per target, on tokens where two or more inputs are active: the additivity's parts
+    (num = y − max βx, den = Σβx − max βx over inputs with β > 0; `additive`) and the
+    ratio's (y, Σβx; `ratio`), each as count, Σa, Σb and the second moments of the
+    per-context sums (so its error is over contexts); and a systematic sample (every
+    stride-th token) of the input vectors where the target fires (kind 0) and where some
+    input fires but the target does not (kind 1)."""
     n_targets = inputs.shape[0]
     for t in prange(n_targets):
         k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
         floor_t = y_floor[targets[t]]
         xs = np.zeros(max(k, 1))
         seen = np.zeros(2, np.int64)
+        part_s, part_r = np.zeros(2), np.zeros(2)
+        last = -1
         while True:
             tok, code, yv, py = _advance(
                 x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, n_tokens, xs
@@ -120,14 +163,119 @@ def _events_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, t
                         part = beta[t, j] * xs[j]
                         total += part
                         top = max(top, part)
-            if usable and positive >= 2:
-                num, den = yv - top, total - top
+            if not usable or positive == 0:
+                continue
+            if context[tok] != last:
+                _flush(additive, t, part_s)
+                _flush(ratio, t, part_r)
+                last = context[tok]
+            ratio[t, 0] += 1
+            part_r[0] += yv
+            part_r[1] += total
+            if positive >= 2:
                 additive[t, 0] += 1
-                additive[t, 1] += num
-                additive[t, 2] += den
-                additive[t, 3] += num * num
-                additive[t, 4] += den * den
-                additive[t, 5] += num * den
+                part_s[0] += yv - top
+                part_s[1] += total - top
+        _flush(additive, t, part_s)
+        _flush(ratio, t, part_r)
+
+
+@njit(parallel=True, cache=True)
+def _context_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, targets, inputs,
+                    n_tokens, context, offsets, out_context, out_cell, out_count,
+                    fill):  # fmt: skip
+    """Per target, its truth-table cells (2·row + active) counted per run of one context:
+    with `fill` False only how many entries each target has (offsets[t + 1]); with it
+    True the entries, written from offsets[t]. Row 0's inactive tokens are not walked."""
+    n_targets = inputs.shape[0]
+    cells = 2 << inputs.shape[1]
+    for t in prange(n_targets):
+        k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
+        floor_t = y_floor[targets[t]]
+        xs = np.zeros(max(k, 1))
+        local = np.zeros(cells, np.int64)
+        touched = np.empty(cells, np.int64)
+        n_touched, written, last = 0, 0, -1
+        while True:
+            tok, code, yv, py = _advance(
+                x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, n_tokens, xs
+            )
+            ctx = context[tok] if tok < n_tokens else -2
+            if ctx != last and n_touched > 0:
+                for u in range(n_touched):
+                    c = touched[u]
+                    if fill:
+                        at = offsets[t] + written
+                        out_context[at], out_cell[at], out_count[at] = last, c, local[c]
+                    local[c] = 0
+                    written += 1
+                n_touched = 0
+            last = ctx
+            if tok >= n_tokens:
+                break
+            on = 1 if yv > floor_t else 0
+            if code == 0 and on == 0:
+                continue
+            c = 2 * code + on
+            if local[c] == 0:
+                touched[n_touched] = c
+                n_touched += 1
+            local[c] += 1
+        if not fill:
+            offsets[t + 1] = written
+
+
+@njit(parallel=True, cache=True)
+def _cover_kernel(x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val, y_floor, targets,
+                  chosen, pool_lo, pool_hi, pool_idx, n_tokens, min_lift, best, gain, covered,
+                  mass):  # fmt: skip
+    """Per target: the activation mass on its firing tokens (`mass`), the part of it on
+    tokens where one of its `chosen` inputs (−1 padded) is active (`covered`), and the
+    pool input (pool_idx[pool_lo[t]:pool_hi[t]], not chosen) whose addition covers
+    most of the rest among those with lift P(T | X) / P(T) ≥ min_lift (`best`, `gain`)."""
+    n_targets = chosen.shape[0]
+    n_in = len(x_total)
+    for t in prange(n_targets):
+        best[t], gain[t], covered[t], mass[t] = -1, 0.0, 0.0, 0.0
+        j_t = targets[t]
+        state = np.zeros(n_in, np.int8)  # 1 pool, 2 chosen
+        for q in range(pool_lo[t], pool_hi[t]):
+            state[pool_idx[q]] = 1
+        for q in range(chosen.shape[1]):
+            if chosen[t, q] >= 0:
+                state[chosen[t, q]] = 2
+        both = np.zeros(n_in, np.int64)
+        extra = np.zeros(n_in)
+        fires = 0
+        for q in range(y_ptr[j_t], y_ptr[j_t + 1]):
+            yv = y_val[q]
+            if yv <= y_floor[j_t]:
+                continue
+            fires += 1
+            tok = y_idx[q]
+            mass[t] += yv
+            hit = False
+            for r in range(r_ptr[tok], r_ptr[tok + 1]):
+                i = r_idx[r]
+                if r_val[r] > x_floor[i] and state[i] == 2:
+                    hit = True
+            if hit:
+                covered[t] += yv
+            for r in range(r_ptr[tok], r_ptr[tok + 1]):
+                i = r_idx[r]
+                if r_val[r] > x_floor[i] and state[i] == 1:
+                    both[i] += 1
+                    if not hit:
+                        extra[i] += yv
+        if fires == 0:
+            continue
+        base = fires / n_tokens
+        for q in range(pool_lo[t], pool_hi[t]):
+            i = pool_idx[q]
+            if state[i] != 1 or x_total[i] == 0:
+                continue
+            if both[i] / x_total[i] >= min_lift * base and extra[i] > gain[t]:
+                best[t], gain[t] = i, extra[i]
 
 
 @njit(cache=True, inline="always")
@@ -154,9 +302,12 @@ def _table_mi(n1: float, a1: float, n0: float, a0: float) -> float:
 
 @njit(parallel=True, cache=True)
 def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val,
-                 y_floor, targets, inputs, n_tokens, n, act, best, gain):  # fmt: skip
+                 y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag,
+                 gain_mag):  # fmt: skip
     """Per target: the input (not yet among its inputs) with the largest conditional mutual
-    information I(T; X_i | row) given its current truth-table row, from counts."""
+    information I(T; X_i | row) given its current truth-table row, from counts; and the
+    one that splits the target's activation within its rows most (`gain_mag`: the
+    between-groups sum of squares over the within-row one, on firing tokens)."""
     n_targets = inputs.shape[0]
     n_in = len(x_total)
     rows = n.shape[1]
@@ -167,6 +318,9 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
         xs = np.zeros(max(k, 1))
         cnt = np.zeros((n_in, rows), np.int64)
         hit = np.zeros((n_in, rows), np.int64)
+        y_on = np.zeros((n_in, rows))
+        s1, s2 = np.zeros(rows), np.zeros(rows)
+        best_mag[t], gain_mag[t] = -1, 0.0
         touched = np.zeros(n_in, np.bool_)
         order = np.empty(n_in, np.int64)
         n_touched = 0
@@ -179,12 +333,17 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
             if code == 0 and yv <= floor_t:
                 continue  # the empty row's inactive tokens: by complement below
             on = 1 if yv > floor_t else 0
+            if on:
+                s1[code] += yv
+                s2[code] += yv * yv
             for q in range(r_ptr[tok], r_ptr[tok + 1]):
                 i = r_idx[q]
                 if r_val[q] <= x_floor[i]:
                     continue
                 cnt[i, code] += 1
                 hit[i, code] += on
+                if on:
+                    y_on[i, code] += yv
                 if not touched[i]:
                     touched[i] = True
                     order[n_touched] = i
@@ -207,3 +366,16 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
                 )
             if info > gain[t]:
                 best[t], gain[t] = i, info
+            between = 0.0
+            for r in range(rows):
+                m_r, k_on = act[t, r], hit[i, r]
+                if k_on > 0 and m_r - k_on > 0:
+                    d = y_on[i, r] / k_on - s1[r] / m_r
+                    between += k_on * m_r / (m_r - k_on) * d * d
+            if between > gain_mag[t]:
+                best_mag[t], gain_mag[t] = i, between
+        within = 0.0
+        for r in range(rows):
+            if act[t, r] > 0:
+                within += s2[r] - s1[r] * s1[r] / act[t, r]
+        gain_mag[t] = gain_mag[t] / within if within > 0 else 0.0

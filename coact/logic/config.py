@@ -8,19 +8,24 @@ import polars as pl
 
 from coact.settings import setting
 
-LABELS = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
-SUM, OR, AND, AND_NOT, UNEXPLAINED, DEAD = range(6)
+LABELS = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "NONLINEAR", "UNEXPLAINED", "DEAD")
+SUM, OR, AND, AND_NOT, NONLINEAR, UNEXPLAINED, DEAD = range(7)
 _LEVEL_SILENT, _LEVEL_MIXED, _LEVEL_FIRES, _LEVEL_UNSEEN = 0, 1, 2, -1
 # Which rule decided (the `rule` column), and the label each gives.
 REASONS = ("dead", "no inputs", "uncovered", "veto", "conjunction", "saturating", "additive",
-           "additivity untested", "no rule fits")  # fmt: skip
-_REASON_LABEL = (DEAD, UNEXPLAINED, UNEXPLAINED, AND_NOT, AND, OR, SUM, SUM, UNEXPLAINED)
+           "additivity untested", "no rule fits", "superadditive", "curved", "non-monotone",
+           "xor-like")  # fmt: skip
+_REASON_LABEL = (DEAD, UNEXPLAINED, UNEXPLAINED, AND_NOT, AND, OR, SUM, SUM, UNEXPLAINED,
+                 NONLINEAR, NONLINEAR, NONLINEAR, NONLINEAR)  # fmt: skip
+# A NONLINEAR label's kind is its rule: one of these.
+NONLINEAR_KINDS = ("superadditive", "curved", "non-monotone", "xor-like")
+MAX_INPUTS = 6  # the cap on a truth table's inputs: 64 rows
 
 
 @dataclass(frozen=True)
 class LogicConfig:
-    # k: inputs per target (at most 4: 16 truth-table rows)
-    max_inputs: int = setting(3, "inputs per feature (at most 4)")
+    # k: inputs per target, grown until `coverage_target` is met (at most MAX_INPUTS)
+    max_inputs: int = setting(4, "inputs per feature, at most (1–6)")
     floor: float = 0.1  # active above floor × the feature's median active value
     min_standardised: float = 0.05  # candidate inputs: |w|·sd(x_i)/sd(y) at least this...
     relative_cut: float = 0.2  # ...and at least this share of the target's strongest
@@ -32,7 +37,16 @@ class LogicConfig:
     prune: bool = True  # drop inputs that never change the truth table
     complete: bool = True  # add inputs the connector missed, by conditional information
     min_g: float = 30.0  # an addition's G = 2 N ln2 · I(T; X | row) at least this
-    n_boot: int = 200  # bootstrap resamples for the confidence
+    n_boot: int = 200  # bootstrap resamples of contexts for the confidence
+    coverage_target: float = 0.8  # inputs are added until they cover this share of mass...
+    min_lift: float = 2.0  # ...from candidates with P(T | X) ≥ min_lift · P(T)
+    jacobian_inputs: int = 16  # the Jacobian's strongest inputs per target among the candidates
+    coverage_search: int = 32  # inputs searched to count how many 80 % coverage would need
+    heldout_fraction: float = 0.2  # contexts held out for the truth table's AUC
+    superadditive_cut: float = 1.3  # Σy / Σβx on multi-input rows at least this: superadditive
+    curvature_cut: float = 0.3  # share of the affine fit's residual a square term removes
+    nonmonotone_cut: float = 0.5  # middle tertile's mean above both outer ones by this share
+    magnitude_cut: float = 0.3  # an input is kept when it changes a row's mean by this share
     cluster: bool = True
     min_cluster_size: int = 10  # tokens, and at least min_cluster_share of the sample
     min_cluster_share: float = 0.05
@@ -40,8 +54,8 @@ class LogicConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_inputs <= 4:
-            raise ValueError(f"max_inputs must be 1–4, got {self.max_inputs}")
+        if not 1 <= self.max_inputs <= MAX_INPUTS:
+            raise ValueError(f"max_inputs must be 1–{MAX_INPUTS}, got {self.max_inputs}")
         if not 0 <= self.p_silent < self.p_fire <= 1:
             raise ValueError("need 0 ≤ p_silent < p_fire ≤ 1")
 

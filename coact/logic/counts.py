@@ -43,6 +43,8 @@ class _Counts:
     y_sum_active: np.ndarray  # (T, R)
     beta: np.ndarray  # (T, K) the target's slope on each input alone
     beta_ok: np.ndarray  # (T, K) that slope rests on an observed one-input row
+    moments: np.ndarray  # (T, K, 9) of (x / median, y) on the one-input row, target active
+    tertiles: np.ndarray  # (T, K, 3, 4) per tertile of x there: tokens, active, Σy, Σy²
     n_tokens: int
 
     @property
@@ -59,6 +61,7 @@ class _Codes:
     val: np.ndarray
     floors: np.ndarray
     median: np.ndarray
+    edges: np.ndarray  # (columns, 2) the tertiles of each column's values above its floor
     n_tokens: int
 
     @classmethod
@@ -69,8 +72,26 @@ class _Codes:
         median = activation_floors(csc, 1.0)
         return cls(
             csc.indptr.astype(np.int64), csc.indices.astype(np.int64), csc.data,
-            floor * median, median, csc.shape[0],
+            floor * median, median, _tertiles(csc, floor * median), csc.shape[0],
         )  # fmt: skip
+
+
+def _tertiles(csc: sp.csc_matrix, floors: np.ndarray) -> np.ndarray:
+    """Per column, its values' 1/3 and 2/3 quantiles (above its floor; 0 when empty)."""
+    counts = np.diff(csc.indptr)
+    cols = np.repeat(np.arange(csc.shape[1]), counts)
+    keep = csc.data > floors[cols]
+    data, cols = csc.data[keep], cols[keep]
+    order = np.lexsort((data, cols))
+    data = data[order]
+    n = np.bincount(cols, minlength=csc.shape[1])
+    start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    edges = np.zeros((csc.shape[1], 2))
+    has = n > 0
+    for q, share in enumerate((1 / 3, 2 / 3)):
+        at = start + np.minimum((share * n).astype(np.int64), np.maximum(n - 1, 0))
+        edges[has, q] = data[at[has]]
+    return edges
 
 
 def _count(
@@ -81,17 +102,21 @@ def _count(
     n, act = np.zeros((n_targets, rows), np.int64), np.zeros((n_targets, rows), np.int64)
     ysum, ysum_act = np.zeros((n_targets, rows)), np.zeros((n_targets, rows))
     sxy, sxx = np.zeros((n_targets, width)), np.zeros((n_targets, width))
+    moments, tertiles = np.zeros((n_targets, width, 9)), np.zeros((n_targets, width, 3, 4))
+    unit = np.where(x.median > 0, x.median, 1.0)
     if n_targets:
         _count_kernel(
             x.ptr, x.idx, x.val, x.floors, y.ptr, y.idx, y.val, y.floors,
             targets.astype(np.int64), inputs.astype(np.int64), x.n_tokens,
-            n, act, ysum, ysum_act, sxy, sxx,
+            n, act, ysum, ysum_act, sxy, sxx, unit, x.edges, moments, tertiles,
         )  # fmt: skip
     n[:, 0] = x.n_tokens - n[:, 1:].sum(axis=1)
     singles = n[:, 1 << np.arange(width)] if width else np.zeros((n_targets, 0), np.int64)
     beta = np.divide(sxy, sxx, out=np.zeros_like(sxy), where=sxx > 0)
     beta_ok = (singles >= min_tokens) & (inputs >= 0)
-    return _Counts(targets, inputs, n, act, ysum, ysum_act, beta, beta_ok, x.n_tokens)
+    return _Counts(
+        targets, inputs, n, act, ysum, ysum_act, beta, beta_ok, moments, tertiles, x.n_tokens
+    )
 
 
 @dataclass
@@ -103,9 +128,26 @@ class _Events:
     values: np.ndarray  # (2, E) the target there
     offsets: np.ndarray  # (2, T + 1)
     totals: np.ndarray  # (T, 2) tokens of each kind before sampling
+    ratio: np.ndarray  # (T,) Σy / Σβx on multi-input rows, NaN where untested
+    ratio_se: np.ndarray  # (T,)
 
 
-def _events(x: _Codes, y: _Codes, counts: _Counts, config: LogicConfig) -> _Events:
+def _ratio_of(sums: np.ndarray, min_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σa / Σb and its standard error over contexts from (count, Σa, Σb, Σa_c², Σb_c²,
+    Σa_c·b_c) per target (a_c, b_c: one context's sums): the ratio estimator's variance
+    Σ_c (a_c − r·b_c)² / (Σb)²."""
+    m, num, den, num2, den2, cross = sums.T
+    tested = (m >= min_tokens) & (den > 0)
+    safe = np.where(tested, den, 1.0)
+    r = np.where(tested, num / safe, np.nan)
+    r0 = np.nan_to_num(r)
+    var = np.maximum(num2 - 2 * r0 * cross + r0**2 * den2, 0)
+    return r, np.where(tested, np.sqrt(var) / safe, np.nan), m.astype(np.int64)
+
+
+def _events(
+    x: _Codes, y: _Codes, counts: _Counts, config: LogicConfig, context: np.ndarray
+) -> _Events:
     n_targets, width = counts.inputs.shape
     fires = counts.active.sum(axis=1)
     suppressed = (counts.n - counts.active)[:, 1:].sum(axis=1)
@@ -118,20 +160,17 @@ def _events(x: _Codes, y: _Codes, counts: _Counts, config: LogicConfig) -> _Even
     size = int(offsets[:, -1].max(initial=0))
     points = np.zeros((2, size, max(width, 1)), np.float32)
     values = np.zeros((2, size), np.float32)
-    sums = np.zeros((n_targets, 6))
+    sums, ratio = np.zeros((n_targets, 6)), np.zeros((n_targets, 6))
     if n_targets:
         _events_kernel(
             x.ptr, x.idx, x.val, x.floors, y.ptr, y.idx, y.val, y.floors,
             counts.targets.astype(np.int64), counts.inputs.astype(np.int64), x.n_tokens,
-            counts.beta, counts.beta_ok, stride, offsets, points, values, sums,
+            counts.beta, counts.beta_ok, stride, offsets, points, values, sums, ratio,
+            context.astype(np.int64),
         )  # fmt: skip
-    m, num, den, num2, den2, cross = sums.T
-    tested = (m >= config.min_tokens) & (den > 0)
-    safe = np.where(tested, den, 1.0)
-    s = np.where(tested, num / safe, np.nan)
-    var = np.maximum(num2 - 2 * np.nan_to_num(s) * cross + np.nan_to_num(s) ** 2 * den2, 0)
-    se = np.where(tested, np.sqrt(var) / safe, np.nan)
-    return _Events(s, se, m.astype(np.int64), points, values, offsets, totals)
+    s, se, m = _ratio_of(sums, config.min_tokens)
+    rho, rho_se, _ = _ratio_of(ratio, config.min_tokens)
+    return _Events(s, se, m, points, values, offsets, totals, rho, rho_se)
 
 
 def _bits(width: int) -> np.ndarray:

@@ -12,9 +12,12 @@ import scipy.sparse as sp
 from coact.logic._kernels import _gain_kernel
 from coact.logic.candidates import _candidates, _compact, _std
 from coact.logic.clustering import _all_clusters
-from coact.logic.config import LABELS, REASONS, LayerLabels, LogicConfig
-from coact.logic.counts import _Codes, _count, _Counts, _events, information
-from coact.logic.rules import _bootstrap, _decide, _relevant
+from coact.logic.config import LABELS, NONLINEAR, REASONS, LayerLabels, LogicConfig
+from coact.logic.contexts import bootstrap, context_counts, heldout_auc
+from coact.logic.counts import _Codes, _count, _Counts, _Events, _events, information
+from coact.logic.cover import Pool, _Rows, grow, inputs_needed
+from coact.logic.magnitude import curvature, non_monotone
+from coact.logic.rules import _decide, _relevant, _Shape
 
 # --- the layer ---------------------------------------------------------------------------
 
@@ -26,11 +29,17 @@ def label_layer(
     config: LogicConfig = LogicConfig(),
     outputs: Sequence[int] | np.ndarray | None = None,
     progress: bool = True,
+    contexts: np.ndarray | None = None,
+    jacobian: pl.DataFrame | None = None,
 ) -> LayerLabels:
     """Label every target (column of y; all, or `outputs`) from its top connections in
-    `weights` (columns output, input, weight_refit, and standardised when present)."""
+    `weights` (columns output, input, weight_refit, and standardised when present), grown
+    by coverage from those and the Jacobian's connections (`jacobian`: output, input,
+    n_tokens, attribution_mean). `contexts` (token → context; None: every token its own)
+    are what the confidence resamples and the AUC holds out."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens and y {y.shape[0]}")
+    context = np.arange(x.shape[0]) if contexts is None else np.asarray(contexts)
     targets = np.arange(y.shape[1]) if outputs is None else np.asarray(outputs, np.int64)
     xc, yc = _Codes.of(x, config.floor), _Codes.of(y, config.floor)
     std = None if "standardised" in weights.columns else (_std(x), _std(y))
@@ -43,7 +52,59 @@ def label_layer(
         counts, w = _complete(counts, w, x, xc, yc, config)
         if config.prune:
             counts, w = _prune(counts, w, xc, yc, config)
-    return _finish(counts, candidates, w, xc, yc, config, progress)
+    rows, pool = _Rows.of(x, xc), Pool.of(targets, weights, jacobian, config)
+    before = counts.k
+    chosen, _ = grow(rows, xc, yc, targets, counts.inputs, pool, config, config.max_inputs)
+    changed = np.flatnonzero((chosen != counts.inputs).any(axis=1))
+    if len(changed):
+        counts = _recount(counts, xc, yc, changed, chosen, config)
+    needed, reach = inputs_needed(rows, xc, yc, targets, pool, config)
+    sources = _sources(counts.inputs, candidates, before)
+    labels = _finish(counts, candidates, w, xc, yc, config, progress, context)
+    extra = pl.DataFrame({
+        "sources": sources,
+        "inputs_needed": [int(v) if v > 0 else None for v in needed],
+        "coverage_searched": reach,
+    }, schema={"sources": pl.List(pl.String), "inputs_needed": pl.Int64,
+               "coverage_searched": pl.Float64})  # fmt: skip
+    features = pl.concat([labels.features, extra], how="horizontal")
+    features = _with_jacobian_share(features, jacobian)
+    return LayerLabels(features, labels.truth_tables, labels.clusters)
+
+
+def _sources(inputs: np.ndarray, candidates: np.ndarray, before: np.ndarray) -> list[list[str]]:
+    """Per input, how it was found: the connector, co-activation counts, or coverage."""
+    out = []
+    for t, row in enumerate(inputs):
+        named = []
+        for slot, i in enumerate(row[row >= 0]):
+            if slot >= before[t]:
+                named.append("coverage")
+            else:
+                named.append("connector" if i in candidates[t] else "co-activation")
+        out.append(named)
+    return out
+
+
+def _with_jacobian_share(features: pl.DataFrame, jacobian: pl.DataFrame | None) -> pl.DataFrame:
+    """The share of a feature's positive Jacobian attribution (Σ J·c over its stored
+    connections) that its inputs carry; null without a Jacobian table."""
+    if jacobian is None or jacobian.height == 0:
+        return features.with_columns(pl.lit(None, dtype=pl.Float64).alias("jacobian_share"))
+    total = (pl.col("attribution_mean") * pl.col("n_tokens")).clip(lower_bound=0.0)
+    attr = jacobian.select(
+        pl.col("output").cast(pl.Int64), pl.col("input").cast(pl.Int64), total.alias("a")
+    )
+    whole = attr.group_by("output").agg(pl.col("a").sum().alias("whole"))
+    carried = (
+        features.select("output", "inputs").explode("inputs")
+        .rename({"inputs": "input"}).join(attr, on=["output", "input"])
+        .group_by("output").agg(pl.col("a").sum().alias("carried"))
+    )  # fmt: skip
+    share = whole.join(carried, on="output", how="left").select(
+        "output", (pl.col("carried").fill_null(0.0) / pl.col("whole")).alias("jacobian_share")
+    )
+    return features.join(share, on="output", how="left")
 
 
 def _prune(
@@ -74,7 +135,7 @@ def _recount(
     return out
 
 
-_PER_ROW = ("n", "active", "y_sum", "y_sum_active", "beta", "beta_ok")
+_PER_ROW = ("n", "active", "y_sum", "y_sum_active", "beta", "beta_ok", "moments", "tertiles")
 
 
 def _complete(
@@ -86,7 +147,9 @@ def _complete(
     config: LogicConfig,
 ) -> tuple[_Counts, np.ndarray]:
     """Add, one at a time while a target has fewer than `max_inputs`, the input with the
-    most conditional information about it given its current rows, when significant."""
+    most conditional information about it given its current rows, when significant, else
+    the one that splits its activation within its rows most (a gain that multiplies), when
+    that removes `magnitude_cut` of the within-row variation and is significant."""
     rows_x = sp.csr_matrix(x, dtype=np.float32)
     rows_x.sum_duplicates()
     rows_x.sort_indices()
@@ -100,13 +163,19 @@ def _complete(
             break
         best = np.full(len(open_), -1, np.int64)
         gain = np.zeros(len(open_))
+        best_mag, gain_mag = np.full(len(open_), -1, np.int64), np.zeros(len(open_))
         _gain_kernel(
             xc.ptr, xc.idx, xc.val, xc.floors, r_ptr, r_idx, rows_x.data, x_total,
             yc.ptr, yc.idx, yc.val, yc.floors, counts.targets[open_].astype(np.int64),
             counts.inputs[open_], xc.n_tokens, counts.n[open_], counts.active[open_],
-            best, gain,
+            best, gain, best_mag, gain_mag,
         )  # fmt: skip
-        significant = (best >= 0) & (2 * xc.n_tokens * np.log(2) * gain >= config.min_g)
+        informative = (best >= 0) & (2 * xc.n_tokens * np.log(2) * gain >= config.min_g)
+        fires = counts.active[open_].sum(axis=1)
+        f_stat = gain_mag * np.maximum(fires - 2, 1)
+        modulates = (best_mag >= 0) & (gain_mag >= config.magnitude_cut) & (f_stat >= config.min_g)
+        best = np.where(informative, best, best_mag)
+        significant = informative | modulates
         settled[open_[~significant]] = True
         which = open_[significant]
         if len(which) == 0:
@@ -128,24 +197,65 @@ def _finish(
     yc: _Codes,
     config: LogicConfig,
     progress: bool,
+    context: np.ndarray,
 ) -> LayerLabels:
-    events = _events(xc, yc, counts, config)
+    events = _events(xc, yc, counts, config, context)
     k = counts.k
-    label, negated_slot, reason = _decide(counts.n, counts.active, k, events.additivity, config)
-    confidence = _bootstrap(counts, events, label, negated_slot, config)
-    mi_row, mi_inputs, synergy = information(counts.n, counts.active, k)
+    gain, curved = curvature(counts.moments, config)
+    shape = _Shape(events.ratio, curved, non_monotone(counts.tertiles, config))
+    label, negated_slot, reason = _decide(
+        counts.n, counts.active, k, events.additivity, config, shape
+    )
+    table = context_counts(xc, yc, counts, context)
+    confidence = bootstrap(table, counts, events, shape, label, negated_slot, config)
     cluster_frame, n_clusters = _all_clusters(counts, events, xc, config, progress)
+    rows = np.arange(len(k))
+    negated = np.where(negated_slot >= 0, counts.inputs[rows, np.maximum(negated_slot, 0)], -1)
+    mass = counts.y_sum_active.sum(axis=1)
+    kinds = [REASONS[r] if lab == NONLINEAR else None for lab, r in zip(label, reason, strict=True)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = np.where(mass > 0, 1 - counts.y_sum_active[:, 0] / mass, np.nan)
+    fit = pl.DataFrame(
+        {
+            "kind": kinds,
+            "coverage": coverage,
+            "auc": heldout_auc(table, config),
+            "ratio": events.ratio,
+            "ratio_se": events.ratio_se,
+            "curvature": [[float(v) for v in gain[t, : k[t]]] for t in rows],
+            "non_monotone": [[bool(v) for v in shape.non_monotone[t, : k[t]]] for t in rows],
+        },
+        schema_overrides={"kind": pl.String, "curvature": pl.List(pl.Float64),
+                          "non_monotone": pl.List(pl.Boolean)},
+    )  # fmt: skip
+    base = _base_frame(counts, candidates, w, events, label, confidence, reason, negated)
+    features = pl.concat([base, fit, _cluster_counts(n_clusters)], how="horizontal")
+    return LayerLabels(features, _truth_frame(counts, config), cluster_frame)
+
+
+def _cluster_counts(n_clusters: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"n_clusters_fires": n_clusters[:, 0], "n_clusters_suppressed": n_clusters[:, 1]}
+    )
+
+
+def _base_frame(
+    counts: _Counts, candidates: np.ndarray, w: np.ndarray, events: _Events,
+    label: np.ndarray, confidence: np.ndarray, reason: np.ndarray, negated: np.ndarray,
+) -> pl.DataFrame:  # fmt: skip
+    """Label, rule, inputs and the counts and information they rest on."""
+    k = counts.k
+    mi_row, mi_inputs, synergy = information(counts.n, counts.active, k)
     width = counts.inputs.shape[1]
     single = counts.n[:, 1 << np.arange(width)] if width else np.zeros((len(k), 0))
     single_active = counts.active[:, 1 << np.arange(width)] if width else np.zeros((len(k), 0))
     everything = (1 << k) - 1
     rows = np.arange(len(k))
-    negated = np.where(negated_slot >= 0, counts.inputs[rows, np.maximum(negated_slot, 0)], -1)
 
     def per_input(a: np.ndarray, cast: type) -> list[list]:
         return [[cast(v) for v in a[t, : k[t]]] for t in rows]
 
-    features = pl.DataFrame(
+    return pl.DataFrame(
         {
             "output": counts.targets.astype(np.int64),
             "label": [LABELS[i] for i in label],
@@ -168,15 +278,12 @@ def _finish(
             "mi_pattern": mi_row,
             "mi_inputs": per_input(mi_inputs, float),
             "synergy": synergy,
-            "n_clusters_fires": n_clusters[:, 0],
-            "n_clusters_suppressed": n_clusters[:, 1],
         },
         schema_overrides={"inputs": pl.List(pl.Int64), "weights": pl.List(pl.Float64),
                           "candidates": pl.List(pl.Int64), "alone_tokens": pl.List(pl.Int64),
                           "alone_active": pl.List(pl.Int64), "mi_inputs": pl.List(pl.Float64),
                           "negated": pl.Int64},
     )  # fmt: skip
-    return LayerLabels(features, _truth_frame(counts, config), cluster_frame)
 
 
 def _truth_frame(counts: _Counts, config: LogicConfig) -> pl.DataFrame:

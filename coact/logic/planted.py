@@ -22,9 +22,15 @@ Outputs, per rule (u_i = x_i / s_i the input in its own units; g a lognormal gai
                 together usually do (u_a + u_b > u_max unless both are small).
 - A-AND-NOT-B   y = g·ReLU(w·u_a − c·u_b), c = 1.2·w·u_max / u_min: A alone fires it, any
                 active B cancels it.
-- UNEXPLAINED   none of the labels fits: "xor" (fires when exactly one of A, B is active),
-                "band" (fires only when A's value lies in the middle third of its range, so
-                P(fires | A) ≈ 1/3), "independent" (fires at its own rate, from no input).
+- NONLINEAR     a computation no logic label or sum describes, by kind (the label's kind):
+                "product" y = g·w·u_a·(1 + 1.5·u_b), B a gain on A (superadditive);
+                "cross" y = g·(w_a u_a + w_b u_b + 2·u_a u_b) (superadditive);
+                "square" y = g·Σ (w_i u_i)², 1–2 inputs (curved);
+                "xor" fires when exactly one of A, B is active (xor-like);
+                "band" fires only when A's value lies in the middle third of its range, so
+                P(fires | A) ≈ 1/3 (non-monotone).
+- UNEXPLAINED   none of the labels fits: "independent" (fires at its own rate, from no
+                input), "random" (fires on a random 35 % of A's tokens, whatever A's value).
 - DEAD          never active.
 Every alive output also fires on a few tokens from no input (`background_rate`: causes
 outside the circuit), and active outputs carry multiplicative noise (`noise`).
@@ -33,7 +39,7 @@ Tokens form contexts of `context_length`, so held-out splits by context apply.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -43,7 +49,11 @@ from coact.connectors.exact import LassoPathConfig
 from coact.logic.config import LABELS, LayerLabels, LogicConfig
 from coact.logic.layer import label_layer
 
-UNEXPLAINED_KINDS = ("xor", "band", "independent")
+NONLINEAR_PLANTS = {  # planted rule → the kind a NONLINEAR label should name
+    "product": "superadditive", "cross": "superadditive", "square": "curved",
+    "xor": "xor-like", "band": "non-monotone",
+}  # fmt: skip
+UNEXPLAINED_KINDS = ("independent", "random")
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,8 @@ class PlantedConfig:
     n_or: int = 20
     n_and: int = 20
     n_and_not: int = 20
-    n_unexplained: int = 15  # cycling through xor, band, independent
+    n_nonlinear: int = 25  # cycling through NONLINEAR_PLANTS
+    n_unexplained: int = 10  # cycling through independent, random
     n_dead: int = 5
     noise: float = 0.05  # relative sd of the multiplicative noise on active outputs
     background_rate: float = 5e-4  # tokens on which an output fires from no input
@@ -69,7 +80,8 @@ class PlantedConfig:
 
     @property
     def n_outputs(self) -> int:
-        counts = (self.n_sum, self.n_or, self.n_and, self.n_and_not, self.n_unexplained)
+        counts = (self.n_sum, self.n_or, self.n_and, self.n_and_not, self.n_nonlinear,
+                  self.n_unexplained)  # fmt: skip
         return sum(counts) + self.n_dead
 
     @property
@@ -209,9 +221,14 @@ def _plan(config: PlantedConfig, groups: np.ndarray, rng: np.random.Generator) -
         a, b = members(2)
         w = float(rng.uniform(0.5, 1.5))
         plan.append(("A-AND-NOT-B", "and_not", (a, b), b, (w, -1.2 * w * u_max / u_min), 0.0))
+    plants = list(NONLINEAR_PLANTS)
+    for k in range(config.n_nonlinear):
+        kind = plants[k % len(plants)]
+        count = {"band": 1, "square": int(rng.choice([1, 2]))}.get(kind, 2)
+        plan.append(("NONLINEAR", kind, members(count), None, weights(count), None))
     for k in range(config.n_unexplained):
         kind = UNEXPLAINED_KINDS[k % len(UNEXPLAINED_KINDS)]
-        inputs = {"xor": members(2), "band": members(1), "independent": ()}[kind]
+        inputs = {"random": members(1), "independent": ()}[kind]
         plan.append(("UNEXPLAINED", kind, inputs, None, (1.0,) * len(inputs), None))
     plan.extend(("DEAD", "dead", (), None, (), None) for _ in range(config.n_dead))
     return plan
@@ -252,12 +269,25 @@ def _output(
     elif kind == "xor":
         on = u > 0
         value = np.where(on.sum(axis=1) == 1, u.sum(axis=1), 0.0)
+    elif kind in ("product", "cross", "square", "random"):
+        value = _nonlinear(kind, u, w, rng)
     elif kind == "band":
         s = config.magnitude_sigma
         value = np.where((u[:, 0] > np.exp(-0.43 * s)) & (u[:, 0] < np.exp(0.43 * s)), u[:, 0], 0)
     else:
         raise ValueError(f"unknown planted rule {kind!r}")
     return tokens, value
+
+
+def _nonlinear(kind: str, u: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The planted NONLINEAR (product, cross, square) and UNEXPLAINED (random) rules."""
+    if kind == "product":
+        return w[0] * u[:, 0] * (1 + 1.5 * u[:, 1])
+    if kind == "cross":
+        return u @ w + 2 * u[:, 0] * u[:, 1]
+    if kind == "square":
+        return ((u * w) ** 2).sum(axis=1)
+    return np.where(rng.random(len(u)) < 0.35, u[:, 0], 0.0)
 
 
 def _background(
@@ -308,13 +338,14 @@ def connector_weights(
 
 @dataclass(frozen=True)
 class PlantedScore:
-    accuracy: float  # A-AND-NOT-B counts as right only with the right negated input
+    accuracy: float  # A-AND-NOT-B right only with the right negated input, NONLINEAR kind
     per_class: dict[str, float]  # accuracy per true label
     confusion: pl.DataFrame  # true label × predicted label, counts
     precision: float  # of the labeller's inputs, pooled over (output, input) pairs
     recall: float
     f1: float
     n_outputs: int
+    per_kind: dict[str, float] = field(default_factory=dict)  # accuracy per planted rule
 
     def as_dict(self) -> dict:
         return {
@@ -326,21 +357,29 @@ class PlantedScore:
             },
             "support": {"precision": self.precision, "recall": self.recall, "f1": self.f1},
             "n_outputs": self.n_outputs,
+            "per_kind": self.per_kind,
         }
 
 
 def score_labels(circuits: PlantedCircuits, features: pl.DataFrame) -> PlantedScore:
     """Labels and inputs of `label_layer` against the planted answers."""
+    found_kind = features["kind"] if "kind" in features.columns else pl.lit(None, pl.String)
     truth = circuits.truth.join(
         features.select("output", pl.col("label").alias("predicted"),
-                        pl.col("inputs").alias("found"), pl.col("negated").alias("found_negated")),
+                        pl.col("inputs").alias("found"), pl.col("negated").alias("found_negated"),
+                        found_kind.alias("found_kind")),
         on="output", how="left",
     )  # fmt: skip
     right = (truth["label"] == truth["predicted"]).to_numpy()
     negation = (truth["negated"].fill_null(-1) == truth["found_negated"].fill_null(-1)).to_numpy()
     right &= np.where(truth["label"].to_numpy() == "A-AND-NOT-B", negation, True)
+    expected = truth["kind"].replace_strict(NONLINEAR_PLANTS, default=None).fill_null("")
+    kind_ok = (expected == truth["found_kind"].fill_null("")).to_numpy()
+    right &= np.where(truth["label"].to_numpy() == "NONLINEAR", kind_ok, True)
     labels = truth["label"].to_numpy()
     per_class = {c: float(right[labels == c].mean()) for c in LABELS if (labels == c).any()}
+    kinds = truth["kind"].to_numpy()
+    per_kind = {str(c): float(right[kinds == c].mean()) for c in np.unique(kinds)}
     confusion = (
         truth.group_by("label", "predicted").len()
         .pivot(on="predicted", index="label", values="len").fill_null(0)
@@ -359,7 +398,7 @@ def score_labels(circuits: PlantedCircuits, features: pl.DataFrame) -> PlantedSc
     recall = tp / max(tp + fn, 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
     return PlantedScore(
-        float(right.mean()), per_class, confusion, precision, recall, f1, len(labels)
+        float(right.mean()), per_class, confusion, precision, recall, f1, len(labels), per_kind
     )
 
 
@@ -372,5 +411,8 @@ def run_planted(
     """Plant, fit the connector as `connect` does, label every output, score."""
     circuits = planted_circuits(config)
     weights, info = connector_weights(circuits.x, circuits.y, circuits.context_ids, path=path)
-    labels = label_layer(circuits.x, circuits.y, weights, logic or LogicConfig(), progress=progress)
+    labels = label_layer(
+        circuits.x, circuits.y, weights, logic or LogicConfig(), progress=progress,
+        contexts=circuits.context_ids,
+    )  # fmt: skip
     return circuits, labels, score_labels(circuits, labels.features), info
