@@ -23,15 +23,15 @@ from coact.models.sites import Site
 from coact.models.tracing import capture
 from coact.progress import tqdm
 from coact.sae.base import Sae
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 
 @dataclass(frozen=True)
 class SaeTrainConfig:
     """Defaults sized so two SAEs on SmolLM2 train in a few CPU minutes."""
 
-    expansion: int = setting(4, "width = expansion × d_model")
-    k: int = setting(32, "active latents per token")
+    expansion: int = setting(4, "width = expansion × d_model", low=1)
+    k: int = setting(32, "active latents per token", low=1)
     batch_tokens: int = 1024
     buffer_contexts: int = 128
     forward_batch: int = 16  # contexts per forward pass while filling the buffer
@@ -41,6 +41,9 @@ class SaeTrainConfig:
     dead_after_tokens: int = 100_000
     skip_first_positions: int = 1  # the BOS position is an attention sink with a huge norm
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass

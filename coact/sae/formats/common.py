@@ -22,7 +22,10 @@ from coact.sae.base import Sae
 
 # dictionary_learning submodule names ("resid_post_layer_3") and sparsify hookpoints
 # ("layers.3" is a block's output, "layers.3.mlp" its MLP's).
-_DL_SUBMODULE = re.compile(r"^(resid_pre|resid_mid|resid_post|attn_out|mlp_out)_layer_(\d+)$")
+# ("mlp_out_layer1" in the 10_32768 set of saprmarks/pythia-70m-deduped-saes).
+_DL_SUBMODULE = re.compile(
+    r"^(resid_pre|resid_mid|resid_post|resid|attn_out|mlp_out)_layer_?(\d+)$"
+)
 _HOOKPOINT = re.compile(r"^(?:.+\.)?(?:layers|h)\.(\d+)(\.mlp)?$")
 
 
@@ -74,7 +77,8 @@ def site_of(name: object) -> str | None:
         return None
     if match := _DL_SUBMODULE.match(name):
         kind, layer = match.group(1), int(match.group(2))
-        name = f"resid_pre[{layer + 1}]" if kind == "resid_post" else f"{kind}[{layer}]"
+        post = kind in ("resid_post", "resid")  # "resid_layerN" is block N's output
+        name = f"resid_pre[{layer + 1}]" if post else f"{kind}[{layer}]"
     elif match := _HOOKPOINT.match(name):
         layer = int(match.group(1))
         name = f"mlp_out[{layer}]" if match.group(2) else f"resid_pre[{layer + 1}]"

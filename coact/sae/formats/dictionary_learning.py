@@ -40,16 +40,33 @@ def _fold_like_from_pretrained(sae: Sae) -> str:
     return FOLDED
 
 
+def _plain(weights: dict[str, torch.Tensor]) -> bool:
+    return {"encoder.weight", "encoder.bias", "decoder.weight", "bias"} <= set(weights)
+
+
+def _early(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Configs written before `{"trainer": ...}` (the 2024 `10_32768` Pythia set): a plain
+    AutoEncoder whose shape is its weights' and whose submodule names its folder's parent
+    (`.../mlp_out_layer1/10_32768`)."""
+    width, d_in = weights["encoder.weight"].shape
+    submodule = cfg.get("submodule_name") or path.resolve().parent.name
+    found = {"dict_class": "AutoEncoder", "activation_dim": d_in, "dict_size": width}
+    return found | {"submodule_name": submodule, "layer": cfg.get("layer")}
+
+
 def sae_from_dictionary_learning(path: Path) -> Sae:
     cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
-    trainer = read_json(cfg_file)["trainer"]
+    cfg = read_json(cfg_file)
+    weights = read_tensors(weights_file)
+    trainer = (
+        cfg["trainer"] if "trainer" in cfg or not _plain(weights) else _early(path, cfg, weights)
+    )
     kind = trainer.get("dict_class")
     if kind not in CLASSES:
         raise CoactError(
             f"{cfg_file}: dictionary_learning class {kind!r} is not supported "
             f"(supported: {', '.join(CLASSES)})"
         )
-    weights = read_tensors(weights_file)
     d_in, width = int(trainer["activation_dim"]), int(trainer["dict_size"])
     options: dict[str, Any] = {"activation": "relu"}
     if kind == "JumpReluAutoEncoder":  # SAELens layout; apply_b_dec_to_input is False
