@@ -97,6 +97,7 @@ class RunData:
     decoded: pl.DataFrame | None = None  # composition/decoded.parquet
     _flags: dict[tuple[str, int], str] | None = field(default=None, repr=False)
     _tables: Any = field(default=None, repr=False)
+    _connections: pl.DataFrame | None = field(default=None, repr=False)
 
     def outlier_reason(self, slug: str, feature: int) -> str | None:
         """Why a feature of site `slug` is flagged as an outlier; None when it is not (or
@@ -143,6 +144,15 @@ class RunData:
     @property
     def next_site(self) -> str:
         return self.composition.target if self.composition else f"resid_pre[{self.layer + 1}]"
+
+    def jacobian_connections(self) -> pl.DataFrame | None:
+        """jacobian/connections.parquet (per connection: mean slope and attribution), read
+        on first use: only feature pages and the feature browser need it."""
+        if self.jacobian is None:
+            return None
+        if self._connections is None:
+            self._connections = _parquet(self.layout.jacobian.connections)
+        return self._connections
 
     def layer_tables(self) -> LayerTables | None:
         """The block's weight tables for `coact.block.graph.feature_graph`; None when the
