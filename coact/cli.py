@@ -28,7 +28,7 @@ from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.report.select import DEFAULT_FEATURES
 from coact.sae.train import SaeTrainConfig
-from coact.settings import default_of, help_of
+from coact.settings import Range, default_of, help_of, range_of
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +41,21 @@ def option(cls: Any, name: str, *flags: str, default: Any = ..., **extra: Any) -
     """A typer option whose default and help are those of field `name` of dataclass `cls`
     (`default` only where the command line means something else, e.g. None: the budget's)."""
     value = default_of(cls, name) if default is ... else default
+    bounds = range_of(cls, name)  # checked while parsing: nothing is read or written first
+    if bounds is not None:
+        extra = {"callback": _in_range(bounds), **extra}
     return typer.Option(value, *flags, help=help_of(cls, name), **extra)
+
+
+def _in_range(bounds: Range) -> Any:
+    """A typer callback that rejects a value outside the field's declared range."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not bounds.holds(value):
+            raise typer.BadParameter(f"must be {bounds.describe()}, got {value}")
+        return value
+
+    return check
 
 
 def budget_option(name: str) -> Any:
@@ -266,11 +280,13 @@ def logic(
     from coact.rundir.layout import RunLayout
 
     cfg = _run_config(run)
-    if not 1 <= max_inputs <= 4:
-        raise CoactError(f"--max-inputs must be 1 to 4, got {max_inputs}")
+    try:
+        settings = dataclasses.replace(cfg.logic.logic, max_inputs=max_inputs)
+    except ValueError as error:
+        raise CoactError(f"--max-inputs: {error}") from None
     config = dataclasses.replace(
         cfg.logic,
-        logic=dataclasses.replace(cfg.logic.logic, max_inputs=max_inputs),
+        logic=settings,
         sae_connector=(cfg.logic.sae_connector or SAE_CONNECTOR) if sae_connector else None,
         seed=cfg.seed,
     )
@@ -288,6 +304,7 @@ def report(
     out: Path | None = typer.Option(None, help="default: <run>/report"),
     features: int | None = typer.Option(
         None,
+        callback=_in_range(Range(0)),
         help=f"how many of the most interesting output features get a page (default "
         f"{DEFAULT_FEATURES}; for a model run, its --report-features)",
     ),
@@ -320,6 +337,7 @@ def ablate(
     features: int = typer.Option(
         default_of(AnalyzeConfig, "report_features"),
         help="ablate the report's N most interesting output features",
+        callback=_in_range(Range(1)),
     ),
     feature: list[int] | None = typer.Option(
         None, help="an output feature to ablate (repeatable; replaces --features)"
@@ -376,7 +394,9 @@ def outliers(
 def linearity(
     run: Path = typer.Argument(..., help="run directory with connect/ results"),
     tau: float | None = typer.Option(
-        None, help="threshold on d(j); default: the calibrated τ, else the seed's 0.001"
+        None,
+        help="threshold on d(j); default: the calibrated τ, else the seed's 0.001",
+        callback=_in_range(range_of(LinearityConfig, "tau") or Range()),
     ),
     form: str | None = typer.Option(None, help=help_of(LinearityConfig, "form")),
 ) -> None:
@@ -414,9 +434,15 @@ def graph(
     site: str = typer.Argument(..., help="the chosen feature's site, e.g. 'mlp_out[3]'"),
     feature: int = typer.Argument(..., help="the chosen feature's index at that site"),
     top: int = typer.Option(
-        GRAPH["top"].default, help="strongest connections kept per feature and hop"
+        GRAPH["top"].default,
+        help="strongest connections kept per feature and hop",
+        callback=_in_range(Range(1)),
     ),
-    depth: int = typer.Option(GRAPH["depth"].default, help="hops walked from the chosen feature"),
+    depth: int = typer.Option(
+        GRAPH["depth"].default,
+        help="hops walked from the chosen feature",
+        callback=_in_range(Range(1)),
+    ),
     direction: str = typer.Option(
         GRAPH["direction"].default, help="in (what feeds it), out (what it feeds) or both"
     ),

@@ -66,7 +66,7 @@ from coact.rundir.files import atomic_write
 from coact.rundir.layout import CalibrateFiles, ConnectFiles
 from coact.rundir.results import Result, Timings, pair_head, result_key
 from coact.sae.base import SparseAutoencoder
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 Splice = Callable[[Tensor], Tensor]  # the out site's activation → its replacement
 _COLUMN = {"raw": "d", "fvu": "d_fvu", "seed": "d_seed"}
@@ -77,15 +77,19 @@ RESULT_VERSION = 4  # bumped when what calibrate writes changes: older results a
 class CalibrateConfig:
     # calibration contexts, from the connectors' held-out ones (each costs a full forward
     # pass per strength and per splice: raise it on a GPU)
-    contexts: int = setting(16, "held-out contexts to measure on")
+    contexts: int = setting(16, "held-out contexts to measure on", low=1)
     # τ's power: held-out contexts past `contexts` are added, batch_size at a time, until
     # the extra ΔCE's 95 % half-width at τ is ≤ ε/2 (two forward passes per context)
-    max_contexts: int = setting(64, "cap on held-out contexts used to power τ (half-width ≤ ε/2)")
+    max_contexts: int = setting(
+        64, "cap on held-out contexts used to power τ (half-width ≤ ε/2)", low=1
+    )
     batch_size: int = 8
     strengths: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     noise_kinds: tuple[str, ...] = ("isotropic", "sae")
     n_taus: int = 6  # candidate thresholds: quantiles of d over the alive features
-    tolerance: float = setting(0.01, "ε: extra ΔCE over the mlp splice allowed, nats per token")
+    tolerance: float = setting(
+        0.01, "ε: extra ΔCE over the mlp splice allowed, nats per token", low=0, low_open=True
+    )
     form: Form = setting("seed", "form of d(j) τ applies to: raw, fvu or seed")
     n_boot: int = 1000
     level: float = 0.95
@@ -94,6 +98,9 @@ class CalibrateConfig:
     causal: bool = setting(True, "the causal check of strong connections")
     causal_connections: int = 200  # judged ones set the three-way agreement's power
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True, kw_only=True)

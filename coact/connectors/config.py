@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from coact.connectors.exact import LassoPathConfig
 from coact.connectors.train import ConnectorTrainConfig
 from coact.linearity.table import LinearityConfig
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 # at most 10 epochs: it stops early when held-back training contexts stop gaining
 MLP_FIT = ConnectorTrainConfig(
@@ -22,7 +22,7 @@ class ConnectConfig:
     heldout_fraction: float = 0.1  # of contexts, for every held-out figure
     seed: int = 0
     path: LassoPathConfig = field(default_factory=LassoPathConfig)
-    magnitude: float = setting(0.05, "standardised |w| above which a weight counts as large")
+    magnitude: float = setting(0.05, "standardised |w| above which a weight counts as large", low=0)
     stability: bool = setting(True, "refit on two disjoint halves of the training contexts")
     # the mlp fitted beside least squares for linearity (its skip is the least-squares map);
     # its split, seed, device and outputs are set by the stage
@@ -36,3 +36,6 @@ class ConnectConfig:
     formula_terms: int = 5
     top_tokens: int = 5
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self)

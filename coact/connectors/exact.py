@@ -38,7 +38,7 @@ from coact.connectors._csr import (
     transpose,
 )
 from coact.progress import tqdm
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 Outputs = Sequence[int] | np.ndarray | None
 _TINY = 1e-12  # relative threshold for "zero" variances
@@ -207,7 +207,7 @@ class LassoPathConfig:
     `alphas` to share a grid between calls on different outputs (e.g. one process per
     output range)."""
 
-    n_alphas: int = setting(20, "points on the α grid")
+    n_alphas: int = setting(20, "points on the α grid", low=1)
     alpha_min_ratio: float = 1e-2
     top_quantile: float = 0.99  # of the outputs' own all-zero α: the grid's first α
     alphas: tuple[float, ...] | None = None
@@ -216,6 +216,9 @@ class LassoPathConfig:
     tol: float = 1e-6  # on the duality gap of NMSE + α‖w‖₁ (a certificate, per output)
     chunk_outputs: int | None = None  # outputs solved together; None: PATH_CHUNK_ENTRIES
     screening: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass

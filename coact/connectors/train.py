@@ -19,7 +19,7 @@ from coact.connectors import families as fam
 from coact.connectors.families import SparseConnector, column_variance, csr_batch, dense_rows
 from coact.errors import CoactError
 from coact.progress import tqdm
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ConnectorTrainConfig:
     alpha_hidden: float = 0.0  # weight of mean ‖h‖₁ (sae-connector)
     lr: float = 1e-3
     batch_tokens: int = 1024
-    epochs: int = setting(1, "most epochs of the fit (it stops early with `patience`)")
+    epochs: int = setting(1, "most epochs of the fit (it stops early with `patience`)", low=1)
     steps: int | None = None  # set: exactly this many steps (epochs cycle), epochs ignored
     patience: int | None = None  # set: stop after this many epochs without validation gain
     validation_fraction: float = 0.1  # of training contexts, watched when patience is set
@@ -46,6 +46,7 @@ class ConnectorTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.family not in fam.FAMILIES:
             raise CoactError(f"unknown connector family {self.family!r}; use one of {fam.FAMILIES}")
         if not 0 <= self.heldout_fraction < 1:

@@ -43,7 +43,7 @@ from coact.rundir.files import atomic_write
 from coact.rundir.layout import AblationFiles
 from coact.rundir.results import Result
 from coact.sae.base import SparseAutoencoder
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 Mode = Literal["remove", "replace"]
 MODES: tuple[Mode, ...] = ("remove", "replace")
@@ -72,16 +72,19 @@ COLUMNS = {
 
 @dataclass(frozen=True)
 class AblationConfig:
-    contexts: int = setting(4, "top contexts per output feature")
-    input_contexts: int = setting(2, "top contexts per input")
-    inputs_per_feature: int = setting(2, "top inputs of each output also ablated")
-    window: int = setting(8, "preceding tokens ablated, one at a time")
+    contexts: int = setting(4, "top contexts per output feature", low=1)
+    input_contexts: int = setting(2, "top contexts per input", low=0)
+    inputs_per_feature: int = setting(2, "top inputs of each output also ablated", low=0)
+    window: int = setting(8, "preceding tokens ablated, one at a time", low=1)
     modes: tuple[Mode, ...] = setting(MODES, "remove and/or replace")
     # replace mode's token: this text if it is one token, else pad / EOS
     filler: str = setting(" ", "replace mode's token (if it is one token)")
-    batch_size: int = setting(64, "sequences per forward pass")
+    batch_size: int = setting(64, "sequences per forward pass", low=1)
     first_position: int = 1  # positions before it (BOS) are never ablated
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)

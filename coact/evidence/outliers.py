@@ -39,7 +39,7 @@ from coact.rundir.files import atomic_write, read_json
 from coact.rundir.layout import CONFIG, OutlierFiles, RunLayout
 from coact.rundir.results import Result, result_key
 from coact.sae.base import SparseAutoencoder
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 Decode = Callable[[list[int]], str]
 RESULT_VERSION = 2  # bumped when what outliers writes changes: older results are redone
@@ -53,11 +53,18 @@ NAMES = {
 
 @dataclass(frozen=True)
 class OutlierConfig:
-    first_positions: int = setting(4, "positions below this are a context's first tokens")
+    first_positions: int = setting(4, "positions below this are a context's first tokens", low=0)
     delimiters: str = "\n.,"  # a delimiter token is made only of these (spaces aside)
-    norm_factor: float = setting(10.0, "a norm above this × the site's median is very high")
-    share: float = setting(0.5, "flag when at least this share of active tokens is one kind")
-    min_active: int = setting(10, "features active on fewer tokens are not judged")
+    norm_factor: float = setting(
+        10.0, "a norm above this × the site's median is very high", low=0, low_open=True
+    )
+    share: float = setting(
+        0.5, "flag when at least this share of active tokens is one kind", low=0, high=1
+    )
+    min_active: int = setting(10, "features active on fewer tokens are not judged", low=1)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True, kw_only=True)

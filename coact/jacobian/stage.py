@@ -33,7 +33,7 @@ from coact.rundir.layout import JacobianFiles
 from coact.rundir.results import Result, pair_head, result_key
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 RESULT_VERSION = 1
 
@@ -42,11 +42,14 @@ RESULT_VERSION = 1
 class JacobianConfig:
     batch_size: int = 4  # contexts per pass: k_in forward-mode products each
     skip_first_positions: int = 1  # BOS, as in collection
-    min_tokens: int = setting(3, "tokens a connection needs to be stored")
+    min_tokens: int = setting(3, "tokens a connection needs to be stored", low=1)
     per_output: int = 64  # connections stored per output feature, by total attribution
     size_band: tuple[float, float] = (0.5, 2.0)  # as the causal check judges size
     score: ScoreConfig = field(default_factory=ScoreConfig)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from coact.rundir.results import Result
-from coact.settings import setting
+from coact.settings import check_ranges, setting
 
 Form = Literal["raw", "fvu", "seed"]
 SEED_TAU = 0.001
@@ -33,12 +33,15 @@ SEED_TAU = 0.001
 
 @dataclass(frozen=True)
 class LinearityConfig:
-    tau: float = setting(SEED_TAU, "linearity threshold on d(j)")
+    tau: float = setting(SEED_TAU, "linearity threshold on d(j)", low=0)
     # the seed's τ = 0.001 was set on seed-normalised MSE
     form: Form = setting("seed", "form of d(j) τ applies to: raw, fvu or seed")
     n_boot: int = 500  # bootstrap replicates over held-out contexts
     level: float = 0.95  # of every interval
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from coact.logic.stage import LabelsConfig
 from coact.models.load import DTYPES, EMBEDDED
 from coact.rundir.results import from_dict
 from coact.sae.train import SaeTrainConfig
-from coact.settings import setting
+from coact.settings import bounded, check_ranges, setting
 
 # every stage of a layer, in data-flow order; the report is built last, from all of them
 STAGE_NAMES = (
@@ -37,17 +37,17 @@ class AnalyzeConfig:
     model: str = setting(
         EMBEDDED, f"{EMBEDDED!r}, a tiny-* test model, a local directory or a hub id"
     )
-    layer: int = setting(3, "block whose MLP is studied")
+    layer: int = setting(3, "block whose MLP is studied", low=0)
     layers: tuple[int, ...] | str | None = None  # a model run over these layers, or "all"
     corpus: str = setting(
         "embedded",
         "'embedded' (Python's docs + WikiText-2 prose, half the tokens each), 'embedded-docs', "
         "'embedded-prose', a text file or folder, a saved dataset or a hub dataset id",
     )
-    tokens: int = setting(100_000, "tokens whose feature codes are stored")
-    sae_tokens: int = setting(400_000, "tokens each trained SAE sees (when none is given)")
-    eval_contexts: int = 32  # held-out contexts for FVE / L0 / CE recovered
-    ctx_len: int = setting(128, "tokens per context, BOS included")
+    tokens: int = setting(100_000, "tokens whose feature codes are stored", low=1)
+    sae_tokens: int = setting(400_000, "tokens each trained SAE sees (when none is given)", low=1)
+    eval_contexts: int = bounded(32, low=1)  # held-out contexts for FVE / L0 / CE recovered
+    ctx_len: int = setting(128, "tokens per context, BOS included", low=2)
     seed: int = setting(0, "seed of the corpus sample and of every fit")
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:1, mps")
     dtype: str = setting(
@@ -59,10 +59,12 @@ class AnalyzeConfig:
     sae_out: str | None = setting(None, "SAE directory for mlp_out at --layer; trained if omitted")
     # corpus tokens before the stored codes' contexts; None: the SAE training tokens (none
     # when both SAEs are given). Given SAEs then still see codes from unseen tokens.
-    code_offset_tokens: int | None = None
+    code_offset_tokens: int | None = bounded(None, low=0)
     stages: tuple[str, ...] = DEFAULT_STAGES  # which stages run (see STAGE_NAMES)
     sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
-    sae_group: int = 16  # SAEs trained together in one pass over the model (bounds memory)
+    sae_group: int = bounded(
+        16, low=1
+    )  # SAEs trained together in one pass over the model (bounds memory)
     collect: CollectConfig = field(default_factory=CollectConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
@@ -71,7 +73,9 @@ class AnalyzeConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
-    report_features: int = setting(50, "output features per layer that get a page of their own")
+    report_features: int = setting(
+        50, "output features per layer that get a page of their own", low=0
+    )
     control: bool = setting(
         False,
         "also run the control: the same model re-initialised (seeded), SAEs trained by the "
@@ -80,6 +84,7 @@ class AnalyzeConfig:
     )
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.dtype not in DTYPES:
             raise CoactError(f"unknown dtype {self.dtype!r}: choose {' or '.join(DTYPES)}")
         if unknown := [s for s in self.stages if s not in STAGE_NAMES]:
