@@ -106,18 +106,19 @@ def analyze(
     ),
     report_features: int | None = budget_option("report_features"),
     control: bool = option(AnalyzeConfig, "control", "--control/--no-control"),
+    allow_mismatch: bool = option(AnalyzeConfig, "allow_mismatch", "--allow-mismatch"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
     from coact.pipeline.budgets import with_budget
     from coact.pipeline.config import BLOCK_STAGES, parse_layers
-    from coact.pipeline.run import analyze as run_analyze
     from coact.report.text import format_model_summary, format_summary
 
     config = AnalyzeConfig(
         model=model, layer=layer, layers=parse_layers(layers) if layers is not None else None,
         corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, dtype=dtype,
         run_dir=run_dir, sae_in=sae_in, sae_out=sae_out, control=control,
+        allow_mismatch=allow_mismatch,
     )  # fmt: skip
     config = config.with_stages(
         add=BLOCK_STAGES if block else (), drop=("report", "ablate") if no_report else ()
@@ -129,7 +130,7 @@ def analyze(
         sae_tokens=config.sae_tokens if sae_tokens is None else sae_tokens,
         report_features=config.report_features if report_features is None else report_features,
     )
-    summary = run_analyze(config)
+    summary = _analyzed(config)
     text = format_summary(summary) if hasattr(summary, "layer") else format_model_summary(summary)  # type: ignore[arg-type]
     typer.echo(text)
 
@@ -148,11 +149,14 @@ def train_sae(
 ) -> None:
     """Train a TopK SAE on one site and save it in the SAELens format."""
     from coact import api
+    from coact.sae.formats import save_saelens
 
     sae = api.train_sae(
         site, model=model, corpus=corpus, tokens=tokens, expansion=expansion, k=k,
-        device=device, seed=seed, out=out,
+        device=device, seed=seed,
     )  # fmt: skip
+    sae.metadata["model_name"] = model  # so a run on another model can tell
+    save_saelens(sae, out)
     typer.echo(f"saved SAE for {site} (width {sae.width}, k {sae.k}) to {out}")
 
 
@@ -183,6 +187,19 @@ def collect(
         pairs, model=model, corpus=corpus, tokens=tokens, device=device, seed=seed, out=out
     )
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
+
+
+def _analyzed(config: AnalyzeConfig) -> Any:
+    """`coact.pipeline.run.analyze`, after the run directory is checked; a run that fails
+    leaves its config.json as it found it."""
+    from coact.pipeline.checks import check_run_dir, config_kept_on_failure
+    from coact.pipeline.run import analyze as run_analyze
+    from coact.rundir.layout import RunLayout
+
+    run_dir = config.resolved_run_dir()
+    check_run_dir(run_dir)
+    with config_kept_on_failure(RunLayout(run_dir, run_dir).config):
+        return run_analyze(config)
 
 
 def _run_config(run: Path) -> AnalyzeConfig:
@@ -246,7 +263,6 @@ def calibrate(
 ) -> None:
     """Calibrate τ against the model's next-token loss (noise curves, splices, causal
     check); everything else in the run is reused. Writes <run>/calibrate/."""
-    from coact.pipeline.run import analyze as run_analyze
     from coact.report.text import format_calibrate
 
     config = _run_config(run)
@@ -257,7 +273,7 @@ def calibrate(
     config = dataclasses.replace(config, run_dir=str(run), calibrate=settings).with_stages(
         add=("connect", "calibrate")
     )  # the run's other stages are rerun too, each reusing its finished result
-    summary = run_analyze(config)
+    summary = _analyzed(config)
     assert summary.calibrate is not None  # type: ignore[union-attr]
     typer.echo(format_calibrate(summary.calibrate))  # type: ignore[union-attr]
 

@@ -73,6 +73,11 @@ class AnalyzeConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    allow_mismatch: bool = setting(
+        False,
+        "use a given SAE whose recorded model differs, or SAEs whose FVE is NaN or "
+        "negative, with a warning (without it the run stops)",
+    )
     report_features: int = setting(
         50, "output features per layer that get a page of their own", low=0
     )

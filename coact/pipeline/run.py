@@ -25,6 +25,7 @@ from coact.errors import CoactError
 from coact.linearity.table import percent_linear, relabel
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
+from coact.pipeline.checks import before_touching, check_fits
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.pipeline.control import run_control
 from coact.pipeline.model_table import finished_layers, layers_table
@@ -48,6 +49,7 @@ def analyze(config: AnalyzeConfig) -> RunSummary | ModelSummary:
     run_dir = config.resolved_run_dir()
     sites = layer_sites(config, config.layer)
     given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
+    before_touching(config, lm, run_dir, given)  # nothing is written before this passes
     shared = prepare(config, lm, sites, given, RunLayout(run_dir, run_dir))
     return run_layer(config, lm, shared, started)
 
@@ -65,6 +67,7 @@ def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
     stages_of(config)
     lm = load_model(config.model, device=config.device, seed=config.seed, dtype=config.dtype)
     layers = _model_layers(config, lm)
+    before_touching(config, lm, config.resolved_run_dir(), {})
     config = dataclasses.replace(config, layers=tuple(layers))
     model = RunLayout(config.resolved_run_dir(), config.resolved_run_dir())
     sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(config, layer)))
@@ -130,6 +133,7 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     if config.shared_dir is not None:  # a model run's layer: its own config names the share
         write_json(layout.config, asdict(config))
     run = LayerRun(config, lm, shared, layout)
+    check_fits(config, {site: shared.reports[site] for site in layer_sites(config, config.layer)})
     timings = Timings(shared.timings if config.shared_dir is None else {})
     for stage in stages_of(config):
         print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
