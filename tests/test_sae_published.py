@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +305,35 @@ def test_hub_missing_folder(hub: dict[str, Any]) -> None:
     (hub["root"] / "a/b").mkdir(parents=True)
     with pytest.raises(CoactError, match=r"the hub repo 'a/b' has no folder 'layers\.9'"):
         load_sae("hf://a/b/layers.9")
+
+
+def test_hub_folder_inside_a_zip(hub: dict[str, Any], tmp_path: Path) -> None:
+    """saprmarks/pythia-70m-deduped-saes ships its 10_32768 set as one zip of
+    dictionaries/pythia-70m-deduped/<submodule>/10_32768/{ae.pt, config.json}."""
+    repo = hub["root"] / "saprmarks/pythia-70m-deduped-saes"
+    repo.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(3)
+    state = {"bias": torch.randn(4, generator=gen), "encoder.bias": torch.randn(8, generator=gen)}
+    state |= {"encoder.weight": torch.randn(8, 4, generator=gen)}
+    state |= {"decoder.weight": torch.randn(4, 8, generator=gen)}
+    torch.save(state, tmp_path / "ae.pt")
+    with zipfile.ZipFile(repo / "dictionaries_pythia-70m-deduped_10.zip", "w") as zipped:
+        for sub in ("mlp_out_layer3", "resid_out_layer2"):
+            folder = f"dictionaries/pythia-70m-deduped/{sub}/10_32768"
+            zipped.write(tmp_path / "ae.pt", f"{folder}/ae.pt")
+            zipped.writestr(f"{folder}/config.json", json.dumps({"dictionary_size": 8}))
+    base = "hf://saprmarks/pythia-70m-deduped-saes/dictionaries_pythia-70m-deduped_10.zip"
+    inner = "dictionaries/pythia-70m-deduped/{}/10_32768"
+    sae = load_sae(f"{base}/{inner.format('resid_out_layer2')}")
+    assert hub["file"] == (
+        "saprmarks/pythia-70m-deduped-saes",
+        "dictionaries_pythia-70m-deduped_10.zip",
+    )
+    assert sae.site == "resid_pre[3]" and sae.metadata["format"] == "dictionary_learning"
+    unzipped = repo / "dictionaries_pythia-70m-deduped_10.zip.unzipped"
+    assert not (unzipped / inner.format("mlp_out_layer3")).exists()  # only what was asked
+    assert load_sae(f"{base}/{inner.format('mlp_out_layer3')}").site == "mlp_out[3]"
+    with pytest.raises(CoactError, match="has no folder 'dictionaries/x'"):
+        load_sae(f"{base}/dictionaries/x")
+    (repo / "dictionaries_pythia-70m-deduped_10.zip").unlink()  # extracted once: not re-read
+    assert load_sae(f"{base}/{inner.format('mlp_out_layer3')}").site == "mlp_out[3]"

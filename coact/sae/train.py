@@ -45,9 +45,6 @@ class SaeTrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
 
-    def __post_init__(self) -> None:
-        check_ranges(self)
-
 
 @dataclass
 class TrainLog:

@@ -22,9 +22,9 @@ from coact.sae.base import Sae
 
 # dictionary_learning submodule names ("resid_post_layer_3") and sparsify hookpoints
 # ("layers.3" is a block's output, "layers.3.mlp" its MLP's).
-# ("mlp_out_layer1" in the 10_32768 set of saprmarks/pythia-70m-deduped-saes).
+# ("mlp_out_layer1", "resid_out_layer2" in the 10_32768 Pythia set of saprmarks).
 _DL_SUBMODULE = re.compile(
-    r"^(resid_pre|resid_mid|resid_post|resid|attn_out|mlp_out)_layer_?(\d+)$"
+    r"^(resid_pre|resid_mid|resid_post|resid_out|resid|attn_out|mlp_out)_layer_?(\d+)$"
 )
 _HOOKPOINT = re.compile(r"^(?:.+\.)?(?:layers|h)\.(\d+)(\.mlp)?$")
 
@@ -77,7 +77,7 @@ def site_of(name: object) -> str | None:
         return None
     if match := _DL_SUBMODULE.match(name):
         kind, layer = match.group(1), int(match.group(2))
-        post = kind in ("resid_post", "resid")  # "resid_layerN" is block N's output
+        post = kind in ("resid_post", "resid_out", "resid")  # block N's output
         name = f"resid_pre[{layer + 1}]" if post else f"{kind}[{layer}]"
     elif match := _HOOKPOINT.match(name):
         layer = int(match.group(1))
