@@ -29,6 +29,7 @@ class LineWriter:
         self.stream, self.interval = stream, interval
         self.last = -float("inf")
         self.pending = ""  # the newest frame not yet written
+        self.written = ""  # the last line written (a closing bar redraws it once more)
 
     def write(self, text: str) -> int:
         """Keep the newest frame; write it as a line once `interval` has passed."""
@@ -43,11 +44,12 @@ class LineWriter:
 
     def flush_line(self) -> None:
         """Write the pending frame as one line."""
-        if self.pending:
+        if self.pending and self.pending != self.written:
             self.stream.write(self.pending + "\n")
             self.stream.flush()
-            self.pending = ""
+            self.written = self.pending
             self.last = time.monotonic()
+        self.pending = ""
 
     def flush(self) -> None:
         """tqdm flushes after every frame: nothing to do until a line is due."""

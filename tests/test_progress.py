@@ -27,6 +27,8 @@ def test_line_writer_keeps_one_frame_per_interval(monkeypatch: pytest.MonkeyPatc
         clock.now = float(step)
         writer.write(f"\rframe {step}   ")
     writer.write("\n")  # the bar closes: its last frame is written
+    writer.write("\rframe 19   ")  # and redrawn once more on closing: not repeated
+    writer.write("\n")
     # frames at 0, 5, 10, 15 (each once the interval has passed), then the last one
     assert out.getvalue().splitlines() == ["frame 0", "frame 5", "frame 10", "frame 15", "frame 19"]
     assert "\r" not in out.getvalue()
