@@ -30,6 +30,10 @@ the layer before it, whose block output is the residual stream a Pythia MLP read
     python analyses/replicate_seed.py --model EleutherAI/pythia-70m-deduped --layers 1-5 \
         --sae-in-template 'hf://EleutherAI/sae-pythia-70m-deduped-32k/layers.{prev}' \
         --sae-out-template 'hf://EleutherAI/sae-pythia-70m-deduped-32k/layers.{layer}.mlp'
+Pythia with the seed's own SAEs (jbrinkma/Pythia-70M-deduped-SAEs, needs the hub): the
+seed's model, layers 1–5, the seed's figures printed beside coact's:
+    python analyses/replicate_seed.py --published seed --corpus NeelNanda/pile-10k --device cuda
+`--published marks` uses saprmarks/pythia-70m-deduped-saes (the 10_32768 set) instead.
 Bad input (unknown model, bad layer list, missing SAE, ...) prints one error line, exit 2.
 """
 
@@ -76,6 +80,20 @@ SEED_MODEL = "eleutherai/pythia-70m-deduped"
 SEED_PERCENT = {1: 78.8, 2: 95.9, 3: 97.8, 4: 98.0, 5: 98.9}  # τ = 0.001, seed form, alive
 SEED_TAU = 0.001
 SENSITIVITY_TAUS = (1e-4, 1e-3, 1e-2)
+# Published SAEs for the seed's model, by hub id: (mlp_resid template, mlp_out template).
+# A Pythia MLP reads the residual stream entering its block, block {prev}'s output.
+_SEED_REPO = "hf://jbrinkma/Pythia-70M-deduped-SAEs/Pythia-70M-deduped"
+_MARKS_ZIP = (
+    "hf://saprmarks/pythia-70m-deduped-saes/dictionaries_pythia-70m-deduped_10.zip"
+    "/dictionaries/pythia-70m-deduped"
+)
+PUBLISHED = {
+    "seed": (f"{_SEED_REPO}-res-{{prev}}.pt", f"{_SEED_REPO}-mlp-{{layer}}.pt"),
+    "marks": (
+        f"{_MARKS_ZIP}/resid_out_layer{{prev}}/10_32768",
+        f"{_MARKS_ZIP}/mlp_out_layer{{layer}}/10_32768",
+    ),
+}
 
 
 def model_slug(model: str) -> str:
@@ -85,6 +103,29 @@ def model_slug(model: str) -> str:
 
 def is_seed_model(model: str) -> bool:
     return model.strip("/").lower() == SEED_MODEL
+
+
+def seed_reference_line(layers: list[int]) -> str:
+    """The seed's figures for `layers`, e.g. 'layer 1 78.8 %, layer 2 95.9 %'."""
+    known = [f"layer {ell} {SEED_PERCENT[ell]:.1f} %" for ell in layers if ell in SEED_PERCENT]
+    return ", ".join(known) or "none for these layers (the seed reports layers 1-5)"
+
+
+def apply_published(args: argparse.Namespace) -> argparse.Namespace:
+    """`--published seed|marks`: the seed's model, its layers 1–5 and those SAEs' templates,
+    unless the command line names a model, layers or templates itself."""
+    if args.published is None:
+        return args
+    sae_in, sae_out = PUBLISHED[args.published]
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "model": args.model or "EleutherAI/pythia-70m-deduped",
+            "layers": args.layers or "1-5",
+            "sae_in_template": args.sae_in_template or sae_in,
+            "sae_out_template": args.sae_out_template or sae_out,
+        }
+    )
 
 
 def parse_layers(text: str) -> list[int]:
@@ -452,8 +493,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2-135m", help="model (see coact analyze)")
-    parser.add_argument("--layers", default="1,2", help="MLP layers, e.g. 1,2 or 1-5")
+    parser.add_argument(
+        "--model", default=None, help="model (see coact analyze); smollm2-135m if unset"
+    )
+    parser.add_argument("--layers", default=None, help="MLP layers, e.g. 1,2 or 1-5; 1,2 if unset")
+    parser.add_argument(
+        "--published",
+        choices=sorted(PUBLISHED),
+        default=None,
+        help="published SAEs on the seed's model: seed (jbrinkma/Pythia-70M-deduped-SAEs) "
+        "or marks (saprmarks/pythia-70m-deduped-saes); sets model, layers 1-5, templates",
+    )
     parser.add_argument("--corpus", default="embedded", help="corpus (see coact analyze)")
     parser.add_argument("--tokens", type=int, default=100_000, help="tokens of stored codes")
     parser.add_argument(
@@ -513,7 +563,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--results-root", default=str(RESULTS), help="results go to RESULTS_ROOT/<model-slug>"
     )
-    return parser.parse_args(argv)
+    args = apply_published(parser.parse_args(argv))
+    args.model = args.model or "smollm2-135m"
+    args.layers = args.layers or "1,2"
+    return args
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -651,6 +704,7 @@ def budgets(args: argparse.Namespace) -> dict[str, Any]:
         "ctx_len": args.ctx_len,
         "seed": args.seed,
         "device": args.device,
+        "published": args.published,
         "sae_in_template": args.sae_in_template,
         "sae_out_template": args.sae_out_template,
         "sae_expansion": args.sae_expansion,
@@ -705,6 +759,8 @@ def replicate(args: argparse.Namespace) -> dict[str, Any]:
     run_root = Path(args.run_root)
     out = Path(args.results_root) / model_slug(args.model)
     seed_model = is_seed_model(args.model)
+    if seed_model:
+        print("seed study, % linear: " + seed_reference_line(layers), flush=True)
     model_name = check_model(args, layers)
 
     results: list[LayerResult] = []
