@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -27,6 +28,16 @@ from coact.models.load import LoadedModel
 from coact.sae.base import SparseAutoencoder
 
 BlockFn = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class ContextBlock(Protocol):
+    """A block whose rows are tokens of contexts (attention): a subset of the rows needs
+    to know which tokens they are."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def at(self, rows: Tensor) -> BlockFn: ...
 
 
 def mlp_block(lm: LoadedModel, layer: int) -> BlockFn:
@@ -57,9 +68,15 @@ class TokenJacobians:
 class FeatureMap:
     """The block between two SAEs: `block` maps the input stream to the output site."""
 
-    block: BlockFn
+    block: BlockFn | ContextBlock
     sae_in: SparseAutoencoder
     sae_out: SparseAutoencoder
+    tangents_per_pass: int | None = None  # None: every active input's product at once
+
+    def on_rows(self, rows: Tensor) -> BlockFn:
+        """The block for the stream's rows `rows` alone (each token is its own row for an
+        MLP; attention's rows are tokens of their contexts)."""
+        return self.block.at(rows) if isinstance(self.block, ContextBlock) else self.block
 
     def pre_out(self, y: Tensor) -> Tensor:
         pre = getattr(self.sae_out, "pre_activations", None)
@@ -80,9 +97,12 @@ class FeatureMap:
         out_idx, _ = _active(out_codes)
         pre = self.pre_out(self.block(stream))
         tangents = self.sae_in.W_dec[in_idx.clamp(min=0)] * (in_idx >= 0)[..., None]
-        pushed = vmap(lambda v: jvp(self.block, (stream,), (v,))[1], in_dims=1, out_dims=1)(
-            tangents.to(stream.dtype)
-        )  # (N, k_in, d): J_block · W_dec[i]
+        pushed = vmap(
+            lambda v: jvp(self.block, (stream,), (v,))[1],
+            in_dims=1,
+            out_dims=1,
+            chunk_size=self.tangents_per_pass,
+        )(tangents.to(stream.dtype))  # (N, k_in, d): J_block · W_dec[i]
         read = _encoder_columns(self.sae_out, out_idx)  # (N, d, k_out)
         jacobian = torch.einsum("nad,ndo->noa", pushed, read) * (out_idx >= 0)[..., None]
         pre_active = pre.gather(1, out_idx.clamp(min=0)) * (out_idx >= 0)

@@ -44,7 +44,8 @@ def ablation_paths(
             continue
         before = streams[rows]
         after = before - codes[rows, None] * sae_in.W_dec[int(i)]
-        out_before, out_after = feature_map.block(before), feature_map.block(after)
+        block = feature_map.on_rows(rows)
+        out_before, out_after = block(before), block(after)
         delta_pre = feature_map.pre_out(out_after) - feature_map.pre_out(out_before)
         code_before = sae_out.encode(out_before)
         delta_code = sae_out.encode(out_after) - code_before

@@ -1,5 +1,6 @@
-"""The `jacobian` stage: the MLP block's own feature-space Jacobian on held-out contexts,
-aggregated per connection, a linearity score per output feature that needs no fitted
+"""The `jacobian` stage: the block's own feature-space Jacobian on held-out contexts — the
+MLP's, or attention's at the same position (`coact.jacobian.attention_map`) — aggregated
+per connection, a linearity score per output feature that needs no fitted
 connector, formulas from the mean Jacobian, and — when calibration's causal check ran —
 the three-way agreement of strong connections (connector weight, Jacobian, ablation).
 """
@@ -19,6 +20,7 @@ from torch import Tensor
 from coact.codes.collect import sae_fingerprint
 from coact.errors import CoactError
 from coact.jacobian.agreement import Agreement, agreement_table, summarise, with_paths
+from coact.jacobian.attention_map import TANGENTS_PER_PASS, AttentionMap
 from coact.jacobian.connections import connection_table, jacobian_formulas, strongest
 from coact.jacobian.entries import Entries, flatten
 from coact.jacobian.feature_map import FeatureMap, TokenJacobians, mlp_block
@@ -89,22 +91,22 @@ def jacobian(
     a finished result of the same model, SAEs, tokens and causal table is reused.
     `causal` is the causal check's table, measured on the first `causal_contexts` of
     `tokens` (all of them if None): the agreement is judged on those contexts."""
-    layer = _check(lm, pair, sae_in, sae_out, tokens, config)
+    _check(lm, pair, sae_in, sae_out, tokens, config)
     files = JacobianFiles(Path(out_dir))
     causal = causal if causal is not None and causal.is_file() else None
     inputs = {**_inputs(lm, sae_in, sae_out, tokens, causal), "causal_contexts": causal_contexts}
     key = result_key(inputs, config, RESULT_VERSION)
     if (previous := JacobianResult.finished(files, key)) is not None:
         return previous
-    feature_map = FeatureMap(mlp_block(lm, layer), sae_in, sae_out)
-    entries, slopes, streams = _measure(lm, pair, feature_map, tokens, config)
+    maps = Maps(lm, pair, sae_in, sae_out, config.skip_first_positions)
+    entries, slopes, streams = _measure(maps, tokens, config)
     every = connection_table(entries, sae_in.width, min_tokens=1)
     stored = strongest(every.filter(pl.col("n_tokens") >= config.min_tokens), config.per_output)
     features = _features(entries, slopes, stored, sae_in.width, sae_out.width, config)
     agreement = None
     if causal is not None:
         n = min(causal_contexts or tokens.shape[0], tokens.shape[0])
-        agreement = _agreement(feature_map, entries, streams, causal, n, config)
+        agreement = _agreement(maps, entries, streams, causal, n, config)
     files.path.mkdir(parents=True, exist_ok=True)
     atomic_write(files.connections, stored.write_parquet)
     atomic_write(files.features, features.write_parquet)
@@ -118,11 +120,15 @@ def jacobian(
 def _check(
     lm: LoadedModel, pair: SitePair, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder,
     tokens: Tensor, config: JacobianConfig,
-) -> int:  # fmt: skip
-    if pair.in_site.kind != "mlp_resid" or pair.out_site.kind != "mlp_out":
-        raise CoactError(f"the jacobian stage reads an MLP pair (mlp_resid → mlp_out), not {pair}")
+) -> None:  # fmt: skip
     layer = pair.out_site.layer
-    check_sae_fits(sae_in, pair.in_site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
+    if pair not in (SitePair.mlp(layer), SitePair.attention(layer)):
+        raise CoactError(
+            "the jacobian stage reads an MLP pair (mlp_resid → mlp_out) or attention's "
+            f"(resid_pre → attn_out) of one block, not {pair}"
+        )
+    stream_kind = lm.adapter.mlp_resid_kind() if pair == SitePair.mlp(layer) else None
+    check_sae_fits(sae_in, pair.in_site, lm.adapter.d_model, stream_kind)
     check_sae_fits(sae_out, pair.out_site, lm.adapter.d_model)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] <= config.skip_first_positions:
         raise CoactError(
@@ -131,7 +137,6 @@ def _check(
         )
     if config.batch_size < 1:
         raise CoactError(f"batch_size must be at least 1, got {config.batch_size}")
-    return layer
 
 
 def _inputs(
@@ -148,45 +153,68 @@ def _inputs(
     }
 
 
+@dataclass(frozen=True)
+class Maps:
+    """The block's feature map for given contexts: an MLP's is the same for every token;
+    attention's holds each context's other positions fixed (`AttentionMap`)."""
+
+    lm: LoadedModel
+    pair: SitePair
+    sae_in: SparseAutoencoder
+    sae_out: SparseAutoencoder
+    skip: int
+
+    def of(self, streams: Tensor) -> FeatureMap:
+        """The map of the tokens from `skip` on of `streams` (contexts × seq × d_model)."""
+        layer = self.pair.out_site.layer
+        if self.pair == SitePair.mlp(layer):
+            return FeatureMap(mlp_block(self.lm, layer), self.sae_in, self.sae_out)
+        block = AttentionMap(self.lm, layer, streams, self.skip)
+        return FeatureMap(block, self.sae_in, self.sae_out, TANGENTS_PER_PASS)
+
+    def rows(self, streams: Tensor) -> Tensor:
+        """The map's rows: the tokens from `skip` on, context-major (tokens × d_model)."""
+        return streams[:, self.skip :].reshape(-1, streams.shape[-1])
+
+
 def _measure(
-    lm: LoadedModel, pair: SitePair, feature_map: FeatureMap, tokens: Tensor,
-    config: JacobianConfig,
-) -> tuple[Entries, np.ndarray, Tensor]:  # fmt: skip
+    maps: Maps, tokens: Tensor, config: JacobianConfig
+) -> tuple[Entries, np.ndarray, Tensor]:
     """The flattened Jacobians, the cross-fitted input slopes (`InputSlopes`) and the
-    streams the MLP read (tokens × d_model)."""
-    inputs = InputSlopes(feature_map.sae_in.width, d := lm.adapter.d_model)
-    skip = config.skip_first_positions
+    streams the block read (contexts × seq × d_model, every position)."""
+    inputs = InputSlopes(maps.sae_in.width, maps.lm.adapter.d_model)
+    site = maps.pair.in_site
     batches: list[tuple[TokenJacobians, np.ndarray]] = []
     streams: list[Tensor] = []
     starts = range(0, tokens.shape[0], config.batch_size)
     for start in tqdm(starts, desc="jacobian", unit="batch", disable=not config.progress):
         batch = tokens[start : start + config.batch_size]
-        stream = capture(lm, batch, [pair.in_site])[pair.in_site][:, skip:]
-        contexts = np.repeat(np.arange(start, start + batch.shape[0]), stream.shape[1])
-        streams.append(stream.reshape(-1, d).float())
-        found = feature_map.token_jacobians(streams[-1])
+        streams.append(capture(maps.lm, batch, [site])[site].float())
+        rows = maps.rows(streams[-1])
+        contexts = np.repeat(np.arange(start, start + len(batch)), len(rows) // len(batch))
+        found = maps.of(streams[-1]).token_jacobians(rows)
         inputs.add(found, contexts)
         batches.append((dataclasses.replace(found, pushed=found.pushed[:0]), contexts))
-    entries = flatten(batches, feature_map.sae_in.width, tokens.shape[0])
-    slopes = inputs.cross_fitted(_encoder(feature_map))
+    entries = flatten(batches, maps.sae_in.width, tokens.shape[0])
+    slopes = inputs.cross_fitted(_encoder(maps.sae_out))
     return entries, slopes, torch.cat(streams)
 
 
-def _encoder(feature_map: FeatureMap) -> Tensor:
-    weight = getattr(feature_map.sae_out, "W_enc", None)
+def _encoder(sae_out: SparseAutoencoder) -> Tensor:
+    weight = getattr(sae_out, "W_enc", None)
     if not isinstance(weight, Tensor):
         raise CoactError("the output SAE has no linear encoder (W_enc); load it with coact")
     return weight
 
 
 def _agreement(
-    feature_map: FeatureMap, entries: Entries, streams: Tensor, causal: Path, n_contexts: int,
+    maps: Maps, entries: Entries, streams: Tensor, causal: Path, n_contexts: int,
     config: JacobianConfig,
 ) -> pl.DataFrame:  # fmt: skip
     """The causal table joined with the Jacobian and the ablation's exact path, on the
-    contexts the causal check measured (the first `n_contexts`; rows are context-major)."""
-    rows = n_contexts * (streams.shape[0] // max(entries.n_contexts, 1))
-    streams = streams[:rows]
+    contexts the causal check measured (the first `n_contexts`)."""
+    feature_map = maps.of(streams[:n_contexts])
+    streams = maps.rows(streams[:n_contexts])
     with torch.no_grad():
         fires = (feature_map.sae_in.encode(streams) > 0).sum(dim=0).cpu().numpy()
     sub = dataclasses.replace(entries.first_contexts(n_contexts), fires=fires)

@@ -131,6 +131,24 @@ class Adapter:
         values = values.repeat_interleave(n_heads // values.shape[-2], dim=-2)
         return attn.o_proj(values.flatten(-2))
 
+    def attend(
+        self, model: nn.Module, layer: int, stream: Tensor, mask: Tensor, positions: Tensor
+    ) -> Tensor:
+        """attn_out[layer] of `stream` (batch, seq, d_model, as resid_pre) through the model's
+        own norm and attention module, with an additive `mask` (batch, 1, seq, seq) in place
+        of the causal one and each row's position id (`positions`, batch × seq): a sequence
+        may then hold a position twice (coact.jacobian.attention_map)."""
+        if self.family not in {"llama", "mistral", "qwen2", "gpt_neox", "gpt2"}:
+            raise CoactError(f"attention with a mask is not implemented for {self.family!r}")
+        x = resolve(model, self.attn_norm_path(layer))(stream)
+        attn = resolve(model, self.attn_path(layer))
+        if self.family == "gpt2":  # learned positions were added before the block
+            return attn(x, attention_mask=mask)[0]
+        rotary = resolve(
+            model, "gpt_neox.rotary_emb" if self.family == "gpt_neox" else "model.rotary_emb"
+        )
+        return attn(x, attention_mask=mask, position_embeddings=rotary(x, positions))[0]
+
     def order_key(self, site: Site) -> tuple[int, int]:
         """Sort key that puts sites in execution order."""
         kind = self.mlp_resid_kind() if site.kind == "mlp_resid" else site.kind
