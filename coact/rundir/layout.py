@@ -339,6 +339,7 @@ class RunLayout:
     attention_calibrate = Under(CalibrateFiles, "attention", "calibrate")
     positions = Under(PositionsFiles, "attention", "positions")
     attention_causal = Under(AttentionCausalFiles, "attention", "causal")
+    attention_jacobian = Under(JacobianFiles, "attention", "jacobian")  # attention's own Jacobian
     composition = Under(CompositionFiles, "composition")
     report = Under(ReportFiles, "report")
     graph = Under(GraphFiles, "graph")
