@@ -12,6 +12,7 @@ one set in the model run's directory, and each layer's `config.json` names it
     <shared>/sae/<site>/  sae_eval/<site>.json  codes/
     <run>/connect/  calibrate/  jacobian/  logic/  outliers/  evidence/
     <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
+    <run>/attention/jacobian/
     <run>/composition/  report/  graph/  control/ (a run directory: the control)  causal/
 
 Formats defined elsewhere keep their own names: an SAE directory follows SAELens, sparsify
