@@ -1,6 +1,6 @@
 """The block's other connections besides the MLP: attention and the skip path.
 
-For block ℓ, from the same code store the MLP stages read, five stages (each its own
+For block ℓ, from the same code store the MLP stages read, six stages (each its own
 entry in `coact.pipeline.stages`, each reusing its finished result):
 
     attention            attn_out[ℓ] features from resid_pre[ℓ] features at the same
@@ -12,6 +12,8 @@ entry in `coact.pipeline.stages`, each reusing its finished result):
                          same-position fit (`coact.block.positions`), attention/positions/
     attention_causal     the position score's causal counterpart: what self-only attention
                          and resampled earlier tokens change (`coact.block.attention_causal`)
+    attention_jacobian   attention's own Jacobian at the same position, the jacobian stage
+                         on resid_pre[ℓ] → attn_out[ℓ] (`coact.jacobian`), attention/jacobian/
     composition          resid_pre[ℓ+1] features from resid_pre[ℓ], attn_out[ℓ] and
                          mlp_out[ℓ] features (`coact.block.composition`), and the decoded
                          check on raw activations (`coact.block.decoded`)
@@ -35,6 +37,7 @@ from coact.block.positions import PositionsResult
 from coact.calibrate.stage import CalibrateResult
 from coact.connectors.config import ConnectConfig
 from coact.connectors.stage import ConnectResult
+from coact.jacobian.stage import JacobianResult
 from coact.linearity.table import Form, LinearityConfig, LinearShare
 from coact.models.sites import Site
 from coact.rundir.results import Result
@@ -66,6 +69,7 @@ class BlockResult(Result):
     attention_calibration: CalibrateResult | None = None
     positions: PositionsResult | None = None
     attention_causal: AttentionCausalResult | None = None
+    attention_jacobian: JacobianResult | None = None  # attention's own Jacobian (same position)
     composition: CompositionResult | None = None
     decoded_fvu: dict[str, float] | None = None  # per check of `coact.block.decoded`
 

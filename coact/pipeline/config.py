@@ -26,9 +26,13 @@ from coact.settings import bounded, check_ranges, setting
 # every stage of a layer, in data-flow order; the report is built last, from all of them
 STAGE_NAMES = (
     "connect", "calibrate", "jacobian", "logic", "attention", "attention_calibrate", "positions",
-    "attention_causal", "composition", "outliers", "ablate", "report",
+    "attention_causal", "attention_jacobian",
+    "composition", "outliers", "ablate", "report",
 )  # fmt: skip
-BLOCK_STAGES = ("attention", "attention_calibrate", "positions", "attention_causal", "composition")
+BLOCK_STAGES = (
+    "attention", "attention_calibrate", "positions", "attention_causal", "attention_jacobian",
+    "composition",
+)  # fmt: skip
 DEFAULT_STAGES = ("connect", "calibrate", "jacobian", "logic", "outliers", "ablate", "report")
 
 

@@ -181,6 +181,7 @@ def _block(run: LayerRun) -> BlockResult | None:
         attention_calibration=run.result("attention_calibrate"),
         positions=run.result("positions"),
         attention_causal=run.result("attention_causal"),
+        attention_jacobian=run.result("attention_jacobian"),
         composition=composed.composition if composed else None,
         decoded_fvu=composed.decoded_fvu if composed else None,
     )

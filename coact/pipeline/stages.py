@@ -152,6 +152,16 @@ def _attention_causal(run: LayerRun, settings: Any) -> Result:
     )  # fmt: skip
 
 
+def _attention_jacobian(run: LayerRun, settings: Any) -> Result:
+    """The jacobian stage on attention's pair, with the MLP's settings (attention has no
+    causal check, so no three-way agreement)."""
+    pair, saes = SitePair.attention(run.layer), run.shared.saes
+    return jacobian(
+        run.lm, pair, saes[pair.in_site], saes[pair.out_site], run.eval_tokens,
+        run.layout.attention_jacobian.path, settings,
+    )  # fmt: skip
+
+
 def _composition(run: LayerRun, settings: Any) -> Result:
     sites = CompositionSites.of_layer(run.layer)
     files, checks = run.layout.composition, run.config.block.decoded
@@ -192,6 +202,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "attention_causal", (), "block.causal", "attention_causal", _attention_causal,
         AttentionCausalResult,
+    ),
+    Stage(
+        "attention_jacobian", (), "jacobian", "attention_jacobian", _attention_jacobian,
+        JacobianResult,
     ),
     Stage("composition", (), "block.composition", "composition", _composition, ComposedBlock),
     Stage("outliers", (), "outliers", "outliers", _outliers, OutliersResult),
