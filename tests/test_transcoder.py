@@ -4,12 +4,32 @@ round-trips through coact and through sparsify itself."""
 
 from __future__ import annotations
 
+import numpy as np
+import polars as pl
+import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
+from coact.jacobian.feature_map import mlp_block
+from coact.jacobian.paths import ablation_paths
+from coact.models.adapters import resolve
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture, next_token_loss
+from coact.sae.base import Sae
 from coact.sae.train import SaeTrainConfig
 from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
 from coact.transcoder.model import SkipTranscoder
+from coact.transcoder.sheet import (
+    Models,
+    agreement,
+    mass_counts,
+    mean_norm_jacobian,
+    outputs_and_splices,
+    virtual_weights,
+)
+from coact.transcoder.slopes import SlopeConfig, slopes, with_ablation
 from coact.transcoder.train import TranscoderTrainer
 
 STEPS = 300
@@ -133,3 +153,115 @@ def test_sparsify_format_round_trips_through_coact_and_sparsify(tmp_path) -> Non
     mine = load_transcoder(tmp_path / "theirs" / hookpoint(5))
     assert mine.layer == 5
     torch.testing.assert_close(mine(x), out.sae_out, atol=1e-5, rtol=1e-5)
+
+
+# --- the metric sheet's measurements, on tiny-llama with random dictionaries ---------------
+
+
+def _sheet_models(layer: int = 1) -> Models:
+    lm = load_model("tiny-llama")
+    d = lm.adapter.d_model
+    gen = torch.Generator().manual_seed(4)
+
+    def sae(site: str) -> Sae:
+        made = Sae(d, 4 * d, activation="topk", k=4, site=site)
+        with torch.no_grad():
+            made.W_enc.copy_(torch.randn(d, 4 * d, generator=gen) / d**0.5)
+            made.W_dec.copy_(torch.randn(4 * d, d, generator=gen) / d**0.5)
+        return made.requires_grad_(False)
+
+    tc = SkipTranscoder(d, d, 4 * d, 4, layer=layer)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / d)
+    tc.requires_grad_(False)
+    return Models(lm, layer, sae(f"mlp_resid[{layer}]"), sae(f"mlp_out[{layer}]"), [], tc)
+
+
+def _tokens(lm: LoadedModel, n: int = 3, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, lm.model.config.vocab_size, (n, seq), generator=torch.Generator())
+
+
+def test_sheet_fvu_and_splices_match_brute_force() -> None:
+    models = _sheet_models()
+    lm, tc = models.lm, models.tc
+    tokens = _tokens(lm)
+    frame = outputs_and_splices(models, tokens, batch_size=2, skip=1, n_boot=20, seed=0)
+    rows = {r["route"]: r for r in frame.iter_rows(named=True)}
+    acts = capture(lm, tokens, [Site("mlp_in", 1), Site("mlp_out", 1)])
+    x, y = (acts[Site(k, 1)][:, 1:].reshape(-1, lm.adapter.d_model) for k in ("mlp_in", "mlp_out"))
+    spread = (y - y.mean(0)).pow(2).sum()
+    assert rows["transcoder"]["fvu"] == pytest.approx(
+        float((y - tc(x)).pow(2).sum() / spread), rel=1e-4
+    )
+    skip_only = x @ tc.W_skip.T + tc.b_dec
+    assert rows["transcoder_skip"]["fvu"] == pytest.approx(
+        float((y - skip_only).pow(2).sum() / spread), rel=1e-4
+    )
+    assert rows["zero"]["fvu"] == pytest.approx(float(y.pow(2).sum() / spread), rel=1e-4)
+    assert rows["zero"]["ce_recovered"] == 0.0 and rows["transcoder_skip"]["l0"] == 0.0
+    assert 0 < rows["transcoder"]["l0"] <= tc.k
+    # the transcoder spliced with a plain forward hook, independent of nnsight
+    mlp = resolve(lm.model, lm.adapter.mlp_path(1))
+
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        new = out.clone()
+        new[:, 1:] = tc(args[0][:, 1:])
+        return new
+
+    with torch.no_grad():
+        clean = next_token_loss(lm.model(tokens).logits, tokens)[:, 1:].mean()
+        handle = mlp.register_forward_hook(hook)
+        try:
+            spliced = next_token_loss(lm.model(tokens).logits, tokens)[:, 1:].mean()
+        finally:
+            handle.remove()
+    assert rows["transcoder"]["delta_ce"] == pytest.approx(float(spliced - clean), abs=1e-5)
+
+
+def test_mass_counts_and_agreement_by_hand() -> None:
+    mass = np.array([[3.0, 0.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 2.0]])
+    assert mass_counts(mass, 0.6).tolist() == [1, 0, 2]
+    assert mass_counts(mass, 0.9).tolist() == [3, 0, 3]
+    ref, other = np.array([1.0, -2.0, 3.0, 4.0]), np.array([2.0, -1.0, -3.0, 0.0])
+    sign, size, rho = agreement(ref, other, (0.5, 2.0))
+    assert (sign, size) == (0.5, 0.5)
+    assert rho == pytest.approx(spearmanr(ref, other).statistic)
+    assert np.isnan(agreement(ref[:2], other[:2], (0.5, 2.0))[2])
+
+
+def test_virtual_weights_read_the_encoder_through_the_norms_mean_jacobian() -> None:
+    models = _sheet_models()
+    streams = torch.randn(5, models.lm.adapter.d_model, generator=torch.Generator().manual_seed(1))
+    norm = models.norm()
+    each = [torch.autograd.functional.jacobian(lambda v: norm(v[None])[0], row) for row in streams]
+    mean = torch.stack(each).mean(0)
+    torch.testing.assert_close(mean_norm_jacobian(norm, streams), mean, rtol=1e-4, atol=1e-6)
+    expected = models.sae_in.W_dec @ mean.T @ models.tc.W_enc
+    torch.testing.assert_close(virtual_weights(models, streams), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_transcoder_equal_to_the_mlp_agrees_with_the_model_everywhere(monkeypatch) -> None:
+    """With the model's own MLP in the transcoder's place, its slopes are the model's
+    (sign, size, rank all agree; the same linear share) and its ablation response is the
+    model's exact one; the SAE route with no weights agrees on nothing."""
+    models = _sheet_models()
+    monkeypatch.setattr(Models, "transcoder_block", lambda self: mlp_block(self.lm, self.layer))
+    tokens = _tokens(models.lm, n=2)
+    empty = pl.DataFrame(schema={"output": pl.Int64, "input": pl.Int64, "weight_refit": pl.Float64})
+    joined, routes, tc_map, streams = slopes(models, tokens, empty, SlopeConfig(min_tokens=1))
+    assert joined.height > 3
+    tc, sae = routes["transcoder"], routes["sae"]
+    assert (tc.jacobian_sign, tc.jacobian_size) == (1.0, 1.0)
+    assert tc.jacobian_spearman == pytest.approx(1.0)
+    assert tc.linear_share == sae.linear_share or np.isnan(sae.linear_share)
+    assert sae.jacobian_sign == 0.0
+    exact = ablation_paths(tc_map, streams, joined.select("output", "input").head(6))
+    actual = exact["exact_code_change"].fill_nan(0.0)
+    causal = exact.select("output", "input").with_columns(
+        actual_mean=actual, predicted_mean=3 * actual, judged=actual != 0
+    )
+    judged, paths = with_ablation(routes, causal, tc_map, streams, (0.5, 2.0))
+    assert paths.height == int((actual != 0).sum()) > 0
+    assert (judged["transcoder"].ablation_sign, judged["transcoder"].ablation_size) == (1.0, 1.0)
+    assert (judged["sae"].ablation_sign, judged["sae"].ablation_size) == (1.0, 0.0)

@@ -46,10 +46,10 @@ class SkipTranscoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Full-width codes: the k largest ReLU'd pre-activations per token, zero elsewhere."""
-        values, indices = torch.relu(self.pre_activations(x)).topk(self.k, dim=-1, sorted=False)
-        return torch.zeros(*x.shape[:-1], self.width, device=x.device, dtype=x.dtype).scatter_(
-            -1, indices, values
-        )
+        pre = torch.relu(self.pre_activations(x))
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        # out of place: forward-mode autograd (the Jacobian's jvp) flows through it
+        return torch.zeros_like(pre).scatter(-1, indices, values)
 
     def decode(self, codes: Tensor, x: Tensor) -> Tensor:
         """The latents' output plus the skip path's (which reads the input `x` itself)."""
