@@ -22,12 +22,13 @@ from coact.models.load import DTYPES, EMBEDDED
 from coact.rundir.results import from_dict
 from coact.sae.train import SaeTrainConfig
 from coact.settings import bounded, check_ranges, setting
+from coact.transcoder.stage import TranscoderConfig
 
 # every stage of a layer, in data-flow order; the report is built last, from all of them
 STAGE_NAMES = (
     "connect", "calibrate", "jacobian", "logic", "attention", "attention_calibrate", "positions",
     "attention_causal", "attention_jacobian",
-    "composition", "outliers", "ablate", "report",
+    "composition", "outliers", "ablate", "transcoder", "report",
 )  # fmt: skip
 BLOCK_STAGES = (
     "attention", "attention_calibrate", "positions", "attention_causal", "attention_jacobian",
@@ -77,6 +78,7 @@ class AnalyzeConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)  # opt-in stage
     allow_mismatch: bool = setting(
         False,
         "use a given SAE whose recorded model differs, or SAEs whose FVE is NaN or "

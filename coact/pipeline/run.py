@@ -217,5 +217,6 @@ def _summary(run: LayerRun, block: BlockResult | None, timings: dict[str, float]
         block=block,
         outliers=run.result("outliers"),
         ablation=run.result("ablate"),
+        transcoder=run.result("transcoder"),
         timings=timings,
     )

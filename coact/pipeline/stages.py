@@ -29,9 +29,10 @@ from coact.logic.stage import LogicResult, label_run
 from coact.models.load import LoadedModel
 from coact.models.sites import Site, SitePair
 from coact.pipeline.config import AnalyzeConfig
-from coact.pipeline.shared import Shared, calibration_tokens, layer_sites
+from coact.pipeline.shared import Shared, calibration_tokens, layer_sites, run_contexts
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Result
+from coact.transcoder.stage import TranscoderResult, transcoder_sheet
 
 
 @dataclass
@@ -188,6 +189,20 @@ def _ablate(run: LayerRun, settings: Any) -> Result:
     )  # fmt: skip
 
 
+def _transcoder(run: LayerRun, settings: Any) -> Result:
+    pair, saes, layout = SitePair.mlp(run.layer), run.shared.saes, run.layout
+    untrained = dataclasses.replace(run.config, sae_in=None, sae_out=None)
+    train_part, _ = run_contexts(untrained, run.lm)  # the SAEs' training contexts
+    logic = run.result("logic")
+    return transcoder_sheet(
+        run.lm, run.layer, saes[pair.in_site], saes[pair.out_site], train_part.tokens,
+        run.eval_tokens, layout.connect.path, layout.transcoder.path, run.config.sae, settings,
+        causal=layout.calibrate.causal if run.config.runs("calibrate") else None,
+        causal_contexts=run.config.calibrate.contexts,
+        labels=logic.counts if logic is not None else None,
+    )  # fmt: skip
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("connect", (), "connect", "connect", _connect, ConnectResult),
     Stage("calibrate", ("connect",), "calibrate", "calibrate", _calibrate, CalibrateResult),
@@ -210,6 +225,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("composition", (), "block.composition", "composition", _composition, ComposedBlock),
     Stage("outliers", (), "outliers", "outliers", _outliers, OutliersResult),
     Stage("ablate", ("connect",), "ablation", "ablation", _ablate, AblationResult),
+    Stage(
+        "transcoder", ("connect",), "transcoder", "transcoder", _transcoder, TranscoderResult
+    ),
 )  # fmt: skip
 
 

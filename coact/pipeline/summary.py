@@ -16,6 +16,7 @@ from coact.logic.stage import LogicResult
 from coact.pipeline.control_figures import ControlSummary
 from coact.rundir.results import Result
 from coact.sae.evaluate import SaeReport
+from coact.transcoder.stage import TranscoderResult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,7 @@ class RunSummary(Result):
     block: BlockResult | None = None
     outliers: OutliersResult | None = None
     ablation: AblationResult | None = None
+    transcoder: TranscoderResult | None = None  # the opt-in metric sheet: SAE route vs transcoder
     control: ControlSummary | None = None  # the headlines beside the re-initialised model's
     timings: dict[str, float]
     report: str | None = None  # the report's index.html

@@ -10,7 +10,7 @@ one set in the model run's directory, and each layer's `config.json` names it
 
     <run>/config.json  summary.json  block.json  layers.parquet (a model run)  L<ℓ>/
     <shared>/sae/<site>/  sae_eval/<site>.json  codes/
-    <run>/connect/  calibrate/  jacobian/  logic/  outliers/  evidence/
+    <run>/connect/  calibrate/  jacobian/  logic/  outliers/  evidence/  transcoder/
     <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
     <run>/attention/jacobian/
     <run>/composition/  report/  graph/  control/ (a run directory: the control)  causal/
@@ -152,6 +152,26 @@ class JacobianFiles(StageFiles):
     features = Table("features")
 
     agreement = Table("agreement")
+
+
+@dataclass(frozen=True)
+class TranscoderFiles(StageFiles):
+    """`transcoder`: the metric sheet (SAE route vs skip transcoder, one row per route),
+    the transcoder itself (in sparsify's format, a folder per hookpoint under `coders/`)
+    and its training curve."""
+
+    result_name: ClassVar[str] = "transcoder.json"
+    table_names: ClassVar[tuple[str, ...]] = ("sheet.parquet",)
+
+    sheet = Table("sheet")
+
+    @property
+    def coders(self) -> Path:
+        return self.path / "coders"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.json"
 
 
 @dataclass(frozen=True)
@@ -342,6 +362,7 @@ class RunLayout:
     attention_causal = Under(AttentionCausalFiles, "attention", "causal")
     attention_jacobian = Under(JacobianFiles, "attention", "jacobian")  # attention's own Jacobian
     composition = Under(CompositionFiles, "composition")
+    transcoder = Under(TranscoderFiles, "transcoder")  # SAE route vs skip transcoder
     report = Under(ReportFiles, "report")
     graph = Under(GraphFiles, "graph")
     control = Under(Path, "control")  # the control run (re-initialised model): a run directory
