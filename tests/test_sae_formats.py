@@ -454,6 +454,9 @@ def test_save_then_load_reproduces_the_sae(
     assert cfg["architecture"] == {"relu": "standard"}.get(activation, activation)
     assert cfg["hook_name"] == "blocks.2.hook_mlp_out" and cfg["coact_site"] == "mlp_out[2]"
     assert cfg["dtype"] == "float32" and cfg["normalize_activations"] == "none"
+    # SAELens reads a config without sae_lens_version as pre-6.0 and drops `metadata`
+    assert cfg["metadata"]["sae_lens_version"] == "6.0.0"
+    assert cfg["metadata"]["model"] == "tiny/model"
     assert cfg["model_name"] == "tiny/model" and cfg["d_in"] == D_IN and cfg["d_sae"] == WIDTH
     if activation == "topk":
         assert cfg["k"] == K and cfg["activation_fn_kwargs"] == {"k": K}
