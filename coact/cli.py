@@ -289,7 +289,8 @@ def logic(
     ),
 ) -> None:
     """Label each output feature's computation (OR, AND, A-AND-NOT-B, WEIGHTED-SUM,
-    UNEXPLAINED) with a confidence, from co-activation statistics; writes <run>/logic/."""
+    NONLINEAR, UNEXPLAINED) with a confidence, from co-activation statistics and the
+    jacobian stage's connections when <run>/jacobian/ holds them; writes <run>/logic/."""
     from coact.logic.stage import label_run
     from coact.models.sites import SitePair
     from coact.report.text import format_logic
@@ -308,7 +309,10 @@ def logic(
     )
     layout = RunLayout.of(run)
     pair = SitePair.mlp(cfg.layer)
-    result = label_run(layout.codes, pair, layout.connect.path, layout.logic.path, config)
+    result = label_run(
+        layout.codes, pair, layout.connect.path, layout.logic.path, config,
+        jacobian_dir=layout.jacobian.path,
+    )  # fmt: skip
     typer.echo(format_logic(result))
 
 

@@ -227,55 +227,102 @@ def _context_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, 
 
 @njit(parallel=True, cache=True)
 def _cover_kernel(x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val, y_floor, targets,
-                  chosen, pool_lo, pool_hi, pool_idx, n_tokens, min_lift, best, gain, covered,
-                  mass):  # fmt: skip
-    """Per target: the activation mass on its firing tokens (`mass`), the part of it on
-    tokens where one of its `chosen` inputs (−1 padded) is active (`covered`), and the
-    pool input (pool_idx[pool_lo[t]:pool_hi[t]], not chosen) whose addition covers
-    most of the rest among those with lift P(T | X) / P(T) ≥ min_lift (`best`, `gain`)."""
+                  chosen, pool_lo, pool_hi, pool_idx, n_tokens, min_lift, target, limit,
+                  curve):  # fmt: skip
+    """Per target, greedily: add to its `chosen` inputs (−1 padded; filled in place up to
+    `limit`) the pool input (pool_idx[pool_lo[t]:pool_hi[t]], lift P(T | X) / P(T) at
+    least min_lift) that covers most of its still uncovered activation mass, until the
+    covered share reaches `target`. curve[t, m] is the share covered by its first m inputs
+    (NaN past the last; all NaN for a target that never fires)."""
     n_targets = chosen.shape[0]
-    n_in = len(x_total)
     for t in prange(n_targets):
-        best[t], gain[t], covered[t], mass[t] = -1, 0.0, 0.0, 0.0
         j_t = targets[t]
-        state = np.zeros(n_in, np.int8)  # 1 pool, 2 chosen
-        for q in range(pool_lo[t], pool_hi[t]):
-            state[pool_idx[q]] = 1
-        for q in range(chosen.shape[1]):
-            if chosen[t, q] >= 0:
-                state[chosen[t, q]] = 2
-        both = np.zeros(n_in, np.int64)
-        extra = np.zeros(n_in)
-        fires = 0
-        for q in range(y_ptr[j_t], y_ptr[j_t + 1]):
-            yv = y_val[q]
-            if yv <= y_floor[j_t]:
-                continue
-            fires += 1
-            tok = y_idx[q]
-            mass[t] += yv
-            hit = False
-            for r in range(r_ptr[tok], r_ptr[tok + 1]):
-                i = r_idx[r]
-                if r_val[r] > x_floor[i] and state[i] == 2:
-                    hit = True
-            if hit:
-                covered[t] += yv
-            for r in range(r_ptr[tok], r_ptr[tok + 1]):
-                i = r_idx[r]
-                if r_val[r] > x_floor[i] and state[i] == 1:
-                    both[i] += 1
-                    if not hit:
-                        extra[i] += yv
-        if fires == 0:
+        lo, hi = y_ptr[j_t], y_ptr[j_t + 1]
+        fire_tok = np.empty(hi - lo, np.int64)
+        fire_y = np.empty(hi - lo)
+        n_fire = 0
+        for q in range(lo, hi):
+            if y_val[q] > y_floor[j_t]:
+                fire_tok[n_fire], fire_y[n_fire] = y_idx[q], y_val[q]
+                n_fire += 1
+        if n_fire == 0:
             continue
-        base = fires / n_tokens
-        for q in range(pool_lo[t], pool_hi[t]):
-            i = pool_idx[q]
-            if state[i] != 1 or x_total[i] == 0:
-                continue
-            if both[i] / x_total[i] >= min_lift * base and extra[i] > gain[t]:
-                best[t], gain[t] = i, extra[i]
+        mass = fire_y[:n_fire].sum()
+        n_pool = pool_hi[t] - pool_lo[t]
+        k = 0
+        while k < chosen.shape[1] and chosen[t, k] >= 0:
+            k += 1
+        # one column per chosen input, then one per pool input: the firing tokens it is on
+        cols = np.empty(k + n_pool, np.int64)
+        cols[:k] = chosen[t, :k]
+        cols[k:] = pool_idx[pool_lo[t] : pool_hi[t]]
+        slot = np.full(len(x_total), -1, np.int64)
+        for c in range(k + n_pool - 1, -1, -1):  # a repeated input: its first column
+            slot[cols[c]] = c
+        width = k + n_pool
+        # per firing token the columns on it (row-wise), then per column its tokens
+        row_ptr = np.zeros(n_fire + 1, np.int64)
+        row_col = np.empty(n_fire * 64, np.int64)
+        col_n = np.zeros(width, np.int64)
+        at = 0
+        for f in range(n_fire):
+            tok = fire_tok[f]
+            for r in range(r_ptr[tok], r_ptr[tok + 1]):
+                i = r_idx[r]
+                if r_val[r] > x_floor[i] and slot[i] >= 0:
+                    if at == len(row_col):
+                        row_col = np.concatenate((row_col, np.empty(len(row_col), np.int64)))
+                    row_col[at] = slot[i]
+                    col_n[slot[i]] += 1
+                    at += 1
+            row_ptr[f + 1] = at
+        col_ptr = np.zeros(width + 1, np.int64)
+        col_ptr[1:] = np.cumsum(col_n)
+        col_tok = np.empty(at, np.int64)
+        fill = col_ptr[:-1].copy()
+        for f in range(n_fire):
+            for q in range(row_ptr[f], row_ptr[f + 1]):
+                col_tok[fill[row_col[q]]] = f
+                fill[row_col[q]] += 1
+        covered = np.zeros(n_fire, np.bool_)
+        for c in range(k):
+            for q in range(col_ptr[c], col_ptr[c + 1]):
+                covered[col_tok[q]] = True
+        gain = np.zeros(width)
+        share = 0.0
+        for f in range(n_fire):
+            if covered[f]:
+                share += fire_y[f]
+            else:
+                for q in range(row_ptr[f], row_ptr[f + 1]):
+                    gain[row_col[q]] += fire_y[f]
+        share /= mass
+        curve[t, k] = share
+        usable = np.zeros(width, np.bool_)
+        base = n_fire / n_tokens
+        k0 = k  # columns k0.. are the pool's
+        for c in range(k0, width):
+            total = x_total[cols[c]]
+            both = col_n[c]
+            usable[c] = slot[cols[c]] == c and total > 0 and both >= min_lift * base * total
+        while share < target and k < limit:
+            best, most = -1, 0.0
+            for c in range(k0, width):
+                if usable[c] and gain[c] > most:
+                    best, most = c, gain[c]
+            if best < 0:
+                break
+            usable[best] = False
+            for q in range(col_ptr[best], col_ptr[best + 1]):
+                f = col_tok[q]
+                if not covered[f]:
+                    covered[f] = True
+                    for u in range(row_ptr[f], row_ptr[f + 1]):
+                        gain[row_col[u]] -= fire_y[f]
+            chosen[t, k] = cols[best]
+            k += 1
+            share += most / mass
+            curve[t, k] = share
 
 
 @njit(cache=True, inline="always")

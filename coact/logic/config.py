@@ -40,8 +40,8 @@ class LogicConfig:
     n_boot: int = 200  # bootstrap resamples of contexts for the confidence
     coverage_target: float = 0.8  # inputs are added until they cover this share of mass...
     min_lift: float = 2.0  # ...from candidates with P(T | X) ≥ min_lift · P(T)
-    jacobian_inputs: int = 16  # the Jacobian's strongest inputs per target among the candidates
-    coverage_search: int = 32  # inputs searched to count how many 80 % coverage would need
+    jacobian_inputs: int = 64  # the Jacobian's strongest inputs per target among the candidates
+    coverage_search: int = 64  # inputs searched to count how many 80 % coverage would need
     heldout_fraction: float = 0.2  # contexts held out for the truth table's AUC
     superadditive_cut: float = 1.3  # Σy / Σβx on multi-input rows at least this: superadditive
     curvature_cut: float = 0.3  # share of the affine fit's residual a square term removes

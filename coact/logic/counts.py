@@ -13,19 +13,31 @@ from coact.logic.config import LogicConfig
 # --- binarising --------------------------------------------------------------------------
 
 
+def _sorted_columns(csc: sp.csc_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's values sorted ascending (column-major) and the column of each: one
+    integer sort of (column, the value's bits), which orders non-negative floats."""
+    counts = np.diff(csc.indptr)
+    cols = np.repeat(np.arange(csc.shape[1], dtype=np.int64), counts)
+    bits = np.abs(csc.data).astype(np.float32).view(np.uint32).astype(np.int64)
+    key = np.sort((cols << 32) | bits)
+    return (key & 0xFFFFFFFF).astype(np.uint32).view(np.float32), key >> 32
+
+
 def activation_floors(codes: sp.spmatrix, floor: float) -> np.ndarray:
     """Per column: floor × the median of its non-zero values (0 for an empty column)."""
     csc = sp.csc_matrix(codes)
-    csc.sort_indices()
-    counts = np.diff(csc.indptr)
-    cols = np.repeat(np.arange(csc.shape[1]), counts)
-    data = csc.data[np.lexsort((csc.data, cols))]
-    lo = csc.indptr[:-1] + np.maximum(counts - 1, 0) // 2
-    hi = csc.indptr[:-1] + counts // 2
-    median = np.zeros(csc.shape[1])
+    data, _ = _sorted_columns(csc)
+    return floor * _median(csc.indptr, data)
+
+
+def _median(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    counts = np.diff(indptr)
+    lo = indptr[:-1] + np.maximum(counts - 1, 0) // 2
+    hi = indptr[:-1] + counts // 2
+    median = np.zeros(len(counts))
     has = counts > 0
     median[has] = (data[lo[has]].astype(np.float64) + data[hi[has]]) / 2
-    return floor * median
+    return median
 
 
 # --- the counts of a set of targets ------------------------------------------------------
@@ -69,24 +81,22 @@ class _Codes:
         csc = sp.csc_matrix(codes, dtype=np.float32)
         csc.sum_duplicates()
         csc.sort_indices()
-        median = activation_floors(csc, 1.0)
+        data, cols = _sorted_columns(csc)
+        median = _median(csc.indptr, data)
         return cls(
             csc.indptr.astype(np.int64), csc.indices.astype(np.int64), csc.data,
-            floor * median, median, _tertiles(csc, floor * median), csc.shape[0],
+            floor * median, median, _tertiles(data, cols, floor * median), csc.shape[0],
         )  # fmt: skip
 
 
-def _tertiles(csc: sp.csc_matrix, floors: np.ndarray) -> np.ndarray:
-    """Per column, its values' 1/3 and 2/3 quantiles (above its floor; 0 when empty)."""
-    counts = np.diff(csc.indptr)
-    cols = np.repeat(np.arange(csc.shape[1]), counts)
-    keep = csc.data > floors[cols]
-    data, cols = csc.data[keep], cols[keep]
-    order = np.lexsort((data, cols))
-    data = data[order]
-    n = np.bincount(cols, minlength=csc.shape[1])
+def _tertiles(data: np.ndarray, cols: np.ndarray, floors: np.ndarray) -> np.ndarray:
+    """Per column, its values' 1/3 and 2/3 quantiles above its floor (0 when none), from
+    the values sorted within columns."""
+    keep = data > floors[cols]
+    data, cols = data[keep], cols[keep]
+    n = np.bincount(cols, minlength=len(floors))
     start = np.concatenate([[0], np.cumsum(n)[:-1]])
-    edges = np.zeros((csc.shape[1], 2))
+    edges = np.zeros((len(floors), 2))
     has = n > 0
     for q, share in enumerate((1 / 3, 2 / 3)):
         at = start + np.minimum((share * n).astype(np.int64), np.maximum(n - 1, 0))

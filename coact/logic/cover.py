@@ -82,31 +82,32 @@ def grow(
     pool: Pool,
     config: LogicConfig,
     limit: int,
+    target: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Add to each target's `chosen` inputs (T, W; −1 padded, W ≥ limit), greedily, the
-    pool input with lift ≥ `min_lift` that covers most of its uncovered activation mass,
-    while the coverage is under `coverage_target` and it has fewer than `limit` inputs.
-    Returns the inputs and their coverage (share of activation mass covered)."""
-    chosen = chosen.copy()
-    k = (chosen >= 0).sum(axis=1)
-    coverage = np.zeros(len(targets))
-    open_ = np.arange(len(targets))
-    while len(open_):
-        best, gain = np.full(len(open_), -1, np.int64), np.zeros(len(open_))
-        covered, mass = np.zeros(len(open_)), np.zeros(len(open_))
+    """Add to each target's `chosen` inputs (T, W; −1 padded), greedily, the pool input with
+    lift ≥ `min_lift` that covers most of its uncovered activation mass, while the covered
+    share is under `target` (default `coverage_target`) and it has fewer than `limit`
+    inputs. Returns the inputs (T, max(W, limit)) and the coverage curve (T, limit + 1):
+    the share of activation mass covered by the first m inputs, NaN past the last."""
+    width = max(chosen.shape[1], limit)
+    out = np.full((len(targets), width), -1, np.int64)
+    out[:, : chosen.shape[1]] = chosen
+    curve = np.full((len(targets), width + 1), np.nan)
+    if len(targets):
         _cover_kernel(
             xc.floors, rows.ptr, rows.idx, rows.val, rows.total, yc.ptr, yc.idx, yc.val,
-            yc.floors, targets[open_].astype(np.int64), chosen[open_], pool.ptr[open_],
-            pool.ptr[open_ + 1], pool.idx, xc.n_tokens, config.min_lift, best, gain,
-            covered, mass,
+            yc.floors, targets.astype(np.int64), out, pool.ptr[:-1], pool.ptr[1:], pool.idx,
+            xc.n_tokens, config.min_lift,
+            config.coverage_target if target is None else target, limit, curve,
         )  # fmt: skip
-        coverage[open_] = np.where(mass > 0, covered / np.where(mass > 0, mass, 1), np.nan)
-        more = (best >= 0) & (k[open_] < limit) & (covered < config.coverage_target * mass)
-        which = open_[more]
-        chosen[which, k[which]] = best[more]
-        k[which] += 1
-        open_ = which
-    return chosen, coverage
+    return out, curve
+
+
+def last(curve: np.ndarray) -> np.ndarray:
+    """The last defined value of each row of a coverage curve (NaN for none)."""
+    defined = ~np.isnan(curve)
+    at = np.where(defined.any(axis=1), curve.shape[1] - 1 - np.argmax(defined[:, ::-1], axis=1), 0)
+    return np.where(defined.any(axis=1), curve[np.arange(len(curve)), at], np.nan)
 
 
 def inputs_needed(
@@ -115,8 +116,9 @@ def inputs_needed(
     """How many pool inputs, picked greedily by coverage from none, reach
     `coverage_target` (−1: not within `coverage_search` or the pool), and the coverage
     they reach."""
-    start = np.full((len(targets), config.coverage_search), -1, np.int64)
-    chosen, coverage = grow(rows, xc, yc, targets, start, pool, config, config.coverage_search)
+    start = np.full((len(targets), 0), -1, np.int64)
+    chosen, curve = grow(rows, xc, yc, targets, start, pool, config, config.coverage_search)
+    reach = last(curve)
     k = (chosen >= 0).sum(axis=1)
-    reached = np.nan_to_num(coverage) >= config.coverage_target
-    return np.where(reached, k, -1), coverage
+    reached = np.nan_to_num(reach) >= config.coverage_target
+    return np.where(reached, k, -1), reach

@@ -55,6 +55,7 @@ def label_layer(
     rows, pool = _Rows.of(x, xc), Pool.of(targets, weights, jacobian, config)
     before = counts.k
     chosen, _ = grow(rows, xc, yc, targets, counts.inputs, pool, config, config.max_inputs)
+    chosen = chosen[:, : config.max_inputs]
     changed = np.flatnonzero((chosen != counts.inputs).any(axis=1))
     if len(changed):
         counts = _recount(counts, xc, yc, changed, chosen, config)

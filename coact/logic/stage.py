@@ -6,10 +6,13 @@ optionally, the hidden latents of an sae-connector fitted here (inputs: their st
 first-layer weights; outputs: their strongest second-layer weights). Everything lands in
 `<run>/logic/`:
 
-    features.parquet       per output feature: label, confidence, rule, inputs, negated
-                           input, counts, mutual information, clusters
+    features.parquet       per output feature: label (and NONLINEAR kind), confidence, rule,
+                           inputs and how each was found, negated input, coverage, held-out
+                           AUC, inputs needed for `coverage_target`, counts, mutual
+                           information, clusters
     truth_tables.parquet   per output feature and input pattern: tokens, P(active), mean
     clusters.parquet       co-activation modes where it fires and where it is suppressed
+    supernodes.parquet     groups of features sharing inputs and computation
     hidden.parquet         the same per hidden latent of the sae-connector, with outputs
     logic.json             the headline (`LogicResult`, written last): counts per label,
                            the most confident features per label
@@ -29,16 +32,18 @@ import scipy.sparse as sp
 from coact.codes.store import CodeStore
 from coact.connectors.train import ConnectorTrainConfig, train_connector
 from coact.errors import CoactError
-from coact.logic.config import LABELS, LogicConfig
+from coact.logic.config import LABELS, NONLINEAR_KINDS, LogicConfig
+from coact.logic.coverage import CoverageSummary
 from coact.logic.hidden import hidden_targets
 from coact.logic.layer import label_layer
+from coact.logic.supernodes import SupernodeConfig, supernodes
 from coact.models.sites import SitePair
 from coact.rundir.files import atomic_write
-from coact.rundir.layout import ConnectFiles, LogicFiles
+from coact.rundir.layout import ConnectFiles, JacobianFiles, LogicFiles
 from coact.rundir.results import Result, Timings, pair_head, result_key
 from coact.settings import setting
 
-RESULT_VERSION = 2
+RESULT_VERSION = 3
 
 
 SAE_CONNECTOR = ConnectorTrainConfig(
@@ -54,6 +59,7 @@ class LabelsConfig:
         SAE_CONNECTOR, "also fit an sae-connector and label its hidden latents"
     )
     sae_outputs: int = 3  # strongest second-layer weights listed per hidden latent
+    supernodes: SupernodeConfig = field(default_factory=SupernodeConfig)
     top_per_label: int = 5  # most confident features per label in the headline
     seed: int = 0
     device: str = "cpu"
@@ -74,6 +80,10 @@ class LogicResult(Result):
     most_confident: dict[str, list[str]]  # per label, formulas such as `out 3 = in 1 OR in 2`
     config: LabelsConfig
     timings: dict[str, float]
+    coverage: CoverageSummary | None = None  # how much of the features the labels explain
+    kinds: dict[str, int] = field(default_factory=dict)  # NONLINEAR features per kind
+    supernodes: int = 0  # groups of features sharing inputs and computation
+    jacobian_inputs: bool = False  # the Jacobian's connections were among the candidates
 
 
 def label_run(
@@ -82,15 +92,21 @@ def label_run(
     connect_dir: str | Path,
     out_dir: str | Path,
     config: LabelsConfig = LabelsConfig(),
+    jacobian_dir: str | Path | None = None,
 ) -> LogicResult:
-    """Label every output feature (and hidden latent); write the tables; return the headline."""
+    """Label every output feature (and hidden latent); write the tables; return the headline.
+    With `jacobian_dir` holding the jacobian stage's connections, those join the candidates."""
     store = CodeStore.of(store)
     connected, files = ConnectFiles(Path(connect_dir)), LogicFiles(Path(out_dir))
     if not connected.weights.is_file():
         raise CoactError(f"no connections at {connected.weights}; run `coact connect` first")
     store.require(pair.slugs)
     digest = hashlib.sha256(connected.weights.read_bytes()).hexdigest()
+    grounded = JacobianFiles(Path(jacobian_dir)).connections if jacobian_dir else None
+    grounded = grounded if grounded is not None and grounded.is_file() else None
     inputs = [store.fingerprint, digest, str(pair.in_site), str(pair.out_site)]
+    if grounded is not None:
+        inputs.append(hashlib.sha256(grounded.read_bytes()).hexdigest())
     key = result_key(inputs, config, RESULT_VERSION)
     if (previous := LogicResult.finished(files, key)) is not None:
         return previous
@@ -100,8 +116,13 @@ def label_run(
     with timings.part("label_outputs"):
         x, y = store.read_site(pair.in_site.slug), store.read_site(pair.out_site.slug)
         weights = pl.read_parquet(connected.weights)
-        labels = label_layer(x, y, weights, config.logic, progress=config.progress)
-    tables = (labels.features, labels.truth_tables, labels.clusters)
+        jacobian = pl.read_parquet(grounded) if grounded is not None else None
+        contexts = store.read_tokens()["context"].to_numpy()
+        labels = label_layer(x, y, weights, config.logic, progress=config.progress,
+                             contexts=contexts, jacobian=jacobian)  # fmt: skip
+    with timings.part("supernodes"):
+        groups = supernodes(labels.features, y, config.supernodes)
+    tables = (labels.features, labels.truth_tables, labels.clusters, groups)
     for path, frame in zip(files.tables, tables, strict=True):
         atomic_write(path, frame.write_parquet)
 
@@ -119,6 +140,10 @@ def label_run(
         most_confident=_most_confident(labels.features, config.top_per_label),
         config=config,
         timings=timings,
+        coverage=CoverageSummary.of(labels.features, config.logic),
+        kinds=_kinds(labels.features),
+        supernodes=groups.height,
+        jacobian_inputs=jacobian is not None,
     )
     result.write(files.result)
     return result
@@ -127,6 +152,13 @@ def label_run(
 def _counts(features: pl.DataFrame) -> dict[str, int]:
     counts = dict(features.group_by("label").len().iter_rows())
     return {label: int(counts.get(label, 0)) for label in LABELS}
+
+
+def _kinds(features: pl.DataFrame) -> dict[str, int]:
+    counts = dict(
+        features.filter(pl.col("label") == "NONLINEAR").group_by("kind").len().iter_rows()
+    )
+    return {kind: int(counts.get(kind, 0)) for kind in NONLINEAR_KINDS}
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -140,6 +172,8 @@ def describe(row: dict[str, Any]) -> str:
         negated = row.get("negated")
         rest = [f"in {i}" for i in row["inputs"] if i != negated]
         text = " AND ".join(rest) + (f" AND NOT in {negated}" if negated is not None else "")
+    elif label == "NONLINEAR":
+        text = f"NONLINEAR ({row.get('kind')}) of " + ", ".join(inputs)
     else:
         text = label
     return f"out {row['output']} = {text} (confidence {row['confidence']:.2f})"

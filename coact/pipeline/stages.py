@@ -123,7 +123,10 @@ def _jacobian(run: LayerRun, settings: Any) -> Result:
 
 def _logic(run: LayerRun, settings: Any) -> Result:
     pair, layout = SitePair.mlp(run.layer), run.layout
-    return label_run(run.shared.store, pair, layout.connect.path, layout.logic.path, settings)
+    return label_run(
+        run.shared.store, pair, layout.connect.path, layout.logic.path, settings,
+        jacobian_dir=layout.jacobian.path,
+    )  # fmt: skip
 
 
 def _attention(run: LayerRun, settings: Any) -> Result:

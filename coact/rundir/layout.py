@@ -14,6 +14,7 @@ one set in the model run's directory, and each layer's `config.json` names it
     <run>/attention/connect/  attention/calibrate/  attention/positions/  attention/causal/
     <run>/attention/jacobian/
     <run>/composition/  report/  graph/  control/ (a run directory: the control)  causal/
+    <run>/.claims/<stage, layer or step>.lock  .holder.json (while a writer holds it)
 
 Formats defined elsewhere keep their own names: an SAE directory follows SAELens, sparsify
 or dictionary_learning (`coact.sae.formats`), a model directory Hugging Face's.
@@ -65,6 +66,18 @@ class StageFiles:
 
     def table(self, stem: str) -> Path:
         return self.path / f"{stem}.parquet"
+
+    stamp_name: ClassVar[str] = ".files.json"
+
+    @property
+    def stamp(self) -> Path:
+        """Size, time and sha256 of every file the stage wrote (`coact.rundir.verify`)."""
+        return self.path / self.stamp_name
+
+    @property
+    def backup(self) -> Path:
+        """The previous results, kept beside the folder while the stage reruns."""
+        return self.path.with_name(f".{self.path.name}.prev")
 
 
 @dataclass(frozen=True)
@@ -119,11 +132,12 @@ class CalibrateFiles(StageFiles):
 
 @dataclass(frozen=True)
 class LogicFiles(StageFiles):
-    """`logic`: labels, truth tables, co-activation modes, the sae-connector's latents."""
+    """`logic`: labels, truth tables, co-activation modes, supernodes (groups of features
+    sharing inputs and computation), the sae-connector's latents."""
 
     result_name: ClassVar[str] = "logic.json"
     table_names: ClassVar[tuple[str, ...]] = (
-        "features.parquet", "truth_tables.parquet", "clusters.parquet",
+        "features.parquet", "truth_tables.parquet", "clusters.parquet", "supernodes.parquet",
     )  # fmt: skip
 
     features = Table("features")
@@ -131,6 +145,8 @@ class LogicFiles(StageFiles):
     truth_tables = Table("truth_tables")
 
     clusters = Table("clusters")
+
+    supernodes = Table("supernodes")
 
     hidden = Table("hidden")
 
@@ -253,6 +269,11 @@ class CodesFiles:
     def manifest(self) -> Path:
         return self.path / "manifest.json"
 
+    @property
+    def stamp(self) -> Path:
+        """Size and time of each shard when its checksum last held (`coact.rundir.verify`)."""
+        return self.path / ".verified.json"
+
     @staticmethod
     def shard(folder: str, index: int) -> str:
         """A shard's path relative to the store (the manifest records it so)."""
@@ -290,6 +311,25 @@ class ReportFiles:
     @property
     def mkdocs(self) -> Path:
         return self.path / "mkdocs.yml"
+
+    @property
+    def inputs(self) -> Path:
+        """The fingerprint of what the report was built from: unchanged, it is not rebuilt."""
+        return self.path / ".inputs.sha256"
+
+
+@dataclass(frozen=True)
+class ClaimFiles:
+    """Claims on a run directory (`coact.rundir.claims`): per stage, layer or shared step,
+    a lock file and a record of its holder (pid, host, start time)."""
+
+    path: Path
+
+    def lock(self, name: str) -> Path:
+        return self.path / f"{name}.lock"
+
+    def holder(self, name: str) -> Path:
+        return self.path / f"{name}.holder.json"
 
 
 @dataclass(frozen=True)
@@ -365,6 +405,7 @@ class RunLayout:
     transcoder = Under(TranscoderFiles, "transcoder")  # SAE route vs skip transcoder
     report = Under(ReportFiles, "report")
     graph = Under(GraphFiles, "graph")
+    claims = Under(ClaimFiles, ".claims")  # who writes what now (coact.rundir.claims)
     control = Under(Path, "control")  # the control run (re-initialised model): a run directory
     causal = Under(CausalFiles, "causal")  # a control run's causal check
 
