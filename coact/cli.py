@@ -27,6 +27,7 @@ from coact.logic.config import LogicConfig
 from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.report.select import DEFAULT_FEATURES
+from coact.rundir.verify import guarded, require, require_codes
 from coact.sae.train import SaeTrainConfig
 from coact.settings import Range, default_of, help_of, range_of
 
@@ -248,7 +249,9 @@ def connect(
         linearity=LinearityConfig(tau=tau, form=_form(form)), seed=cfg.seed, device=device,
     )  # fmt: skip
     layout = RunLayout.of(run)
-    result = run_connect(layout.codes, pair, layout.connect.path, config, _decode(cfg.model))
+    require_codes(layout.codes)
+    with guarded(layout.connect):  # earlier results stay until these land
+        result = run_connect(layout.codes, pair, layout.connect.path, config, _decode(cfg.model))
     typer.echo(format_connect(result))
 
 
@@ -309,10 +312,13 @@ def logic(
     )
     layout = RunLayout.of(run)
     pair = SitePair.mlp(cfg.layer)
-    result = label_run(
-        layout.codes, pair, layout.connect.path, layout.logic.path, config,
-        jacobian_dir=layout.jacobian.path,
-    )  # fmt: skip
+    require_codes(layout.codes)
+    require(layout.connect, f"`coact connect {run}`")
+    with guarded(layout.logic):
+        result = label_run(
+            layout.codes, pair, layout.connect.path, layout.logic.path, config,
+            jacobian_dir=layout.jacobian.path,
+        )  # fmt: skip
     typer.echo(format_logic(result))
 
 
@@ -341,6 +347,8 @@ def report(
     from coact.report.model import build_model_report, is_model_run
 
     chosen = list(feature) if feature else features
+    if feature:
+        _check_features(run, list(feature))
     if is_model_run(run):
         index = build_model_report(run, out, features=chosen, rebuild_layers=not keep_layer_reports)
         typer.echo(f"model report: {index}")
@@ -429,6 +437,7 @@ def linearity(
     from coact.rundir.layout import RunLayout
 
     layout = RunLayout.of(run)
+    require(layout.connect, f"`coact connect {run}`")
     if not layout.connect.features.is_file():
         raise CoactError(
             f"no linearity table at {layout.connect.features}; run `coact connect {run}` first"
@@ -477,6 +486,18 @@ def graph(
     found, written = write_feature_graph(run, site, feature, top, depth, direction, out)
     typer.echo(format_graph(found))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _check_features(run: Path, features: list[int]) -> None:
+    """Each --feature is an output feature of the run (0 to its SAE's width − 1)."""
+    from coact.rundir.read import output_width
+
+    width = output_width(run)
+    if width is not None and (bad := [j for j in features if not 0 <= j < width]):
+        raise CoactError(
+            f"--feature {bad[0]} is out of range: the output SAE has {width} "
+            f"features (0..{width - 1})"
+        )
 
 
 def _form(form: str) -> Literal["raw", "fvu", "seed"]:

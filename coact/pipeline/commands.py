@@ -14,6 +14,7 @@ from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.shared import layer_sites
 from coact.rundir.layout import RunLayout, read_run_config
+from coact.rundir.verify import guarded, require, require_codes
 
 
 def report_ablation_targets(
@@ -22,7 +23,7 @@ def report_ablation_targets(
     """(site slug, feature) → top contexts to ablate: the output features the report gives
     a page (the `features` most interesting ones, or these ids) and their top inputs."""
     from coact.report.select import ablation_targets, interesting_features
-    from coact.rundir.read import load_run
+    from coact.rundir.read import load_run, output_width
 
     data = load_run(run_dir)
     if isinstance(features, int):
@@ -31,6 +32,12 @@ def report_ablation_targets(
         outputs = list(interesting_features(data, features))
     else:
         outputs = [int(j) for j in features]
+        width = output_width(run_dir)
+        if width is not None and (bad := [j for j in outputs if not 0 <= j < width]):
+            raise CoactError(
+                f"--feature {bad[0]} is out of range: the output SAE has {width} features "
+                f"(0..{width - 1})"
+            )
     return ablation_targets(
         data,
         outputs,
@@ -51,13 +58,16 @@ def ablate_run(
     settings = settings or AblationConfig()
     layout = RunLayout.of(run_dir)
     config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    require_codes(layout.codes)
+    require(layout.connect, f"`coact connect {layout.run_dir}`")
     wanted = report_ablation_targets(layout.run_dir, features, settings)
     lm = load_model(config.model, device=device, seed=config.seed, dtype=config.dtype)
     store = CodeStore.open(layout.codes)
     found = run_saes(layout.run_dir, sorted({slug for slug, _ in wanted}), device=device)
     saes = {Site.parse(slug): sae for slug, sae in found.items()}
     decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
-    return ablate(lm, saes, store, wanted, layout.ablation.path, settings, decode=decode)
+    with guarded(layout.ablation):  # earlier results stay until these land
+        return ablate(lm, saes, store, wanted, layout.ablation.path, settings, decode=decode)
 
 
 def outliers_run(
@@ -70,12 +80,14 @@ def outliers_run(
 
     layout = RunLayout.of(run_dir)
     config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    require_codes(layout.codes)
     store = CodeStore.open(layout.codes)
     slugs = [site.slug for site in layer_sites(config, config.layer)]
     top = layout.connect.top_tokens
     decode = default_decode(layout.run_dir, pl.read_parquet(top) if top.is_file() else None)
     saes = run_saes(layout.run_dir, slugs, device=device)
-    return outliers(
-        store, layout.outliers.path, settings or OutlierConfig(), sites=slugs, decode=decode,
-        saes=saes,
-    )  # fmt: skip
+    with guarded(layout.outliers):  # earlier results stay until these land
+        return outliers(
+            store, layout.outliers.path, settings or OutlierConfig(), sites=slugs,
+            decode=decode, saes=saes,
+        )  # fmt: skip

@@ -35,6 +35,7 @@ from coact.pipeline.summary import CodesSummary, ModelSummary, RunSummary, SiteS
 from coact.rundir.files import atomic_write, write_json
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Timings
+from coact.rundir.verify import guarded_call
 
 
 def analyze(config: AnalyzeConfig) -> RunSummary | ModelSummary:
@@ -139,7 +140,7 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
         print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
               file=sys.stderr)  # fmt: skip
         with timings.part(stage.name):
-            run.results[stage.name] = stage(run)
+            run.results[stage.name] = guarded_call(stage.files(layout), stage, run)
     block = _block(run)
     if block is not None:
         block.write(layout.block)

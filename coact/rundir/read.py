@@ -29,6 +29,7 @@ from coact.pipeline.summary import RunSummary, SiteSummary
 from coact.rundir.files import read_json
 from coact.rundir.layout import CodesFiles, RunLayout
 from coact.rundir.results import Result, from_dict
+from coact.rundir.verify import require
 from coact.sae.evaluate import SaeEvaluation, SaeReport
 from coact.sae.train import TrainLog
 
@@ -37,7 +38,47 @@ if TYPE_CHECKING:
 
 
 def _parquet(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path) if path.is_file() else None
+    """A table, None when it is missing; one clear error when it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CoactError(f"cannot read {path} ({first}); rerun its stage") from None
+
+
+def output_width(run_dir: str | Path) -> int | None:
+    """How many features the run's output site has (its code store's manifest says); None
+    for a model run or a run without codes."""
+    layout = RunLayout.of(run_dir)
+    config = AnalyzeConfig.from_dict(read_json(layout.config) or {})
+    if config.layers:
+        return None
+    manifest = read_json(CodesFiles(layout.codes).manifest) or {}
+    entry = dict(manifest.get("sites") or {}).get(Site("mlp_out", config.layer).slug)
+    return int(entry["width"]) if isinstance(entry, dict) and "width" in entry else None
+
+
+def verify_run(layout: RunLayout) -> None:
+    """Every finished stage's files are as the stage wrote them (`coact.rundir.verify`);
+    the first that is not stops the reader, naming the file and the command to rerun."""
+    run = layout.run_dir
+    analyze = f"`coact analyze` with {run}'s settings"
+    for files, command in (
+        (layout.connect, f"`coact connect {run}`"),
+        (layout.calibrate, f"`coact calibrate {run}`"),
+        (layout.logic, f"`coact logic {run}`"),
+        (layout.outliers, f"`coact outliers {run}`"),
+        (layout.ablation, f"`coact ablate {run}`"),
+        (layout.jacobian, analyze),
+        (layout.attention_connect, analyze),
+        (layout.attention_calibrate, analyze),
+        (layout.positions, analyze),
+        (layout.attention_causal, analyze),
+        (layout.composition, analyze),
+    ):
+        require(files, command)
 
 
 @dataclass
@@ -185,6 +226,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if raw is None:
         raise CoactError(f"{run} is not a run directory (no config.json); run `coact analyze`")
     layout = RunLayout.of(run, raw)
+    verify_run(layout)
     config = AnalyzeConfig.from_dict(raw)
     summary = RunSummary.read(layout.summary)
     connect = ConnectResult.read(layout.connect.result)
