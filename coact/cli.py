@@ -107,6 +107,12 @@ def analyze(
     ),
     report_features: int | None = budget_option("report_features"),
     control: bool = option(AnalyzeConfig, "control", "--control/--no-control"),
+    transcoder: bool = typer.Option(
+        False,
+        help="also train a skip transcoder per layer (the SAEs' width, k and tokens) and measure "
+        "the metric sheet: SAE route vs transcoder at equal L0 (opt-in: it trains a third "
+        "dictionary per layer)",
+    ),
     allow_mismatch: bool = option(AnalyzeConfig, "allow_mismatch", "--allow-mismatch"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
@@ -122,7 +128,8 @@ def analyze(
         allow_mismatch=allow_mismatch,
     )  # fmt: skip
     config = config.with_stages(
-        add=BLOCK_STAGES if block else (), drop=("report", "ablate") if no_report else ()
+        add=(*(BLOCK_STAGES if block else ()), *(("transcoder",) if transcoder else ())),
+        drop=("report", "ablate") if no_report else (),
     )
     config = with_budget(config, budget or ("survey" if config.layers else "full"))
     config = dataclasses.replace(  # what the command line names beats the budget
