@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 
 import polars as pl
 
@@ -28,37 +29,46 @@ from coact.models.sites import Site
 from coact.pipeline.checks import before_touching, check_fits
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.pipeline.control import run_control
+from coact.pipeline.executor import Execution, run_on_ray
 from coact.pipeline.model_table import finished_layers, layers_table
 from coact.pipeline.shared import Shared, layer_sites, prepare
 from coact.pipeline.stages import LayerRun, stages_of
 from coact.pipeline.summary import CodesSummary, ModelSummary, RunSummary, SiteSummary
+from coact.rundir.claims import Claim, claimed
 from coact.rundir.files import atomic_write, write_json
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Timings
 from coact.rundir.verify import guarded_call
 
 
-def analyze(config: AnalyzeConfig) -> RunSummary | ModelSummary:
+def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSummary | ModelSummary:
     """Run the pipeline and return (and write to summary.json) its headline figures; with
-    `layers`, run every one of them (see `analyze_layers`)."""
+    `layers`, run every one of them (see `analyze_layers`). `execution` says how (serially,
+    or a model run's layers on Ray workers) and whether to wait for another writer's claims."""
+    execution = execution or Execution()
     if config.layers:
-        return analyze_layers(config)
+        return analyze_layers(config, execution)
     started = time.perf_counter()
     config = config.resolved()
     stages_of(config)  # a stage asked for without what it reads stops here, before loading
-    lm = load_model(config.model, device=config.device, seed=config.seed, dtype=config.dtype)
+    lm = load_model(config.model, device=config.device, seed=config.seed)
     run_dir = config.resolved_run_dir()
     sites = layer_sites(config, config.layer)
     given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
     before_touching(config, lm, run_dir, given)  # nothing is written before this passes
-    shared = prepare(config, lm, sites, given, RunLayout(run_dir, run_dir))
-    return run_layer(config, lm, shared, started)
+    layout = RunLayout(run_dir, run_dir)
+    with claimed(layout.claims, SHARED, f"the SAEs and codes of {run_dir}", wait=execution.wait):
+        shared = prepare(config, lm, sites, given, layout)
+    return run_layer(config, lm, shared, started, wait=execution.wait)
 
 
-def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
+def analyze_layers(config: AnalyzeConfig, execution: Execution | None = None) -> ModelSummary:
     """Every layer of `config.layers` with the block stages, from one set of SAEs and one
     code store in the model run's directory; each layer's results land in `<run>/L<ℓ>/`
-    (an ordinary run directory), the per-layer headline in `<run>/layers.parquet`."""
+    (an ordinary run directory), the per-layer headline in `<run>/layers.parquet`. Layers
+    run here one after another, or on Ray workers (`execution`); each is claimed first, so
+    several processes or workers on one run directory share its layers out."""
+    execution = execution or Execution()
     started = time.perf_counter()
     if config.sae_in or config.sae_out:
         raise CoactError("--sae-in / --sae-out name one layer's SAEs; give them with --layer")
@@ -66,32 +76,28 @@ def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
         raise CoactError("--control runs with --layer (one layer); a model run has no control yet")
     config = config.with_stages(add=BLOCK_STAGES).resolved()
     stages_of(config)
-    lm = load_model(config.model, device=config.device, seed=config.seed, dtype=config.dtype)
+    lm = load_model(config.model, device=config.device, seed=config.seed)
     layers = _model_layers(config, lm)
     before_touching(config, lm, config.resolved_run_dir(), {})
     config = dataclasses.replace(config, layers=tuple(layers))
     model = RunLayout(config.resolved_run_dir(), config.resolved_run_dir())
     sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(config, layer)))
-    shared = prepare(config, lm, sites, dict.fromkeys(sites), model)
+    what = f"the SAEs and codes of {model.run_dir}"
+    with claimed(model.claims, SHARED, what, wait=execution.wait):
+        shared = prepare(config, lm, sites, dict.fromkeys(sites), model)
     # a layer finished with these settings (report included when one is asked for) is
     # read back, not rerun: resuming a long run costs nothing for its finished layers
-    done = {
-        layer: summary
-        for layer, summary in finished_layers(model.run_dir).items()
-        if not config.runs("report") or summary.report is not None
-    }
-    per_layer: dict[int, RunSummary] = {}
-    for layer in layers:
-        if layer in done:
-            per_layer[layer] = done[layer]
-            continue
-        layer_config = dataclasses.replace(
-            config, layer=layer, layers=None, run_dir=str(model.layer_dir(layer)),
-            shared_dir="..",
-        )  # fmt: skip
-        per_layer[layer] = run_layer(layer_config, lm, shared, time.perf_counter())
-        # after every layer, so a run stopped part-way has the table of the finished ones
-        atomic_write(model.layers_table, layers_table(per_layer).write_parquet)
+    done = _finished(config, model)
+    todo = [layer for layer in layers if layer not in done]
+    per_layer: dict[int, RunSummary] = {layer: done[layer] for layer in layers if layer in done}
+    if execution.on_ray and todo:
+        setup = partial(
+            _worker_state, config, shared.trained_now, shared.evaluated_now, execution.wait
+        )
+        landed = partial(_landed, model, per_layer)
+        run_on_ray(todo, setup, _layer_on_worker, execution, device=config.device, done=landed)
+    else:
+        _layers_here(config, lm, shared, model, todo, execution.wait, per_layer)
     summary = ModelSummary(
         model=lm.name,
         layers=layers,
@@ -102,13 +108,114 @@ def analyze_layers(config: AnalyzeConfig) -> ModelSummary:
         layer_runs={str(layer): str(model.layer_dir(layer)) for layer in layers},
         timings={**shared.timings, "total_s": time.perf_counter() - started},
     )
-    summary.write(model.summary)
-    if config.runs("report"):
-        from coact.report.model import build_model_report
-
-        summary = dataclasses.replace(summary, report=str(build_model_report(model.run_dir)))
+    what = f"the summary and report of {model.run_dir}"
+    with claimed(model.claims, SUMMARY, what, wait=execution.wait):
         summary.write(model.summary)
+        if config.runs("report"):
+            from coact.report.model import build_model_report
+
+            summary = dataclasses.replace(summary, report=str(build_model_report(model.run_dir)))
+            summary.write(model.summary)
     return summary
+
+
+SHARED, SUMMARY = "shared", "summary"  # claims on what a run's layers share, and on its end
+
+
+def _finished(config: AnalyzeConfig, model: RunLayout) -> dict[int, RunSummary]:
+    """The layers finished with the run's settings (their report too when one is asked for)."""
+    return {
+        layer: summary
+        for layer, summary in finished_layers(model.run_dir).items()
+        if not config.runs("report") or summary.report is not None
+    }
+
+
+def _layers_here(
+    config: AnalyzeConfig,
+    lm: LoadedModel,
+    shared: Shared,
+    model: RunLayout,
+    layers: list[int],
+    wait: bool,
+    per_layer: dict[int, RunSummary],
+) -> None:
+    """The layers in this process, into `per_layer`: those another writer holds are left
+    for last, then waited for (and read back when it finished them)."""
+    held: list[int] = []
+    for layer in layers:
+        claim = Claim(model.claims, _layer_claim(layer), f"layer {layer} of {model.run_dir}")
+        if not claim.try_acquire():
+            held.append(layer)
+            continue
+        try:
+            summary = _model_layer(config, lm, shared, model, layer, wait)
+        finally:
+            claim.release()
+        _landed(model, per_layer, layer, summary)
+    for layer in held:
+        summary = _claimed_layer(config, lm, shared, model, layer, wait)
+        _landed(model, per_layer, layer, summary)
+
+
+def _layer_claim(layer: int) -> str:
+    return RunLayout.layer_name.format(layer=layer)
+
+
+def _claimed_layer(
+    config: AnalyzeConfig, lm: LoadedModel, shared: Shared, model: RunLayout, layer: int,
+    wait: bool,
+) -> RunSummary:  # fmt: skip
+    """Layer `layer` under its claim; read back when another writer finished it first."""
+    what = f"layer {layer} of {model.run_dir}"
+    with claimed(model.claims, _layer_claim(layer), what, wait=wait):
+        finished = _finished(config, model).get(layer)
+        return finished or _model_layer(config, lm, shared, model, layer, wait)
+
+
+def _model_layer(
+    config: AnalyzeConfig, lm: LoadedModel, shared: Shared, model: RunLayout, layer: int,
+    wait: bool,
+) -> RunSummary:  # fmt: skip
+    layer_config = dataclasses.replace(
+        config, layer=layer, layers=None, run_dir=str(model.layer_dir(layer)), shared_dir=".."
+    )
+    return run_layer(layer_config, lm, shared, time.perf_counter(), wait=wait)
+
+
+def _landed(
+    model: RunLayout, per_layer: dict[int, RunSummary], layer: int, summary: RunSummary
+) -> None:
+    """After every layer, so a run stopped part-way has the table of the finished ones
+    (those other writers finished included)."""
+    per_layer[layer] = summary
+    with claimed(model.claims, "layers", f"{model.layers_table}"):
+        finished = {**finished_layers(model.run_dir), **per_layer}
+        atomic_write(model.layers_table, layers_table(finished).write_parquet)
+
+
+WorkerState = tuple[AnalyzeConfig, LoadedModel, Shared, RunLayout, bool]
+
+
+def _worker_state(
+    config: AnalyzeConfig, trained_now: list[str], evaluated_now: list[str], wait: bool
+) -> WorkerState:
+    """A Ray worker's model and the run's shared SAEs and codes (the driver made them:
+    here they are read back), loaded once for every layer the worker runs."""
+    lm = load_model(config.model, device=config.device, seed=config.seed)
+    model = RunLayout(config.resolved_run_dir(), config.resolved_run_dir())
+    layers = config.layers if isinstance(config.layers, tuple) else ()
+    sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(config, layer)))
+    with claimed(model.claims, SHARED, f"the SAEs and codes of {model.run_dir}", wait=wait):
+        shared = prepare(config, lm, sites, dict.fromkeys(sites), model)
+    # what the driver trained and evaluated now, as a serial run's layers record it
+    shared = dataclasses.replace(shared, trained_now=trained_now, evaluated_now=evaluated_now)
+    return config, lm, shared, model, wait
+
+
+def _layer_on_worker(state: WorkerState, layer: int) -> RunSummary:
+    config, lm, shared, model, wait = state
+    return _claimed_layer(config, lm, shared, model, layer, wait)
 
 
 def _model_layers(config: AnalyzeConfig, lm: LoadedModel) -> list[int]:
@@ -126,9 +233,13 @@ def _model_layers(config: AnalyzeConfig, lm: LoadedModel) -> list[int]:
     return layers
 
 
-def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: float) -> RunSummary:
+def run_layer(
+    config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: float, *, wait: bool = True
+) -> RunSummary:
     """The stages of one layer on the shared codes, in data-flow order, then its
-    summary.json and its report."""
+    summary.json and its report. Each stage is claimed while it runs, and the end (block,
+    control, summary, report) too: a second writer of the run waits for each (or, without
+    `wait`, stops), then reuses what the first finished."""
     layout = RunLayout.of(config.resolved_run_dir(), asdict(config))
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     if config.shared_dir is not None:  # a model run's layer: its own config names the share
@@ -139,8 +250,16 @@ def run_layer(config: AnalyzeConfig, lm: LoadedModel, shared: Shared, started: f
     for stage in stages_of(config):
         print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
               file=sys.stderr)  # fmt: skip
-        with timings.part(stage.name):
+        what = f"stage {stage.name} of {layout.run_dir}"
+        with claimed(layout.claims, stage.name, what, wait=wait), timings.part(stage.name):
             run.results[stage.name] = guarded_call(stage.files(layout), stage, run)
+    with claimed(layout.claims, SUMMARY, f"the summary and report of {layout.run_dir}", wait=wait):
+        return _finish(run, timings, started)
+
+
+def _finish(run: LayerRun, timings: Timings, started: float) -> RunSummary:
+    """block.json, the control, summary.json and the report of a layer whose stages ran."""
+    config, layout = run.config, run.layout
     block = _block(run)
     if block is not None:
         block.write(layout.block)

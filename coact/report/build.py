@@ -15,11 +15,11 @@ import polars as pl
 from coact.errors import CoactError
 from coact.progress import tqdm
 from coact.report.attention_page import attention_page
+from coact.report.browser import write_browser
 from coact.report.embed import Figures
 from coact.report.evidence import Decode, Evidence, TokenText, default_decode
 from coact.report.feature_page import feature_page
 from coact.report.feature_parts import PageParts
-from coact.report.features_table import all_features_page
 from coact.report.layer_graphs import GraphWriter
 from coact.report.layer_page import layer_page
 from coact.report.names import (
@@ -37,6 +37,7 @@ from coact.report.select import (
     interesting_features,
 )
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
+from coact.rundir.files import staged_dir
 from coact.rundir.layout import ReportFiles
 from coact.rundir.read import RunData, load_run
 
@@ -68,27 +69,32 @@ def build_report(
     started = time.perf_counter()
     data = load_run(run_dir)
     featured, count = _featured(data, features)
-    report = ReportFiles(
+    final = ReportFiles(
         (Path(out_dir) if out_dir is not None else data.layout.report.path).resolve()
     )
-    prepare(report)
+    refuse_foreign(final)
     say = Say(progress)
-    attention = interesting_attention_features(data, attention_page_count(count))
-    evidence = _evidence(data, decode, bool(featured or attention), say)
-    write_assets(report.docs)
-    pages = _Pages(data, report, evidence, progress)
-    # the attention pages first: the layer page links those that exist
-    pages.feature_pages(attention, "attention", attention_page, attention_page_name)
-    say("writing the run and layer pages")
-    pages.run_and_layer(featured)
-    pages.feature_pages(featured, "feature", feature_page, feature_page_name)
-    config = mkdocs_config(
-        f"coact: {data.model}, layer {data.layer}",
-        _nav(data, featured, attention),
-        description=f"{data.in_site} → {data.out_site}",
-    )
-    say("building the site (mkdocs, strict)")
-    index = build_site(write_config(report.path, config))
+    # built aside and swapped in whole: a reader (or a second writer) never meets a half-built one
+    with staged_dir(final.path) as staging:
+        report = ReportFiles(staging)
+        prepare(report)
+        attention = interesting_attention_features(data, attention_page_count(count))
+        evidence = _evidence(data, decode, bool(featured or attention), say)
+        write_assets(report.docs)
+        pages = _Pages(data, report, evidence, progress)
+        # the attention pages first: the layer page links those that exist
+        pages.feature_pages(attention, "attention", attention_page, attention_page_name)
+        say("writing the run and layer pages")
+        pages.run_and_layer(featured)
+        pages.feature_pages(featured, "feature", feature_page, feature_page_name)
+        config = mkdocs_config(
+            f"coact: {data.model}, layer {data.layer}",
+            _nav(data, featured, attention),
+            description=f"{data.in_site} → {data.out_site}",
+        )
+        say("building the site (mkdocs, strict)")
+        build_site(write_config(report.path, config))
+    index = final.index
     say(f"report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
 
@@ -156,10 +162,11 @@ class _Pages:
         self.data, self.docs, self.evidence = data, report.docs, evidence
         self.site = report.site  # where the pages will be: links to the model report start there
         self.token_text = TokenText(data.top_tokens, data.attention_top_tokens)
-        self.graphs = GraphWriter(self.docs) if data.has_block else None  # docs/graphs/
+        # docs/graphs/: the block's graphs, or the MLP connector's alone in a run without --block
+        self.graphs = GraphWriter(self.docs) if data.weights is not None or data.has_block else None
         self.feature_dir = self.docs / FEATURES_DIR
         self.feature_dir.mkdir(parents=True, exist_ok=True)
-        self.feature_figures = Figures(self.feature_dir)
+        self.feature_figures = Figures(self.feature_dir, static=False)  # no fallback images
         self.feature_model = model_link(data, self.site / FEATURES_DIR)
         self.bar: dict[str, Any] = {"unit": "page", "disable": not progress, "file": sys.stderr}
 
@@ -173,7 +180,7 @@ class _Pages:
         """One page per chosen feature (output or attention), under features/."""
         parts = PageParts(
             self.data, self.evidence, self.feature_figures, self.token_text, self.graphs,
-            self.feature_model,
+            self.feature_model, frozenset(chosen),
         )  # fmt: skip
         for j, reasons in tqdm(chosen.items(), desc=f"{what} pages", **self.bar):
             self._write(f"{FEATURES_DIR}/{name(j)}.md", page(parts, j, reasons))
@@ -189,7 +196,7 @@ class _Pages:
             token_text=self.token_text, graphs=self.graphs, model=model,
         )  # fmt: skip
         self._write(f"{layer_page_name(data)}.md", text)
-        self._write("features.md", all_features_page(data, set(featured)))
+        self._write("features.md", write_browser(self.docs, data, set(featured), self.evidence))
 
 
 def _nav(data: RunData, featured: Featured, attention: Mapping[int, list[str]]) -> list[Any]:
@@ -210,16 +217,21 @@ def _nav(data: RunData, featured: Featured, attention: Mapping[int, list[str]]) 
     return nav
 
 
-def prepare(report: ReportFiles) -> None:
-    """The report folder is new, or a report folder of ours: its docs/ are rewritten from
-    scratch; anything else is refused, so no one's files are overwritten."""
+def refuse_foreign(report: ReportFiles) -> None:
+    """A folder that holds files but no report marker is someone else's: never replaced."""
     out = report.path
     if out.exists() and any(out.iterdir()) and not report.marker.is_file():
         raise CoactError(
             f"{out} exists and is not a coact report directory (no {report.marker.name}); "
             "pass an empty or new directory"
         )
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(report: ReportFiles) -> None:
+    """The report folder is new, or a report folder of ours: its docs/ are rewritten from
+    scratch; anything else is refused, so no one's files are overwritten."""
+    refuse_foreign(report)
+    report.path.mkdir(parents=True, exist_ok=True)
     report.marker.write_text("written by coact.report.build_report\n")
     shutil.rmtree(report.docs, ignore_errors=True)
     report.docs.mkdir()

@@ -19,11 +19,11 @@ import polars as pl
 from coact.errors import CoactError
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.summary import ModelSummary
-from coact.report.build import Say, build_report, prepare
+from coact.report.build import Say, build_report, prepare, refuse_foreign
 from coact.report.embed import Figures
 from coact.report.model_page import model_name, model_page, span
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
-from coact.rundir.files import atomic_write, read_json
+from coact.rundir.files import atomic_write, read_json, staged_dir
 from coact.rundir.layout import ReportFiles, RunLayout, read_run_config
 from coact.rundir.read import load_run
 
@@ -66,25 +66,29 @@ def build_model_report(
             say(f"building the report of layer {ell} ({layer_dir})")
             index = build_report(layer_dir, features=wanted, progress=progress)
         layer_index[ell] = index
-    report = ReportFiles((Path(out_dir) if out_dir is not None else layout.report.path).resolve())
-    prepare(report)
-    write_assets(report.docs)
-    links = {
-        ell: Path(os.path.relpath(index.resolve(), report.site)).as_posix()
-        for ell, index in layer_index.items()
-    }
-    runs = {ell: load_run(d) for ell, d in layer_dirs.items()}
-    say("writing the model page")
-    text = model_page(layout.run_dir, config, summary, table, runs, links, Figures(report.docs))
-    (report.docs / "index.md").write_text(text, encoding="utf-8")
+    final = ReportFiles((Path(out_dir) if out_dir is not None else layout.report.path).resolve())
+    refuse_foreign(final)
     model, layers = model_name(config, summary), table["layer"].to_list()
     mkdocs = mkdocs_config(
         f"coact: {model}, layers {span(layers)}",
         [{"Model": "index.md"}],
         description=f"{model}: MLP, attention and residual composition of layers {span(layers)}",
     )
-    say("building the site (mkdocs, strict)")
-    index = build_site(write_config(report.path, mkdocs))
+    with staged_dir(final.path) as staging:  # built aside, swapped in whole
+        report = ReportFiles(staging)
+        prepare(report)
+        write_assets(report.docs)
+        links = {
+            ell: Path(os.path.relpath(index.resolve(), report.site)).as_posix()
+            for ell, index in layer_index.items()
+        }
+        runs = {ell: load_run(d) for ell, d in layer_dirs.items()}
+        say("writing the model page")
+        text = model_page(layout.run_dir, config, summary, table, runs, links, Figures(report.docs))
+        (report.docs / "index.md").write_text(text, encoding="utf-8")
+        say("building the site (mkdocs, strict)")
+        build_site(write_config(report.path, mkdocs))
+    index = final.index
     say(f"model report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
 

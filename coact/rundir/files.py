@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,40 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh folder beside `final` (unique, so concurrent builders never share one) to
+    build into; when the block succeeds it replaces `final` whole (`swap_in`), when it
+    fails it is removed and `final` is left as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the report from its readers
+    try:
+        yield staging
+        swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def swap_in(staging: Path, final: Path, tries: int = 5) -> None:
+    """Move folder `staging` to `final`: the old `final` is moved aside first and removed
+    after, so a reader finds the old folder or the new one, never a half-written one."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    try:
+        for _ in range(tries):  # another writer may swap its folder in between our renames
+            if final.exists():
+                os.replace(final, aside / str(len(list(aside.iterdir()))))
+            try:
+                os.replace(staging, final)
+                return
+            except OSError:
+                if not final.exists():
+                    raise
+        raise OSError(f"could not swap {staging} in as {final}: it keeps being replaced")
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json(path: Path, payload: Any) -> None:
