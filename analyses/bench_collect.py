@@ -1,13 +1,18 @@
 """Collection throughput against a plain forward pass, and bytes per token of the store.
 
-Three timings over the same contexts, side by side in one run:
-  plain    — the bare PyTorch model, stopped by a hook after the last needed module;
-  capture  — nnsight reading the two sites (what tracing costs);
-  collect  — capture + SAE encoding + sparse store writing (the whole stage).
-Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). The store written
-by `collect` is measured against nonzeros × (index + value) bytes (target ≤ 1.2×) and
-against a dense float32 layout.
-Writes analyses/results/bench_collect.json.
+Timings over the same contexts, interleaved in one run (each repeat runs every variant
+once, in turn, so a busy machine slows them alike; the best of the repeats is kept):
+  plain         — the bare PyTorch model, stopped by a hook after the last needed module;
+  capture       — nnsight reading the two sites (what tracing costs);
+  hooks         — forward hooks reading the two sites (what collection now uses);
+  collect_plain — the old stage: nnsight, torch.topk encoding, the shard written inline;
+  collect       — the stage: hooks, the compiled TopK selection, shards written by a
+                  thread while the next shard is encoded.
+Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). Both collections
+must write the same bytes (checked). The store written by `collect` is measured against
+nonzeros × (index + value) bytes (target ≤ 1.2×) and against a dense float32 layout.
+`--device cuda` runs it on a GPU (synchronised timings); writes `--json`
+(default analyses/results/bench_collect.json, or bench_collect_<device>.json off CPU).
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from coact.codes.collect import CollectConfig, collect_codes
+from coact.codes import collect as collect_module
+from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import CorpusConfig, build_contexts
+from coact.codes.forward import read_sites
+from coact.codes.store import CodeStore
 from coact.models.adapters import adapter_for, resolve
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
@@ -39,8 +49,10 @@ class _Stop(Exception):
     pass
 
 
-def pythia_70m_shaped() -> LoadedModel:
-    """Random weights in Pythia-70m's shape (6 layers, d 512), with the real GPT-NeoX tokenizer."""
+def pythia_70m_shaped(device: str) -> LoadedModel:
+    """Random weights in Pythia-70m's shape (6 layers, d 512), with the real GPT-NeoX
+    tokenizer (the tiny test models' where the shared data is absent, e.g. on a GPU machine:
+    the weights are random, so only the token count matters)."""
     torch.manual_seed(0)
     config = GPTNeoXConfig(
         vocab_size=50304,
@@ -52,25 +64,41 @@ def pythia_70m_shaped() -> LoadedModel:
         max_position_embeddings=2048,
         use_parallel_residual=True,
     )
-    model = GPTNeoXForCausalLM(config).eval()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(SHARED / "gpt-neox-20b-tokenizer.json"),
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
+    model = GPTNeoXForCausalLM(config).eval().to(device)
+    path = SHARED / "gpt-neox-20b-tokenizer.json"
+    tokenizer = (
+        PreTrainedTokenizerFast(
+            tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+        )
+        if path.is_file()
+        else load_model("tiny-gpt-neox").tokenizer
     )
     return LoadedModel("pythia-70m-shaped-random", model, tokenizer, adapter_for(model))
 
 
-def random_sae(d_model: int, site: Site, k: int = 32) -> Sae:
+def random_sae(d_model: int, site: Site, k: int = 32, device: str = "cpu") -> Sae:
     sae = Sae(d_model, 4 * d_model, activation="topk", k=k, site=str(site))
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec):
             p.normal_(0, d_model**-0.5)
-    return sae.eval().requires_grad_(False)
+    return sae.eval().requires_grad_(False).to(device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[int], object], repeat: int, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(repeat)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def plain_forward(lm: LoadedModel, tokens: torch.Tensor, layer: int, batch: int) -> float:
+def plain_forward(lm: LoadedModel, tokens: torch.Tensor, layer: int, batch: int) -> None:
     module = resolve(lm.model, f"{lm.adapter.block(layer)}.{lm.adapter.mlp}")
 
     def stop(*_: object) -> None:
@@ -78,59 +106,106 @@ def plain_forward(lm: LoadedModel, tokens: torch.Tensor, layer: int, batch: int)
 
     handle = module.register_forward_hook(stop)
     try:
-        start = time.perf_counter()
         for i in range(0, tokens.shape[0], batch):
             with contextlib.suppress(_Stop):
-                lm.model(tokens[i : i + batch])
-        return time.perf_counter() - start
+                lm.model(tokens[i : i + batch].to(lm.device))
     finally:
         handle.remove()
+
+
+def _reads(
+    read: Callable[..., object],
+    lm: LoadedModel,
+    tokens: torch.Tensor,
+    sites: list[Site],
+    batch: int,
+) -> None:
+    with torch.no_grad():
+        for i in range(0, tokens.shape[0], batch):
+            read(lm, tokens[i : i + batch], sites)
+
+
+def _old_collect(*args: object) -> object:
+    """The stage as it was: nnsight reads, torch.topk encoding (the writer thread stays:
+    with one shard in flight its cost is the write itself)."""
+    saved = collect_module.read_sites, collect_module.encode_csr
+    collect_module.read_sites = capture  # type: ignore[assignment]
+    collect_module.encode_csr = lambda sae, x: encode_csr(sae, x, fused=False)  # type: ignore[assignment]
+    try:
+        return collect_codes(*args)  # type: ignore[arg-type]
+    finally:
+        collect_module.read_sites, collect_module.encode_csr = saved
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*.safetensors"))
+    }
 
 
 def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, object]:
     corpus = str(SHARED / "wikitext-2-test.txt") if SHARED.exists() else "embedded"
     contexts = build_contexts(CorpusConfig(source=corpus, n_tokens=n_tokens), lm.tokenizer)
-    tokens = contexts.tokens
+    tokens, device = contexts.tokens, str(lm.device)
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
-    saes = {site: random_sae(lm.adapter.d_model, site) for site in sites}
+    saes = {site: random_sae(lm.adapter.d_model, site, device=device) for site in sites}
     config = CollectConfig(forward_batch=batch)
-    capture(lm, tokens[:batch], sites)  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "capture": [], "collect": []}
-    storage: dict[str, dict[str, float]] = {}
-    for _ in range(repeats):
-        times["plain"].append(plain_forward(lm, tokens, layer, batch))
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, tokens.shape[0], batch):
-                capture(lm, tokens[i : i + batch], sites)
-        times["capture"].append(time.perf_counter() - start)
-        scratch = Path(tempfile.mkdtemp(prefix="coact-bench-"))
-        try:
-            start = time.perf_counter()
-            store = collect_codes(lm, contexts, saes, scratch / "codes", config)
-            times["collect"].append(time.perf_counter() - start)
-            for slug in store.sites:
-                sizes = store.bytes_per_token(slug)
-                storage[slug] = {
-                    **sizes,
-                    "ratio_vs_ideal": sizes["stored"] / sizes["ideal"],
-                    "ratio_vs_dense_float32": sizes["stored"] / sizes["dense_float32"],
-                }
-        finally:
-            shutil.rmtree(scratch)
+    capture(lm, tokens[:batch], sites)  # warm-up (and the compiled selection's load)
+    encode_csr(saes[sites[0]], read_sites(lm, tokens[:batch], sites)[sites[0]][0])
+    scratch = Path(tempfile.mkdtemp(prefix="coact-bench-"))
+    variants: dict[str, Callable[[int], object]] = {
+        "plain": lambda _: plain_forward(lm, tokens, layer, batch),
+        "capture": lambda _: _reads(capture, lm, tokens, sites, batch),
+        "hooks": lambda _: _reads(read_sites, lm, tokens, sites, batch),
+        "collect_plain": lambda r: _old_collect(lm, contexts, saes, scratch / f"old{r}", config),
+        "collect": lambda r: collect_codes(lm, contexts, saes, scratch / f"new{r}", config),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for r in range(repeats):
+            for name, fn in variants.items():
+                times[name].append(_timed(fn, r, device))
+        identical = _files(scratch / "old0") == _files(scratch / "new0")
+        storage = _storage(CodeStore.open(scratch / "new0"))
+    finally:
+        shutil.rmtree(scratch)
     best = {name: min(values) for name, values in times.items()}
     n = int(tokens.numel())
     return {
         "model": lm.name,
+        "device": device,
         "layer": layer,
         "tokens": n,
         "contexts": int(tokens.shape[0]),
         "sae_width": 4 * lm.adapter.d_model,
         "seconds_best_of": repeats,
+        "seconds": times,
         "tokens_per_s": {name: n / t for name, t in best.items()},
         "ratio_vs_plain": {name: best["plain"] / t for name, t in best.items()},
+        "ratio_vs_plain_per_repeat": {
+            name: [p / t for p, t in zip(times["plain"], values, strict=True)]
+            for name, values in times.items()
+        },
+        "collect_bytes_identical_to_plain_path": identical,
         "store_bytes_per_token": storage,
     }
+
+
+def _storage(store: CodeStore) -> dict[str, dict[str, float]]:
+    storage = {}
+    for slug in store.sites:
+        sizes = store.bytes_per_token(slug)
+        storage[slug] = {
+            **sizes,
+            "ratio_vs_ideal": sizes["stored"] / sizes["ideal"],
+            "ratio_vs_dense_float32": sizes["stored"] / sizes["dense_float32"],
+        }
+    return storage
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def main() -> None:
@@ -138,21 +213,38 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32_768)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "analyses" / "results" / "bench_collect.json"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--models", default="smollm2-135m,pythia-70m-shaped")
+    parser.add_argument("--json", "--out", dest="json", default=None, help="where to write")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    results = [
-        run(load_model("smollm2-135m"), 3, args.tokens, args.batch, args.repeats),
-        run(pythia_70m_shaped(), 3, args.tokens, args.batch, args.repeats),
-    ]
-    out = Path(args.out)
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    out = Path(args.json or ROOT / "analyses" / "results" / f"bench_collect{suffix}.json")
+    load_before = _load()
+    results = []
+    for name in args.models.split(","):
+        lm = (
+            pythia_70m_shaped(args.device)
+            if name == "pythia-70m-shaped"
+            else load_model(name, device=args.device)
+        )
+        results.append(run(lm, 3, args.tokens, args.batch, args.repeats))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"torch_threads": torch.get_num_threads(), "runs": results}, indent=2)
-    )
+    meta = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "load_average_1_5_15_before": load_before,
+        "load_average_1_5_15_after": _load(),
+    }
+    out.write_text(json.dumps({**meta, "runs": results}, indent=2))
+    print(f"load average before {load_before}, after {meta['load_average_1_5_15_after']}")
     for r in results:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())  # type: ignore[union-attr]
-        print(f"{r['model']} layer {r['layer']}: throughput vs plain forward: {ratios}")
+        print(f"{r['model']} layer {r['layer']} on {r['device']}: vs plain forward: {ratios}")
+        print(f"  same bytes as the old path: {r['collect_bytes_identical_to_plain_path']}")
         for slug, sizes in r["store_bytes_per_token"].items():  # type: ignore[union-attr]
             print(
                 f"  {slug}: {sizes['stored']:.1f} B/token = {sizes['ratio_vs_ideal']:.3f}× ideal, "

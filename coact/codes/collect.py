@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
+from coact.codes.forward import read_sites
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
-from coact.models.tracing import capture
 from coact.progress import tqdm
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
@@ -100,48 +102,91 @@ def collect_codes(
     n_ctx = contexts.tokens.shape[0]
     n_shards = -(-n_ctx // config.shard_contexts)
     done = store.completed_shards
-    skip = config.skip_first_positions
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
-    for index in range(n_shards):
-        if index in done:
-            continue
-        lo, hi = index * config.shard_contexts, min(n_ctx, (index + 1) * config.shard_contexts)
-        codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
-        for start in range(lo, hi, config.forward_batch):
-            batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
-            acts = capture(lm, batch, sites)
-            for site in sites:
-                x = acts[site][:, skip:].reshape(-1, lm.adapter.d_model)
-                codes[site.slug].append(encode_csr(saes[site], x))
-        store.write_shard(
-            index,
-            _token_table(contexts, lo, hi, skip),
-            {slug: sp.vstack(parts, format="csr") for slug, parts in codes.items()},
-        )
-        bar.update(1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coact-shards") as writer:
+        pending: Future[None] | None = None
+        for index in range(n_shards):
+            if index in done:
+                continue
+            lo, hi = index * config.shard_contexts, min(n_ctx, (index + 1) * config.shard_contexts)
+            codes = _encode_shard(lm, contexts, saes, sites, lo, hi, config)
+            if pending is not None:  # one shard in flight: its write overlaps this encoding
+                pending.result()
+                bar.update(1)
+            pending = writer.submit(
+                _write,
+                store,
+                index,
+                _token_table(contexts, lo, hi, config.skip_first_positions),
+                codes,
+            )
+        if pending is not None:
+            pending.result()
+            bar.update(1)
     bar.close()
     return store
 
 
+def _encode_shard(
+    lm: LoadedModel,
+    contexts: Contexts,
+    saes: Mapping[Site, SparseAutoencoder],
+    sites: list[Site],
+    lo: int,
+    hi: int,
+    config: CollectConfig,
+) -> dict[str, list[sp.csr_matrix]]:
+    """Codes of contexts lo..hi, batch by batch (always the same batches: resumable)."""
+    codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
+    for start in range(lo, hi, config.forward_batch):
+        batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
+        acts = read_sites(lm, batch, sites)
+        for site in sites:
+            x = acts[site][:, config.skip_first_positions :].reshape(-1, lm.adapter.d_model)
+            codes[site.slug].append(encode_csr(saes[site], x))
+    return codes
+
+
+def _write(
+    store: CodeStore,
+    index: int,
+    tokens: dict[str, np.ndarray],
+    codes: dict[str, list[sp.csr_matrix]],
+) -> None:
+    """Stack a shard's batches and write it (on the writer thread)."""
+    store.write_shard(
+        index, tokens, {slug: sp.vstack(parts, format="csr") for slug, parts in codes.items()}
+    )
+
+
 @torch.no_grad()
-def encode_csr(sae: SparseAutoencoder, x: Tensor) -> sp.csr_matrix:
-    """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR."""
-    if isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None:
-        values, indices = sae.pre_activations(x).topk(sae.k, dim=-1, sorted=False)
-        indices, order = indices.sort(dim=-1)
-        values = torch.relu(values.gather(-1, order))
-        n, k = indices.shape
-        matrix = sp.csr_matrix(
-            (
-                values.to("cpu", torch.float32).numpy().ravel(),
-                indices.to("cpu", torch.int32).numpy().ravel(),
-                np.arange(0, n * k + 1, k, dtype=np.int64),
-            ),
-            shape=(n, sae.width),
-        )
-        matrix.eliminate_zeros()
-        return matrix
-    return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
+def encode_csr(sae: SparseAutoencoder, x: Tensor, fused: bool = True) -> sp.csr_matrix:
+    """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR;
+    on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same)."""
+    if not (isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None):
+        return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
+    if sae.subtract_decoder_bias:
+        x = x - sae.b_dec
+    cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
+    pre = x @ sae.W_enc  # Sae.pre_activations without its bias, which the selection adds
+    if fused and cpu32 and sae.b_enc.dtype == torch.float32:
+        parts = topk_csr(pre.numpy(), sae.b_enc.detach().numpy(), sae.k)
+        return sp.csr_matrix(parts[::-1], shape=(len(pre), sae.width))
+    pre += sae.b_enc
+    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    indices, order = indices.sort(dim=-1)
+    values = torch.relu(values.gather(-1, order))
+    n, k = indices.shape
+    matrix = sp.csr_matrix(
+        (
+            values.to("cpu", torch.float32).numpy().ravel(),
+            indices.to("cpu", torch.int32).numpy().ravel(),
+            np.arange(0, n * k + 1, k, dtype=np.int64),
+        ),
+        shape=(n, sae.width),
+    )
+    matrix.eliminate_zeros()
+    return matrix
 
 
 def _token_table(contexts: Contexts, lo: int, hi: int, skip: int) -> dict[str, np.ndarray]:

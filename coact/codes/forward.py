@@ -1,0 +1,80 @@
+"""Reading sites with plain PyTorch hooks, for collection's many forward passes.
+
+`coact.models.tracing.capture` reads the same activations through nnsight, whose trace
+costs a fixed few milliseconds per call: nothing beside a CPU forward of thousands of
+tokens, but on a GPU it can be longer than the forward itself. Collection only reads
+(never edits) sites, so forward hooks do: each point's tensor is kept as the module
+sees it (`input`: the first positional argument, else the first keyword argument, as
+nnsight's `.input`), and the pass stops after the last module needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coact.errors import CoactError
+from coact.models.adapters import ModulePoint, resolve
+from coact.models.load import LoadedModel
+from coact.models.sites import Site
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last needed module: the rest of the model is not run."""
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _hooks(
+    lm: LoadedModel, points: list[ModulePoint], saved: dict[ModulePoint, Tensor]
+) -> list[Any]:
+    """Register one hook per point; the last point's hook stops the pass."""
+    handles = []
+    for n, point in enumerate(points):
+        module: nn.Module = resolve(lm.model, point.path)
+        last = n == len(points) - 1
+
+        def keep(value: Any, point: ModulePoint = point, last: bool = last) -> None:
+            saved[point] = value[point.index] if point.index is not None else value
+            if last:
+                raise _Stop
+
+        if point.port == "input":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, keep=keep: keep(_first_input(args, kwargs)),
+                    with_kwargs=True,
+                )
+            )
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(out)))
+    return handles
+
+
+@torch.no_grad()
+def read_sites(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site, Tensor]:
+    """Activations (batch, seq, d) at each site, as `capture` gives them, without nnsight."""
+    ordered = sorted(set(sites), key=lm.adapter.order_key)
+    points = {site: lm.adapter.point(site) for site in ordered}
+    distinct = list(dict.fromkeys(points.values()))
+    saved: dict[ModulePoint, Tensor] = {}
+    handles = _hooks(lm, distinct, saved)
+    try:
+        with contextlib.suppress(_Stop):
+            lm.model(tokens.to(lm.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if missing := [p.path for p in distinct if p not in saved]:
+        raise CoactError(f"the forward pass never reached {missing}; check the model's adapter")
+    out = {site: saved[point] for site, point in points.items()}
+    for site, value in out.items():
+        if not torch.isfinite(value).all():
+            raise CoactError(f"non-finite (NaN or inf) activations at {site}; check the model")
+    return out

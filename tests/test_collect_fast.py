@@ -1,0 +1,104 @@
+"""Collection's fast path gives the same bytes as the plain one: hooks read what nnsight
+reads, the compiled TopK selection keeps torch.topk's codes bit for bit, and the store
+written with the shard writer overlapping the next shard's encoding is the same."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from coact.codes import collect as collect_module
+from coact.codes._topk import topk_csr
+from coact.codes.collect import CollectConfig, collect_codes, encode_csr
+from coact.codes.corpus import Contexts
+from coact.codes.forward import read_sites
+from coact.models.load import LoadedModel, load_model
+from coact.models.sites import Site
+from coact.models.tracing import capture
+from coact.sae.base import Sae
+
+
+def _sae(d: int, width: int, k: int, seed: int) -> Sae:
+    gen = torch.Generator().manual_seed(seed)
+    sae = Sae(d, width, activation="topk", k=k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, width, generator=gen) / d**0.5)
+        sae.b_enc.copy_(torch.randn(width, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=gen) * 0.1)
+    return sae.eval().requires_grad_(False)
+
+
+def _same(a: sp.csr_matrix, b: sp.csr_matrix) -> None:
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.data.dtype == b.data.dtype == np.float32
+    assert a.data.tobytes() == b.data.tobytes()
+
+
+def test_topk_csr_against_brute_force() -> None:
+    """A hand-made case: ties keep the lower index, ReLU drops non-positive picks."""
+    pre = np.array([[3, 1, 2, 2, -1], [-5, -4, -3, 0.5, -2]], dtype=np.float32)
+    bias = np.zeros(5, dtype=np.float32)
+    indptr, indices, values = topk_csr(pre, bias, 3)
+    np.testing.assert_array_equal(indptr, [0, 3, 4])
+    np.testing.assert_array_equal(indices, [0, 2, 3, 3])
+    np.testing.assert_array_equal(values, np.array([3, 2, 2, 0.5], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    pre, bias = rng.normal(size=(50, 40)).astype(np.float32), rng.normal(size=40).astype(np.float32)
+    indptr, indices, values = topk_csr(pre, bias, 7)
+    total = pre + bias
+    for row in range(50):  # brute force: sort the whole row
+        top = np.sort(np.argsort(-total[row], kind="stable")[:7])
+        top = top[total[row, top] > 0]
+        np.testing.assert_array_equal(indices[indptr[row] : indptr[row + 1]], top)
+        np.testing.assert_array_equal(values[indptr[row] : indptr[row + 1]], total[row, top])
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_fused_encoding_is_bit_identical(k: int) -> None:
+    torch.manual_seed(k)
+    sae = _sae(32, 64 if k == 64 else 96, k, seed=k)
+    x = torch.randn(300, 32) * 2
+    _same(encode_csr(sae, x), encode_csr(sae, x, fused=False))
+    reference = sp.csr_matrix(sae.encode(x).numpy())  # the SAE's own dense rule
+    np.testing.assert_array_equal(encode_csr(sae, x).toarray(), reference.toarray())
+
+
+def test_hooks_read_what_nnsight_reads(tiny: LoadedModel) -> None:
+    layer = 1
+    sites = [Site(kind, layer) for kind in ("resid_pre", "attn_out", "mlp_resid", "mlp_out")]
+    tokens = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    ours, theirs = read_sites(tiny, tokens, sites), capture(tiny, tokens, sites)
+    assert ours.keys() == theirs.keys()
+    for site in sites:
+        assert torch.equal(ours[site], theirs[site]), site
+
+
+def _store_bytes(directory: Path) -> dict[str, bytes]:
+    files = sorted(directory.rglob("*.safetensors"))
+    return {str(p.relative_to(directory)): p.read_bytes() for p in files}
+
+
+def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole fast collection against one built from nnsight, torch.topk and no writer
+    thread: the same files, byte for byte."""
+    lm = load_model("tiny-llama")
+    tokens = torch.randint(1, 200, (72, 24), generator=torch.Generator().manual_seed(0))
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
+    saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
+    config = dataclasses.replace(CollectConfig(), forward_batch=8, shard_contexts=24)
+    fast = collect_codes(lm, contexts, saes, tmp_path / "fast", config)
+    monkeypatch.setattr(collect_module, "read_sites", capture)
+    monkeypatch.setattr(
+        collect_module, "encode_csr", lambda sae, x: encode_csr(sae, x, fused=False)
+    )
+    plain = collect_codes(lm, contexts, saes, tmp_path / "plain", config)
+    assert len(fast.completed_shards) >= 3
+    assert _store_bytes(tmp_path / "fast") == _store_bytes(tmp_path / "plain")
+    assert fast.manifest["shards"] == plain.manifest["shards"]
