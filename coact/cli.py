@@ -26,6 +26,7 @@ from coact.linearity.table import LinearityConfig
 from coact.logic.config import LogicConfig
 from coact.logic.stage import SAE_CONNECTOR, LabelsConfig
 from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.executor import Execution
 from coact.report.select import DEFAULT_FEATURES
 from coact.rundir.verify import guarded, require, require_codes
 from coact.sae.train import SaeTrainConfig
@@ -114,6 +115,10 @@ def analyze(
         "dictionary per layer)",
     ),
     allow_mismatch: bool = option(AnalyzeConfig, "allow_mismatch", "--allow-mismatch"),
+    executor: str = option(Execution, "executor"),
+    workers: int = option(Execution, "workers"),
+    address: str | None = option(Execution, "address"),
+    wait: bool = option(Execution, "wait", "--wait/--no-wait"),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
@@ -138,7 +143,8 @@ def analyze(
         sae_tokens=config.sae_tokens if sae_tokens is None else sae_tokens,
         report_features=config.report_features if report_features is None else report_features,
     )
-    summary = _analyzed(config)
+    execution = Execution(executor=executor, workers=workers, address=address, wait=wait)
+    summary = _analyzed(config, execution)
     text = format_summary(summary) if hasattr(summary, "layer") else format_model_summary(summary)  # type: ignore[arg-type]
     typer.echo(text)
 
@@ -197,7 +203,7 @@ def collect(
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
 
 
-def _analyzed(config: AnalyzeConfig) -> Any:
+def _analyzed(config: AnalyzeConfig, execution: Execution | None = None) -> Any:
     """`coact.pipeline.run.analyze`, after the run directory is checked; a run that fails
     leaves its config.json as it found it."""
     from coact.pipeline.checks import check_run_dir, config_kept_on_failure
@@ -207,7 +213,7 @@ def _analyzed(config: AnalyzeConfig) -> Any:
     run_dir = config.resolved_run_dir()
     check_run_dir(run_dir)
     with config_kept_on_failure(RunLayout(run_dir, run_dir).config):
-        return run_analyze(config)
+        return run_analyze(config, execution)
 
 
 def _run_config(run: Path) -> AnalyzeConfig:
