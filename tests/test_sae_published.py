@@ -105,11 +105,13 @@ class _LearnedDict:
         self.__dict__.update(attributes)
 
 
-@pytest.fixture
-def learned_dict_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+@pytest.fixture(params=["autoencoders.learned_dict", "learned_dict"])
+def learned_dict_module(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> types.ModuleType:
     """`autoencoders.learned_dict` with its two classes, so torch.save pickles them by the
-    names the published files hold."""
-    module = types.ModuleType("autoencoders.learned_dict")
+    names the published files hold (or as a copy of the module would name them)."""
+    module = types.ModuleType(request.param)
     for name in ("UntiedSAE", "TiedSAE"):
         cls = type(name, (_LearnedDict,), {"__module__": module.__name__})
         setattr(module, name, cls)

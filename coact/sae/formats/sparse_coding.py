@@ -44,7 +44,13 @@ class _Tied(_Stored):
     pass
 
 
-_ALLOWED: list[Any] = [(_Untied, f"{MODULE}.UntiedSAE"), (_Tied, f"{MODULE}.TiedSAE")]
+# the module as sparse_coding's scripts import it, and as a checkout or a copy may name it
+MODULES = (MODULE, f"sparse_coding.{MODULE}", "learned_dict")
+_ALLOWED: list[Any] = [
+    (holder, f"{module}.{name}")
+    for module in MODULES
+    for holder, name in ((_Untied, "UntiedSAE"), (_Tied, "TiedSAE"))
+]
 
 
 def read_learned_dict(path: Path) -> tuple[str, dict[str, Any]]:
