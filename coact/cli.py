@@ -163,8 +163,15 @@ def train_sae(
 ) -> None:
     """Train a TopK SAE on one site and save it in the SAELens format."""
     from coact import api
+    from coact.models.load import load_model
     from coact.sae.formats import save_saelens
 
+    width = expansion * load_model(model).adapter.d_model
+    if k > width:
+        raise CoactError(
+            f"--k {k} is above the SAE's width {width} (--expansion {expansion} × "
+            f"d_model {width // expansion}); use at most {width}"
+        )
     sae = api.train_sae(
         site, model=model, corpus=corpus, tokens=tokens, expansion=expansion, k=k,
         device=device, seed=seed,

@@ -17,7 +17,7 @@ from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.sae.base import SparseAutoencoder
-from coact.sae.evaluate import SaeReport
+from coact.sae.evaluate import SaeReport, check_sae_fits
 
 MODEL_KEYS = ("model_name", "model", "base_model")  # where SAE formats record their model
 
@@ -52,8 +52,14 @@ def positions_of(lm: LoadedModel) -> int | None:
 
 
 def check_against_model(config: AnalyzeConfig, lm: LoadedModel) -> None:
-    """Settings that only the loaded model can judge: the context fits its positions, and a
-    trained SAE's k fits its width (expansion × d_model)."""
+    """Settings that only the loaded model can judge: the layer is one of its blocks, the
+    context fits its positions, and a trained SAE's k fits its width (expansion × d_model)."""
+    n_layers = lm.adapter.n_layers
+    if config.layers is None and not 0 <= config.layer < n_layers:
+        raise CoactError(
+            f"layer {config.layer} is out of range: the model has {n_layers} layers "
+            f"(0..{n_layers - 1})"
+        )
     most = positions_of(lm)
     if most is not None and config.ctx_len > most:
         raise CoactError(
@@ -126,13 +132,17 @@ def before_touching(
     config: AnalyzeConfig, lm: LoadedModel, run_dir: Path, given: Mapping[Site, str | None]
 ) -> list[str]:
     """Everything a run can check before it writes: the run directory, the settings against
-    the model, and the model a given SAE records (loaded here, then again by the run). The
+    the model, and a given SAE's site, width and recorded model (loaded here, then again by
+    the run). The
     warnings `--allow-mismatch` lets through are returned and printed."""
     from coact.sae.formats import load_sae
 
     check_run_dir(run_dir)
     check_against_model(config, lm)
     saes = {site: load_sae(source) for site, source in given.items() if source is not None}
+    for site, sae in saes.items():
+        lm.adapter.check(site)
+        check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     warnings = stop_or_warn(pairing_problems(saes, lm, given), config.allow_mismatch)
     for warning in warnings:
         print(f"coact: warning: {warning}", file=sys.stderr)
