@@ -4,6 +4,9 @@ round-trips through coact and through sparsify itself."""
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import numpy as np
 import polars as pl
 import pytest
@@ -17,6 +20,7 @@ from coact.models.adapters import resolve
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss
+from coact.report.transcoder_section import transcoder_section, verdict
 from coact.sae.base import Sae
 from coact.sae.train import SaeTrainConfig
 from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
@@ -30,6 +34,7 @@ from coact.transcoder.sheet import (
     virtual_weights,
 )
 from coact.transcoder.slopes import SlopeConfig, slopes, with_ablation
+from coact.transcoder.stage import SheetRow, TranscoderResult
 from coact.transcoder.train import TranscoderTrainer
 
 STEPS = 300
@@ -265,3 +270,41 @@ def test_a_transcoder_equal_to_the_mlp_agrees_with_the_model_everywhere(monkeypa
     assert paths.height == int((actual != 0).sum()) > 0
     assert (judged["transcoder"].ablation_sign, judged["transcoder"].ablation_size) == (1.0, 1.0)
     assert (judged["sae"].ablation_sign, judged["sae"].ablation_size) == (1.0, 0.0)
+
+
+def _row(route: str, fvu: float, ce: float) -> SheetRow:
+    return SheetRow(
+        route=route, fvu=fvu, l0=4.0, dead_fraction=0.25, delta_ce=0.5, kl=0.25,
+        ce_recovered=ce, connections_per_output=3.0, jacobian_sign=0.75, jacobian_size=0.5,
+        jacobian_spearman=0.9, ablation_sign=1.0, ablation_size=0.5, ablation_spearman=0.5,
+        linear_share=0.125,
+    )  # fmt: skip
+
+
+def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> None:
+    rows = {
+        "transcoder": _row("transcoder", 0.2, 0.9),
+        "sae_linear": _row("sae_linear", 0.5, 0.6),
+        "sae_mlp": _row("sae_mlp", 0.4, 0.7),
+        "sae_out": _row("sae_out", 0.1, 0.95),
+    }
+    result = TranscoderResult(
+        key="k", layer=1, directory="d", transcoder="t", width=64, k=4, skip=True,
+        train_tokens=1000, trained_now=True, train_seconds=3.0, tokens=100, slope_tokens=50,
+        connections_judged=10, ablations_judged=5, rows=rows, labels_sae={"AND": 2, "OR": 1},
+        timings={"train_s": 3.0},
+    )  # fmt: skip
+    assert TranscoderResult.from_dict(result.to_dict()) == result
+    page = "\n".join(
+        transcoder_section(SimpleNamespace(summary=SimpleNamespace(transcoder=result)))
+    )
+    assert (
+        "| skip transcoder | 0.2 | 4.0 | 25.0% | 0.5 | 0.25 | 90.0% | 3.0 | 75% / 50% / 0.90 |"
+        in page
+    )
+    assert "the transcoder explains the MLP output better: FVU 0.200" in page
+    assert "against 0.400 for the SAE route (SAE route, mlp connector)" in page
+    assert "AND 2, OR 1" in page
+    worse = dataclasses.replace(result, rows={**rows, "transcoder": _row("transcoder", 0.6, 0.5)})
+    assert "the SAE route explains" in verdict(worse)
+    assert transcoder_section(SimpleNamespace(summary=None)) == []

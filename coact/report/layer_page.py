@@ -21,6 +21,7 @@ from coact.report.logic_section import logic_section
 from coact.report.markdown import note
 from coact.report.names import model_backlink
 from coact.report.outliers_section import outliers_section
+from coact.report.transcoder_section import transcoder_section
 from coact.rundir.read import RunData
 
 
@@ -51,6 +52,7 @@ def layer_page(
     out += linearity_section(data, fig)
     out += calibration_section(data, fig)
     out += jacobian_section(data)
+    out += transcoder_section(data)
     out += logic_section(data, fig, pages)
     if data.has_block:
         out += attention_section(data, fig, token_text)
