@@ -258,11 +258,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_hub_sparsify_skip_transcoder_and_sae(hub: dict[str, Any]) -> None:
     repo = hub["root"] / "EleutherAI/skip-transcoder-SmolLM2-135M-128x"
     save_sparsify(_tiny_coder(), repo / "layers.3.mlp")
-    from coact.sae import hub as coact_hub
-
-    coder = read_sparsify(
-        coact_hub.fetch("hf://EleutherAI/skip-transcoder-SmolLM2-135M-128x/layers.3.mlp")
-    )
+    coder = read_sparsify("hf://EleutherAI/skip-transcoder-SmolLM2-135M-128x/layers.3.mlp")
     assert hub["snapshot"] == ("EleutherAI/skip-transcoder-SmolLM2-135M-128x", ["layers.3.mlp/*"])
     assert coder.transcode and coder.skip_connection
     save_sparsify(_tiny_coder(transcode=False, W_skip=None), repo.parent / "sae-x" / "layers.2")

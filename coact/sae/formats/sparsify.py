@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from coact.errors import CoactError
+from coact.sae import hub
 from coact.sae.base import Sae
 from coact.sae.formats.common import build, pick, read_json, read_tensors, replace_directory
 from coact.sae.formats.common import site_of as _site_of
@@ -110,9 +111,10 @@ class SparsifyCoder:
         return {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in out.items()}
 
 
-def read_sparsify(path: str | Path) -> SparsifyCoder:
-    """Read a sparsify folder (SAE or transcoder) into a `SparsifyCoder`, shapes checked."""
-    path = Path(path)
+def read_sparsify(source: str | Path) -> SparsifyCoder:
+    """Read a sparsify folder (SAE or transcoder), local or `hf://OWNER/REPO/HOOKPOINT`,
+    into a `SparsifyCoder`, shapes checked."""
+    path = hub.fetch(str(source)) if hub.is_hub_id(source) else Path(source).expanduser()
     cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights_file.is_file():
         raise CoactError(f"{path} is not a sparsify folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
