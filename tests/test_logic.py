@@ -175,10 +175,11 @@ def test_a_and_not_b_names_the_negated_input() -> None:
     assert row["alone_active"][1] == row["alone_tokens"][1]  # A alone always fires it
 
 
-def test_xor_is_unexplained() -> None:
+def test_xor_is_nonlinear_xor_like() -> None:
     a, b = _pair(both=0.05)
     result = label_feature(np.stack([a, b], 1), np.where((a > 0) != (b > 0), a + b, 0))
-    assert result.label == "UNEXPLAINED" and result.features["rule"][0] == "no rule fits"
+    assert result.label == "NONLINEAR" and result.features["rule"][0] == "xor-like"
+    assert result.features["kind"][0] == "xor-like"
     assert result.features["synergy"][0] > 0
 
 

@@ -72,7 +72,7 @@ def test_planted_benchmark_meets_its_targets() -> None:
     _, labels, score, info = run_planted(CONFIG)
     assert score.accuracy >= 0.95, score.confusion
     assert score.f1 >= 0.95 and score.precision >= 0.95 and score.recall >= 0.95
-    assert min(score.per_class.values()) >= 0.85, score.per_class
+    assert min(score.per_class.values()) >= 0.95, score.per_class  # NONLINEAR kinds too
     assert 0 < info["alpha_index"] < 19  # the elbow, not an end of the grid
     alive = labels.features.filter(pl.col("label") != "DEAD")
     assert alive["confidence"].mean() > 0.9

@@ -34,7 +34,8 @@ def curvature(moments: np.ndarray, config: LogicConfig) -> tuple[np.ndarray, np.
         sse_a = _sse(affine, np.stack([sy, sxy], -1), syy)
         sse_q = np.maximum(_sse(quad, np.stack([sy, sxy, sx2y], -1), syy), 0.0)
         drop = np.maximum(sse_a - sse_q, 0.0)
-        gain = np.where(sse_a > 0, drop / sse_a, np.nan)
+        gain = np.where(sse_a > 1e-9 * syy, drop / sse_a, 0.0)  # an exact line: 0
+        gain = np.where(np.isnan(sse_a), np.nan, gain)
         f = drop / (sse_q / np.maximum(n - 3, 1))
     enough = n >= config.min_tokens
     gain = np.where(enough, gain, np.nan)
