@@ -373,9 +373,9 @@ def report(
         index = build_model_report(run, out, features=chosen, rebuild_layers=not keep_layer_reports)
         typer.echo(f"model report: {index}")
         return
-    from coact.report.build import build_report
+    from coact.report.fingerprint import build_report_if_changed
 
-    index = build_report(run, out, features=chosen)
+    index = build_report_if_changed(run, out, features=chosen)  # unchanged inputs: reused
     typer.echo(f"report: {index}")
 
 

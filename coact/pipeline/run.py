@@ -271,10 +271,12 @@ def _finish(run: LayerRun, timings: Timings, started: float) -> RunSummary:
     summary = dataclasses.replace(_summary(run, block, timings), control=control)
     summary.write(layout.summary)
     if config.runs("report"):  # last: the report reads summary.json and every stage's tables
-        from coact.report.build import build_report
+        from coact.report.fingerprint import build_report_if_changed
 
         with timings.part("report"):
-            index = build_report(layout.run_dir, decode=run.decode, features=config.report_features)
+            index = build_report_if_changed(
+                layout.run_dir, decode=run.decode, features=config.report_features
+            )
         summary = dataclasses.replace(summary, report=str(index), timings=timings)
         summary.write(layout.summary)
     return summary
