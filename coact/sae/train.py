@@ -88,7 +88,11 @@ def train_saes(
                 trainer.step(data[b : b + config.batch_tokens])
         bar.update(len(order))
     bar.close()
-    return {site: (t.finish(), t.log) for site, t in trainers.items()}
+    trained = {site: (t.finish(), t.log) for site, t in trainers.items()}
+    for site, (sae, _) in trained.items():
+        if site.kind == "mlp_resid":  # the real stream it reads, for SAELens's hook name
+            sae.metadata["mlp_resid_kind"] = lm.adapter.mlp_resid_kind()
+    return trained
 
 
 class SaeTrainer:
