@@ -78,7 +78,8 @@ inputs tell more together than apart (XOR-like), negative means they repeat each
 the other and leaves every mutual information unchanged, so for independent inputs AND
 and OR have equal synergy; the labels come from the truth table.
 
-Co-activation clusters: HDBSCAN (scikit-learn's; a cluster holds at least
+Co-activation clusters (of the features whose inputs cover them: not DEAD, "no inputs" or
+"uncovered"): HDBSCAN (scikit-learn's; a cluster holds at least
 `min_cluster_size` tokens and `min_cluster_share` of the sample) over the inputs'
 activation vectors, each input divided by its median active value, on a systematic sample
 (every n-th token) of at most `max_cluster_points` tokens where the target fires (its

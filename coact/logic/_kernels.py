@@ -354,75 +354,95 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
     """Per target: the input (not yet among its inputs) with the largest conditional mutual
     information I(T; X_i | row) given its current truth-table row, from counts; and the
     one that splits the target's activation within its rows most (`gain_mag`: the
-    between-groups sum of squares over the within-row one, on firing tokens)."""
+    between-groups sum of squares over the within-row one, on firing tokens). Targets are
+    dealt to chunks that reuse their buffers, clearing only what a target touched."""
     n_targets = inputs.shape[0]
     n_in = len(x_total)
     rows = n.shape[1]
-    for t in prange(n_targets):
-        best[t], gain[t] = -1, 0.0
-        k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
-        floor_t = y_floor[targets[t]]
-        xs = np.zeros(max(k, 1))
+    n_chunks = min(n_targets, 64)
+    for c in prange(n_chunks):
         cnt = np.zeros((n_in, rows), np.int64)
         hit = np.zeros((n_in, rows), np.int64)
         y_on = np.zeros((n_in, rows))
-        s1, s2 = np.zeros(rows), np.zeros(rows)
-        best_mag[t], gain_mag[t] = -1, 0.0
         touched = np.zeros(n_in, np.bool_)
         order = np.empty(n_in, np.int64)
-        n_touched = 0
-        while True:
-            tok, code, yv, py = _advance(
-                x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, n_tokens, xs
-            )
-            if tok >= n_tokens:
-                break
-            if code == 0 and yv <= floor_t:
-                continue  # the empty row's inactive tokens: by complement below
-            on = 1 if yv > floor_t else 0
-            if on:
-                s1[code] += yv
-                s2[code] += yv * yv
-            for q in range(r_ptr[tok], r_ptr[tok + 1]):
-                i = r_idx[q]
-                if r_val[q] <= x_floor[i]:
-                    continue
-                cnt[i, code] += 1
-                hit[i, code] += on
-                if on:
-                    y_on[i, code] += yv
-                if not touched[i]:
-                    touched[i] = True
-                    order[n_touched] = i
-                    n_touched += 1
-        for j in range(k):
-            touched[cols[j]] = False
-        for u in range(n_touched):
-            i = order[u]
-            if not touched[i]:
+        for t in range(c, n_targets, n_chunks):
+            _gain_one(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx,
+                      y_val, y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag,
+                      gain_mag, t, cnt, hit, y_on, touched, order)  # fmt: skip
+
+
+@njit(cache=True)
+def _gain_one(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val,
+              y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag, gain_mag, t, cnt,
+              hit, y_on, touched, order):  # fmt: skip
+    """`_gain_kernel` for target t, with zeroed buffers it leaves zeroed."""
+    rows = n.shape[1]
+    best[t], gain[t] = -1, 0.0
+    k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
+    floor_t = y_floor[targets[t]]
+    xs = np.zeros(max(k, 1))
+    s1, s2 = np.zeros(rows), np.zeros(rows)
+    best_mag[t], gain_mag[t] = -1, 0.0
+    n_touched = 0
+    while True:
+        tok, code, yv, py = _advance(
+            x_ptr, x_idx, x_val, x_floor, y_idx, y_val, cols, k, p, e, py, ey, n_tokens, xs
+        )
+        if tok >= n_tokens:
+            break
+        if code == 0 and yv <= floor_t:
+            continue  # the empty row's inactive tokens: by complement below
+        on = 1 if yv > floor_t else 0
+        if on:
+            s1[code] += yv
+            s2[code] += yv * yv
+        for q in range(r_ptr[tok], r_ptr[tok + 1]):
+            i = r_idx[q]
+            if r_val[q] <= x_floor[i]:
                 continue
-            c0 = x_total[i]
-            for r in range(1, rows):
-                c0 -= cnt[i, r]
-            info = 0.0
-            for r in range(rows):
-                on_n = float(c0 if r == 0 else cnt[i, r])
-                on_a = float(hit[i, r])
-                info += (n[t, r] / n_tokens) * _table_mi(
-                    on_n, on_a, n[t, r] - on_n, act[t, r] - on_a
-                )
-            if info > gain[t]:
-                best[t], gain[t] = i, info
-            between = 0.0
-            for r in range(rows):
-                m_r, k_on = act[t, r], hit[i, r]
-                if k_on > 0 and m_r - k_on > 0:
-                    d = y_on[i, r] / k_on - s1[r] / m_r
-                    between += k_on * m_r / (m_r - k_on) * d * d
-            if between > gain_mag[t]:
-                best_mag[t], gain_mag[t] = i, between
-        within = 0.0
+            cnt[i, code] += 1
+            hit[i, code] += on
+            if on:
+                y_on[i, code] += yv
+            if not touched[i]:
+                touched[i] = True
+                order[n_touched] = i
+                n_touched += 1
+    own = np.zeros(n_touched, np.bool_)
+    for u in range(n_touched):
+        for j in range(k):
+            if order[u] == cols[j]:
+                own[u] = True
+    for u in range(n_touched):
+        i = order[u]
+        if own[u]:
+            continue
+        c0 = x_total[i]
+        for r in range(1, rows):
+            c0 -= cnt[i, r]
+        info = 0.0
         for r in range(rows):
-            if act[t, r] > 0:
-                within += s2[r] - s1[r] * s1[r] / act[t, r]
-        gain_mag[t] = gain_mag[t] / within if within > 0 else 0.0
+            on_n = float(c0 if r == 0 else cnt[i, r])
+            on_a = float(hit[i, r])
+            info += (n[t, r] / n_tokens) * _table_mi(on_n, on_a, n[t, r] - on_n, act[t, r] - on_a)
+        if info > gain[t]:
+            best[t], gain[t] = i, info
+        between = 0.0
+        for r in range(rows):
+            m_r, k_on = act[t, r], hit[i, r]
+            if k_on > 0 and m_r - k_on > 0:
+                d = y_on[i, r] / k_on - s1[r] / m_r
+                between += k_on * m_r / (m_r - k_on) * d * d
+        if between > gain_mag[t]:
+            best_mag[t], gain_mag[t] = i, between
+    for u in range(n_touched):
+        i = order[u]
+        touched[i] = False
+        for r in range(rows):
+            cnt[i, r], hit[i, r], y_on[i, r] = 0, 0, 0.0
+    within = 0.0
+    for r in range(rows):
+        if act[t, r] > 0:
+            within += s2[r] - s1[r] * s1[r] / act[t, r]
+    gain_mag[t] = gain_mag[t] / within if within > 0 else 0.0

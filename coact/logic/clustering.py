@@ -34,9 +34,15 @@ def _cluster_rows(
 
 
 def _all_clusters(
-    counts: _Counts, events: _Events, xc: _Codes, config: LogicConfig, progress: bool
+    counts: _Counts,
+    events: _Events,
+    xc: _Codes,
+    config: LogicConfig,
+    progress: bool,
+    which: np.ndarray | None = None,
 ) -> tuple[pl.DataFrame, np.ndarray]:
-    """Cluster each target's sampled co-activation vectors, both kinds."""
+    """Cluster each target's sampled co-activation vectors, both kinds (only the targets
+    `which` marks, when given: the modes of inputs that do not cover a target say little)."""
     n_targets = len(counts.targets)
     n_clusters = np.zeros((n_targets, 2), np.int64)
     records: dict[str, list] = {
@@ -45,7 +51,8 @@ def _all_clusters(
     }  # fmt: skip
     if config.cluster:
         k_all = counts.k
-        for t in tqdm(range(n_targets), desc="clusters", disable=not progress):
+        chosen = np.arange(n_targets) if which is None else np.flatnonzero(which)
+        for t in tqdm(chosen, desc="clusters", disable=not progress):
             k = int(k_all[t])
             cols = counts.inputs[t, :k]
             for kind, name in ((0, "fires"), (1, "suppressed")):
