@@ -26,9 +26,32 @@ candidates are then, in turn:
   largest conditional mutual information I(T; X | current row), from counts, is added when
   its G = 2·N·ln 2·I reaches `min_g` (under independence G is χ² with one degree of
   freedom per row: chance reaches 30 with p < 5e-6 for up to four rows);
-- pruned again, and the table rebuilt on what is left.
+  when none is, the input that splits its activation within its rows most is added when
+  it removes `magnitude_cut` of the within-row variation (a gain that multiplies: B alone
+  silent, A with B larger than A alone), which no firing count shows;
+- pruned again (an input is also kept when it changes a firing row's mean activation by
+  `magnitude_cut`), and the table rebuilt on what is left;
+- grown by coverage: while its inputs cover less than `coverage_target` (0.8) of its
+  activation mass (Σ of its activation over the tokens where one of its inputs is active)
+  and it has fewer than `max_inputs` (the documented cap, 4 by default, at most 6: 64
+  rows), the candidate that covers most of the still uncovered mass is added. Candidates:
+  the connector's inputs with a positive weight and the jacobian stage's `jacobian_inputs`
+  connections of largest positive total attribution Σ J·c (the block's own slope times the
+  input's code, summed over the tokens where both fire), each only with lift
+  P(T | X) / P(T) ≥ `min_lift` (an input that is on wherever anything is, e.g. on 77 % of
+  tokens, covers mass without explaining firing).
 The `candidates` column keeps the connector's candidates, `inputs` the final ones (their
-`weights` are NaN for inputs added from co-activations).
+`weights` are NaN for inputs added from co-activations or coverage), `sources` how each
+was found ("connector", "co-activation", "coverage"). `inputs_needed` is how many
+candidates the same greedy search, started from none, needs to cover `coverage_target`
+(searching up to `coverage_search`; null: not reached), `coverage_searched` what it
+reaches; `jacobian_share` the share of the feature's positive Jacobian attribution its
+inputs carry.
+
+Coverage and fit: `coverage` is the share of the target's activation mass on tokens where
+one of its truth-table inputs is active; `auc` the AUC, on `heldout_fraction` of the
+contexts, of the truth table counted on the others (a token's score: its row's firing rate
+there).
 
 Truth table. With the target's k inputs (k ≤ `max_inputs`), each token falls in one row:
 the set of inputs active on it (a bit pattern, bit j for input j of `inputs`, left to
@@ -49,7 +72,11 @@ The rules, in plain words, applied in this order (the `rule` column names the on
    whose row with its A has most tokens).
 4. AND ("conjunction"): no input fires the target alone (every observed one-input row is
    silent), and some row with two or more inputs fires.
-5. OR ("saturating") or WEIGHTED-SUM ("additive"): some input fires the target alone,
+5. NONLINEAR "xor-like": two inputs each fire the target alone and together are silent.
+   NONLINEAR "non-monotone": on some input's one-input row, the mean activation (zeros
+   included) over the middle tertile of its values exceeds both outer tertiles' by
+   `nonmonotone_cut` of the larger and by three standard errors (a band, a bump).
+6. OR ("saturating") or WEIGHTED-SUM ("additive"): some input fires the target alone,
    every observed row that contains such an input fires, and every other observed row
    (only inputs that do not fire it alone) is silent. The two differ in how activations
    combine when several inputs fire together. Each input's effect alone is the
@@ -60,15 +87,26 @@ The rules, in plain words, applied in this order (the `rule` column names the on
    otherwise WEIGHTED-SUM. When fewer than `min_tokens` such tokens are seen, the inputs
    (nearly) never fire together and co-activations cannot tell OR from a sum: the label
    is WEIGHTED-SUM, what a linear connector computes ("additivity untested", s NaN).
-6. UNEXPLAINED ("no rule fits"): anything else (a mixed row; a row that breaks the
-   pattern, e.g. XOR, where A and B each fire it and together do not).
+   A sum must also be additive and linear in each input's magnitude; otherwise, unless
+   it is an OR, it is NONLINEAR: "superadditive" when the ratio Σy / Σ_i β_i x_i over the
+   tokens with two or more inputs active (`ratio`) reaches `superadditive_cut` (a product,
+   a gain: more than the parts add up to); "curved" when on the one-input row of an input
+   that fires it alone, among the tokens where the target is active, a square term removes
+   `curvature_cut` of the affine fit's residual (y = a + b·x) with F ≥ `min_g`
+   (`curvature`, per input).
+7. UNEXPLAINED ("no rule fits"): anything else (a mixed row that no magnitude explains, a
+   row that breaks the pattern).
+The NONLINEAR label's `kind` names its rule. A product of two inputs that are each silent
+alone is an AND (it fires only when both do).
 
-Confidence: the share of `n_boot` bootstrap resamples of the tokens that give the same
-label (and the same negated input), the inputs held fixed. Resampling tokens resamples
-the truth table's cells (row × target active or not) multinomially, which is what is
-drawn; the additivity s is drawn from its normal approximation (delta-method standard
-error over tokens). Tokens, not contexts, are the unit: the confidence is optimistic
-where contexts repeat a pattern.
+Confidence: the share of `n_boot` bootstrap resamples of the contexts (documents; the
+store's `context` column; with no contexts given, every token is its own) that give the
+same label (and the same negated input), the inputs held fixed. A resample draws contexts
+with replacement and adds up their truth-table cells (counted per context), so a pattern
+repeated inside one context counts once per draw of that context, not once per token;
+the additivity s and the ratio are drawn from their normal approximations with standard
+errors over contexts (the ratio estimator's variance of per-context sums); the magnitude
+tests (curved, non-monotone) are held fixed.
 
 Mutual information (bits), from the truth table's counts: I(T; X_i) per input, I(T; row)
 for the whole pattern, and synergy = I(T; row) − Σ_i I(T; X_i) (the whole minus the sum of

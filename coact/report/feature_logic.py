@@ -70,12 +70,36 @@ def _label_part(data: RunData, lab: Mapping[str, Any], inputs: Sequence[int]) ->
         f"**{lab['label']}**: `{describe_label(lab)}`"
         + flagged_inputs(data, inputs)
         + f", confidence {lab['confidence']:.2f} (share "
-        f"of 200 bootstrap resamples of the tokens giving the same label), decided by the rule "
-        f"*{lab['rule']}*.",
+        f"of the bootstrap resamples of the contexts giving the same label), decided by the "
+        f"rule *{lab['rule']}*.",
         "",
+        *_coverage_line(lab),
         md_table([*headers, "modes where it is suppressed"], [cells]),
         "",
     ]
+
+
+def _coverage_line(lab: Mapping[str, Any]) -> list[str]:
+    """Coverage, held-out fit and how many inputs 80 % coverage would need."""
+    if lab.get("coverage") is None:
+        return []
+    needed, share, ratio = lab.get("inputs_needed"), lab.get("jacobian_share"), lab.get("ratio")
+    sources = ", ".join(lab.get("sources") or []) or "none"
+    text = (
+        f"Its inputs (found by: {sources}) cover {num(lab['coverage'], '.2f')} of its "
+        f"activation mass; the truth table predicts its firing on held-out contexts with AUC "
+        f"{num(lab.get('auc'), '.2f')}"
+    )
+    if share is not None:
+        text += f"; they carry {num(share, '.2f')} of its Jacobian attribution"
+    text += ". "
+    if needed is not None:
+        text += f"{needed} inputs would cover 80 % of its activation mass."
+    else:
+        text += "No 64 candidates cover 80 % of its activation mass."
+    if ratio is not None and ratio == ratio:
+        text += f" Where inputs meet, Σy / Σβx = {num(ratio)} (1 for a sum)."
+    return [text, ""]
 
 
 def _pattern_cells(pattern: str) -> list[Cell]:

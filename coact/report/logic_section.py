@@ -12,12 +12,13 @@ import polars as pl
 
 from coact.report.charts import logic as logic_charts
 from coact.report.embed import Figures
+from coact.report.logic_coverage import coverage_part, supernodes_part
 from coact.report.markdown import Cell, html_table, note, num
 from coact.report.names import feature_link
 from coact.report.outlier_marks import flag_inputs, outlier_mark
 from coact.rundir.read import RunData
 
-LABEL_ORDER = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD")
+LABEL_ORDER = ("WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "NONLINEAR", "UNEXPLAINED", "DEAD")
 
 
 def describe_label(row: Mapping[str, Any]) -> str:
@@ -30,6 +31,8 @@ def describe_label(row: Mapping[str, Any]) -> str:
         negated = row.get("negated")
         rest = [f"in {i}" for i in row.get("inputs") or [] if i != negated]
         return " AND ".join(rest) + (f" AND NOT in {negated}" if negated is not None else "")
+    if label == "NONLINEAR" and row.get("kind"):
+        return f"NONLINEAR, {row['kind']} (inputs: {', '.join(inputs) or 'none'})"
     return f"{label} (inputs: {', '.join(inputs) or 'none'})"
 
 
@@ -72,4 +75,4 @@ def logic_section(data: RunData, fig: Figures, pages: Collection[int]) -> list[s
         html_table(headers, rows, True),
         "",
     ]
-    return out
+    return out + coverage_part(data) + supernodes_part(data, pages)
