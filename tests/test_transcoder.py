@@ -20,6 +20,7 @@ from coact.models.adapters import resolve
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss
+from coact.pipeline.model_table import _transcoder as layer_columns
 from coact.report.transcoder_section import transcoder_section, verdict
 from coact.sae.base import Sae
 from coact.sae.train import SaeTrainConfig
@@ -308,3 +309,9 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
     worse = dataclasses.replace(result, rows={**rows, "transcoder": _row("transcoder", 0.6, 0.5)})
     assert "the SAE route explains" in verdict(worse)
     assert transcoder_section(SimpleNamespace(summary=None)) == []
+    # a model run's layers.parquet gains the sheet's headline columns
+    assert layer_columns(result) == {
+        "transcoder_fvu": 0.2, "transcoder_ce_recovered": 0.9, "sae_linear_fvu": 0.5,
+        "sae_linear_ce_recovered": 0.6, "sae_mlp_fvu": 0.4, "sae_mlp_ce_recovered": 0.7,
+    }  # fmt: skip
+    assert layer_columns(None) == {}

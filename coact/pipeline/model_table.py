@@ -16,6 +16,7 @@ from coact.models.sites import Site
 from coact.pipeline.summary import RunSummary
 from coact.rundir.files import read_json
 from coact.rundir.layout import RunLayout, read_run_config
+from coact.transcoder.stage import TranscoderResult
 
 LAYER_OWN_KEYS = ("layer", "layers", "run_dir", "shared_dir")  # what a layer's config sets
 # layers.parquet's leading columns, in order; the composition's per-source columns follow
@@ -79,6 +80,7 @@ def _row(layer: int, s: RunSummary) -> dict[str, object]:
         **_fit_quality("mlp", s.connect),
         **_fit_quality("attention", s.block.attention if s.block else None),
         **_composition(s.block),
+        **_transcoder(s.transcoder),
     }
     return {k: row[k] for k in (*COLUMNS, *sorted(set(row) - set(COLUMNS), key=list(row).index))}
 
@@ -115,6 +117,19 @@ def _composition(block: BlockResult | None) -> dict[str, object]:
         "composition_r2_ls": composed.r2_ls,
         **{f"composition_share_{k}": v for k, v in shares.items()},
         **{f"decoded_fvu_{k}": v for k, v in decoded.items()},
+    }
+
+
+def _transcoder(sheet: TranscoderResult | None) -> dict[str, float]:
+    """With the transcoder stage: FVU of the MLP output and CE recovered for the skip
+    transcoder and the SAE route (linear and mlp connector), at the same L0."""
+    if sheet is None:
+        return {}
+    return {
+        f"{route}_{figure}": getattr(sheet.rows[route], figure)
+        for route in ("transcoder", "sae_linear", "sae_mlp")
+        if route in sheet.rows
+        for figure in ("fvu", "ce_recovered")
     }
 
 
