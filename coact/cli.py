@@ -10,7 +10,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
@@ -31,6 +31,9 @@ from coact.report.select import DEFAULT_FEATURES
 from coact.rundir.verify import guarded, require, require_codes
 from coact.sae.train import SaeTrainConfig
 from coact.settings import Range, default_of, help_of, range_of
+
+if TYPE_CHECKING:
+    from coact.pipeline.summary import ModelSummary, RunSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -210,7 +213,9 @@ def collect(
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
 
 
-def _analyzed(config: AnalyzeConfig, execution: Execution | None = None) -> Any:
+def _analyzed(
+    config: AnalyzeConfig, execution: Execution | None = None
+) -> RunSummary | ModelSummary:
     """`coact.pipeline.run.analyze`, after the run directory is checked; a run that fails
     leaves its config.json as it found it."""
     from coact.pipeline.checks import check_run_dir, config_kept_on_failure

@@ -51,8 +51,10 @@ def stamp(files: StageFiles) -> None:
         name = str(path.relative_to(files.path))
         stat = path.stat()
         seen = old.get(name)
-        same = seen is not None and seen[:2] == [stat.st_size, stat.st_mtime_ns]
-        entries[name] = seen if same else [stat.st_size, stat.st_mtime_ns, sha256_file(path)]
+        if seen is not None and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+            entries[name] = seen
+        else:
+            entries[name] = [stat.st_size, stat.st_mtime_ns, sha256_file(path)]
     if entries != old and files.path.is_dir():
         write_json(files.stamp, {"files": entries})
 
@@ -149,7 +151,7 @@ def guarded(files: StageFiles) -> Iterator[None]:
     kept = files.path.is_dir()
     if kept:
         os.replace(files.path, files.backup)
-        shutil.copytree(files.backup, files.path, copy_function=os.link)  # writes replace files
+        shutil.copytree(files.backup, files.path)  # copied: a write in place spares the kept
     try:
         yield
     except BaseException:
