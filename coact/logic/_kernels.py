@@ -325,32 +325,10 @@ def _cover_kernel(x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val, y_
             curve[t, k] = share
 
 
-@njit(cache=True, inline="always")
-def _plogp(count: float, total: float) -> float:
-    if count <= 0 or total <= 0:
-        return 0.0
-    q = count / total
-    return q * np.log2(q)
-
-
-@njit(cache=True)
-def _table_mi(n1: float, a1: float, n0: float, a0: float) -> float:
-    """I(T; X) in bits of the 2×2 table: n1 tokens with X on (a1 with T active), n0 off."""
-    total = n1 + n0
-    if total <= 0:
-        return 0.0
-    h_t = -_plogp(a1 + a0, total) - _plogp(total - a1 - a0, total)
-    h_t_given = 0.0
-    for n_x, a_x in ((n1, a1), (n0, a0)):
-        if n_x > 0:
-            h_t_given += (n_x / total) * (-_plogp(a_x, n_x) - _plogp(n_x - a_x, n_x))
-    return max(h_t - h_t_given, 0.0)
-
-
 @njit(parallel=True, cache=True)
 def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val,
                  y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag,
-                 gain_mag):  # fmt: skip
+                 gain_mag, xlogx):  # fmt: skip
     """Per target: the input (not yet among its inputs) with the largest conditional mutual
     information I(T; X_i | row) given its current truth-table row, from counts; and the
     one that splits the target's activation within its rows most (`gain_mag`: the
@@ -369,14 +347,15 @@ def _gain_kernel(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_p
         for t in range(c, n_targets, n_chunks):
             _gain_one(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx,
                       y_val, y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag,
-                      gain_mag, t, cnt, hit, y_on, touched, order)  # fmt: skip
+                      gain_mag, t, cnt, hit, y_on, touched, order, xlogx)  # fmt: skip
 
 
 @njit(cache=True)
 def _gain_one(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val,
               y_floor, targets, inputs, n_tokens, n, act, best, gain, best_mag, gain_mag, t, cnt,
-              hit, y_on, touched, order):  # fmt: skip
-    """`_gain_kernel` for target t, with zeroed buffers it leaves zeroed."""
+              hit, y_on, touched, order, xlogx):  # fmt: skip
+    """`_gain_kernel` for target t, with zeroed buffers it leaves zeroed; xlogx[c] is
+    c·log2(c) for every count c up to n_tokens."""
     rows = n.shape[1]
     best[t], gain[t] = -1, 0.0
     k, cols, p, e, py, ey = _start(x_ptr, y_ptr, targets, inputs, t)
@@ -422,10 +401,15 @@ def _gain_one(x_ptr, x_idx, x_val, x_floor, r_ptr, r_idx, r_val, x_total, y_ptr,
         for r in range(1, rows):
             c0 -= cnt[i, r]
         info = 0.0
-        for r in range(rows):
-            on_n = float(c0 if r == 0 else cnt[i, r])
-            on_a = float(hit[i, r])
-            info += (n[t, r] / n_tokens) * _table_mi(on_n, on_a, n[t, r] - on_n, act[t, r] - on_a)
+        for r in range(rows):  # n_r · I_r = Σ L(cells) − Σ L(margins) + L(n_r), L = x log2 x
+            on_n = c0 if r == 0 else cnt[i, r]
+            on_a, n_r, a_r = hit[i, r], n[t, r], act[t, r]
+            if on_n <= 0 or on_n >= n_r or on_a > a_r or n_r - on_n < a_r - on_a:
+                continue
+            cells = xlogx[on_a] + xlogx[on_n - on_a] + xlogx[a_r - on_a]
+            cells += xlogx[n_r - on_n - a_r + on_a]
+            margins = xlogx[on_n] + xlogx[n_r - on_n] + xlogx[a_r] + xlogx[n_r - a_r]
+            info += max(cells - margins + xlogx[n_r], 0.0) / n_tokens
         if info > gain[t]:
             best[t], gain[t] = i, info
         between = 0.0

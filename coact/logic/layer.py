@@ -158,6 +158,8 @@ def _complete(
     above = xc.val > xc.floors[np.repeat(np.arange(len(xc.ptr) - 1), np.diff(xc.ptr))]
     x_total = np.diff(np.concatenate([[0], np.cumsum(above)])[xc.ptr])
     settled = counts.active.sum(axis=1) == 0  # dead, or nothing significant left to add
+    c = np.arange(xc.n_tokens + 1, dtype=np.float64)
+    xlogx = c * np.log2(np.maximum(c, 1.0))
     for _ in range(config.max_inputs):
         open_ = np.flatnonzero((counts.k < config.max_inputs) & ~settled)
         if len(open_) == 0:
@@ -169,7 +171,7 @@ def _complete(
             xc.ptr, xc.idx, xc.val, xc.floors, r_ptr, r_idx, rows_x.data, x_total,
             yc.ptr, yc.idx, yc.val, yc.floors, counts.targets[open_].astype(np.int64),
             counts.inputs[open_], xc.n_tokens, counts.n[open_], counts.active[open_],
-            best, gain, best_mag, gain_mag,
+            best, gain, best_mag, gain_mag, xlogx,
         )  # fmt: skip
         informative = (best >= 0) & (2 * xc.n_tokens * np.log(2) * gain >= config.min_g)
         fires = counts.active[open_].sum(axis=1)
