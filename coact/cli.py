@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +30,9 @@ from coact.report.select import DEFAULT_FEATURES
 from coact.rundir.verify import guarded, require, require_codes
 from coact.sae.train import SaeTrainConfig
 from coact.settings import Range, default_of, help_of, range_of
+from coact.usage import fail as _fail
+from coact.usage import file_fault, usage_lines
+from coact.usage import in_range as _in_range
 
 if TYPE_CHECKING:
     from coact.pipeline.summary import ModelSummary, RunSummary
@@ -50,17 +52,6 @@ def option(cls: Any, name: str, *flags: str, default: Any = ..., **extra: Any) -
     if bounds is not None:
         extra = {"callback": _in_range(bounds), **extra}
     return typer.Option(value, *flags, help=help_of(cls, name), **extra)
-
-
-def _in_range(bounds: Range) -> Any:
-    """A typer callback that rejects a value outside the field's declared range."""
-
-    def check(value: Any) -> Any:
-        if value is not None and not bounds.holds(value):
-            raise typer.BadParameter(f"must be {bounds.describe()}, got {value}")
-        return value
-
-    return check
 
 
 def budget_option(name: str) -> Any:
@@ -550,54 +541,6 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(lines), file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail(message: str) -> None:
-    print(f"coact: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def file_fault(error: OSError) -> str:
-    """A file-system fault as one line: what could not be done to which path, and why."""
-    where = f" {error.filename}" if error.filename else ""
-    reason = error.strerror or str(error)
-    fixes = {
-        "EACCES": "make it writable or choose another --run-dir",
-        "EROFS": "the file system is read-only; choose another --run-dir",
-        "ENOTDIR": "a file stands where a directory is needed; move it or choose another path",
-        "EEXIST": "a file stands where a directory is needed; move it or choose another path",
-        "ENOSPC": "free some space and re-run the same command to resume",
-    }
-    import errno
-
-    fix = fixes.get(errno.errorcode.get(error.errno or 0, ""), "check the path and its rights")
-    return f"cannot use{where}: {reason}; {fix}"
-
-
-def usage_lines(error: BaseException) -> list[str] | None:
-    """A command-line usage error (typer's vendored click, or click itself) as at most
-    three lines: what was wrong, the valid form and where the help is; None for anything
-    else. No-arguments help has already been printed, so it adds nothing."""
-    kinds: list[type] = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            kinds.append(__import__(module, fromlist=["ClickException"]).ClickException)
-        except ImportError:
-            continue
-    if not isinstance(error, tuple(kinds)) or getattr(error, "exit_code", 1) == 0:
-        return None
-    if type(error).__name__ == "NoArgsIsHelpError":
-        return []
-    message = str(error.format_message()).strip().splitlines()[0]  # type: ignore[attr-defined]
-    ctx = getattr(error, "ctx", None)
-    if ctx is None:
-        return [f"coact: error: {message}"]
-    usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), ctx.get_usage().strip())
-    return [
-        f"coact: error: {message}",
-        " ".join(usage.split()),
-        f"Try '{ctx.command_path} --help' for help.",
-    ]
 
 
 __all__ = ["app", "main"]

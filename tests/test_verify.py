@@ -312,7 +312,8 @@ def test_report_is_rebuilt_only_when_its_inputs_change(
 
 
 def test_usage_lines() -> None:
-    from coact.cli import app, usage_lines
+    from coact.cli import app
+    from coact.usage import usage_lines
 
     try:
         app(["connect", "--bogus", "x"], standalone_mode=False, prog_name="coact")
