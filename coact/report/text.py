@@ -151,10 +151,10 @@ def format_calibrate(c: CalibrateResult) -> str:
     return "\n".join(lines)
 
 
-def format_jacobian(j: JacobianResult) -> str:
+def format_jacobian(j: JacobianResult, what: str = "block's own Jacobian") -> str:
     """The connector-free linearity score and the three-way agreement, in a few lines."""
     lines = [
-        f"  block's own Jacobian ({j.tokens:,} held-out tokens): of {j.features_scored:,} "
+        f"  {what} ({j.tokens:,} held-out tokens): of {j.features_scored:,} "
         f"scored features {100 * j.share_linear:.1f}% linear, {100 * j.share_nonlinear:.1f}% "
         f"nonlinear, {100 * j.share_uncertain:.1f}% uncertain (one slope per connection "
         f"misses ≤ {100 * j.max_nonlinearity:g}% of the first-order account; median "
@@ -233,6 +233,8 @@ def format_block(b: BlockResult) -> str:
             f"beyond the noise); held-out NMSE same position {p.heldout_nmse_same:.3f}, "
             f"with earlier positions {p.heldout_nmse_context:.3f}"
         )
+    if b.attention_jacobian is not None:
+        lines.append(format_jacobian(b.attention_jacobian, "attention's own Jacobian"))
     if b.composition is not None:
         c = b.composition
         shares = ", ".join(f"{site} {v:.2f}" for site, v in c.variance_share_ls.items())
