@@ -200,6 +200,14 @@ def test_block_single_layer_writes_attention_positions_and_composition(tmp_path:
     assert block.decoded_fvu["identity_raw"] < 1e-8
     assert 0 < block.decoded_fvu["identity_decoded"] < 1
     assert json.loads((run / "block.json").read_text())["composition"]["target"] == "resid_pre[2]"
+    # attention's own Jacobian at the same position, in the MLP jacobian stage's tables
+    jac = block.attention_jacobian
+    assert (jac.in_site, jac.out_site, jac.directory) == (
+        "resid_pre[1]", "attn_out[1]", str(run / "attention" / "jacobian")
+    )  # fmt: skip
+    assert jac.agreement is None and jac.connections > 0
+    jac_features = pl.read_parquet(run / "attention" / "jacobian" / "features.parquet")
+    assert jac_features.height == summary.sites["attn_out[1]"].width
     # `coact graph`: the next stream's most strongly fed feature, walked back two hops
     composition = pl.read_parquet(run / "composition" / "composition_weights.parquet")
     target = int(composition.sort(pl.col("weight").abs(), descending=True)["out_feature"][0])

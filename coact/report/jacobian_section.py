@@ -1,10 +1,12 @@
 """The layer page's sections on the block's own Jacobian: the connector-free linearity
-score beside d(j), the three-way agreement of strong connections with the reasons a
-first-order prediction misses, and "How far to trust this" (control, power, agreement,
-convergence) gathered in one place."""
+score beside d(j) for the MLP (and, in a block run, for attention at the same position),
+the three-way agreement of strong connections with the reasons a first-order prediction
+misses, and "How far to trust this" (control, power, agreement, convergence) gathered in
+one place."""
 
 from __future__ import annotations
 
+from coact.jacobian.stage import JacobianResult
 from coact.report.markdown import md_table, note
 from coact.rundir.read import RunData
 
@@ -26,19 +28,43 @@ def jacobian_section(data: RunData) -> list[str]:
         f"gated one. Linear when the 95 % upper bound (contexts resampled) is ≤ "
         f"{100 * j.max_nonlinearity:g} %, nonlinear when the lower bound is above.",
         "",
-        md_table(
-            ["verdict", "share of scored features"],
-            [
-                ["linear", f"{100 * j.share_linear:.1f}%"],
-                ["nonlinear", f"{100 * j.share_nonlinear:.1f}%"],
-                ["uncertain", f"{100 * j.share_uncertain:.1f}%"],
-                ["features scored", f"{j.features_scored:,}"],
-                ["median share missed", f"{100 * j.median_nonlinearity:.0f}%"],
-            ],
-        ),
+        _verdicts(j),
         "",
     ]
-    return out + _agreement(data)
+    return out + _agreement(data) + _attention(data)
+
+
+def _verdicts(j: JacobianResult) -> str:
+    return md_table(
+        ["verdict", "share of scored features"],
+        [
+            ["linear", f"{100 * j.share_linear:.1f}%"],
+            ["nonlinear", f"{100 * j.share_nonlinear:.1f}%"],
+            ["uncertain", f"{100 * j.share_uncertain:.1f}%"],
+            ["features scored", f"{j.features_scored:,}"],
+            ["median share missed", f"{100 * j.median_nonlinearity:.0f}%"],
+        ],
+    )
+
+
+def _attention(data: RunData) -> list[str]:
+    """Attention's own Jacobian at the same position (block runs with attention_jacobian)."""
+    block = data.summary.block if data.summary is not None else None
+    j = block.attention_jacobian if block is not None else None
+    if j is None:
+        return []
+    return [
+        f"### Attention's own Jacobian ({j.in_site} → {j.out_site})",
+        "",
+        f"The same score for attention at the same position, on {j.tokens:,} held-out "
+        f"tokens: each token's stream moves (its query, key and value with it) while every "
+        "other position's stream, and so every earlier key and value, stays as the model "
+        "computed it: the slopes are attention's response to the token's own features. What "
+        "earlier positions add is the position score's question (Attention, below).",
+        "",
+        _verdicts(j),
+        "",
+    ]
 
 
 def _agreement(data: RunData) -> list[str]:
