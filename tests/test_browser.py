@@ -264,3 +264,77 @@ def test_model_report_renders_in_chromium(browser: Any, model_run: Path) -> None
     visit.page.wait_for_load_state("load")
     assert visit.page.url == index.as_uri()
     assert not visit.problems, visit.problems[:10]
+
+
+# The feature browser's list: how many rows show, and the median row's height in pixels.
+ROWS = r"""
+() => {
+  const h = Array.from(document.querySelectorAll("#coact-browser tbody tr"),
+                       (r) => r.getBoundingClientRect().height).sort((a, b) => a - b);
+  return { rows: h.length, median: h.length ? h[Math.floor(h.length / 2)] : 0 };
+}
+"""
+# Every element holding a context: the narrowest one's width, and whether any is a table cell.
+CONTEXT_BOXES = r"""
+() => {
+  const held = Array.from(document.querySelectorAll(".coact-context"), (e) => e.parentElement);
+  return { n: held.length, narrowest: Math.min(...held.map((e) => e.getBoundingClientRect().width)),
+           cells: held.filter((e) => e.closest("td, th")).length };
+}
+"""
+
+
+def _rows(page: Any) -> dict[str, float]:
+    return dict(page.evaluate(ROWS))
+
+
+def test_feature_browser_at_1280_and_1920(browser: Any, site: Path) -> None:
+    """The all-features page is a compact browser: one short line per feature; search and
+    a filter narrow it; a row of a feature without a page opens a panel with its contexts;
+    no context is squeezed under 360 px there or on a feature page."""
+    started = time.perf_counter()
+    feature = sorted((site / "features").glob("out-*.html"))[0]
+    for width in (1280, 1920):
+        visit = _Visit(browser)
+        page = visit.page
+        page.set_viewport_size({"width": width, "height": 900})
+        page.goto((site / "features.html").as_uri())
+        page.wait_for_selector("#coact-browser tbody tr")
+        data = page.evaluate("() => window.COACT_FEATURES")
+        c = {name: i for i, name in enumerate(data["columns"])}
+        everything = _rows(page)
+        assert everything["rows"] == len(data["rows"]) > 100
+        assert everything["median"] <= 40, (width, everything)
+        # search by a feature's number: that feature (and those reading an input of that number)
+        search = page.locator("#coact-browser input[type=search]")
+        search.fill("7")
+        found = _rows(page)["rows"]
+        assert 1 <= found < everything["rows"] and page.locator("#out-7").count() == 1
+        search.fill("")
+        # a label filter: only that label's features remain
+        label = sorted({r[c["label"]] for r in data["rows"] if r[c["label"]]})[0]
+        page.locator("#coact-browser select").first.select_option(label)
+        shown = page.locator("#coact-browser tbody tr")
+        want = sum(r[c["label"]] == label for r in data["rows"])
+        assert shown.count() == want < everything["rows"]
+        page.locator("#coact-browser select").first.select_option("")
+        assert _rows(page)["rows"] == everything["rows"]
+        # a feature without a page opens its panel: formula, inputs, contexts
+        j = next(
+            r[c["feature"]] for r in data["rows"]
+            if not r[c["page"]] and str(r[c["feature"]]) in data["contexts"]
+        )  # fmt: skip
+        page.locator(f"#out-{j}").click()
+        panel = page.locator("#coact-detail")
+        panel.wait_for(state="visible")
+        text = panel.inner_text()
+        assert f"out {j}" in text and f"coact report RUN --feature {j}" in text
+        boxes = page.evaluate(CONTEXT_BOXES)
+        assert boxes["n"] >= 1 and boxes["narrowest"] >= 360 and not boxes["cells"], boxes
+        # a feature page: its contexts (its own and its inputs') are full-width lines
+        visit.open(feature)
+        boxes = page.evaluate(CONTEXT_BOXES)
+        assert boxes["n"] >= 3 and boxes["narrowest"] >= 360 and not boxes["cells"], boxes
+        assert not visit.problems, visit.problems[:10]
+        page.close()
+    print(f"feature browser checked at 1280 and 1920 px in {time.perf_counter() - started:.1f} s")

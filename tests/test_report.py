@@ -19,6 +19,8 @@ from coact.pipeline.run import analyze
 from coact.report.build import build_report
 from coact.report.charts.base import spec_title, untitled_axes
 from coact.report.evidence import Evidence
+from coact.rundir.layout import OutlierFiles
+from coact.rundir.verify import stamp
 from tests.tiny_run import tiny_config
 
 LAYER_CHARTS = {
@@ -112,11 +114,13 @@ def test_site_has_index_layer_and_feature_pages(site: Path) -> None:
     assert len(pages) == 8
     index = (site / "index.html").read_text()
     assert "tiny-llama" in index and "SAE quality" in index
-    # a run without block results: no attention, composition or layer graphs, no graphs/
+    # a run without block results: no attention or composition; its feature pages' layer
+    # graphs are the MLP connector's alone
     layer = (site / "layer-1.html").read_text()
     assert ">Attention<" not in layer and ">Residual composition<" not in layer
-    assert not any(">Layer graph<" in p.read_text() for p in pages)
-    assert not (site / "graphs").exists() and "the model report" not in index
+    assert all(">Layer graph<" in p.read_text() for p in pages)
+    assert "the MLP's connector only" in pages[0].read_text()
+    assert (site / "graphs").is_dir() and "the model report" not in index
     # the jacobian stage's sections, with the run's own figures
     assert ">How far to trust this<" in layer and ">The block's own Jacobian<" in layer
     assert "Three-way agreement of strong connections" in layer
@@ -164,7 +168,10 @@ def test_every_chart_has_a_title_axis_titles_a_caption_and_a_fallback(site: Path
             assert not untitled_axes(spec), (page, name, untitled_axes(spec))
             caption = figure["caption"].replace("static image", "").strip()
             assert caption.startswith("Read:") and len(caption) > 30, (page, name)
-            assert figure["img"] and (page.parent / figure["img"]).is_file(), (page, name)
+            if page.parent.name == "features":  # feature pages: the inline spec alone
+                assert not figure["img"] and "static image" not in figure["caption"], page
+            else:
+                assert figure["img"] and (page.parent / figure["img"]).is_file(), (page, name)
     assert seen >= LAYER_CHARTS | {"sae-training"}, sorted(LAYER_CHARTS - seen)
     assert any(n.endswith("-histogram") for n in seen)
     assert any(n.endswith("-coactivation") for n in seen)
@@ -185,12 +192,24 @@ def test_feature_page_shows_formula_and_marks_the_activating_token(run: Path, si
         "Causal check",
     ):
         assert f">{section}<" in text, section
-    # the first context row: its outlined token carries the row's activation
+    # the first context line: its outlined token carries the line's activation
     evidence = text[text.index("Evidence: where it fires") :]
-    row = re.search(r"<tr><td>1</td><td>([^<]+)</td>.*?</tr>", evidence, re.S)
+    row = re.search(
+        r'<div class="coact-line" data-rank="1">.*?<span class="coact-act">([^<]+)</span>'
+        r"(.*?)</div>",
+        evidence,
+        re.S,
+    )
     assert row is not None
-    marked = re.findall(r'class="coact-tok coact-max"[^>]*title="activation ([^"]+)"', row.group(0))
+    marked = re.findall(r'class="coact-tok coact-max"[^>]*title="activation ([^";]+)', row.group(2))
     assert len(marked) == 1 and float(marked[0]) == pytest.approx(float(row.group(1)), rel=1e-2)
+    # the histogram and the inputs' contributions sit beside the formula; contexts are
+    # never in a table cell
+    beside = text[text.index('class="coact-beside"') : text.index(">Inputs<")]
+    assert (
+        f'id="chart-out-{j}-histogram"' in beside and f'id="chart-out-{j}-contributions"' in beside
+    )
+    assert not re.search(r"<td[^>]*>[^/]*?coact-context", text)
 
 
 def test_top_contexts_are_distinct_ranked_and_marked(run: Path) -> None:
@@ -322,6 +341,8 @@ def test_feature_pages_show_context_ablation_of_the_top_contexts(run: Path, site
         if f"chart-mlp-out-1-{j}-ablation" in names:
             charts += 1
             assert "Most important preceding token" in text or "No single preceding" in text
+            # its top contexts underline each preceding token by the share lost without it
+            assert "ablating it loses" in text and "blue underline" in text
         else:
             assert "was not among the ablated features" in text
     assert charts >= 1
@@ -356,6 +377,7 @@ def test_outliers_are_flagged_in_every_table(run: Path, tmp_path: Path) -> None:
         pl.when(hit).then(pl.lit("first tokens 80%")).otherwise(pl.lit("")).alias("reason"),
     )
     flags.write_parquet(path)
+    stamp(OutlierFiles(copy / "outliers"))  # the flags stand for the stage's own
     index = build_report(copy, tmp_path / "out", features=[j], progress=False)
     built = index.parent
     mark = 'class="coact-outlier" title="possible artefact (outlier feature): 80% of its active'
@@ -364,13 +386,15 @@ def test_outliers_are_flagged_in_every_table(run: Path, tmp_path: Path) -> None:
         text = page.read_text(encoding="utf-8")
         return [r for r in re.findall(r"<tr>.*?</tr>", text, re.S) if re.search(name, r)]
 
-    layer, every = built / "layer-1.html", built / "features.html"
+    layer = built / "layer-1.html"
     feature = built / "features" / f"out-{j}.html"
     out_name = rf">out {j}</a>|>out {j} <"
-    for page in (layer, every):  # features tables (the layer's logic table too)
-        rows = row_of(page, out_name)
-        assert rows and all(mark in r for r in rows), page
-        assert "artefact?" in page.read_text(encoding="utf-8")
+    rows = row_of(layer, out_name)  # features tables (the layer's logic table too)
+    assert rows and all(mark in r for r in rows)
+    assert "artefact?" in layer.read_text(encoding="utf-8")
+    browser = _browser_data(built)  # the feature browser's row carries the reason
+    flagged = {r[0]: r[browser["columns"].index("artefact")] for r in browser["rows"]}
+    assert flagged[j] == "first tokens 80%" and sum(map(bool, flagged.values())) == 1
     assert len(row_of(layer, out_name)) >= 3  # logic table, outlier list, features table
     text = feature.read_text(encoding="utf-8")
     assert "Possible artefact (outlier feature)" in text
@@ -382,7 +406,8 @@ def test_outliers_are_flagged_in_every_table(run: Path, tmp_path: Path) -> None:
     shutil.rmtree(copy / "outliers")
     shutil.rmtree(copy / "evidence")
     index = build_report(copy, tmp_path / "bare", features=[j], progress=False)
-    assert "artefact?" in (index.parent / "features.html").read_text(encoding="utf-8")
+    columns = _browser_data(index.parent)["columns"]
+    assert "artefact" in columns and "coact-browser" in (index.parent / "features.html").read_text()
     page = (index.parent / "features" / f"out-{j}.html").read_text(encoding="utf-8")
     assert "No context ablation" in page
     assert not (copy / "outliers").exists()
@@ -411,3 +436,96 @@ def test_cli_ablate_and_outliers_on_a_finished_run(run: Path, tmp_path: Path) ->
     assert set(out["feature"]) == {3} and out["rank"].max() <= 2
     assert set(table["mode"]) == {"replace"} and table["ablated_offset"].max() <= 2
     assert (table["clean"] - table["stored"]).abs().max() < 1e-4  # contexts rebuilt right
+
+
+def _browser_data(site: Path) -> dict:
+    """The feature browser's data file, as the page's script reads it."""
+    text = (site / "assets" / "coact" / "features.js").read_text(encoding="utf-8")
+    assert text.startswith("window.COACT_FEATURES=") and text.rstrip().endswith(";")
+    return dict(json.loads(text.strip().removeprefix("window.COACT_FEATURES=").rstrip(";")))
+
+
+def test_feature_browser_data_matches_the_tables(run: Path, site: Path) -> None:
+    data = _browser_data(site)
+    features = pl.read_parquet(run / "connect" / "features.parquet")
+    weights = pl.read_parquet(run / "connect" / "weights.parquet")
+    c = {name: i for i, name in enumerate(data["columns"])}
+    rows = {r[c["feature"]]: r for r in data["rows"]}
+    assert sorted(rows) == sorted(features["feature"].to_list())
+    pages = {int(p.stem.removeprefix("out-")) for p in (site / "features").glob("out-*.html")}
+    assert {j for j, r in rows.items() if r[c["page"]]} == pages
+    evidence = Evidence(run / "codes", lambda ids: "".join(chr(65 + i % 26) for i in ids))
+    checked = 0
+    for r in features.filter(pl.col("active_count") > 0).head(5).iter_rows(named=True):
+        j = r["feature"]
+        assert rows[j][c["active"]] == r["active_count"]
+        assert rows[j][c["d_seed"]] == pytest.approx(r["d_seed"], rel=1e-3, nan_ok=True)
+        # its inputs: the strongest terms by |refitted weight|, as the formula has them
+        mine = weights.filter(pl.col("output") == j).sort(
+            pl.col("weight_refit").abs(), descending=True
+        )
+        assert [t[0] for t in data["inputs"].get(str(j), [])] == mine["input"].head(6).to_list()
+        # its first context peaks at its largest activation, on the marked token (100%)
+        first = data["contexts"][str(j)][0]
+        peak = float(evidence.activations("mlp_out.1", j).max())
+        assert first[0] == pytest.approx(peak, rel=1e-2) and first[3][first[1]] == 100
+        assert all(0 <= t < len(data["vocab"]) for t in first[2])
+        checked += 1
+    assert checked == 5
+
+
+def test_input_contributions_against_the_codes(run: Path) -> None:
+    from coact.report.contributions import input_contributions
+    from coact.rundir.read import load_run
+
+    data = load_run(run)
+    evidence = Evidence(run / "codes", lambda ids: "?")
+    x = evidence.codes("mlp_resid.1").toarray()
+    y = evidence.codes("mlp_out.1").toarray()
+    weights = pl.read_parquet(run / "connect" / "weights.parquet")
+    j = int(weights.group_by("output").len().sort("len", descending=True)["output"][0])
+    table = input_contributions(data, evidence, j)
+    connector = table.filter(pl.col("source") == "connector")
+    assert connector.height >= 1
+    for i, value, n in connector.select("input", "contribution", "tokens").iter_rows():
+        w = weights.filter((pl.col("output") == j) & (pl.col("input") == i))["weight_refit"][0]
+        both = (x[:, i] > 0) & (y[:, j] > 0)  # brute force over every stored token
+        assert n == both.sum() and value == pytest.approx(w * x[both, i].mean(), rel=1e-6)
+    connections = pl.read_parquet(run / "jacobian" / "connections.parquet")
+    jac = table.filter(pl.col("source") == "Jacobian")
+    for i, value in jac.select("input", "contribution").iter_rows():
+        hit = connections.filter((pl.col("output") == j) & (pl.col("input") == i))
+        assert value == pytest.approx(hit["attribution_mean"][0])
+
+
+def test_context_lines_mark_shade_and_underline() -> None:
+    from coact.report.evidence import Context, context_lines
+
+    ctx = Context(context=4, position=9, doc=1, activation=2.0, tokens=["a", "\n", "c"],
+                  values=[0.0, 1.0, 2.0], marked=2)  # fmt: skip
+    text = context_lines([ctx], 2.0, "out 1", [{1: 0.5, 2: 0.25}])
+    assert text.count('class="coact-line"') == 1 and 'title="doc 1, context 4, position 9"' in text
+    spans = re.findall(
+        r'<span class="(coact-tok[^"]*)" style="([^"]*)" title="([^"]*)">([^<]*)<', text
+    )
+    assert [s[3] for s in spans] == ["a", "↵", "c"]
+    assert [s[0] for s in spans] == ["coact-tok", "coact-tok", "coact-tok coact-max"]
+    # background: activation / max; underline: the share lost without the token (1 back: 50%)
+    assert "rgba(255,127,14,0.00)" in spans[0][1] and "rgba(255,127,14,0.50)" in spans[1][1]
+    assert "inset 0 -3px rgba(31,119,180,0.50)" in spans[1][1] and "loses 50%" in spans[1][2]
+    assert "inset 0 -3px rgba(31,119,180,0.25)" in spans[0][1]  # 2 back: 25%
+    assert "box-shadow" not in spans[2][1]  # the activating token itself is not ablated
+
+
+def test_feature_page_graph_links_its_nodes(site: Path) -> None:
+    page = sorted((site / "features").glob("out-*.html"))[0]
+    j = int(page.stem.removeprefix("out-"))
+    figure = next(f for f in _parse(page).figures if f["id"] == f"chart-out-{j}-graph")
+    spec = json.loads(figure["spec"])
+    values = [v for rows in spec["datasets"].values() for v in rows if "href" in v]
+    links = {v["href"] for v in values if v["href"]}
+    assert f"../features.html#out-{j}" not in links and any(v["feature"] == j for v in values)
+    pages = {p.name for p in (site / "features").glob("out-*.html")}
+    for link in links:  # a page that exists, or a feature's line in the browser
+        assert link in pages or re.fullmatch(r"\.\./features\.html#out-\d+", link), link
+    assert len(re.findall(r'"href":\{"field":"href"', figure["spec"])) == 2  # dots, names

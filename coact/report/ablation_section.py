@@ -5,10 +5,13 @@ an inputs table."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from coact.report.charts import evidence as evidence_charts
 from coact.report.embed import Figures
+from coact.report.evidence import Context, Effects
 from coact.report.markdown import md_table, note, num, pct, token
 from coact.rundir.read import RunData
 
@@ -153,3 +156,19 @@ def _per_context_table(rows: pl.DataFrame) -> str:
     headers = ["rank", "where", "activating token", "clean activation"]
     headers += [f"largest drop when {m}d" for m in per_mode]
     return md_table(headers, table)
+
+
+def context_effects(data: RunData, slug: str, j: int, contexts: Sequence[Context]) -> list[Effects]:
+    """Per top context (matched by context and position), the share of the activation lost
+    when each preceding token is ablated (tokens back → share), in the mode read first;
+    empty for a context the ablation did not cover, or a run without it."""
+    if data.ablation is None:
+        return [{} for _ in contexts]
+    rows = _ablated(data, slug, j)
+    if not rows.height:
+        return [{} for _ in contexts]
+    rows = rows.filter(pl.col("mode") == _preferred_mode(rows))
+    found: dict[tuple[int, int], Effects] = {}
+    for r in rows.select("context", "position", "ablated_offset", "drop_fraction").iter_rows():
+        found.setdefault((int(r[0]), int(r[1])), {})[int(r[2])] = float(r[3])
+    return [found.get((c.context, c.position), {}) for c in contexts]

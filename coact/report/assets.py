@@ -102,16 +102,55 @@ SCRIPT = r"""
 """
 
 STYLE = r"""
-/* coact report: charts, coloured token contexts and sortable tables. */
+/* coact report: charts, token contexts as full-width lines, tables that scroll in their
+   own box, small charts beside a formula, input cards and the feature browser. */
+.md-grid { max-width: 80rem; }  /* wide windows: room for contexts and the feature list */
 figure.coact-chart { margin: 1em 0 1.5em; max-width: 100%; overflow-x: auto; }
 figure.coact-chart img.coact-fallback { max-width: 100%; height: auto; }
 figure.coact-chart figcaption { font-style: italic; max-width: none; }
-.coact-context { font-family: var(--md-code-font-family, monospace); white-space: pre-wrap; }
+.coact-context { font-family: var(--md-code-font-family, monospace); white-space: pre-wrap;
+  overflow-wrap: anywhere; flex: 1 1 auto; min-width: 0; font-size: .9em; }
 .coact-tok { border-radius: 2px; }
 .coact-tok.coact-max { outline: 2px solid #d62728; font-weight: bold; }
+.coact-contexts { margin: .4em 0 1em; }
+.coact-line { display: flex; gap: .7em; align-items: baseline; padding: .15em 0;
+  border-bottom: 1px solid var(--md-default-fg-color--lightest, #eee); }
+.coact-meta { flex: 0 0 5.5em; font-size: .75em; color: var(--md-default-fg-color--light, #666);
+  white-space: nowrap; }
+.coact-rank { display: inline-block; width: 1.6em; }
+.coact-scroll { max-width: 100%; max-height: 36em; overflow: auto; margin: 1em 0; }
+.coact-scroll > table { margin: 0; }
+.md-typeset .coact-scroll table th { position: sticky; top: 0; z-index: 1;
+  background: var(--md-default-bg-color, #fff); }
+.coact-beside { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+.coact-beside-text { flex: 1 1 18em; min-width: 0; }
+.coact-beside-text pre { white-space: pre-wrap; overflow-wrap: anywhere; margin-top: 0; }
+.coact-beside-charts { display: flex; flex-wrap: wrap; gap: .5em; flex: 0 1 22em; }
+.coact-beside-charts figure.coact-chart { margin: 0; max-width: 22em; }
+.coact-beside-charts figure.coact-chart figcaption { font-size: .6rem; text-align: left; }
+.coact-cards { display: flex; flex-direction: column; gap: .6em; margin: .5em 0 1.2em; }
+.coact-card { border: 1px solid var(--md-default-fg-color--lightest, #ddd); border-radius: 4px;
+  padding: .4em .7em; }
+.coact-card .coact-contexts { margin: .2em 0 0; }
 table[data-sortable] th[data-order="ascending"]::after { content: " ▲"; }
 table[data-sortable] th[data-order="descending"]::after { content: " ▼"; }
 .coact-note { color: var(--md-default-fg-color--light, #666); }
+.coact-controls { display: flex; flex-wrap: wrap; gap: .5em; align-items: center;
+  margin: .5em 0; font-size: .75rem; }
+.coact-controls input[type=search] { flex: 1 1 16em; padding: .3em .5em; }
+.coact-controls select, .coact-controls input { font: inherit; }
+.md-typeset table.coact-list { font-size: .7rem; display: table; width: 100%; }
+.md-typeset table.coact-list td, .md-typeset table.coact-list th { padding: .25em .6em;
+  white-space: nowrap; vertical-align: middle; }
+.md-typeset table.coact-list td.coact-cut { max-width: 22em; overflow: hidden;
+  text-overflow: ellipsis; }
+.md-typeset table.coact-list tbody tr { cursor: pointer; }
+.md-typeset table.coact-list tbody tr:hover,
+.md-typeset table.coact-list tbody tr.coact-open { background: rgba(255, 127, 14, .12); }
+.coact-detail { border: 2px solid #ff7f0e; border-radius: 4px; padding: .5em 1em;
+  margin: .5em 0 1em; }
+.coact-detail pre { white-space: pre-wrap; overflow-wrap: anywhere; margin: .3em 0; }
+.coact-detail h3 { margin: .2em 0 .4em; }
 """
 
 

@@ -31,11 +31,15 @@ def to_spec(chart: Chart) -> dict[str, Any]:
 
 class Figures:
     """Writes the fallback images of one page directory's charts into `<dir>/charts/` and
-    returns the HTML that shows each chart; names must be unique per directory."""
+    returns the HTML that shows each chart; names must be unique per directory. With
+    `static` off (feature pages: many pages, each with its own charts) no fallback image
+    is drawn: the inline spec alone, which keeps the site light and its build fast."""
 
-    def __init__(self, page_dir: Path) -> None:
+    def __init__(self, page_dir: Path, static: bool = True) -> None:
         self.dir = page_dir / "charts"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.static = static
+        if static:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.names: set[str] = set()
 
     def figure(self, chart: Chart, name: str, caption: str) -> str:
@@ -47,6 +51,14 @@ class Figures:
         if not title or not caption.strip():
             raise CoactError(f"chart {name!r} needs a title and a caption")
         self.names.add(name)
+        inline = {k: v for k, v in spec.items() if k != "$schema"}
+        payload = json.dumps(inline, ensure_ascii=False, separators=(",", ":"), default=str)
+        payload = payload.replace("<", "\\u003c")  # nothing in it can close the script
+        view = f'<figure class="coact-chart" id="chart-{name}"><div class="coact-view"></div>'
+        spec_tag = f'<script type="application/json" class="coact-spec">{payload}</script>'
+        caption_text = html.escape(caption.strip())
+        if not self.static:
+            return f"{view}{spec_tag}<figcaption>{caption_text}</figcaption></figure>\n"
         static = f"{name}.svg"
         svg = vl_convert.vegalite_to_svg(spec) if _rows(spec) <= MAX_SVG_ROWS else None
         if svg is not None and len(svg) <= MAX_SVG_BYTES:
@@ -54,16 +66,12 @@ class Figures:
         else:  # thousands of marks (scatter plots): a raster is a tenth of the size
             static = f"{name}.png"
             (self.dir / static).write_bytes(vl_convert.vegalite_to_png(spec))
-        inline = {k: v for k, v in spec.items() if k != "$schema"}
-        payload = json.dumps(inline, ensure_ascii=False, separators=(",", ":"), default=str)
-        payload = payload.replace("<", "\\u003c")  # nothing in it can close the script
         alt_text = html.escape(title, quote=True)
         return (
-            f'<figure class="coact-chart" id="chart-{name}">'
-            f'<div class="coact-view"></div>'
+            f"{view}"
             f'<img class="coact-fallback" src="charts/{static}" alt="{alt_text}" loading="lazy">'
-            f'<script type="application/json" class="coact-spec">{payload}</script>'
-            f"<figcaption>{html.escape(caption.strip())} "
+            f"{spec_tag}"
+            f"<figcaption>{caption_text} "
             f'<a href="charts/{static}">static image</a></figcaption>'
             "</figure>\n"
         )

@@ -188,44 +188,56 @@ def _shown(token: str) -> str:
     return html.escape(token.replace("\n", "↵").replace("\t", "⇥").replace("\r", ""))
 
 
-def context_html(ctx: Context, vmax: float) -> str:
+Effects = dict[int, float]  # tokens before the activating one → share of it lost when ablated
+ABLATE = (31, 119, 180)  # context-ablation colour (blue underline); alpha is the share lost
+
+
+def context_html(ctx: Context, vmax: float, effects: Effects | None = None) -> str:
     """One context as inline spans: background alpha = activation / vmax, the activating
-    token outlined and bold, each token's activation in its tooltip."""
+    token outlined and bold, each token's activation in its tooltip; `effects` (context
+    ablation) underlines each preceding token by the share of the activation lost when it
+    is ablated."""
     r, g, b = COLOUR
     parts = []
     for i, (token, value) in enumerate(zip(ctx.tokens, ctx.values, strict=True)):
         alpha = 0.0 if vmax <= 0 else max(0.0, min(1.0, value / vmax))
         style = f"background:rgba({r},{g},{b},{alpha:.2f})"
         cls = "coact-tok"
+        title = f"activation {value:.3g}" if value else "inactive"
         if i == ctx.marked:
             cls += " coact-max"
             style += f";outline:2px solid {MARK};font-weight:bold"
-        title = f"activation {value:.3g}" if value else "inactive"
+        lost = (effects or {}).get(ctx.marked - i) if i < ctx.marked else None
+        if lost is not None and lost == lost:  # NaN: the clean activation was 0
+            share = max(0.0, min(1.0, lost))
+            style += ";box-shadow:inset 0 -3px rgba({},{},{},{:.2f})".format(*ABLATE, share)
+            title += f"; ablating it loses {100 * lost:.0f}%"
         parts.append(f'<span class="{cls}" style="{style}" title="{title}">{_shown(token)}</span>')
-    return (
-        '<span class="coact-context" style="font-family:monospace;white-space:pre-wrap">'
-        + "".join(parts)
-        + "</span>"
-    )
+    return '<span class="coact-context">' + "".join(parts) + "</span>"
 
 
-def contexts_table(contexts: Sequence[Context], vmax: float, label: str) -> str:
-    """An HTML table of top contexts: rank, activation, where, the coloured window."""
+def context_lines(
+    contexts: Sequence[Context],
+    vmax: float,
+    label: str,
+    effects: Sequence[Effects] | None = None,
+) -> str:
+    """Top contexts as full-width lines, one per context: rank and activation, then the
+    text with the activating token outlined (`effects`: per context, its ablation shading)."""
     if not contexts:
         return f"<p><em>{html.escape(label)} is never active in the stored tokens.</em></p>"
-    rows = [
-        "<tr>"
-        f"<td>{rank + 1}</td><td>{c.activation:.3g}</td>"
-        f"<td>doc {c.doc}, context {c.context}, position {c.position}</td>"
-        f"<td>{context_html(c, vmax)}</td>"
-        "</tr>"
-        for rank, c in enumerate(contexts)
-    ]
-    head = (
-        "<thead><tr><th>rank</th><th>activation (code units)</th><th>where</th>"
-        f"<th>context ({html.escape(label)}; outlined: the activating token)</th></tr></thead>"
-    )
-    return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
+    lines = []
+    for rank, c in enumerate(contexts):
+        where = f"doc {c.doc}, context {c.context}, position {c.position}"
+        shading = effects[rank] if effects is not None and rank < len(effects) else None
+        lines.append(
+            f'<div class="coact-line" data-rank="{rank + 1}">'
+            f'<span class="coact-meta" title="{where}">'
+            f'<span class="coact-rank">{rank + 1}</span>'
+            f'<span class="coact-act">{c.activation:.3g}</span></span>'
+            f"{context_html(c, vmax, shading)}</div>"
+        )
+    return '<div class="coact-contexts">' + "".join(lines) + "</div>"
 
 
 class TokenText:

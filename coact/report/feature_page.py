@@ -12,7 +12,7 @@ import polars as pl
 
 from coact.report import feature_parts
 from coact.report.ablation_section import ablation_section
-from coact.report.embed import Figures
+from coact.report.contributions import contributions_chart, input_contributions
 from coact.report.feature_jacobian import agreement_part, jacobian_formula, jacobian_verdict
 from coact.report.feature_logic import logic_section
 from coact.report.feature_parts import (
@@ -62,9 +62,11 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
         "## Formula",
         "",
         "The sparse linear connector at the chosen α, its coefficients refitted by least squares "
-        "on its inputs:",
+        "on its inputs" + (", beside how strongly it fires and what its inputs add" if evidence
+                            else "") + ":",
         "",
-        *feature_parts.formula_part(row, f"out {j}"),
+        feature_parts.formula_beside(row, f"out {j}", _small_charts(parts, j)),
+        "",
         *jacobian_formula(data, j),
         "## Inputs",
         "",
@@ -73,14 +75,16 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
             lab=lab, logic=True, needs=data.ablation is not None,
         ),
     ]  # fmt: skip
-    if graphs is not None and data.has_block:
-        out += _graph_section(data, j, graphs, fig)
+    if graphs is not None:
+        out += _graph_section(parts, j, graphs)
     out += ["## Evidence: where it fires", ""]
     if evidence is None:
         codes = data.layout.codes.name
         out += [note(f"No feature codes in the run ({codes}/): no contexts or histogram."), ""]
     else:
-        out += feature_parts.evidence_part(evidence, data.out_slug, j, f"out {j}", "out", fig)
+        out += feature_parts.evidence_part(
+            evidence, data.out_slug, j, f"out {j}", "out", fig, data, histogram=False
+        )
     out += ablation_section(data, data.out_slug, j, f"out {j}", fig)
     out += _linearity_section(data, j, row)
     out += logic_section(data, j, lab, evidence, fig)
@@ -88,19 +92,57 @@ def feature_page(parts: PageParts, j: int, reasons: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def _graph_section(data: RunData, j: int, graphs: GraphWriter, fig: Figures) -> list[str]:
-    """Which features of the block feed out j, and which next-stream features it feeds."""
-    nxt = data.next_site
+def _small_charts(parts: PageParts, j: int) -> list[str]:
+    """Beside the formula: the activation histogram and what each input adds (connector
+    and Jacobian), where the run has codes."""
+    data, evidence, fig = parts.data, parts.evidence, parts.fig
+    if evidence is None:
+        return []
+    name = f"out {j}"
+    charts = [feature_parts.histogram_figure(evidence, data.out_slug, j, name, "out", fig, True)]
+    table = input_contributions(data, evidence, j)
+    if table.height:
+        charts.append(
+            fig.figure(
+                contributions_chart(table, name),
+                f"out-{j}-contributions",
+                "Read: how much each input moves it where both fire (mean code units); the "
+                "connector's bar is its refitted weight times the input's code, the Jacobian's "
+                "the block's own slope times it: bars that differ mean the formula misreads "
+                "that input.",
+            ).strip()
+        )
+    return charts
+
+
+def _graph_section(parts: PageParts, j: int, graphs: GraphWriter) -> list[str]:
+    """Which features of the block feed out j, and which it feeds (next-stream features
+    through the residual composition in a block run; else the MLP's other outputs that
+    read the same inputs); a click on a node opens its page."""
+    data = parts.data
+    if data.has_block:
+        what = (
+            f"the features of `{data.in_site}` the MLP reads to write it, the "
+            f"`{data.next_site}` features it feeds through the residual composition"
+        )
+    else:
+        what = (
+            f"the features of `{data.in_site}` the MLP reads to write it and the other "
+            "outputs that read them (the MLP's connector only: `--block` adds attention and "
+            "the next stream)"
+        )
     out = [
         "## Layer graph",
         "",
-        f"out {j} in its block: the features of `{data.in_site}` the MLP reads to write it, "
-        f"the `{nxt}` features it feeds through the residual composition, and one hop further "
-        f"each way (the {graphs.top} strongest connections of each feature and hop; the "
-        "exported tables hold the drawn connections with their weights).",
+        f"out {j} in its block: {what}, and one hop further each way (the {graphs.top} "
+        "strongest connections of each feature and hop; the exported tables hold the drawn "
+        "connections with their weights). Click an output feature to open its page (or, "
+        "without one, its line in the feature browser).",
         "",
     ]
-    return out + graphs.section(data, data.out_site, j, "both", fig, f"out-{j}-graph", "../")
+    return out + graphs.section(
+        data, data.out_site, j, "both", parts.fig, f"out-{j}-graph", "../", parts.node_link
+    )
 
 
 def _linearity_section(data: RunData, j: int, row: Mapping[str, Any]) -> list[str]:

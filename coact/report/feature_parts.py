@@ -12,10 +12,10 @@ from typing import Any
 import polars as pl
 
 from coact.models.sites import Site
-from coact.report.ablation_section import input_needs
+from coact.report.ablation_section import context_effects, input_needs
 from coact.report.charts import evidence as evidence_charts
 from coact.report.embed import Figures
-from coact.report.evidence import Evidence, context_html, contexts_table
+from coact.report.evidence import Evidence, context_lines
 from coact.report.layer_graphs import GraphWriter
 from coact.report.markdown import Cell, html_table, md_table, num, pct, sort_key
 from coact.report.names import layer_page_name, model_backlink
@@ -60,6 +60,33 @@ def formula_part(row: Mapping[str, Any], name: str) -> list[str]:
     return ["```text", formula, "```", "", table, ""]
 
 
+def formula_beside(row: Mapping[str, Any], name: str, charts: list[str]) -> str:
+    """A connector's formula and its summary as HTML, with small `charts` (figures' HTML)
+    beside it; they wrap under it on a narrow window."""
+    formula = str(row.get("formula") or f"{name} = 0")
+    stored, _, terms = formula.partition(" = ")
+    if terms and stored != name:
+        formula = f"{name} = {terms}"
+    cells = [
+        num(row.get("nmse_sparse")),
+        num(row.get("n_terms")),
+        num(row.get("intercept")),
+        pct(row.get("stable_share"), 0),
+        str(row.get("verdict") or row.get("status")),
+        num(row.get("active_count")),
+    ]
+    headers = ["held-out NMSE (sparse)", "terms", "intercept", "stable terms"]
+    table = html_table([*headers, "linear verdict", "active tokens"], [[(c, None) for c in cells]],
+                       sortable=False)  # fmt: skip
+    text = f'<pre class="coact-formula"><code>{html.escape(formula)}</code></pre>{table}'
+    side = "".join(charts)
+    return (
+        f'<div class="coact-beside"><div class="coact-beside-text">{text}</div>'
+        + (f'<div class="coact-beside-charts">{side}</div>' if side else "")
+        + "</div>"
+    )
+
+
 def linearity_part(row: Mapping[str, Any], verdict_at: str) -> list[str]:
     """A connector's fit of one feature: the held-out MSE of least squares and of the mlp,
     the feature's variance, `verdict_at` (what the verdict is read at) with the verdict in
@@ -92,27 +119,50 @@ def _d_table(row: Mapping[str, Any]) -> str:
 
 
 def evidence_part(
-    evidence: Evidence, slug: str, j: int, name: str, prefix: str, fig: Figures
+    evidence: Evidence,
+    slug: str,
+    j: int,
+    name: str,
+    prefix: str,
+    fig: Figures,
+    data: RunData | None = None,
+    histogram: bool = True,
 ) -> list[str]:
-    """A feature's top contexts from the code store and the histogram of its activations
-    (chart `<prefix>-<j>-histogram`)."""
+    """A feature's top contexts from the code store, one full-width line each (`data`: the
+    run, whose context ablation underlines what each context needs), and (`histogram`) the
+    histogram of its activations (chart `<prefix>-<j>-histogram`)."""
     top = evidence.top_contexts(slug, j, k=8)
     vmax = top[0].activation if top else 0.0
-    values = evidence.activations(slug, j)
-    return [
-        f"The {len(top)} largest activations of {name}, one per context; colour: its "
-        f"activation on each token relative to its maximum {vmax:.3g} (hover for values).",
+    effects = context_effects(data, slug, j, top) if data is not None else None
+    shading = any(effects or [])
+    out = [
+        f"The {len(top)} largest activations of {name}, one per context (rank, activation, "
+        f"then the text; hover for where it is). Colour: its activation on each token "
+        f"relative to its maximum {vmax:.3g}; outlined: the activating token"
+        + ("; blue underline: the share lost when that token is ablated." if shading else "."),
         "",
-        contexts_table(top, vmax, name),
-        "",
-        fig.figure(
-            evidence_charts.activation_histogram(values, name, evidence.n_tokens),
-            f"{prefix}-{j}-histogram",
-            "Read: the spread of its activations; a long right tail means the top contexts "
-            "above are exceptional, a bump near zero means it mostly fires weakly.",
-        ),
+        context_lines(top, vmax, name, effects),
         "",
     ]
+    if histogram:
+        out += [histogram_figure(evidence, slug, j, name, prefix, fig), ""]
+    return out
+
+
+def histogram_figure(
+    evidence: Evidence, slug: str, j: int, name: str, prefix: str, fig: Figures, small: bool = False
+) -> str:
+    """The histogram of a feature's activations (chart `<prefix>-<j>-histogram`); `small`:
+    sized to sit beside the formula."""
+    size = {"width": 220, "height": 110} if small else {}
+    return fig.figure(
+        evidence_charts.activation_histogram(
+            evidence.activations(slug, j), name, evidence.n_tokens, **size
+        ),
+        f"{prefix}-{j}-histogram",
+        "Read: the spread of its activations; a long right tail means the top contexts "
+        "are exceptional, a bump near zero means it mostly fires weakly.",
+    ).strip()
 
 
 def inputs_part(
@@ -144,13 +194,14 @@ def inputs_part(
     by_input = {int(r["input"]): r for r in weights.iter_rows(named=True)} if weights.height else {}
     row = _InputRows(data, in_site, evidence, token_text, needs)
     headers = ["input", "refit weight", "standardised", "stable", "from", "top tokens"]
-    headers += ["top contexts", *(["artefact?"] if data.outliers is not None else [])]
+    headers += ["artefact?"] if data.outliers is not None else []
     headers += ["needs (ablation)"] if needs else []
     return [
         _inputs_intro(in_site, logic, needs),
         "",
         html_table(headers, [row(i, by_input.get(i)) for i in shown], sortable=False),
         "",
+        *row.cards(shown),
     ]
 
 
@@ -161,8 +212,8 @@ def _inputs_intro(in_site: str, logic: bool, needs: bool) -> str:
         "(standardised: |w|·std(in)/std(out); stable: kept with the same sign when refitted on "
         "each half of the tokens)"
         + (", then inputs the logic stage added" if logic else "")
-        + ". Their top tokens and top "
-        "contexts (colour: the input's own activation) show what each reads"
+        + ". Their top tokens, and under the table their top contexts (colour: the input's "
+        "own activation), show what each reads"
         + (
             "; *needs*: per top context, the preceding token whose replacement (context "
             "ablation) lowers the input most, how far back, and the share lost."
@@ -187,12 +238,30 @@ class _InputRows:
         self.slug = Site.parse(in_site).slug
 
     def _examples(self, i: int) -> str:
-        """The input's three top contexts, coloured by its own activation."""
+        """The input's three top contexts, coloured by its own activation, one per line."""
         if self.evidence is None or self.slug not in self.evidence.store.sites:
             return ""
-        contexts = self.evidence.top_contexts(self.slug, i, k=3, before=8, after=2)
+        contexts = self.evidence.top_contexts(self.slug, i, k=3, before=10, after=2)
         vmax = contexts[0].activation if contexts else 0.0
-        return "<br>".join(context_html(c, vmax) for c in contexts)
+        return context_lines(contexts, vmax, f"in {i}")
+
+    def cards(self, shown: list[int]) -> list[str]:
+        """One card per input under the table: its name, top tokens and top contexts at
+        full width (never squeezed into a table cell)."""
+        cards = []
+        for i in shown:
+            examples = self._examples(i)
+            if not examples:
+                continue
+            head = (
+                f"<strong>in {i}</strong>{outlier_mark(self.data, self.slug, i)} "
+                f'<span class="coact-note">top tokens: {self.token_text(self.slug, i)}</span>'
+            )
+            cards.append(f'<div class="coact-card"><div class="coact-card-head">{head}</div>'
+                         f"{examples}</div>")  # fmt: skip
+        if not cards:
+            return []
+        return ['<div class="coact-cards">' + "".join(cards) + "</div>", ""]
 
     def __call__(self, i: int, w: Mapping[str, Any] | None) -> list[Cell]:
         """Input i's cells; `w`: its connector weights, None for an input logic added."""
@@ -210,7 +279,6 @@ class _InputRows:
             (num(w.get("in_both")) if w else "–", None),
             (html.escape(where), None),
             (self.token_text(slug, i), None),
-            (self._examples(i) or "–", None),
             *cells,
         ]
 
@@ -227,3 +295,11 @@ class PageParts:
     token_text: TokenTexts
     graphs: GraphWriter | None = None
     model: str | None = None
+    pages: frozenset[int] = frozenset()  # the output features that have a page
+
+    def node_link(self, site: str, feature: int) -> str | None:
+        """Where a layer-graph node on a feature page leads: an output feature's page, or
+        its line in the feature browser; None for other sites' features."""
+        if site != self.data.out_site:
+            return None
+        return f"out-{feature}.html" if feature in self.pages else f"../features.html#out-{feature}"

@@ -1,6 +1,6 @@
-"""The sortable table of output features (the layer page's featured ones, and every one on
-the all-features page): verdict, d, activity, the sparse connector, the logic label, the
-outlier flag and why a feature was shown."""
+"""The sortable table of the layer page's featured output features (every feature is in
+the feature browser, browser.py): verdict, d, activity, the sparse connector, the logic
+label, the outlier flag and why a feature was shown."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import polars as pl
 
-from coact.report.markdown import Cell, formula_html, html_table, note, num, sort_key
-from coact.report.names import feature_link, layer_page_name
+from coact.report.markdown import Cell, formula_html, html_table, num, sort_key
+from coact.report.names import feature_link
 from coact.report.outlier_marks import outlier_cell, outlier_mark
 from coact.rundir.read import RunData
 
@@ -97,21 +97,3 @@ class _Rows:
         if self.featured is not None:
             row.append((html.escape("; ".join(self.featured[j])), None))
         return row
-
-
-def all_features_page(data: RunData, pages: Collection[int]) -> str:
-    """docs/features.md: every output feature in one sortable table."""
-    out = [
-        f"# All output features of {data.out_site}",
-        "",
-        f"[Back to layer {data.layer}]({layer_page_name(data)}.md). Click a column header to "
-        "sort; features with a page are linked. d is MSE_lin − MSE_mlp on held-out tokens; the "
-        "verdict compares its 95% interval with τ. ⚠ marks a possible artefact (an outlier "
-        "feature: hover for the reason; the layer page says how they are found).",
-        "",
-    ]
-    if data.features is None:
-        return "\n".join([*out, note("No linearity table: `coact connect RUN` makes it.")])
-    out.append(features_table(data, None, pages, prefix="features/"))
-    out.append("")
-    return "\n".join(out)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coact.errors import CoactError
-from coact.report.charts.graph import graph_chart
+from coact.report.charts.graph import Links, graph_chart
 from coact.report.embed import Figures
 from coact.rundir.read import RunData
 
 if TYPE_CHECKING:
-    from coact.block.graph import Direction
+    from coact.block.graph import Direction, LayerTables
 
 GRAPH_DIR = "graphs"  # under docs/: the layer graphs' edge and node tables
 
@@ -36,12 +36,15 @@ class GraphWriter:
         fig: Figures,
         name: str,
         prefix: str = "",
+        links: Links | None = None,
     ) -> list[str]:
         """The chart of one feature's graph and links to its exported tables; `prefix`
-        leads from the page to docs/ (e.g. "../" from a feature page)."""
+        leads from the page to docs/ (e.g. "../" from a feature page); `links`: the page
+        each node opens when clicked. A run without block results draws the MLP's own
+        connections."""
         from coact.block.graph import feature_graph, write_graph
 
-        tables = data.layer_tables()
+        tables = data.layer_tables() or mlp_tables(data)
         if tables is None:
             return []
         try:
@@ -51,8 +54,8 @@ class GraphWriter:
         except CoactError as error:
             return [f"No layer graph of `{site}` #{feature}: {error}.", ""]
         paths = write_graph(graph, self.dir)
-        chart, caption = graph_chart(graph)
-        links = " · ".join(
+        chart, caption = graph_chart(graph, links)
+        tables_md = " · ".join(
             f"[{what}]({prefix}{GRAPH_DIR}/{paths[key].name})"
             for what, key in (
                 ("edge table (CSV)", "csv"),
@@ -63,6 +66,17 @@ class GraphWriter:
         return [
             fig.figure(chart, name, caption),
             "",
-            f"{graph.edges.height:,} connections among {graph.nodes.height:,} features: {links}.",
+            f"{graph.edges.height:,} connections among {graph.nodes.height:,} features: {tables_md}.",
             "",
         ]
+
+
+def mlp_tables(data: RunData) -> LayerTables | None:
+    """The MLP connector's weights alone as a layer graph's tables (a run without block
+    results); None without a connector."""
+    from coact.block.graph import LayerTables
+
+    if data.weights is None:
+        return None
+    labels = {data.out_site: data.labels} if data.labels is not None else {}
+    return LayerTables(data.layer, mlp=data.weights, labels=labels)

@@ -57,7 +57,8 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def html_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], sortable: bool) -> str:
-    """A raw-HTML table; `data-sortable` makes its columns sortable by the report's script."""
+    """A raw-HTML table in its own scrolling box (a long or wide table never stretches the
+    page); `data-sortable` makes its columns sortable by the report's script."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = []
     for row in rows:
@@ -67,7 +68,8 @@ def html_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], sortable:
             cells.append(f"<td{sort}>{shown}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     attr = " data-sortable" if sortable else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="coact-scroll">{table}</div>'  # a long or wide table scrolls in its box
 
 
 def note(text: str) -> str:

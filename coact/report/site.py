@@ -14,6 +14,7 @@ import yaml
 
 from coact.errors import CoactError
 from coact.report.assets import SCRIPT, STYLE, vega_bundle
+from coact.report.browser_js import BROWSER_SCRIPT
 from coact.rundir.layout import ReportFiles
 
 VEGA_JS = "assets/javascripts/vega.js"
@@ -24,7 +25,11 @@ RELATIVE = ReportFiles(Path())  # the report folder's names, as mkdocs.yml (insi
 
 def write_assets(docs: Path) -> None:
     """The vega bundle, the report's script and its style sheet, under docs/assets/."""
-    for relative, text in ((VEGA_JS, vega_bundle()), (COACT_JS, SCRIPT), (COACT_CSS, STYLE)):
+    for relative, text in (
+        (VEGA_JS, vega_bundle()),
+        (COACT_JS, SCRIPT + BROWSER_SCRIPT),
+        (COACT_CSS, STYLE),
+    ):
         path = docs / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

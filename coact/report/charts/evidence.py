@@ -9,7 +9,9 @@ import polars as pl
 from coact.report.charts.base import chart_title, shown_token, to_pandas
 
 
-def activation_histogram(values: np.ndarray, name: str, n_tokens: int) -> alt.Chart:
+def activation_histogram(
+    values: np.ndarray, name: str, n_tokens: int, width: int = 420, height: int = 200
+) -> alt.Chart:
     """Histogram of a feature's non-zero activations (count axis symlog)."""
     values = np.asarray(values, dtype=float)
     rows: list[dict[str, float]] = []
@@ -33,12 +35,14 @@ def activation_histogram(values: np.ndarray, name: str, n_tokens: int) -> alt.Ch
             tooltip=["lo:Q", "hi:Q", "count:Q"],
         )
         .properties(
-            width=420,
-            height=200,
+            width=width,
+            height=height,
             title=chart_title(
                 f"How strongly {name} fires",
                 f"{len(values):,} active of {n_tokens:,} stored tokens ({share:.2f}%); "
-                "inactive tokens (0) not shown",
+                "inactive tokens (0) not shown"
+                if width >= 300
+                else [f"{len(values):,} of {n_tokens:,} tokens ({share:.2f}%);", "zeros not shown"],
             ),
         )
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate, pairwise
 from typing import Any
 
@@ -58,10 +59,19 @@ def _layout(graph: FeatureGraph) -> pl.DataFrame:
     return placed.with_columns((1 - (pl.col("slot") + 0.5) / pl.col("n")).alias("y"))
 
 
-def graph_chart(graph: FeatureGraph) -> tuple[alt.LayerChart, str]:
+Links = Callable[[str, int], str | None]  # (site, feature) → the page a node links to
+
+
+def graph_chart(graph: FeatureGraph, links: Links | None = None) -> tuple[alt.LayerChart, str]:
     """(chart, caption): the graph of `feature_graph`, and the one line saying how to read
-    it. Renders headlessly (vl-convert) to SVG or PNG."""
+    it. Renders headlessly (vl-convert) to SVG or PNG. `links`: where a click on a node
+    leads (its page), None for a node without one."""
     nodes = _layout(graph)
+    hrefs = [
+        links(str(s), int(f)) if links else None
+        for s, f in nodes.select("site", "feature").iter_rows()
+    ]
+    nodes = nodes.with_columns(pl.Series("href", hrefs, dtype=pl.String))
     x, y = _axes(graph.layer)
     lines = _edge_lines(graph, nodes, x, y)
     dots = (
@@ -73,13 +83,20 @@ def graph_chart(graph: FeatureGraph) -> tuple[alt.LayerChart, str]:
             size=alt.condition("datum.chosen", alt.value(260), alt.value(90)),
             color=alt.condition("datum.chosen", alt.value("#ff7f0e"), alt.value("#555555")),
             strokeWidth=alt.condition("datum.chosen", alt.value(1.5), alt.value(0)),
-            tooltip=["site:N", "feature:Q", "label:N", "depth:Q"],
+            tooltip=["site:N", "feature:Q", "label:N", "depth:Q", "href:N"],
+            href="href:N",
         )
     )
     labels = (
         alt.Chart(nodes.to_pandas())
         .mark_text(align="left", dx=9, fontSize=10)
-        .encode(x=x, y=y, text="text:N")
+        .encode(
+            x=x,
+            y=y,
+            text="text:N",
+            href="href:N",
+            color=alt.condition("datum.href", alt.value("#1565c0"), alt.value("#333333")),
+        )
     )
     tallest = max(nodes.group_by("x").len()["len"].to_list(), default=1)
     chart = (lines + dots + labels).properties(
