@@ -21,7 +21,7 @@ from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss
 from coact.pipeline.model_table import _transcoder as layer_columns
-from coact.report.transcoder_section import transcoder_section, verdict
+from coact.report.transcoder_section import format_transcoder, transcoder_section, verdict
 from coact.sae.base import Sae
 from coact.sae.train import SaeTrainConfig
 from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
@@ -315,3 +315,8 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
         "sae_linear_ce_recovered": 0.6, "sae_mlp_fvu": 0.4, "sae_mlp_ce_recovered": 0.7,
     }  # fmt: skip
     assert layer_columns(None) == {}
+    line = format_transcoder(result)
+    assert (
+        "skip transcoder FVU 0.200, CE recovered 90.0%; SAE route, linear connector FVU 0.500"
+        in line
+    )

@@ -44,6 +44,10 @@ def format_summary(summary: RunSummary) -> str:
         (summary.ablation, format_ablation),
     ]
     lines += [write(result) for result, write in parts if result is not None]  # type: ignore[operator]
+    if summary.transcoder is not None:
+        from coact.report.transcoder_section import format_transcoder
+
+        lines.append(format_transcoder(summary.transcoder))
     if summary.control is not None:
         from coact.report.control_section import format_control
 

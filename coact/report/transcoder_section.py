@@ -92,3 +92,18 @@ def transcoder_section(data: RunData) -> list[str]:
         "not labelled.",
         "",
     ]
+
+
+def format_transcoder(t: TranscoderResult) -> str:
+    """The sheet's headline for the text `coact analyze` prints."""
+    rows = t.rows
+    parts = [
+        f"{ROUTE_NAMES[r]} FVU {rows[r].fvu:.3f}, CE recovered {pct(finite(rows[r].ce_recovered))}"
+        for r in ("transcoder", "sae_linear", "sae_mlp", "sae_out")
+        if r in rows
+    ]
+    return (
+        f"  SAE route vs skip transcoder (L0 {t.k}, {t.tokens:,} held-out tokens): "
+        + "; ".join(parts)
+        + (f"\n  {verdict(t)}" if verdict(t) else "")
+    )
