@@ -64,11 +64,14 @@ class LayerWorker(Generic[T]):
 
 
 def limit_threads(threads: int) -> None:
-    """One worker's share of the cores, for torch's and numba's thread pools alike."""
+    """One worker's share of the cores, for torch's, numba's and the BLAS libraries' thread
+    pools alike (a float sum's order, hence its last bit, can follow the thread count)."""
     import numba
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    threadpool_limits(threads)
     most = int(getattr(numba.config, "NUMBA_NUM_THREADS", threads))
     numba.set_num_threads(max(1, min(threads, most)))
 
