@@ -9,7 +9,9 @@ At the observed codes g reproduces the output SAE's pre-activations exactly (Dec
 is the stream the MLP read). Its Jacobian ∂g/∂c restricted to the token's active inputs and
 active outputs (k_out × k_in with TopK SAEs) costs k_in forward-mode products of the MLP
 per token: the tangent of input i is its decoder row, pushed through norm and MLP by
-`torch.func.jvp`, then read by the active outputs' encoder columns.
+`torch.func.jvp`, then read by the active outputs' encoder columns. Attention's map at the
+same position (`coact.jacobian.attention_map`) is a `ContextBlock`: its rows are tokens of
+contexts, read through the same machinery.
 """
 
 from __future__ import annotations
