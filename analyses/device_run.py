@@ -42,10 +42,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=EMBEDDED)
     parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--layers", default=None, help="a model run: 'all', '0-5' or '1,3'")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float32", help="the model's weights' dtype")
     parser.add_argument("--run-dir", default="/tmp/run")
     parser.add_argument("--control", action="store_true")
     parser.add_argument("--drop", default="report", help="stages left out, comma-separated")
+    parser.add_argument("--add", default="", help="opt-in stages added, e.g. transcoder")
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--sae-tokens", type=int, default=None)
     parser.add_argument("--json", default=None, help="where the measurements go")
@@ -65,13 +68,17 @@ def weights_sha256(model: torch.nn.Module) -> str:
 def build_config(args: argparse.Namespace) -> AnalyzeConfig:
     """The config `coact analyze` would build from the same options."""
     from coact.pipeline.budgets import with_budget
+    from coact.pipeline.config import BLOCK_STAGES, parse_layers
 
+    layers = parse_layers(args.layers) if args.layers else None
     config = AnalyzeConfig(
-        model=args.model, layer=args.layer, device=args.device, run_dir=args.run_dir,
-        control=args.control,
+        model=args.model, layer=args.layer, layers=layers, device=args.device,
+        dtype=args.dtype, run_dir=args.run_dir, control=args.control,
     )  # fmt: skip
     drop = tuple(s for s in args.drop.split(",") if s)
-    config = with_budget(config.with_stages(drop=drop), "full")
+    add = (*(BLOCK_STAGES if layers else ()), *(s for s in args.add.split(",") if s))
+    config = config.with_stages(add=add, drop=drop)
+    config = with_budget(config, "survey" if layers else "full")
     return dataclasses.replace(
         config,
         tokens=config.tokens if args.tokens is None else args.tokens,
@@ -80,7 +87,11 @@ def build_config(args: argparse.Namespace) -> AnalyzeConfig:
 
 
 def _where(run_dir: Any) -> str:
-    return "control/" if Path(str(run_dir)).name == "control" else ""
+    """'control/', 'L<n>/' (a layer of a model run) or '' (a one-layer run)."""
+    name = Path(str(run_dir)).name
+    if name == "control":
+        return "control/"
+    return f"{name}/" if name[:1] == "L" and name[1:].isdigit() else ""
 
 
 class Peaks:
@@ -169,14 +180,15 @@ def run(args: argparse.Namespace, record: dict[str, Any]) -> int:
     record["stages"] = peaks.stages
     config = build_config(args)
     record["config"] = {"stages": list(config.stages), "tokens": config.tokens,
-                        "sae_tokens": config.sae_tokens, "control": config.control}  # fmt: skip
+                        "sae_tokens": config.sae_tokens, "control": config.control,
+                        "layers": config.layers, "dtype": config.dtype}  # fmt: skip
     try:
         summary = analyze(config)
     finally:
         overall = peaks.overall()
         if overall is not None:
             record["peak_allocated_bytes"], record["peak_reserved_bytes"] = overall
-    record["timings"] = summary.timings
+    record["timings"] = getattr(summary, "timings", None)
     return 0
 
 
