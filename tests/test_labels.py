@@ -91,3 +91,30 @@ def test_a_finished_result_is_reused_and_the_cli_prints_it(run, tmp_path) -> Non
         label_run(store, PAIR, tmp_path / "nothing", tmp_path / "logic", SETTINGS)
     bad = CliRunner().invoke(app, ["logic", str(root), "--max-inputs", "7"])
     assert bad.exit_code != 0
+
+
+def test_the_jacobian_s_connections_join_the_candidates(run, tmp_path) -> None:
+    """A jacobian table naming each planted output's true inputs: the stage reads it, and
+    the inputs it labels carry (nearly) all of that attribution; coverage is summarised."""
+    circuits, store, root, _ = run
+    rows = [(o, i) for o, inputs in circuits.true_inputs().items() for i in sorted(inputs)]
+    table = pl.DataFrame(
+        {"output": [o for o, _ in rows], "input": [i for _, i in rows],
+         "n_tokens": [50] * len(rows), "attribution_mean": [1.0] * len(rows)},
+    )  # fmt: skip
+    (tmp_path / "jacobian").mkdir()
+    table.write_parquet(tmp_path / "jacobian" / "connections.parquet")
+    settings = replace(SETTINGS, sae_connector=None)
+    result = label_run(store, PAIR, root / "connect", tmp_path / "logic", settings,
+                       jacobian_dir=tmp_path / "jacobian")  # fmt: skip
+    assert result.jacobian_inputs and result.coverage is not None
+    features = pl.read_parquet(tmp_path / "logic" / "features.parquet")
+    labelled = features.filter(pl.col("label").is_in(["OR", "AND", "WEIGHTED-SUM"]))
+    assert labelled["jacobian_share"].median() == pytest.approx(1.0)
+    alive = features.filter(pl.col("label") != "DEAD")
+    assert result.coverage.alive == alive.height
+    explained = alive.filter((pl.col("label") != "UNEXPLAINED") & (pl.col("coverage") >= 0.8))
+    assert result.coverage.explained == explained.height
+    assert sum(result.coverage.inputs_needed_histogram.values()) == alive.height
+    assert (tmp_path / "logic" / "supernodes.parquet").is_file()
+    assert sum(result.kinds.values()) == result.counts["NONLINEAR"] > 0
