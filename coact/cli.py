@@ -113,6 +113,9 @@ def analyze(
     workers: int = option(Execution, "workers"),
     address: str | None = option(Execution, "address"),
     wait: bool = option(Execution, "wait", "--wait/--no-wait"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the plan (`coact plan`) and stop before anything loads"
+    ),
 ) -> None:
     """Model → corpus → SAEs at the MLP's input and output → feature codes → connectors →
     calibration → logic labels → report; prints the headline and the report's path."""
@@ -137,10 +140,25 @@ def analyze(
         sae_tokens=config.sae_tokens if sae_tokens is None else sae_tokens,
         report_features=config.report_features if report_features is None else report_features,
     )
+    from coact.plan.cli import plan_text, stop_unless_fits
+
+    if dry_run:
+        typer.echo(plan_text(config))
+        return
+    stop_unless_fits(config)  # a run that cannot fit stops here, before anything loads
     execution = Execution(executor=executor, workers=workers, address=address, wait=wait)
     summary = _analyzed(config, execution)
     text = format_summary(summary) if hasattr(summary, "layer") else format_model_summary(summary)  # type: ignore[arg-type]
     typer.echo(text)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(ctx: typer.Context) -> None:
+    """What `coact analyze` with the same options would cost here, before anything loads:
+    per stage the time, host and device memory (measured rates scaled by the model's size
+    and the tokens), the code store's size on disk, and whether it fits; exits 2 when it
+    does not. Takes analyze's options (`coact analyze --help`)."""
+    typer.main.get_command(app).main(["analyze", "--dry-run", *ctx.args], standalone_mode=False)
 
 
 @app.command("train-sae")
