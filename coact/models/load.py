@@ -23,6 +23,7 @@ from typing import Any
 
 import platformdirs
 import torch
+from filelock import FileLock
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -154,9 +155,21 @@ def _load_pretrained(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 def embedded_model_dir() -> Path:
     """The cached safetensors copy of SmolLM2-135M-Instruct, made on first use."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion per machine: a second process waits for the first, then reads its copy
+    with FileLock(str(target.parent / ".smollm2-135m-instruct.lock")):
+        if not _converted(target):
+            _convert_embedded(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert_embedded(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
         work = Path(scratch)
         gguf = _fetch_embedded_gguf(work)
@@ -172,7 +185,6 @@ def embedded_model_dir() -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-    return target
 
 
 def _forget_gguf_origin(model: PreTrainedModel) -> None:
