@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import coact.pipeline.run as pipeline
+from coact.errors import CoactError
 from coact.pipeline.executor import Execution
 from coact.pipeline.run import analyze
 from coact.pipeline.summary import ModelSummary
@@ -30,6 +31,7 @@ SHARED = ("config.json", "sae", "sae_eval", "codes")  # what a model run's layer
 # one process of a two-process trial: the fast model run into argv[1] (argv[2]: wait or not)
 ANALYZE = """
 import sys
+from coact.errors import CoactError
 from coact.errors import CoactError
 from coact.pipeline.executor import Execution
 from coact.pipeline.run import analyze
@@ -142,3 +144,16 @@ def test_two_processes_on_one_run_directory_end_with_the_serial_files(
         assert len(declined) == 1 and " is being written by pid " in declined[0]
     assert differences(run_tree(serial), run_tree(run)) == []
     assert not list(run.rglob("*.holder.json"))  # every claim was released
+
+
+def test_workers_need_a_model_run_and_sane_settings(tmp_path: Path) -> None:
+    """Checked before anything loads or is written."""
+    with pytest.raises(CoactError, match=r"run a model run's layers: give --layers"):
+        analyze(fast_model_config(tmp_path / "run", layers=None), Execution(workers=2))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CoactError, match="unknown executor 'dask'"):
+        Execution(executor="dask")
+    with pytest.raises(CoactError, match="--workers must be at least 1, got 0"):
+        Execution(workers=0)
+    assert not Execution().on_ray and Execution(workers=2).on_ray
+    assert Execution(executor="ray").on_ray and Execution(address="auto").on_ray

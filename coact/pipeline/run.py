@@ -48,6 +48,8 @@ def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSum
     execution = execution or Execution()
     if config.layers:
         return analyze_layers(config, execution)
+    if execution.on_ray:
+        raise CoactError("--workers and --executor ray run a model run's layers: give --layers")
     started = time.perf_counter()
     config = config.resolved()
     stages_of(config)  # a stage asked for without what it reads stops here, before loading
