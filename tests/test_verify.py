@@ -325,3 +325,19 @@ def test_usage_lines() -> None:
         "Try 'coact connect --help' for help.",
     ]
     assert usage_lines(ValueError("not a usage error")) is None
+
+
+def test_layer_warnings_stop_or_record_what_was_allowed() -> None:
+    site = Site("mlp_out", 1)
+    other = SimpleNamespace(metadata={"model_name": "gpt2"})
+    shared = SimpleNamespace(
+        saes={Site("mlp_resid", 1): SimpleNamespace(metadata={}), site: other},
+        given={site: "saes/gpt2"},
+        reports={Site("mlp_resid", 1): _report(0.8), site: _report(-0.18)},
+    )
+    lm = SimpleNamespace(name="tiny-llama")
+    with pytest.raises(CoactError, match="saes/gpt2 was trained on gpt2, not tiny-llama"):
+        checks.layer_warnings(AnalyzeConfig(layer=1), lm, shared)  # type: ignore[arg-type]
+    allowed = AnalyzeConfig(layer=1, allow_mismatch=True)
+    warnings = checks.layer_warnings(allowed, lm, shared, say=False)  # type: ignore[arg-type]
+    assert len(warnings) == 2 and "trained on gpt2" in warnings[0] and "FVE -0.18" in warnings[1]

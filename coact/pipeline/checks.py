@@ -16,6 +16,7 @@ from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.shared import Shared, layer_sites
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import SaeReport, check_sae_fits
 
@@ -130,11 +131,11 @@ def stop_or_warn(problems: list[str], allow_mismatch: bool) -> list[str]:
 
 def before_touching(
     config: AnalyzeConfig, lm: LoadedModel, run_dir: Path, given: Mapping[Site, str | None]
-) -> list[str]:
+) -> None:
     """Everything a run can check before it writes: the run directory, the settings against
     the model, and a given SAE's site, width and recorded model (loaded here, then again by
-    the run). The
-    warnings `--allow-mismatch` lets through are returned and printed."""
+    the run); a wrong model stops here unless `--allow-mismatch` (`layer_warnings` then
+    records it)."""
     from coact.sae.formats import load_sae
 
     check_run_dir(run_dir)
@@ -143,17 +144,21 @@ def before_touching(
     for site, sae in saes.items():
         lm.adapter.check(site)
         check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
-    warnings = stop_or_warn(pairing_problems(saes, lm, given), config.allow_mismatch)
-    for warning in warnings:
-        print(f"coact: warning: {warning}", file=sys.stderr)
-    return warnings
+    stop_or_warn(pairing_problems(saes, lm, given), config.allow_mismatch)
 
 
-def check_fits(config: AnalyzeConfig, reports: Mapping[Site, SaeReport]) -> list[str]:
-    """After the SAEs' evaluation: stop (or, with --allow-mismatch, warn) on an SAE with NaN
-    or negative FVE, naming its figures."""
-    warnings = stop_or_warn(fit_problems(reports), config.allow_mismatch)
-    for warning in warnings:
+def layer_warnings(
+    config: AnalyzeConfig, lm: LoadedModel, shared: Shared, say: bool = True
+) -> list[str]:
+    """After the SAEs' evaluation, for the layer's sites: stop on a given SAE recorded as
+    another model's, or an SAE with NaN or negative FVE (naming its figures); with
+    `--allow-mismatch` they are returned as warnings (summary.json's `warnings`)."""
+    here = layer_sites(config, config.layer)
+    given = {site: shared.saes[site] for site in here if shared.given.get(site)}
+    reports = {site: shared.reports[site] for site in here}
+    problems = pairing_problems(given, lm, shared.given) + fit_problems(reports)
+    warnings = stop_or_warn(problems, config.allow_mismatch)
+    for warning in warnings if say else ():
         print(f"coact: warning: {warning}", file=sys.stderr)
     return warnings
 
@@ -178,10 +183,10 @@ def config_kept_on_failure(path: Path) -> Iterator[None]:
 __all__ = [
     "before_touching",
     "check_against_model",
-    "check_fits",
     "check_run_dir",
     "config_kept_on_failure",
     "fit_problems",
+    "layer_warnings",
     "pairing_problems",
     "stop_or_warn",
 ]

@@ -26,7 +26,7 @@ from coact.errors import CoactError
 from coact.linearity.table import percent_linear, relabel
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
-from coact.pipeline.checks import before_touching, check_fits
+from coact.pipeline.checks import before_touching, layer_warnings
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.pipeline.control import run_control
 from coact.pipeline.executor import Execution, run_on_ray
@@ -247,7 +247,7 @@ def run_layer(
     if config.shared_dir is not None:  # a model run's layer: its own config names the share
         write_json(layout.config, asdict(config))
     run = LayerRun(config, lm, shared, layout)
-    check_fits(config, {site: shared.reports[site] for site in layer_sites(config, config.layer)})
+    layer_warnings(config, lm, shared)  # stops on a bad pairing or fit, unless allowed
     timings = Timings(shared.timings if config.shared_dir is None else {})
     for stage in stages_of(config):
         print(f"coact: layer {config.layer}, {stage.name} → {stage.files(layout).path}",
@@ -315,6 +315,7 @@ def _summary(run: LayerRun, block: BlockResult | None, timings: dict[str, float]
     config, shared, store = run.config, run.shared, run.shared.store
     sites = layer_sites(config, config.layer)
     return RunSummary(
+        warnings=layer_warnings(config, run.lm, shared, say=False),
         model=run.lm.name,
         layer=config.layer,
         corpus=config.corpus,

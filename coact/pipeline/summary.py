@@ -4,7 +4,7 @@ against these classes (tests/test_summary_schema.py)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from coact.block.stage import BlockResult
 from coact.calibrate.stage import CalibrateResult
@@ -66,6 +66,8 @@ class RunSummary(Result):
     control: ControlSummary | None = None  # the headlines beside the re-initialised model's
     timings: dict[str, float]
     report: str | None = None  # the report's index.html
+    # what --allow-mismatch let through (an SAE of another model, NaN or negative FVE)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

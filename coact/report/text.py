@@ -27,6 +27,7 @@ def format_summary(summary: RunSummary) -> str:
         f"coact analyze: {summary.model}, layer {summary.layer}, corpus {summary.corpus}",
         f"  feature codes: {summary.tokens:,} tokens",
     ]
+    lines += [f"  warning: {warning}" for warning in summary.warnings]
     for site, s in summary.sites.items():
         lines.append(
             f"  {site:<14} width {s.width:>6}  FVE {s.fve:.3f}  L0 {s.l0:.1f}  "
