@@ -13,6 +13,9 @@ must write the same bytes (checked). The store written by `collect` is measured 
 nonzeros × (index + value) bytes (target ≤ 1.2×) and against a dense float32 layout.
 `--device cuda` runs it on a GPU (synchronised timings); writes `--json`
 (default analyses/results/bench_collect.json, or bench_collect_<device>.json off CPU).
+On a GPU machine, from the repository root (the package installed, or PYTHONPATH=.):
+  python analyses/bench_collect.py --device cuda --repeats 5 --json $OUT/bench_collect_cuda.json
+`--models smollm2-135m` or `--models pythia-70m-shaped` runs one model only.
 """
 
 from __future__ import annotations
