@@ -225,6 +225,37 @@ def _context_kernel(x_ptr, x_idx, x_val, x_floor, y_ptr, y_idx, y_val, y_floor, 
             offsets[t + 1] = written
 
 
+@njit(cache=True)
+def _incidence(fire_tok, n_fire, r_ptr, r_idx, r_val, x_floor, slot, width):
+    """Which of `width` columns (slot[input], −1: none) is on at each firing token: per
+    token its columns (row_ptr, row_col), per column its count and tokens (col_ptr,
+    col_tok)."""
+    row_ptr = np.zeros(n_fire + 1, np.int64)
+    row_col = np.empty(n_fire * 64, np.int64)
+    col_n = np.zeros(width, np.int64)
+    at = 0
+    for f in range(n_fire):
+        tok = fire_tok[f]
+        for r in range(r_ptr[tok], r_ptr[tok + 1]):
+            i = r_idx[r]
+            if r_val[r] > x_floor[i] and slot[i] >= 0:
+                if at == len(row_col):
+                    row_col = np.concatenate((row_col, np.empty(len(row_col), np.int64)))
+                row_col[at] = slot[i]
+                col_n[slot[i]] += 1
+                at += 1
+        row_ptr[f + 1] = at
+    col_ptr = np.zeros(width + 1, np.int64)
+    col_ptr[1:] = np.cumsum(col_n)
+    col_tok = np.empty(at, np.int64)
+    fill = col_ptr[:-1].copy()
+    for f in range(n_fire):
+        for q in range(row_ptr[f], row_ptr[f + 1]):
+            col_tok[fill[row_col[q]]] = f
+            fill[row_col[q]] += 1
+    return row_ptr, row_col, col_n, col_ptr, col_tok
+
+
 @njit(parallel=True, cache=True)
 def _cover_kernel(x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val, y_floor, targets,
                   chosen, pool_lo, pool_hi, pool_idx, n_tokens, min_lift, target, limit,
@@ -260,30 +291,9 @@ def _cover_kernel(x_floor, r_ptr, r_idx, r_val, x_total, y_ptr, y_idx, y_val, y_
         for c in range(k + n_pool - 1, -1, -1):  # a repeated input: its first column
             slot[cols[c]] = c
         width = k + n_pool
-        # per firing token the columns on it (row-wise), then per column its tokens
-        row_ptr = np.zeros(n_fire + 1, np.int64)
-        row_col = np.empty(n_fire * 64, np.int64)
-        col_n = np.zeros(width, np.int64)
-        at = 0
-        for f in range(n_fire):
-            tok = fire_tok[f]
-            for r in range(r_ptr[tok], r_ptr[tok + 1]):
-                i = r_idx[r]
-                if r_val[r] > x_floor[i] and slot[i] >= 0:
-                    if at == len(row_col):
-                        row_col = np.concatenate((row_col, np.empty(len(row_col), np.int64)))
-                    row_col[at] = slot[i]
-                    col_n[slot[i]] += 1
-                    at += 1
-            row_ptr[f + 1] = at
-        col_ptr = np.zeros(width + 1, np.int64)
-        col_ptr[1:] = np.cumsum(col_n)
-        col_tok = np.empty(at, np.int64)
-        fill = col_ptr[:-1].copy()
-        for f in range(n_fire):
-            for q in range(row_ptr[f], row_ptr[f + 1]):
-                col_tok[fill[row_col[q]]] = f
-                fill[row_col[q]] += 1
+        row_ptr, row_col, col_n, col_ptr, col_tok = _incidence(
+            fire_tok, n_fire, r_ptr, r_idx, r_val, x_floor, slot, width
+        )
         covered = np.zeros(n_fire, np.bool_)
         for c in range(k):
             for q in range(col_ptr[c], col_ptr[c + 1]):
