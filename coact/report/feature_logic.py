@@ -96,7 +96,7 @@ def _coverage_line(lab: Mapping[str, Any]) -> list[str]:
     if needed is not None:
         text += f"{needed} inputs would cover 80 % of its activation mass."
     else:
-        text += "No 64 candidates cover 80 % of its activation mass."
+        text += "A search over up to 64 candidate inputs does not cover 80 % of it."
     if ratio is not None and ratio == ratio:
         text += f" Where inputs meet, Σy / Σβx = {num(ratio)} (1 for a sum)."
     return [text, ""]

@@ -100,7 +100,7 @@ def supernodes_part(data: RunData, pages: Collection[int]) -> list[str]:
     return [
         *out,
         f"{groups.height:,} groups of features share a label, most of their inputs (Jaccard) "
-        "and their firing tokens (Jaccard of the tokens where they fire); the largest 20:",
+        "and their firing tokens (Jaccard of the tokens where they fire); the largest (up to 20):",
         "",
         html_table(headers, rows, True),
         "",
