@@ -341,3 +341,17 @@ def test_layer_warnings_stop_or_record_what_was_allowed() -> None:
     allowed = AnalyzeConfig(layer=1, allow_mismatch=True)
     warnings = checks.layer_warnings(allowed, lm, shared, say=False)  # type: ignore[arg-type]
     assert len(warnings) == 2 and "trained on gpt2" in warnings[0] and "FVE -0.18" in warnings[1]
+
+
+def test_a_failed_run_that_wrote_nothing_leaves_no_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(CoactError), checks.config_kept_on_failure(run / "config.json"):
+        (run / ".claims").mkdir(parents=True)
+        (run / ".claims" / "shared.lock").write_text("")
+        raise CoactError("the corpus is empty")
+    assert not run.exists()
+    with pytest.raises(CoactError), checks.config_kept_on_failure(run / "config.json"):
+        (run / "sae").mkdir(parents=True)
+        (run / "sae" / "weights").write_text("trained: kept for a resume")
+        raise CoactError("later stage failed")
+    assert (run / "sae" / "weights").is_file()

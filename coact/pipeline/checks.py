@@ -6,6 +6,7 @@ SAE's recorded model, and the SAEs' evaluations (NaN or negative FVE stops the r
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -17,6 +18,7 @@ from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.shared import Shared, layer_sites
+from coact.rundir.layout import RunLayout
 from coact.sae.base import SparseAutoencoder
 from coact.sae.evaluate import SaeReport, check_sae_fits
 
@@ -166,8 +168,10 @@ def layer_warnings(
 @contextmanager
 def config_kept_on_failure(path: Path) -> Iterator[None]:
     """A run that fails leaves config.json as it found it: the earlier bytes put back, or
-    no config.json where there was none."""
+    no config.json where there was none; a run directory the failed run made and left
+    holding nothing but claims (lock files) is removed."""
     before = path.read_bytes() if path.is_file() else None
+    fresh = not path.parent.exists()
     try:
         yield
     except Exception:  # not an interrupt: a run stopped by hand resumes from its config
@@ -177,7 +181,16 @@ def config_kept_on_failure(path: Path) -> Iterator[None]:
             tmp = path.with_name(f".{path.name}.restore")
             tmp.write_bytes(before)
             os.replace(tmp, path)
+        if fresh and _only_claims(path.parent):
+            shutil.rmtree(path.parent, ignore_errors=True)
         raise
+
+
+def _only_claims(run_dir: Path) -> bool:
+    """The folder holds no file but the claims' own (`.claims/`)."""
+    claims = RunLayout(run_dir, run_dir).claims.path
+    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    return run_dir.is_dir() and all(claims in p.parents for p in files)
 
 
 __all__ = [
