@@ -89,10 +89,10 @@ def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.Mo
     """The whole fast collection against one built from nnsight, torch.topk and no writer
     thread: the same files, byte for byte."""
     lm = load_model("tiny-llama")
-    tokens = torch.randint(1, 200, (72, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(1, 200, (24, 16), generator=torch.Generator().manual_seed(0))
     contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
     saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
-    config = dataclasses.replace(CollectConfig(), forward_batch=8, shard_contexts=24)
+    config = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=8)
     fast = collect_codes(lm, contexts, saes, tmp_path / "fast", config)
     monkeypatch.setattr(collect_module, "read_sites", capture)
     monkeypatch.setattr(
