@@ -240,7 +240,15 @@ AGAINST_MODEL = [
     ([*MODEL, "{run}", "--ctx-len", "100000"], 2, "longer than tiny-llama's 512 positions"),
     ([*MODEL, "{missing}", "--ctx-len", "600"], 2, "--ctx-len 600 is longer"),
     ([*MODEL, "{run}", "--layer", "9"], 2, "layer 9 is out of range"),
+    ([*MODEL, "{missing}", "--layer", "9"], 2, "layer 9 is out of range"),
+    ([*MODEL, "{missing}", "--corpus", "./no-such-corpus.txt"], 2, "does not exist"),
+    (
+        ["analyze", "--model", "tiny-llama", "--budget", "huge", "--run-dir", "{missing}"],
+        2,
+        "unknown budget 'huge'",
+    ),
     ([*MODEL, "{run}", "--corpus", "./no-such-corpus.txt"], 2, "does not exist"),
+    ([*MODEL, "{missing}", "--corpus", "{empty}"], 2, "empty"),
     ([*MODEL, "{missing}", "--sae-out", "{narrow_sae}"], 2, "reads 32-dim activations"),
     ([*MODEL, "{missing}", "--sae-out", "{other_sae}"], 2, "trained on EleutherAI/pythia"),
     ([*MODEL, "{run}", "--sae-out", "{other_sae}"], 2, "pass --allow-mismatch"),
@@ -317,11 +325,13 @@ def test_bad_input_stops_clearly_and_touches_nothing(
     run = tmp_path / "run"
     shutil.copytree(built / "run", run)  # copy2: times kept, so the stamps still hold
     (tmp_path / "afile").write_text("not a run")
+    (tmp_path / "empty.txt").write_text("   \n")
     if setup is not None:
         setup(run)
     places = {
         "{run}": str(run),
         "{file}": str(tmp_path / "afile"),
+        "{empty}": str(tmp_path / "empty.txt"),
         "{missing}": str(tmp_path / "missing"),
         "{narrow_sae}": str(built / "narrow_sae"),
         "{other_sae}": str(built / "other_sae"),
