@@ -7,6 +7,7 @@ stage) is built once per module and copied per case; the CLI runs in-process."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -349,3 +350,23 @@ def test_bad_input_stops_clearly_and_touches_nothing(
 
 def test_at_least_74_cases() -> None:
     assert len(CASES) >= 74
+
+
+def test_a_stage_whose_own_files_changed_recomputes_them(
+    built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coact connect` on a run whose connect/weights.parquet was damaged does not reuse
+    it: it recomputes the stage, whose fitted tables land byte-identical to the undamaged."""
+    run = tmp_path / "run"
+    shutil.copytree(built / "run", run)
+    whole = _snapshot(run / "connect")
+    _flip_weights(run)
+    same = ["--n-alphas", "3", "--mlp-epochs", "1", "--no-stability"]  # the run's settings
+    code, said = _invoke(["connect", str(run), *same], capsys)
+    assert code == 0, said
+    assert "weights.parquet changed since its stage wrote it (checksum mismatch)" in said
+    assert "recomputing" in said
+    again = _snapshot(run / "connect")
+    fitted = ("weights.parquet", "sweep.parquet", "features.parquet")  # top_tokens: decoded now
+    assert [again[name] for name in fitted] == [whole[name] for name in fitted]
+    assert json.loads(again["connect.json"])["key"] == json.loads(whole["connect.json"])["key"]
