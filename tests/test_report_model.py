@@ -178,6 +178,7 @@ def test_layer_pages_have_attention_and_composition(model_run: Path) -> None:
         assert "Chosen α =" in text and "same position (gain ≤ τ)" in text
         assert "Causal check: does attention use earlier tokens?" in text
         assert "calibrated at attn_out" in text  # attention is read at its own τ
+        assert f"Attention's own Jacobian (resid_pre[{ell}]" in text  # same-position map
         assert "FVU with earlier tokens resampled" in positions[0]
         # the MLP's sections are still there, in front
         assert text.index("Linearity: what the mlp adds") < text.index(">Attention<")
