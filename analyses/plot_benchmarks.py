@@ -26,7 +26,7 @@ MODEL_NAMES = {
     "smollm2-135m": "SmolLM2-135M (real weights)",
     "pythia-70m-shaped-random": "Pythia-70m-shaped (random weights)",
 }
-LABELS = ["WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "UNEXPLAINED", "DEAD"]
+LABELS = ["WEIGHTED-SUM", "OR", "AND", "A-AND-NOT-B", "NONLINEAR", "UNEXPLAINED", "DEAD"]
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -276,7 +276,7 @@ def logic_accuracy(results: dict[str, Any]) -> alt.TopLevelMixin:
     base = alt.Chart(alt.Data(values=rows)).encode(
         x=alt.X(
             "label:N",
-            title="planted label (20 outputs each; 15 UNEXPLAINED, 5 DEAD)",
+            title="planted label (20 outputs each; 25 NONLINEAR, 10 UNEXPLAINED, 5 DEAD)",
             sort=LABELS,
             axis=alt.Axis(labelAngle=0),
         ),
