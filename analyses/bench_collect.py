@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--layer", type=int, default=3, help="the block whose MLP is read")
     parser.add_argument("--models", default="smollm2-135m,pythia-70m-shaped")
     parser.add_argument("--json", "--out", dest="json", default=None, help="where to write")
     args = parser.parse_args()
@@ -231,7 +232,7 @@ def main() -> None:
             if name == "pythia-70m-shaped"
             else load_model(name, device=args.device)
         )
-        results.append(run(lm, 3, args.tokens, args.batch, args.repeats))
+        results.append(run(lm, args.layer, args.tokens, args.batch, args.repeats))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
