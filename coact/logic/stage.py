@@ -208,7 +208,9 @@ def _hidden_labels(
     )
     hidden, table = hidden_targets(fit.connector, x)
     alive = np.flatnonzero(np.diff(hidden.tocsc().indptr) > 0)
-    labels = label_layer(x, hidden, table, config.logic, outputs=alive, progress=config.progress)
+    labels = label_layer(
+        x, hidden, table, config.logic, outputs=alive, progress=config.progress, contexts=groups
+    )
     assert fit.connector.weight_out is not None
     w2 = fit.connector.weight_out.detach().cpu().numpy()  # n_out × hidden
     top = np.argsort(-np.abs(w2), axis=0)[: config.sae_outputs]  # per hidden unit
