@@ -96,8 +96,10 @@ def _topk_sae(d: int, width: int, k: int, seed: int, site: str) -> Sae:
     return sae.eval().requires_grad_(False)
 
 
-def test_a_real_mlp_gives_the_cpu_tables_on_cuda(tmp_path) -> None:
-    pair = SitePair.mlp(1)
+@pytest.mark.parametrize("pair", [SitePair.mlp(1), SitePair.attention(1)], ids=str)
+def test_a_real_block_gives_the_cpu_tables_on_cuda(pair, tmp_path) -> None:
+    """The MLP, and attention at the same position (its copies attend through the math
+    kernel on both devices)."""
     tokens = random_tokens(24, 32, seed=5)
     found = {}
     for device in ("cpu", "cuda"):
