@@ -505,16 +505,19 @@ def test_context_lines_mark_shade_and_underline() -> None:
                   values=[0.0, 1.0, 2.0], marked=2)  # fmt: skip
     text = context_lines([ctx], 2.0, "out 1", [{1: 0.5, 2: 0.25}])
     assert text.count('class="coact-line"') == 1 and 'title="doc 1, context 4, position 9"' in text
-    spans = re.findall(
-        r'<span class="(coact-tok[^"]*)" style="([^"]*)" title="([^"]*)">([^<]*)<', text
-    )
-    assert [s[3] for s in spans] == ["a", "↵", "c"]
+    spans = re.findall(r'<span class="(coact-tok[^"]*)"([^>]*)>([^<]*)<', text)
+    assert [s[2] for s in spans] == ["a", "↵", "c"]
     assert [s[0] for s in spans] == ["coact-tok", "coact-tok", "coact-tok coact-max"]
-    # background: activation / max; underline: the share lost without the token (1 back: 50%)
-    assert "rgba(255,127,14,0.00)" in spans[0][1] and "rgba(255,127,14,0.50)" in spans[1][1]
-    assert "inset 0 -3px rgba(31,119,180,0.50)" in spans[1][1] and "loses 50%" in spans[1][2]
-    assert "inset 0 -3px rgba(31,119,180,0.25)" in spans[0][1]  # 2 back: 25%
-    assert "box-shadow" not in spans[2][1]  # the activating token itself is not ablated
+    # background: activation / max (none where inactive); underline: the share lost
+    # without the token (1 back: 50%, 2 back: 25%); the activating token is not ablated
+    assert spans[0][1] == (
+        ' style="box-shadow:inset 0 -3px rgba(31,119,180,0.25)" title="ablating it loses 25%"'
+    )
+    assert spans[1][1] == (
+        ' style="background:rgba(255,127,14,0.50);box-shadow:inset 0 -3px '
+        'rgba(31,119,180,0.50)" title="activation 1; ablating it loses 50%"'
+    )
+    assert spans[2][1] == ' style="background:rgba(255,127,14,1.00)" title="activation 2"'
 
 
 def test_feature_page_graph_links_its_nodes(site: Path) -> None:
@@ -529,3 +532,18 @@ def test_feature_page_graph_links_its_nodes(site: Path) -> None:
     for link in links:  # a page that exists, or a feature's line in the browser
         assert link in pages or re.fullmatch(r"\.\./features\.html#out-\d+", link), link
     assert len(re.findall(r'"href":\{"field":"href"', figure["spec"])) == 2  # dots, names
+
+
+def test_inline_chart_data_is_rounded_and_needs_no_image(tmp_path: Path) -> None:
+    import altair as alt
+
+    from coact.report.embed import Figures
+
+    frame = pl.DataFrame({"x": [0.123456789, 26.036279678], "y": [1, 2]}).to_pandas()
+    chart = alt.Chart(frame, title="t").mark_point().encode(x=alt.X("x", title="x"), y="y")
+    shown = Figures(tmp_path, static=False).figure(chart, "c", "Read: the figure.")
+    found = re.search(r'class="coact-spec">(.*?)</script>', shown)
+    assert found is not None
+    spec = json.loads(found.group(1))
+    assert [r["x"] for rows in spec["datasets"].values() for r in rows] == [0.1235, 26.04]
+    assert "<img" not in shown and not (tmp_path / "charts").exists()

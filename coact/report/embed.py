@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from coact.report.charts.base import spec_title
 Chart = alt.TopLevelMixin | Mapping[str, Any]
 MAX_SVG_BYTES = 400_000  # a larger static fallback is written as PNG instead
 MAX_SVG_ROWS = 500  # charts of more data rows (scatter plots) go straight to PNG
+DIGITS = 4  # significant digits of the data values inlined into a page
 
 
 def to_spec(chart: Chart) -> dict[str, Any]:
@@ -51,7 +53,7 @@ class Figures:
         if not title or not caption.strip():
             raise CoactError(f"chart {name!r} needs a title and a caption")
         self.names.add(name)
-        inline = {k: v for k, v in spec.items() if k != "$schema"}
+        inline = _compact({k: v for k, v in spec.items() if k != "$schema"})
         payload = json.dumps(inline, ensure_ascii=False, separators=(",", ":"), default=str)
         payload = payload.replace("<", "\\u003c")  # nothing in it can close the script
         view = f'<figure class="coact-chart" id="chart-{name}"><div class="coact-view"></div>'
@@ -75,6 +77,33 @@ class Figures:
             f'<a href="charts/{static}">static image</a></figcaption>'
             "</figure>\n"
         )
+
+
+def _rounded(value: Any) -> Any:
+    """A data value as the page needs it: floats to DIGITS significant digits (a float32
+    code written in full takes three times the characters and draws the same)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{DIGITS}g}")
+    return value
+
+
+def _compact(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its data rows' floats rounded (named datasets and inline values)."""
+
+    def rows(table: Any) -> Any:
+        if not isinstance(table, list):
+            return table
+        return [
+            {k: _rounded(v) for k, v in row.items()} if isinstance(row, dict) else row
+            for row in table
+        ]
+
+    if isinstance(spec.get("datasets"), Mapping):
+        spec["datasets"] = {name: rows(table) for name, table in spec["datasets"].items()}
+    data = spec.get("data")
+    if isinstance(data, Mapping) and "values" in data:
+        spec["data"] = {**data, "values": rows(data["values"])}
+    return spec
 
 
 def _rows(spec: Mapping[str, Any]) -> int:

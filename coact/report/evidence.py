@@ -21,7 +21,6 @@ from coact.rundir.layout import RunLayout
 
 Decode = Callable[[list[int]], str]
 COLOUR = (255, 127, 14)  # activation colour (orange); alpha is activation / the feature's max
-MARK = "#d62728"  # outline of the activating token
 
 
 def default_decode(run_dir: str | Path, top_tokens: pl.DataFrame | None = None) -> Decode:
@@ -201,18 +200,20 @@ def context_html(ctx: Context, vmax: float, effects: Effects | None = None) -> s
     parts = []
     for i, (token, value) in enumerate(zip(ctx.tokens, ctx.values, strict=True)):
         alpha = 0.0 if vmax <= 0 else max(0.0, min(1.0, value / vmax))
-        style = f"background:rgba({r},{g},{b},{alpha:.2f})"
+        style = f"background:rgba({r},{g},{b},{alpha:.2f})" if value else ""
         cls = "coact-tok"
-        title = f"activation {value:.3g}" if value else "inactive"
+        title = f"activation {value:.3g}" if value else ""
         if i == ctx.marked:
-            cls += " coact-max"
-            style += f";outline:2px solid {MARK};font-weight:bold"
+            cls += " coact-max"  # outlined and bold by the style sheet
         lost = (effects or {}).get(ctx.marked - i) if i < ctx.marked else None
         if lost is not None and lost == lost:  # NaN: the clean activation was 0
             share = max(0.0, min(1.0, lost))
-            style += ";box-shadow:inset 0 -3px rgba({},{},{},{:.2f})".format(*ABLATE, share)
-            title += f"; ablating it loses {100 * lost:.0f}%"
-        parts.append(f'<span class="{cls}" style="{style}" title="{title}">{_shown(token)}</span>')
+            shadow = "box-shadow:inset 0 -3px rgba({},{},{},{:.2f})".format(*ABLATE, share)
+            style = f"{style};{shadow}" if style else shadow
+            title = "; ".join(t for t in (title, f"ablating it loses {100 * lost:.0f}%") if t)
+        attrs = f' style="{style}"' if style else ""
+        attrs += f' title="{title}"' if title else ""
+        parts.append(f'<span class="{cls}"{attrs}>{_shown(token)}</span>')
     return '<span class="coact-context">' + "".join(parts) + "</span>"
 
 
