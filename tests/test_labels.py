@@ -21,6 +21,7 @@ from coact.logic.stage import SAE_CONNECTOR, LabelsConfig, describe, label_run
 from coact.models.sites import SitePair
 from coact.report.charts import logic as logic_charts
 from coact.report.charts.base import save
+from coact.report.text import format_logic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLANT = PlantedConfig(n_tokens=30_000, n_inputs=96, seed=3)
@@ -118,3 +119,5 @@ def test_the_jacobian_s_connections_join_the_candidates(run, tmp_path) -> None:
     assert sum(result.coverage.inputs_needed_histogram.values()) == alive.height
     assert (tmp_path / "logic" / "supernodes.parquet").is_file()
     assert sum(result.kinds.values()) == result.counts["NONLINEAR"] > 0
+    text = format_logic(result)
+    assert f"{result.coverage.explained:,} of {result.coverage.alive:,}" in text

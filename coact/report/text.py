@@ -189,6 +189,15 @@ def format_logic(c: LogicResult) -> str:
     for label, examples in c.most_confident.items():
         if examples:
             lines.append(f"    most confident {label}: {examples[0]}")
+    if (g := c.coverage) is not None:
+        median = g.inputs_needed.get("median")
+        lines.append(
+            f"  explained (a label, inputs covering ≥ {g.coverage_target:.0%} of the activation "
+            f"mass): {g.explained:,} of {g.alive:,} ({g.share_explained:.1%}); median coverage "
+            f"{g.median_coverage:.2f}, held-out AUC {g.median_auc:.2f}; inputs needed for "
+            f"{g.coverage_target:.0%}: median {median if median is not None else '–'} "
+            f"({g.reached:,} reach it); supernodes {c.supernodes:,}"
+        )
     lines.append(f"  tables: {c.directory}")
     return "\n".join(lines)
 
