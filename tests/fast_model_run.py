@@ -5,6 +5,7 @@ file by file: the executor and claims tests run it several ways and compare."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ from typing import Any
 from coact.block.stage import BlockConfig
 from coact.calibrate.stage import CalibrateConfig
 from coact.pipeline.config import AnalyzeConfig
+from coact.rundir.layout import ReportFiles, StageFiles
 from tests.tiny_run import tiny_config
 
 LAYERS = (0, 1)
+STAMP, INPUTS_STAMP = StageFiles.stamp_name, ReportFiles(Path()).inputs.name
+TIMING_ROW = re.compile(rb"(\w+_s)( \| |</td>\s*<td>)[0-9.]+")  # a page's timings table
 # what differs between two runs of the same settings: how long they took, and where
 # and what this call trained and evaluated itself, or found finished
 TIMING_KEYS = (
@@ -60,21 +64,47 @@ def fast_model_config(run_dir: str | Path, **overrides: Any) -> AnalyzeConfig:
 
 
 def run_tree(run_dir: Path) -> dict[str, Any]:
-    """Every file of a run by its relative path: JSON read with its timings and its own
-    directory's path taken out, anything else as bytes. Claims are left out: they are
-    empty of content once every writer has finished."""
+    """Every file of a run by its relative path, as far as two runs of the same settings
+    agree: the run's own path, timings (JSON keys, the pages' timing tables, the stamps'
+    file times) and claims taken out; a safetensors file as its tensors and metadata (its
+    header orders the metadata as it likes); JSON as read."""
     root = str(run_dir.resolve())
     tree: dict[str, Any] = {}
     for path in sorted(run_dir.rglob("*")):
         relative = path.relative_to(run_dir).as_posix()
-        if not path.is_file() or relative.startswith(".claims") or "/.claims/" in relative:
+        if not path.is_file() or ".claims" in path.parts or path.name == INPUTS_STAMP:
             continue
         data = path.read_bytes().replace(root.encode(), b"<run>")
         if path.suffix == ".json":
             tree[relative] = _untimed(json.loads(data))
+            if path.name == STAMP:
+                tree[relative] = _stamp(tree[relative])
+        elif path.suffix == ".safetensors":
+            tree[relative] = _tensors(path)
+        elif path.suffix in (".md", ".html"):
+            tree[relative] = TIMING_ROW.sub(rb"\1\2<seconds>", data)
         else:
             tree[relative] = data
     return tree
+
+
+def _stamp(stamp: Any) -> Any:
+    """A stage folder's stamp (name → size, time, sha256): the sha256 of its tables only
+    (its JSON and safetensors files are compared as read, above)."""
+    files = stamp.get("files", {}) if isinstance(stamp, dict) else {}
+    return {
+        name: entry[-1]
+        for name, entry in files.items()
+        if not name.endswith((".json", ".safetensors"))
+    }
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k).numpy().tobytes() for k in handle.keys()}  # noqa: SIM118
+        return {"metadata": dict(sorted((handle.metadata() or {}).items())), **tensors}
 
 
 def _untimed(value: Any) -> Any:
