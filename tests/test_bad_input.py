@@ -21,7 +21,7 @@ from coact.codes.store import CodeStore
 from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.connectors.stage import connect
-from coact.models.sites import SitePair
+from coact.models.sites import Site, SitePair
 from coact.rundir.files import write_json
 from coact.rundir.layout import CodesFiles, RunLayout
 from coact.rundir.verify import guarded, require_codes
@@ -76,6 +76,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         store.write_shard(shard, tokens, {"mlp_resid.1": x, "mlp_out.1": y})
     with guarded(layout.connect):
         connect(store, SitePair.mlp(1), layout.connect.path, config.resolved().connect)
+    for site in ("mlp_resid[1]", "mlp_out[1]"):  # the run's own SAEs, as if trained
+        save_saelens(
+            Sae(64, WIDTH, activation="topk", k=4, site=site), layout.sae_dir(Site.parse(site).slug)
+        )
     require_codes(layout.codes)  # the store's stamp, as the first verification leaves it
     save_saelens(Sae(32, 64, activation="topk", k=4, site="mlp_out[1]"), root / "narrow_sae")
     other = Sae(64, WIDTH, activation="topk", k=4, site="mlp_out[1]")
@@ -133,6 +137,13 @@ def _delete_features(run: Path) -> None:
 
 def _truncate_features(run: Path) -> None:
     _truncate(run / "connect" / "features.parquet")
+
+
+def _damage_sae(run: Path) -> None:
+    path = run / "sae" / "mlp_out.1" / "sae_weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0xFF  # the header's length: unreadable
+    path.write_bytes(bytes(data))
 
 
 def _flip_headline(run: Path) -> None:
@@ -288,6 +299,8 @@ DAMAGED: list[tuple[list[str], int, str, Setup]] = [
     (["linearity", "{run}"], 2, "features.parquet is missing", _delete_features),
     (["linearity", "{run}"], 2, "features.parquet is", _truncate_features),
     (["logic", "{run}"], 2, "connect.json is", _flip_headline),
+    (["outliers", "{run}"], 2, "cannot read SAE weights", _damage_sae),
+    (["ablate", "{run}", "--feature", "3"], 2, "cannot read SAE weights", _damage_sae),
 ]
 
 CASES = [(*case, None) for case in USAGE + RANGES + AGAINST_MODEL + FILES] + DAMAGED

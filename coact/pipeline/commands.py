@@ -63,11 +63,32 @@ def ablate_run(
     wanted = report_ablation_targets(layout.run_dir, features, settings)
     lm = load_model(config.model, device=device, seed=config.seed, dtype=config.dtype)
     store = CodeStore.open(layout.codes)
+    require_saes(layout, config, sorted({slug for slug, _ in wanted}))
     found = run_saes(layout.run_dir, sorted({slug for slug, _ in wanted}), device=device)
     saes = {Site.parse(slug): sae for slug, sae in found.items()}
     decode = lambda ids: str(lm.tokenizer.decode(ids))  # noqa: E731
     with guarded(layout.ablation):  # earlier results stay until these land
         return ablate(lm, saes, store, wanted, layout.ablation.path, settings, decode=decode)
+
+
+def require_saes(layout: RunLayout, config: AnalyzeConfig, slugs: list[str]) -> None:
+    """An SAE the run has on this machine must be readable: a damaged one stops the
+    command (a missing one is left out by `run_saes`, its norms unknown)."""
+    from coact.sae.formats import load_sae
+
+    given = {
+        Site("mlp_resid", config.layer).slug: config.sae_in,
+        Site("mlp_out", config.layer).slug: config.sae_out,
+    }
+    for slug in slugs:
+        source = Path(given.get(slug) or layout.sae_dir(slug))
+        if source.exists():
+            try:
+                load_sae(source)
+            except CoactError as error:
+                raise CoactError(
+                    f"{error}; restore the SAE or rerun `coact analyze` with the run's settings"
+                ) from None
 
 
 def outliers_run(
@@ -85,6 +106,7 @@ def outliers_run(
     slugs = [site.slug for site in layer_sites(config, config.layer)]
     top = layout.connect.top_tokens
     decode = default_decode(layout.run_dir, pl.read_parquet(top) if top.is_file() else None)
+    require_saes(layout, config, slugs)
     saes = run_saes(layout.run_dir, slugs, device=device)
     with guarded(layout.outliers):  # earlier results stay until these land
         return outliers(
