@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 WIDTH, HEIGHT = 1280, 1000
+BROWSER_HEIGHT = 1300  # the browser's page: its intro, controls, an open panel and rows
 
 
 def _browser(p: Any) -> Any:
@@ -39,7 +40,6 @@ def take(site: Path, out: Path, feature: int | None = None, label: str = "AND") 
             ".every((f) => ['yes', 'failed'].includes(f.getAttribute('data-drawn')))",
             timeout=60_000,
         )
-        tab.evaluate("() => document.querySelector('#formula').scrollIntoView()")
         tab.screenshot(path=str(shots[0]))
         tab.goto((site / "features.html").as_uri())
         tab.wait_for_selector("#coact-browser tbody tr")
@@ -53,7 +53,8 @@ def take(site: Path, out: Path, feature: int | None = None, label: str = "AND") 
         )
         if pick is not None:
             tab.locator(f"#out-{pick}").click()
-        tab.evaluate("() => document.querySelector('.coact-controls').scrollIntoView()")
+        tab.set_viewport_size({"width": WIDTH, "height": BROWSER_HEIGHT})
+        tab.evaluate("() => window.scrollTo(0, 0)")
         tab.screenshot(path=str(shots[1]))
         browser.close()
     return shots
