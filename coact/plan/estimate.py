@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.plan.rates import BASE_HOST_BYTES, Machine, machine_for
 from coact.plan.shape import ModelShape, model_shape, reference_shape
 from coact.plan.work import memory_work, run_shape, stage_work
@@ -128,6 +128,8 @@ def make_plan(
 ) -> Plan:
     """The plan of `config` (as `coact analyze` would run it), from the model's config;
     CPU times for `threads` torch threads (default: this process's, at most the cores)."""
+    if config.layers:  # a model run always runs the block stages (coact.pipeline.run)
+        config = config.with_stages(add=BLOCK_STAGES)
     config = config.resolved()
     shape = shape or model_shape(config.model)
     machine = machine_for(config.device)

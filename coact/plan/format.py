@@ -23,12 +23,12 @@ def format_plan(plan: Plan, free: Resources) -> str:
     lines = [
         f"plan: {plan.model}, layer {layers}, {plan.sites} sites, {plan.tokens:,} code tokens, "
         f"on {plan.device} (rates measured on {plan.machine}: {plan.machine_description})",
-        f"{'stage':<16}{'time':>10}{'host GB':>10}{'device GB':>11}  rate measured in",
+        f"{'stage':<20}{'time':>10}{'host GB':>10}{'device GB':>11}  rate measured in",
     ]
     for s in plan.stages:
         device = "-" if s.device_bytes is None else f"{s.device_bytes / GB:.2f}"
         lines.append(
-            f"{s.stage:<16}{_time(s.seconds):>10}{s.host_bytes / GB:>10.2f}{device:>11}  {s.source}"
+            f"{s.stage:<20}{_time(s.seconds):>10}{s.host_bytes / GB:>10.2f}{device:>11}  {s.source}"
         )
     unrated = [s.stage for s in plan.stages if s.seconds is None]
     total = _time(plan.seconds) + (f" (+ {', '.join(unrated)}: unmeasured)" if unrated else "")
@@ -38,6 +38,8 @@ def format_plan(plan: Plan, free: Resources) -> str:
         f"under {plan.run_dir} ({free.disk / GB:.0f} GB free)"
     )
     gpu = "" if free.gpu is None else f", GPU {free.gpu / GB:.1f} GB free"
+    if free.gpu is None and plan.device.startswith("cuda"):
+        gpu = ", no GPU visible here: its memory is not checked"
     lines.append(
         f"memory: peak host {plan.host_bytes / GB:.2f} GB ({free.ram / GB:.1f} GB free{gpu})"
     )

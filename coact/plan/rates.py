@@ -36,11 +36,10 @@ class Machine:
     reference_sae_tokens: int = 400_000  # the reference run's SAE tokens (others: defaults)
 
 
-_SAE = (
-    "analyses/results/convergence.json: ladders.sae, SAE tokens 100k (runs/convergence/sae-100000)"
-)
-_README = "README.md: the Quickstart's first command on a fresh clone (805 s)"
-_DEVICE = "analyses/results/device_check.json: wall_s_per_stage"
+# where each figure was read (analyses/results/ unless said)
+_SAE = "convergence.json, sae ladder at 100k SAE tokens"
+_README = "README, the Quickstart on a fresh clone (805 s)"
+_DEVICE = "device_check.json"
 
 # Peak GPU memory per stage on the H200 (torch's allocated peak; the model, 0.54 GB in
 # float32, included): the working sets that the plan scales for every machine.
