@@ -55,7 +55,7 @@ class GraphWriter:
             return [f"No layer graph of `{site}` #{feature}: {error}.", ""]
         paths = write_graph(graph, self.dir)
         chart, caption = graph_chart(graph, links)
-        tables_md = " · ".join(
+        files = " · ".join(
             f"[{what}]({prefix}{GRAPH_DIR}/{paths[key].name})"
             for what, key in (
                 ("edge table (CSV)", "csv"),
@@ -66,7 +66,7 @@ class GraphWriter:
         return [
             fig.figure(chart, name, caption),
             "",
-            f"{graph.edges.height:,} connections among {graph.nodes.height:,} features: {tables_md}.",
+            f"{graph.edges.height:,} connections among {graph.nodes.height:,} features: {files}.",
             "",
         ]
 
