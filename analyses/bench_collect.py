@@ -1,7 +1,8 @@
 """Collection throughput against a plain forward pass, and bytes per token of the store.
 
-Timings over the same contexts, interleaved in one run (each repeat runs every variant
-once, in turn, so a busy machine slows them alike; the best of the repeats is kept):
+Timings over the same contexts, interleaved in one run: every variant runs on a slice of
+64 contexts (in an order that rotates) before the next slice, so that on a busy machine
+neighbouring timings see the same load; throughput sums all slices and repeats:
   plain         — the bare PyTorch model, stopped by a hook after the last needed module;
   capture       — nnsight reading the two sites (what tracing costs);
   hooks         — forward hooks reading the two sites (what collection now uses);
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +38,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerF
 
 from coact.codes import collect as collect_module
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
-from coact.codes.corpus import CorpusConfig, build_contexts
+from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
 from coact.codes.forward import read_sites
 from coact.codes.store import CodeStore
 from coact.models.adapters import adapter_for, resolve
@@ -147,48 +150,78 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
+SLICE = 64  # contexts per slice: every variant runs on a slice before the next slice
+
+
+def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
+    return dataclasses.replace(
+        contexts,
+        tokens=contexts.tokens[lo:hi],
+        doc_ids=contexts.doc_ids[lo:hi],
+        fingerprint=f"{contexts.fingerprint}:{lo}-{hi}",
+    )
+
+
 def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, object]:
+    """Every variant on one slice of contexts, in rotating order, then the next slice: on
+    a busy machine neighbouring timings see the same load. Throughput sums every slice."""
     corpus = str(SHARED / "wikitext-2-test.txt") if SHARED.exists() else "embedded"
     contexts = build_contexts(CorpusConfig(source=corpus, n_tokens=n_tokens), lm.tokenizer)
     tokens, device = contexts.tokens, str(lm.device)
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
     saes = {site: random_sae(lm.adapter.d_model, site, device=device) for site in sites}
-    config = CollectConfig(forward_batch=batch)
+    config = CollectConfig(forward_batch=batch, shard_contexts=SLICE // 2)
     capture(lm, tokens[:batch], sites)  # warm-up (and the compiled selection's load)
     encode_csr(saes[sites[0]], read_sites(lm, tokens[:batch], sites)[sites[0]][0])
     scratch = Path(tempfile.mkdtemp(prefix="coact-bench-"))
-    variants: dict[str, Callable[[int], object]] = {
-        "plain": lambda _: plain_forward(lm, tokens, layer, batch),
-        "capture": lambda _: _reads(capture, lm, tokens, sites, batch),
-        "hooks": lambda _: _reads(read_sites, lm, tokens, sites, batch),
-        "collect_plain": lambda r: _old_collect(lm, contexts, saes, scratch / f"old{r}", config),
-        "collect": lambda r: collect_codes(lm, contexts, saes, scratch / f"new{r}", config),
-    }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    slices = [(lo, min(lo + SLICE, len(tokens))) for lo in range(0, len(tokens), SLICE)]
+
+    def variants(lo: int, hi: int, tag: str) -> dict[str, Callable[[int], object]]:
+        part, t = _slice(contexts, lo, hi), tokens[lo:hi]
+        return {
+            "plain": lambda _: plain_forward(lm, t, layer, batch),
+            "capture": lambda _: _reads(capture, lm, t, sites, batch),
+            "hooks": lambda _: _reads(read_sites, lm, t, sites, batch),
+            "collect_plain": lambda _: _old_collect(lm, part, saes, scratch / f"old{tag}", config),
+            "collect": lambda _: collect_codes(lm, part, saes, scratch / f"new{tag}", config),
+        }
+
+    names = list(variants(0, 1, "-"))
+    times: dict[str, list[float]] = {name: [] for name in names}
     try:
         for r in range(repeats):
-            for name, fn in variants.items():
-                times[name].append(_timed(fn, r, device))
-        identical = _files(scratch / "old0") == _files(scratch / "new0")
-        storage = _storage(CodeStore.open(scratch / "new0"))
+            for i, (lo, hi) in enumerate(slices):
+                fns = variants(lo, hi, f"{r}-{i}")
+                turn = (r * len(slices) + i) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    times[name].append(_timed(fns[name], r, device))
+        identical = all(
+            _files(scratch / f"old0-{i}") == _files(scratch / f"new0-{i}")
+            for i in range(len(slices))
+        )
+        storage = _storage(CodeStore.open(scratch / "new0-0"))
     finally:
         shutil.rmtree(scratch)
-    best = {name: min(values) for name, values in times.items()}
-    n = int(tokens.numel())
+    total = {name: sum(values) for name, values in times.items()}
+    per_slice = {
+        name: [p / t for p, t in zip(times["plain"], values, strict=True)]
+        for name, values in times.items()
+    }
+    n = int(tokens.numel()) * repeats
     return {
         "model": lm.name,
         "device": device,
         "layer": layer,
-        "tokens": n,
+        "tokens": int(tokens.numel()),
         "contexts": int(tokens.shape[0]),
         "sae_width": 4 * lm.adapter.d_model,
-        "seconds_best_of": repeats,
+        "repeats": repeats,
+        "slice_contexts": SLICE,
         "seconds": times,
-        "tokens_per_s": {name: n / t for name, t in best.items()},
-        "ratio_vs_plain": {name: best["plain"] / t for name, t in best.items()},
-        "ratio_vs_plain_per_repeat": {
-            name: [p / t for p, t in zip(times["plain"], values, strict=True)]
-            for name, values in times.items()
+        "tokens_per_s": {name: n / t for name, t in total.items()},
+        "ratio_vs_plain": {name: total["plain"] / t for name, t in total.items()},
+        "ratio_vs_plain_median_of_slices": {
+            name: float(statistics.median(values)) for name, values in per_slice.items()
         },
         "collect_bytes_identical_to_plain_path": identical,
         "store_bytes_per_token": storage,
@@ -248,6 +281,11 @@ def main() -> None:
     for r in results:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())  # type: ignore[union-attr]
         print(f"{r['model']} layer {r['layer']} on {r['device']}: vs plain forward: {ratios}")
+        medians = ", ".join(
+            f"{k} {v:.2f}×"
+            for k, v in r["ratio_vs_plain_median_of_slices"].items()  # type: ignore[union-attr]
+        )
+        print(f"  median of the slices' ratios: {medians}")
         print(f"  same bytes as the old path: {r['collect_bytes_identical_to_plain_path']}")
         for slug, sizes in r["store_bytes_per_token"].items():  # type: ignore[union-attr]
             print(
