@@ -320,3 +320,15 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
         "skip transcoder FVU 0.200, CE recovered 90.0%; SAE route, linear connector FVU 0.500"
         in line
     )
+
+
+def test_the_stage_is_opt_in_and_reads_the_connectors() -> None:
+    from coact.errors import CoactError
+    from coact.pipeline.config import DEFAULT_STAGES, AnalyzeConfig
+    from coact.pipeline.stages import stages_of
+
+    assert "transcoder" not in DEFAULT_STAGES
+    config = AnalyzeConfig().with_stages(add=("transcoder",))
+    assert [s.name for s in stages_of(config)][-1] == "transcoder"
+    with pytest.raises(CoactError, match="stage transcoder reads the results of connect"):
+        stages_of(AnalyzeConfig(stages=("transcoder",)))
