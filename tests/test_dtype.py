@@ -27,8 +27,9 @@ def _tokens() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt-neox"])
-def test_bfloat16_activations_are_float32_and_close(name: str) -> None:
-    full, half = load_model(name), load_model(name, dtype="bfloat16")
+def test_bfloat16_activations_are_float32_and_close(name: str, device: str) -> None:
+    full = load_model(name, device=device)
+    half = load_model(name, device=device, dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
     exact, approx = capture(full, _tokens(), SITES), capture(half, _tokens(), SITES)
     for site in SITES:
@@ -37,8 +38,8 @@ def test_bfloat16_activations_are_float32_and_close(name: str) -> None:
         assert 0 < error < 0.05, (site, float(error))  # bfloat16 rounds, but not by much
 
 
-def test_identity_splice_on_bfloat16_leaves_logits_unchanged() -> None:
-    half = load_model("tiny-llama", dtype="bfloat16")
+def test_identity_splice_on_bfloat16_leaves_logits_unchanged(device: str) -> None:
+    half = load_model("tiny-llama", device=device, dtype="bfloat16")
     clean = spliced_logits(half, _tokens(), None, None)
     same = spliced_logits(half, _tokens(), Site("mlp_out", 1), lambda x: x)
     assert clean.dtype == torch.float32
@@ -59,22 +60,23 @@ def test_unknown_dtype_is_one_clear_error() -> None:
         AnalyzeConfig(dtype="float8")
 
 
-def test_bfloat16_run_codes_agree_with_float32(tmp_path) -> None:
+def test_bfloat16_run_codes_agree_with_float32(tmp_path, device: str) -> None:
     """The same SAEs encode the bfloat16 model's activations into nearly the same codes."""
     full_dir, half_dir = tmp_path / "full", tmp_path / "half"
-    analyze(tiny_config(full_dir, stages=()))
+    small = {"stages": (), "device": device, "tokens": 1_000, "sae_tokens": 1_500}
+    analyze(tiny_config(full_dir, **small))
     layout = RunLayout.of(full_dir)
     sae_in, sae_out = layout.sae_dir("mlp_resid.1"), layout.sae_dir("mlp_out.1")
     analyze(
         tiny_config(
-            half_dir, stages=(), dtype="bfloat16", sae_in=str(sae_in),
-            sae_out=str(sae_out), code_offset_tokens=3_000,
+            half_dir, **small, dtype="bfloat16", sae_in=str(sae_in), sae_out=str(sae_out),
+            code_offset_tokens=1_500,
         )
     )  # fmt: skip
     assert json.loads((half_dir / "config.json").read_text())["dtype"] == "bfloat16"
     full = CodeStore.open(layout.codes)
     full_offset = json.loads((full_dir / "config.json").read_text())["code_offset_tokens"]
-    assert full_offset in (None, 3_000)  # both runs' codes start at the same corpus token
+    assert full_offset in (None, 1_500)  # both runs' codes start at the same corpus token
     half = CodeStore.open(RunLayout.of(half_dir).codes)
     for slug in ("mlp_resid.1", "mlp_out.1"):
         exact, approx = full.read_site(slug), half.read_site(slug)
