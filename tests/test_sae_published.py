@@ -335,3 +335,16 @@ def test_hub_folder_inside_a_zip(hub: dict[str, Any], tmp_path: Path) -> None:
         load_sae(f"{base}/dictionaries/x")
     (repo / "dictionaries_pythia-70m-deduped_10.zip").unlink()  # extracted once: not re-read
     assert load_sae(f"{base}/{inner.format('mlp_out_layer3')}").site == "mlp_out[3]"
+
+
+def test_hub_transcoder_loads_as_skip_transcoder(hub: dict[str, Any]) -> None:
+    from coact.transcoder.formats import load_transcoder
+
+    repo = hub["root"] / "EleutherAI/skip-transcoder-SmolLM2-135M-128x"
+    coder = _tiny_coder()
+    save_sparsify(coder, repo / "layers.3.mlp")
+    tc = load_transcoder("hf://EleutherAI/skip-transcoder-SmolLM2-135M-128x/layers.3.mlp")
+    assert hub["snapshot"] == ("EleutherAI/skip-transcoder-SmolLM2-135M-128x", ["layers.3.mlp/*"])
+    assert tc.layer == 3
+    x = torch.randn(5, coder.d_in, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(tc(x), coder.forward(x))

@@ -45,9 +45,11 @@ def save_transcoder(tc: SkipTranscoder, directory: str | Path) -> Path:
 
 
 def load_transcoder(directory: str | Path, *, device: str = "cpu") -> SkipTranscoder:
-    """A sparsify transcoder folder (coact's or sparsify's own) as a `SkipTranscoder`."""
-    path = Path(directory).expanduser()
-    coder = read_sparsify(path)
+    """A sparsify transcoder folder (coact's or sparsify's own), local or
+    `hf://OWNER/REPO/HOOKPOINT`, as a `SkipTranscoder`."""
+    hub_id = str(directory).startswith("hf://")
+    path = Path(str(directory).rstrip("/")) if hub_id else Path(directory).expanduser()
+    coder = read_sparsify(str(directory) if hub_id else path)
     if not coder.transcode:
         raise CoactError(f"{path}: not a transcoder (transcode is false); load it as an SAE")
     match = _HOOKPOINT.match(path.name)
