@@ -1,7 +1,8 @@
 """A model run's layers on a local Ray cluster, and two processes on one run directory:
 every way ends with the files of a serial run (timings and the run's own path aside).
 Each run is the cheapest with every layer stage and a report (`tests/fast_model_run.py`);
-every process runs one thread, as Ray's workers do, so the floats agree to the bit."""
+every process runs one thread, as Ray's workers do, so the floats agree to the bit.
+The runs take minutes, not seconds: those tests are marked slow."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def _dies_once_holding(layer: int, marker: Path) -> Callable[[Any, int], Any]:
     return work
 
 
+@pytest.mark.slow
 def test_ray_workers_write_the_serial_files_and_redo_a_killed_workers_layer(
     serial: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -128,6 +130,7 @@ def _trial(run: Path, second_waits: bool) -> list[tuple[int, str]]:
     return [_finished(process) for process in processes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second_waits", [True, False], ids=["both-wait", "one-may-decline"])
 def test_two_processes_on_one_run_directory_end_with_the_serial_files(
     serial: Path, tmp_path: Path, second_waits: bool
