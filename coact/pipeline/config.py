@@ -67,9 +67,7 @@ class AnalyzeConfig:
     code_offset_tokens: int | None = bounded(None, low=0)
     stages: tuple[str, ...] = DEFAULT_STAGES  # which stages run (see STAGE_NAMES)
     sae: SaeTrainConfig = field(default_factory=SaeTrainConfig)
-    sae_group: int = bounded(
-        16, low=1
-    )  # SAEs trained together in one pass over the model (bounds memory)
+    sae_group: int = bounded(16, low=1)  # SAEs trained together per pass (bounds memory)
     collect: CollectConfig = field(default_factory=CollectConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
