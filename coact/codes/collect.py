@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +42,13 @@ class CollectConfig:
 
 
 def sae_fingerprint(sae: SparseAutoencoder) -> str:
-    """sha256 of an SAE's shape, rule and weights."""
+    """sha256 of an SAE's shape, rule and weights (hashed once while they are unchanged)."""
+    if isinstance(sae, Sae):
+        return _cached(sae, list(sae.state_dict().values()), lambda: _sae_digest(sae))
+    return _sae_digest(sae)
+
+
+def _sae_digest(sae: SparseAutoencoder) -> str:
     digest = hashlib.sha256()
     if isinstance(sae, Sae):
         digest.update(json.dumps(sae.describe(), sort_keys=True).encode())
@@ -51,6 +58,27 @@ def sae_fingerprint(sae: SparseAutoencoder) -> str:
     else:
         digest.update(repr((type(sae).__name__, sae.d_in, sae.width, sae.site)).encode())
     return digest.hexdigest()
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[object, tuple[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cached(owner: object, params: list[Tensor], compute: Callable[[], str]) -> str:
+    """A fingerprint hashed once per object while its tensors are the same (storage and
+    in-place version): hashing a model's weights costs about a second per call."""
+    signature = tuple(x for p in params for x in (p.data_ptr(), p._version))
+    hit = _FINGERPRINTS.get(owner)
+    if hit is None or hit[0] != signature:
+        hit = (signature, compute())
+        _FINGERPRINTS[owner] = hit
+    return hit[1]
+
+
+def model_fingerprint(lm: LoadedModel) -> str:
+    """`lm.fingerprint()`, hashed once while its weights are unchanged."""
+    return _cached(lm.model, list(lm.model.state_dict().values()), lm.fingerprint)
 
 
 def collection_fingerprint(
@@ -83,7 +111,7 @@ def collect_codes(
     for site, sae in saes.items():
         check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     sites = sorted(saes, key=lm.adapter.order_key)
-    fingerprint = collection_fingerprint(lm.fingerprint(), contexts, saes, config)
+    fingerprint = collection_fingerprint(model_fingerprint(lm), contexts, saes, config)
     store = CodeStore.open_for_writing(
         directory,
         fingerprint=fingerprint,
