@@ -1,7 +1,7 @@
 """Collection throughput against a plain forward pass, and bytes per token of the store.
 
 Timings over the same contexts, interleaved in one run: every variant runs on a slice of
-64 contexts (in an order that rotates) before the next slice, so that on a busy machine
+128 contexts (in an order that rotates) before the next slice, so that on a busy machine
 neighbouring timings see the same load; throughput sums all slices and repeats:
   plain         — the bare PyTorch model, stopped by a hook after the last needed module;
   capture       — nnsight reading the two sites (what tracing costs);
@@ -95,11 +95,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[int], object], repeat: int, device: str) -> float:
+CPU_SECONDS: dict[str, list[float]] = {}  # per variant: this process's CPU seconds
+
+
+def _timed(fn: Callable[[int], object], repeat: int, device: str, name: str = "") -> float:
+    """Wall seconds of fn(repeat); its CPU seconds (all of this process's threads) are
+    kept in CPU_SECONDS[name]: on a shared machine they do not count others' load."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn(repeat)
     _sync(device)
+    CPU_SECONDS.setdefault(name, []).append(time.process_time() - cpu)
     return time.perf_counter() - start
 
 
@@ -150,7 +156,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     }
 
 
-SLICE = 64  # contexts per slice: every variant runs on a slice before the next slice
+SLICE = 128  # contexts per slice: every variant runs on a slice before the next slice
 
 
 def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
@@ -194,7 +200,7 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
                 fns = variants(lo, hi, f"{r}-{i}")
                 turn = (r * len(slices) + i) % len(names)
                 for name in names[turn:] + names[:turn]:
-                    times[name].append(_timed(fns[name], r, device))
+                    times[name].append(_timed(fns[name], r, device, name))
         identical = all(
             _files(scratch / f"old0-{i}") == _files(scratch / f"new0-{i}")
             for i in range(len(slices))
@@ -203,6 +209,7 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
     finally:
         shutil.rmtree(scratch)
     total = {name: sum(values) for name, values in times.items()}
+    cpu = {name: sum(CPU_SECONDS.pop(name)) for name in names}
     per_slice = {
         name: [p / t for p, t in zip(times["plain"], values, strict=True)]
         for name, values in times.items()
@@ -223,6 +230,8 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
         "ratio_vs_plain_median_of_slices": {
             name: float(statistics.median(values)) for name, values in per_slice.items()
         },
+        "cpu_seconds": cpu,
+        "ratio_vs_plain_cpu_time": {name: cpu["plain"] / t for name, t in cpu.items()},
         "collect_bytes_identical_to_plain_path": identical,
         "store_bytes_per_token": storage,
     }
@@ -251,10 +260,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     parser.add_argument("--layer", type=int, default=3, help="the block whose MLP is read")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads")
     parser.add_argument("--models", default="smollm2-135m,pythia-70m-shaped")
     parser.add_argument("--json", "--out", dest="json", default=None, help="where to write")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = Path(args.json or ROOT / "analyses" / "results" / f"bench_collect{suffix}.json")
     load_before = _load()
@@ -286,6 +301,11 @@ def main() -> None:
             for k, v in r["ratio_vs_plain_median_of_slices"].items()  # type: ignore[union-attr]
         )
         print(f"  median of the slices' ratios: {medians}")
+        by_cpu = ", ".join(
+            f"{k} {v:.2f}×"
+            for k, v in r["ratio_vs_plain_cpu_time"].items()  # type: ignore[union-attr]
+        )
+        print(f"  by this process's CPU seconds: {by_cpu}")
         print(f"  same bytes as the old path: {r['collect_bytes_identical_to_plain_path']}")
         for slug, sizes in r["store_bytes_per_token"].items():  # type: ignore[union-attr]
             print(
