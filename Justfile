@@ -20,7 +20,7 @@ analyze-all *ARGS:
 
 # The default test suite (includes one integration test on the real SmolLM2).
 test *ARGS:
-    {{python}} -m pytest -q {{ARGS}}
+    {{python}} -m pytest -q --durations=25 {{ARGS}}
 
 # Lint, format check and type check.
 lint:
