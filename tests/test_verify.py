@@ -70,7 +70,7 @@ def test_range_holds_and_describes() -> None:
         (lambda: LassoPathConfig(n_alphas=0), "LassoPathConfig.n_alphas (--n-alphas) must be"),
         (lambda: CalibrateConfig(contexts=0), "CalibrateConfig.contexts"),
         (lambda: CalibrateConfig(tolerance=0.0), "must be above 0"),
-        (lambda: LinearityConfig(tau=-0.1), "LinearityConfig.tau (--tau) must be at least 0"),
+        (lambda: LinearityConfig(tau=float("nan")), "LinearityConfig.tau (--tau) must be a number"),
         (lambda: AnalyzeConfig(ctx_len=1), "AnalyzeConfig.ctx_len (--ctx-len) must be at least 2"),
         (lambda: OutlierConfig(share=1.5), "must be 0 to 1, got 1.5"),
     ],
@@ -84,6 +84,7 @@ def test_configs_reject_values_outside_their_ranges(build: Any, message: str) ->
 def test_configs_accept_their_bounds() -> None:
     assert LassoPathConfig(n_alphas=1).n_alphas == 1
     assert LinearityConfig(tau=0.0).tau == 0.0
+    assert LinearityConfig(tau=-1.4e-08).tau < 0  # a calibrated τ under every d(j)
     assert OutlierConfig(share=0.0).share == 0.0 and OutlierConfig(share=1.0).share == 1.0
     assert AnalyzeConfig(ctx_len=2, layer=0).ctx_len == 2
     assert range_of(AnalyzeConfig, "ctx_len") == Range(2)

@@ -16,6 +16,7 @@ nonlinear beyond doubt.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from coact.rundir.results import Result
-from coact.settings import check_ranges, setting
+from coact.settings import Range, check_ranges, setting
 
 Form = Literal["raw", "fvu", "seed"]
 SEED_TAU = 0.001
@@ -33,7 +34,11 @@ SEED_TAU = 0.001
 
 @dataclass(frozen=True)
 class LinearityConfig:
-    tau: float = setting(SEED_TAU, "linearity threshold on d(j)", low=0)
+    # any number but NaN: d(j) can fall below 0 (the mlp worse than least squares), and so
+    # can a calibrated τ that puts every feature on the mlp's side
+    tau: float = dataclasses.field(
+        default=SEED_TAU, metadata={"help": "linearity threshold on d(j)", "range": Range()}
+    )
     # the seed's τ = 0.001 was set on seed-normalised MSE
     form: Form = setting("seed", "form of d(j) τ applies to: raw, fvu or seed")
     n_boot: int = 500  # bootstrap replicates over held-out contexts
