@@ -547,3 +547,18 @@ def test_inline_chart_data_is_rounded_and_needs_no_image(tmp_path: Path) -> None
     spec = json.loads(found.group(1))
     assert [r["x"] for rows in spec["datasets"].values() for r in rows] == [0.1235, 26.04]
     assert "<img" not in shown and not (tmp_path / "charts").exists()
+
+
+def test_layer_page_warns_of_what_allow_mismatch_let_through() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from coact.report.layer_page import mismatch_warnings
+
+    data: Any = SimpleNamespace(summary=SimpleNamespace(warnings=["proceeded with <FVE> nan"]))
+    lines = mismatch_warnings(data)
+    assert lines[0] == '!!! warning "Run with --allow-mismatch"'
+    assert "    - proceeded with &lt;FVE&gt; nan" in lines
+    empty: Any = SimpleNamespace(summary=SimpleNamespace(warnings=[]))
+    nothing: Any = SimpleNamespace(summary=None)
+    assert mismatch_warnings(empty) == [] and mismatch_warnings(nothing) == []

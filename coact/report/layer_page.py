@@ -5,6 +5,7 @@ its own module."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Collection, Mapping
 
 from coact.report.attention_section import attention_section
@@ -46,6 +47,7 @@ def layer_page(
         f"[Back to the run](index.md) · [all features](features.md){model_backlink(model)}",
         "",
     ]
+    out += mismatch_warnings(data)
     out += trust_section(data)
     out += control_section(data)
     out += connectors_section(data, fig)
@@ -70,3 +72,13 @@ def layer_page(
     else:
         out += [note("No feature pages: the run has no linearity table or no codes."), ""]
     return "\n".join(out)
+
+
+def mismatch_warnings(data: RunData) -> list[str]:
+    """What `--allow-mismatch` let through (summary.json's warnings), at the top of the page:
+    figures from a mismatched SAE or a failed fit must not be read without it."""
+    warnings = data.summary.warnings if data.summary is not None else []
+    if not warnings:
+        return []
+    items = [f"    - {html.escape(warning)}" for warning in warnings]
+    return ['!!! warning "Run with --allow-mismatch"', "", *items, ""]
