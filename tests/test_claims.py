@@ -176,3 +176,14 @@ def test_swap_in_a_folder_where_none_was(tmp_path: Path) -> None:
     (staging / "a").write_text("a")
     swap_in(staging, tmp_path / "final")
     assert (tmp_path / "final" / "a").read_text() == "a" and not staging.exists()
+
+
+def test_an_atomic_write_leaves_the_mode_a_plain_write_would(tmp_path: Path) -> None:
+    import os
+
+    from coact.rundir.files import atomic_write
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write(tmp_path / "atomic.txt", lambda p: p.write_text("x"))
+    modes = [os.stat(tmp_path / name).st_mode & 0o777 for name in ("plain.txt", "atomic.txt")]
+    assert modes[0] == modes[1]  # not mkstemp's 0600: others sharing the run can read it

@@ -21,6 +21,16 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _file_mode() -> int:
+    """What open() gives a new file under this process's umask (mkstemp's is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # read once, at import: os.umask is not thread-safe
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write via a synced temporary file + rename: a crash leaves the old file or the new
     one. The temporary name is unique (in the target's folder, so the rename is atomic),
@@ -30,6 +40,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # as readable as a plain write would leave it
         with open(tmp, "rb") as synced:
             os.fsync(synced.fileno())
         os.replace(tmp, path)
