@@ -41,28 +41,15 @@ def table_row(table: pl.DataFrame | None, j: int, column: str = "feature") -> di
     return hit.row(0, named=True) if hit.height else None
 
 
-def formula_part(row: Mapping[str, Any], name: str) -> list[str]:
-    """A connector's formula (`name = …`) and its summary: held-out loss, terms, verdict."""
-    formula = str(row.get("formula") or f"{name} = 0")
-    stored, _, terms = formula.partition(" = ")
-    if terms and stored != name:  # connect names every target "out j"
-        formula = f"{name} = {terms}"
-    headers = ["held-out NMSE (sparse)", "terms", "intercept", "stable terms"]
-    cells = [
-        num(row.get("nmse_sparse")),
-        num(row.get("n_terms")),
-        num(row.get("intercept")),
-        pct(row.get("stable_share"), 0),
-        str(row.get("verdict") or row.get("status")),
-        num(row.get("active_count")),
-    ]
-    table = md_table([*headers, "linear verdict", "active tokens"], [cells])
-    return ["```text", formula, "```", "", table, ""]
+FORMULA_HEADERS = [
+    "held-out NMSE (sparse)", "terms", "intercept", "stable terms", "linear verdict",
+    "active tokens",
+]  # fmt: skip
 
 
-def formula_beside(row: Mapping[str, Any], name: str, charts: list[str]) -> str:
-    """A connector's formula and its summary as HTML, with small `charts` (figures' HTML)
-    beside it; they wrap under it on a narrow window."""
+def formula_cells(row: Mapping[str, Any], name: str) -> tuple[str, list[str]]:
+    """A connector's formula named `name` (connect names every target "out j") and the
+    cells of its summary under FORMULA_HEADERS."""
     formula = str(row.get("formula") or f"{name} = 0")
     stored, _, terms = formula.partition(" = ")
     if terms and stored != name:
@@ -75,9 +62,20 @@ def formula_beside(row: Mapping[str, Any], name: str, charts: list[str]) -> str:
         str(row.get("verdict") or row.get("status")),
         num(row.get("active_count")),
     ]
-    headers = ["held-out NMSE (sparse)", "terms", "intercept", "stable terms"]
-    table = html_table([*headers, "linear verdict", "active tokens"], [[(c, None) for c in cells]],
-                       sortable=False)  # fmt: skip
+    return formula, cells
+
+
+def formula_part(row: Mapping[str, Any], name: str) -> list[str]:
+    """A connector's formula (`name = …`) and its summary: held-out loss, terms, verdict."""
+    formula, cells = formula_cells(row, name)
+    return ["```text", formula, "```", "", md_table(FORMULA_HEADERS, [cells]), ""]
+
+
+def formula_beside(row: Mapping[str, Any], name: str, charts: list[str]) -> str:
+    """A connector's formula and its summary as HTML, with small `charts` (figures' HTML)
+    beside it; they wrap under it on a narrow window."""
+    formula, cells = formula_cells(row, name)
+    table = html_table(FORMULA_HEADERS, [[(c, None) for c in cells]], sortable=False)
     text = f'<pre class="coact-formula"><code>{html.escape(formula)}</code></pre>{table}'
     side = "".join(charts)
     return (

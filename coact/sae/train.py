@@ -9,7 +9,7 @@ is folded back into the weights at the end: the saved SAE reads raw activations.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,32 @@ class TrainLog:
     tokens_seen: int = 0
 
 
+def shuffled_activations(
+    lm: LoadedModel,
+    tokens: Tensor,
+    sites: Sequence[Site],
+    config: SaeTrainConfig,
+    generator: torch.Generator,
+    desc: str,
+) -> Iterator[dict[Site, Tensor]]:
+    """The activations at `sites` of `config.buffer_contexts` contexts at a time (their
+    first `skip_first_positions` positions left out), rows shuffled alike by `generator`:
+    the buffers the SAE and transcoder trainers step through, one after the other."""
+    skip = config.skip_first_positions
+    bar = tqdm(total=tokens.shape[0] * (tokens.shape[1] - skip), desc=desc, unit="tok")
+    for start in range(0, tokens.shape[0], config.buffer_contexts):
+        chunk = tokens[start : start + config.buffer_contexts]
+        buffers: dict[Site, list[Tensor]] = {site: [] for site in sites}
+        for j in range(0, chunk.shape[0], config.forward_batch):
+            acts = capture(lm, chunk[j : j + config.forward_batch], sites)
+            for site in sites:
+                buffers[site].append(acts[site][:, skip:].reshape(-1, acts[site].shape[-1]))
+        order = torch.randperm(chunk.shape[0] * (tokens.shape[1] - skip), generator=generator)
+        yield {site: torch.cat(parts)[order.to(lm.device)] for site, parts in buffers.items()}
+        bar.update(len(order))
+    bar.close()
+
+
 def train_saes(
     lm: LoadedModel,
     tokens: Tensor,
@@ -66,28 +92,16 @@ def train_saes(
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise CoactError("no training contexts: the corpus gave no tokens for SAE training")
     generator = torch.Generator().manual_seed(config.seed)
-    device = lm.device
     trainers: dict[Site, SaeTrainer] = {}
-    skip = config.skip_first_positions
-    total = tokens.shape[0] * (tokens.shape[1] - skip)
-    bar = tqdm(total=total, desc=f"training SAEs at {', '.join(map(str, sites))}", unit="tok")
-    for start in range(0, tokens.shape[0], config.buffer_contexts):
-        chunk = tokens[start : start + config.buffer_contexts]
-        buffers: dict[Site, list[Tensor]] = {site: [] for site in sites}
-        for j in range(0, chunk.shape[0], config.forward_batch):
-            acts = capture(lm, chunk[j : j + config.forward_batch], sites)
-            for site in sites:
-                buffers[site].append(acts[site][:, skip:].reshape(-1, acts[site].shape[-1]))
-        order = torch.randperm(chunk.shape[0] * (tokens.shape[1] - skip), generator=generator)
+    desc = f"training SAEs at {', '.join(map(str, sites))}"
+    for buffer in shuffled_activations(lm, tokens, sites, config, generator, desc):
         for site in sites:
-            data = torch.cat(buffers[site])[order.to(device)]
+            data = buffer[site]
             if site not in trainers:
                 trainers[site] = SaeTrainer(data, config, generator, site=str(site))
             trainer = trainers[site]
             for b in range(0, data.shape[0], config.batch_tokens):
                 trainer.step(data[b : b + config.batch_tokens])
-        bar.update(len(order))
-    bar.close()
     trained = {site: (t.finish(), t.log) for site, t in trainers.items()}
     for site, (sae, _) in trained.items():
         if site.kind == "mlp_resid":  # the real stream it reads, for SAELens's hook name

@@ -19,14 +19,13 @@ from torch import Tensor
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
-from coact.models.tracing import capture
-from coact.progress import tqdm
 from coact.sae.train import (
     SaeTrainConfig,
     TrainLog,
     auxk_loss,
     gather_pre,
     mark_fired,
+    shuffled_activations,
     sparse_decode,
 )
 from coact.transcoder.model import SkipTranscoder
@@ -50,28 +49,17 @@ def train_transcoders(
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise CoactError("no training contexts: the corpus gave no tokens for transcoder training")
     generator = torch.Generator().manual_seed(config.seed)
-    cut = config.skip_first_positions
     sites = [site for layer in layers for site in transcoder_sites(layer)]
     trainers: dict[int, TranscoderTrainer] = {}
-    bar = tqdm(total=tokens.shape[0] * (tokens.shape[1] - cut), desc="training transcoders")
-    for start in range(0, tokens.shape[0], config.buffer_contexts):
-        chunk = tokens[start : start + config.buffer_contexts]
-        buffers: dict[Site, list[Tensor]] = {site: [] for site in sites}
-        for j in range(0, chunk.shape[0], config.forward_batch):
-            acts = capture(lm, chunk[j : j + config.forward_batch], sites)
-            for site in sites:
-                buffers[site].append(acts[site][:, cut:].reshape(-1, acts[site].shape[-1]))
-        order = torch.randperm(chunk.shape[0] * (tokens.shape[1] - cut), generator=generator)
+    desc = "training transcoders"
+    for buffer in shuffled_activations(lm, tokens, sites, config, generator, desc):
         for layer in layers:
             x_site, y_site = transcoder_sites(layer)
-            x = torch.cat(buffers[x_site])[order.to(lm.device)].float()
-            y = torch.cat(buffers[y_site])[order.to(lm.device)].float()
+            x, y = buffer[x_site], buffer[y_site]
             if layer not in trainers:
                 trainers[layer] = TranscoderTrainer(x, y, config, generator, layer=layer, skip=skip)
             for b in range(0, x.shape[0], config.batch_tokens):
                 trainers[layer].step(x[b : b + config.batch_tokens], y[b : b + config.batch_tokens])
-        bar.update(len(order))
-    bar.close()
     return {layer: (t.finish(), t.log) for layer, t in trainers.items()}
 
 
