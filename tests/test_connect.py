@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -150,10 +151,9 @@ def test_unknown_site_is_one_clear_error(store, tmp_path) -> None:
 def test_cli_linearity_relabels_without_refitting(store, result, tmp_path) -> None:
     _, out = result
     run = tmp_path / "run"
-    (run / "connect").mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text(json.dumps({"layer": 1, "model": "tiny-llama"}))
-    for name in ("features.parquet", "linearity_contexts.npz", "connect.json"):
-        (run / "connect" / name).write_bytes((out / name).read_bytes())
+    shutil.copytree(out, run / "connect")  # the stage's files as it wrote and stamped them
     runner = CliRunner()
     loose = runner.invoke(app, ["linearity", str(run), "--tau", "10", "--form", "fvu"])
     assert loose.exit_code == 0 and "100.0% of 4 alive" in loose.output

@@ -76,9 +76,9 @@ def connector_codes(connectors: Connectors, codes: Tensor, n_out: int) -> tuple[
         rows = codes.float().cpu().to_sparse_csr()
     linear, mlp = torch.zeros(codes.shape[0], n_out), torch.zeros(codes.shape[0], n_out)
     for outputs, connector in connectors:
-        index = torch.as_tensor(outputs)
-        linear[:, index] = connector.skip_prediction(rows).cpu()
-        mlp[:, index] = connector(rows).cpu()
+        index, here = torch.as_tensor(outputs), rows.to(connector.weight_in.device)
+        linear[:, index] = connector.skip_prediction(here).cpu()
+        mlp[:, index] = connector(here).cpu()
     return linear.to(codes.device), mlp.to(codes.device)
 
 
