@@ -288,9 +288,9 @@ def test_model_run_shares_saes_and_codes_across_layers(
     rerun: list[int] = []
     layer_stages = pipeline.run_layer
 
-    def recorded(layer_config: AnalyzeConfig, *args: Any) -> Any:
+    def recorded(layer_config: AnalyzeConfig, *args: Any, **kwargs: Any) -> Any:
         rerun.append(layer_config.layer)
-        return layer_stages(layer_config, *args)
+        return layer_stages(layer_config, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "run_layer", recorded)
     resumed = analyze(config)
