@@ -144,7 +144,8 @@ def test_two_processes_on_one_run_directory_end_with_the_serial_files(
     if second != 0:
         assert not second_waits and second == 2, second_output[-3000:]
         declined = [line for line in second_output.splitlines() if line.startswith("declined")]
-        assert len(declined) == 1 and " is being written by pid " in declined[0]
+        # the holder named by pid, or (caught before it wrote its record) as another process
+        assert len(declined) == 1 and " is being written by " in declined[0]
     assert differences(run_tree(serial), run_tree(run)) == []
     assert not list(run.rglob("*.holder.json"))  # every claim was released
 

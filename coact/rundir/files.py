@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def swap_in(staging: Path, final: Path, tries: int = 5) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
     try:
         for _ in range(tries):  # another writer may swap its folder in between our renames
-            if final.exists():
+            with suppress(FileNotFoundError):  # another writer may have moved it aside
                 os.replace(final, aside / str(len(list(aside.iterdir()))))
             try:
                 os.replace(staging, final)
