@@ -44,6 +44,13 @@ TINY_MODELS = ("tiny-llama", "tiny-gpt-neox", "tiny-gpt-neox-sequential", "tiny-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config's `dtype` names; one clear error for any other name."""
+    if name not in DTYPES:
+        raise CoactError(f"unknown dtype {name!r}: choose {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 @dataclass
 class LoadedModel:
     """A causal LM in eval mode, its tokenizer, its adapter and a name for manifests."""
@@ -88,8 +95,7 @@ def load_model(
     """Load `spec`: 'smollm2-135m', a tiny-* test model, a local directory or a hub id, with
     its weights in `dtype` ('float32' or 'bfloat16'); with `reinit_seed`, the same
     architecture with its weights re-initialised (a control)."""
-    if dtype not in DTYPES:
-        raise CoactError(f"unknown dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    weights = torch_dtype(dtype)
     if reinit_seed is not None:
         loaded = load_model(spec, device=device, seed=seed, dtype=dtype)
         return reinitialised(loaded, reinit_seed)
@@ -116,7 +122,7 @@ def load_model(
         name = spec
     adapter = adapter_for(model)
     try:
-        model.to(torch.device(device), DTYPES[dtype])  # type: ignore[arg-type]  # transformers types .to oddly
+        model.to(torch.device(device), weights)  # type: ignore[arg-type]  # transformers types .to oddly
     except (RuntimeError, AssertionError) as error:
         raise CoactError(f"cannot move the model to device {device!r}: {error}") from None
     return LoadedModel(name, model.eval(), tokenizer, adapter)

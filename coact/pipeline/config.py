@@ -18,7 +18,7 @@ from coact.evidence.ablation import AblationConfig
 from coact.evidence.outliers import OutlierConfig
 from coact.jacobian.stage import JacobianConfig
 from coact.logic.stage import LabelsConfig
-from coact.models.load import DTYPES, EMBEDDED
+from coact.models.load import EMBEDDED, torch_dtype
 from coact.rundir.results import from_dict
 from coact.sae.train import SaeTrainConfig
 from coact.settings import bounded, check_ranges, setting
@@ -94,8 +94,7 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
-        if self.dtype not in DTYPES:
-            raise CoactError(f"unknown dtype {self.dtype!r}: choose {' or '.join(DTYPES)}")
+        torch_dtype(self.dtype)  # an unknown name stops here, before anything loads
         if unknown := [s for s in self.stages if s not in STAGE_NAMES]:
             raise CoactError(f"unknown stages {unknown}: choose among {', '.join(STAGE_NAMES)}")
 
