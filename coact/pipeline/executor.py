@@ -1,9 +1,10 @@
-"""Where a model run's layers run: in this process one after another (`serial`), or on a
-Ray cluster (`ray`: `--address` names an existing one, else a local one is started with
-`--workers` workers). Each Ray worker is an actor that loads the model and the run's shared
-SAEs and codes once, then runs whole layers; the run directory's claims
-(`coact.rundir.claims`) keep two writers off one layer, and a layer whose worker died is
-handed to another worker (it resumes from the stages its first worker finished).
+"""Where a model run's work runs: in this process one item after another (`serial`), or on
+a Ray cluster (`ray`: `--address` names an existing one, else a local one is started with
+`--workers` workers). Each Ray worker is an actor that loads what its items need once (the
+model, and the run's shared SAEs and codes for layers), then runs whole items: groups of
+SAEs to train, then layers. The run directory's claims (`coact.rundir.claims`) keep two
+writers off one item, and an item whose worker died is handed to another worker (it
+resumes from what its first worker finished).
 
 How a run executes is never written to config.json: it changes no result."""
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +22,7 @@ from coact.errors import CoactError
 from coact.settings import setting
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 EXECUTORS = ("serial", "ray")
 # passed on to Ray's workers, so they read the same model cache offline as the driver
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "COACT_CACHE")
@@ -48,16 +51,16 @@ class Execution:
         return self.executor == "ray" or self.workers > 1 or self.address is not None
 
 
-class LayerWorker(Generic[T]):
-    """A Ray actor's body: `setup` (the model and the shared SAEs and codes) once, then
-    `work(state, layer)` per layer handed to it."""
+class Worker(Generic[T]):
+    """A Ray actor's body: `setup` (the model, and for layers the shared SAEs and codes)
+    once, then `work(state, key)` per item handed to it."""
 
     def __init__(self, setup: Callable[[], Any], threads: int) -> None:
         limit_threads(threads)
         self.state = setup()
 
-    def run(self, layer: int, work: Callable[[Any, int], T]) -> T:
-        return work(self.state, layer)
+    def run(self, key: Any, work: Callable[[Any, Any], T]) -> T:
+        return work(self.state, key)
 
     def pid(self) -> int:
         return os.getpid()
@@ -77,29 +80,28 @@ def limit_threads(threads: int) -> None:
 
 
 def run_on_ray(
-    layers: Sequence[int],
+    keys: Sequence[K],
     setup: Callable[[], Any],
-    work: Callable[[Any, int], T],
+    work: Callable[[Any, K], T],
     execution: Execution,
     *,
     device: str = "cpu",
-    done: Callable[[int, T], None] = lambda layer, result: None,
-) -> dict[int, T]:
-    """`work` on every layer, on Ray workers made by `setup`; `done` is called (here, in
-    the driver) as each layer lands. A worker that dies has its layer redone by a new one,
-    up to `execution.retries` times per layer."""
-    ray = start_ray(execution)
-    started_here = execution.address is None
-    try:
-        return _schedule(ray, list(layers), setup, work, execution, device, done)
-    finally:
-        if started_here:
-            ray.shutdown()
+    done: Callable[[K, T], None] = lambda key, result: None,
+    name: Callable[[K], str] = "layer {}".format,
+) -> dict[K, T]:
+    """`work` on every item of `keys` (layers, groups of SAEs), on Ray workers made by
+    `setup`; `done` is called (here, in the driver) as each item lands. A worker that dies
+    has its item (`name`d in messages) redone by a new one, up to `execution.retries` times
+    per item."""
+    with ray_cluster(execution) as ray:
+        return _schedule(ray, list(keys), setup, work, execution, device, done, name)
 
 
-def start_ray(execution: Execution) -> Any:
-    """Connect to `execution.address`, or start a local cluster of this machine's cores:
-    offline, with no dashboard and no usage statistics."""
+@contextmanager
+def ray_cluster(execution: Execution) -> Iterator[Any]:
+    """Ray, connected for the block: a local cluster started here is shut down after it
+    (or, inside `one_cluster`, after that), one already running (`--address`, or one an
+    outer block started) is left as it was."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
@@ -107,18 +109,48 @@ def start_ray(execution: Execution) -> Any:
         raise CoactError(
             "--executor ray / --workers need Ray: pip install 'coact[ray]' (or ray)"
         ) from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        _connect(ray, execution)
+    try:
+        yield ray
+    finally:
+        if started_here and execution.address is None:
+            if _held:
+                _held[-1] = True  # `one_cluster` shuts it down
+            else:
+                ray.shutdown()
+
+
+_held: list[bool] = []  # per open `one_cluster` block: whether Ray was started inside it
+
+
+@contextmanager
+def one_cluster() -> Iterator[None]:
+    """A local Ray cluster started inside the block (by `run_on_ray`) lasts to its end, so
+    the phases of one run (its SAE groups, then its layers) start Ray once; a block that
+    never runs on Ray starts none."""
+    _held.append(False)
+    try:
+        yield
+    finally:
+        if _held.pop():
+            import ray
+
+            ray.shutdown()
+
+
+def _connect(ray: Any, execution: Execution) -> None:
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    if not ray.is_initialized():
-        options: dict[str, Any] = {
-            "include_dashboard": False,
-            "log_to_driver": True,
-            "runtime_env": {"env_vars": env},
-        }
-        if execution.address is not None:
-            options["address"] = execution.address
-        ray.init(**options)
-    return ray
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "runtime_env": {"env_vars": env},
+    }
+    if execution.address is not None:
+        options["address"] = execution.address
+    ray.init(**options)
 
 
 def _resources(execution: Execution, device: str, n_workers: int) -> dict[str, float]:
@@ -133,49 +165,60 @@ def _resources(execution: Execution, device: str, n_workers: int) -> dict[str, f
 
 def _schedule(
     ray: Any,
-    layers: list[int],
+    keys: list[K],
     setup: Callable[[], Any],
-    work: Callable[[Any, int], T],
+    work: Callable[[Any, K], T],
     execution: Execution,
     device: str,
-    done: Callable[[int, T], None],
-) -> dict[int, T]:
-    """Hand layers to idle workers until all have landed; replace dead workers."""
+    done: Callable[[K, T], None],
+    name: Callable[[K], str],
+) -> dict[K, T]:
+    """Hand items to idle workers until all have landed; replace dead workers. The
+    workers are ended at the end, so the next phase's get their cores at once."""
     from ray.exceptions import RayActorError, RayTaskError
 
-    n = min(execution.workers, len(layers)) or 1
+    n = min(execution.workers, len(keys)) or 1
     resources = _resources(execution, device, n)
-    actor = ray.remote(max_restarts=0, max_task_retries=0, **resources)(LayerWorker)
+    actor = ray.remote(max_restarts=0, max_task_retries=0, **resources)(Worker)
     threads = max(1, int(resources["num_cpus"]))
     idle = [actor.remote(setup, threads) for _ in range(n)]
-    pending, attempts = deque(layers), Counter[int]()
-    running: dict[Any, tuple[Any, int]] = {}
-    results: dict[int, T] = {}
-    while pending or running:
-        while pending and idle:
-            worker, layer = idle.pop(), pending.popleft()
-            running[worker.run.remote(layer, work)] = (worker, layer)
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        worker, layer = running.pop(ref)
-        try:
-            results[layer] = ray.get(ref)
-        except RayTaskError as error:  # the layer itself failed: its error is the run's
-            raise error.as_instanceof_cause() from None
-        except RayActorError as error:
-            if getattr(error, "actor_init_failed", False):  # it never started: no retry helps
-                last = str(error).strip().splitlines()[-1]
-                raise CoactError(f"a Ray worker could not start: {last}") from None
-            attempts[layer] += 1
-            if attempts[layer] > execution.retries:
-                raise CoactError(
-                    f"layer {layer}: {attempts[layer]} workers died running it; see the Ray "
-                    "logs (/tmp/ray/session_latest/logs) for why"
-                ) from None
-            print(f"coact: the worker on layer {layer} died; a new worker redoes it",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            pending.appendleft(layer)
-            worker = actor.remote(setup, threads)
-        else:
-            done(layer, results[layer])
-        idle.append(worker)
+    pending, attempts = deque(keys), Counter[K]()
+    running: dict[Any, tuple[Any, K]] = {}
+    results: dict[K, T] = {}
+    try:
+        while pending or running:
+            while pending and idle:
+                worker, key = idle.pop(), pending.popleft()
+                running[worker.run.remote(key, work)] = (worker, key)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            worker, key = running.pop(ref)
+            try:
+                results[key] = ray.get(ref)
+            except RayTaskError as error:  # the item itself failed: its error is the run's
+                raise error.as_instanceof_cause() from None
+            except RayActorError as error:
+                _check_retry(error, name(key), attempts, key, execution.retries)
+                print(f"coact: the worker on {name(key)} died; a new worker redoes it",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                pending.appendleft(key)
+                worker = actor.remote(setup, threads)
+            else:
+                done(key, results[key])
+            idle.append(worker)
+    finally:
+        for worker in [*idle, *(worker for worker, _ in running.values())]:
+            ray.kill(worker)
     return results
+
+
+def _check_retry(error: Any, what: str, attempts: Counter[K], key: K, retries: int) -> None:
+    """Count a dead worker's try at `key`; stop when no retry can help or none is left."""
+    if getattr(error, "actor_init_failed", False):  # it never started: no retry helps
+        last = str(error).strip().splitlines()[-1]
+        raise CoactError(f"a Ray worker could not start: {last}") from None
+    attempts[key] += 1
+    if attempts[key] > retries:
+        raise CoactError(
+            f"{what}: {attempts[key]} workers died running it; see the Ray "
+            "logs (/tmp/ray/session_latest/logs) for why"
+        ) from None

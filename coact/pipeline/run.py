@@ -29,9 +29,9 @@ from coact.models.sites import Site
 from coact.pipeline.checks import before_touching, layer_warnings
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
 from coact.pipeline.control import run_control
-from coact.pipeline.executor import Execution, run_on_ray
+from coact.pipeline.executor import Execution, one_cluster, run_on_ray
 from coact.pipeline.model_table import finished_layers, layers_table
-from coact.pipeline.shared import Shared, layer_sites, prepare
+from coact.pipeline.shared import Shared, groups_on_ray, layer_sites, prepare
 from coact.pipeline.stages import LayerRun, stages_of
 from coact.pipeline.summary import CodesSummary, ModelSummary, RunSummary, SiteSummary
 from coact.rundir.claims import Claim, claimed
@@ -64,6 +64,7 @@ def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSum
     return run_layer(config, lm, shared, started, wait=execution.wait)
 
 
+@one_cluster()  # the SAE groups and the layers run on one Ray cluster
 def analyze_layers(config: AnalyzeConfig, execution: Execution | None = None) -> ModelSummary:
     """Every layer of `config.layers` with the block stages, from one set of SAEs and one
     code store in the model run's directory; each layer's results land in `<run>/L<ℓ>/`
@@ -86,7 +87,8 @@ def analyze_layers(config: AnalyzeConfig, execution: Execution | None = None) ->
     sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(config, layer)))
     what = f"the SAEs and codes of {model.run_dir}"
     with claimed(model.claims, SHARED, what, wait=execution.wait):
-        shared = prepare(config, lm, sites, dict.fromkeys(sites), model)
+        train = groups_on_ray(execution) if execution.on_ray else None
+        shared = prepare(config, lm, sites, dict.fromkeys(sites), model, train)
     # a layer finished with these settings (report included when one is asked for) is
     # read back, not rerun: resuming a long run costs nothing for its finished layers
     done = _finished(config, model)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,11 @@ from coact.codes.store import CodeStore
 from coact.connectors.config import ConnectConfig
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.models.load import LoadedModel
+from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
+from coact.pipeline.executor import Execution, run_on_ray
+from coact.rundir.claims import claimed
 from coact.rundir.files import write_json
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Timings
@@ -38,6 +41,12 @@ from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import train_saes
 
 EVAL_GROUP = 16  # SAEs evaluated per shared capture and clean pass (a killed run loses ≤ one group)
+# trains groups of SAEs (each one pass over the model) and saves them: `train_here`, or
+# `groups_on_ray`; (model, training contexts, groups, config, layout, recipe id) → the SAEs
+GroupTrainer = Callable[
+    [LoadedModel, Contexts, list[list[Site]], AnalyzeConfig, RunLayout, str],
+    dict[Site, SparseAutoencoder],
+]
 
 
 @dataclass
@@ -70,9 +79,11 @@ def prepare(
     sites: Sequence[Site],
     given: dict[Site, str | None],
     layout: RunLayout,
+    train: GroupTrainer | None = None,
 ) -> Shared:
-    """SAEs (given, reused or trained), their evaluations and the code store of `sites`.
-    For parallel-residual models mlp_resid[ℓ] is resid_pre[ℓ]: both names get one SAE."""
+    """SAEs (given, reused or trained: here, or by `train`), their evaluations and the code
+    store of `sites`. For parallel-residual models mlp_resid[ℓ] is resid_pre[ℓ]: both names
+    get one SAE."""
     for site in sites:
         lm.adapter.check(site)
     alias = {
@@ -94,7 +105,7 @@ def prepare(
     trained_now: list[str] = []
     if to_train:
         with timings.part("train_saes"):
-            trained, trained_now = _trained_saes(lm, train_part, to_train, config, layout)
+            trained, trained_now = _trained_saes(lm, train_part, to_train, config, layout, train)
             saes.update(trained)
     for site, same in alias.items():
         if site not in saes:
@@ -198,31 +209,152 @@ def _trained_saes(
     sites: list[Site],
     config: AnalyzeConfig,
     layout: RunLayout,
+    train: GroupTrainer | None = None,
 ) -> tuple[dict[Site, SparseAutoencoder], list[str]]:
     """Reuse SAEs an earlier run trained with the same recipe; train the rest together, at
-    most `config.sae_group` per pass over the model (each is saved when its pass ends)."""
+    most `config.sae_group` per pass over the model (each is saved when its pass ends), in
+    this process or by `train` (`groups_on_ray`)."""
+    recipe_id = sae_recipe(lm, contexts, config)
+    found = _found_saes(sites, recipe_id, layout, config.device)
+    missing = [site for site in sites if site not in found]
+    group = max(1, config.sae_group)
+    groups = [missing[start : start + group] for start in range(0, len(missing), group)]
+    if groups:
+        found.update((train or train_here)(lm, contexts, groups, config, layout, recipe_id))
+    return found, [str(site) for site in missing]
+
+
+def sae_recipe(lm: LoadedModel, contexts: Contexts, config: AnalyzeConfig) -> str:
+    """What an SAE trained by this run depends on, hashed: the model, the training
+    contexts and the training settings (an SAE whose metadata carries it is reused)."""
     recipe = {
         "model": lm.fingerprint(),
         "corpus": contexts.fingerprint,
         "train": asdict(config.sae),
     }
-    recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _found_saes(
+    sites: Sequence[Site], recipe_id: str, layout: RunLayout, device: str
+) -> dict[Site, SparseAutoencoder]:
     found: dict[Site, SparseAutoencoder] = {}
     for site in sites:
         if layout.sae_dir(site.slug).is_dir():
             try:
-                sae = load_sae(layout.sae_dir(site.slug), device=config.device)
+                sae = load_sae(layout.sae_dir(site.slug), device=device)
             except CoactError:
-                continue  # half-written or not ours: trained again below
+                continue  # half-written or not ours: trained again
             if sae.metadata.get("recipe") == recipe_id:
                 found[site] = sae
-    missing = [site for site in sites if site not in found]
-    group = max(1, config.sae_group)
-    for start in range(0, len(missing), group):
-        part = missing[start : start + group]
-        for site, (sae, log) in train_saes(lm, contexts.tokens, part, config.sae).items():
-            sae.metadata.update({"recipe": recipe_id, "final_fvu": log.fvu[-1]})
-            save_saelens(sae, layout.sae_dir(site.slug))
-            write_json(layout.train_log(site.slug), asdict(log))
-            found[site] = sae
-    return found, [str(site) for site in missing]
+    return found
+
+
+def train_here(
+    lm: LoadedModel,
+    contexts: Contexts,
+    groups: list[list[Site]],
+    config: AnalyzeConfig,
+    layout: RunLayout,
+    recipe_id: str,
+) -> dict[Site, SparseAutoencoder]:
+    """Each group in this process, one pass over the model after another."""
+    trained: dict[Site, SparseAutoencoder] = {}
+    for part in groups:
+        trained.update(train_group(lm, contexts.tokens, part, config, layout, recipe_id))
+    return trained
+
+
+def train_group(
+    lm: LoadedModel,
+    tokens: Any,
+    part: Sequence[Site],
+    config: AnalyzeConfig,
+    layout: RunLayout,
+    recipe_id: str,
+) -> dict[Site, SparseAutoencoder]:
+    """The SAEs at `part`, trained together in one pass, each saved with its train log."""
+    trained: dict[Site, SparseAutoencoder] = {}
+    for site, (sae, log) in train_saes(lm, tokens, part, config.sae).items():
+        sae.metadata.update({"recipe": recipe_id, "final_fvu": log.fvu[-1]})
+        save_saelens(sae, layout.sae_dir(site.slug))
+        write_json(layout.train_log(site.slug), asdict(log))
+        trained[site] = sae
+    return trained
+
+
+def group_claim(part: Sequence[Site]) -> str:
+    """The claim on training the SAEs at `part` (a hash: a group may name many sites)."""
+    slugs = ",".join(site.slug for site in part)
+    return f"sae-{hashlib.sha256(slugs.encode()).hexdigest()[:16]}"
+
+
+def groups_on_ray(execution: Execution) -> GroupTrainer:
+    """Each group of SAEs trained on a Ray worker (see `_train_on_ray`)."""
+    return partial(_train_on_ray, execution)
+
+
+def _train_on_ray(
+    execution: Execution,
+    lm: LoadedModel,
+    contexts: Contexts,
+    groups: list[list[Site]],
+    config: AnalyzeConfig,
+    layout: RunLayout,
+    recipe_id: str,
+) -> dict[Site, SparseAutoencoder]:
+    """The groups on Ray workers, each of which loads the model and the training contexts
+    once and saves what it trains as `train_here` does; the SAEs are then read back here
+    (as a resumed run reads them)."""
+    setup = partial(_group_worker, config, layout, recipe_id, groups, execution.wait)
+
+    def name(index: int) -> str:
+        return f"SAE group {index} ({', '.join(map(str, groups[index]))})"
+
+    run_on_ray(range(len(groups)), setup, _group_on_worker, execution, device=config.device,
+               name=name)  # fmt: skip
+    sites = [site for part in groups for site in part]
+    found = _found_saes(sites, recipe_id, layout, config.device)
+    if lost := [str(site) for site in sites if site not in found]:
+        raise CoactError(f"the Ray workers left no trained SAE at {', '.join(lost)}")
+    return {site: found[site] for site in sites}
+
+
+@dataclass(frozen=True)
+class GroupWorker:
+    """A Ray worker's model and training contexts, and the groups it may be handed."""
+
+    config: AnalyzeConfig
+    lm: LoadedModel
+    tokens: Any
+    layout: RunLayout
+    recipe_id: str
+    groups: list[list[Site]]
+    wait: bool
+
+
+def _group_worker(
+    config: AnalyzeConfig,
+    layout: RunLayout,
+    recipe_id: str,
+    groups: list[list[Site]],
+    wait: bool,
+) -> GroupWorker:
+    """Loaded once per worker; stops when the worker's model or corpus is not the driver's."""
+    lm = load_model(config.model, device=config.device, seed=config.seed)
+    contexts, _ = run_contexts(config, lm)
+    if sae_recipe(lm, contexts, config) != recipe_id:
+        raise CoactError("a Ray worker loaded another model or corpus than the run's driver")
+    return GroupWorker(config, lm, contexts.tokens, layout, recipe_id, groups, wait)
+
+
+def _group_on_worker(worker: GroupWorker, index: int) -> list[str]:
+    """Group `index` under its claim (the sites it trained): none when another writer
+    saved all of them meanwhile."""
+    part, layout = worker.groups[index], worker.layout
+    what = f"the SAEs at {', '.join(map(str, part))} of {layout.run_dir}"
+    with claimed(layout.claims, group_claim(part), what, wait=worker.wait):
+        if len(_found_saes(part, worker.recipe_id, layout, "cpu")) == len(part):
+            return []
+        train_group(worker.lm, worker.tokens, part, worker.config, layout, worker.recipe_id)
+    return [str(site) for site in part]
