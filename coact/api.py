@@ -10,10 +10,24 @@ from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
 from coact.codes.store import CodeStore
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
+from coact.pipeline.checks import check_run_dir, config_kept_on_failure
 from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.executor import Execution
+from coact.pipeline.run import analyze as run_pipeline
+from coact.pipeline.summary import ModelSummary, RunSummary
+from coact.rundir.layout import RunLayout
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.formats import load_sae, save_saelens
 from coact.sae.train import SaeTrainConfig, train_saes
+
+
+def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSummary | ModelSummary:
+    """The whole pipeline (`coact analyze`), after the run directory is checked; a run that
+    fails leaves its config.json as it found it, so a resumed run reads its own settings."""
+    run_dir = config.resolved_run_dir()
+    check_run_dir(run_dir)
+    with config_kept_on_failure(RunLayout(run_dir, run_dir).config):
+        return run_pipeline(config, execution)
 
 
 def train_sae(
