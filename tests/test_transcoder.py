@@ -1,30 +1,46 @@
 """Skip transcoders: the trainer recovers a planted sparse map plus a linear skip, its
 sparse step has the dense loss's gradients, scales fold away, and the sparsify format
-round-trips through coact and through sparsify itself."""
+round-trips through coact and through sparsify itself; its latents get the logic
+stage's labels."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from coact.codes.collect import CollectConfig, collect_codes
+from coact.codes.corpus import Contexts
+from coact.codes.store import CodeStore
+from coact.errors import CoactError
 from coact.jacobian.feature_map import mlp_block
 from coact.jacobian.paths import ablation_paths
+from coact.logic.config import LogicConfig
+from coact.logic.coverage import CoverageSummary
 from coact.models.adapters import resolve
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture, next_token_loss
 from coact.pipeline.model_table import _transcoder as layer_columns
-from coact.report.transcoder_section import format_transcoder, transcoder_section, verdict
+from coact.report.transcoder_section import (
+    format_transcoder,
+    label_table,
+    transcoder_section,
+    verdict,
+)
 from coact.sae.base import Sae
 from coact.sae.train import SaeTrainConfig
 from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
+from coact.transcoder.labels import label_latents, latent_codes, virtual_table
 from coact.transcoder.model import SkipTranscoder
 from coact.transcoder.sheet import (
     Models,
@@ -35,7 +51,7 @@ from coact.transcoder.sheet import (
     virtual_weights,
 )
 from coact.transcoder.slopes import SlopeConfig, slopes, with_ablation
-from coact.transcoder.stage import SheetRow, TranscoderResult
+from coact.transcoder.stage import SheetRow, TranscoderResult, _sheet_frame
 from coact.transcoder.train import TranscoderTrainer
 
 STEPS = 300
@@ -273,6 +289,73 @@ def test_a_transcoder_equal_to_the_mlp_agrees_with_the_model_everywhere(monkeypa
     assert (judged["sae"].ablation_sign, judged["sae"].ablation_size) == (1.0, 0.0)
 
 
+# --- the transcoder's latents labelled by the logic stage ---------------------------------
+
+
+def _planted_latents(n: int = 4000, n_in: int = 8) -> tuple[np.ndarray, SkipTranscoder]:
+    """Binary-ish input codes (8 features, each active on 30 % of tokens) and a transcoder
+    reading them directly (the input SAE's decoder the identity): latent 0 fires only when
+    inputs 0 and 1 both do (AND), latent 2 never fires; latent 1 reads inputs 2 and 3."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((n, n_in)) < 0.3) * rng.uniform(0.8, 1.1, (n, n_in))
+    tc = SkipTranscoder(n_in, 4, 3, 3)
+    with torch.no_grad():
+        enc = 0.01 * torch.as_tensor(rng.standard_normal((n_in, 3)), dtype=torch.float32)
+        enc[[0, 1], 0] = 1.0
+        enc[[2, 3], 1] = 1.0
+        tc.W_enc.copy_(enc)
+        tc.b_enc.copy_(torch.tensor([-1.3, 0.0, -100.0]))
+    return x, tc.requires_grad_(False)
+
+
+def test_a_transcoder_latent_built_as_and_or_or_of_two_inputs_gets_that_label() -> None:
+    x, tc = _planted_latents()
+    codes = tc.encode(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    codes[:, 1] = np.maximum(x[:, 2], x[:, 3])  # latent 1 planted as OR (saturating)
+    contexts = np.repeat(np.arange(len(x) // 20), 20)
+    virtual = tc.W_enc.numpy().astype(np.float64)  # identity input decoder: V = W_enc
+    got = label_latents(
+        sp.csr_matrix(x), sp.csr_matrix(codes), virtual, LogicConfig(n_boot=20), contexts
+    )
+    rows = {r["output"]: r for r in got.features.iter_rows(named=True)}
+    assert (rows[0]["label"], sorted(rows[0]["inputs"])) == ("AND", [0, 1])
+    assert (rows[1]["label"], sorted(rows[1]["inputs"])) == ("OR", [2, 3])
+    assert rows[2]["label"] == "DEAD"
+    assert {k: v for k, v in got.counts.items() if v} == {"AND": 1, "OR": 1, "DEAD": 1}
+    assert (got.coverage.alive, got.coverage.explained) == (2, 2)
+    with pytest.raises(ValueError, match="do not map 8 inputs to 3 latents"):
+        label_latents(sp.csr_matrix(x), sp.csr_matrix(codes), virtual[:4], LogicConfig())
+
+
+def test_virtual_table_keeps_each_latents_strongest_weights_by_input_spread() -> None:
+    # input 0 has the largest weight but never varies; input 2 a small weight and a wide spread
+    x = sp.csr_matrix(np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 10.0], [1.0, 0.0, 0.0]]))
+    virtual = np.array([[5.0, 1.0], [1.0, -2.0], [0.5, 0.0]])
+    table = virtual_table(virtual, x, per_output=2)
+    kept = {(o, i): w for o, i, w in table.iter_rows()}
+    assert kept == {(0, 1): 1.0, (0, 2): 0.5, (1, 0): 1.0, (1, 1): -2.0}
+
+
+def test_latent_codes_are_the_transcoders_codes_row_for_row_with_the_store(
+    tmp_path: Path,
+) -> None:
+    models = _sheet_models()
+    lm, tc = models.lm, models.tc
+    tokens = _tokens(lm, n=5, seq=10)
+    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "t", digest, 1)
+    site = Site("mlp_resid", 1)
+    collect_codes(lm, contexts, {site: models.sae_in}, tmp_path, CollectConfig(forward_batch=2))
+    store = CodeStore.open(tmp_path)
+    got = latent_codes(lm, tc, 1, tokens, store, batch_size=2)
+    x = capture(lm, tokens, [Site("mlp_in", 1)])[Site("mlp_in", 1)][:, 1:]
+    expected = tc.encode(x.reshape(-1, lm.adapter.d_model)).numpy()
+    assert got.shape == (store.n_tokens, tc.width) == expected.shape
+    np.testing.assert_allclose(got.toarray(), expected, atol=1e-5)
+    with pytest.raises(CoactError, match="not these contexts"):
+        latent_codes(lm, tc, 1, tokens.flip(0), store)
+
+
 def _row(route: str, fvu: float, ce: float) -> SheetRow:
     return SheetRow(
         route=route, fvu=fvu, l0=4.0, dead_fraction=0.25, delta_ce=0.5, kl=0.25,
@@ -293,9 +376,13 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
         key="k", layer=1, directory="d", transcoder="t", width=64, k=4, skip=True,
         train_tokens=1000, trained_now=True, train_seconds=3.0, tokens=100, slope_tokens=50,
         connections_judged=10, ablations_judged=5, rows=rows, labels_sae={"AND": 2, "OR": 1},
-        timings={"train_s": 3.0},
+        timings={"train_s": 3.0}, labels_transcoder={"AND": 1, "OR": 3},
+        coverage_sae=_coverage(0.25), coverage_transcoder=_coverage(0.5),
     )  # fmt: skip
     assert TranscoderResult.from_dict(result.to_dict()) == result
+    frame = {r["route"]: r for r in _sheet_frame(result).iter_rows(named=True)}
+    assert (frame["transcoder"]["labels_OR"], frame["transcoder"]["labels_explained"]) == (3, 0.5)
+    assert (frame["sae_mlp"]["labels_AND"], frame["sae_mlp"]["labels_explained"]) == (2, 0.25)
     page = "\n".join(
         transcoder_section(SimpleNamespace(summary=SimpleNamespace(transcoder=result)))
     )
@@ -305,7 +392,8 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
     )
     assert "the transcoder explains the MLP output better: FVU 0.200" in page
     assert "against 0.400 for the SAE route (SAE route, mlp connector)" in page
-    assert "AND 2, OR 1" in page
+    assert "| AND | 2 | 1 |" in page and "| OR | 1 | 3 |" in page
+    assert "| explained (alive, ≥ coverage target) | 25.0% | 50.0% |" in page
     worse = dataclasses.replace(result, rows={**rows, "transcoder": _row("transcoder", 0.6, 0.5)})
     assert "the SAE route explains" in verdict(worse)
     assert transcoder_section(SimpleNamespace(summary=None)) == []
@@ -320,6 +408,18 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
         "skip transcoder FVU 0.200, CE recovered 90.0%; SAE route, linear connector FVU 0.500"
         in line
     )
+    assert "labels, SAE route: AND 2, OR 1; transcoder: AND 1, OR 3" in line
+    unlabelled = dataclasses.replace(result, labels_sae=None, labels_transcoder=None)
+    assert "the logic stage did not run" in "\n".join(label_table(unlabelled))
+
+
+def _coverage(share: float) -> CoverageSummary:
+    return CoverageSummary(
+        coverage_target=0.8, min_lift=2.0, max_inputs=4, coverage_search=64, alive=4,
+        explained=int(4 * share), share_explained=share, median_coverage=0.7, median_auc=0.9,
+        median_jacobian_share=None, reached=3, inputs_needed={"median": 2.0},
+        inputs_needed_histogram={"1": 1, "2": 2, "not reached": 1},
+    )  # fmt: skip
 
 
 def test_the_stage_is_opt_in_and_reads_the_connectors() -> None:

@@ -131,11 +131,11 @@ def label_run(
         with timings.part("label_hidden"):
             hidden = _hidden_labels(store, x, y, config)
             atomic_write(files.hidden, hidden.write_parquet)
-            hidden_counts = _counts(hidden)
+            hidden_counts = label_counts(hidden)
     result = LogicResult(
         **pair_head(key, pair, files),
         tokens=int(x.shape[0]),
-        counts=_counts(labels.features),
+        counts=label_counts(labels.features),
         hidden_counts=hidden_counts,
         most_confident=_most_confident(labels.features, config.top_per_label),
         config=config,
@@ -149,7 +149,8 @@ def label_run(
     return result
 
 
-def _counts(features: pl.DataFrame) -> dict[str, int]:
+def label_counts(features: pl.DataFrame) -> dict[str, int]:
+    """Features per label, every label named (0 where none): the headline's counts."""
     counts = dict(features.group_by("label").len().iter_rows())
     return {label: int(counts.get(label, 0)) for label in LABELS}
 

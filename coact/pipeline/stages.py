@@ -32,7 +32,7 @@ from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.shared import Shared, calibration_tokens, layer_sites, run_contexts
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Result
-from coact.transcoder.stage import TranscoderResult, transcoder_sheet
+from coact.transcoder.stage import Labelling, TranscoderResult, transcoder_sheet
 
 
 @dataclass
@@ -197,12 +197,16 @@ def _transcoder(run: LayerRun, settings: Any) -> Result:
     untrained = dataclasses.replace(run.config, sae_in=None, sae_out=None)
     train_part, _ = run_contexts(untrained, run.lm)  # the SAEs' training contexts
     logic = run.result("logic")
+    labelling = None  # the transcoder's latents labelled as the logic stage labels features
+    if run.config.runs("logic"):
+        labelling = Labelling(run.shared.store, run.shared.code_part.tokens, run.config.logic.logic)
     return transcoder_sheet(
         run.lm, run.layer, saes[pair.in_site], saes[pair.out_site], train_part.tokens,
         run.eval_tokens, layout.connect.path, layout.transcoder.path, run.config.sae, settings,
         causal=layout.calibrate.causal if run.config.runs("calibrate") else None,
         causal_contexts=run.config.calibrate.contexts,
         labels=logic.counts if logic is not None else None,
+        sae_coverage=logic.coverage if logic is not None else None, labelling=labelling,
     )  # fmt: skip
 
 

@@ -69,7 +69,6 @@ def transcoder_section(data: RunData) -> list[str]:
         "Jacobian sign / size / ρ", "ablation sign / size / ρ", "linear share",
     ]  # fmt: skip
     trained = "trained now" if t.trained_now else "read back from an earlier run"
-    labels = ", ".join(f"{k} {v:,}" for k, v in (t.labels_sae or {}).items()) or "–"
     return [
         "## SAE route vs skip transcoder",
         "",
@@ -88,10 +87,36 @@ def transcoder_section(data: RunData) -> list[str]:
         "",
         verdict(t),
         "",
-        f"Labels of the SAE route's output features: {labels}; the transcoder's latents are "
-        "not labelled.",
+        *label_table(t),
+    ]
+
+
+def label_table(t: TranscoderResult) -> list[str]:
+    """Both routes' label counts side by side: the logic stage's for the output SAE's
+    features, the same labelling for the transcoder's latents (inputs: the input SAE's
+    features, candidates: its virtual weights), and the share each explains."""
+    if t.labels_sae is None and t.labels_transcoder is None:
+        return ["No label counts: the logic stage did not run.", ""]
+    sae, tc = t.labels_sae or {}, t.labels_transcoder or {}
+    rows = [[label, _count(sae, label), _count(tc, label)] for label in dict.fromkeys([*sae, *tc])]
+    explained = [
+        "explained (alive, ≥ coverage target)",
+        *(pct(finite(c.share_explained)) if c is not None else "–"
+          for c in (t.coverage_sae, t.coverage_transcoder)),
+    ]  # fmt: skip
+    headers = ["label", "SAE route: output SAE features", "transcoder latents"]
+    return [
+        "Labels by the logic stage: each output feature (the transcoder's latents likewise) "
+        "named by the computation of its inputs among the input SAE's features; the "
+        "transcoder's candidate inputs are its virtual weights.",
+        "",
+        md_table(headers, [*rows, explained]),
         "",
     ]
+
+
+def _count(counts: dict[str, int], label: str) -> str:
+    return f"{counts[label]:,}" if label in counts else "–"
 
 
 def format_transcoder(t: TranscoderResult) -> str:
@@ -102,8 +127,14 @@ def format_transcoder(t: TranscoderResult) -> str:
         for r in ("transcoder", "sae_linear", "sae_mlp", "sae_out")
         if r in rows
     ]
+    labels = [
+        f"{name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v)
+        for name, counts in (("SAE route", t.labels_sae), ("transcoder", t.labels_transcoder))
+        if counts is not None
+    ]
     return (
         f"  SAE route vs skip transcoder (L0 {t.k}, {t.tokens:,} held-out tokens): "
         + "; ".join(parts)
         + (f"\n  {verdict(t)}" if verdict(t) else "")
+        + (f"\n  labels, {'; '.join(labels)}" if labels else "")
     )

@@ -189,6 +189,11 @@ class TranscoderFiles(StageFiles):
     def train_log(self) -> Path:
         return self.path / "train_log.json"
 
+    @property
+    def labels(self) -> Path:
+        """The logic stage's features table for the transcoder's latents (when labelled)."""
+        return self.path / "labels.parquet"
+
 
 @dataclass(frozen=True)
 class OutlierFiles(StageFiles):

@@ -2,8 +2,10 @@
 recipe (width, k, token budget, dead-latent revival), then one metric sheet, SAE route
 beside transcoder at the same L0: FVU of the MLP output, CE and KL recovered when spliced
 into the model, dead latents, connections per output feature, agreement with the model's
-Jacobian and ablation, the linear share and the label counts (`sheet.parquet`, one row
-per route, and `transcoder.json`). Opt-in: it trains a third dictionary per layer.
+Jacobian and ablation, the linear share and the label counts of both routes (the
+logic stage's, and the same labelling of the transcoder's latents: `sheet.parquet`, one
+row per route, `labels.parquet`, one row per latent, and `transcoder.json`). Opt-in: it
+trains a third dictionary per layer.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import torch
 from torch import Tensor
 
 from coact.codes.collect import sae_fingerprint
+from coact.codes.store import CodeStore
 from coact.connectors.stage import ConnectResult
 from coact.errors import CoactError
 from coact.linearity.fits import load_linearity_connectors
+from coact.logic.config import LABELS, LogicConfig
+from coact.logic.coverage import CoverageSummary
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.models.tracing import capture
@@ -35,12 +40,18 @@ from coact.sae.base import SparseAutoencoder
 from coact.sae.train import SaeTrainConfig
 from coact.settings import setting
 from coact.transcoder.formats import hookpoint, load_transcoder, save_transcoder
+from coact.transcoder.labels import RouteLabels, label_latents, latent_codes
 from coact.transcoder.model import SkipTranscoder
-from coact.transcoder.sheet import Models, connections_per_output, outputs_and_splices
+from coact.transcoder.sheet import (
+    Models,
+    connections_per_output,
+    outputs_and_splices,
+    virtual_weights,
+)
 from coact.transcoder.slopes import RouteSlopes, SlopeConfig, slopes, with_ablation
 from coact.transcoder.train import train_transcoders
 
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,19 @@ class TranscoderResult(Result):
     rows: dict[str, SheetRow]
     labels_sae: dict[str, int] | None  # the logic stage's counts (the SAE route's labels)
     timings: dict[str, float]
+    labels_transcoder: dict[str, int] | None = None  # the same labelling of its latents
+    coverage_sae: CoverageSummary | None = None  # how much of its features each explains
+    coverage_transcoder: CoverageSummary | None = None
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """What labelling the transcoder's latents reads: the run's code store (its input SAE
+    codes), the contexts its rows come from, and the logic stage's settings."""
+
+    store: CodeStore
+    contexts: Tensor
+    config: LogicConfig
 
 
 def trained_transcoder(
@@ -132,10 +156,12 @@ def transcoder_sheet(
     train_tokens: Tensor, tokens: Tensor, connect_dir: str | Path, out_dir: str | Path,
     train: SaeTrainConfig, config: TranscoderConfig = TranscoderConfig(), *,
     causal: Path | None = None, causal_contexts: int | None = None,
-    labels: dict[str, int] | None = None,
+    labels: dict[str, int] | None = None, sae_coverage: CoverageSummary | None = None,
+    labelling: Labelling | None = None,
 ) -> TranscoderResult:  # fmt: skip
     """Train (or reuse) the layer's transcoder, measure the sheet on held-out `tokens`,
-    write sheet.parquet and transcoder.json, and return the result."""
+    label its latents when `labelling` is given (`labels`, `sae_coverage`: the logic
+    stage's for the SAE route), write the tables and transcoder.json, and return it."""
     files, connected = TranscoderFiles(Path(out_dir)), ConnectFiles(Path(connect_dir))
     fitted = ConnectResult.read(connected.result)
     if fitted is None or not connected.weights.is_file():
@@ -149,19 +175,25 @@ def transcoder_sheet(
     inputs = [
         lm.fingerprint(), tc.metadata.get("recipe"), sae_fingerprint(sae_in),
         sae_fingerprint(sae_out), digest, fitted.key, sha256_file(causal) if causal else None,
-        causal_contexts, labels,
+        causal_contexts, labels, asdict(sae_coverage) if sae_coverage else None,
+        [labelling.store.fingerprint, asdict(labelling.config)] if labelling else None,
     ]  # fmt: skip
     key = result_key(inputs, config, RESULT_VERSION)
     if (previous := TranscoderResult.finished(files, key)) is not None:
         return previous
     connectors = load_linearity_connectors(connected.connectors, str(lm.device))
     models = Models(lm, layer, sae_in, sae_out, connectors, tc)
-    result = _measure_sheet(models, tokens, connected, config, causal, causal_contexts, timings)
+    result, latents = _measure_sheet(
+        models, tokens, connected, config, causal, causal_contexts, timings, labelling
+    )
     result = dataclasses.replace(
         result, key=key, directory=str(files.path), transcoder=str(files.coders / hookpoint(layer)),
         train_tokens=int(tc.metadata.get("tokens", 0)), trained_now=trained_now,
         train_seconds=float(tc.metadata.get("train_seconds", math.nan)), labels_sae=labels,
+        coverage_sae=sae_coverage,
     )  # fmt: skip
+    if latents is not None:
+        atomic_write(files.labels, latents.write_parquet)
     atomic_write(files.sheet, _sheet_frame(result).write_parquet)
     result.write(files.result)
     return result
@@ -170,7 +202,8 @@ def transcoder_sheet(
 def _measure_sheet(
     models: Models, tokens: Tensor, connected: ConnectFiles, config: TranscoderConfig,
     causal: Path | None, causal_contexts: int | None, timings: Timings,
-) -> TranscoderResult:  # fmt: skip
+    labelling: Labelling | None,
+) -> tuple[TranscoderResult, pl.DataFrame | None]:  # fmt: skip
     skip = config.skip_first_positions
     with timings.part("splices"):
         frame = outputs_and_splices(
@@ -187,6 +220,10 @@ def _measure_sheet(
         )
     with timings.part("connections"):
         counts = connections_per_output(models, streams, weights, config.mass)
+    labelled = None
+    if labelling is not None:
+        with timings.part("labels"):
+            labelled = _latent_labels(models, streams, labelling, config.progress)
     ablations = 0
     if causal is not None:
         with timings.part("ablation"):
@@ -201,14 +238,31 @@ def _measure_sheet(
                 routes, pl.read_parquet(causal), tc_map, rows, config.size_band
             )
             ablations = paths.height
-    return TranscoderResult(
+    result = TranscoderResult(
         key="", layer=models.layer, directory="", transcoder="", width=models.tc.width,
         k=models.tc.k, skip=models.tc.skip, train_tokens=0, trained_now=False,
         train_seconds=math.nan, tokens=int(frame["n_tokens_fvu"][0]),
         slope_tokens=int(streams.shape[0]), connections_judged=joined.height,
         ablations_judged=ablations, rows=_rows(frame, routes, counts), labels_sae=None,
         timings=dict(timings),
+        labels_transcoder=labelled.counts if labelled else None,
+        coverage_transcoder=labelled.coverage if labelled else None,
     )  # fmt: skip
+    return result, labelled.features if labelled else None
+
+
+def _latent_labels(
+    models: Models, streams: Tensor, labelling: Labelling, progress: bool
+) -> RouteLabels:
+    """The logic stage's labels of the transcoder's latents on the code store's tokens,
+    their inputs the input SAE's stored codes, their candidates its virtual weights."""
+    store = labelling.store
+    x = store.read_site(models.sites[0].slug)
+    y = latent_codes(models.lm, models.tc, models.layer, labelling.contexts, store)
+    with torch.no_grad():
+        virtual = virtual_weights(models, streams).cpu().numpy().astype(np.float64)
+    contexts = store.read_tokens()["context"].to_numpy()
+    return label_latents(x, y, virtual, labelling.config, contexts, progress=progress)
 
 
 def _rows(
@@ -236,4 +290,16 @@ def _rows(
 
 
 def _sheet_frame(result: TranscoderResult) -> pl.DataFrame:
-    return pl.DataFrame([row.to_dict() for row in result.rows.values()])
+    """One row per route; its label counts and explained share where it has labels (the
+    transcoder's latents on its row, the output SAE's features on the SAE route's rows)."""
+    routes = {"transcoder": (result.labels_transcoder, result.coverage_transcoder)}
+    sae = (result.labels_sae, result.coverage_sae)
+    routes |= dict.fromkeys(("sae_linear", "sae_mlp", "sae_out"), sae)
+    rows = []
+    for name, row in result.rows.items():
+        counts, coverage = routes.get(name, (None, None))
+        labelled = {f"labels_{label}": (counts or {}).get(label) for label in LABELS}
+        explained = coverage.share_explained if coverage is not None else None
+        rows.append(row.to_dict() | labelled | {"labels_explained": explained})
+    schema = {f"labels_{label}": pl.Int64 for label in LABELS} | {"labels_explained": pl.Float64}
+    return pl.DataFrame(rows, schema_overrides=schema)
