@@ -21,6 +21,7 @@ import pytest
 import coact.pipeline.run as pipeline
 import coact.pipeline.shared as shared_steps
 from coact.errors import CoactError
+from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.executor import Execution
@@ -199,7 +200,10 @@ def test_a_worker_skips_a_group_another_writer_trained(serial: Path, tmp_path: P
     recipe = load_sae(site).metadata["recipe"]
     layout = RunLayout(run, run)
     groups = [[Site.parse(site.name)]]
-    worker = shared_steps._group_worker(config(run).resolved(), layout, recipe, groups, True)
+    settings = config(run).resolved()
+    lm = load_model(settings.model, seed=settings.seed)
+    contexts = shared_steps.run_contexts(settings, lm)[0]
+    worker = shared_steps._group_worker(settings, contexts, layout, recipe, groups, True)
     assert shared_steps._group_on_worker(worker, 0) == []
     assert (site / "train_log.json").stat().st_mtime_ns == before
 

@@ -303,10 +303,10 @@ def _train_on_ray(
     layout: RunLayout,
     recipe_id: str,
 ) -> dict[Site, SparseAutoencoder]:
-    """The groups on Ray workers, each of which loads the model and the training contexts
-    once and saves what it trains as `train_here` does; the SAEs are then read back here
-    (as a resumed run reads them)."""
-    setup = partial(_group_worker, config, layout, recipe_id, groups, execution.wait)
+    """The groups on Ray workers, each of which loads the model once (the training
+    contexts come from here: no worker builds the corpus again) and saves what it trains as
+    `train_here` does; the SAEs are then read back here (as a resumed run reads them)."""
+    setup = partial(_group_worker, config, contexts, layout, recipe_id, groups, execution.wait)
 
     def name(index: int) -> str:
         return f"SAE group {index} ({', '.join(map(str, groups[index]))})"
@@ -335,16 +335,16 @@ class GroupWorker:
 
 def _group_worker(
     config: AnalyzeConfig,
+    contexts: Contexts,
     layout: RunLayout,
     recipe_id: str,
     groups: list[list[Site]],
     wait: bool,
 ) -> GroupWorker:
-    """Loaded once per worker; stops when the worker's model or corpus is not the driver's."""
+    """Loaded once per worker; stops when the worker's model is not the driver's."""
     lm = load_model(config.model, device=config.device, seed=config.seed)
-    contexts, _ = run_contexts(config, lm)
     if sae_recipe(lm, contexts, config) != recipe_id:
-        raise CoactError("a Ray worker loaded another model or corpus than the run's driver")
+        raise CoactError("a Ray worker loaded another model than the run's driver")
     return GroupWorker(config, lm, contexts.tokens, layout, recipe_id, groups, wait)
 
 
