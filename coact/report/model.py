@@ -1,6 +1,8 @@
 """`build_model_report`: a model run (`coact analyze --layers …`) → one page that sets its
 layers side by side (the per-layer table, the seed study's table for every layer and site,
-charts across layers) and links each layer's own report, built here where it is missing.
+charts across layers) and links each layer's own report, built here where it is missing
+or its inputs changed (each layer's report and the model page are fingerprinted as a
+single run's report is, `coact.report.fingerprint`).
 
 The model site lives at `<model_dir>/report/site/`; each layer's at
 `<model_dir>/L<ℓ>/report/site/`, so the model page links them relatively
@@ -21,6 +23,7 @@ from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.summary import ModelSummary
 from coact.report.build import Say, build_report, prepare, refuse_foreign
 from coact.report.embed import Figures
+from coact.report.fingerprint import inputs_fingerprint, is_current, model_fingerprint, stamp
 from coact.report.model_page import model_name, model_page, span
 from coact.report.site import build_site, mkdocs_config, write_assets, write_config
 from coact.rundir.files import atomic_write, read_json, staged_dir
@@ -48,9 +51,9 @@ def build_model_report(
     """Write the model page and build its site; return the built `index.html`
     (`<model_dir>/report/site/index.html` unless `out_dir` is given).
 
-    Each layer's report (`<model_dir>/L<ℓ>/report/`) is built first where it is missing,
-    older than one of the layer's stage results, or `rebuild_layers` (or given `features`)
-    asks for it, with `features` (default: the run's `report_features`)."""
+    Each layer's report (`<model_dir>/L<ℓ>/report/`, with `features`, by default the run's
+    `report_features`) and then the model page are built only where missing or built from
+    other inputs (`coact.report.fingerprint`); `rebuild_layers` rebuilds them all."""
     started = time.perf_counter()
     layout = RunLayout.of(model_dir)
     say = Say(progress)
@@ -59,15 +62,20 @@ def build_model_report(
     summary = ModelSummary.read(layout.summary)
     layer_dirs = {int(ell): _layer_dir(layout, summary, int(ell)) for ell in table["layer"]}
     wanted = features if features is not None else config.report_features
-    layer_index: dict[int, Path] = {}
-    for ell, layer_dir in layer_dirs.items():
-        index = RunLayout.of(layer_dir).report.index
-        if rebuild_layers or features is not None or _stale(index, layer_dir):
-            say(f"building the report of layer {ell} ({layer_dir})")
-            index = build_report(layer_dir, features=wanted, progress=progress)
-        layer_index[ell] = index
+    prints = {
+        ell: _layer_report(ell, layer_dir, wanted, rebuild_layers, say)
+        for ell, layer_dir in layer_dirs.items()
+    }
     final = ReportFiles((Path(out_dir) if out_dir is not None else layout.report.path).resolve())
     refuse_foreign(final)
+    links = {  # the staged folder is final's sibling: the same links from there
+        ell: Path(os.path.relpath(RunLayout.of(d).report.index.resolve(), final.site)).as_posix()
+        for ell, d in layer_dirs.items()
+    }
+    fingerprint = model_fingerprint(layout.run_dir, prints, links)
+    if not rebuild_layers and is_current(final, fingerprint):
+        say(f"model report unchanged since its last build: {final.index}")
+        return final.index
     model, layers = model_name(config, summary), table["layer"].to_list()
     mkdocs = mkdocs_config(
         f"coact: {model}, layers {span(layers)}",
@@ -78,19 +86,30 @@ def build_model_report(
         report = ReportFiles(staging)
         prepare(report)
         write_assets(report.docs)
-        links = {
-            ell: Path(os.path.relpath(index.resolve(), report.site)).as_posix()
-            for ell, index in layer_index.items()
-        }
         runs = {ell: load_run(d) for ell, d in layer_dirs.items()}
         say("writing the model page")
         text = model_page(layout.run_dir, config, summary, table, runs, links, Figures(report.docs))
         (report.docs / "index.md").write_text(text, encoding="utf-8")
         say("building the site (mkdocs, strict)")
         build_site(write_config(report.path, mkdocs))
+    stamp(final, fingerprint)
     index = final.index
     say(f"model report built in {time.perf_counter() - started:.1f} s: {index}")
     return index
+
+
+def _layer_report(
+    layer: int, layer_dir: Path, features: Sequence[int] | int | None, force: bool, say: Say
+) -> str:
+    """Build the layer's report where its inputs changed since it was built (or `force`);
+    return its fingerprint."""
+    report = RunLayout.of(layer_dir).report
+    fingerprint = inputs_fingerprint(layer_dir, features)
+    if force or not is_current(report, fingerprint):
+        say(f"building the report of layer {layer} ({layer_dir})")
+        build_report(layer_dir, features=features, progress=say.on)
+        stamp(report, fingerprint)
+    return fingerprint
 
 
 def _layers(layout: RunLayout) -> pl.DataFrame:
@@ -130,18 +149,3 @@ def _layer_dir(layout: RunLayout, summary: ModelSummary | None, layer: int) -> P
     if recorded and RunLayout(Path(recorded), Path(recorded)).config.is_file():
         return Path(recorded)
     raise CoactError(f"layer {layer} of {layout.run_dir} has no run directory ({here} is missing)")
-
-
-def _stale(index: Path, layer_dir: Path) -> bool:
-    """The layer's site is missing or older than one of its stages' results (each
-    stage's headline, written last; summary.json is rewritten after the report)."""
-    if not index.is_file():
-        return True
-    built = index.stat().st_mtime
-    run = RunLayout.of(layer_dir)
-    results = (
-        run.connect.result, run.calibrate.result, run.logic.result, run.outliers.result,
-        run.ablation.result, run.attention_connect.result, run.positions.result,
-        run.composition.result, run.block,
-    )  # fmt: skip
-    return any(path.is_file() and path.stat().st_mtime > built for path in results)
