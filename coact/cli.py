@@ -9,7 +9,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import typer
 
@@ -33,9 +33,6 @@ from coact.settings import Range, default_of, help_of, range_of
 from coact.usage import fail as _fail
 from coact.usage import file_fault, usage_lines
 from coact.usage import in_range as _in_range
-
-if TYPE_CHECKING:
-    from coact.pipeline.summary import ModelSummary, RunSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -146,8 +143,10 @@ def analyze(
         typer.echo(plan_text(config))
         return
     stop_unless_fits(config)  # a run that cannot fit stops here, before anything loads
+    from coact import api
+
     execution = Execution(executor=executor, workers=workers, address=address, wait=wait)
-    summary = _analyzed(config, execution)
+    summary = api.analyze(config, execution)
     text = format_summary(summary) if hasattr(summary, "layer") else format_model_summary(summary)  # type: ignore[arg-type]
     typer.echo(text)
 
@@ -220,21 +219,6 @@ def collect(
         pairs, model=model, corpus=corpus, tokens=tokens, device=device, seed=seed, out=out
     )
     typer.echo(json.dumps({"directory": str(store.directory), "tokens": store.n_tokens}))
-
-
-def _analyzed(
-    config: AnalyzeConfig, execution: Execution | None = None
-) -> RunSummary | ModelSummary:
-    """`coact.pipeline.run.analyze`, after the run directory is checked; a run that fails
-    leaves its config.json as it found it."""
-    from coact.pipeline.checks import check_run_dir, config_kept_on_failure
-    from coact.pipeline.run import analyze as run_analyze
-    from coact.rundir.layout import RunLayout
-
-    run_dir = config.resolved_run_dir()
-    check_run_dir(run_dir)
-    with config_kept_on_failure(RunLayout(run_dir, run_dir).config):
-        return run_analyze(config, execution)
 
 
 def _run_config(run: Path) -> AnalyzeConfig:
@@ -310,7 +294,9 @@ def calibrate(
     config = dataclasses.replace(config, run_dir=str(run), calibrate=settings).with_stages(
         add=("connect", "calibrate")
     )  # the run's other stages are rerun too, each reusing its finished result
-    summary = _analyzed(config)
+    from coact import api
+
+    summary = api.analyze(config)
     assert summary.calibrate is not None  # type: ignore[union-attr]
     typer.echo(format_calibrate(summary.calibrate))  # type: ignore[union-attr]
 
