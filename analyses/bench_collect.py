@@ -142,7 +142,7 @@ def _old_collect(*args: object) -> object:
     with one shard in flight its cost is the write itself)."""
     saved = collect_module.read_sites, collect_module.encode_csr
     collect_module.read_sites = capture  # type: ignore[assignment]
-    collect_module.encode_csr = lambda sae, x: encode_csr(sae, x, fused=False)  # type: ignore[assignment]
+    collect_module.encode_csr = lambda sae, x, **_: encode_csr(sae, x, fused=False)  # type: ignore[assignment]
     try:
         return collect_codes(*args)  # type: ignore[arg-type]
     finally:

@@ -92,11 +92,11 @@ def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.Mo
     tokens = torch.randint(1, 200, (24, 16), generator=torch.Generator().manual_seed(0))
     contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
     saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
-    config = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=8)
+    config = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=8, screen="off")
     fast = collect_codes(lm, contexts, saes, tmp_path / "fast", config)
     monkeypatch.setattr(collect_module, "read_sites", capture)
     monkeypatch.setattr(
-        collect_module, "encode_csr", lambda sae, x: encode_csr(sae, x, fused=False)
+        collect_module, "encode_csr", lambda sae, x, **_: encode_csr(sae, x, fused=False)
     )
     plain = collect_codes(lm, contexts, saes, tmp_path / "plain", config)
     assert len(fast.completed_shards) >= 3

@@ -24,13 +24,16 @@ from torch import Tensor
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import read_sites
+from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.progress import tqdm
+from coact.rundir.layout import CodesFiles
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
+from coact.settings import setting
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,12 @@ class CollectConfig:
     shard_contexts: int = 128  # contexts per shard: the unit of resumption
     values_dtype: str = "float32"
     skip_first_positions: int = 1
+    screen: str = setting(
+        "auto",
+        "TopK encoders: 'bf16' picks candidates with a bfloat16 product and scores only them "
+        "in float32 (the same features, values to float32 rounding), 'off' the float32 "
+        "product alone, 'auto' bf16 on CPUs with AMX",
+    )
 
 
 def sae_fingerprint(sae: SparseAutoencoder) -> str:
@@ -86,14 +95,20 @@ def collection_fingerprint(
     contexts: Contexts,
     saes: Mapping[Site, SparseAutoencoder],
     config: CollectConfig,
+    screen: str = "off",
 ) -> str:
-    """Everything that determines the stored bytes: model, corpus, SAEs, layout and dtype."""
-    payload = {
+    """Everything that determines the stored bytes: model, corpus, SAEs, layout, dtype and
+    the screen as resolved (values differ in their last bits with it; a store written
+    without it keeps the fingerprint it had before the screen existed)."""
+    settings = {name: value for name, value in asdict(config).items() if name != "screen"}
+    payload: dict[str, object] = {
         "model": model_fingerprint,
         "corpus": contexts.fingerprint,
         "saes": {str(site): sae_fingerprint(sae) for site, sae in sorted(saes.items())},
-        "config": asdict(config),
+        "config": settings,
     }
+    if screen != "off":
+        payload["screen"] = screen
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,7 +126,9 @@ def collect_codes(
     for site, sae in saes.items():
         check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     sites = sorted(saes, key=lm.adapter.order_key)
-    fingerprint = collection_fingerprint(model_fingerprint(lm), contexts, saes, config)
+    screen = resolve_screen(config.screen, lm.device)
+    _check_screen(Path(directory), screen)
+    fingerprint = collection_fingerprint(model_fingerprint(lm), contexts, saes, config, screen)
     store = CodeStore.open_for_writing(
         directory,
         fingerprint=fingerprint,
@@ -125,6 +142,7 @@ def collect_codes(
             "skip_first_positions": config.skip_first_positions,
             "sites": {site.slug: str(site) for site in sites},
             "sae_fingerprints": {site.slug: sae_fingerprint(saes[site]) for site in sites},
+            "screen": screen,
         },
     )
     n_ctx = contexts.tokens.shape[0]
@@ -137,7 +155,7 @@ def collect_codes(
             if index in done:
                 continue
             lo, hi = index * config.shard_contexts, min(n_ctx, (index + 1) * config.shard_contexts)
-            codes = _encode_shard(lm, contexts, saes, sites, lo, hi, config)
+            codes = _encode_shard(lm, contexts, saes, sites, lo, hi, config, screen)
             if pending is not None:  # one shard in flight: its write overlaps this encoding
                 pending.result()
                 bar.update(1)
@@ -155,6 +173,19 @@ def collect_codes(
     return store
 
 
+def _check_screen(directory: Path, screen: str) -> None:
+    """Refuse to resume a store written with the other screen (its values differ in the
+    last bits, so its shards and these would not be one collection)."""
+    if not CodesFiles(directory).manifest.is_file():
+        return
+    written = CodeStore.open(directory).meta.get("screen", "off")
+    if written != screen:
+        raise CoactError(
+            f"{directory} was collected with screen {written!r}, this run resolves to "
+            f"{screen!r}: pass screen={written!r} to resume it, or use another directory"
+        )
+
+
 def _encode_shard(
     lm: LoadedModel,
     contexts: Contexts,
@@ -163,6 +194,7 @@ def _encode_shard(
     lo: int,
     hi: int,
     config: CollectConfig,
+    screen: str,
 ) -> dict[str, list[sp.csr_matrix]]:
     """Codes of contexts lo..hi, batch by batch (always the same batches: resumable)."""
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
@@ -171,7 +203,7 @@ def _encode_shard(
         acts = read_sites(lm, batch, sites)
         for site in sites:
             x = acts[site][:, config.skip_first_positions :].reshape(-1, lm.adapter.d_model)
-            codes[site.slug].append(encode_csr(saes[site], x))
+            codes[site.slug].append(encode_csr(saes[site], x, screen=screen))
     return codes
 
 
@@ -188,16 +220,25 @@ def _write(
 
 
 @torch.no_grad()
-def encode_csr(sae: SparseAutoencoder, x: Tensor, fused: bool = True) -> sp.csr_matrix:
+def encode_csr(
+    sae: SparseAutoencoder, x: Tensor, fused: bool = True, screen: str = "off"
+) -> sp.csr_matrix:
     """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR;
-    on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same)."""
+    on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same), or
+    with screen "bf16" a bfloat16 product picks candidates for it (`screen`)."""
     if not (isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None):
         return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
     if sae.subtract_decoder_bias:
         x = x - sae.b_dec
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
+    bias32 = sae.b_enc.dtype == torch.float32
+    if screen == "bf16" and fused and cpu32 and bias32:
+        weights = screen_weights(sae, sae.W_enc)
+        if weights is not None:
+            parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)
+            return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width))
     pre = x @ sae.W_enc  # Sae.pre_activations without its bias, which the selection adds
-    if fused and cpu32 and sae.b_enc.dtype == torch.float32:
+    if fused and cpu32 and bias32:
         parts = topk_csr(pre.numpy(), sae.b_enc.detach().numpy(), sae.k)
         return sp.csr_matrix(parts[::-1], shape=(len(pre), sae.width))
     pre += sae.b_enc

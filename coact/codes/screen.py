@@ -1,0 +1,382 @@
+"""A bfloat16 screen for the TopK encoder: the product x @ W_enc in bfloat16 (on CPUs with
+AMX about 4× faster than float32's) picks candidates, and only they are scored in float32.
+
+The selection stays exact. For every feature j a proven bound e_j covers the gap between
+the screened value s_j and the float32 value v_j = fl(x · W_j + b_j) that this module
+computes for candidates (x̂, Ŵ: x, W rounded to bfloat16, unit roundoff u = 2⁻⁸):
+  |x̂·Ŵ_j − x·W_j| ≤ ‖x − x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j − Ŵ_j‖          (Cauchy–Schwarz)
+  float32 accumulation of x̂·Ŵ_j, and of our own x·W_j: γ_d (‖x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j‖)
+  the product's output rounded to bfloat16: u / (1 − u) · |s_j|
+  denormals flushed by the hardware, the final + b_j and float64 slack: small terms.
+Each row takes the c = k + margin features with the largest upper bound U_j = s_j + b_j + e_j
+as candidates and scores them; T is the k-th largest candidate value. Any other feature has
+v_j ≤ U_j; when every one has U_j < T none can enter the top k, so the top k of the
+candidates is the top k of the row. Otherwise the row is widened: every feature with
+U_j ≥ T is scored too (the k-th value can only rise, so one widening settles it). A row
+with a non-finite input or bound is scored in full. The bound assumes the bfloat16 product
+accumulates in float32 (oneDNN's AMX and AVX512-BF16 kernels do).
+
+Values are float32 dot products (summed in a different order than the float32 matmul, so
+they may differ from it in the last bits); the chosen features are those of the float32
+path except where two values tie within float32 rounding at the k-th place.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from coact.codes._topk import _finish, _select, compact
+from coact.errors import CoactError
+
+SCREENS = ("auto", "bf16", "off")
+MARGIN = 16  # candidates beyond k per row: fewer widened rows against more dots per row
+UNIT = 2.0**-8  # bfloat16's unit roundoff
+CHUNK = 32  # rows per parallel task (their scratch is allocated once)
+ROWS = 8  # features per block in the candidate search (see _candidates)
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles): where the screen pays."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def resolve_screen(choice: str, device: torch.device | str) -> str:
+    """ "bf16" or "off": what a collection on `device` does for `choice` ("auto" screens
+    on CPUs with AMX only; the GPU keeps the float32 product)."""
+    if choice not in SCREENS:
+        raise CoactError(f"screen must be one of {list(SCREENS)}, got {choice!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if choice == "bf16" and not on_cpu:
+        raise CoactError("the bfloat16 screen runs on CPU only; use screen 'off' or 'auto'")
+    if choice == "auto":
+        return "bf16" if on_cpu and bf16_is_fast() else "off"
+    return choice
+
+
+@dataclass
+class ScreenCounts:
+    """How often the screen settled a row by its candidates alone."""
+
+    rows: int = 0
+    widened_rows: int = 0  # rows where features beyond the candidates could still win
+    full_rows: int = 0  # rows scored in full (a non-finite input or bound)
+    scored: int = 0  # float32 dot products computed, all rows together
+
+    def add(self, other: ScreenCounts) -> None:
+        self.rows += other.rows
+        self.widened_rows += other.widened_rows
+        self.full_rows += other.full_rows
+        self.scored += other.scored
+
+    def fallback_rate(self) -> float:
+        return (self.widened_rows + self.full_rows) / max(self.rows, 1)
+
+
+COUNTS = ScreenCounts()  # every screened encoding in this process adds to it
+
+
+@dataclass(frozen=True)
+class ScreenWeights:
+    """An encoder's weights as the screen reads them (prepared once per weights)."""
+
+    w_bf16: torch.Tensor  # d × width, bfloat16
+    w_rows: np.ndarray  # width × d float32: W_enc's columns, contiguous
+    norm_hat: np.ndarray  # ‖Ŵ_j‖ (float64)
+    norm_err: np.ndarray  # ‖W_j − Ŵ_j‖
+    norm: np.ndarray  # ‖W_j‖
+    abs_max: float
+    signature: tuple[int, ...] = field(repr=False)
+
+
+_PREPARED: weakref.WeakKeyDictionary[object, ScreenWeights] = weakref.WeakKeyDictionary()
+
+
+def screen_weights(owner: object, w_enc: torch.Tensor) -> ScreenWeights | None:
+    """The prepared weights of `w_enc` (cached on `owner` while the tensor is unchanged);
+    None when they are not finite (the screen then stands aside)."""
+    signature = (w_enc.data_ptr(), w_enc._version)
+    hit = _PREPARED.get(owner)
+    if hit is not None and hit.signature == signature:
+        return hit
+    w = w_enc.detach().to("cpu", torch.float32).contiguous()
+    if not bool(torch.isfinite(w).all()):
+        return None
+    w_bf16 = w.to(torch.bfloat16)
+    w64, hat64 = w.double(), w_bf16.double()
+    prepared = ScreenWeights(
+        w_bf16=w_bf16,
+        w_rows=w.T.contiguous().numpy(),
+        norm_hat=hat64.norm(dim=0).numpy(),
+        norm_err=(w64 - hat64).norm(dim=0).numpy(),
+        norm=w64.norm(dim=0).numpy(),
+        abs_max=float(w.abs().max()),
+        signature=signature,
+    )
+    _PREPARED[owner] = prepared
+    return prepared
+
+
+def screened_topk_csr(
+    x: torch.Tensor, weights: ScreenWeights, bias: np.ndarray, k: int, margin: int = MARGIN
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ScreenCounts]:
+    """CSR parts (indptr, indices, values) of the TopK codes of float32 rows x (n × d), and
+    how the screen fared; adds to COUNTS too."""
+    if x.dtype != torch.float32 or bias.dtype != np.float32:
+        raise TypeError("the screen reads float32 inputs and bias")
+    width, d = weights.w_rows.shape
+    if not 0 < k <= width:
+        raise ValueError(f"need 0 < k <= width, got k={k}, width={width}")
+    x = x.detach().to("cpu").contiguous()
+    x_bf16 = x.to(torch.bfloat16)
+    screened = (x_bf16 @ weights.w_bf16).view(torch.int16).numpy()
+    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
+    indices, values, kinds, scored = _screen_rows(
+        x.numpy(),
+        x_bf16.float().numpy(),
+        screened,
+        weights.w_rows,
+        weights.norm_hat,
+        weights.norm_err,
+        weights.norm,
+        np.ascontiguousarray(bias),
+        k,
+        min(width, k + margin),
+        gamma,
+        UNIT / (1 - UNIT),
+        weights.abs_max,
+    )
+    counts = ScreenCounts(
+        rows=len(kinds),
+        widened_rows=int((kinds > 0).sum()),
+        full_rows=int((kinds < 0).sum()),
+        scored=int(scored.sum()),
+    )
+    COUNTS.add(counts)
+    return compact(indices, values), counts
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _dots4(x, w_rows, chosen, m, dots):
+    """dots[m : m + 4] = x · W_j for the features chosen[m : m + 4] (x read once: four
+    independent float32 sums, each in whatever order the compiler vectorises it to)."""
+    w0, w1 = w_rows[chosen[m]], w_rows[chosen[m + 1]]
+    w2, w3 = w_rows[chosen[m + 2]], w_rows[chosen[m + 3]]
+    t0 = t1 = t2 = t3 = np.float32(0)
+    for t in range(len(x)):
+        t0 += x[t] * w0[t]
+        t1 += x[t] * w1[t]
+        t2 += x[t] * w2[t]
+        t3 += x[t] * w3[t]
+    dots[m], dots[m + 1], dots[m + 2], dots[m + 3] = t0, t1, t2, t3
+
+
+@njit(cache=True)
+def _norms(x, x_hat):
+    """‖x‖, ‖x̂‖, ‖x − x̂‖ (float64) and max |x̂|."""
+    nx = nh = ne = 0.0
+    top = 0.0
+    for t in range(len(x)):
+        a, h = np.float64(x[t]), np.float64(x_hat[t])
+        nx += a * a
+        nh += h * h
+        ne += (a - h) * (a - h)
+        top = max(top, abs(h))
+    return np.sqrt(nx), np.sqrt(nh), np.sqrt(ne), top
+
+
+@njit(cache=True)
+def _bounds(
+    s, bias, x, x_hat, norm_hat, norm_err, norm, gamma, out_unit, w_max, upper, blocks, block_top
+):
+    """upper[j] ≥ every float32 value v_j the row could have, from its screened s[j], and
+    block_top[b] = the largest upper[j] with j ≡ b (mod blocks); False when an input or
+    bound is not finite."""
+    nx, nh, ne, top = _norms(x, x_hat)
+    a = ne + gamma * nh  # times ‖Ŵ_j‖: x's rounding and the screen's accumulation
+    c = gamma * nx  # times ‖W_j‖: our own float32 dot's accumulation
+    tiny = 2.0**-118 * len(x) * (2.0 + top + w_max)  # flushed denormals, both products
+    finite = abs(nx) < np.inf
+    for j in range(len(s)):
+        sj, bj = np.float64(s[j]), np.float64(bias[j])
+        e = a * norm_hat[j] + nx * norm_err[j] + c * norm[j] + out_unit * abs(sj) + tiny
+        slack = e + 2.0**-23 * (abs(sj) + abs(bj) + e)  # the final + b_j; float64's own
+        upper[j] = sj + bj + (1 + 2.0**-20) * slack
+        finite &= abs(upper[j]) < np.inf
+    _block_max(upper, blocks, block_top)
+    return finite
+
+
+@njit(cache=True)
+def _block_max(upper, blocks, out):
+    """out[b] = the largest of upper[b], upper[b + blocks], upper[b + 2·blocks], …"""
+    width = len(upper)
+    out[:] = upper[:blocks]
+    for start in range(blocks, width, blocks):
+        for b in range(min(blocks, width - start)):
+            v = upper[start + b]
+            out[b] = v if v > out[b] else out[b]
+
+
+@njit(cache=True)
+def _count_at_least(values, floor):
+    count = 0
+    for v in values:
+        count += v >= floor
+    return count
+
+
+@njit(cache=True)
+def _floor(block_top, m):
+    """A value θ with at least m of block_top at or above it, and not many more: bisection
+    between the least and the largest (counting is a vector pass over a few hundred)."""
+    low, high = np.inf, -np.inf
+    for v in block_top:
+        low = v if v < low else low
+        high = v if v > high else high
+    count = len(block_top)
+    for _ in range(40):
+        if count <= m + m // 8:
+            break
+        middle = low + (high - low) / 2
+        if middle <= low or middle >= high:
+            break
+        above = _count_at_least(block_top, middle)
+        if above >= m:
+            low, count = middle, above
+        else:
+            high = middle
+    return low
+
+
+@njit(cache=True)
+def _candidates(upper, blocks, m, block_top, chosen):
+    """Candidates into chosen (sorted); returns (their count, the largest bound left out).
+
+    Feature j lies in block j mod `blocks`. A floor θ is put under the m-th largest of the
+    blocks' maxima; the candidates are the features at or above θ in the blocks that reach
+    it (at least m of them). Every other feature is below θ, and the bound returned is the
+    largest of them, so it covers all."""
+    width = len(upper)
+    floor = _floor(block_top, m)
+    left_out = -np.inf
+    reached = 0
+    for b in range(blocks):  # the blocks that reach the floor, in order
+        chosen[reached] = b
+        hit = block_top[b] >= floor
+        reached += hit
+        left_out = max(left_out, -np.inf if hit else block_top[b])
+    count = reached
+    for start in range(0, width, blocks):  # their features, row by row: in index order
+        for q in range(reached):
+            j = start + chosen[q]
+            if j < width:
+                chosen[count] = j
+                hit = upper[j] >= floor
+                count += hit
+                left_out = max(left_out, -np.inf if hit else upper[j])
+    count -= reached
+    for q in range(count):  # forward: each read is ahead of the write
+        chosen[q] = chosen[reached + q]
+    return count, left_out
+
+
+@njit(cache=True)
+def _score(x, w_rows, bias, chosen, count, k, dots, biases, local, out_index, out_value):
+    """Score chosen[:count] (sorted by feature) in float32 and keep the top k of them;
+    returns the k-th value."""
+    whole = count - count % 4
+    for m in range(0, whole, 4):
+        _dots4(x, w_rows, chosen, m, dots)
+    if whole < count:  # the last few through the same four sums: one value per feature
+        tail, tail_dots = np.empty(4, dtype=np.int32), np.empty(4, dtype=np.float32)
+        for t in range(4):
+            tail[t] = chosen[min(whole + t, count - 1)]
+        _dots4(x, w_rows, tail, 0, tail_dots)
+        dots[whole:count] = tail_dots[: count - whole]
+    for m in range(count):
+        biases[m] = bias[chosen[m]]
+    kth = _select(dots[:count], biases[:count], k, local, out_value)
+    for m in range(k):
+        out_index[m] = chosen[local[m]]
+    return kth
+
+
+@njit(cache=True)
+def _sort_ints(values, count):
+    for a in range(1, count):
+        v = values[a]
+        b = a - 1
+        while b >= 0 and values[b] > v:
+            values[b + 1] = values[b]
+            b -= 1
+        values[b + 1] = v
+
+
+@njit(cache=True)
+def _widen(upper, kth, chosen, count, member):
+    """Add every feature not yet chosen whose bound reaches kth; returns the new count."""
+    for m in range(count):
+        member[chosen[m]] = True
+    added = count
+    for j in range(len(upper)):
+        if not member[j] and upper[j] >= kth:
+            chosen[added] = j
+            added += 1
+    for m in range(count):
+        member[chosen[m]] = False
+    _sort_ints(chosen, added)
+    return added
+
+
+@njit(parallel=True, cache=True)
+def _screen_rows(
+    x, x_hat, screened, w_rows, norm_hat, norm_err, norm, bias, k, c, gamma, out_unit, w_max
+):
+    """(indices, values, kinds, scored) per row; kind 0: settled by the candidates,
+    1: widened, -1: scored in full; scored: how many float32 dot products it took."""
+    n, width = screened.shape
+    indices = np.empty((n, k), dtype=np.int32)
+    values = np.empty((n, k), dtype=np.float32)
+    kinds = np.zeros(n, dtype=np.int8)
+    scored = np.zeros(n, dtype=np.int64)
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        bits = np.empty(width, dtype=np.uint32)
+        s = bits.view(np.float32)
+        upper = np.empty(width, dtype=np.float64)
+        blocks = -(-width // max(1, min(ROWS, width // c)))
+        block_top = np.empty(blocks, dtype=np.float64)
+        chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
+        dots = np.empty(width, dtype=np.float32)
+        biases = np.empty(width, dtype=np.float32)
+        local = np.empty(k, dtype=np.int32)
+        member = np.zeros(width, dtype=np.bool_)
+        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+            for j in range(width):  # bfloat16 bits to float32: the high half of the word
+                bits[j] = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
+            finite = _bounds(
+                s, bias, x[i], x_hat[i], norm_hat, norm_err, norm, gamma, out_unit, w_max,
+                upper, blocks, block_top,
+            )  # fmt: skip
+            scratch = (dots, biases, local, indices[i], values[i])
+            if finite:
+                count, left_out = _candidates(upper, blocks, c, block_top, chosen)
+                kth = _score(x[i], w_rows, bias, chosen, count, k, *scratch)
+                scored[i] = count
+                finite = abs(kth) < np.inf
+                if finite and not left_out < kth:
+                    count = _widen(upper, kth, chosen, count, member)
+                    _score(x[i], w_rows, bias, chosen, count, k, *scratch)
+                    kinds[i], scored[i] = 1, scored[i] + count
+            if not finite:
+                for j in range(width):
+                    chosen[j] = j
+                _score(x[i], w_rows, bias, chosen, width, k, *scratch)
+                kinds[i], scored[i] = -1, scored[i] + width
+            _finish(k, indices[i], values[i])
+    return indices, values, kinds, scored

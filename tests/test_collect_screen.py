@@ -1,0 +1,187 @@
+"""The bfloat16 screen of the TopK encoder picks the features the float32 path picks: on
+random rows, rows of every magnitude, near-ties the screen cannot resolve, and rows where
+its candidates fall short (widened) or its inputs are not finite (scored in full)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from coact.codes import screen as screen_module
+from coact.codes.collect import CollectConfig, collect_codes, encode_csr
+from coact.codes.corpus import Contexts
+from coact.codes.screen import (
+    UNIT,
+    ScreenCounts,
+    _bounds,
+    resolve_screen,
+    screen_weights,
+    screened_topk_csr,
+)
+from coact.errors import CoactError
+from coact.models.load import load_model
+from coact.models.sites import Site
+from coact.sae.base import Sae
+
+
+def _sae(d: int, width: int, k: int, seed: int, w_enc: torch.Tensor | None = None) -> Sae:
+    gen = torch.Generator().manual_seed(seed)
+    sae = Sae(d, width, activation="topk", k=k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, width, generator=gen) / d**0.5 if w_enc is None else w_enc)
+        sae.b_enc.copy_(torch.randn(width, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=gen) * 0.1)
+    return sae.eval().requires_grad_(False)
+
+
+def _screened(sae: Sae, x: torch.Tensor, margin: int = 16) -> tuple[sp.csr_matrix, ScreenCounts]:
+    weights = screen_weights(sae, sae.W_enc)
+    assert weights is not None
+    x = x - sae.b_dec
+    parts, counts = screened_topk_csr(x, weights, sae.b_enc.numpy(), int(sae.k or 0), margin)
+    return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width)), counts
+
+
+def _same_features(ours: sp.csr_matrix, exact: sp.csr_matrix) -> None:
+    """The same active features per row; values equal to float32 rounding (1e-5 of the
+    row's largest value: two float32 dot products summed in different orders)."""
+    np.testing.assert_array_equal(ours.indptr, exact.indptr)
+    np.testing.assert_array_equal(ours.indices, exact.indices)
+    scale = np.repeat(
+        np.maximum.reduceat(np.abs(exact.data), exact.indptr[:-1]) if exact.nnz else [],
+        np.diff(exact.indptr),
+    )
+    with np.errstate(invalid="ignore"):  # inf − inf where a row overflowed: equal, then
+        close = (ours.data == exact.data) | (np.abs(ours.data - exact.data) <= 1e-5 * scale)
+    assert np.all(close)
+
+
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_random_rows_of_every_magnitude(k: int) -> None:
+    sae = _sae(96, 384, k, seed=k)
+    gen = torch.Generator().manual_seed(100 + k)
+    x = torch.randn(600, 96, generator=gen)
+    scale = 10.0 ** torch.randint(-30, 30, (600, 1), generator=gen).float()
+    x = x * scale  # rows from 1e-30 to 1e29: the bound scales with each row
+    ours, counts = _screened(sae, x + sae.b_dec)
+    _same_features(ours, encode_csr(sae, x + sae.b_dec))
+    assert counts.rows == 600 and counts.full_rows == 0
+    assert counts.scored < 0.5 * 600 * 384  # the screen spared most dot products
+    _same_features(encode_csr(sae, x, screen="bf16"), encode_csr(sae, x, screen="off"))
+
+
+def test_near_ties_the_screen_cannot_resolve() -> None:
+    """Columns in pairs W_b = W_a (1 + 2⁻¹⁰): their values differ by 0.1 %, below what the
+    bfloat16 product resolves (its rounding is ~0.4 %) yet far above float32's; the pair's
+    screened order is often the wrong one, and the exact step must still decide it."""
+    d, half, k = 64, 96, 15  # odd: the k-th and (k+1)-th values are one pair
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(d, half, generator=gen) / d**0.5
+    w_enc = torch.cat([base, base * (1 + 2.0**-10)], dim=1)
+    sae = _sae(d, 2 * half, k, seed=3, w_enc=w_enc)
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.randn(800, d, generator=gen)
+    exact = (x @ w_enc).numpy()
+    screened = (x.bfloat16() @ w_enc.bfloat16()).float().numpy()
+    a, b = exact[:, :half], exact[:, half:]
+    wrong = np.sign(screened[:, :half] - screened[:, half:]) != np.sign(a - b)
+    assert wrong.mean() > 0.05  # the screen alone would misorder many pairs
+    ours, _ = _screened(sae, x)
+    _same_features(ours, encode_csr(sae, x))
+    kth = np.sort(exact, axis=1)[:, -k]
+    gap = kth - np.sort(exact, axis=1)[:, -k - 1]
+    assert (gap < UNIT * np.abs(kth)).mean() > 0.9  # the k-th place is a near-tie
+
+
+def test_widening_is_exercised_and_counted() -> None:
+    """With no margin the candidates often fall short of proving the top k: those rows are
+    widened, counted, and still give the exact features."""
+    sae = _sae(64, 256, 16, seed=5)
+    x = torch.randn(400, 64, generator=torch.Generator().manual_seed(5))
+    before = dataclasses.replace(screen_module.COUNTS)
+    ours, counts = _screened(sae, x, margin=0)
+    _same_features(ours, encode_csr(sae, x))
+    assert 0 < counts.widened_rows < counts.rows
+    assert counts.fallback_rate() == counts.widened_rows / counts.rows
+    assert screen_module.COUNTS.widened_rows - before.widened_rows == counts.widened_rows
+    _, roomy = _screened(sae, x, margin=48)
+    assert roomy.widened_rows < counts.widened_rows
+
+
+def test_rows_that_are_not_finite_are_scored_in_full() -> None:
+    sae = _sae(32, 128, 8, seed=7)
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(7))
+    x[3, 5], x[11, 0], x[20, 2] = float("nan"), float("inf"), 3e38
+    ours, counts = _screened(sae, x)
+    assert counts.full_rows >= 2
+    _same_features(ours, encode_csr(sae, x))
+    assert ours[3].nnz == 0 and ours[20].data.max() > 1e37  # near float32's limit, exact too
+
+
+def test_the_bound_covers_the_actual_error() -> None:
+    """U_j ≥ the float32 value, checked against float64 dot products on rows of several
+    magnitudes (what the proof assumes of the bfloat16 product: float32 accumulation)."""
+    d, width = 128, 512
+    sae = _sae(d, width, 8, seed=9)
+    weights = screen_weights(sae, sae.W_enc)
+    assert weights is not None
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(200, d, generator=gen) * 10.0 ** torch.randint(-8, 8, (200, 1), generator=gen)
+    bias = sae.b_enc.numpy()
+    screened = (x.bfloat16() @ weights.w_bf16).float().numpy()
+    real = x.double().numpy() @ sae.W_enc.double().numpy() + bias
+    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
+    blocks = width // 8
+    upper, top = np.empty(width), np.empty(blocks)
+    slack = []
+    for i in range(len(x)):
+        xi = x[i].numpy()
+        args = (weights.norm_hat, weights.norm_err, weights.norm, gamma, UNIT / (1 - UNIT))
+        xh = x[i].bfloat16().float().numpy()
+        assert _bounds(screened[i], bias, xi, xh, *args, weights.abs_max, upper, blocks, top)
+        assert np.all(upper >= real[i])
+        assert np.allclose(top, upper.reshape(8, blocks).max(axis=0))
+        slack.append(np.median((upper - real[i]) / np.abs(real[i] - bias).max()))
+    assert np.median(slack) < 0.1  # and it is not vacuous
+
+
+def test_resolve_screen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(screen_module, "bf16_is_fast", lambda: True)
+    assert resolve_screen("auto", "cpu") == "bf16"
+    assert resolve_screen("auto", "cuda") == "off"
+    monkeypatch.setattr(screen_module, "bf16_is_fast", lambda: False)
+    assert resolve_screen("auto", "cpu") == "off"
+    assert resolve_screen("bf16", "cpu") == "bf16"
+    with pytest.raises(CoactError, match="CPU only"):
+        resolve_screen("bf16", "cuda")
+    with pytest.raises(CoactError, match="screen must be one of"):
+        resolve_screen("fp8", "cpu")
+
+
+def test_a_screened_store_is_not_resumed_without_the_screen(tmp_path: Path) -> None:
+    lm = load_model("tiny-llama")
+    tokens = torch.randint(1, 200, (16, 16), generator=torch.Generator().manual_seed(0))
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
+    saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
+    base = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=8)
+    screened = dataclasses.replace(base, screen="bf16")
+    plain = dataclasses.replace(base, screen="off")
+    one = collect_codes(lm, contexts, saes, tmp_path / "a", screened)
+    two = collect_codes(lm, contexts, saes, tmp_path / "b", plain)
+    assert one.meta["screen"] == "bf16" and two.meta["screen"] == "off"
+    assert one.fingerprint != two.fingerprint
+    for slug in one.sites:
+        _same_features(one.read_site(slug), two.read_site(slug))
+    with pytest.raises(CoactError, match="collected with screen 'bf16'"):
+        collect_codes(lm, contexts, saes, tmp_path / "a", plain)
+    with pytest.raises(CoactError, match="collected with screen 'off'"):
+        collect_codes(lm, contexts, saes, tmp_path / "b", screened)
+    again = collect_codes(lm, contexts, saes, tmp_path / "a", screened)  # same screen: resumes
+    assert again.fingerprint == one.fingerprint
