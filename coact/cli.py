@@ -64,6 +64,11 @@ def budget_option(name: str) -> Any:
     )
 
 
+def wait_option() -> Any:
+    """--wait/--no-wait: wait for another writer's claim on the run, or stop naming it."""
+    return option(Execution, "wait", "--wait/--no-wait")
+
+
 RUN = typer.Argument(..., help="run directory written by `coact analyze`")
 
 
@@ -109,7 +114,7 @@ def analyze(
     executor: str = option(Execution, "executor"),
     workers: int = option(Execution, "workers"),
     address: str | None = option(Execution, "address"),
-    wait: bool = option(Execution, "wait", "--wait/--no-wait"),
+    wait: bool = wait_option(),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="print the plan (`coact plan`) and stop before anything loads"
     ),
@@ -251,11 +256,13 @@ def connect(
     mlp_epochs: int = option(ConnectorTrainConfig, "epochs", default=MLP_FIT.epochs),
     stability: bool = option(ConnectConfig, "stability", "--stability/--no-stability"),
     device: str = option(AnalyzeConfig, "device"),
+    wait: bool = wait_option(),
 ) -> None:
     """Sparse linear connectors (L1 path, frontier, elbow, stability) and the linearity
     table, from a run's feature codes; writes <run>/connect/."""
     from coact.connectors.stage import connect as run_connect
     from coact.models.sites import SitePair
+    from coact.pipeline.commands import stage_claim
     from coact.report.text import format_connect
     from coact.rundir.layout import RunLayout
 
@@ -267,9 +274,12 @@ def connect(
         linearity=LinearityConfig(tau=tau, form=_form(form)), seed=cfg.seed, device=device,
     )  # fmt: skip
     layout = RunLayout.of(run)
-    require_codes(layout.codes)
-    with guarded(layout.connect):  # earlier results stay until these land
-        result = run_connect(layout.codes, pair, layout.connect.path, config, _decode(cfg.model))
+    with stage_claim(run, "connect", wait=wait):
+        require_codes(layout.codes)
+        with guarded(layout.connect):  # earlier results stay until these land
+            result = run_connect(
+                layout.codes, pair, layout.connect.path, config, _decode(cfg.model)
+            )
     typer.echo(format_connect(result))
 
 
@@ -281,6 +291,7 @@ def calibrate(
     max_contexts: int = option(CalibrateConfig, "max_contexts"),
     form: str = option(CalibrateConfig, "form"),
     causal: bool = option(CalibrateConfig, "causal", "--causal/--no-causal"),
+    wait: bool = wait_option(),
 ) -> None:
     """Calibrate τ against the model's next-token loss (noise curves, splices, causal
     check); everything else in the run is reused. Writes <run>/calibrate/."""
@@ -296,7 +307,7 @@ def calibrate(
     )  # the run's other stages are rerun too, each reusing its finished result
     from coact import api
 
-    summary = api.analyze(config)
+    summary = api.analyze(config, Execution(wait=wait))
     assert summary.calibrate is not None  # type: ignore[union-attr]
     typer.echo(format_calibrate(summary.calibrate))  # type: ignore[union-attr]
 
@@ -310,12 +321,14 @@ def logic(
         "--sae-connector/--no-sae-connector",
         help=help_of(LabelsConfig, "sae_connector"),
     ),
+    wait: bool = wait_option(),
 ) -> None:
     """Label each output feature's computation (OR, AND, A-AND-NOT-B, WEIGHTED-SUM,
     NONLINEAR, UNEXPLAINED) with a confidence, from co-activation statistics and the
     jacobian stage's connections when <run>/jacobian/ holds them; writes <run>/logic/."""
     from coact.logic.stage import label_run
     from coact.models.sites import SitePair
+    from coact.pipeline.commands import stage_claim
     from coact.report.text import format_logic
     from coact.rundir.layout import RunLayout
 
@@ -332,13 +345,14 @@ def logic(
     )
     layout = RunLayout.of(run)
     pair = SitePair.mlp(cfg.layer)
-    require_codes(layout.codes)
-    require(layout.connect, f"`coact connect {run}`")
-    with guarded(layout.logic):
-        result = label_run(
-            layout.codes, pair, layout.connect.path, layout.logic.path, config,
-            jacobian_dir=layout.jacobian.path,
-        )  # fmt: skip
+    with stage_claim(run, "logic", wait=wait):
+        require_codes(layout.codes)
+        require(layout.connect, f"`coact connect {run}`")
+        with guarded(layout.logic):
+            result = label_run(
+                layout.codes, pair, layout.connect.path, layout.logic.path, config,
+                jacobian_dir=layout.jacobian.path,
+            )  # fmt: skip
     typer.echo(format_logic(result))
 
 
@@ -362,23 +376,24 @@ def report(
         help="model run: accepted and redundant; each layer's report (and the model page) "
         "is rebuilt only when its inputs changed",
     ),
+    wait: bool = wait_option(),
 ) -> None:
     """Markdown pages, altair charts and an offline mkdocs-material site from a run;
     prints the path of the built site's index.html. For a model run (`coact analyze
     --layers`) each layer's report is built and a model page links and compares them."""
+    from coact.pipeline.commands import stage_claim
+    from coact.pipeline.run import SUMMARY
+    from coact.report.fingerprint import build_report_if_changed
     from coact.report.model import build_model_report, is_model_run
 
     chosen = list(feature) if feature else features
     if feature:
         _check_features(run, list(feature))
-    if is_model_run(run):
-        index = build_model_report(run, out, features=chosen)  # unchanged inputs: reused
-        typer.echo(f"model report: {index}")
-        return
-    from coact.report.fingerprint import build_report_if_changed
-
-    index = build_report_if_changed(run, out, features=chosen)  # unchanged inputs: reused
-    typer.echo(f"report: {index}")
+    with stage_claim(run, SUMMARY, wait=wait):  # analyze's claim on the summary and report
+        model_run = is_model_run(run)
+        build = build_model_report if model_run else build_report_if_changed
+        index = build(run, out, features=chosen)  # unchanged inputs: reused
+    typer.echo(f"{'model report' if model_run else 'report'}: {index}")
 
 
 @app.command()
@@ -402,6 +417,7 @@ def ablate(
     filler: str = option(AblationConfig, "filler"),
     batch_size: int = option(AblationConfig, "batch_size"),
     device: str = option(AnalyzeConfig, "device"),
+    wait: bool = wait_option(),
 ) -> None:
     """Context ablation: remove or replace each token before a feature's top activations,
     rerun the model up to the site and re-encode; writes <run>/evidence/ablation.parquet."""
@@ -416,7 +432,8 @@ def ablate(
         contexts=contexts, input_contexts=input_contexts, inputs_per_feature=inputs,
         window=window, modes=modes, filler=filler, batch_size=batch_size,  # type: ignore[arg-type]
     )  # fmt: skip
-    result = ablate_run(run, settings, list(feature) if feature else features, device=device)
+    chosen = list(feature) if feature else features
+    result = ablate_run(run, settings, chosen, device=device, wait=wait)
     typer.echo(format_ablation(result))
 
 
@@ -427,6 +444,7 @@ def outliers(
     norm_factor: float = option(OutlierConfig, "norm_factor"),
     share: float = option(OutlierConfig, "share"),
     min_active: int = option(OutlierConfig, "min_active"),
+    wait: bool = wait_option(),
 ) -> None:
     """Flag artefact features (firing mostly on the first tokens, the first delimiter or
     tokens of very high norm) of the layer's sites; writes <run>/outliers/outliers.parquet."""
@@ -437,7 +455,7 @@ def outliers(
         first_positions=first_positions, norm_factor=norm_factor, share=share,
         min_active=min_active,
     )  # fmt: skip
-    typer.echo(format_outliers(outliers_run(run, settings)))
+    typer.echo(format_outliers(outliers_run(run, settings, wait=wait)))
 
 
 @app.command()
@@ -498,14 +516,17 @@ def graph(
         GRAPH["direction"].default, help="in (what feeds it), out (what it feeds) or both"
     ),
     out: Path | None = typer.Option(None, help="default: <run>/graph/"),
+    wait: bool = wait_option(),
 ) -> None:
     """The layer graph of one feature: the connections that feed it (or that it feeds)
     through the skip path, attention, the MLP and the composition of the next stream.
     Writes its edge and node tables (parquet and CSV) and the chart (SVG, PNG)."""
+    from coact.pipeline.commands import GRAPH_CLAIM, stage_claim
     from coact.report.graph import write_feature_graph
     from coact.report.text import format_graph
 
-    found, written = write_feature_graph(run, site, feature, top, depth, direction, out)
+    with stage_claim(run, GRAPH_CLAIM, wait=wait):
+        found, written = write_feature_graph(run, site, feature, top, depth, direction, out)
     typer.echo(format_graph(found))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 

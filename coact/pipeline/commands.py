@@ -1,8 +1,11 @@
 """Stages rerun on a finished run directory by their own command (`coact ablate`,
-`coact outliers`): the run's config says which model, codes and SAEs."""
+`coact outliers`): the run's config says which model, codes and SAEs. Every stage command
+writes under the claim `coact analyze` takes for that stage (`stage_claim`), so a command
+and an analyze resuming the same run never write one stage at once."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from coact.codes.store import CodeStore
@@ -12,9 +15,28 @@ from coact.evidence.outliers import OutlierConfig, OutliersResult, outliers, run
 from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.run import SUMMARY
 from coact.pipeline.shared import layer_sites
-from coact.rundir.layout import RunLayout, read_run_config
+from coact.rundir.claims import claimed
+from coact.rundir.layout import CONFIG, RunLayout, read_run_config
 from coact.rundir.verify import guarded, require, require_codes
+
+GRAPH_CLAIM = "graph"  # `coact graph`'s tables and charts in <run>/graph/ (no analyze stage)
+CLAIMED = {SUMMARY: "the summary and report", GRAPH_CLAIM: "the feature graphs"}
+
+
+def stage_claim(
+    run_dir: str | Path, name: str, *, wait: bool = True
+) -> AbstractContextManager[object]:
+    """The claim `coact analyze` holds while it writes stage `name` of `run_dir` (SUMMARY:
+    summary.json and the report), for a stage command to write under; `wait` as analyze's
+    --wait/--no-wait. A path that is no run directory (no config.json) has nothing to
+    claim and gets nothing written: the command's own checks say what is wrong with it."""
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        return nullcontext()
+    what = f"{CLAIMED.get(name, f'stage {name}')} of {run}"
+    return claimed(RunLayout(run, run).claims, name, what, wait=wait)
 
 
 def report_ablation_targets(
@@ -52,12 +74,25 @@ def ablate_run(
     settings: AblationConfig | None = None,
     features: int | list[int] = 50,
     device: str = "cpu",
+    *,
+    wait: bool = True,
 ) -> AblationResult:
     """`coact ablate`: context ablation of a finished run's report features (or the given
-    output features) and their top inputs, into <run>/evidence/."""
-    settings = settings or AblationConfig()
+    output features) and their top inputs, into <run>/evidence/, under the stage's claim."""
     layout = RunLayout.of(run_dir)
     config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    with stage_claim(layout.run_dir, "ablate", wait=wait):
+        return _ablated(layout, config, settings or AblationConfig(), features, device)
+
+
+def _ablated(
+    layout: RunLayout,
+    config: AnalyzeConfig,
+    settings: AblationConfig,
+    features: int | list[int],
+    device: str,
+) -> AblationResult:
+    """The ablation, under the claim: the codes and connectors it reads are checked there."""
     require_codes(layout.codes)
     require(layout.connect, f"`coact connect {layout.run_dir}`")
     wanted = report_ablation_targets(layout.run_dir, features, settings)
@@ -92,15 +127,28 @@ def require_saes(layout: RunLayout, config: AnalyzeConfig, slugs: list[str]) -> 
 
 
 def outliers_run(
-    run_dir: str | Path, settings: OutlierConfig | None = None, device: str = "cpu"
+    run_dir: str | Path,
+    settings: OutlierConfig | None = None,
+    device: str = "cpu",
+    *,
+    wait: bool = True,
 ) -> OutliersResult:
-    """`coact outliers`: flag a finished run's artefact features into <run>/outliers/."""
+    """`coact outliers`: flag a finished run's artefact features into <run>/outliers/,
+    under the stage's claim."""
+    layout = RunLayout.of(run_dir)
+    config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
+    with stage_claim(layout.run_dir, "outliers", wait=wait):
+        return _flagged(layout, config, settings or OutlierConfig(), device)
+
+
+def _flagged(
+    layout: RunLayout, config: AnalyzeConfig, settings: OutlierConfig, device: str
+) -> OutliersResult:
+    """The flags, under the claim: the codes and SAEs they read are checked there."""
     import polars as pl
 
     from coact.report.evidence import default_decode
 
-    layout = RunLayout.of(run_dir)
-    config = AnalyzeConfig.from_dict(read_run_config(layout.run_dir))
     require_codes(layout.codes)
     store = CodeStore.open(layout.codes)
     slugs = [site.slug for site in layer_sites(config, config.layer)]
@@ -110,6 +158,5 @@ def outliers_run(
     saes = run_saes(layout.run_dir, slugs, device=device)
     with guarded(layout.outliers):  # earlier results stay until these land
         return outliers(
-            store, layout.outliers.path, settings or OutlierConfig(), sites=slugs,
-            decode=decode, saes=saes,
+            store, layout.outliers.path, settings, sites=slugs, decode=decode, saes=saes,
         )  # fmt: skip
