@@ -7,10 +7,14 @@ neighbouring timings see the same load; throughput sums all slices and repeats:
   capture       — nnsight reading the two sites (what tracing costs);
   hooks         — forward hooks reading the two sites (what collection now uses);
   collect_plain — the old stage: nnsight, torch.topk encoding, the shard written inline;
-  collect       — the stage: hooks, the compiled TopK selection, shards written by a
-                  thread while the next shard is encoded.
-Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). Both collections
-must write the same bytes (checked). The store written by `collect` is measured against
+  collect_float32 — the stage with its float32 encoder product: hooks, the compiled TopK
+                  selection, shards written by a thread while the next shard is encoded;
+  collect       — the stage as configured by default: on CPUs with AMX the encoders' product
+                  screened in bfloat16, only the candidates scored in float32.
+Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). collect_plain and
+collect_float32 must write the same bytes, collect the same features with values equal to
+float32 rounding (checked); the screen's counts (rows widened or scored in full) are kept.
+The store written by `collect` is measured against
 nonzeros × (index + value) bytes (target ≤ 1.2×) and against a dense float32 layout.
 `--device cuda` runs it on a GPU (synchronised timings); writes `--json`
 (default analyses/results/bench_collect.json, or bench_collect_<device>.json off CPU).
@@ -32,11 +36,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from coact.codes import collect as collect_module
+from coact.codes import screen as screen_module
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
 from coact.codes.forward import read_sites
@@ -66,7 +73,7 @@ def pythia_70m_shaped(device: str) -> LoadedModel:
         intermediate_size=2048,
         num_hidden_layers=6,
         num_attention_heads=8,
-        rotary_pct=0.25,
+        rotary_pct=0.25,  # type: ignore[call-arg]
         max_position_embeddings=2048,
         use_parallel_residual=True,
     )
@@ -141,8 +148,8 @@ def _old_collect(*args: object) -> object:
     """The stage as it was: nnsight reads, torch.topk encoding (the writer thread stays:
     with one shard in flight its cost is the write itself)."""
     saved = collect_module.read_sites, collect_module.encode_csr
-    collect_module.read_sites = capture  # type: ignore[assignment]
-    collect_module.encode_csr = lambda sae, x, **_: encode_csr(sae, x, fused=False)  # type: ignore[assignment]
+    collect_module.read_sites = capture
+    collect_module.encode_csr = lambda sae, x, **_: encode_csr(sae, x, fused=False)
     try:
         return collect_codes(*args)  # type: ignore[arg-type]
     finally:
@@ -168,7 +175,7 @@ def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
     )
 
 
-def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, object]:
+def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, Any]:
     """Every variant on one slice of contexts, in rotating order, then the next slice: on
     a busy machine neighbouring timings see the same load. Throughput sums every slice."""
     corpus = str(SHARED / "wikitext-2-test.txt") if SHARED.exists() else "embedded"
@@ -177,8 +184,13 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
     saes = {site: random_sae(lm.adapter.d_model, site, device=device) for site in sites}
     config = CollectConfig(forward_batch=batch, shard_contexts=SLICE // 2)
+    float32 = dataclasses.replace(config, screen="off")
     capture(lm, tokens[:batch], sites)  # warm-up (and the compiled selection's load)
-    encode_csr(saes[sites[0]], read_sites(lm, tokens[:batch], sites)[sites[0]][0])
+    warm = read_sites(lm, tokens[:batch], sites)[sites[0]][0]
+    encode_csr(saes[sites[0]], warm)
+    encode_csr(saes[sites[0]], warm, screen="bf16")
+    screen = screen_module.resolve_screen(config.screen, device)
+    counts_before = dataclasses.replace(screen_module.COUNTS)
     scratch = Path(tempfile.mkdtemp(prefix="coact-bench-"))
     slices = [(lo, min(lo + SLICE, len(tokens))) for lo in range(0, len(tokens), SLICE)]
 
@@ -188,7 +200,10 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
             "plain": lambda _: plain_forward(lm, t, layer, batch),
             "capture": lambda _: _reads(capture, lm, t, sites, batch),
             "hooks": lambda _: _reads(read_sites, lm, t, sites, batch),
-            "collect_plain": lambda _: _old_collect(lm, part, saes, scratch / f"old{tag}", config),
+            "collect_plain": lambda _: _old_collect(lm, part, saes, scratch / f"old{tag}", float32),
+            "collect_float32": lambda _: collect_codes(
+                lm, part, saes, scratch / f"f32{tag}", float32
+            ),
             "collect": lambda _: collect_codes(lm, part, saes, scratch / f"new{tag}", config),
         }
 
@@ -202,8 +217,12 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
                 for name in names[turn:] + names[:turn]:
                     times[name].append(_timed(fns[name], r, device, name))
         identical = all(
-            _files(scratch / f"old0-{i}") == _files(scratch / f"new0-{i}")
-            for i in range(len(slices))
+            _files(scratch / f"old0-{i}") == _files(scratch / f"f32{tag}")
+            for i, tag in enumerate(f"0-{i}" for i in range(len(slices)))
+        )
+        agreement = _agreement(
+            [CodeStore.open(scratch / f"old0-{i}") for i in range(len(slices))],
+            [CodeStore.open(scratch / f"new0-{i}") for i in range(len(slices))],
         )
         storage = _storage(CodeStore.open(scratch / "new0-0"))
     finally:
@@ -232,8 +251,37 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
         },
         "cpu_seconds": cpu,
         "ratio_vs_plain_cpu_time": {name: cpu["plain"] / t for name, t in cpu.items()},
-        "collect_bytes_identical_to_plain_path": identical,
+        "collect_float32_bytes_identical_to_plain_path": identical,
+        "screen": screen,
+        "collect_vs_plain_path": agreement,
+        "screen_counts": _screen_counts(counts_before),
         "store_bytes_per_token": storage,
+    }
+
+
+def _agreement(plain: list[CodeStore], ours: list[CodeStore]) -> dict[str, object]:
+    """Whether the stores hold the same features, and how far their values differ."""
+    same, worst = True, 0.0
+    for a, b in zip(plain, ours, strict=True):
+        for slug in a.sites:
+            x, y = a.read_site(slug), b.read_site(slug)
+            same &= np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
+            if same and x.nnz:
+                worst = max(worst, float(np.max(np.abs(x.data - y.data) / np.abs(x.data))))
+    return {"same_features": bool(same), "max_relative_value_difference": worst}
+
+
+def _screen_counts(before: screen_module.ScreenCounts) -> dict[str, float]:
+    """The screen's counts over this run (warm-up and every variant that screened)."""
+    now = screen_module.COUNTS
+    rows = now.rows - before.rows
+    return {
+        "rows": rows,
+        "widened_rows": now.widened_rows - before.widened_rows,
+        "full_rows": now.full_rows - before.full_rows,
+        "fallback_rate": (now.widened_rows - before.widened_rows + now.full_rows - before.full_rows)
+        / max(rows, 1),
+        "dot_products_per_row": (now.scored - before.scored) / max(rows, 1),
     }
 
 
@@ -294,20 +342,20 @@ def main() -> None:
     out.write_text(json.dumps({**meta, "runs": results}, indent=2))
     print(f"load average before {load_before}, after {meta['load_average_1_5_15_after']}")
     for r in results:
-        ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())  # type: ignore[union-attr]
+        ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())
         print(f"{r['model']} layer {r['layer']} on {r['device']}: vs plain forward: {ratios}")
         medians = ", ".join(
-            f"{k} {v:.2f}×"
-            for k, v in r["ratio_vs_plain_median_of_slices"].items()  # type: ignore[union-attr]
+            f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain_median_of_slices"].items()
         )
         print(f"  median of the slices' ratios: {medians}")
-        by_cpu = ", ".join(
-            f"{k} {v:.2f}×"
-            for k, v in r["ratio_vs_plain_cpu_time"].items()  # type: ignore[union-attr]
-        )
+        by_cpu = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain_cpu_time"].items())
         print(f"  by this process's CPU seconds: {by_cpu}")
-        print(f"  same bytes as the old path: {r['collect_bytes_identical_to_plain_path']}")
-        for slug, sizes in r["store_bytes_per_token"].items():  # type: ignore[union-attr]
+        print(
+            f"  float32 stage, same bytes as the old path: "
+            f"{r['collect_float32_bytes_identical_to_plain_path']}; screen {r['screen']}: "
+            f"{r['collect_vs_plain_path']}, {r['screen_counts']}"
+        )
+        for slug, sizes in r["store_bytes_per_token"].items():
             print(
                 f"  {slug}: {sizes['stored']:.1f} B/token = {sizes['ratio_vs_ideal']:.3f}× ideal, "
                 f"{sizes['ratio_vs_dense_float32']:.3f}× dense float32"

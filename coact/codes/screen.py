@@ -24,11 +24,14 @@ path except where two values tie within float32 rounding at the k-th place.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 from coact.codes._topk import _finish, _select, compact
 from coact.errors import CoactError
@@ -36,7 +39,7 @@ from coact.errors import CoactError
 SCREENS = ("auto", "bf16", "off")
 MARGIN = 16  # candidates beyond k per row: fewer widened rows against more dots per row
 UNIT = 2.0**-8  # bfloat16's unit roundoff
-CHUNK = 32  # rows per parallel task (their scratch is allocated once)
+MIN_ROWS_PER_THREAD = 256
 ROWS = 8  # features per block in the candidate search (see _candidates)
 
 
@@ -136,21 +139,18 @@ def screened_topk_csr(
     x_bf16 = x.to(torch.bfloat16)
     screened = (x_bf16 @ weights.w_bf16).view(torch.int16).numpy()
     gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
-    indices, values, kinds, scored = _screen_rows(
-        x.numpy(),
-        x_bf16.float().numpy(),
-        screened,
-        weights.w_rows,
-        weights.norm_hat,
-        weights.norm_err,
-        weights.norm,
-        np.ascontiguousarray(bias),
-        k,
-        min(width, k + margin),
-        gamma,
-        UNIT / (1 - UNIT),
-        weights.abs_max,
-    )
+    n = len(x)
+    indices, values = np.empty((n, k), dtype=np.int32), np.empty((n, k), dtype=np.float32)
+    kinds, scored = np.zeros(n, dtype=np.int8), np.zeros(n, dtype=np.int64)
+    inputs = (x.numpy(), x_bf16.float().numpy(), screened, weights.w_rows, weights.norm_hat)
+    norms = (weights.norm_err, weights.norm, np.ascontiguousarray(bias))
+    rule = (k, min(width, k + margin), gamma, UNIT / (1 - UNIT), weights.abs_max)
+    outputs = (indices, values, kinds, scored)
+
+    def part(lo: int, hi: int) -> None:
+        _screen_rows(*inputs, *norms, *rule, *outputs, lo, hi)
+
+    _split(part, n)
     counts = ScreenCounts(
         rows=len(kinds),
         widened_rows=int((kinds > 0).sum()),
@@ -334,49 +334,60 @@ def _widen(upper, kth, chosen, count, member):
     return added
 
 
-@njit(parallel=True, cache=True)
+def _split(part: Callable[[int, int], None], n: int) -> None:
+    """part(lo, hi) over rows 0..n, in as many threads as torch uses (compiled code that
+    releases the GIL: no second OpenMP pool spinning against torch's)."""
+    threads = min(torch.get_num_threads(), max(1, n // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        part(0, n)
+        return
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads - 1, thread_name_prefix="coact-screen") as pool:
+        later = list(pairwise(bounds.tolist()))[1:]
+        done = [pool.submit(part, lo, hi) for lo, hi in later]
+        part(0, int(bounds[1]))
+        for future in done:
+            future.result()
+
+
+@njit(nogil=True, cache=True)
 def _screen_rows(
-    x, x_hat, screened, w_rows, norm_hat, norm_err, norm, bias, k, c, gamma, out_unit, w_max
-):
-    """(indices, values, kinds, scored) per row; kind 0: settled by the candidates,
-    1: widened, -1: scored in full; scored: how many float32 dot products it took."""
-    n, width = screened.shape
-    indices = np.empty((n, k), dtype=np.int32)
-    values = np.empty((n, k), dtype=np.float32)
-    kinds = np.zeros(n, dtype=np.int8)
-    scored = np.zeros(n, dtype=np.int64)
-    for chunk in prange((n + CHUNK - 1) // CHUNK):
-        bits = np.empty(width, dtype=np.uint32)
-        s = bits.view(np.float32)
-        upper = np.empty(width, dtype=np.float64)
-        blocks = -(-width // max(1, min(ROWS, width // c)))
-        block_top = np.empty(blocks, dtype=np.float64)
-        chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
-        dots = np.empty(width, dtype=np.float32)
-        biases = np.empty(width, dtype=np.float32)
-        local = np.empty(k, dtype=np.int32)
-        member = np.zeros(width, dtype=np.bool_)
-        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
-            for j in range(width):  # bfloat16 bits to float32: the high half of the word
-                bits[j] = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
-            finite = _bounds(
-                s, bias, x[i], x_hat[i], norm_hat, norm_err, norm, gamma, out_unit, w_max,
-                upper, blocks, block_top,
-            )  # fmt: skip
-            scratch = (dots, biases, local, indices[i], values[i])
-            if finite:
-                count, left_out = _candidates(upper, blocks, c, block_top, chosen)
-                kth = _score(x[i], w_rows, bias, chosen, count, k, *scratch)
-                scored[i] = count
-                finite = abs(kth) < np.inf
-                if finite and not left_out < kth:
-                    count = _widen(upper, kth, chosen, count, member)
-                    _score(x[i], w_rows, bias, chosen, count, k, *scratch)
-                    kinds[i], scored[i] = 1, scored[i] + count
-            if not finite:
-                for j in range(width):
-                    chosen[j] = j
-                _score(x[i], w_rows, bias, chosen, width, k, *scratch)
-                kinds[i], scored[i] = -1, scored[i] + width
-            _finish(k, indices[i], values[i])
-    return indices, values, kinds, scored
+    x, x_hat, screened, w_rows, norm_hat, norm_err, norm, bias, k, c, gamma, out_unit, w_max,
+    indices, values, kinds, scored, lo, hi,
+):  # fmt: skip
+    """Rows lo..hi into (indices, values, kinds, scored); kind 0: settled by the
+    candidates, 1: widened, -1: scored in full; scored: the float32 dot products it took."""
+    width = screened.shape[1]
+    bits = np.empty(width, dtype=np.uint32)
+    s = bits.view(np.float32)
+    upper = np.empty(width, dtype=np.float64)
+    blocks = -(-width // max(1, min(ROWS, width // c)))
+    block_top = np.empty(blocks, dtype=np.float64)
+    chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
+    dots = np.empty(width, dtype=np.float32)
+    biases = np.empty(width, dtype=np.float32)
+    local = np.empty(k, dtype=np.int32)
+    member = np.zeros(width, dtype=np.bool_)
+    for i in range(lo, hi):
+        for j in range(width):  # bfloat16 bits to float32: the high half of the word
+            bits[j] = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
+        finite = _bounds(
+            s, bias, x[i], x_hat[i], norm_hat, norm_err, norm, gamma, out_unit, w_max,
+            upper, blocks, block_top,
+        )  # fmt: skip
+        scratch = (dots, biases, local, indices[i], values[i])
+        if finite:
+            count, left_out = _candidates(upper, blocks, c, block_top, chosen)
+            kth = _score(x[i], w_rows, bias, chosen, count, k, *scratch)
+            scored[i] = count
+            finite = abs(kth) < np.inf
+            if finite and not left_out < kth:
+                count = _widen(upper, kth, chosen, count, member)
+                _score(x[i], w_rows, bias, chosen, count, k, *scratch)
+                kinds[i], scored[i] = 1, scored[i] + count
+        if not finite:
+            for j in range(width):
+                chosen[j] = j
+            _score(x[i], w_rows, bias, chosen, width, k, *scratch)
+            kinds[i], scored[i] = -1, scored[i] + width
+        _finish(k, indices[i], values[i])
