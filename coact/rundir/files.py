@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -55,7 +58,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     build into; when the block succeeds it replaces `final` whole (`swap_in`), when it
     fails it is removed and `final` is left as it was."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_owned(final), suffix=".tmp", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would hide the report from its readers
     try:
         yield staging
@@ -66,21 +69,61 @@ def staged_dir(final: Path) -> Iterator[Path]:
 
 def swap_in(staging: Path, final: Path, tries: int = 5) -> None:
     """Move folder `staging` to `final`: the old `final` is moved aside first and removed
-    after, so a reader finds the old folder or the new one, never a half-written one."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    after, so a reader finds the old folder or the new one, never a half-written one.
+
+    A process killed mid-swap leaves its aside folder behind (and its staged folder, and
+    perhaps no `final` at all: the next build then finds no report and rebuilds it). Once
+    the new folder is in place, the aside and staged folders of `final` whose process is
+    dead are removed (`remove_leftovers`)."""
+    aside = Path(tempfile.mkdtemp(prefix=_owned(final), suffix=".old", dir=final.parent))
     try:
         for _ in range(tries):  # another writer may swap its folder in between our renames
             with suppress(FileNotFoundError):  # another writer may have moved it aside
                 os.replace(final, aside / str(len(list(aside.iterdir()))))
             try:
                 os.replace(staging, final)
-                return
+                break
             except OSError:
                 if not final.exists():
                     raise
-        raise OSError(f"could not swap {staging} in as {final}: it keeps being replaced")
+        else:
+            raise OSError(f"could not swap {staging} in as {final}: it keeps being replaced")
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+    remove_leftovers(final)
+
+
+def _owned(final: Path) -> str:
+    """The name prefix of this process's staged and aside folders of `final`: its pid and
+    host, so that a later swap can tell the folders of a dead process."""
+    return f".{final.name}.{os.getpid()}@{socket.gethostname()}."
+
+
+def remove_leftovers(final: Path) -> list[Path]:
+    """Remove the staged (`.tmp`) and aside (`.old`) folders of `final` left by a process
+    of this host that is dead; return them. A folder of a live process, of another host
+    (whose processes cannot be seen from here) or without an owner in its name is kept."""
+    owned = re.compile(rf"\.{re.escape(final.name)}\.(\d+)@(.*)\.[^.]*\.(?:tmp|old)")
+    removed = []
+    for path in sorted(final.parent.glob(f".{glob.escape(final.name)}.*")):
+        match = owned.fullmatch(path.name)
+        if match and path.is_dir() and not _alive(int(match[1]), match[2]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether process `pid` of `host` may still run (True where this host cannot tell)."""
+    if host != socket.gethostname() or os.name != "posix":  # os.kill(pid, 0) kills on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: Path, payload: Any) -> None:
