@@ -8,7 +8,13 @@ both times, the layer phase's ratio (what `--workers` parallelises), the whole r
 (the shared SAEs and codes are made once, serially, either way), and the machine's load
 (`uptime`) before and after, since other processes share the cores.
 
+`--phase saes` times the SAE training instead (`prepare`: the SAE groups, `--sae-group`
+per pass, then their evaluation and the codes in this process), serially and with the
+groups on the workers (Ray's start and each worker's loading included), into
+bench_workers_saes.json.
+
     python analyses/bench_workers.py [--layers 4] [--tokens 4000] [--workers 2]
+    python analyses/bench_workers.py --phase saes [--sae-tokens 40000] [--sae-group 4]
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coact.models.load import tiny_model, tiny_tokenizer
+from coact.models.load import load_model, tiny_model, tiny_tokenizer
 from coact.pipeline.budgets import with_budget
-from coact.pipeline.config import AnalyzeConfig
-from coact.pipeline.executor import Execution
+from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
+from coact.pipeline.executor import Execution, one_cluster
 from coact.pipeline.run import analyze
+from coact.pipeline.shared import groups_on_ray, layer_sites, prepare
+from coact.rundir.layout import RunLayout
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_workers.json"
 SHARED = ("config.json", "sae", "sae_eval", "codes")
@@ -59,6 +67,33 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def shared_phase(model: Path, run: Path, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """The timings of one `prepare` (the model run's SAEs, evaluations and codes), its SAE
+    groups here (`workers` 1) or on a Ray cluster started for it."""
+    cfg = dataclasses.replace(config(model, run, args), sae_group=args.sae_group)
+    cfg = cfg.with_stages(add=BLOCK_STAGES).resolved()
+    lm = load_model(cfg.model, device=cfg.device, seed=cfg.seed)
+    layers = cfg.layers if isinstance(cfg.layers, tuple) else ()
+    sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(cfg, layer)))
+    train = groups_on_ray(Execution(workers=workers)) if workers > 1 else None
+    started = time.perf_counter()
+    with one_cluster():
+        shared = prepare(cfg, lm, sites, dict.fromkeys(sites), RunLayout(run, run), train)
+    return {**shared.timings, "wall_s": time.perf_counter() - started, "sites": len(sites)}
+
+
+def saes(model: Path, args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """Serially, then on `args.workers` workers, each into a fresh run directory."""
+    serial = shared_phase(model, args.root / "serial", args, 1)
+    workers = shared_phase(model, args.root / "workers", args, args.workers)
+    record.update(
+        uptime_after=uptime(),
+        serial=serial,
+        workers=workers,
+        ratio_train=serial["train_saes_s"] / workers["train_saes_s"],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -66,6 +101,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--sae-tokens", type=int, default=6000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--phase", choices=("layers", "saes"), default="layers")
+    parser.add_argument("--sae-group", type=int, default=4)
     parser.add_argument("--root", type=Path, default=Path("runs") / "bench-workers")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -77,6 +114,12 @@ def main() -> None:
         "args": {**vars(args), "root": None, "out": None},
     }
     record["uptime_before"] = uptime()
+    if args.phase == "saes":
+        saes(model, args, record)
+        out = args.out if args.out != RESULTS else RESULTS.with_name("bench_workers_saes.json")
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record, indent=2))
+        return
 
     started = time.perf_counter()
     serial = analyze(config(model, args.root / "serial", args))
