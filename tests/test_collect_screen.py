@@ -19,6 +19,7 @@ from coact.codes.screen import (
     UNIT,
     ScreenCounts,
     _bounds,
+    _row_terms,
     resolve_screen,
     screen_weights,
     screened_topk_csr,
@@ -126,7 +127,7 @@ def test_rows_that_are_not_finite_are_scored_in_full() -> None:
 
 
 def test_the_bound_covers_the_actual_error() -> None:
-    """U_j ≥ the float32 value, checked against float64 dot products on rows of several
+    """upper_j ≥ the float32 value, checked against float64 dot products on rows of several
     magnitudes (what the proof assumes of the bfloat16 product: float32 accumulation)."""
     d, width = 128, 512
     sae = _sae(d, width, 8, seed=9)
@@ -139,15 +140,19 @@ def test_the_bound_covers_the_actual_error() -> None:
     real = x.double().numpy() @ sae.W_enc.double().numpy() + bias
     gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
     blocks = width // 8
-    upper, top = np.empty(width), np.empty(blocks)
+    upper, top = np.empty(width, dtype=np.float32), np.empty(blocks, dtype=np.float32)
+    norms = (weights.norm_hat.max(), weights.norm_err.max(), gamma, UNIT / (1 - UNIT))
     slack = []
     for i in range(len(x)):
-        xi = x[i].numpy()
-        args = (weights.norm_hat, weights.norm_err, weights.norm, gamma, UNIT / (1 - UNIT))
+        s, s_max = screened[i], float(np.abs(screened[i]).max())
         xh = x[i].bfloat16().float().numpy()
-        assert _bounds(screened[i], bias, xi, xh, *args, weights.abs_max, upper, blocks, top)
+        a, b, c, finite = _row_terms(
+            x[i].numpy(), xh, s_max, float(np.abs(bias).max()), *norms, weights.abs_max
+        )
+        assert finite
+        assert _bounds(s, bias, weights.norm_hat, weights.norm_err, a, b, c, upper, blocks, top)
         assert np.all(upper >= real[i])
-        assert np.allclose(top, upper.reshape(8, blocks).max(axis=0))
+        assert np.array_equal(top, upper.reshape(8, blocks).max(axis=0))
         slack.append(np.median((upper - real[i]) / np.abs(real[i] - bias).max()))
     assert np.median(slack) < 0.1  # and it is not vacuous
 

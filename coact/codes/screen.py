@@ -37,7 +37,7 @@ from coact.codes._topk import _finish, _select, compact
 from coact.errors import CoactError
 
 SCREENS = ("auto", "bf16", "off")
-MARGIN = 16  # candidates beyond k per row: fewer widened rows against more dots per row
+MARGIN = 12  # candidates beyond k per row: fewer widened rows against more dots per row
 UNIT = 2.0**-8  # bfloat16's unit roundoff
 MIN_ROWS_PER_THREAD = 256
 ROWS = 8  # features per block in the candidate search (see _candidates)
@@ -90,10 +90,9 @@ class ScreenWeights:
 
     w_bf16: torch.Tensor  # d × width, bfloat16
     w_rows: np.ndarray  # width × d float32: W_enc's columns, contiguous
-    norm_hat: np.ndarray  # ‖Ŵ_j‖ (float64)
-    norm_err: np.ndarray  # ‖W_j − Ŵ_j‖
-    norm: np.ndarray  # ‖W_j‖
-    abs_max: float
+    norm_hat: np.ndarray  # ‖Ŵ_j‖, float32 rounded up
+    norm_err: np.ndarray  # ‖W_j − Ŵ_j‖, float32 rounded up
+    abs_max: float  # the largest |W_ij|
     signature: tuple[int, ...] = field(repr=False)
 
 
@@ -115,14 +114,21 @@ def screen_weights(owner: object, w_enc: torch.Tensor) -> ScreenWeights | None:
     prepared = ScreenWeights(
         w_bf16=w_bf16,
         w_rows=w.T.contiguous().numpy(),
-        norm_hat=hat64.norm(dim=0).numpy(),
-        norm_err=(w64 - hat64).norm(dim=0).numpy(),
-        norm=w64.norm(dim=0).numpy(),
+        norm_hat=_up32(hat64.norm(dim=0).numpy()),
+        norm_err=_up32((w64 - hat64).norm(dim=0).numpy()),
         abs_max=float(w.abs().max()),
         signature=signature,
     )
     _PREPARED[owner] = prepared
     return prepared
+
+
+def _up32(values: np.ndarray) -> np.ndarray:
+    """float32 values no smaller than the float64 ones."""
+    rounded = values.astype(np.float32)
+    low = rounded.astype(np.float64) < values
+    rounded[low] = np.nextafter(rounded[low], np.float32(np.inf))
+    return rounded
 
 
 def screened_topk_csr(
@@ -142,8 +148,9 @@ def screened_topk_csr(
     n = len(x)
     indices, values = np.empty((n, k), dtype=np.int32), np.empty((n, k), dtype=np.float32)
     kinds, scored = np.zeros(n, dtype=np.int8), np.zeros(n, dtype=np.int64)
-    inputs = (x.numpy(), x_bf16.float().numpy(), screened, weights.w_rows, weights.norm_hat)
-    norms = (weights.norm_err, weights.norm, np.ascontiguousarray(bias))
+    bias = np.ascontiguousarray(bias)
+    inputs = (x.numpy(), x_bf16.float().numpy(), screened, weights.w_rows, bias)
+    norms = (weights.norm_hat, weights.norm_err, float(np.abs(bias).max()))
     rule = (k, min(width, k + margin), gamma, UNIT / (1 - UNIT), weights.abs_max)
     outputs = (indices, values, kinds, scored)
 
@@ -176,51 +183,63 @@ def _dots4(x, w_rows, chosen, m, dots):
     dots[m], dots[m + 1], dots[m + 2], dots[m + 3] = t0, t1, t2, t3
 
 
-@njit(cache=True)
+@njit(fastmath={"reassoc", "contract"}, cache=True)
 def _norms(x, x_hat):
-    """‖x‖, ‖x̂‖, ‖x − x̂‖ (float64) and max |x̂|."""
+    """‖x‖, ‖x̂‖, ‖x − x̂‖ in float64 (summed in any order: off by less than 2⁻⁴⁰ of each,
+    far inside the bound's 2⁻²⁰ margins)."""
     nx = nh = ne = 0.0
-    top = 0.0
     for t in range(len(x)):
         a, h = np.float64(x[t]), np.float64(x_hat[t])
         nx += a * a
         nh += h * h
         ne += (a - h) * (a - h)
-        top = max(top, abs(h))
-    return np.sqrt(nx), np.sqrt(nh), np.sqrt(ne), top
+    return np.sqrt(nx), np.sqrt(nh), np.sqrt(ne)
 
 
 @njit(cache=True)
-def _bounds(
-    s, bias, x, x_hat, norm_hat, norm_err, norm, gamma, out_unit, w_max, upper, blocks, block_top
-):
-    """upper[j] ≥ every float32 value v_j the row could have, from its screened s[j], and
-    block_top[b] = the largest upper[j] with j ≡ b (mod blocks); False when an input or
-    bound is not finite."""
-    nx, nh, ne, top = _norms(x, x_hat)
-    a = ne + gamma * nh  # times ‖Ŵ_j‖: x's rounding and the screen's accumulation
-    c = gamma * nx  # times ‖W_j‖: our own float32 dot's accumulation
-    tiny = 2.0**-118 * len(x) * (2.0 + top + w_max)  # flushed denormals, both products
-    finite = abs(nx) < np.inf
-    for j in range(len(s)):
-        sj, bj = np.float64(s[j]), np.float64(bias[j])
-        e = a * norm_hat[j] + nx * norm_err[j] + c * norm[j] + out_unit * abs(sj) + tiny
-        slack = e + 2.0**-23 * (abs(sj) + abs(bj) + e)  # the final + b_j; float64's own
-        upper[j] = sj + bj + (1 + 2.0**-20) * slack
-        finite &= abs(upper[j]) < np.inf
+def _row_terms(x, x_hat, s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max):
+    """Float32 (A, B, C) with e_j ≤ A‖Ŵ_j‖ + B‖W_j − Ŵ_j‖ + C for every feature of the row,
+    C also covering float32's rounding where upper_j = s_j + b_j + A‖Ŵ_j‖ + B‖W_j − Ŵ_j‖ + C
+    is evaluated (four operations, each within 2⁻²⁴ of a sum below the bound M)."""
+    nx, nh, ne = _norms(x, x_hat)
+    c = gamma * nx  # our own float32 dot's accumulation, times ‖W_j‖ ≤ ‖Ŵ_j‖ + ‖W_j − Ŵ_j‖
+    up = (1 + 2.0**-20) * (1 + 2.0**-23)  # the final + b_j (2⁻²⁴), float64's own rounding
+    a = up * (ne + gamma * nh + c)  # x's rounding and the screen's accumulation
+    b = up * (nx + c)  # W's rounding
+    tiny = 2.0**-118 * len(x) * (2.0 + nh + w_max)  # denormals flushed; max|x̂| ≤ ‖x̂‖
+    c0 = up * (out_unit * s_max + tiny) + (1 + 2.0**-20) * 2.0**-23 * (s_max + b_max)
+    total = s_max + b_max + a * nh_max + b * ne_max + c0
+    c0 += 2.0**-21 * total  # float32 evaluation of upper_j
+    grow = 1 + 2.0**-20  # a cast to float32 moves a value by at most 2⁻²⁴ of it
+    return np.float32(a * grow), np.float32(b * grow), np.float32(c0 * grow), total < np.inf
+
+
+@njit(fastmath={"contract"}, cache=True)
+def _bounds(s, bias, norm_hat, norm_err, a, b, c, upper, blocks, block_top):
+    """upper[j] = s_j + b_j + a‖Ŵ_j‖ + b‖W_j − Ŵ_j‖ + c in float32, an upper bound of every
+    value feature j can have, and block_top[k] = the largest upper[j] with j ≡ k (mod
+    blocks); False when one is not finite."""
+    finite = True
+    for j in range(len(s)):  # flat loops: the compiler vectorises them
+        u = s[j] + bias[j] + a * norm_hat[j] + b * norm_err[j] + c
+        upper[j] = u
+        finite &= abs(u) < np.inf
     _block_max(upper, blocks, block_top)
     return finite
 
 
 @njit(cache=True)
 def _block_max(upper, blocks, out):
-    """out[b] = the largest of upper[b], upper[b + blocks], upper[b + 2·blocks], …"""
+    """out[k] = the largest of upper[k], upper[k + blocks], upper[k + 2·blocks], …"""
     width = len(upper)
     out[:] = upper[:blocks]
-    for start in range(blocks, width, blocks):
-        for b in range(min(blocks, width - start)):
-            v = upper[start + b]
-            out[b] = v if v > out[b] else out[b]
+    whole = width - width % blocks
+    for start in range(blocks, whole, blocks):
+        row = upper[start : start + blocks]
+        for k in range(blocks):
+            out[k] = max(out[k], row[k])
+    for j in range(max(whole, blocks), width):
+        out[j - whole] = max(out[j - whole], upper[j])
 
 
 @njit(cache=True)
@@ -352,7 +371,7 @@ def _split(part: Callable[[int, int], None], n: int) -> None:
 
 @njit(nogil=True, cache=True)
 def _screen_rows(
-    x, x_hat, screened, w_rows, norm_hat, norm_err, norm, bias, k, c, gamma, out_unit, w_max,
+    x, x_hat, screened, w_rows, bias, norm_hat, norm_err, b_max, k, c, gamma, out_unit, w_max,
     indices, values, kinds, scored, lo, hi,
 ):  # fmt: skip
     """Rows lo..hi into (indices, values, kinds, scored); kind 0: settled by the
@@ -360,21 +379,33 @@ def _screen_rows(
     width = screened.shape[1]
     bits = np.empty(width, dtype=np.uint32)
     s = bits.view(np.float32)
-    upper = np.empty(width, dtype=np.float64)
+    largest = np.empty(1, dtype=np.uint32)
+    upper = np.empty(width, dtype=np.float32)
     blocks = -(-width // max(1, min(ROWS, width // c)))
-    block_top = np.empty(blocks, dtype=np.float64)
+    block_top = np.empty(blocks, dtype=np.float32)
     chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
     dots = np.empty(width, dtype=np.float32)
     biases = np.empty(width, dtype=np.float32)
     local = np.empty(k, dtype=np.int32)
     member = np.zeros(width, dtype=np.bool_)
+    nh_max, ne_max = np.float64(norm_hat.max()), np.float64(norm_err.max())
+    a = b = cc = np.float32(0)
     for i in range(lo, hi):
-        for j in range(width):  # bfloat16 bits to float32: the high half of the word
-            bits[j] = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
-        finite = _bounds(
-            s, bias, x[i], x_hat[i], norm_hat, norm_err, norm, gamma, out_unit, w_max,
-            upper, blocks, block_top,
-        )  # fmt: skip
+        top = np.uint32(0)
+        for j in range(width):  # bfloat16 bits to float32 (the high half of the word)
+            word = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
+            bits[j] = word
+            magnitude = word & np.uint32(0x7FFFFFFF)  # |s_j|'s bits: ordered as |s_j|
+            top = magnitude if magnitude > top else top
+        largest[0] = top
+        finite = top < np.uint32(0x7F800000)  # no inf or NaN among the s_j
+        if finite:
+            s_max = np.float64(largest.view(np.float32)[0])
+            a, b, cc, finite = _row_terms(
+                x[i], x_hat[i], s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max
+            )
+        if finite:
+            finite = _bounds(s, bias, norm_hat, norm_err, a, b, cc, upper, blocks, block_top)
         scratch = (dots, biases, local, indices[i], values[i])
         if finite:
             count, left_out = _candidates(upper, blocks, c, block_top, chosen)
