@@ -180,6 +180,31 @@ def run_trainer(kind: str, trainer: str, args: argparse.Namespace) -> dict[str, 
     return result
 
 
+def forward_costs(lm: LoadedModel, tokens: torch.Tensor, layer: int) -> dict[str, float]:
+    """Process CPU seconds per 1,000 training tokens of the forward passes alone: sparsify's
+    (the whole base model, `SPARSIFY_BATCH` contexts a pass) and coact's capture of the MLP's
+    input and output (stopping after block `layer`, 16 contexts a pass)."""
+    sites = [Site("mlp_in", layer), Site("mlp_out", layer)]
+    per_1k = 1000 / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+    def cpu(run: Callable[[], object]) -> float:
+        started = time.process_time()
+        with torch.no_grad():
+            run()
+        return (time.process_time() - started) * per_1k
+
+    step = SPARSIFY_BATCH
+    model = lm.model.base_model
+    return {
+        "sparsify_whole_model": cpu(
+            lambda: [model(tokens[i : i + step]) for i in range(0, tokens.shape[0], step)]
+        ),
+        "coact_capture": cpu(
+            lambda: [capture(lm, tokens[i : i + 16], sites) for i in range(0, tokens.shape[0], 16)]
+        ),
+    }
+
+
 def header(args: argparse.Namespace) -> dict[str, Any]:
     n_ctx = -(-args.tokens // 127)
     config = SaeTrainConfig()
@@ -199,6 +224,9 @@ def main() -> None:
     parser.add_argument("--held-contexts", type=int, default=32)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--out", default=str(ROOT / "analyses/results/bench_sparsify_trainer.json"))
+    parser.add_argument(
+        "--forward-cost", type=int, metavar="CONTEXTS", help="only time the forward passes"
+    )
     parser.add_argument("--one", nargs=2, metavar=("KIND", "TRAINER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -210,7 +238,15 @@ def main() -> None:
     if out.exists():
         kept = json.loads(out.read_text())
         if kept.get("train_tokens") == result["train_tokens"]:
-            result["results"] = kept["results"]
+            result = {**kept, **{k: v for k, v in result.items() if k != "results"}}
+    if args.forward_cost:
+        lm = load_model(args.model)
+        sample = corpus_split(lm, args.forward_cost * 127, 0)[0]
+        found = {"contexts": sample.shape[0], **forward_costs(lm, sample, args.layer)}
+        result["forward_cpu_seconds_per_1k_tokens"] = found
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(found))
+        return
     for kind in args.kinds:
         for trainer in TRAINERS:
             if trainer in result["results"].get(kind, {}):

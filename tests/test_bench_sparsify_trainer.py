@@ -77,3 +77,9 @@ def test_coact_checkpoint_beats_the_mean(llama: LoadedModel, kind: str, tmp_path
     folder = bench.train_coact(llama, _contexts(llama, 64, 0), kind, 1, CONFIG, tmp_path)
     held = bench.mlp_rows(llama, _contexts(llama, 8, 1), 1)
     assert bench.heldout_fvu(kind, folder, held) < 1.0
+
+
+def test_forward_costs_are_cpu_seconds_of_both_passes(llama: LoadedModel) -> None:
+    costs = bench.forward_costs(llama, _contexts(llama, 16, 0), 1)
+    assert set(costs) == {"sparsify_whole_model", "coact_capture"}
+    assert all(0 < seconds < 60 for seconds in costs.values())
