@@ -14,7 +14,7 @@ groups on the workers (Ray's start and each worker's loading included), into
 bench_workers_saes.json.
 
     python analyses/bench_workers.py [--layers 4] [--tokens 4000] [--workers 2]
-    python analyses/bench_workers.py --phase saes [--sae-tokens 40000] [--sae-group 4]
+    python analyses/bench_workers.py --phase saes [--sae-tokens 40000] [--sae-group 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from coact.models.load import load_model, tiny_model, tiny_tokenizer
 from coact.pipeline.budgets import with_budget
 from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
-from coact.pipeline.executor import Execution, one_cluster
+from coact.pipeline.executor import Execution, limit_threads, one_cluster
 from coact.pipeline.run import analyze
 from coact.pipeline.shared import groups_on_ray, layer_sites, prepare
 from coact.rundir.layout import RunLayout
@@ -103,9 +103,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--phase", choices=("layers", "saes"), default="layers")
     parser.add_argument("--sae-group", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="this process's threads (default: torch's)")
     parser.add_argument("--root", type=Path, default=Path("runs") / "bench-workers")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.threads:
+        limit_threads(args.threads)
     shutil.rmtree(args.root / "serial", ignore_errors=True)
     shutil.rmtree(args.root / "workers", ignore_errors=True)
     model = model_dir(args.root, args.layers, args.d_model)

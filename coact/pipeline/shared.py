@@ -238,6 +238,7 @@ def sae_recipe(lm: LoadedModel, contexts: Contexts, config: AnalyzeConfig) -> st
 def _found_saes(
     sites: Sequence[Site], recipe_id: str, layout: RunLayout, device: str
 ) -> dict[Site, SparseAutoencoder]:
+    """The SAEs at `sites` saved with this recipe (by an earlier run, or another writer)."""
     found: dict[Site, SparseAutoencoder] = {}
     for site in sites:
         if layout.sae_dir(site.slug).is_dir():
