@@ -26,6 +26,10 @@ sparsify's checkpoints also the largest difference from `SparseCoder.load_from_d
 output on the same rows. The JSON is rewritten after every trainer (results already in it
 for the same token budget are kept, so a stopped run is resumed where it stopped).
 
+`--forward-cost N` times, instead, the forward passes alone on the first N contexts (process
+CPU seconds per 1,000 tokens: the whole base model 8 contexts a pass, coact's capture of the
+MLP 16 a pass) and adds them to the JSON of the same token budget.
+
     python analyses/bench_sparsify_trainer.py [--tokens 400000] [--kinds sae transcoder]
 """
 
