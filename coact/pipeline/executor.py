@@ -30,10 +30,12 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "COACT_CACH
 
 @dataclass(frozen=True)
 class Execution:
-    """How `coact analyze` runs its layers (not what it computes)."""
+    """How `coact analyze` runs its SAE groups and layers (not what it computes)."""
 
     executor: str = setting("serial", "'serial' (this process) or 'ray' (Ray workers)")
-    workers: int = setting(1, "layers run at once (more than 1 runs them on a local Ray cluster)")
+    workers: int = setting(
+        1, "SAE groups and layers run at once (more than 1 runs them on a local Ray cluster)"
+    )
     address: str | None = setting(None, "an existing Ray cluster ('auto' or host:port)")
     wait: bool = setting(True, "wait for another writer's claim on the run (else stop)")
     cpus_per_worker: float | None = None  # default: this machine's cores / workers

@@ -44,7 +44,8 @@ from coact.rundir.verify import guarded_call
 def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSummary | ModelSummary:
     """Run the pipeline and return (and write to summary.json) its headline figures; with
     `layers`, run every one of them (see `analyze_layers`). `execution` says how (serially,
-    or a model run's layers on Ray workers) and whether to wait for another writer's claims."""
+    or a model run's SAE groups and layers on Ray workers) and whether to wait for another
+    writer's claims."""
     execution = execution or Execution()
     if config.layers:
         return analyze_layers(config, execution)
