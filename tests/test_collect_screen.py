@@ -13,7 +13,13 @@ import scipy.sparse as sp
 import torch
 
 from coact.codes import screen as screen_module
-from coact.codes.collect import CollectConfig, collect_codes, encode_csr
+from coact.codes.collect import (
+    CollectConfig,
+    collect_codes,
+    collection_fingerprint,
+    encode_csr,
+    model_fingerprint,
+)
 from coact.codes.corpus import Contexts
 from coact.codes.screen import (
     UNIT,
@@ -24,6 +30,7 @@ from coact.codes.screen import (
     screen_weights,
     screened_topk_csr,
 )
+from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.models.load import load_model
 from coact.models.sites import Site
@@ -188,5 +195,17 @@ def test_a_screened_store_is_not_resumed_without_the_screen(tmp_path: Path) -> N
         collect_codes(lm, contexts, saes, tmp_path / "a", plain)
     with pytest.raises(CoactError, match="collected with screen 'off'"):
         collect_codes(lm, contexts, saes, tmp_path / "b", screened)
-    again = collect_codes(lm, contexts, saes, tmp_path / "a", screened)  # same screen: resumes
-    assert again.fingerprint == one.fingerprint
+    auto = dataclasses.replace(base, screen="auto")  # "auto" resumes a store as written
+    for name, store in (("a", one), ("b", two)):
+        again = collect_codes(lm, contexts, saes, tmp_path / name, auto)
+        assert again.fingerprint == store.fingerprint
+        assert again.meta["screen"] == store.meta["screen"]
+    legacy = collection_fingerprint(model_fingerprint(lm), contexts, saes, base)
+    assert two.fingerprint == legacy  # "off" hashes as before the setting existed
+    half = tmp_path / "half"  # an interrupted screened store finishes screened under "auto"
+    collect_codes(lm, contexts, saes, half, screened)
+    last = CodeStore.open(half).manifest["shards"][-1]
+    (half / next(iter(last["files"]))).unlink()  # as if the run had stopped before it
+    resumed = collect_codes(lm, contexts, saes, half, auto)
+    for slug in one.sites:
+        assert resumed.read_site(slug).data.tobytes() == one.read_site(slug).data.tobytes()

@@ -126,8 +126,7 @@ def collect_codes(
     for site, sae in saes.items():
         check_sae_fits(sae, site, lm.adapter.d_model, lm.adapter.mlp_resid_kind())
     sites = sorted(saes, key=lm.adapter.order_key)
-    screen = resolve_screen(config.screen, lm.device)
-    _check_screen(Path(directory), screen)
+    screen = _screen_for(Path(directory), config.screen, lm.device)
     fingerprint = collection_fingerprint(model_fingerprint(lm), contexts, saes, config, screen)
     store = CodeStore.open_for_writing(
         directory,
@@ -173,17 +172,22 @@ def collect_codes(
     return store
 
 
-def _check_screen(directory: Path, screen: str) -> None:
-    """Refuse to resume a store written with the other screen (its values differ in the
-    last bits, so its shards and these would not be one collection)."""
+def _screen_for(directory: Path, choice: str, device: torch.device) -> str:
+    """The screen this collection uses: a store being resumed keeps the one it was written
+    with ("auto" follows it; a store from before the screen existed was written without),
+    and an explicit other choice is refused: its values differ in the last bits, so its
+    shards and these would not be one collection."""
     if not CodesFiles(directory).manifest.is_file():
-        return
-    written = CodeStore.open(directory).meta.get("screen", "off")
-    if written != screen:
+        return resolve_screen(choice, device)
+    written = str(CodeStore.open(directory).meta.get("screen", "off"))
+    wanted = resolve_screen(written if choice == "auto" else choice, device)
+    if wanted != written:
         raise CoactError(
-            f"{directory} was collected with screen {written!r}, this run resolves to "
-            f"{screen!r}: pass screen={written!r} to resume it, or use another directory"
+            f"{directory} was collected with screen {written!r}, this run asks for "
+            f"{wanted!r}: pass screen={written!r} (or 'auto') to resume it, or use another "
+            "directory"
         )
+    return wanted
 
 
 def _encode_shard(

@@ -2,19 +2,21 @@
 AMX about 4× faster than float32's) picks candidates, and only they are scored in float32.
 
 The selection stays exact. For every feature j a proven bound e_j covers the gap between
-the screened value s_j and the float32 value v_j = fl(x · W_j + b_j) that this module
-computes for candidates (x̂, Ŵ: x, W rounded to bfloat16, unit roundoff u = 2⁻⁸):
+the screened value s_j and the value v_j = fl(x · W_j + b_j) this module computes for a
+candidate in float32 (x̂, Ŵ: x, W rounded to bfloat16, unit roundoff u = 2⁻⁸; γ_d = d·2⁻²⁴):
   |x̂·Ŵ_j − x·W_j| ≤ ‖x − x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j − Ŵ_j‖          (Cauchy–Schwarz)
-  float32 accumulation of x̂·Ŵ_j, and of our own x·W_j: γ_d (‖x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j‖)
-  the product's output rounded to bfloat16: u / (1 − u) · |s_j|
-  denormals flushed by the hardware, the final + b_j and float64 slack: small terms.
-Each row takes the c = k + margin features with the largest upper bound U_j = s_j + b_j + e_j
-as candidates and scores them; T is the k-th largest candidate value. Any other feature has
-v_j ≤ U_j; when every one has U_j < T none can enter the top k, so the top k of the
-candidates is the top k of the row. Otherwise the row is widened: every feature with
+  float32 accumulation of x̂·Ŵ_j and of our own x·W_j: γ_d (‖x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j‖)
+  the product's output rounded to bfloat16: u / (1 − u) · max_j |s_j|
+  denormals flushed by the hardware, the final + b_j, and the float32 evaluation of
+  U_j = s_j + b_j + e_j itself (`_row_terms`): small terms, all counted.
+The features are cut into blocks; a floor under the largest block maxima picks about
+k + MARGIN candidates, which are scored; T is the k-th largest candidate value. Any other
+feature has v_j ≤ U_j; when every one has U_j < T none can enter the top k, so the top k of
+the candidates is the top k of the row. Otherwise the row is widened: every feature with
 U_j ≥ T is scored too (the k-th value can only rise, so one widening settles it). A row
 with a non-finite input or bound is scored in full. The bound assumes the bfloat16 product
-accumulates in float32 (oneDNN's AMX and AVX512-BF16 kernels do).
+accumulates in float32 (oneDNN's AMX and AVX512-BF16 kernels do; a test checks U_j against
+float64 products).
 
 Values are float32 dot products (summed in a different order than the float32 matmul, so
 they may differ from it in the last bits); the chosen features are those of the float32
