@@ -63,8 +63,10 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
         for run in results["runs"]
         for what, ratio in (
             ("nnsight capture", run["ratio_vs_plain"]["capture"]),
-            ("capture + SAE encoding + store (collect)", run["ratio_vs_plain"]["collect"]),
+            ("collect, float32 encoders", run["ratio_vs_plain"].get("collect_float32")),
+            ("collect, bfloat16 screen (default)", run["ratio_vs_plain"]["collect"]),
         )
+        if ratio is not None
     ]
     bars = (
         alt.Chart(alt.Data(values=rows))
@@ -87,7 +89,9 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
         width=WIDTH,
         title=_title(
             "Collection throughput against a plain forward pass",
-            f"block 3, {results['runs'][0]['tokens']:,} tokens, 2 CPU cores, best of 3",
+            f"block 3, {results['runs'][0]['tokens']:,} tokens, {results['torch_threads']} "
+            f"thread(s) on {results['cpu_count']} CPU cores, "
+            f"{results['runs'][0]['repeats']} interleaved passes",
         ),
     )
 
