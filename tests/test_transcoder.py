@@ -391,6 +391,7 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
         in page
     )
     assert "the transcoder explains the MLP output better: FVU 0.200" in page
+    assert "At the same k (4; active latents per token 4.0 for the transcoder, 4.0 for" in page
     assert "against 0.400 for the SAE route (SAE route, mlp connector)" in page
     assert "| AND | 2 | 1 |" in page and "| OR | 1 | 3 |" in page
     assert "| explained (alive, ≥ coverage target) | 25.0% | 50.0% |" in page

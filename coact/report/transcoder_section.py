@@ -47,7 +47,8 @@ def verdict(t: TranscoderResult) -> str:
     sae = min(routes, key=lambda r: r.fvu)
     better = "the transcoder" if tc.fvu < sae.fvu else "the SAE route"
     text = (
-        f"At the same L0 ({tc.l0:.0f} latents per token), {better} explains the MLP output "
+        f"At the same k ({t.k}; active latents per token {tc.l0:.1f} for the transcoder, "
+        f"{sae.l0:.1f} for the SAE route), {better} explains the MLP output "
         f"better: FVU {tc.fvu:.3f} for the transcoder against {sae.fvu:.3f} for the SAE route "
         f"({ROUTE_NAMES[sae.route]}), CE recovered {pct(finite(tc.ce_recovered))} against "
         f"{pct(finite(sae.ce_recovered))}."
