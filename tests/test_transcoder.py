@@ -402,6 +402,7 @@ def test_the_sheet_round_trips_and_the_layer_page_says_which_route_wins() -> Non
     assert layer_columns(result) == {
         "transcoder_fvu": 0.2, "transcoder_ce_recovered": 0.9, "sae_linear_fvu": 0.5,
         "sae_linear_ce_recovered": 0.6, "sae_mlp_fvu": 0.4, "sae_mlp_ce_recovered": 0.7,
+        "transcoder_labels_explained": 0.5, "sae_labels_explained": 0.25,
     }  # fmt: skip
     assert layer_columns(None) == {}
     line = format_transcoder(result)

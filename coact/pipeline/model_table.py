@@ -122,14 +122,21 @@ def _composition(block: BlockResult | None) -> dict[str, object]:
 
 def _transcoder(sheet: TranscoderResult | None) -> dict[str, float]:
     """With the transcoder stage: FVU of the MLP output and CE recovered for the skip
-    transcoder and the SAE route (linear and mlp connector), at the same L0."""
+    transcoder and the SAE route (linear and mlp connector), at the same L0; with logic, the
+    share of each route's alive features its labels explain."""
     if sheet is None:
         return {}
-    return {
+    figures = {
         f"{route}_{figure}": getattr(sheet.rows[route], figure)
         for route in ("transcoder", "sae_linear", "sae_mlp")
         if route in sheet.rows
         for figure in ("fvu", "ce_recovered")
+    }
+    covered = {"transcoder": sheet.coverage_transcoder, "sae": sheet.coverage_sae}
+    return figures | {
+        f"{route}_labels_explained": coverage.share_explained
+        for route, coverage in covered.items()
+        if coverage is not None
     }
 
 
