@@ -371,17 +371,96 @@ def _split(part: Callable[[int, int], None], n: int) -> None:
             future.result()
 
 
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _pairs4(x0, x1, x2, x3, w0, w1, w2, w3):
+    """x0 · w0, x1 · w1, x2 · w2, x3 · w3: four independent float32 sums in the shape of
+    `_dots4`'s (there the four share x), so each is summed in the same order."""
+    t0 = t1 = t2 = t3 = np.float32(0)
+    for t in range(len(x0)):
+        t0 += x0[t] * w0[t]
+        t1 += x1[t] * w1[t]
+        t2 += x2[t] * w2[t]
+        t3 += x3[t] * w3[t]
+    return t0, t1, t2, t3
+
+
+@njit(cache=True)
+def _score_block(x, w_rows, chosen, offsets, dots, starts, entry_row, entry_at):
+    """dots[e] = x[r] · W_j for j = chosen[e], e in offsets[r]..offsets[r + 1], for a block
+    of rows (each row's candidates side by side in chosen).
+
+    Scored per row, each row fetches ~50 scattered columns of W (megabytes, beyond the
+    cache) again; here the block's (row, candidate) pairs are sorted by feature, so a
+    column comes from memory once per block and its rows' x stay in cache. Each value is
+    the sum `_dots4` computes, in the same order. `starts` holds width + 1 counters;
+    entry_row, entry_at a slot per pair."""
+    width = len(starts) - 1
+    starts[:] = 0
+    for e in range(offsets[-1]):
+        starts[chosen[e] + 1] += 1
+    for j in range(width):
+        starts[j + 1] += starts[j]
+    for r in range(len(offsets) - 1):  # rows in order: each feature's pairs by row
+        for e in range(offsets[r], offsets[r + 1]):
+            slot = starts[chosen[e]]
+            entry_row[slot], entry_at[slot] = r, e
+            starts[chosen[e]] = slot + 1
+    pairs = offsets[-1]
+    for e in range(0, pairs, 4):  # by feature: each W_j read from cache for its rows
+        a0, a1 = entry_at[e], entry_at[min(e + 1, pairs - 1)]  # the last group repeats
+        a2, a3 = entry_at[min(e + 2, pairs - 1)], entry_at[min(e + 3, pairs - 1)]
+        r0, r1 = entry_row[e], entry_row[min(e + 1, pairs - 1)]
+        r2, r3 = entry_row[min(e + 2, pairs - 1)], entry_row[min(e + 3, pairs - 1)]
+        w0, w1, w2, w3 = (
+            w_rows[chosen[a0]],
+            w_rows[chosen[a1]],
+            w_rows[chosen[a2]],
+            w_rows[chosen[a3]],
+        )
+        t0, t1, t2, t3 = _pairs4(x[r0], x[r1], x[r2], x[r3], w0, w1, w2, w3)
+        dots[a0], dots[a1], dots[a2], dots[a3] = t0, t1, t2, t3
+
+
+@njit(cache=True)
+def _prepare(screened_row, x_row, x_hat_row, bias, norm_hat, norm_err, terms, bits, upper,
+             blocks, block_top):  # fmt: skip
+    """The row's bounds into upper and block_top (bfloat16 bits of s_j to float32 first);
+    False when an input or a bound is not finite."""
+    b_max, nh_max, ne_max, gamma, out_unit, w_max = terms
+    top = np.uint32(0)
+    for j in range(len(screened_row)):  # bfloat16 bits to float32 (the high half)
+        word = np.uint32(np.uint16(screened_row[j])) << np.uint32(16)
+        bits[j] = word
+        magnitude = word & np.uint32(0x7FFFFFFF)  # |s_j|'s bits: ordered as |s_j|
+        top = magnitude if magnitude > top else top
+    if not top < np.uint32(0x7F800000):  # an inf or NaN among the s_j
+        return False
+    largest = np.empty(1, dtype=np.uint32)
+    largest[0] = top
+    s_max = np.float64(largest.view(np.float32)[0])
+    a, b, c, finite = _row_terms(
+        x_row, x_hat_row, s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max
+    )
+    if not finite:
+        return False
+    s = bits.view(np.float32)
+    return _bounds(s, bias, norm_hat, norm_err, a, b, c, upper, blocks, block_top)
+
+
+BLOCK = 256  # rows whose candidates are scored together (their x stays in cache)
+
+
 @njit(nogil=True, cache=True)
 def _screen_rows(
     x, x_hat, screened, w_rows, bias, norm_hat, norm_err, b_max, k, c, gamma, out_unit, w_max,
     indices, values, kinds, scored, lo, hi,
 ):  # fmt: skip
     """Rows lo..hi into (indices, values, kinds, scored); kind 0: settled by the
-    candidates, 1: widened, -1: scored in full; scored: the float32 dot products it took."""
+    candidates, 1: widened, -1: scored in full; scored: the float32 dot products it took.
+    A block of rows at a time: bounds and candidates per row, the candidates' dots for the
+    whole block (`_score_block`), then each row's top k and, where needed, its widening."""
     width = screened.shape[1]
     bits = np.empty(width, dtype=np.uint32)
-    s = bits.view(np.float32)
-    largest = np.empty(1, dtype=np.uint32)
     upper = np.empty(width, dtype=np.float32)
     blocks = -(-width // max(1, min(ROWS, width // c)))
     block_top = np.empty(blocks, dtype=np.float32)
@@ -390,37 +469,54 @@ def _screen_rows(
     biases = np.empty(width, dtype=np.float32)
     local = np.empty(k, dtype=np.int32)
     member = np.zeros(width, dtype=np.bool_)
-    nh_max, ne_max = np.float64(norm_hat.max()), np.float64(norm_err.max())
-    a = b = cc = np.float32(0)
-    for i in range(lo, hi):
-        top = np.uint32(0)
-        for j in range(width):  # bfloat16 bits to float32 (the high half of the word)
-            word = np.uint32(np.uint16(screened[i, j])) << np.uint32(16)
-            bits[j] = word
-            magnitude = word & np.uint32(0x7FFFFFFF)  # |s_j|'s bits: ordered as |s_j|
-            top = magnitude if magnitude > top else top
-        largest[0] = top
-        finite = top < np.uint32(0x7F800000)  # no inf or NaN among the s_j
-        if finite:
-            s_max = np.float64(largest.view(np.float32)[0])
-            a, b, cc, finite = _row_terms(
-                x[i], x_hat[i], s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max
-            )
-        if finite:
-            finite = _bounds(s, bias, norm_hat, norm_err, a, b, cc, upper, blocks, block_top)
-        scratch = (dots, biases, local, indices[i], values[i])
-        if finite:
-            count, left_out = _candidates(upper, blocks, c, block_top, chosen)
-            kth = _score(x[i], w_rows, bias, chosen, count, k, *scratch)
-            scored[i] = count
-            finite = abs(kth) < np.inf
-            if finite and not left_out < kth:
-                count = _widen(upper, kth, chosen, count, member)
-                _score(x[i], w_rows, bias, chosen, count, k, *scratch)
-                kinds[i], scored[i] = 1, scored[i] + count
-        if not finite:
-            for j in range(width):
-                chosen[j] = j
-            _score(x[i], w_rows, bias, chosen, width, k, *scratch)
-            kinds[i], scored[i] = -1, scored[i] + width
-        _finish(k, indices[i], values[i])
+    terms = (b_max, np.float64(norm_hat.max()), np.float64(norm_err.max()), gamma, out_unit,
+             w_max)  # fmt: skip
+    rows = min(BLOCK, max(hi - lo, 1))
+    block_chosen = np.empty(rows * width, dtype=np.int32)  # row after row, side by side
+    block_dots = np.empty(rows * width, dtype=np.float32)
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    full = np.empty(rows, dtype=np.bool_)
+    left_outs = np.empty(rows, dtype=np.float32)
+    starts = np.empty(width + 1, dtype=np.int64)
+    entry_row = np.empty(rows * width, dtype=np.int32)
+    entry_at = np.empty(rows * width, dtype=np.int32)
+    for first in range(lo, hi, rows):
+        last = min(first + rows, hi)
+        for i in range(first, last):  # bounds and candidates
+            r, at = i - first, offsets[i - first]
+            inputs = (screened[i], x[i], x_hat[i], bias, norm_hat, norm_err, terms, bits)
+            full[r] = not _prepare(*inputs, upper, blocks, block_top)
+            count = 0
+            if not full[r]:
+                count, left_outs[r] = _candidates(upper, blocks, c, block_top, chosen)
+                block_chosen[at : at + count] = chosen[:count]
+            offsets[r + 1] = at + count
+        n_rows = last - first
+        _score_block(x[first:last], w_rows, block_chosen, offsets[: n_rows + 1], block_dots,
+                     starts, entry_row, entry_at)  # fmt: skip
+        for i in range(first, last):  # each row's top k; widened or in full where needed
+            r, at = i - first, offsets[i - first]
+            count = offsets[r + 1] - at
+            scratch = (dots, biases, local, indices[i], values[i])
+            finite = not full[r]
+            if finite:
+                for m in range(count):
+                    biases[m] = bias[block_chosen[at + m]]
+                kth = _select(block_dots[at : at + count], biases[:count], k, local, values[i])
+                for m in range(k):
+                    indices[i, m] = block_chosen[at + local[m]]
+                scored[i] = count
+                finite = abs(kth) < np.inf
+                if finite and not left_outs[r] < kth:
+                    inputs = (screened[i], x[i], x_hat[i], bias, norm_hat, norm_err, terms, bits)
+                    _prepare(*inputs, upper, blocks, block_top)  # as before: finite
+                    chosen[:count] = block_chosen[at : at + count]
+                    count = _widen(upper, kth, chosen, count, member)
+                    _score(x[i], w_rows, bias, chosen, count, k, *scratch)
+                    kinds[i], scored[i] = 1, scored[i] + count
+            if not finite:
+                for j in range(width):
+                    chosen[j] = j
+                _score(x[i], w_rows, bias, chosen, width, k, *scratch)
+                kinds[i], scored[i] = -1, scored[i] + width
+            _finish(k, indices[i], values[i])
