@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from coact.cli import main
 from coact.codes.store import CodeStore
 from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
@@ -27,6 +26,7 @@ from coact.rundir.layout import CodesFiles, RunLayout
 from coact.rundir.verify import guarded, require_codes
 from coact.sae.base import Sae
 from coact.sae.formats import save_saelens
+from tests.cli_calls import invoke
 from tests.tiny_run import tiny_config
 
 WIDTH, CONTEXTS, POSITIONS = 256, 8, 31  # tiny-llama: d_model 64, expansion 4
@@ -315,16 +315,6 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     }
 
 
-def _invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.mark.parametrize(("argv", "code", "fragment", "setup"), CASES)
 def test_bad_input_stops_clearly_and_touches_nothing(
     built: Path,
@@ -350,7 +340,7 @@ def test_bad_input_stops_clearly_and_touches_nothing(
         "{other_sae}": str(built / "other_sae"),
     }
     before = _snapshot(tmp_path)
-    exit_code, said = _invoke([places.get(a, a) for a in argv], capsys)
+    exit_code, said = invoke([places.get(a, a) for a in argv], capsys)
     assert exit_code == code, said
     assert fragment in said, said
     assert "Traceback" not in said
@@ -374,7 +364,7 @@ def test_a_stage_whose_own_files_changed_recomputes_them(
     whole = _snapshot(run / "connect")
     _flip_weights(run)
     same = ["--n-alphas", "3", "--mlp-epochs", "1", "--no-stability"]  # the run's settings
-    code, said = _invoke(["connect", str(run), *same], capsys)
+    code, said = invoke(["connect", str(run), *same], capsys)
     assert code == 0, said
     assert "weights.parquet changed since its stage wrote it (checksum mismatch)" in said
     assert "recomputing" in said

@@ -3,34 +3,19 @@ tiny Llama, writes checkpoints that coact's loaders read to sparsify's own outpu
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from coact.models.load import LoadedModel, load_model
 from coact.sae.train import SaeTrainConfig
+from tests.scripts import analyses_script
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 CONFIG = SaeTrainConfig(expansion=2, k=4, batch_tokens=64)
 
 
-def _script(name: str) -> ModuleType:
-    """An analyses/ script as a module (analyses/ is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ANALYSES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _script("bench_sparsify_trainer")
+bench = analyses_script("bench_sparsify_trainer")
 
 
 @pytest.fixture(scope="module")

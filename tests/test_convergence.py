@@ -5,12 +5,9 @@ codes on unseen tokens, and the quick mode end to end (JSON shape, chart, resumi
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -18,23 +15,9 @@ from coact.linearity.table import LinearShare
 from coact.models.load import load_model
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.shared import run_contexts
+from tests.scripts import analyses_script
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
-
-
-def _script(name: str) -> ModuleType:
-    """An analyses/ script as a module (analyses/ is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ANALYSES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # typed results resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _script("convergence")
+conv = analyses_script("convergence")
 
 
 def test_settled_inside_the_last_interval() -> None:

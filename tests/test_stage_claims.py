@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from coact.api import analyze
-from coact.cli import main
 from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.pipeline.commands import GRAPH_CLAIM
 from coact.pipeline.run import SHARED, SUMMARY
 from coact.pipeline.stages import STAGES
+from tests.cli_calls import invoke
 from tests.tiny_run import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,16 +99,6 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def _invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 def test_stage_commands_take_the_claims_analyze_takes() -> None:
     stages = {stage.name for stage in STAGES}
     for _, name, _ in COMMANDS:
@@ -122,9 +112,7 @@ def test_no_wait_stops_naming_the_holder_and_touches_nothing(
     holder = Holder(run, name)
     try:
         before = _snapshot(run)
-        code, said = _invoke(
-            [str(run) if a == "{run}" else a for a in argv] + ["--no-wait"], capsys
-        )
+        code, said = invoke([str(run) if a == "{run}" else a for a in argv] + ["--no-wait"], capsys)
         after = _snapshot(run)
     finally:
         holder.release()
@@ -154,7 +142,7 @@ def test_by_default_a_command_waits_for_the_holder_then_runs(
     timer = threading.Timer(1.5, release)
     timer.start()
     try:
-        code, said = _invoke([str(run) if a == "{run}" else a for a in argv], capsys)
+        code, said = invoke([str(run) if a == "{run}" else a for a in argv], capsys)
         finished = time.monotonic()
     finally:
         timer.join()
