@@ -127,9 +127,8 @@ def analyze(
 
     config = AnalyzeConfig(
         model=model, layer=layer, layers=parse_layers(layers) if layers is not None else None,
-        corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, dtype=dtype,
-        run_dir=run_dir, sae_in=sae_in, sae_out=sae_out, control=control,
-        allow_mismatch=allow_mismatch,
+        corpus=corpus, ctx_len=ctx_len, seed=seed, device=device, dtype=dtype, control=control,
+        run_dir=run_dir, sae_in=sae_in, sae_out=sae_out, allow_mismatch=allow_mismatch,
     )  # fmt: skip
     config = config.with_stages(
         add=(*(BLOCK_STAGES if block else ()), *(("transcoder",) if transcoder else ())),

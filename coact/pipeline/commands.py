@@ -15,9 +15,8 @@ from coact.evidence.outliers import OutlierConfig, OutliersResult, outliers, run
 from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.pipeline.config import AnalyzeConfig
-from coact.pipeline.run import SUMMARY
 from coact.pipeline.shared import layer_sites
-from coact.rundir.claims import claimed
+from coact.rundir.claims import SUMMARY, claimed
 from coact.rundir.layout import CONFIG, RunLayout, read_run_config
 from coact.rundir.verify import guarded, require, require_codes
 

@@ -34,7 +34,7 @@ from coact.pipeline.model_table import finished_layers, layers_table
 from coact.pipeline.shared import Shared, groups_on_ray, layer_sites, prepare
 from coact.pipeline.stages import LayerRun, stages_of
 from coact.pipeline.summary import CodesSummary, ModelSummary, RunSummary, SiteSummary
-from coact.rundir.claims import Claim, claimed
+from coact.rundir.claims import SHARED, SUMMARY, Claim, claimed
 from coact.rundir.files import atomic_write, write_json
 from coact.rundir.layout import RunLayout
 from coact.rundir.results import Timings
@@ -122,9 +122,6 @@ def analyze_layers(config: AnalyzeConfig, execution: Execution | None = None) ->
             summary = dataclasses.replace(summary, report=str(build_model_report(model.run_dir)))
             summary.write(model.summary)
     return summary
-
-
-SHARED, SUMMARY = "shared", "summary"  # claims on what a run's layers share, and on its end
 
 
 def _finished(config: AnalyzeConfig, model: RunLayout) -> dict[int, RunSummary]:

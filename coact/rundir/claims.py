@@ -26,6 +26,7 @@ from coact.rundir.files import write_json
 from coact.rundir.layout import ClaimFiles
 
 Say = Callable[[str], None]
+SHARED, SUMMARY = "shared", "summary"  # claims on what a run's layers share, and on its end
 
 
 def say_stderr(line: str) -> None:
