@@ -84,4 +84,4 @@ def test_bfloat16_run_codes_agree_with_float32(tmp_path, device: str) -> None:
         same = exact.astype(bool).multiply(approx.astype(bool)).sum() / exact.nnz
         assert same > 0.9, (slug, same)  # the active sets agree on over 90 % of codes
         diff = abs(exact - approx).sum() / abs(exact).sum()
-        assert diff < 0.1, (slug, diff)
+        assert 0 < diff < 0.1, (slug, diff)  # 0 would mean the float32 model ran again

@@ -12,9 +12,8 @@ from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.evidence.ablation import AblationConfig, AblationResult, ablate
 from coact.evidence.outliers import OutlierConfig, OutliersResult, outliers, run_saes
-from coact.models.load import load_model
 from coact.models.sites import Site
-from coact.pipeline.config import AnalyzeConfig
+from coact.pipeline.config import AnalyzeConfig, run_model
 from coact.pipeline.shared import layer_sites
 from coact.rundir.claims import SUMMARY, claimed
 from coact.rundir.layout import CONFIG, RunLayout, read_run_config
@@ -95,7 +94,7 @@ def _ablated(
     require_codes(layout.codes)
     require(layout.connect, f"`coact connect {layout.run_dir}`")
     wanted = report_ablation_targets(layout.run_dir, features, settings)
-    lm = load_model(config.model, device=device, seed=config.seed, dtype=config.dtype)
+    lm = run_model(config, device)
     store = CodeStore.open(layout.codes)
     require_saes(layout, config, sorted({slug for slug, _ in wanted}))
     found = run_saes(layout.run_dir, sorted({slug for slug, _ in wanted}), device=device)

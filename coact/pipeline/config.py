@@ -18,7 +18,7 @@ from coact.evidence.ablation import AblationConfig
 from coact.evidence.outliers import OutlierConfig
 from coact.jacobian.stage import JacobianConfig
 from coact.logic.stage import LabelsConfig
-from coact.models.load import EMBEDDED, torch_dtype
+from coact.models.load import EMBEDDED, LoadedModel, load_model, torch_dtype
 from coact.rundir.results import from_dict
 from coact.sae.train import SaeTrainConfig
 from coact.settings import bounded, check_ranges, setting
@@ -171,3 +171,11 @@ def parse_layers(text: str) -> tuple[int, ...] | str:
     if not layers:
         raise CoactError(f"no layers in {text!r}: write 'all', '0-5' or '1,3,5'")
     return tuple(sorted(set(layers)))
+
+
+def run_model(config: AnalyzeConfig, device: str | None = None) -> LoadedModel:
+    """The model a run's config names, with its device (or `device`), seed and dtype: one
+    place, so no stage or worker loads it with a setting left out."""
+    return load_model(
+        config.model, device=device or config.device, seed=config.seed, dtype=config.dtype
+    )

@@ -24,10 +24,10 @@ import polars as pl
 from coact.block.stage import BlockResult, ComposedBlock
 from coact.errors import CoactError
 from coact.linearity.table import percent_linear, relabel
-from coact.models.load import LoadedModel, load_model
+from coact.models.load import LoadedModel
 from coact.models.sites import Site
 from coact.pipeline.checks import before_touching, layer_warnings
-from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
+from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig, run_model
 from coact.pipeline.control import run_control
 from coact.pipeline.executor import Execution, one_cluster, run_on_ray
 from coact.pipeline.model_table import finished_layers, layers_table
@@ -54,7 +54,7 @@ def analyze(config: AnalyzeConfig, execution: Execution | None = None) -> RunSum
     started = time.perf_counter()
     config = config.resolved()
     stages_of(config)  # a stage asked for without what it reads stops here, before loading
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = run_model(config)
     run_dir = config.resolved_run_dir()
     sites = layer_sites(config, config.layer)
     given = {sites[0]: config.sae_in, sites[1]: config.sae_out}
@@ -80,7 +80,7 @@ def analyze_layers(config: AnalyzeConfig, execution: Execution | None = None) ->
         raise CoactError("--control runs with --layer (one layer); a model run has no control yet")
     config = config.with_stages(add=BLOCK_STAGES).resolved()
     stages_of(config)
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = run_model(config)
     layers = _model_layers(config, lm)
     before_touching(config, lm, config.resolved_run_dir(), {})
     config = dataclasses.replace(config, layers=tuple(layers))
@@ -204,7 +204,7 @@ def _worker_state(
 ) -> WorkerState:
     """A Ray worker's model and the run's shared SAEs and codes (the driver made them:
     here they are read back), loaded once for every layer the worker runs."""
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = run_model(config)
     model = RunLayout(config.resolved_run_dir(), config.resolved_run_dir())
     layers = config.layers if isinstance(config.layers, tuple) else ()
     sites = list(dict.fromkeys(s for layer in layers for s in layer_sites(config, layer)))

@@ -21,9 +21,9 @@ from coact.codes.store import CodeStore
 from coact.connectors.config import ConnectConfig
 from coact.connectors.train import split_rows
 from coact.errors import CoactError
-from coact.models.load import LoadedModel, load_model
+from coact.models.load import LoadedModel
 from coact.models.sites import Site
-from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig
+from coact.pipeline.config import BLOCK_STAGES, AnalyzeConfig, run_model
 from coact.pipeline.executor import Execution, run_on_ray
 from coact.rundir.claims import claimed
 from coact.rundir.files import write_json
@@ -343,7 +343,7 @@ def _group_worker(
     wait: bool,
 ) -> GroupWorker:
     """Loaded once per worker; stops when the worker's model is not the driver's."""
-    lm = load_model(config.model, device=config.device, seed=config.seed)
+    lm = run_model(config)
     if sae_recipe(lm, contexts, config) != recipe_id:
         raise CoactError("a Ray worker loaded another model than the run's driver")
     return GroupWorker(config, lm, contexts.tokens, layout, recipe_id, groups, wait)
