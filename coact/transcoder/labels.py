@@ -17,6 +17,7 @@ from torch import Tensor
 
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
+from coact.linearity.table import feature_stats
 from coact.logic.config import LogicConfig
 from coact.logic.coverage import CoverageSummary
 from coact.logic.layer import label_layer
@@ -41,10 +42,8 @@ def virtual_table(virtual: np.ndarray, x: sp.spmatrix, per_output: int) -> pl.Da
     `per_output` strongest virtual weights by |V|·sd(input code): the logic stage's
     candidates and coverage pool, as the Jacobian's strongest inputs are for the SAE route.
     (The dense n_in × width matrix would put every input in every latent's pool.)"""
-    n = max(x.shape[0], 1)
-    mean = np.asarray(x.sum(axis=0), dtype=np.float64).ravel() / n
-    square = np.asarray(x.multiply(x).sum(axis=0), dtype=np.float64).ravel() / n
-    score = np.abs(virtual) * np.sqrt(np.maximum(square - mean**2, 0.0))[:, None]
+    _, _, variance = feature_stats(sp.csr_matrix(x))
+    score = np.abs(virtual) * np.sqrt(variance)[:, None]
     keep = min(per_output, virtual.shape[0])
     inputs = np.argpartition(-score, keep - 1, axis=0)[:keep]  # keep × width
     outputs = np.broadcast_to(np.arange(virtual.shape[1]), inputs.shape)
