@@ -5,6 +5,8 @@ written with the shard writer overlapping the next shard's encoding is the same.
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from coact.codes import collect as collect_module
 from coact.codes._topk import topk_csr
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts
-from coact.codes.forward import read_sites
+from coact.codes.forward import _finite, read_sites
+from coact.codes.scratch import scratch
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture
@@ -102,3 +105,48 @@ def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(fast.completed_shards) >= 3
     assert _store_bytes(tmp_path / "fast") == _store_bytes(tmp_path / "plain")
     assert fast.manifest["shards"] == plain.manifest["shards"]
+
+
+def test_finite_check_catches_what_the_sum_hides() -> None:
+    """The sum's shortcut: a NaN or an inf anywhere is caught; finite values whose sum
+    overflows are finite."""
+    x = torch.zeros(64, 33)
+    assert _finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[40, 7] = bad
+        assert not _finite(y)
+    huge = torch.full((64, 33), 3e38)
+    assert not bool(torch.isfinite(huge.sum())) and _finite(huge)
+    mixed = torch.tensor([float("inf"), float("-inf"), 1.0])
+    assert not _finite(mixed)
+
+
+def test_scratch_buffers_are_reused_and_grown() -> None:
+    a = scratch("test-buffer", (4, 8), torch.float32)
+    b = scratch("test-buffer", (2, 3), torch.float32)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 3)
+    c = scratch("test-buffer", (100, 8), torch.float32)
+    assert c.shape == (100, 8) and c.numel() == 800
+    assert scratch("test-buffer", (5,), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_shards_are_written_inline_when_torch_holds_every_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer thread only where a core is free for it; inline, a failed write raises at
+    .result() as the thread's would."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(torch.get_num_threads())))
+    inline = collect_module._writer()
+    assert not isinstance(inline, ThreadPoolExecutor)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(torch.get_num_threads() + 1)))
+    with collect_module._writer() as threaded:
+        assert isinstance(threaded, ThreadPoolExecutor)
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with inline as writer:
+        done = writer.submit(fail)
+        with pytest.raises(OSError, match="disk full"):
+            done.result()

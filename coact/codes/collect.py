@@ -8,8 +8,10 @@ whose activation no SAE is trained on); the token table says which positions are
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +26,7 @@ from torch import Tensor
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import read_sites
+from coact.codes.scratch import scratch
 from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
@@ -34,6 +37,8 @@ from coact.rundir.layout import CodesFiles
 from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
 from coact.settings import setting
+
+SCREEN_ROWS = 16384  # rows the screen encodes at once (activations held: rows × d floats)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ def collect_codes(
     n_shards = -(-n_ctx // config.shard_contexts)
     done = store.completed_shards
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coact-shards") as writer:
+    with _writer() as writer:
         pending: Future[None] | None = None
         for index in range(n_shards):
             if index in done:
@@ -170,6 +175,33 @@ def collect_codes(
             bar.update(1)
     bar.close()
     return store
+
+
+def _writer() -> ThreadPoolExecutor | _Inline:
+    """Where shards are written: a thread where a core is free for it (its write then
+    overlaps the next shard's encoding), else inline: with torch's threads on every core,
+    a writer thread stalls the forward pass (torch waits on the thread it displaced) for
+    longer than the write itself takes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if torch.get_num_threads() < (cores or 1):
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="coact-shards")
+    return _Inline()
+
+
+class _Inline(contextlib.AbstractContextManager["_Inline"]):
+    """An executor that runs each task when it is submitted."""
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def submit(self, task: Callable[..., None], *args: object) -> Future[None]:
+        done: Future[None] = Future()
+        try:
+            task(*args)
+            done.set_result(None)
+        except Exception as error:  # raised where a thread's would be: at .result()
+            done.set_exception(error)
+        return done
 
 
 def _screen_for(directory: Path, choice: str, device: torch.device) -> str:
@@ -200,15 +232,33 @@ def _encode_shard(
     config: CollectConfig,
     screen: str,
 ) -> dict[str, list[sp.csr_matrix]]:
-    """Codes of contexts lo..hi, batch by batch (always the same batches: resumable)."""
+    """Codes of contexts lo..hi, batch by batch (always the same batches: resumable).
+
+    The screen encodes many batches' rows at once (up to SCREEN_ROWS): each switch from
+    torch's threads to the screen's leaves torch's idle threads spinning for milliseconds
+    on the cores the screen needs, and its codes do not depend on how rows are grouped."""
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
+    pending: dict[Site, list[Tensor]] = {site: [] for site in sites}
     for start in range(lo, hi, config.forward_batch):
         batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
         acts = read_sites(lm, batch, sites)
+        last = start + config.forward_batch >= hi
         for site in sites:
             x = acts[site][:, config.skip_first_positions :].reshape(-1, lm.adapter.d_model)
-            codes[site.slug].append(encode_csr(saes[site], x, screen=screen))
+            pending[site].append(x)
+            if screen == "off" or last or sum(map(len, pending[site])) >= SCREEN_ROWS:
+                x = _stacked(pending[site])
+                codes[site.slug].append(encode_csr(saes[site], x, screen=screen))
+                pending[site] = []
     return codes
+
+
+def _stacked(parts: list[Tensor]) -> Tensor:
+    """The parts' rows in one tensor (a reused buffer when there are several)."""
+    if len(parts) == 1:
+        return parts[0]
+    shape = (sum(map(len, parts)), parts[0].shape[1])
+    return torch.cat(parts, out=scratch("pending", shape, parts[0].dtype))
 
 
 def _write(
@@ -232,15 +282,16 @@ def encode_csr(
     with screen "bf16" a bfloat16 product picks candidates for it (`screen`)."""
     if not (isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None):
         return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
-    if sae.subtract_decoder_bias:
-        x = x - sae.b_dec
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
     bias32 = sae.b_enc.dtype == torch.float32
-    if screen == "bf16" and fused and cpu32 and bias32:
-        weights = screen_weights(sae, sae.W_enc)
-        if weights is not None:
-            parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)
-            return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width))
+    weights = screen_weights(sae, sae.W_enc) if screen == "bf16" and fused and cpu32 else None
+    if weights is not None and bias32:
+        if sae.subtract_decoder_bias:
+            x = torch.sub(x, sae.b_dec, out=scratch("centred", tuple(x.shape), x.dtype))
+        parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)
+        return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width))
+    if sae.subtract_decoder_bias:
+        x = x - sae.b_dec
     pre = x @ sae.W_enc  # Sae.pre_activations without its bias, which the selection adds
     if fused and cpu32 and bias32:
         parts = topk_csr(pre.numpy(), sae.b_enc.detach().numpy(), sae.k)

@@ -6,7 +6,7 @@ the screened value s_j and the value v_j = fl(x · W_j + b_j) this module comput
 candidate in float32 (x̂, Ŵ: x, W rounded to bfloat16, unit roundoff u = 2⁻⁸; γ_d = d·2⁻²⁴):
   |x̂·Ŵ_j − x·W_j| ≤ ‖x − x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j − Ŵ_j‖          (Cauchy–Schwarz)
   float32 accumulation of x̂·Ŵ_j and of our own x·W_j: γ_d (‖x̂‖ ‖Ŵ_j‖ + ‖x‖ ‖W_j‖)
-  the product's output rounded to bfloat16: u / (1 − u) · max_j |s_j|
+  the product's output rounded to bfloat16: u / (1 − u) · |s_j|
   denormals flushed by the hardware, the final + b_j, and the float32 evaluation of
   U_j = s_j + b_j + e_j itself (`_row_terms`): small terms, all counted.
 The features are cut into blocks; a floor under the largest block maxima picks about
@@ -36,6 +36,7 @@ import torch
 from numba import njit
 
 from coact.codes._topk import _finish, _select, compact
+from coact.codes.scratch import scratch
 from coact.errors import CoactError
 
 SCREENS = ("auto", "bf16", "off")
@@ -144,14 +145,16 @@ def screened_topk_csr(
     if not 0 < k <= width:
         raise ValueError(f"need 0 < k <= width, got k={k}, width={width}")
     x = x.detach().to("cpu").contiguous()
-    x_bf16 = x.to(torch.bfloat16)
-    screened = (x_bf16 @ weights.w_bf16).view(torch.int16).numpy()
-    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
     n = len(x)
+    x_bf16 = scratch("screen-x", (n, d), torch.bfloat16).copy_(x)
+    product = scratch("screen-product", (n, width), torch.bfloat16)
+    torch.matmul(x_bf16, weights.w_bf16, out=product)
+    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
     indices, values = np.empty((n, k), dtype=np.int32), np.empty((n, k), dtype=np.float32)
     kinds, scored = np.zeros(n, dtype=np.int8), np.zeros(n, dtype=np.int64)
     bias = np.ascontiguousarray(bias)
-    inputs = (x.numpy(), x_bf16.float().numpy(), screened, weights.w_rows, bias)
+    bits = (x_bf16.view(torch.int16).numpy(), product.view(torch.int16).numpy())
+    inputs = (x.numpy(), *bits, weights.w_rows, bias)
     norms = (weights.norm_hat, weights.norm_err, float(np.abs(bias).max()))
     rule = (k, min(width, k + margin), gamma, UNIT / (1 - UNIT), weights.abs_max)
     outputs = (indices, values, kinds, scored)
@@ -185,6 +188,14 @@ def _dots4(x, w_rows, chosen, m, dots):
     dots[m], dots[m + 1], dots[m + 2], dots[m + 3] = t0, t1, t2, t3
 
 
+@njit(cache=True)
+def _widen_bits(bf16_bits, out):
+    """bfloat16 values (as int16 bits) into `out` (uint32) as float32 bits: the high half."""
+    for j in range(len(bf16_bits)):  # a flat loop: the compiler vectorises it
+        out[j] = np.uint32(np.uint16(bf16_bits[j])) << np.uint32(16)
+    return out.view(np.float32)
+
+
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _norms(x, x_hat):
     """‖x‖, ‖x̂‖, ‖x − x̂‖ in float64 (summed in any order: off by less than 2⁻⁴⁰ of each,
@@ -199,31 +210,37 @@ def _norms(x, x_hat):
 
 
 @njit(cache=True)
-def _row_terms(x, x_hat, s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max):
-    """Float32 (A, B, C) with e_j ≤ A‖Ŵ_j‖ + B‖W_j − Ŵ_j‖ + C for every feature of the row,
-    C also covering float32's rounding where upper_j = s_j + b_j + A‖Ŵ_j‖ + B‖W_j − Ŵ_j‖ + C
-    is evaluated (four operations, each within 2⁻²⁴ of a sum below the bound M)."""
+def _row_terms(x, x_hat, b_max, nh_max, ne_max, gamma, out_unit, w_max):
+    """Float32 (A, B, D, C) with e_j ≤ A‖Ŵ_j‖ + B‖W_j − Ŵ_j‖ + D|s_j| + C for every feature
+    of the row, C also covering float32's rounding where upper_j = s_j + b_j + A‖Ŵ_j‖ +
+    B‖W_j − Ŵ_j‖ + D|s_j| + C is evaluated (under eight operations, each within 2⁻²⁴ of a
+    sum below the bound M, which takes |s_j| ≤ (1 + u)(1 + γ_d)‖x̂‖‖Ŵ_j‖)."""
     nx, nh, ne = _norms(x, x_hat)
     c = gamma * nx  # our own float32 dot's accumulation, times ‖W_j‖ ≤ ‖Ŵ_j‖ + ‖W_j − Ŵ_j‖
-    up = (1 + 2.0**-20) * (1 + 2.0**-23)  # the final + b_j (2⁻²⁴), float64's own rounding
+    up = 1 + 2.0**-20  # float64's own rounding in these terms
     a = up * (ne + gamma * nh + c)  # x's rounding and the screen's accumulation
     b = up * (nx + c)  # W's rounding
-    tiny = 2.0**-118 * len(x) * (2.0 + nh + w_max)  # denormals flushed; max|x̂| ≤ ‖x̂‖
-    c0 = up * (out_unit * s_max + tiny) + (1 + 2.0**-20) * 2.0**-23 * (s_max + b_max)
-    total = s_max + b_max + a * nh_max + b * ne_max + c0
+    tiny = up * 2.0**-118 * len(x) * (2.0 + nh + w_max)  # denormals flushed; max|x̂| ≤ ‖x̂‖
+    s_bound = up * (1 + 2.0**-8) * (1 + gamma) * nh * nh_max + tiny
+    spread = a * nh_max + b * ne_max + up * out_unit * s_bound + tiny  # ≥ |d_j − s_j|
+    d = up * (out_unit + 2.0**-24)  # the output's rounding to bfloat16; 2⁻²⁴: the final + b_j
+    c0 = tiny + up * 2.0**-24 * (spread + b_max)  # the rest of the final + b_j's rounding
+    total = s_bound + b_max + a * nh_max + b * ne_max + d * s_bound + c0
     c0 += 2.0**-21 * total  # float32 evaluation of upper_j
     grow = 1 + 2.0**-20  # a cast to float32 moves a value by at most 2⁻²⁴ of it
-    return np.float32(a * grow), np.float32(b * grow), np.float32(c0 * grow), total < np.inf
+    terms = (np.float32(a * grow), np.float32(b * grow), np.float32(d * grow))
+    return terms, np.float32(c0 * grow), total < np.inf
 
 
 @njit(fastmath={"contract"}, cache=True)
-def _bounds(s, bias, norm_hat, norm_err, a, b, c, upper, blocks, block_top):
-    """upper[j] = s_j + b_j + a‖Ŵ_j‖ + b‖W_j − Ŵ_j‖ + c in float32, an upper bound of every
-    value feature j can have, and block_top[k] = the largest upper[j] with j ≡ k (mod
-    blocks); False when one is not finite."""
+def _bounds(s, bias, norm_hat, norm_err, terms, c, upper, blocks, block_top):
+    """upper[j] = s_j + b_j + a‖Ŵ_j‖ + b‖W_j − Ŵ_j‖ + d|s_j| + c in float32, an upper bound
+    of every value feature j can have, and block_top[k] = the largest upper[j] with
+    j ≡ k (mod blocks); False when one is not finite (an inf or NaN among the s_j too)."""
+    a, b, d = terms
     finite = True
     for j in range(len(s)):  # flat loops: the compiler vectorises them
-        u = s[j] + bias[j] + a * norm_hat[j] + b * norm_err[j] + c
+        u = s[j] + bias[j] + a * norm_hat[j] + b * norm_err[j] + d * abs(s[j]) + c
         upper[j] = u
         finite &= abs(u) < np.inf
     _block_max(upper, blocks, block_top)
@@ -424,27 +441,15 @@ def _score_block(x, w_rows, chosen, offsets, dots, starts, entry_row, entry_at):
 @njit(cache=True)
 def _prepare(screened_row, x_row, x_hat_row, bias, norm_hat, norm_err, terms, bits, upper,
              blocks, block_top):  # fmt: skip
-    """The row's bounds into upper and block_top (bfloat16 bits of s_j to float32 first);
+    """The row's bounds into upper and block_top (inputs as bfloat16 bits: s_j and x̂);
     False when an input or a bound is not finite."""
     b_max, nh_max, ne_max, gamma, out_unit, w_max = terms
-    top = np.uint32(0)
-    for j in range(len(screened_row)):  # bfloat16 bits to float32 (the high half)
-        word = np.uint32(np.uint16(screened_row[j])) << np.uint32(16)
-        bits[j] = word
-        magnitude = word & np.uint32(0x7FFFFFFF)  # |s_j|'s bits: ordered as |s_j|
-        top = magnitude if magnitude > top else top
-    if not top < np.uint32(0x7F800000):  # an inf or NaN among the s_j
-        return False
-    largest = np.empty(1, dtype=np.uint32)
-    largest[0] = top
-    s_max = np.float64(largest.view(np.float32)[0])
-    a, b, c, finite = _row_terms(
-        x_row, x_hat_row, s_max, b_max, nh_max, ne_max, gamma, out_unit, w_max
-    )
+    x_hat = _widen_bits(x_hat_row, bits[: len(x_hat_row)])  # used before s overwrites it
+    row_terms, c, finite = _row_terms(x_row, x_hat, b_max, nh_max, ne_max, gamma, out_unit, w_max)
     if not finite:
         return False
-    s = bits.view(np.float32)
-    return _bounds(s, bias, norm_hat, norm_err, a, b, c, upper, blocks, block_top)
+    s = _widen_bits(screened_row, bits[: len(screened_row)])
+    return _bounds(s, bias, norm_hat, norm_err, row_terms, c, upper, blocks, block_top)
 
 
 BLOCK = 256  # rows whose candidates are scored together (their x stays in cache)
@@ -460,7 +465,7 @@ def _screen_rows(
     A block of rows at a time: bounds and candidates per row, the candidates' dots for the
     whole block (`_score_block`), then each row's top k and, where needed, its widening."""
     width = screened.shape[1]
-    bits = np.empty(width, dtype=np.uint32)
+    bits = np.empty(max(width, x.shape[1]), dtype=np.uint32)  # s_j, or x̂ before them
     upper = np.empty(width, dtype=np.float32)
     blocks = -(-width // max(1, min(ROWS, width // c)))
     block_top = np.empty(blocks, dtype=np.float32)
