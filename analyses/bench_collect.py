@@ -1,14 +1,15 @@
 """Collection throughput against a plain forward pass, and bytes per token of the store.
 
 Timings over the same contexts, interleaved in one run: every variant runs on a slice of
-128 contexts (in an order that rotates) before the next slice, so that on a busy machine
-neighbouring timings see the same load; throughput sums all slices and repeats:
+128 contexts (in an order that rotates; a shard each, the store's default) before the next
+slice, so that on a busy machine neighbouring timings see the same load; throughput sums
+all slices and repeats:
   plain         — the bare PyTorch model, stopped by a hook after the last needed module;
   capture       — nnsight reading the two sites (what tracing costs);
   hooks         — forward hooks reading the two sites (what collection now uses);
-  collect_plain — the old stage: nnsight, torch.topk encoding, the shard written inline;
+  collect_plain — the old stage: nnsight, torch.topk encoding;
   collect_float32 — the stage with its float32 encoder product: hooks, the compiled TopK
-                  selection, shards written by a thread while the next shard is encoded;
+                  selection (shards written by a thread where a core is free for it);
   collect       — the stage as configured by default: on CPUs with AMX the encoders' product
                   screened in bfloat16, only the candidates scored in float32.
 Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). collect_plain and
@@ -35,6 +36,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +93,13 @@ def pythia_70m_shaped(device: str) -> LoadedModel:
 
 
 def random_sae(d_model: int, site: Site, k: int = 32, device: str = "cpu") -> Sae:
+    """Random TopK weights, the same in every run (seeded by the site): an exact float32
+    tie at the k-th place, which the paths may break differently, is then no chance."""
     sae = Sae(d_model, 4 * d_model, activation="topk", k=k, site=str(site))
+    gen = torch.Generator().manual_seed(sum(map(ord, str(site))))
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec):
-            p.normal_(0, d_model**-0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) * d_model**-0.5)
     return sae.eval().requires_grad_(False).to(device)
 
 
@@ -176,6 +181,15 @@ def _slice(contexts: Contexts, lo: int, hi: int) -> Contexts:
     )
 
 
+def _slices(n: int) -> list[tuple[int, int]]:
+    """SLICE contexts each, the remainder joined to the last: a slice of a few contexts
+    would time the stage's fixed cost per call (opening the store), not its throughput."""
+    starts = list(range(0, n, SLICE))
+    if len(starts) > 1 and n - starts[-1] < SLICE // 2:
+        starts.pop()
+    return list(pairwise([*starts, n]))
+
+
 def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, Any]:
     """Every variant on one slice of contexts, in rotating order, then the next slice: on
     a busy machine neighbouring timings see the same load. Throughput sums every slice."""
@@ -184,7 +198,7 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
     tokens, device = contexts.tokens, str(lm.device)
     sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
     saes = {site: random_sae(lm.adapter.d_model, site, device=device) for site in sites}
-    config = CollectConfig(forward_batch=batch, shard_contexts=SLICE // 2)
+    config = CollectConfig(forward_batch=batch)  # a shard per slice, as in a real collection
     float32 = dataclasses.replace(config, screen="off")
     capture(lm, tokens[:batch], sites)  # warm-up (and the compiled selection's load)
     warm = read_sites(lm, tokens[:batch], sites)[sites[0]][0]
@@ -193,7 +207,7 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
     screen = screen_module.resolve_screen(config.screen, device)
     counts_before = dataclasses.replace(screen_module.COUNTS)
     scratch = Path(tempfile.mkdtemp(prefix="coact-bench-"))
-    slices = [(lo, min(lo + SLICE, len(tokens))) for lo in range(0, len(tokens), SLICE)]
+    slices = _slices(len(tokens))
 
     def variants(lo: int, hi: int, tag: str) -> dict[str, Callable[[int], object]]:
         part, t = _slice(contexts, lo, hi), tokens[lo:hi]
