@@ -44,6 +44,7 @@ MARGIN = 12  # candidates beyond k per row: fewer widened rows against more dots
 UNIT = 2.0**-8  # bfloat16's unit roundoff
 MIN_ROWS_PER_THREAD = 256
 ROWS = 8  # features per block in the candidate search (see _candidates)
+BINS = 256  # the histogram that brackets the candidates' floor (see _floor)
 
 
 def bf16_is_fast() -> bool:
@@ -270,30 +271,49 @@ def _count_at_least(values, floor):
 
 
 @njit(cache=True)
-def _floor(block_top, m):
-    """A value θ with at least m of block_top at or above it, and not many more: bisection
-    between the least and the largest (counting is a vector pass over a few hundred)."""
-    low, high = np.inf, -np.inf
+def _floor(block_top, m, counts):
+    """A value θ with at least m of block_top at or above it, and not many more.
+
+    A histogram of the values in BINS equal bins between the least and the largest gives a
+    bracket: the lower edge of the bin where the count from the top reaches m (checked by
+    counting: rounding may move a value across an edge), and the edge above it; bisection
+    between the two then, where that bin holds too many."""
+    low = high = block_top[0]
     for v in block_top:
-        low = v if v < low else low
-        high = v if v > high else high
-    count = len(block_top)
+        low, high = min(low, v), max(high, v)
+    if not low < high < np.inf:  # all equal, or not finite: every block reaches the floor
+        return low
+    counts[:] = 0  # BINS + 1 slots: the largest value lands in the last
+    scale = BINS / (np.float64(high) - np.float64(low))
+    for v in block_top:
+        counts[int((v - np.float64(low)) * scale)] += 1
+    total, top = 0, BINS + 1
+    while total < m and top > 0:
+        top -= 1
+        total += counts[top]
+    while True:  # the edge, moved down while rounding left fewer than m above it
+        floor = max(np.float64(low), np.float64(low) + top / scale)
+        count = _count_at_least(block_top, floor)
+        if count >= m or top <= 0:
+            break
+        top -= 1
+    ceiling = min(np.float64(high), floor + 1 / scale)
     for _ in range(40):
         if count <= m + m // 8:
             break
-        middle = low + (high - low) / 2
-        if middle <= low or middle >= high:
+        middle = floor + (ceiling - floor) / 2
+        if middle <= floor or middle >= ceiling:
             break
         above = _count_at_least(block_top, middle)
         if above >= m:
-            low, count = middle, above
+            floor, count = middle, above
         else:
-            high = middle
-    return low
+            ceiling = middle
+    return floor
 
 
 @njit(cache=True)
-def _candidates(upper, blocks, m, block_top, chosen):
+def _candidates(upper, blocks, m, block_top, chosen, counts):
     """Candidates into chosen (sorted); returns (their count, the largest bound left out).
 
     Feature j lies in block j mod `blocks`. A floor θ is put under the m-th largest of the
@@ -301,7 +321,7 @@ def _candidates(upper, blocks, m, block_top, chosen):
     it (at least m of them). Every other feature is below θ, and the bound returned is the
     largest of them, so it covers all."""
     width = len(upper)
-    floor = _floor(block_top, m)
+    floor = _floor(block_top, m, counts)
     left_out = -np.inf
     reached = 0
     for b in range(blocks):  # the blocks that reach the floor, in order
@@ -469,6 +489,7 @@ def _screen_rows(
     upper = np.empty(width, dtype=np.float32)
     blocks = -(-width // max(1, min(ROWS, width // c)))
     block_top = np.empty(blocks, dtype=np.float32)
+    bins = np.empty(BINS + 1, dtype=np.int64)
     chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
     dots = np.empty(width, dtype=np.float32)
     biases = np.empty(width, dtype=np.float32)
@@ -493,7 +514,7 @@ def _screen_rows(
             full[r] = not _prepare(*inputs, upper, blocks, block_top)
             count = 0
             if not full[r]:
-                count, left_outs[r] = _candidates(upper, blocks, c, block_top, chosen)
+                count, left_outs[r] = _candidates(upper, blocks, c, block_top, chosen, bins)
                 block_chosen[at : at + count] = chosen[:count]
             offsets[r + 1] = at + count
         n_rows = last - first
