@@ -314,34 +314,33 @@ def _floor(block_top, m, counts):
 
 @njit(cache=True)
 def _candidates(upper, blocks, m, block_top, chosen, counts):
-    """Candidates into chosen (sorted); returns (their count, the largest bound left out).
+    """Candidates into chosen (sorted); returns (their count, the floor θ they reach).
 
     Feature j lies in block j mod `blocks`. A floor θ is put under the m-th largest of the
     blocks' maxima; the candidates are the features at or above θ in the blocks that reach
-    it (at least m of them). Every other feature is below θ, and the bound returned is the
-    largest of them, so it covers all."""
+    it (at least m of them). Every other feature is below θ, which is returned with them:
+    once the k-th candidate value exceeds θ, no feature left out can enter the top k."""
     width = len(upper)
     floor = _floor(block_top, m, counts)
-    left_out = -np.inf
     reached = 0
     for b in range(blocks):  # the blocks that reach the floor, in order
         chosen[reached] = b
-        hit = block_top[b] >= floor
-        reached += hit
-        left_out = max(left_out, -np.inf if hit else block_top[b])
+        reached += block_top[b] >= floor
     count = reached
-    for start in range(0, width, blocks):  # their features, row by row: in index order
+    for start in range(0, width - blocks + 1, blocks):  # their features, in index order
         for q in range(reached):
             j = start + chosen[q]
-            if j < width:
-                chosen[count] = j
-                hit = upper[j] >= floor
-                count += hit
-                left_out = max(left_out, -np.inf if hit else upper[j])
+            chosen[count] = j
+            count += upper[j] >= floor
+    for q in range(reached):  # the last, partial row of the grid
+        j = width - width % blocks + chosen[q]
+        if width % blocks and j < width:
+            chosen[count] = j
+            count += upper[j] >= floor
     count -= reached
     for q in range(count):  # forward: each read is ahead of the write
         chosen[q] = chosen[reached + q]
-    return count, left_out
+    return count, floor
 
 
 @njit(cache=True)
@@ -502,7 +501,7 @@ def _screen_rows(
     block_dots = np.empty(rows * width, dtype=np.float32)
     offsets = np.zeros(rows + 1, dtype=np.int64)
     full = np.empty(rows, dtype=np.bool_)
-    left_outs = np.empty(rows, dtype=np.float32)
+    floors = np.empty(rows, dtype=np.float32)  # rounding is monotone: θ ≥ kth stays so
     starts = np.empty(width + 1, dtype=np.int64)
     entry_row = np.empty(rows * width, dtype=np.int32)
     entry_at = np.empty(rows * width, dtype=np.int32)
@@ -514,7 +513,7 @@ def _screen_rows(
             full[r] = not _prepare(*inputs, upper, blocks, block_top)
             count = 0
             if not full[r]:
-                count, left_outs[r] = _candidates(upper, blocks, c, block_top, chosen, bins)
+                count, floors[r] = _candidates(upper, blocks, c, block_top, chosen, bins)
                 block_chosen[at : at + count] = chosen[:count]
             offsets[r + 1] = at + count
         n_rows = last - first
@@ -533,7 +532,7 @@ def _screen_rows(
                     indices[i, m] = block_chosen[at + local[m]]
                 scored[i] = count
                 finite = abs(kth) < np.inf
-                if finite and not left_outs[r] < kth:
+                if finite and not floors[r] < kth:
                     inputs = (screened[i], x[i], x_hat[i], bias, norm_hat, norm_err, terms, bits)
                     _prepare(*inputs, upper, blocks, block_top)  # as before: finite
                     chosen[:count] = block_chosen[at : at + count]
