@@ -238,27 +238,30 @@ def _encode_shard(
     torch's threads to the screen's leaves torch's idle threads spinning for milliseconds
     on the cores the screen needs, and its codes do not depend on how rows are grouped."""
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
-    pending: dict[Site, list[Tensor]] = {site: [] for site in sites}
+    filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer
     for start in range(lo, hi, config.forward_batch):
         batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
         acts = read_sites(lm, batch, sites)
         last = start + config.forward_batch >= hi
         for site in sites:
-            x = acts[site][:, config.skip_first_positions :].reshape(-1, lm.adapter.d_model)
-            pending[site].append(x)
-            if screen == "off" or last or sum(map(len, pending[site])) >= SCREEN_ROWS:
-                x = _stacked(pending[site])
-                codes[site.slug].append(encode_csr(saes[site], x, screen=screen))
-                pending[site] = []
+            x = acts[site][:, config.skip_first_positions :]
+            if screen == "off":
+                codes[site.slug].append(encode_csr(saes[site], x.reshape(-1, x.shape[-1])))
+                continue
+            rows = _pending(site, x, config)[filled[site] :][: x.shape[0] * x.shape[1]]
+            rows.view(x.shape).copy_(x)
+            filled[site] += len(rows)
+            if last or filled[site] >= SCREEN_ROWS:
+                ready = _pending(site, x, config)[: filled[site]]
+                codes[site.slug].append(encode_csr(saes[site], ready, screen=screen))
+                filled[site] = 0
     return codes
 
 
-def _stacked(parts: list[Tensor]) -> Tensor:
-    """The parts' rows in one tensor (a reused buffer when there are several)."""
-    if len(parts) == 1:
-        return parts[0]
-    shape = (sum(map(len, parts)), parts[0].shape[1])
-    return torch.cat(parts, out=scratch("pending", shape, parts[0].dtype))
+def _pending(site: Site, x: Tensor, config: CollectConfig) -> Tensor:
+    """The buffer where a site's rows wait for the screen: SCREEN_ROWS and a batch more."""
+    capacity = SCREEN_ROWS + config.forward_batch * x.shape[1]
+    return scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
 
 
 def _write(
