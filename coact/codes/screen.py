@@ -536,9 +536,10 @@ def _screen_rows(
                     inputs = (screened[i], x[i], x_hat[i], bias, norm_hat, norm_err, terms, bits)
                     _prepare(*inputs, upper, blocks, block_top)  # as before: finite
                     chosen[:count] = block_chosen[at : at + count]
-                    count = _widen(upper, kth, chosen, count, member)
-                    _score(x[i], w_rows, bias, chosen, count, k, *scratch)
-                    kinds[i], scored[i] = 1, scored[i] + count
+                    wider = _widen(upper, kth, chosen, count, member)
+                    if wider > count:  # else no feature left out reaches kth: settled
+                        _score(x[i], w_rows, bias, chosen, wider, k, *scratch)
+                        kinds[i], scored[i] = 1, scored[i] + wider
             if not finite:
                 for j in range(width):
                     chosen[j] = j
