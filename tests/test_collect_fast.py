@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from coact.codes import collect as collect_module
+from coact.codes import scratch as scratch_module
 from coact.codes._topk import topk_csr
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts
@@ -150,3 +151,22 @@ def test_shards_are_written_inline_when_torch_holds_every_core(
         done = writer.submit(fail)
         with pytest.raises(OSError, match="disk full"):
             done.result()
+
+
+def test_rows_gathered_for_the_screen_fit_its_memory_budget() -> None:
+    """SCREEN_ROWS for a layer's two sites; fewer for a whole model's sites (4·d bytes a
+    row each) or a wide SAE's product (2·width bytes a row), by hand."""
+    budget, cap = collect_module.SCREEN_BYTES, collect_module.SCREEN_ROWS
+    assert collect_module._group_rows(576, [2304, 2304]) == cap
+    assert collect_module._group_rows(576, [2304] * 121) == budget // (4 * 576 * 121) == 1925
+    assert collect_module._group_rows(576, [2**20]) == budget // 2**21 == 256
+    assert collect_module._group_rows(2**20, [4] * 200) == 1  # at least a row
+
+
+def test_collection_releases_its_buffers(tmp_path: Path) -> None:
+    lm = load_model("tiny-llama")
+    tokens = torch.randint(1, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
+    config = dataclasses.replace(CollectConfig(), forward_batch=4, screen="bf16")
+    collect_codes(lm, contexts, {Site("mlp_out", 1): _sae(64, 256, 8, 2)}, tmp_path, config)
+    assert not getattr(scratch_module._LOCAL, "buffers", {})

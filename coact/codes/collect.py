@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch import Tensor
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import read_sites
-from coact.codes.scratch import scratch
+from coact.codes.scratch import release_scratch, scratch
 from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
@@ -38,7 +38,8 @@ from coact.sae.base import Sae, SparseAutoencoder
 from coact.sae.evaluate import check_sae_fits
 from coact.settings import setting
 
-SCREEN_ROWS = 16384  # rows the screen encodes at once (activations held: rows × d floats)
+SCREEN_ROWS = 16384  # rows the screen encodes at once, at most
+SCREEN_BYTES = 512 * 2**20  # and what they hold, all sites' waiting rows (or one product) in all
 
 
 @dataclass(frozen=True)
@@ -149,32 +150,43 @@ def collect_codes(
             "screen": screen,
         },
     )
-    n_ctx = contexts.tokens.shape[0]
-    n_shards = -(-n_ctx // config.shard_contexts)
+    n_shards = -(-contexts.tokens.shape[0] // config.shard_contexts)
     done = store.completed_shards
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
+    try:
+        for _ in _write_shards(lm, contexts, saes, sites, store, config, screen):
+            bar.update(1)
+    finally:
+        bar.close()
+        release_scratch()  # the waiting rows and the screen's products: hundreds of MB
+    return store
+
+
+def _write_shards(
+    lm: LoadedModel,
+    contexts: Contexts,
+    saes: Mapping[Site, SparseAutoencoder],
+    sites: list[Site],
+    store: CodeStore,
+    config: CollectConfig,
+    screen: str,
+) -> Iterator[int]:
+    """Encode and write every shard the store lacks, yielding each one once written."""
+    n_ctx, size = contexts.tokens.shape[0], config.shard_contexts
+    done = store.completed_shards
     with _writer() as writer:
-        pending: Future[None] | None = None
-        for index in range(n_shards):
-            if index in done:
-                continue
-            lo, hi = index * config.shard_contexts, min(n_ctx, (index + 1) * config.shard_contexts)
+        pending: tuple[int, Future[None]] | None = None
+        for index in (i for i in range(-(-n_ctx // size)) if i not in done):
+            lo, hi = index * size, min(n_ctx, (index + 1) * size)
             codes = _encode_shard(lm, contexts, saes, sites, lo, hi, config, screen)
             if pending is not None:  # one shard in flight: its write overlaps this encoding
-                pending.result()
-                bar.update(1)
-            pending = writer.submit(
-                _write,
-                store,
-                index,
-                _token_table(contexts, lo, hi, config.skip_first_positions),
-                codes,
-            )
+                pending[1].result()
+                yield pending[0]
+            table = _token_table(contexts, lo, hi, config.skip_first_positions)
+            pending = index, writer.submit(_write, store, index, table, codes)
         if pending is not None:
-            pending.result()
-            bar.update(1)
-    bar.close()
-    return store
+            pending[1].result()
+            yield pending[0]
 
 
 def _writer() -> ThreadPoolExecutor | _Inline:
@@ -239,6 +251,7 @@ def _encode_shard(
     on the cores the screen needs, and its codes do not depend on how rows are grouped."""
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer
+    group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
     for start in range(lo, hi, config.forward_batch):
         batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
         acts = read_sites(lm, batch, sites)
@@ -248,20 +261,24 @@ def _encode_shard(
             if screen == "off":
                 codes[site.slug].append(encode_csr(saes[site], x.reshape(-1, x.shape[-1])))
                 continue
-            rows = _pending(site, x, config)[filled[site] :][: x.shape[0] * x.shape[1]]
+            capacity = group + config.forward_batch * x.shape[1]
+            waiting = scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
+            rows = waiting[filled[site] :][: x.shape[0] * x.shape[1]]
             rows.view(x.shape).copy_(x)
             filled[site] += len(rows)
-            if last or filled[site] >= SCREEN_ROWS:
-                ready = _pending(site, x, config)[: filled[site]]
+            if last or filled[site] >= group:
+                ready = waiting[: filled[site]]
                 codes[site.slug].append(encode_csr(saes[site], ready, screen=screen))
                 filled[site] = 0
     return codes
 
 
-def _pending(site: Site, x: Tensor, config: CollectConfig) -> Tensor:
-    """The buffer where a site's rows wait for the screen: SCREEN_ROWS and a batch more."""
-    capacity = SCREEN_ROWS + config.forward_batch * x.shape[1]
-    return scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
+def _group_rows(d_model: int, widths: list[int]) -> int:
+    """Rows a site gathers before the screen encodes them: SCREEN_ROWS, fewer where the
+    sites' waiting rows (4·d bytes each) or the widest product (2·width) would pass
+    SCREEN_BYTES (a whole model's sites are collected in one pass)."""
+    per_row = max(4 * d_model * len(widths), 2 * max(widths))
+    return max(1, min(SCREEN_ROWS, SCREEN_BYTES // per_row))
 
 
 def _write(

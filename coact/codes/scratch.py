@@ -27,3 +27,9 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
         held = torch.empty(numel, dtype=dtype)
         buffers[name] = held
     return held[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Drop this thread's buffers: their memory goes back to the system (a stage that used
+    them calls it when done)."""
+    _LOCAL.__dict__.pop("buffers", None)
