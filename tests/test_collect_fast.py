@@ -21,10 +21,14 @@ from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import _finite, read_sites
 from coact.codes.scratch import scratch
+from coact.codes.store import CodeStore
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
 from coact.models.tracing import capture
+from coact.pipeline.run import analyze
+from coact.rundir.layout import RunLayout
 from coact.sae.base import Sae
+from tests.tiny_run import tiny_config
 
 
 def _sae(d: int, width: int, k: int, seed: int) -> Sae:
@@ -163,10 +167,18 @@ def test_rows_gathered_for_the_screen_fit_its_memory_budget() -> None:
     assert collect_module._group_rows(2**20, [4] * 200) == 1  # at least a row
 
 
-def test_collection_releases_its_buffers(tmp_path: Path) -> None:
+def test_buffers_are_kept_for_the_next_collection_and_released_by_the_pipeline(
+    tmp_path: Path,
+) -> None:
     lm = load_model("tiny-llama")
     tokens = torch.randint(1, 200, (8, 16), generator=torch.Generator().manual_seed(0))
     contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
     config = dataclasses.replace(CollectConfig(), forward_batch=4, screen="bf16")
     collect_codes(lm, contexts, {Site("mlp_out", 1): _sae(64, 256, 8, 2)}, tmp_path, config)
+    assert "pending:mlp_out.1" in scratch_module._LOCAL.buffers
+    scratch_module.release_scratch()
+    assert not getattr(scratch_module._LOCAL, "buffers", {})
+    run = tiny_config(tmp_path / "run", stages=(), tokens=1_000, sae_tokens=1_500)
+    analyze(dataclasses.replace(run, collect=dataclasses.replace(run.collect, screen="bf16")))
+    assert CodeStore.open(RunLayout.of(tmp_path / "run").codes).meta["screen"] == "bf16"
     assert not getattr(scratch_module._LOCAL, "buffers", {})

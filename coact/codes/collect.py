@@ -26,7 +26,7 @@ from torch import Tensor
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import read_sites
-from coact.codes.scratch import release_scratch, scratch
+from coact.codes.scratch import scratch
 from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
@@ -153,12 +153,9 @@ def collect_codes(
     n_shards = -(-contexts.tokens.shape[0] // config.shard_contexts)
     done = store.completed_shards
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
-    try:
-        for _ in _write_shards(lm, contexts, saes, sites, store, config, screen):
-            bar.update(1)
-    finally:
-        bar.close()
-        release_scratch()  # the waiting rows and the screen's products: hundreds of MB
+    for _ in _write_shards(lm, contexts, saes, sites, store, config, screen):
+        bar.update(1)
+    bar.close()
     return store
 
 
@@ -246,9 +243,11 @@ def _encode_shard(
 ) -> dict[str, list[sp.csr_matrix]]:
     """Codes of contexts lo..hi, batch by batch (always the same batches: resumable).
 
-    The screen encodes many batches' rows at once (up to SCREEN_ROWS): each switch from
-    torch's threads to the screen's leaves torch's idle threads spinning for milliseconds
-    on the cores the screen needs, and its codes do not depend on how rows are grouped."""
+    The screen encodes many batches' rows at once (`_group_rows`): each switch from torch's
+    threads to the screen's leaves torch's idle threads spinning for milliseconds on the
+    cores the screen needs, and its codes do not depend on how rows are grouped. The rows
+    wait in buffers this thread keeps for its next collection (`scratch`; the pipeline
+    releases them once its collection is done)."""
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
@@ -258,8 +257,9 @@ def _encode_shard(
         last = start + config.forward_batch >= hi
         for site in sites:
             x = acts[site][:, config.skip_first_positions :]
-            if screen == "off":
-                codes[site.slug].append(encode_csr(saes[site], x.reshape(-1, x.shape[-1])))
+            if screen == "off" or group <= x.shape[0] * x.shape[1]:  # a batch at a time
+                rows = x.reshape(-1, x.shape[-1])
+                codes[site.slug].append(encode_csr(saes[site], rows, screen=screen))
                 continue
             capacity = group + config.forward_batch * x.shape[1]
             waiting = scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
