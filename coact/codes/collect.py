@@ -287,7 +287,7 @@ def _write(
     tokens: dict[str, np.ndarray],
     codes: dict[str, list[sp.csr_matrix]],
 ) -> None:
-    """Stack a shard's batches and write it (on the writer thread)."""
+    """Stack a shard's batches and write it (on the writer thread, or inline)."""
     store.write_shard(
         index, tokens, {slug: sp.vstack(parts, format="csr") for slug, parts in codes.items()}
     )
