@@ -13,10 +13,13 @@ import pytest
 
 import coact
 from coact.cli import main
+from coact.codes import scratch as scratch_module
+from coact.codes.collect import CollectConfig
 from coact.connectors.config import MLP_FIT, ConnectConfig
 from coact.connectors.exact import LassoPathConfig
 from coact.pipeline.config import AnalyzeConfig
 from coact.pipeline.summary import RunSummary
+from coact.sae.base import Sae
 from tests.tiny_run import tiny_config
 
 FAST_CONNECT = ConnectConfig(
@@ -117,3 +120,17 @@ def test_the_cli_runs_the_apis_analyze(
     assert stopped.value.code == 0
     assert len(calls) == 1 and calls[0].run_dir == str(run) and calls[0].tokens == 1000
     assert str(finished[0]) in capsys.readouterr().out  # the summary it returned, printed
+
+
+def test_collect_writes_the_codes_and_releases_its_buffers(tmp_path: Path) -> None:
+    """`coact.collect` with an SAE object: the store holds every token it was asked for,
+    and the collection's reused buffers are gone afterwards."""
+    sae = Sae(64, 256, activation="topk", k=8, site="mlp_out[1]").eval()
+    config = CollectConfig(forward_batch=4, shard_contexts=8, screen="bf16")
+    store = coact.collect(
+        {"mlp_out.1": sae}, out=tmp_path, model="tiny-llama", tokens=600, ctx_len=32,
+        config=config,
+    )  # fmt: skip
+    assert store.manifest["n_tokens"] > 0 and store.sites == {"mlp_out.1": 256}
+    assert store.meta["screen"] == "bf16"
+    assert not getattr(scratch_module._LOCAL, "buffers", {})
