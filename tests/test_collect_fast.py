@@ -139,13 +139,16 @@ def test_scratch_buffers_are_reused_and_grown() -> None:
 def test_shards_are_written_inline_when_torch_holds_every_core(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A writer thread only where a core is free for it; inline, a failed write raises at
-    .result() as the thread's would."""
+    """A writer thread only where a core is free for it (or the model is on a GPU);
+    inline, a failed write raises at .result() as the thread's would."""
+    cpu = torch.device("cpu")
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(torch.get_num_threads())))
-    inline = collect_module._writer()
+    inline = collect_module._writer(cpu)
     assert not isinstance(inline, ThreadPoolExecutor)
+    with collect_module._writer(torch.device("cuda")) as threaded:
+        assert isinstance(threaded, ThreadPoolExecutor)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(torch.get_num_threads() + 1)))
-    with collect_module._writer() as threaded:
+    with collect_module._writer(cpu) as threaded:
         assert isinstance(threaded, ThreadPoolExecutor)
 
     def fail() -> None:

@@ -171,7 +171,7 @@ def _write_shards(
     """Encode and write every shard the store lacks, yielding each one once written."""
     n_ctx, size = contexts.tokens.shape[0], config.shard_contexts
     done = store.completed_shards
-    with _writer() as writer:
+    with _writer(lm.device) as writer:
         pending: tuple[int, Future[None]] | None = None
         for index in (i for i in range(-(-n_ctx // size)) if i not in done):
             lo, hi = index * size, min(n_ctx, (index + 1) * size)
@@ -186,13 +186,13 @@ def _write_shards(
             yield pending[0]
 
 
-def _writer() -> ThreadPoolExecutor | _Inline:
-    """Where shards are written: a thread where a core is free for it (its write then
-    overlaps the next shard's encoding), else inline: with torch's threads on every core,
-    a writer thread stalls the forward pass (torch waits on the thread it displaced) for
-    longer than the write itself takes."""
+def _writer(device: torch.device) -> ThreadPoolExecutor | _Inline:
+    """Where shards are written: a thread where a core is free for it (the model on a GPU,
+    or fewer torch threads than cores; its write then overlaps the next shard's encoding),
+    else inline: with torch's threads on every core, a writer thread stalls the forward
+    pass (torch waits on the thread it displaced) for longer than the write itself takes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if torch.get_num_threads() < (cores or 1):
+    if torch.device(device).type != "cpu" or torch.get_num_threads() < (cores or 1):
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="coact-shards")
     return _Inline()
 
