@@ -153,29 +153,34 @@ def collect_codes(
     n_shards = -(-contexts.tokens.shape[0] // config.shard_contexts)
     done = store.completed_shards
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
-    for _ in _write_shards(lm, contexts, saes, sites, store, config, screen):
+    for _ in _write_shards(_Collection(lm, contexts, saes, sites, config, screen), store):
         bar.update(1)
     bar.close()
     return store
 
 
-def _write_shards(
-    lm: LoadedModel,
-    contexts: Contexts,
-    saes: Mapping[Site, SparseAutoencoder],
-    sites: list[Site],
-    store: CodeStore,
-    config: CollectConfig,
-    screen: str,
-) -> Iterator[int]:
+@dataclass(frozen=True)
+class _Collection:
+    """What every shard of one collection is computed from."""
+
+    lm: LoadedModel
+    contexts: Contexts
+    saes: Mapping[Site, SparseAutoencoder]
+    sites: list[Site]  # in the model's order
+    config: CollectConfig
+    screen: str  # as resolved: "bf16" or "off"
+
+
+def _write_shards(job: _Collection, store: CodeStore) -> Iterator[int]:
     """Encode and write every shard the store lacks, yielding each one once written."""
+    contexts, config = job.contexts, job.config
     n_ctx, size = contexts.tokens.shape[0], config.shard_contexts
     done = store.completed_shards
-    with _writer(lm.device) as writer:
+    with _writer(job.lm.device) as writer:
         pending: tuple[int, Future[None]] | None = None
         for index in (i for i in range(-(-n_ctx // size)) if i not in done):
             lo, hi = index * size, min(n_ctx, (index + 1) * size)
-            codes = _encode_shard(lm, contexts, saes, sites, lo, hi, config, screen)
+            codes = _encode_shard(job, lo, hi)
             if pending is not None:  # one shard in flight: its write overlaps this encoding
                 pending[1].result()
                 yield pending[0]
@@ -231,16 +236,7 @@ def _screen_for(directory: Path, choice: str, device: torch.device) -> str:
     return wanted
 
 
-def _encode_shard(
-    lm: LoadedModel,
-    contexts: Contexts,
-    saes: Mapping[Site, SparseAutoencoder],
-    sites: list[Site],
-    lo: int,
-    hi: int,
-    config: CollectConfig,
-    screen: str,
-) -> dict[str, list[sp.csr_matrix]]:
+def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_matrix]]:
     """Codes of contexts lo..hi, batch by batch (always the same batches: resumable).
 
     The screen encodes many batches' rows at once (`_group_rows`): each switch from torch's
@@ -248,11 +244,12 @@ def _encode_shard(
     cores the screen needs, and its codes do not depend on how rows are grouped. The rows
     wait in buffers this thread keeps for its next collection (`scratch`; the pipeline
     releases them once its collection is done)."""
+    lm, saes, sites, config, screen = job.lm, job.saes, job.sites, job.config, job.screen
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
     for start in range(lo, hi, config.forward_batch):
-        batch = contexts.tokens[start : min(hi, start + config.forward_batch)]
+        batch = job.contexts.tokens[start : min(hi, start + config.forward_batch)]
         acts = read_sites(lm, batch, sites)
         last = start + config.forward_batch >= hi
         for site in sites:
