@@ -176,17 +176,11 @@ def screened_topk_csr(
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _dots4(x, w_rows, chosen, m, dots):
-    """dots[m : m + 4] = x · W_j for the features chosen[m : m + 4] (x read once: four
-    independent float32 sums, each in whatever order the compiler vectorises it to)."""
+    """dots[m : m + 4] = x · W_j for the features chosen[m : m + 4]: `_pairs4`'s four
+    independent float32 sums, each in whatever order the compiler vectorises it to."""
     w0, w1 = w_rows[chosen[m]], w_rows[chosen[m + 1]]
     w2, w3 = w_rows[chosen[m + 2]], w_rows[chosen[m + 3]]
-    t0 = t1 = t2 = t3 = np.float32(0)
-    for t in range(len(x)):
-        t0 += x[t] * w0[t]
-        t1 += x[t] * w1[t]
-        t2 += x[t] * w2[t]
-        t3 += x[t] * w3[t]
-    dots[m], dots[m + 1], dots[m + 2], dots[m + 3] = t0, t1, t2, t3
+    dots[m], dots[m + 1], dots[m + 2], dots[m + 3] = _pairs4(x, x, x, x, w0, w1, w2, w3)
 
 
 @njit(cache=True)
@@ -409,8 +403,8 @@ def _split(part: Callable[[int, int], None], n: int) -> None:
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _pairs4(x0, x1, x2, x3, w0, w1, w2, w3):
-    """x0 · w0, x1 · w1, x2 · w2, x3 · w3: four independent float32 sums in the shape of
-    `_dots4`'s (there the four share x), so each is summed in the same order."""
+    """x0 · w0, x1 · w1, x2 · w2, x3 · w3: four independent float32 sums (`_dots4` passes
+    one x four times), so a value is summed in the same order wherever it is scored."""
     t0 = t1 = t2 = t3 = np.float32(0)
     for t in range(len(x0)):
         t0 += x0[t] * w0[t]
