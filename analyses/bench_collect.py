@@ -219,7 +219,9 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
             "collect_float32": lambda _: collect_codes(
                 lm, part, saes, scratch / f"f32{tag}", float32
             ),
-            "collect": lambda _: collect_codes(lm, part, saes, scratch / f"new{tag}", config),
+            "collect": lambda _: collect_codes(  # one collection in slices: buffers kept
+                lm, part, saes, scratch / f"new{tag}", config, keep_buffers=True
+            ),
         }
 
     names = list(variants(0, 1, "-"))

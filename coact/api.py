@@ -7,7 +7,6 @@ from pathlib import Path
 
 from coact.codes.collect import CollectConfig, collect_codes
 from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
-from coact.codes.scratch import release_scratch
 from coact.codes.store import CodeStore
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
@@ -74,10 +73,7 @@ def collect(
         for s, v in saes.items()
     }
     lm, contexts = _model_and_contexts(list(resolved), model, corpus, tokens, ctx_len, device, seed)
-    try:
-        return collect_codes(lm, contexts, resolved, out, config or CollectConfig())
-    finally:
-        release_scratch()  # the collection's reused buffers, as the pipeline does
+    return collect_codes(lm, contexts, resolved, out, config or CollectConfig())
 
 
 def _model_and_contexts(

@@ -170,16 +170,15 @@ def test_rows_gathered_for_the_screen_fit_its_memory_budget() -> None:
     assert collect_module._group_rows(2**20, [4] * 200) == 1  # at least a row
 
 
-def test_buffers_are_kept_for_the_next_collection_and_released_by_the_pipeline(
-    tmp_path: Path,
-) -> None:
+def test_buffers_are_released_unless_kept_and_by_a_pipeline_run(tmp_path: Path) -> None:
     lm = load_model("tiny-llama")
     tokens = torch.randint(1, 200, (8, 16), generator=torch.Generator().manual_seed(0))
     contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
     config = dataclasses.replace(CollectConfig(), forward_batch=4, screen="bf16")
-    collect_codes(lm, contexts, {Site("mlp_out", 1): _sae(64, 256, 8, 2)}, tmp_path, config)
+    saes = {Site("mlp_out", 1): _sae(64, 256, 8, 2)}
+    collect_codes(lm, contexts, saes, tmp_path / "kept", config, keep_buffers=True)
     assert "pending:mlp_out.1" in scratch_module._LOCAL.buffers
-    scratch_module.release_scratch()
+    collect_codes(lm, contexts, saes, tmp_path / "released", config)
     assert not getattr(scratch_module._LOCAL, "buffers", {})
     run = tiny_config(tmp_path / "run", stages=(), tokens=1_000, sae_tokens=1_500)
     analyze(dataclasses.replace(run, collect=dataclasses.replace(run.collect, screen="bf16")))

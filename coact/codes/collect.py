@@ -26,7 +26,7 @@ from torch import Tensor
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
 from coact.codes.forward import read_sites
-from coact.codes.scratch import scratch
+from coact.codes.scratch import release_scratch, scratch
 from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
@@ -125,8 +125,13 @@ def collect_codes(
     saes: Mapping[Site, SparseAutoencoder],
     directory: str | Path,
     config: CollectConfig = CollectConfig(),
+    keep_buffers: bool = False,
 ) -> CodeStore:
-    """Write (or finish writing) the code store for `saes` over `contexts` in `directory`."""
+    """Write (or finish writing) the code store for `saes` over `contexts` in `directory`.
+
+    The collection's reused buffers (hundreds of MB) are released at the end, or kept for
+    this thread's next collection with `keep_buffers` (calls that collect one corpus in
+    parts, as the benchmark does)."""
     if not saes:
         raise CoactError("no SAEs given: nothing to collect")
     for site, sae in saes.items():
@@ -153,9 +158,13 @@ def collect_codes(
     n_shards = -(-contexts.tokens.shape[0] // config.shard_contexts)
     done = store.completed_shards
     bar = tqdm(total=n_shards, initial=len(done), desc="collecting codes", unit="shard")
-    for _ in _write_shards(_Collection(lm, contexts, saes, sites, config, screen), store):
-        bar.update(1)
-    bar.close()
+    try:
+        for _ in _write_shards(_Collection(lm, contexts, saes, sites, config, screen), store):
+            bar.update(1)
+    finally:
+        bar.close()
+        if not keep_buffers:
+            release_scratch()
     return store
 
 
@@ -242,8 +251,7 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
     The screen encodes many batches' rows at once (`_group_rows`): each switch from torch's
     threads to the screen's leaves torch's idle threads spinning for milliseconds on the
     cores the screen needs, and its codes do not depend on how rows are grouped. The rows
-    wait in buffers this thread keeps for its next collection (`scratch`; the pipeline
-    releases them once its collection is done)."""
+    wait in reused buffers (`scratch`)."""
     lm, saes, sites, config, screen = job.lm, job.saes, job.sites, job.config, job.screen
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer

@@ -31,5 +31,5 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
 
 def release_scratch() -> None:
     """Drop this thread's buffers: their memory goes back to the system (a stage that used
-    them calls it when done)."""
+    them calls it when done: `collect_codes` at its end)."""
     _LOCAL.__dict__.pop("buffers", None)

@@ -17,7 +17,6 @@ import numpy as np
 from coact.block.stage import block_sites
 from coact.codes.collect import collect_codes, sae_fingerprint
 from coact.codes.corpus import Contexts, CorpusConfig, build_contexts
-from coact.codes.scratch import release_scratch
 from coact.codes.store import CodeStore
 from coact.connectors.config import ConnectConfig
 from coact.connectors.train import split_rows
@@ -119,7 +118,6 @@ def prepare(
     with timings.part("collect"):
         ordered = {site: saes[site] for site in sites}
         store = collect_codes(lm, code_part, ordered, layout.codes, config.collect)
-        release_scratch()  # the collection's reused buffers: hundreds of MB, not needed again
     return Shared(
         layout, saes, given, reports, store, code_part, trained_now, evaluated_now, timings
     )
