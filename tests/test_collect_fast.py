@@ -19,12 +19,13 @@ from coact.codes import scratch as scratch_module
 from coact.codes._topk import topk_csr
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts
-from coact.codes.forward import _finite, read_sites
+from coact.codes.forward import read_sites
 from coact.codes.scratch import scratch
 from coact.codes.store import CodeStore
+from coact.errors import CoactError
 from coact.models.load import LoadedModel, load_model
 from coact.models.sites import Site
-from coact.models.tracing import capture
+from coact.models.tracing import capture, check_finite
 from coact.pipeline.run import analyze
 from coact.rundir.layout import RunLayout
 from coact.sae.base import Sae
@@ -115,16 +116,19 @@ def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.Mo
 def test_finite_check_catches_what_the_sum_hides() -> None:
     """The sum's shortcut: a NaN or an inf anywhere is caught; finite values whose sum
     overflows are finite."""
+    site = Site("mlp_out", 1)
     x = torch.zeros(64, 33)
-    assert _finite(x)
+    check_finite({site: x})
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[40, 7] = bad
-        assert not _finite(y)
+        with pytest.raises(CoactError, match=r"non-finite .* at mlp_out\[1\]"):
+            check_finite({site: y})
     huge = torch.full((64, 33), 3e38)
-    assert not bool(torch.isfinite(huge.sum())) and _finite(huge)
-    mixed = torch.tensor([float("inf"), float("-inf"), 1.0])
-    assert not _finite(mixed)
+    assert not bool(torch.isfinite(huge.sum()))
+    check_finite({site: huge})
+    with pytest.raises(CoactError, match="non-finite"):
+        check_finite({site: torch.tensor([float("inf"), float("-inf"), 1.0])})
 
 
 def test_scratch_buffers_are_reused_and_grown() -> None:

@@ -309,8 +309,9 @@ def encode_csr(
         return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
     bias32 = sae.b_enc.dtype == torch.float32
-    weights = screen_weights(sae, sae.W_enc) if screen == "bf16" and fused and cpu32 else None
-    if weights is not None and bias32:
+    screened = screen == "bf16" and fused and cpu32 and bias32
+    weights = screen_weights(sae, sae.W_enc) if screened else None
+    if weights is not None:
         if sae.subtract_decoder_bias:
             x = torch.sub(x, sae.b_dec, out=scratch("centred", tuple(x.shape), x.dtype))
         parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)

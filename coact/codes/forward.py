@@ -21,6 +21,7 @@ from coact.errors import CoactError
 from coact.models.adapters import ModulePoint, resolve
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
+from coact.models.tracing import check_finite
 
 
 class _Stop(Exception):
@@ -57,12 +58,6 @@ def _hooks(
     return handles
 
 
-def _finite(value: Tensor) -> bool:
-    """Whether every entry is finite: a sum is (a NaN or inf in it makes the sum one), so
-    the elementwise check (several times slower) runs only when the sum is not."""
-    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
-
-
 @torch.no_grad()
 def read_sites(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site, Tensor]:
     """Activations (batch, seq, d) at each site, as `capture` gives them, without nnsight."""
@@ -80,7 +75,5 @@ def read_sites(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[S
     if missing := [p.path for p in distinct if p not in saved]:
         raise CoactError(f"the forward pass never reached {missing}; check the model's adapter")
     out = {site: saved[point] for site, point in points.items()}
-    for site, value in out.items():
-        if not _finite(value):
-            raise CoactError(f"non-finite (NaN or inf) activations at {site}; check the model")
+    check_finite(out)
     return out
