@@ -128,6 +128,27 @@ def test_same_shards_give_identical_bytes(tmp_path: Path) -> None:
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
+def test_duplicates_unsorted_and_zeros_are_canonicalised(tmp_path: Path) -> None:
+    """Codes with a duplicate (0.25 + 0.75 at feature 4), an unsorted row and an explicit
+    zero give the bytes of their canonical form, and the caller's arrays are left alone."""
+    canonical = (
+        np.array([0, 2, 2, 4]),
+        np.array([1, 4, 0, 9]),
+        np.array([2.0, 1.0, 3.0, 0.5], dtype=np.float32),
+    )
+    messy = (
+        np.array([0, 3, 4, 6]),
+        np.array([4, 1, 4, 3, 9, 0]),
+        np.array([0.25, 2.0, 0.75, 0.0, 0.5, 3.0], dtype=np.float32),
+    )
+    kept = tuple(a.copy() for a in messy)
+    for name, codes in (("canonical", canonical), ("messy", messy)):
+        store = CodeStore.open_for_writing(tmp_path / name, fingerprint="fp", sites=SITES)
+        store.write_shard(0, _tokens(3), dict.fromkeys(SITES, codes))
+    assert _files(tmp_path / "canonical") == _files(tmp_path / "messy")
+    assert all(np.array_equal(a, b) for a, b in zip(messy, kept, strict=True))
+
+
 def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     full = _write(tmp_path / "full", range(3))
     _write(tmp_path / "part", range(2))

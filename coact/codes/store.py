@@ -9,6 +9,7 @@ whole shard or none, and a resumed one writes the same bytes as an uninterrupted
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
@@ -19,7 +20,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from coact.errors import CoactError
 from coact.rundir.files import atomic_write, sha256_file
@@ -50,6 +51,36 @@ def _csr_parts(codes: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | No
         codes = (m.indptr, m.indices, m.data, int(m.shape[1]))
     indptr, indices, values = (_numpy(a) for a in codes[:3])
     return indptr, indices, values, codes[3] if len(codes) > 3 else None
+
+
+def _site_payload(
+    codes: Any, n: int, width: int, dtype: torch.dtype, where: str
+) -> dict[str, torch.Tensor]:
+    """A site's shard tensors, checked first: CSR of n rows × width, canonical (duplicates
+    summed, explicit zeros dropped, so equal codes give equal bytes), values cast to dtype."""
+    indptr, indices, values, n_cols = _csr_parts(codes)
+    if len(indptr) != n + 1:
+        raise CoactError(f"{where}: codes have {len(indptr) - 1} rows for {n} tokens")
+    ragged = len(indices) != len(values) or np.any(np.diff(indptr) < 0)
+    if ragged or indptr[0] != 0 or indptr[-1] != len(values):
+        raise CoactError(f"{where}: malformed CSR (indptr, indices, values)")
+    out_of_range = len(indices) and (indices.min() < 0 or indices.max() >= width)
+    if (n_cols is not None and n_cols != width) or out_of_range:
+        raise CoactError(f"{where}: codes do not fit the SAE width {width}")
+    m = sp.csr_matrix((values, indices, indptr), shape=(n, width))
+    if not (m.has_canonical_format and np.all(m.data != 0)):  # the encoders' codes are
+        m = m.copy()  # the caller's arrays stay as they were
+        m.sum_duplicates()
+        m.eliminate_zeros()
+    cast = torch.from_numpy(m.data.astype(np.float32, copy=False)).to(dtype)
+    if not np.isfinite(cast.float().numpy()).all():  # numpy's check: torch's is 6× slower
+        raise CoactError(f"{where}: non-finite codes (NaN, inf, or too big for {dtype})")
+    index_dtype = np.int16 if width <= 32767 else np.int32
+    return {
+        "indptr": torch.from_numpy(m.indptr.astype(np.int64)),
+        "indices": torch.from_numpy(m.indices.astype(index_dtype)),
+        "values": cast,
+    }
 
 
 class CodeStore:
@@ -159,32 +190,16 @@ class CodeStore:
         dtype = _DTYPES[self.manifest["values_dtype"]]
         payloads = {"tokens": {c: torch.from_numpy(v) for c, v in table.items()}}
         for slug, width in self.sites.items():
-            indptr, indices, values, n_cols = _csr_parts(codes[slug])
             where = f"site {slug} in shard {index}"
-            if len(indptr) != n + 1:
-                raise CoactError(f"{where}: codes have {len(indptr) - 1} rows for {n} tokens")
-            ragged = len(indices) != len(values) or np.any(np.diff(indptr) < 0)
-            if ragged or indptr[0] != 0 or indptr[-1] != len(values):
-                raise CoactError(f"{where}: malformed CSR (indptr, indices, values)")
-            out_of_range = len(indices) and (indices.min() < 0 or indices.max() >= width)
-            if (n_cols is not None and n_cols != width) or out_of_range:
-                raise CoactError(f"{where}: codes do not fit the SAE width {width}")
-            m = sp.csr_matrix((values, indices, indptr), shape=(n, width), copy=True)
-            m.sum_duplicates()
-            m.eliminate_zeros()
-            cast = torch.from_numpy(m.data.astype(np.float32)).to(dtype)
-            if not bool(torch.isfinite(cast).all()):
-                raise CoactError(f"{where}: non-finite codes (NaN, inf, or too big for {dtype})")
-            index_dtype = np.int16 if width <= 32767 else np.int32
-            arrays = {"indptr": m.indptr.astype(np.int64), "indices": m.indices.astype(index_dtype)}
-            payloads[slug] = {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "values": cast}
+            payloads[slug] = _site_payload(codes[slug], n, width, dtype, where)
         files: dict[str, str] = {}
         for folder, payload in payloads.items():
             relative = CodesFiles.shard(folder, index)
             path = self.directory / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, partial(save_file, payload))
-            files[relative] = sha256_file(path)
+            data = save(payload)  # hashed in memory, not read back from the file
+            atomic_write(path, partial(Path.write_bytes, data=data))
+            files[relative] = hashlib.sha256(data).hexdigest()
             self._verified.add(relative)
         shard = {"index": index, "n_tokens": n, "n_contexts": len(np.unique(table["context"]))}
         self._set_shards([*self.manifest["shards"], {**shard, "files": files}])
