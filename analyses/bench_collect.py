@@ -22,6 +22,8 @@ nonzeros × (index + value) bytes (target ≤ 1.2×) and against a dense float32
 On a GPU machine, from the repository root (the package installed, or PYTHONPATH=.):
   python analyses/bench_collect.py --device cuda --repeats 5 --json $OUT/bench_collect_cuda.json
 `--models smollm2-135m` or `--models pythia-70m-shaped` runs one model only.
+`--layers all` reads both MLP sites of every block in one pass, as a whole-model run collects
+(the plain pass then runs the whole model); the default reads block 3's.
 """
 
 from __future__ import annotations
@@ -190,13 +192,16 @@ def _slices(n: int) -> list[tuple[int, int]]:
     return list(pairwise([*starts, n]))
 
 
-def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) -> dict[str, Any]:
+def run(
+    lm: LoadedModel, layers: list[int], n_tokens: int, batch: int, repeats: int
+) -> dict[str, Any]:
     """Every variant on one slice of contexts, in rotating order, then the next slice: on
     a busy machine neighbouring timings see the same load. Throughput sums every slice."""
     corpus = str(SHARED / "wikitext-2-test.txt") if SHARED.exists() else "embedded"
     contexts = build_contexts(CorpusConfig(source=corpus, n_tokens=n_tokens), lm.tokenizer)
     tokens, device = contexts.tokens, str(lm.device)
-    sites = [Site("mlp_resid", layer), Site("mlp_out", layer)]
+    sites = [Site(kind, layer) for layer in layers for kind in ("mlp_resid", "mlp_out")]
+    layer = max(layers)  # the plain forward pass stops after its MLP
     saes = {site: random_sae(lm.adapter.d_model, site, device=device) for site in sites}
     config = CollectConfig(forward_batch=batch)  # a shard per slice, as in a real collection
     float32 = dataclasses.replace(config, screen="off")
@@ -255,6 +260,7 @@ def run(lm: LoadedModel, layer: int, n_tokens: int, batch: int, repeats: int) ->
         "model": lm.name,
         "device": device,
         "layer": layer,
+        "layers": layers,
         "tokens": int(tokens.numel()),
         "contexts": int(tokens.shape[0]),
         "sae_width": 4 * lm.adapter.d_model,
@@ -359,7 +365,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
-    parser.add_argument("--layer", type=int, default=3, help="the block whose MLP is read")
+    parser.add_argument(
+        "--layers", "--layer", default="3", help="blocks whose MLPs are read: 3, 0,5 or all"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch and numba threads")
     parser.add_argument("--models", default="smollm2-135m,pythia-70m-shaped")
     parser.add_argument("--json", "--out", dest="json", default=None, help="where to write")
@@ -380,7 +388,9 @@ def main() -> None:
             if name == "pythia-70m-shaped"
             else load_model(name, device=args.device)
         )
-        results.append(run(lm, args.layer, args.tokens, args.batch, args.repeats))
+        n_layers = lm.adapter.n_layers
+        layers = range(n_layers) if args.layers == "all" else map(int, args.layers.split(","))
+        results.append(run(lm, sorted(layers), args.tokens, args.batch, args.repeats))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,
@@ -395,7 +405,8 @@ def main() -> None:
     print(f"load average before {load_before}, after {meta['load_average_1_5_15_after']}")
     for r in results:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())
-        print(f"{r['model']} layer {r['layer']} on {r['device']}: vs plain forward: {ratios}")
+        where = f"layers {r['layers']}" if len(r["layers"]) > 1 else f"layer {r['layer']}"
+        print(f"{r['model']} {where} on {r['device']}: vs plain forward: {ratios}")
         medians = ", ".join(
             f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain_median_of_slices"].items()
         )
