@@ -57,6 +57,18 @@ def _target(value: float, axis: str, label: str) -> alt.LayerChart | alt.Chart:
     return rule + text
 
 
+def _blocks(runs: list[dict[str, Any]]) -> str:
+    """Which blocks' MLP sites the runs read: 'block 3', or every block in one pass."""
+    layers = [run.get("layers", [run["layer"]]) for run in runs]
+    if all(len(each) == 1 for each in layers):
+        return f"block {layers[0][0]}"
+    return (
+        "every block's two MLP sites in one pass ("
+        + " and ".join(str(len(each)) for each in layers)
+        + " blocks)"
+    )
+
+
 def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
     rows = [
         {"model": MODEL_NAMES.get(run["model"], run["model"]), "what": what, "ratio": ratio}
@@ -89,7 +101,8 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
         width=WIDTH,
         title=_title(
             "Collection throughput against a plain forward pass",
-            f"block 3, {results['runs'][0]['tokens']:,} tokens, {results['torch_threads']} "
+            f"{_blocks(results['runs'])}, {results['runs'][0]['tokens']:,} tokens, "
+            f"{results['torch_threads']} "
             f"thread(s) on {results['cpu_count']} CPU cores, "
             f"{results['runs'][0]['repeats']} interleaved passes",
         ),
@@ -346,6 +359,7 @@ def logic_time(results: dict[str, Any]) -> alt.TopLevelMixin:
 
 FIGURES_BY_RESULT: dict[str, dict[str, Callable[[dict[str, Any]], alt.TopLevelMixin]]] = {
     "bench_collect": {"collect-throughput": collect_throughput, "store-size": store_size},
+    "bench_collect_all_layers": {"collect-throughput-all-layers": collect_throughput},
     "bench_connectors": {
         "connectors-exact-path": exact_path,
         "connectors-sparse-steps": sparse_steps,
