@@ -25,6 +25,8 @@ path except where two values tie within float32 rounding at the k-th place.
 
 from __future__ import annotations
 
+import os
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -393,12 +395,25 @@ def _split(part: Callable[[int, int], None], n: int) -> None:
         part(0, n)
         return
     bounds = np.linspace(0, n, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads - 1, thread_name_prefix="coact-screen") as pool:
-        later = list(pairwise(bounds.tolist()))[1:]
-        done = [pool.submit(part, lo, hi) for lo, hi in later]
-        part(0, int(bounds[1]))
-        for future in done:
-            future.result()
+    later = list(pairwise(bounds.tolist()))[1:]
+    done = [_helpers(threads - 1).submit(part, lo, hi) for lo, hi in later]
+    part(0, int(bounds[1]))
+    for future in done:
+        future.result()
+
+
+_HELPERS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers(workers: int) -> ThreadPoolExecutor:
+    """The screen's helper threads, kept for the process's later calls (starting them on
+    every call cost about a millisecond); a forked child starts its own."""
+    key = (os.getpid(), workers)
+    with _HELPERS_LOCK:
+        if key not in _HELPERS:
+            _HELPERS[key] = ThreadPoolExecutor(workers, thread_name_prefix="coact-screen")
+        return _HELPERS[key]
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
