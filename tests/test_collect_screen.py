@@ -249,7 +249,7 @@ def test_codes_do_not_depend_on_how_rows_are_grouped(
 ) -> None:
     """The screen encodes a shard's batches together (SCREEN_ROWS at a time): one call on
     every row and calls on pieces give the same bytes, and so do collections whose groups
-    differ, or that encode batch by batch (their rows not centred as they are gathered)."""
+    differ, or that encode batch by batch."""
     sae = _sae(64, 256, 8, seed=13)
     x = torch.randn(300, 64, generator=torch.Generator().manual_seed(13))
     whole = encode_csr(sae, x, screen="bf16")
@@ -268,16 +268,4 @@ def test_codes_do_not_depend_on_how_rows_are_grouped(
         files = sorted((tmp_path / str(rows)).rglob("*.safetensors"))
         stores[rows] = {str(p.relative_to(tmp_path / str(rows))): p.read_bytes() for p in files}
     assert len(stores[100]) == 6 and stores[100] == stores[16384]
-    assert stores[1] == stores[16384]  # rows centred as gathered = centred by encode_csr
-
-
-def test_centred_rows_only_for_topk() -> None:
-    """Rows come centred only to a TopK encoder (which would subtract b_dec itself); a ReLU
-    SAE's encode subtracts it again, so encode_csr refuses such rows."""
-    relu = Sae(8, 16, activation="relu").eval().requires_grad_(False)
-    with pytest.raises(ValueError, match="TopK"):
-        encode_csr(relu, torch.zeros(3, 8), centred=True)
-    topk = _sae(8, 16, 2, seed=3)
-    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
-    centred = encode_csr(topk, x - topk.b_dec, centred=True)
-    assert (centred != encode_csr(topk, x)).nnz == 0
+    assert stores[1] == stores[16384]

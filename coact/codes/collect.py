@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeGuard
 
 import numpy as np
 import scipy.sparse as sp
@@ -270,31 +269,13 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
             capacity = group + config.forward_batch * x.shape[1]
             waiting = scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
             rows = waiting[filled[site] :][: x.shape[0] * x.shape[1]]
-            centred = _gather(saes[site], x, rows.view(x.shape))
+            rows.view(x.shape).copy_(x)
             filled[site] += len(rows)
             if last or filled[site] >= group:
                 ready = waiting[: filled[site]]
-                codes[site.slug].append(
-                    encode_csr(saes[site], ready, screen=screen, centred=centred)
-                )
+                codes[site.slug].append(encode_csr(saes[site], ready, screen=screen))
                 filled[site] = 0
     return codes
-
-
-def _gather(sae: SparseAutoencoder, x: Tensor, out: Tensor) -> bool:
-    """Copy a batch's rows into `out`, the decoder bias already subtracted where a TopK
-    encoder would subtract it (one pass over the rows, not a copy and then a subtraction);
-    whether it was."""
-    if _topk(sae) and sae.subtract_decoder_bias:
-        torch.sub(x, sae.b_dec, out=out)
-        return True
-    out.copy_(x)
-    return False
-
-
-def _topk(sae: SparseAutoencoder) -> TypeGuard[Sae]:
-    """A TopK SAE: `encode_csr` picks its codes without a dense codes matrix."""
-    return isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None
 
 
 def _group_rows(d_model: int, widths: list[int]) -> int:
@@ -319,30 +300,23 @@ def _write(
 
 @torch.no_grad()
 def encode_csr(
-    sae: SparseAutoencoder,
-    x: Tensor,
-    fused: bool = True,
-    screen: str = "off",
-    centred: bool = False,
+    sae: SparseAutoencoder, x: Tensor, fused: bool = True, screen: str = "off"
 ) -> sp.csr_matrix:
     """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR;
     on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same), or
-    with screen "bf16" a bfloat16 product picks candidates for it (`screen`). `centred`:
-    x − b_dec already (a TopK SAE's rows, as the collection gathers them)."""
-    if not _topk(sae) or sae.k is None:  # (k again: for the type checker)
-        if centred:
-            raise ValueError("only a TopK SAE's rows come centred")
+    with screen "bf16" a bfloat16 product picks candidates for it (`screen`)."""
+    if not (isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None):
         return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
     bias32 = sae.b_enc.dtype == torch.float32
     screened = screen == "bf16" and fused and cpu32 and bias32
     weights = screen_weights(sae, sae.W_enc) if screened else None
     if weights is not None:
-        if sae.subtract_decoder_bias and not centred:
+        if sae.subtract_decoder_bias:
             x = torch.sub(x, sae.b_dec, out=scratch("centred", tuple(x.shape), x.dtype))
         parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)
         return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width))
-    if sae.subtract_decoder_bias and not centred:
+    if sae.subtract_decoder_bias:
         x = x - sae.b_dec
     pre = x @ sae.W_enc  # Sae.pre_activations without its bias, which the selection adds
     if fused and cpu32 and bias32:
