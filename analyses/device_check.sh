@@ -18,6 +18,7 @@
 #                                     (d) survey: a model run over SURVEY_LAYERS (survey
 #                                         budget, block stages, report left out)
 #                                     (e) bench_collect.py --device cuda, when it takes one
+#                                     (f) the same with --layers all (a whole model's sites)
 #
 # Every call copies what it has so far to $OUT (6 files): device_check.log, pytest.log,
 # nvidia-smi.txt, run.log, device_runs.json (per step: wall time, per-stage wall time and
@@ -161,6 +162,13 @@ run_main() {
       timeout -k 10 "$left" python3 analyses/bench_collect.py --device "$DEVICE" \
         --json "$STAGE/records/bench_collect.json" >> "$RESULTS/run.log" 2>&1
       log "(e) exit $?"; collect
+    fi
+    left=$((DEADLINE - SECONDS - 15))
+    if [ "$left" -gt 30 ]; then  # (f) a whole model's sites in one pass
+      log "(f) bench_collect.py --layers all --device $DEVICE, at most ${left}s"
+      timeout -k 10 "$left" python3 analyses/bench_collect.py --device "$DEVICE" --layers all \
+        --tokens 16384 --json "$STAGE/records/bench_collect_all_layers.json" >> "$RESULTS/run.log" 2>&1
+      log "(f) exit $?"; collect
     fi
   fi
   [ -n "$watch" ] && kill "$watch" 2>/dev/null
