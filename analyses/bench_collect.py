@@ -241,21 +241,16 @@ def run(
                 turn = (r * len(slices) + i) % len(names)
                 for name in names[turn:] + names[:turn]:
                     times[name].append(_timed(fns[name], r, device, name))
+        first = [f"0-{i}" for i in range(len(slices))]  # the first pass's slices
+
+        def stores(prefix: str) -> list[CodeStore]:
+            return [CodeStore.open(scratch / f"{prefix}{tag}") for tag in first]
+
         identical = all(
-            _files(scratch / f"old0-{i}") == _files(scratch / f"f32{tag}")
-            for i, tag in enumerate(f"0-{i}" for i in range(len(slices)))
+            _files(scratch / f"old{tag}") == _files(scratch / f"f32{tag}") for tag in first
         )
-        old = [CodeStore.open(scratch / f"old0-{i}") for i in range(len(slices))]
-        agreement = _agreement(
-            old, [CodeStore.open(scratch / f"new0-{i}") for i in range(len(slices))]
-        )
-        float32_agreement = _agreement(
-            old,
-            [
-                CodeStore.open(scratch / f"f32{tag}")
-                for tag in (f"0-{i}" for i in range(len(slices)))
-            ],
-        )
+        agreement = _agreement(stores("old"), stores("new"))
+        float32_agreement = _agreement(stores("old"), stores("f32"))
         storage = _storage(CodeStore.open(scratch / "new0-0"))
     finally:
         shutil.rmtree(scratch)

@@ -268,4 +268,3 @@ def test_codes_do_not_depend_on_how_rows_are_grouped(
         files = sorted((tmp_path / str(rows)).rglob("*.safetensors"))
         stores[rows] = {str(p.relative_to(tmp_path / str(rows))): p.read_bytes() for p in files}
     assert len(stores[100]) == 6 and stores[100] == stores[16384] == stores[1]
-    assert stores[1] == stores[16384]

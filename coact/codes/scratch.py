@@ -8,6 +8,7 @@ name and hands out views of it, grown when a call needs more.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -19,9 +20,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     """An uninitialised CPU tensor of `shape`, sharing memory with the last one this thread
     got under `name` (whose contents it overwrites: use one before asking again)."""
     buffers: dict[str, torch.Tensor] = _LOCAL.__dict__.setdefault("buffers", {})
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     held = buffers.get(name)
     if held is None or held.dtype != dtype or held.numel() < numel:
         held = torch.empty(numel, dtype=dtype)
