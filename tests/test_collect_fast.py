@@ -19,7 +19,7 @@ from coact.codes import scratch as scratch_module
 from coact.codes._topk import topk_csr
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
 from coact.codes.corpus import Contexts
-from coact.codes.forward import read_sites
+from coact.codes.forward import read_sites, stream_sites
 from coact.codes.scratch import scratch
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
@@ -87,6 +87,22 @@ def test_hooks_read_what_nnsight_reads(tiny: LoadedModel) -> None:
     assert ours.keys() == theirs.keys()
     for site in sites:
         assert torch.equal(ours[site], theirs[site]), site
+
+
+def test_streamed_sites_are_what_nnsight_reads(tiny: LoadedModel) -> None:
+    """The sink gets each site once, in the pass's order, with what nnsight reads (two
+    sites on one module point each get it)."""
+    sites = [Site("mlp_out", 1), Site("resid_pre", 1), Site("mlp_resid", 1), Site("mlp_out", 0)]
+    tokens = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    seen: list[tuple[Site, torch.Tensor]] = []
+    stream_sites(tiny, tokens, sites, lambda site, x: seen.append((site, x.clone())))
+    theirs = capture(tiny, tokens, sites)
+    order = [tiny.adapter.order_key(site) for site, _ in seen]
+    assert order == sorted(order) and sorted(str(site) for site, _ in seen) == sorted(
+        map(str, sites)
+    )
+    for site, x in seen:
+        assert torch.equal(x, theirs[site]), site
 
 
 def _store_bytes(directory: Path) -> dict[str, bytes]:

@@ -35,6 +35,7 @@ from coact.codes.screen import (
 )
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
+from coact.models.adapters import resolve
 from coact.models.load import load_model
 from coact.models.sites import Site
 from coact.sae.base import Sae
@@ -268,3 +269,18 @@ def test_codes_do_not_depend_on_how_rows_are_grouped(
         files = sorted((tmp_path / str(rows)).rglob("*.safetensors"))
         stores[rows] = {str(p.relative_to(tmp_path / str(rows))): p.read_bytes() for p in files}
     assert len(stores[100]) == 6 and stores[100] == stores[16384] == stores[1]
+
+
+def test_non_finite_activations_stop_a_screened_collection(tmp_path: Path) -> None:
+    """Rows copied for the screen as the pass reaches them are checked as read sites are:
+    one clear error naming the site, and no shard written."""
+    lm = load_model("tiny-llama", seed=5)
+    with torch.no_grad():
+        resolve(lm.model, f"{lm.adapter.block(1)}.mlp.down_proj").weight[0, 0] = float("nan")
+    tokens = torch.randint(1, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
+    saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
+    config = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=4, screen="bf16")
+    with pytest.raises(CoactError, match=r"non-finite \(NaN or inf\) activations at mlp_out\[1\]"):
+        collect_codes(lm, contexts, saes, tmp_path / "codes", config)
+    assert not list((tmp_path / "codes").rglob("*.safetensors"))

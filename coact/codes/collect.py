@@ -25,13 +25,14 @@ from torch import Tensor
 
 from coact.codes._topk import topk_csr
 from coact.codes.corpus import Contexts
-from coact.codes.forward import read_sites
+from coact.codes.forward import read_sites, stream_sites
 from coact.codes.scratch import release_scratch, scratch
 from coact.codes.screen import resolve_screen, screen_weights, screened_topk_csr
 from coact.codes.store import CodeStore
 from coact.errors import CoactError
 from coact.models.load import LoadedModel
 from coact.models.sites import Site
+from coact.models.tracing import check_finite
 from coact.progress import tqdm
 from coact.rundir.layout import CodesFiles
 from coact.sae.base import Sae, SparseAutoencoder
@@ -251,31 +252,56 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
     The screen encodes many batches' rows at once (`_group_rows`): each switch from torch's
     threads to the screen's leaves torch's idle threads spinning for milliseconds on the
     cores the screen needs, and its codes do not depend on how rows are grouped. The rows
-    wait in reused buffers (`scratch`)."""
-    lm, saes, sites, config, screen = job.lm, job.saes, job.sites, job.config, job.screen
+    wait in reused buffers (`_Waiting`), copied there as the pass reaches each site."""
+    lm, saes, sites, config = job.lm, job.saes, job.sites, job.config
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
-    filled = dict.fromkeys(sites, 0)  # rows waiting in each site's buffer
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
+    skip = config.skip_first_positions
+    waiting = _Waiting(group + config.forward_batch * (job.contexts.tokens.shape[1] - skip))
     for start in range(lo, hi, config.forward_batch):
         batch = job.contexts.tokens[start : min(hi, start + config.forward_batch)]
-        acts = read_sites(lm, batch, sites)
         last = start + config.forward_batch >= hi
+        if job.screen == "off" or group <= batch.shape[0] * (batch.shape[1] - skip):
+            acts = read_sites(lm, batch, sites)  # a batch at a time
+            for site in sites:
+                rows = acts[site][:, skip:].reshape(-1, acts[site].shape[-1])
+                codes[site.slug].append(encode_csr(saes[site], rows, screen=job.screen))
+            continue
+        stream_sites(lm, batch, sites, lambda site, x: waiting.add(site, x[:, skip:]))
         for site in sites:
-            x = acts[site][:, config.skip_first_positions :]
-            if screen == "off" or group <= x.shape[0] * x.shape[1]:  # a batch at a time
-                rows = x.reshape(-1, x.shape[-1])
-                codes[site.slug].append(encode_csr(saes[site], rows, screen=screen))
-                continue
-            capacity = group + config.forward_batch * x.shape[1]
-            waiting = scratch(f"pending:{site.slug}", (capacity, x.shape[-1]), x.dtype)
-            rows = waiting[filled[site] :][: x.shape[0] * x.shape[1]]
-            rows.view(x.shape).copy_(x)
-            filled[site] += len(rows)
-            if last or filled[site] >= group:
-                ready = waiting[: filled[site]]
-                codes[site.slug].append(encode_csr(saes[site], ready, screen=screen))
-                filled[site] = 0
+            if last or waiting.filled[site] >= group:
+                rows = waiting.take(site)
+                codes[site.slug].append(encode_csr(saes[site], rows, screen=job.screen))
     return codes
+
+
+class _Waiting:
+    """Each site's rows waiting for the screen, in reused buffers (`scratch`) of
+    `capacity` rows."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.filled: dict[Site, int] = {}
+        self.kind: dict[Site, tuple[int, torch.dtype]] = {}  # width and dtype of the rows
+
+    def _buffer(self, site: Site) -> Tensor:
+        d, dtype = self.kind[site]
+        return scratch(f"pending:{site.slug}", (self.capacity, d), dtype)
+
+    def add(self, site: Site, x: Tensor) -> None:
+        """Copy a batch's (batch, seq, d) activations after the rows waiting."""
+        check_finite({site: x})
+        self.kind[site] = x.shape[-1], x.dtype
+        at = self.filled.get(site, 0)
+        rows = self._buffer(site)[at:][: x.shape[0] * x.shape[1]]
+        rows.view(x.shape).copy_(x)
+        self.filled[site] = at + len(rows)
+
+    def take(self, site: Site) -> Tensor:
+        """The rows waiting (a view of the buffer: use them before the next `add`)."""
+        rows = self._buffer(site)[: self.filled.get(site, 0)]
+        self.filled[site] = 0
+        return rows
 
 
 def _group_rows(d_model: int, widths: list[int]) -> int:

@@ -11,7 +11,7 @@ nnsight's `.input`), and the pass stops after the last module needed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,16 +33,17 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _hooks(
-    lm: LoadedModel, points: list[ModulePoint], saved: dict[ModulePoint, Tensor]
+    lm: LoadedModel, points: list[ModulePoint], take: Callable[[ModulePoint, Any], None]
 ) -> list[Any]:
-    """Register one hook per point; the last point's hook stops the pass."""
+    """Register one hook per point, each handing its tensor to `take`; the last point's
+    hook stops the pass."""
     handles = []
     for n, point in enumerate(points):
         module: nn.Module = resolve(lm.model, point.path)
         last = n == len(points) - 1
 
         def keep(value: Any, point: ModulePoint = point, last: bool = last) -> None:
-            saved[point] = value[point.index] if point.index is not None else value
+            take(point, value[point.index] if point.index is not None else value)
             if last:
                 raise _Stop
 
@@ -61,19 +62,37 @@ def _hooks(
 @torch.no_grad()
 def read_sites(lm: LoadedModel, tokens: Tensor, sites: Sequence[Site]) -> dict[Site, Tensor]:
     """Activations (batch, seq, d) at each site, as `capture` gives them, without nnsight."""
+    out: dict[Site, Tensor] = {}
+    stream_sites(lm, tokens, sites, out.__setitem__)
+    check_finite(out)
+    return out
+
+
+@torch.no_grad()
+def stream_sites(
+    lm: LoadedModel, tokens: Tensor, sites: Sequence[Site], sink: Callable[[Site, Tensor], None]
+) -> None:
+    """sink(site, activations) for each site as the pass reaches it. A sink that copies
+    what it needs lets the model free its tensors as it goes: kept to the end of the pass,
+    a whole model's sites (hundreds of MB) are new memory every pass, page by page."""
     ordered = sorted(set(sites), key=lm.adapter.order_key)
     points = {site: lm.adapter.point(site) for site in ordered}
-    distinct = list(dict.fromkeys(points.values()))
-    saved: dict[ModulePoint, Tensor] = {}
-    handles = _hooks(lm, distinct, saved)
+    readers: dict[ModulePoint, list[Site]] = {}
+    for site, point in points.items():
+        readers.setdefault(point, []).append(site)
+    reached: set[ModulePoint] = set()
+
+    def take(point: ModulePoint, value: Tensor) -> None:
+        reached.add(point)
+        for site in readers[point]:
+            sink(site, value)
+
+    handles = _hooks(lm, list(readers), take)
     try:
         with contextlib.suppress(_Stop):
             lm.model(tokens.to(lm.device))
     finally:
         for handle in handles:
             handle.remove()
-    if missing := [p.path for p in distinct if p not in saved]:
+    if missing := [p.path for p in readers if p not in reached]:
         raise CoactError(f"the forward pass never reached {missing}; check the model's adapter")
-    out = {site: saved[point] for site, point in points.items()}
-    check_finite(out)
-    return out
