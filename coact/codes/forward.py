@@ -3,9 +3,10 @@
 `coact.models.tracing.capture` reads the same activations through nnsight, whose trace
 costs a fixed few milliseconds per call: nothing beside a CPU forward of thousands of
 tokens, but on a GPU it can be longer than the forward itself. Collection only reads
-(never edits) sites, so forward hooks do: each point's tensor is kept as the module
+(never edits) sites, so forward hooks do: each point's tensor is taken as the module
 sees it (`input`: the first positional argument, else the first keyword argument, as
-nnsight's `.input`), and the pass stops after the last module needed.
+nnsight's `.input`), and the pass stops after the last module needed. `read_sites` keeps
+the tensors; `stream_sites` hands each to a sink as the pass reaches it.
 """
 
 from __future__ import annotations
