@@ -284,3 +284,27 @@ def test_non_finite_activations_stop_a_screened_collection(tmp_path: Path) -> No
     with pytest.raises(CoactError, match=r"non-finite \(NaN or inf\) activations at mlp_out\[1\]"):
         collect_codes(lm, contexts, saes, tmp_path / "codes", config)
     assert not list((tmp_path / "codes").rglob("*.safetensors"))
+
+
+def test_a_non_finite_first_position_stops_a_screened_collection(tmp_path: Path) -> None:
+    """The BOS position is not encoded, yet a NaN there is an error on the screen's path as
+    it is where `read_sites` reads a batch: the whole activation is checked."""
+    lm = load_model("tiny-llama", seed=5)
+    mlp = resolve(lm.model, f"{lm.adapter.block(1)}.mlp")
+
+    def poison(_m: object, _a: object, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, 0, 0] = float("nan")
+        return out
+
+    handle = mlp.register_forward_hook(poison)
+    tokens = torch.randint(1, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    contexts = Contexts(tokens, torch.zeros_like(tokens, dtype=torch.int32), "random", "r", 1)
+    saes = {Site("mlp_resid", 1): _sae(64, 256, 8, 1), Site("mlp_out", 1): _sae(64, 256, 8, 2)}
+    config = dataclasses.replace(CollectConfig(), forward_batch=4, shard_contexts=4, screen="bf16")
+    try:
+        with pytest.raises(CoactError, match=r"non-finite \(NaN or inf\) activations at mlp_out"):
+            collect_codes(lm, contexts, saes, tmp_path / "codes", config)
+    finally:
+        handle.remove()
+    assert not list((tmp_path / "codes").rglob("*.safetensors"))

@@ -257,7 +257,7 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
     skip = config.skip_first_positions
-    waiting = _Waiting(group + config.forward_batch * (job.contexts.tokens.shape[1] - skip))
+    waiting = _Waiting(group + config.forward_batch * (job.contexts.tokens.shape[1] - skip), skip)
     for start in range(lo, hi, config.forward_batch):
         batch = job.contexts.tokens[start : min(hi, start + config.forward_batch)]
         last = start + config.forward_batch >= hi
@@ -267,7 +267,7 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
                 rows = acts[site][:, skip:].reshape(-1, acts[site].shape[-1])
                 codes[site.slug].append(encode_csr(saes[site], rows, screen=job.screen))
             continue
-        stream_sites(lm, batch, sites, lambda site, x: waiting.add(site, x[:, skip:]))
+        stream_sites(lm, batch, sites, waiting.add)
         for site in sites:
             if last or waiting.filled[site] >= group:
                 rows = waiting.take(site)
@@ -277,29 +277,27 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
 
 class _Waiting:
     """Each site's rows waiting for the screen, in reused buffers (`scratch`) of
-    `capacity` rows."""
+    `capacity` rows; the first `skip` positions of each context are not kept."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, skip: int) -> None:
+        self.capacity, self.skip = capacity, skip
         self.filled: dict[Site, int] = {}
-        self.kind: dict[Site, tuple[int, torch.dtype]] = {}  # width and dtype of the rows
+        self.buffers: dict[Site, Tensor] = {}
 
-    def _buffer(self, site: Site) -> Tensor:
-        d, dtype = self.kind[site]
-        return scratch(f"pending:{site.slug}", (self.capacity, d), dtype)
-
-    def add(self, site: Site, x: Tensor) -> None:
-        """Copy a batch's (batch, seq, d) activations after the rows waiting."""
-        check_finite({site: x})
-        self.kind[site] = x.shape[-1], x.dtype
+    def add(self, site: Site, acts: Tensor) -> None:
+        """Check a batch's (batch, seq, d) activations, as `read_sites` does, and copy the
+        positions kept after the rows waiting."""
+        check_finite({site: acts})
+        x = acts[:, self.skip :]
+        buffer = scratch(f"pending:{site.slug}", (self.capacity, x.shape[-1]), x.dtype)
         at = self.filled.get(site, 0)
-        rows = self._buffer(site)[at:][: x.shape[0] * x.shape[1]]
+        rows = buffer[at:][: x.shape[0] * x.shape[1]]
         rows.view(x.shape).copy_(x)
-        self.filled[site] = at + len(rows)
+        self.buffers[site], self.filled[site] = buffer, at + len(rows)
 
     def take(self, site: Site) -> Tensor:
         """The rows waiting (a view of the buffer: use them before the next `add`)."""
-        rows = self._buffer(site)[: self.filled.get(site, 0)]
+        rows = self.buffers[site][: self.filled[site]]
         self.filled[site] = 0
         return rows
 
