@@ -69,6 +69,22 @@ def test_topk_csr_against_brute_force() -> None:
         np.testing.assert_array_equal(values[indptr[row] : indptr[row + 1]], total[row, top])
 
 
+def test_equal_values_at_the_kth_place_keep_the_lower_index() -> None:
+    """Rows of few distinct values, so that many equal values straddle the k-th place: the
+    picks are those of a stable sort (the lower index first), by hand and by brute force."""
+    pre = np.array([[1, 1, 2], [2, 1, 1], [1, 2, 1]], dtype=np.float32)
+    indptr, indices, _ = topk_csr(pre, np.zeros(3, dtype=np.float32), 2)
+    np.testing.assert_array_equal(indices, [0, 2, 0, 1, 0, 1])
+    rng = np.random.default_rng(1)
+    pre = rng.integers(0, 4, size=(300, 30)).astype(np.float32)
+    bias = np.zeros(30, dtype=np.float32)
+    indptr, indices, _ = topk_csr(pre, bias, 9)
+    for row in range(300):
+        top = np.sort(np.argsort(-pre[row], kind="stable")[:9])
+        top = top[pre[row, top] > 0]
+        np.testing.assert_array_equal(indices[indptr[row] : indptr[row + 1]], top)
+
+
 @pytest.mark.parametrize("k", [1, 8, 64])
 def test_fused_encoding_is_bit_identical(k: int) -> None:
     torch.manual_seed(k)

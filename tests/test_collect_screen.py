@@ -29,6 +29,7 @@ from coact.codes.screen import (
     _dots4,
     _row_terms,
     _score_block,
+    _top_ranked,
     resolve_screen,
     screen_weights,
     screened_topk_csr,
@@ -166,6 +167,53 @@ def test_the_bound_covers_the_actual_error() -> None:
         assert np.array_equal(top, upper.reshape(8, blocks).max(axis=0))
         slack.append(np.median((upper - real[i]) / np.abs(real[i] - bias).max()))
     assert np.median(slack) < 0.1  # and it is not vacuous
+
+
+def test_equal_values_are_picked_as_the_float32_path_picks_them() -> None:
+    """Integer inputs and weights of 0 and ±1: every product and sum is exact in bfloat16
+    and float32, so many features share the k-th value exactly. The screen (its ranked
+    selection, and `_select` where equal values straddle the k-th place) picks what the
+    float32 path and a stable sort pick: of equal values, the lower index."""
+    d, width, k = 48, 160, 12
+    gen = torch.Generator().manual_seed(13)
+    w_enc = torch.randint(-1, 2, (d, width), generator=gen).float()
+    sae = _sae(d, width, k, seed=13, w_enc=w_enc)
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.randint(-2, 3, (300, d), generator=gen).float()
+    ours, _ = _screened(sae, x)
+    exact = (x @ w_enc).numpy()
+    ties = 0
+    for row in range(len(x)):
+        top = np.sort(np.argsort(-exact[row], kind="stable")[:k])
+        kth = exact[row, top].min()
+        ties += (exact[row] == kth).sum() > (exact[row, top] == kth).sum()
+        top = top[exact[row, top] > 0]
+        np.testing.assert_array_equal(ours[row].indices, top)
+        np.testing.assert_array_equal(ours[row].data, exact[row, top])
+    assert ties > 100  # equal values straddle the k-th place in most rows
+    _same_features(ours, encode_csr(sae, x))
+
+
+def test_ranked_selection_by_hand() -> None:
+    """`_top_ranked` on five candidates: the top 3 in feature order, ReLU'd, the k-th value
+    returned; NaN where equal values straddle the k-th place."""
+    chosen = np.array([2, 5, 7, 9, 11], dtype=np.int32)
+    bias = np.zeros(12, dtype=np.float32)
+    bias[9] = -4.0
+    scratch = (np.empty(8, np.float32), np.empty(9, np.int32), np.empty(9, np.float32))
+    index, value = np.empty(3, np.int32), np.empty(3, np.float32)
+    dots = np.array([0.5, -1.0, 3.0, 6.0, -0.25], dtype=np.float32)  # + bias: 2.0 at 9
+    assert _top_ranked(dots, chosen, bias, 3, scratch, index, value) == np.float32(0.5)
+    np.testing.assert_array_equal(index, [2, 7, 9])
+    np.testing.assert_array_equal(value, np.array([0.5, 3.0, 2.0], dtype=np.float32))
+    dots = np.array([1.0, -3.0, -2.0, 5.0, -0.5], dtype=np.float32)  # picks 1.0, 1.0, −0.5
+    assert _top_ranked(dots, chosen, bias, 3, scratch, index, value) == np.float32(-0.5)
+    np.testing.assert_array_equal(index, [2, 9, 11])
+    np.testing.assert_array_equal(value, np.array([1.0, 1.0, 0.0], dtype=np.float32))
+    tied = np.array([1.0, 2.0, 1.0, 0.0, 1.0], dtype=np.float32)  # three 1.0s for two places
+    assert np.isnan(_top_ranked(tied, chosen, bias, 3, scratch, index, value))
 
 
 def test_block_scoring_is_the_gather_dot() -> None:

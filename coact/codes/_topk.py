@@ -15,27 +15,30 @@ from numba import njit, prange
 
 
 @njit(cache=True)
-def _argmin(values):
+def _weakest(values, index):
+    """The pick that goes first: the least value, and of equal ones the highest index."""
     best = 0
     for j in range(1, len(values)):
-        if values[j] < values[best]:
+        if values[j] < values[best] or (values[j] == values[best] and index[j] > index[best]):
             best = j
     return best
 
 
 @njit(cache=True)
 def _select(row, bias, k, out_index, out_value):
-    """The k largest of row + bias into (out_index, out_value), in no order."""
+    """The k largest of row + bias into (out_index, out_value), in no order; of equal
+    values the lower index (a later one never displaces an equal one, and the weakest pick
+    is the highest index of its value). Returns the k-th value."""
     for j in range(k):
         out_value[j] = row[j] + bias[j]
         out_index[j] = j
-    low = _argmin(out_value)
+    low = _weakest(out_value, out_index)
     for j in range(k, len(row)):
         v = row[j] + bias[j]
         if v > out_value[low]:
             out_value[low] = v
             out_index[low] = j
-            low = _argmin(out_value)
+            low = _weakest(out_value, out_index)
     return out_value[low]
 
 
