@@ -95,6 +95,18 @@ def test_fused_encoding_is_bit_identical(k: int) -> None:
     np.testing.assert_array_equal(encode_csr(sae, x).toarray(), reference.toarray())
 
 
+def test_centred_rows_encode_as_the_raw_ones() -> None:
+    """Rows whose decoder bias was taken off as they were copied (`centred`) give the bytes
+    the raw rows give, screened or not; only a TopK SAE's rows may come centred."""
+    sae = _sae(32, 96, 8, seed=3)
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(3)) * 2
+    for screen in ("off", "bf16"):
+        centred = encode_csr(sae, x - sae.b_dec, screen=screen, centred=True)
+        _same(centred, encode_csr(sae, x, screen=screen))
+    with pytest.raises(ValueError, match="centred"):
+        encode_csr(Sae(32, 96, activation="relu"), x, centred=True)
+
+
 def test_hooks_read_what_nnsight_reads(tiny: LoadedModel) -> None:
     layer = 1
     sites = [Site(kind, layer) for kind in ("resid_pre", "attn_out", "mlp_resid", "mlp_out")]
@@ -137,7 +149,9 @@ def test_store_bytes_match_the_plain_path(tmp_path: Path, monkeypatch: pytest.Mo
     fast = collect_codes(lm, contexts, saes, tmp_path / "fast", config)
     monkeypatch.setattr(collect_module, "read_sites", capture)
     monkeypatch.setattr(
-        collect_module, "encode_csr", lambda sae, x, **_: encode_csr(sae, x, fused=False)
+        collect_module,
+        "encode_csr",
+        lambda sae, x, centred=False, **_: encode_csr(sae, x, fused=False, centred=centred),
     )
     plain = collect_codes(lm, contexts, saes, tmp_path / "plain", config)
     assert len(fast.completed_shards) >= 3

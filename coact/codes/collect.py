@@ -257,7 +257,9 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])
     skip = config.skip_first_positions
-    waiting = _Waiting(group + config.forward_batch * (job.contexts.tokens.shape[1] - skip), skip)
+    centres = {site: decoder_bias_to_subtract(saes[site]) for site in sites}
+    capacity = group + config.forward_batch * (job.contexts.tokens.shape[1] - skip)
+    waiting = _Waiting(capacity, skip, centres)
     for start in range(lo, hi, config.forward_batch):
         batch = job.contexts.tokens[start : min(hi, start + config.forward_batch)]
         last = start + config.forward_batch >= hi
@@ -270,19 +272,23 @@ def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_m
         stream_sites(lm, batch, sites, waiting.add)
         for site in sites:
             if last or waiting.filled[site] >= group:
-                rows = waiting.take(site)
-                codes[site.slug].append(encode_csr(saes[site], rows, screen=job.screen))
+                rows, centred = waiting.take(site)
+                code = encode_csr(saes[site], rows, screen=job.screen, centred=centred)
+                codes[site.slug].append(code)
     return codes
 
 
 class _Waiting:
     """Each site's rows waiting for the screen, in reused buffers (`scratch`) of
-    `capacity` rows; the first `skip` positions of each context are not kept."""
+    `capacity` rows; the first `skip` positions of each context are not kept. A site with
+    a centre (its SAE's decoder bias) has it subtracted as the rows are copied, where
+    their dtypes agree (the same float subtraction `encode_csr` would make)."""
 
-    def __init__(self, capacity: int, skip: int) -> None:
-        self.capacity, self.skip = capacity, skip
+    def __init__(self, capacity: int, skip: int, centres: Mapping[Site, Tensor | None]) -> None:
+        self.capacity, self.skip, self.centres = capacity, skip, centres
         self.filled: dict[Site, int] = {}
         self.buffers: dict[Site, Tensor] = {}
+        self.centred: dict[Site, bool] = {}
 
     def add(self, site: Site, acts: Tensor) -> None:
         """Check a batch's (batch, seq, d) activations, as `read_sites` does, and copy the
@@ -291,15 +297,23 @@ class _Waiting:
         x = acts[:, self.skip :]
         buffer = scratch(f"pending:{site.slug}", (self.capacity, x.shape[-1]), x.dtype)
         at = self.filled.get(site, 0)
-        rows = buffer[at:][: x.shape[0] * x.shape[1]]
-        rows.view(x.shape).copy_(x)
-        self.buffers[site], self.filled[site] = buffer, at + len(rows)
+        rows = buffer[at:][: x.shape[0] * x.shape[1]].view(x.shape)
+        centre = self.centres.get(site)
+        self.centred[site] = (
+            centre is not None and centre.dtype == x.dtype and centre.device == x.device
+        )
+        if centre is not None and self.centred[site]:
+            torch.sub(x, centre, out=rows)
+        else:
+            rows.copy_(x)
+        self.buffers[site], self.filled[site] = buffer, at + x.shape[0] * x.shape[1]
 
-    def take(self, site: Site) -> Tensor:
-        """The rows waiting (a view of the buffer: use them before the next `add`)."""
+    def take(self, site: Site) -> tuple[Tensor, bool]:
+        """The rows waiting (a view of the buffer: use them before the next `add`), and
+        whether they are centred."""
         rows = self.buffers[site][: self.filled[site]]
         self.filled[site] = 0
-        return rows
+        return rows, self.centred[site]
 
 
 def _group_rows(d_model: int, widths: list[int]) -> int:
@@ -324,23 +338,32 @@ def _write(
 
 @torch.no_grad()
 def encode_csr(
-    sae: SparseAutoencoder, x: Tensor, fused: bool = True, screen: str = "off"
+    sae: SparseAutoencoder,
+    x: Tensor,
+    fused: bool = True,
+    screen: str = "off",
+    centred: bool = False,
 ) -> sp.csr_matrix:
     """Codes as CSR. TopK SAEs skip the dense codes matrix: the top-k indices are the CSR;
     on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same), or
-    with screen "bf16" a bfloat16 product picks candidates for it (`screen`)."""
-    if not (isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None):
-        return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
+    with screen "bf16" a bfloat16 product picks candidates for it (`screen`). `centred`:
+    a TopK SAE's decoder bias is already subtracted from x (`decoder_bias_to_subtract`)."""
+    if decoder_bias_to_subtract(sae) is None:
+        if centred:
+            raise ValueError("only rows for a TopK SAE that subtracts its decoder bias are centred")
+        if not _is_topk(sae):
+            return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
+    assert isinstance(sae, Sae) and sae.k is not None
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
     bias32 = sae.b_enc.dtype == torch.float32
     screened = screen == "bf16" and fused and cpu32 and bias32
     weights = screen_weights(sae, sae.W_enc) if screened else None
     if weights is not None:
-        if sae.subtract_decoder_bias:
+        if sae.subtract_decoder_bias and not centred:
             x = torch.sub(x, sae.b_dec, out=scratch("centred", tuple(x.shape), x.dtype))
         parts, _ = screened_topk_csr(x, weights, sae.b_enc.detach().numpy(), sae.k)
         return sp.csr_matrix(parts[::-1], shape=(len(x), sae.width))
-    if sae.subtract_decoder_bias:
+    if sae.subtract_decoder_bias and not centred:
         x = x - sae.b_dec
     pre = x @ sae.W_enc  # Sae.pre_activations without its bias, which the selection adds
     if fused and cpu32 and bias32:
@@ -361,6 +384,19 @@ def encode_csr(
     )
     matrix.eliminate_zeros()
     return matrix
+
+
+def _is_topk(sae: SparseAutoencoder) -> bool:
+    return isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None
+
+
+def decoder_bias_to_subtract(sae: SparseAutoencoder) -> Tensor | None:
+    """What `encode_csr` takes off a TopK SAE's input before its encoder (None where it
+    takes nothing, or leaves the SAE's own encode to do it): rows waiting for the screen
+    are centred as they are copied, one pass over them fewer."""
+    if isinstance(sae, Sae) and _is_topk(sae) and sae.subtract_decoder_bias:
+        return sae.b_dec.detach()
+    return None
 
 
 def _token_table(contexts: Contexts, lo: int, hi: int, skip: int) -> dict[str, np.ndarray]:

@@ -257,9 +257,9 @@ def _block_max(upper, blocks, out):
 
 @njit(cache=True)
 def _count_at_least(values, floor):
-    count = 0
-    for v in values:
-        count += v >= floor
+    count = np.int32(0)  # an int32 sum vectorises; numba's default int64 one does not
+    for j in range(len(values)):
+        count += np.int32(values[j] >= floor)
     return count
 
 
