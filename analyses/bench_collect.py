@@ -223,11 +223,13 @@ def run(
             "plain": lambda _: plain_forward(lm, t, layer, batch),
             "capture": lambda _: _reads(capture, lm, t, sites, batch),
             "hooks": lambda _: _reads(read_sites, lm, t, sites, batch),
-            "collect_plain": lambda _: _old_collect(lm, part, saes, scratch / f"old{tag}", float32),
-            "collect_float32": lambda _: collect_codes(
-                lm, part, saes, scratch / f"f32{tag}", float32
+            "collect_plain": lambda _: _old_collect(
+                lm, part, saes, scratch / f"old{tag}", float32, True
             ),
-            "collect": lambda _: collect_codes(  # one collection in slices: buffers kept
+            "collect_float32": lambda _: collect_codes(
+                lm, part, saes, scratch / f"f32{tag}", float32, keep_buffers=True
+            ),
+            "collect": lambda _: collect_codes(
                 lm, part, saes, scratch / f"new{tag}", config, keep_buffers=True
             ),
         }

@@ -14,6 +14,7 @@ import torch
 
 from coact.codes import collect as collect_module
 from coact.codes import screen as screen_module
+from coact.codes._candidates import _floor, _normal_cut
 from coact.codes.collect import (
     CollectConfig,
     collect_codes,
@@ -194,6 +195,28 @@ def test_equal_values_are_picked_as_the_float32_path_picks_them() -> None:
         np.testing.assert_array_equal(ours[row].data, exact[row, top])
     assert ties > 100  # equal values straddle the k-th place in most rows
     _same_features(ours, encode_csr(sae, x))
+
+
+def test_the_candidates_floor_leaves_at_least_m_blocks_above_it() -> None:
+    """The floor: at least m block maxima reach it on any row (normal, heavy-tailed, a few
+    distinct values, all equal, m = n), and on spread rows not many more (m + m/8)."""
+    rng = np.random.default_rng(17)
+    rows = {
+        "normal": rng.normal(3.0, 0.5, (200, 288)),
+        "heavy tails": rng.standard_cauchy((200, 288)),
+        "skewed": rng.exponential(1.0, (200, 288)) * 10.0 ** rng.integers(-20, 20, (200, 1)),
+        "few values": rng.integers(0, 4, (200, 288)),
+        "all equal": np.full((3, 288), 7.0),
+    }
+    for m in (1, 44, 140, 288):
+        cut = _normal_cut(m / 288)
+        for name, values in rows.items():
+            for row in values.astype(np.float32):
+                above = int((row >= _floor(row, m, cut)).sum())
+                assert above >= m, (name, m)
+                if name in ("normal", "heavy tails", "skewed") and m < 288:
+                    assert above <= m + m // 8, (name, m, above)
+    assert _floor(np.array([1, 2, 3], dtype=np.float32), 3, _normal_cut(1.0)) == 1.0
 
 
 def test_ranked_selection_by_hand() -> None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from coact.codes._candidates import _candidates, _normal_cut
 from coact.codes._topk import _finish, _select, compact
 from coact.codes.scratch import scratch
 from coact.errors import CoactError
@@ -43,7 +44,6 @@ UNIT = 2.0**-8  # bfloat16's unit roundoff
 MIN_ROWS_PER_THREAD = 256
 ROWS = 8  # features per block in the candidate search (see _candidates)
 RANKED = 96  # candidates up to which `_top_ranked` picks the top k (its work grows as count²)
-BINS = 256  # the histogram that brackets the candidates' floor (see _floor)
 
 
 def bf16_is_fast() -> bool:
@@ -256,87 +256,6 @@ def _block_max(upper, blocks, out):
 
 
 @njit(cache=True)
-def _count_at_least(values, floor):
-    count = np.int32(0)  # an int32 sum vectorises; numba's default int64 one does not
-    for j in range(len(values)):
-        count += np.int32(values[j] >= floor)
-    return count
-
-
-@njit(cache=True)
-def _floor(block_top, m, counts):
-    """A value θ with at least m of block_top at or above it, and not many more.
-
-    A histogram of the values in BINS equal bins between the least and the largest gives a
-    bracket: the lower edge of the bin where the count from the top reaches m (checked by
-    counting: rounding may move a value across an edge), and the edge above it; bisection
-    between the two then, where that bin holds too many."""
-    low = high = block_top[0]
-    for v in block_top:
-        low, high = min(low, v), max(high, v)
-    if not low < high < np.inf:  # all equal, or not finite: every block reaches the floor
-        return low
-    counts[:] = 0  # BINS + 1 slots: the largest value lands in the last
-    scale = BINS / (np.float64(high) - np.float64(low))
-    for v in block_top:
-        counts[int((v - np.float64(low)) * scale)] += 1
-    total, top = 0, BINS + 1
-    while total < m and top > 0:
-        top -= 1
-        total += counts[top]
-    while True:  # the edge, moved down while rounding left fewer than m above it
-        floor = max(np.float64(low), np.float64(low) + top / scale)
-        count = _count_at_least(block_top, floor)
-        if count >= m or top <= 0:
-            break
-        top -= 1
-    ceiling = min(np.float64(high), floor + 1 / scale)
-    for _ in range(40):
-        if count <= m + m // 8:
-            break
-        middle = floor + (ceiling - floor) / 2
-        if middle <= floor or middle >= ceiling:
-            break
-        above = _count_at_least(block_top, middle)
-        if above >= m:
-            floor, count = middle, above
-        else:
-            ceiling = middle
-    return floor
-
-
-@njit(cache=True)
-def _candidates(upper, blocks, m, block_top, chosen, counts):
-    """Candidates into chosen (sorted); returns (their count, the floor θ they reach).
-
-    Feature j lies in block j mod `blocks`. A floor θ is put under the m-th largest of the
-    blocks' maxima; the candidates are the features at or above θ in the blocks that reach
-    it (at least m of them). Every other feature is below θ, which is returned with them:
-    once the k-th candidate value exceeds θ, no feature left out can enter the top k."""
-    width = len(upper)
-    floor = _floor(block_top, m, counts)
-    reached = 0
-    for b in range(blocks):  # the blocks that reach the floor, in order
-        chosen[reached] = b
-        reached += block_top[b] >= floor
-    count = reached
-    for start in range(0, width - blocks + 1, blocks):  # their features, in index order
-        for q in range(reached):
-            j = start + chosen[q]
-            chosen[count] = j
-            count += upper[j] >= floor
-    for q in range(reached):  # the last, partial row of the grid
-        j = width - width % blocks + chosen[q]
-        if width % blocks and j < width:
-            chosen[count] = j
-            count += upper[j] >= floor
-    count -= reached
-    for q in range(count):  # forward: each read is ahead of the write
-        chosen[q] = chosen[reached + q]
-    return count, floor
-
-
-@njit(cache=True)
 def _score(x, w_rows, bias, chosen, count, k, dots, biases, local, out_index, out_value):
     """Score chosen[:count] (sorted by feature) in float32 and keep the top k of them;
     returns the k-th value."""
@@ -517,7 +436,7 @@ def _screen_rows(
     upper = np.empty(width, dtype=np.float32)
     blocks = -(-width // max(1, min(ROWS, width // c)))
     block_top = np.empty(blocks, dtype=np.float32)
-    bins = np.empty(BINS + 1, dtype=np.int64)
+    cut = _normal_cut(c / blocks)  # the share of blocks the candidates' floor leaves above
     chosen = np.empty(width + blocks, dtype=np.int32)  # block ids, then features
     dots = np.empty(width, dtype=np.float32)
     biases = np.empty(width, dtype=np.float32)
@@ -544,7 +463,7 @@ def _screen_rows(
             full[r] = not _prepare(*inputs, upper, blocks, block_top)
             count = 0
             if not full[r]:
-                count, floors[r] = _candidates(upper, blocks, c, block_top, chosen, bins)
+                count, floors[r] = _candidates(upper, blocks, c, block_top, chosen, cut)
                 block_chosen[at : at + count] = chosen[:count]
             offsets[r + 1] = at + count
         n_rows = last - first
