@@ -12,6 +12,8 @@ all slices and repeats:
                   selection (shards written by a thread where a core is free for it);
   collect       — the stage as configured by default: on CPUs with AMX the encoders' product
                   screened in bfloat16, only the candidates scored in float32.
+Each collection variant is one collection run in slices: its reused buffers are kept
+from slice to slice, as they are from shard to shard within one collection.
 Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). collect_plain and
 collect_float32 write the same bytes except where an exact float32 tie at the k-th place is
 broken otherwise by torch.topk than by the compiled selection (such rows are counted, with
