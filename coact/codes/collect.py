@@ -249,10 +249,10 @@ def _screen_for(directory: Path, choice: str, device: torch.device) -> str:
 def _encode_shard(job: _Collection, lo: int, hi: int) -> dict[str, list[sp.csr_matrix]]:
     """Codes of contexts lo..hi, batch by batch (always the same batches: resumable).
 
-    The screen encodes many batches' rows at once (`_group_rows`): each switch from torch's
-    threads to the screen's leaves torch's idle threads spinning for milliseconds on the
-    cores the screen needs, and its codes do not depend on how rows are grouped. The rows
-    wait in reused buffers (`_Waiting`), copied there as the pass reaches each site."""
+    The screen encodes many batches' rows at once (`_group_rows`): its fixed costs per call
+    (the product's set-up, the rows' split over threads) are paid once a group, and its
+    codes do not depend on how rows are grouped. The rows wait in reused buffers
+    (`_Waiting`), copied (and centred) there as the pass reaches each site."""
     lm, saes, sites, config = job.lm, job.saes, job.sites, job.config
     codes: dict[str, list[sp.csr_matrix]] = {site.slug: [] for site in sites}
     group = _group_rows(lm.adapter.d_model, [saes[site].width for site in sites])

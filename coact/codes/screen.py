@@ -282,7 +282,7 @@ def _top_ranked(dots, chosen, bias, k, scratch, out_index, out_value):
     out_index, out_value in feature order, ReLU'd; returns the k-th value.
 
     Each value is ranked by counting the larger ones (count² comparisons that vectorise,
-    no branch to mispredict: for ~50 candidates a third of `_select`'s time), and the
+    no branch to mispredict: for ~50 candidates half of `_select`'s time), and the
     ranks below k are written out in order. NaN when ranks do not pick exactly k (values
     equal at the k-th place, or a NaN): the caller then uses `_select`, whose rule for
     equal values (the lower index) this one shares wherever it answers."""
