@@ -162,7 +162,9 @@ def _old_collect(*args: object) -> object:
     with one shard in flight its cost is the write itself)."""
     saved = collect_module.read_sites, collect_module.encode_csr
     collect_module.read_sites = capture
-    collect_module.encode_csr = lambda sae, x, **_: encode_csr(sae, x, fused=False)
+    collect_module.encode_csr = lambda sae, x, centred=False, **_: encode_csr(
+        sae, x, fused=False, centred=centred
+    )
     try:
         return collect_codes(*args)  # type: ignore[arg-type]
     finally:
