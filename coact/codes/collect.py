@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import scipy.sparse as sp
@@ -299,13 +300,12 @@ class _Waiting:
         at = self.filled.get(site, 0)
         rows = buffer[at:][: x.shape[0] * x.shape[1]].view(x.shape)
         centre = self.centres.get(site)
-        self.centred[site] = (
-            centre is not None and centre.dtype == x.dtype and centre.device == x.device
-        )
-        if centre is not None and self.centred[site]:
+        if centre is not None and centre.dtype == x.dtype and centre.device == x.device:
             torch.sub(x, centre, out=rows)
+            self.centred[site] = True
         else:
             rows.copy_(x)
+            self.centred[site] = False
         self.buffers[site], self.filled[site] = buffer, at + x.shape[0] * x.shape[1]
 
     def take(self, site: Site) -> tuple[Tensor, bool]:
@@ -348,12 +348,11 @@ def encode_csr(
     on CPU in float32 one compiled pass selects them (`_topk`, bit for bit the same), or
     with screen "bf16" a bfloat16 product picks candidates for it (`screen`). `centred`:
     a TopK SAE's decoder bias is already subtracted from x (`decoder_bias_to_subtract`)."""
-    if decoder_bias_to_subtract(sae) is None:
-        if centred:
-            raise ValueError("only rows for a TopK SAE that subtracts its decoder bias are centred")
-        if not _is_topk(sae):
-            return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
-    assert isinstance(sae, Sae) and sae.k is not None
+    if centred and decoder_bias_to_subtract(sae) is None:
+        raise ValueError("only rows for a TopK SAE that subtracts its decoder bias are centred")
+    if not _is_topk(sae):
+        return sp.csr_matrix(sae.encode(x).detach().to("cpu", torch.float32).numpy())
+    assert sae.k is not None  # `_is_topk` checked it
     cpu32 = x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == torch.float32
     bias32 = sae.b_enc.dtype == torch.float32
     screened = screen == "bf16" and fused and cpu32 and bias32
@@ -386,7 +385,7 @@ def encode_csr(
     return matrix
 
 
-def _is_topk(sae: SparseAutoencoder) -> bool:
+def _is_topk(sae: SparseAutoencoder) -> TypeGuard[Sae]:
     return isinstance(sae, Sae) and sae.activation == "topk" and sae.k is not None
 
 
@@ -394,7 +393,7 @@ def decoder_bias_to_subtract(sae: SparseAutoencoder) -> Tensor | None:
     """What `encode_csr` takes off a TopK SAE's input before its encoder (None where it
     takes nothing, or leaves the SAE's own encode to do it): rows waiting for the screen
     are centred as they are copied, one pass over them fewer."""
-    if isinstance(sae, Sae) and _is_topk(sae) and sae.subtract_decoder_bias:
+    if _is_topk(sae) and sae.subtract_decoder_bias:
         return sae.b_dec.detach()
     return None
 

@@ -268,9 +268,18 @@ def _score(x, w_rows, bias, chosen, count, k, dots, biases, local, out_index, ou
             tail[t] = chosen[min(whole + t, count - 1)]
         _dots4(x, w_rows, tail, 0, tail_dots)
         dots[whole:count] = tail_dots[: count - whole]
+    picks = (biases, local, out_index, out_value)
+    return _select_candidates(dots[:count], chosen[:count], bias, k, *picks)
+
+
+@njit(cache=True)
+def _select_candidates(dots, chosen, bias, k, biases, local, out_index, out_value):
+    """`_select` over the candidates `chosen` (sorted by feature) by dots + bias, their
+    features into out_index (in no order); returns the k-th value."""
+    count = len(chosen)
     for m in range(count):
         biases[m] = bias[chosen[m]]
-    kth = _select(dots[:count], biases[:count], k, local, out_value)
+    kth = _select(dots, biases[:count], k, local, out_value)
     for m in range(k):
         out_index[m] = chosen[local[m]]
     return kth
@@ -320,12 +329,7 @@ def _top_candidates(dots, chosen, bias, k, ranked, biases, local, out_index, out
         kth = _top_ranked(dots, chosen, bias, k, ranked, out_index, out_value)
         if kth == kth:
             return kth
-    for m in range(count):
-        biases[m] = bias[chosen[m]]
-    kth = _select(dots, biases[:count], k, local, out_value)
-    for m in range(k):
-        out_index[m] = chosen[local[m]]
-    return kth
+    return _select_candidates(dots, chosen, bias, k, biases, local, out_index, out_value)
 
 
 @njit(cache=True)
