@@ -152,7 +152,7 @@ def test_concurrent_swaps_leave_one_whole_folder(tmp_path: Path) -> None:
 
     def builder(k: int) -> None:
         try:
-            for round_ in range(10):
+            for round_ in range(40):
                 with staged_dir(final) as staging:
                     for page in range(5):
                         (staging / f"{page}.md").write_text(f"{k}-{round_}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -67,7 +70,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def swap_in(staging: Path, final: Path, tries: int = 5) -> None:
+def swap_in(staging: Path, final: Path, tries: int = 50) -> None:
     """Move folder `staging` to `final`: the old `final` is moved aside first and removed
     after, so a reader finds the old folder or the new one, never a half-written one.
 
@@ -77,20 +80,24 @@ def swap_in(staging: Path, final: Path, tries: int = 5) -> None:
     dead are removed (`remove_leftovers`)."""
     aside = Path(tempfile.mkdtemp(prefix=_owned(final), suffix=".old", dir=final.parent))
     try:
-        for _ in range(tries):  # another writer may swap its folder in between our renames
+        for attempt in range(tries):  # another writer may swap its folder in between
             with suppress(FileNotFoundError):  # another writer may have moved it aside
-                os.replace(final, aside / str(len(list(aside.iterdir()))))
+                os.replace(final, aside / str(attempt))
             try:
                 os.replace(staging, final)
                 break
-            except OSError:
-                if not final.exists():
+            except OSError as error:  # `final` is back: another writer's folder, not ours
+                if error.errno not in _TAKEN:
                     raise
+            time.sleep(random.uniform(0, 0.001 * (attempt + 1)))  # let that writer finish
         else:
             raise OSError(f"could not swap {staging} in as {final}: it keeps being replaced")
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     remove_leftovers(final)
+
+
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST)  # what renaming onto a full folder raises
 
 
 def _owned(final: Path) -> str:
