@@ -14,7 +14,9 @@ all slices and repeats:
                   screened in bfloat16, only the candidates scored in float32.
 Each collection variant is one collection run in slices: its reused buffers are kept
 from slice to slice, as they are from shard to shard within one collection.
-Ratios are throughput relative to `plain` (target for collect: ≥ 0.9). collect_plain and
+Ratios are throughput relative to `plain` (target for collect: ≥ 0.9), each with a 95 %
+bootstrap interval over the slices (the run's own spread, not the machine's drift between
+runs). collect_plain and
 collect_float32 write the same bytes except where an exact float32 tie at the k-th place is
 broken otherwise by torch.topk than by the compiled selection (such rows are counted, with
 the relative gap between the swapped values: 0 for a tie); collect holds the same features
@@ -52,6 +54,7 @@ import scipy.sparse as sp
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from coact.calibrate.losses import bootstrap_mean_ratio
 from coact.codes import collect as collect_module
 from coact.codes import screen as screen_module
 from coact.codes.collect import CollectConfig, collect_codes, encode_csr
@@ -280,6 +283,7 @@ def run(
         "seconds": times,
         "tokens_per_s": {name: n / t for name, t in total.items()},
         "ratio_vs_plain": {name: total["plain"] / t for name, t in total.items()},
+        "ratio_vs_plain_ci95": _ratio_intervals(times),
         "ratio_vs_plain_median_of_slices": {
             name: float(statistics.median(values)) for name, values in per_slice.items()
         },
@@ -292,6 +296,19 @@ def run(
         "screen_counts": _screen_counts(counts_before),
         "store_bytes_per_token": storage,
     }
+
+
+def _ratio_intervals(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each variant's ratio to the plain pass (Σ plain / Σ variant) with its 95 % percentile
+    bootstrap interval over slices: every variant resamples the same slices, as each slice
+    timed them all side by side. It covers the slices' spread within this run, not the
+    machine's drift between runs."""
+    plain = np.asarray(times["plain"])
+    out = {}
+    for name, values in times.items():
+        interval = bootstrap_mean_ratio(plain, np.asarray(values), n_boot=10_000)
+        out[name] = [float(interval.low), float(interval.high)]
+    return out
 
 
 def _agreement(plain: list[CodeStore], ours: list[CodeStore]) -> dict[str, object]:
@@ -419,6 +436,10 @@ def main() -> None:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain"].items())
         where = f"layers {r['layers']}" if len(r["layers"]) > 1 else f"layer {r['layer']}"
         print(f"{r['model']} {where} on {r['device']}: vs plain forward: {ratios}")
+        bounds = ", ".join(
+            f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in r["ratio_vs_plain_ci95"].items()
+        )
+        print(f"  95 % interval over slices: {bounds}")
         medians = ", ".join(
             f"{k} {v:.2f}×" for k, v in r["ratio_vs_plain_median_of_slices"].items()
         )

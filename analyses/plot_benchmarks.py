@@ -69,17 +69,27 @@ def _blocks(runs: list[dict[str, Any]]) -> str:
     )
 
 
-def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
-    rows = [
-        {"model": MODEL_NAMES.get(run["model"], run["model"]), "what": what, "ratio": ratio}
-        for run in results["runs"]
-        for what, ratio in (
-            ("nnsight capture", run["ratio_vs_plain"]["capture"]),
-            ("collect, float32 encoders", run["ratio_vs_plain"].get("collect_float32")),
-            ("collect, bfloat16 screen (default)", run["ratio_vs_plain"]["collect"]),
-        )
-        if ratio is not None
+COLLECT_VARIANTS = {
+    "capture": "nnsight capture",
+    "collect_float32": "collect, float32 encoders",
+    "collect": "collect, bfloat16 screen (default)",
+}
+
+
+def _collect_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bar per variant, with its 95 % interval over slices where the run has one."""
+    model = MODEL_NAMES.get(run["model"], run["model"])
+    intervals = run.get("ratio_vs_plain_ci95", {})
+    return [
+        {"model": model, "what": what, "ratio": run["ratio_vs_plain"][name]}
+        | dict(zip(("low", "high"), intervals.get(name, ()), strict=False))
+        for name, what in COLLECT_VARIANTS.items()
+        if run["ratio_vs_plain"].get(name) is not None
     ]
+
+
+def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
+    rows = [row for run in results["runs"] for row in _collect_rows(run)]
     bars = (
         alt.Chart(alt.Data(values=rows))
         .mark_bar()
@@ -97,14 +107,25 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
             tooltip=["model:N", "what:N", alt.Tooltip("ratio:Q", format=".2f")],
         )
     )
-    return (bars + _target(0.9, "x", "target ≥ 0.9×")).properties(
+    whiskers = (
+        alt.Chart(alt.Data(values=[row for row in rows if "low" in row]))
+        .mark_rule(color="black")
+        .encode(
+            x="low:Q",
+            x2="high:Q",
+            y=alt.Y("what:N", sort=None),
+            yOffset=alt.YOffset("model:N", sort=None),
+        )
+    )
+    return (bars + whiskers + _target(0.9, "x", "target ≥ 0.9×")).properties(
         width=WIDTH,
         title=_title(
             "Collection throughput against a plain forward pass",
             f"{_blocks(results['runs'])}, {results['runs'][0]['tokens']:,} tokens, "
             f"{results['torch_threads']} "
             f"thread(s) on {results['cpu_count']} CPU cores, "
-            f"{results['runs'][0]['repeats']} interleaved passes",
+            f"{results['runs'][0]['repeats']} interleaved passes"
+            + (", lines: 95 % intervals over slices" if any("low" in r for r in rows) else ""),
         ),
     )
 
