@@ -634,7 +634,7 @@ def print_targets(result: dict[str, Any]) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(args.threads, numba.get_num_threads()))
     began = time.perf_counter()
     data = problem(args)
     real_density = data.x.nnz / (data.x.shape[0] * data.x.shape[1])

@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--run", default=str(RUN), help="run directory of the real layer")
     args = parser.parse_args()
 
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(args.threads, numba.get_num_threads()))
     logic = LogicConfig()
     _warm_up(logic)
     began = time.perf_counter()

@@ -18,6 +18,7 @@ import platform
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -42,6 +43,12 @@ def _dense_step(trainer: SaeTrainer, batch: torch.Tensor) -> None:
     trainer.optimizer.step()
 
 
+def _grad(parameter: torch.Tensor) -> torch.Tensor:
+    if parameter.grad is None:
+        raise RuntimeError("a parameter has no gradient after the step")
+    return parameter.grad
+
+
 def _time(step: Any, repeats: int) -> float:
     step()  # warm-up
     start = time.perf_counter()
@@ -59,14 +66,12 @@ def measure(repeats: int, threads: int) -> dict[str, Any]:
     for dead in (False, True):
         dense, sparse = _trainer(data, dead, 1), _trainer(data, dead, 1)
         # Gradients of one step, compared before the optimizers move the two apart.
-        step = sparse.optimizer.step
-        sparse.optimizer.step = lambda: None  # type: ignore[method-assign]
-        sparse.step(data)
-        sparse.optimizer.step = step  # type: ignore[method-assign]
+        with mock.patch.object(sparse.optimizer, "step", lambda: None):
+            sparse.step(data)
         dense.optimizer.zero_grad(set_to_none=True)
         dense_loss(dense, data, dense.log.tokens_seen + data.shape[0]).backward()
         diff = max(
-            float((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-30))  # type: ignore[operator]
+            float((_grad(a) - _grad(b)).abs().max() / _grad(b).abs().max().clamp_min(1e-30))
             for a, b in zip(sparse.sae.parameters(), dense.sae.parameters(), strict=True)
         )
         t_dense = _time(lambda d=dense: _dense_step(d, data), repeats)

@@ -57,11 +57,16 @@ def _rows(lm: LoadedModel, tokens: torch.Tensor, layer: int) -> Rows:
     return x.float(), y.float()
 
 
-def _timed(steps: Callable[[], None], n_tokens: int) -> dict[str, float]:
+def _timed(steps: Callable[[], object], n_tokens: int) -> dict[str, float]:
     started = time.perf_counter()
     steps()
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
+
+
+def _each(step: Callable[..., None], batches: list[tuple[torch.Tensor, ...]]) -> None:
+    for batch in batches:
+        step(*batch)
 
 
 def _coact(kind: str, train: Rows, held: Rows, batches: list[torch.Tensor]) -> dict[str, Any]:
@@ -69,13 +74,13 @@ def _coact(kind: str, train: Rows, held: Rows, batches: list[torch.Tensor]) -> d
     x, y = train
     if kind == "sae":
         sae_trainer = SaeTrainer(y[batches[0]], config, gen, site="mlp_out")
-        timing = _timed(lambda: [sae_trainer.step(y[b]) for b in batches], y.shape[0])
+        timing = _timed(lambda: _each(sae_trainer.step, [(y[b],) for b in batches]), y.shape[0])
         sae = sae_trainer.finish()
         with torch.no_grad():
             fvu = _fvu(held[1], sae(held[1]))
         return {**timing, "heldout_fvu": fvu, "optimizer": "adam + auxk"}
     tc_trainer = TranscoderTrainer(x[batches[0]], y[batches[0]], config, gen)
-    timing = _timed(lambda: [tc_trainer.step(x[b], y[b]) for b in batches], y.shape[0])
+    timing = _timed(lambda: _each(tc_trainer.step, [(x[b], y[b]) for b in batches]), y.shape[0])
     tc = tc_trainer.finish()
     with torch.no_grad():
         fvu = _fvu(held[1], tc(held[0]))

@@ -69,9 +69,9 @@ def main() -> None:
         stages = ", ".join(
             f"{k} {v['predicted_s']:.0f}/{v['measured_s']:.0f} s"
             for k, v in block["stages"].items()
-        )  # type: ignore[union-attr]
+        )
         t = block["total"]
-        total = f"{t['predicted_s']}/{t['measured_s']} s ({t['ratio']}×)"  # type: ignore[index]
+        total = f"{t['predicted_s']}/{t['measured_s']} s ({t['ratio']}×)"
         print(f"{name}: predicted/measured {stages}; total {total}")
 
 

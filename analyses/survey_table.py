@@ -72,7 +72,7 @@ def headline(run: Path, table: pl.DataFrame) -> dict[str, Any]:
     def span(column: str) -> list[float] | None:
         if column not in table.columns:
             return None
-        values = table[column].drop_nulls()
+        values = table[column].drop_nulls().to_numpy()
         return [float(values.min()), float(values.max())] if len(values) else None
 
     layout = RunLayout.of(run)
