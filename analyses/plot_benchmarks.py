@@ -107,8 +107,9 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
             tooltip=["model:N", "what:N", alt.Tooltip("ratio:Q", format=".2f")],
         )
     )
+    with_intervals = [row for row in rows if "low" in row]
     whiskers = (
-        alt.Chart(alt.Data(values=[row for row in rows if "low" in row]))
+        alt.Chart(alt.Data(values=with_intervals))
         .mark_rule(color="black")
         .encode(
             x="low:Q",
@@ -125,7 +126,7 @@ def collect_throughput(results: dict[str, Any]) -> alt.TopLevelMixin:
             f"{results['torch_threads']} "
             f"thread(s) on {results['cpu_count']} CPU cores, "
             f"{results['runs'][0]['repeats']} interleaved passes"
-            + (", lines: 95 % intervals over slices" if any("low" in r for r in rows) else ""),
+            + (", lines: 95 % intervals over slices" if with_intervals else ""),
         ),
     )
 
